@@ -287,7 +287,9 @@ def download(
     return extract_dir
 
 
-def _fetch(url: str, path: Path, size_bytes: int | None, chunk_bytes: int, timeout_s: float) -> None:
+def _fetch(
+    url: str, path: Path, size_bytes: int | None, chunk_bytes: int, timeout_s: float
+) -> None:
     partial = path.with_name(path.name + ".part")
     have = partial.stat().st_size if partial.exists() else 0
     request = urllib.request.Request(url)

@@ -24,3 +24,24 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """A small demo corpus: all 24 actors, 16 clips each (every emotion), ~1.8 s clips."""
+    from ser_ray.demo_corpus import write_demo_corpus
+
+    return write_demo_corpus(
+        tmp_path_factory.mktemp("demo_corpus"), n_actors=24, clips_per_actor=16, speech_scale=0.5
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_features(ray_local, demo_corpus, tmp_path_factory):
+    """Prepared output folder of ``demo_corpus``; ``demo_features / "features"`` is the Parquet."""
+    from ser_ray.features import prepare_features
+
+    out = tmp_path_factory.mktemp("demo_features")
+    result = prepare_features(demo_corpus, out)
+    assert result.n_ok == 24 * 16 and result.n_rejected == 0
+    return out

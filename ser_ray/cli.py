@@ -1,0 +1,77 @@
+"""What every job shares: common flags, logging, connecting to Ray, saving the config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument(
+        "--out", default=default_out, help="output folder of this run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="tiny and fast: small demo corpus, few steps (for CI)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS as set by `ray job submit`, "
+        "else start a local Ray instance)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs for a local Ray instance (default: all cores)",
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` or ``$RAY_ADDRESS``; otherwise start a fresh local instance (never a
+    stale cluster named in /tmp/ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus)
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_config(out_dir: str | Path, config: dict[str, Any], name: str = "config.json") -> Path:
+    """Write the resolved configuration of a run next to its results."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
+    return path

@@ -1,0 +1,53 @@
+import pytest
+
+from ser_ray import folds
+from ser_ray.folds import FoldError
+
+
+@pytest.mark.parametrize("scheme", ["contiguous", "emobox"])
+def test_six_disjoint_folds_cover_24_actors(scheme):
+    sets = folds.fold_sets(scheme)
+    assert len(sets) == 6 and all(len(s) == 4 for s in sets)
+    flat = [a for s in sets for a in s]
+    assert sorted(flat) == list(range(1, 25))
+    for k in range(1, 7):
+        test, train = folds.test_and_train_actors(k, scheme)
+        assert not set(test) & set(train) and len(train) == 20
+        folds.check_no_leakage(train, test)
+
+
+def test_contiguous_blocks_are_gender_balanced():
+    assert folds.fold_sets()[1] == [5, 6, 7, 8]
+    for s in folds.fold_sets("contiguous"):
+        assert sum(a % 2 for a in s) == 2  # two male (odd), two female (even)
+
+
+def test_emobox_sets():
+    assert folds.fold_sets("emobox")[5] == [6, 13, 17, 22]
+    assert folds.fold_of_actor("emobox")[21] == 1
+
+
+def test_missing_actors_are_named():
+    with pytest.raises(FoldError, match=r"actors missing: \[3, 17\]"):
+        folds.check_actors([a for a in range(1, 25) if a not in (3, 17)])
+    folds.check_actors(range(1, 25))
+
+
+def test_leakage_is_caught():
+    with pytest.raises(FoldError, match=r"actors \[4\] are in both"):
+        folds.check_no_leakage([1, 2, 4], [4, 5])
+
+
+def test_unknown_scheme_and_fold():
+    with pytest.raises(FoldError, match="unknown fold scheme 'random'"):
+        folds.fold_sets("random")
+    with pytest.raises(FoldError, match="fold 7 does not exist"):
+        folds.test_and_train_actors(7)
+
+
+def test_validation_actors_from_training_side():
+    test, train = folds.test_and_train_actors(6)
+    val = folds.validation_actors(train, 4)
+    assert val == [17, 18, 19, 20] and set(val) <= set(train)
+    assert sum(a % 2 for a in val) == 2
+    assert folds.validation_actors(train, 4) == val  # deterministic
