@@ -95,10 +95,12 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def resample(y: np.ndarray, sr_in_hz: int, sr_out_hz: int = TARGET_SR_HZ) -> np.ndarray:
-    """High-quality resampling with soxr (what ``librosa.load(sr=...)`` uses by default)."""
+    """High-quality resampling with soxr, as ``librosa.load(sr=...)`` does by default
+    (same length too: ``ceil(len(y) * sr_out_hz / sr_in_hz)``)."""
     if sr_in_hz == sr_out_hz:
         return y.astype(np.float32, copy=False)
-    return soxr.resample(y, sr_in_hz, sr_out_hz, quality="HQ").astype(np.float32, copy=False)
+    out = soxr.resample(y, sr_in_hz, sr_out_hz, quality="HQ").astype(np.float32, copy=False)
+    return librosa.util.fix_length(out, size=int(np.ceil(y.size * sr_out_hz / sr_in_hz)))
 
 
 def trim_silence(y: np.ndarray, top_db: float = 40.0) -> np.ndarray:

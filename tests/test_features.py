@@ -1,0 +1,169 @@
+import csv
+import json
+import os
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ser_ray import audio
+from ser_ray.demo_corpus import ClipSpec, synthesize
+from ser_ray.features import FeatureConfig, load_features, prepare_features, to_hf_dataset
+
+SR = 48_000
+
+
+def _clip(emotion: int = 5, actor: int = 1, rep: int = 1) -> np.ndarray:
+    return synthesize(ClipSpec(emotion, 1, 1, rep, actor), speech_scale=0.4)
+
+
+def _write(path: Path, y: np.ndarray, sr: int = SR, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, y, sr, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> Path:
+    """Every kind of bad input next to a few good clips; actors 3..24 are missing."""
+    root = tmp_path_factory.mktemp("bad_corpus")
+    a1, a2 = root / "Actor_01", root / "Actor_02"
+    good = _write(a1 / "03-01-05-01-01-01-01.wav", _clip())
+    (a1 / "03-01-01-01-01-01-01.wav").write_bytes(b"")  # zero bytes
+    (a1 / "03-01-02-01-01-01-01.wav").write_bytes(good.read_bytes()[:5000])  # truncated
+    (a1 / "03-01-03-01-01-01-01.wav").write_text("I am a text file\n" * 20)  # text as .wav
+    _write(a1 / "my_recording.wav", _clip(3))  # not a RAVDESS name
+    stereo = np.stack([_clip(4), _clip(4) * 0.5], axis=1)
+    _write(a1 / "03-01-04-01-01-01-01.wav", stereo)
+    _write(a1 / "03-01-06-01-01-01-01.wav", _clip(6), subtype="PCM_U8")
+    _write(a1 / "03-01-07-01-01-01-01.wav", _clip(7), subtype="PCM_24")
+    _write(a1 / "03-01-08-01-01-01-01.wav", _clip(8), subtype="FLOAT")
+    y441 = librosa.resample(_clip(3, 2), orig_sr=SR, target_sr=44_100)
+    _write(a2 / "03-01-03-01-01-01-02.flac", y441, 44_100)
+    _write(
+        a2 / "03-01-04-01-01-01-02.mp3",
+        librosa.resample(_clip(4, 2), orig_sr=SR, target_sr=44_100),
+        44_100,
+    )
+    _write(a2 / "03-01-05-01-01-01-02.wav", np.zeros(SR, np.float32))  # all silent
+    long_clip = np.tile(_clip(6, 2), 70)  # ~1.5 minutes
+    _write(a2 / "03-01-06-01-01-01-02.wav", long_clip, subtype="PCM_16")
+    return root
+
+
+EXPECTED_REJECTIONS = {
+    "03-01-01-01-01-01-01.wav": "empty file (0 bytes)",
+    "03-01-02-01-01-01-01.wav": "truncated WAV",
+    "03-01-03-01-01-01-01.wav": "cannot decode audio",
+    "my_recording.wav": "not a RAVDESS name",
+    "03-01-05-01-01-01-02.wav": "silent: peak",
+    "03-01-06-01-01-01-02.wav": "too long",
+}
+EXPECTED_OK = {
+    "03-01-05-01-01-01-01.wav",
+    "03-01-04-01-01-01-01.wav",
+    "03-01-06-01-01-01-01.wav",
+    "03-01-07-01-01-01-01.wav",
+    "03-01-08-01-01-01-01.wav",
+    "03-01-03-01-01-01-02.flac",
+    "03-01-04-01-01-01-02.mp3",
+}
+
+
+@pytest.fixture(scope="module")
+def prepared_bad(ray_local, bad_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared_bad")
+    return prepare_features(bad_corpus, out, FeatureConfig(batch_size=4)), bad_corpus
+
+
+def test_every_input_is_accounted_for(prepared_bad):
+    result, corpus = prepared_bad
+    n_files = sum(1 for p in corpus.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert result.n_input == n_files == len(EXPECTED_OK) + len(EXPECTED_REJECTIONS)
+    df = load_features(result.features_dir)
+    assert {Path(p).name for p in df.path} == EXPECTED_OK
+    with open(result.rejected_csv) as f:
+        rejected = {Path(row["path"]).name: row["reason"] for row in csv.DictReader(f)}
+    assert set(rejected) == set(EXPECTED_REJECTIONS)
+    for name, reason in EXPECTED_REJECTIONS.items():
+        assert reason in rejected[name], (name, rejected[name])
+    assert result.n_ok + result.n_rejected == result.n_input
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["counts"] == {"input": 13, "ok": 7, "rejected": 6}
+    assert config["actors_missing"] == list(range(3, 25))
+
+
+def test_feature_rows_hold_16k_audio_and_librosa_mfcc(prepared_bad):
+    result, corpus = prepared_bad
+    df = load_features(result.features_dir).set_index(
+        load_features(result.features_dir).path.map(lambda p: Path(p).name)
+    )
+    assert (df.sample_rate_hz == 16_000).all()
+    for _, row in df.iterrows():
+        assert row.num_samples == len(row.waveform)
+        assert row.duration_s == pytest.approx(row.num_samples / 16_000)
+        assert len(row.mfcc_stats) == 80 and row.fold == 1
+    # length after resampling: 48 kHz PCM -> exactly a third of the samples
+    wav = corpus / "Actor_01" / "03-01-07-01-01-01-01.wav"
+    assert df.loc[wav.name].num_samples == -(-sf.info(wav).frames // 3)  # ceil, as librosa
+    # stereo is downmixed; MFCCs equal librosa's on the same signal
+    stereo_row = df.loc["03-01-04-01-01-01-01.wav"]
+    y, _ = librosa.load(corpus / "Actor_01" / stereo_row.name, sr=16_000, mono=True)
+    np.testing.assert_allclose(stereo_row.waveform, y, atol=1e-4)
+    reference = librosa.feature.mfcc(y=np.asarray(stereo_row.waveform), sr=16_000, n_mfcc=40)
+    np.testing.assert_allclose(stereo_row.mfcc_mean, reference.mean(axis=1), rtol=1e-4, atol=1e-3)
+    assert df.loc["03-01-05-01-01-01-01.wav"][["actor", "emotion", "gender"]].tolist() == [
+        1, "angry", "male"
+    ]  # fmt: skip
+
+
+def test_rerun_is_skipped_until_input_or_config_changes(prepared_bad):
+    result, corpus = prepared_bad
+    again = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4))
+    assert again.reused and again.n_ok == result.n_ok
+    wav = corpus / "Actor_01" / "03-01-07-01-01-01-01.wav"
+    os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
+    changed = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4))
+    assert not changed.reused and changed.n_ok == result.n_ok
+    deltas = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4, mfcc_deltas=True))
+    assert not deltas.reused
+    assert len(load_features(deltas.features_dir, ["mfcc_stats"]).mfcc_stats[0]) == 160
+
+
+def test_demo_features_load_as_hf_dataset(demo_features):
+    ds = to_hf_dataset(demo_features / "features", columns=["path", "actor", "fold", "mfcc_stats"])
+    assert ds.num_rows == 24 * 16
+    assert sorted(set(ds["actor"])) == list(range(1, 25))
+    row = ds[0]
+    assert len(row["mfcc_stats"]) == 80 and row["fold"] == (row["actor"] - 1) // 4 + 1
+
+
+def test_saved_hf_dataset_is_accepted_as_input(ray_local, demo_corpus, demo_features, tmp_path):
+    import datasets
+
+    files = sorted(demo_corpus.glob("Actor_0[12]/*.wav"))[:6]
+    hf = datasets.Dataset.from_dict(
+        {"audio": [{"bytes": f.read_bytes(), "path": f.name} for f in files]}
+    ).cast_column("audio", datasets.Audio(decode=False))
+    hf.save_to_disk(tmp_path / "hf_copy")
+    result = prepare_features(tmp_path / "hf_copy", tmp_path / "out")
+    assert (result.n_input, result.n_ok, result.n_rejected) == (6, 6, 0)
+    got = load_features(result.features_dir).set_index("path")
+    ref = load_features(demo_features / "features").set_index("path")
+    for f in files:
+        np.testing.assert_allclose(
+            got.loc[f.name].mfcc_stats, ref.loc[str(f)].mfcc_stats, rtol=1e-6
+        )
+
+
+def test_uri_input(ray_local, demo_corpus, tmp_path):
+    sub = tmp_path / "corpus" / "Actor_03"
+    sub.mkdir(parents=True)
+    for f in sorted((demo_corpus / "Actor_03").glob("*.wav"))[:3]:
+        (sub / f.name).write_bytes(f.read_bytes())
+    result = prepare_features(f"file://{tmp_path / 'corpus'}", tmp_path / "out")
+    df = load_features(result.features_dir, ["path", "actor"])
+    assert result.n_ok == 3 and all(p.startswith("file://") for p in df.path)
+    assert audio.load_audio(df.path[0]).size > 0
