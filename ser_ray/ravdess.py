@@ -19,7 +19,6 @@ import os
 import shutil
 import urllib.request
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
@@ -325,10 +324,3 @@ def safe_extract(zip_path: str | os.PathLike, dest_dir: str | os.PathLike) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-
-
-def iter_actor_counts(clips: Iterable[Clip]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for clip in clips:
-        counts[clip.actor] = counts.get(clip.actor, 0) + 1
-    return dict(sorted(counts.items()))
