@@ -1,0 +1,172 @@
+"""Benchmark: the Ray Tune grid sweep against scikit-learn's sequential GridSearchCV.
+
+Same grid, same inner splits (leave one remaining outer fold out = actor-grouped, 5 x 4
+actors), same score (UA) on the training actors of one outer fold. Prints the wall time of
+each, their ratio, and the best inner score each found (they must be equal).
+
+Used by jobs/benchmark.py as ``svm`` (``add_svm_args`` + ``run_svm_benchmark``); also runs
+on its own: ``python jobs/_bench_svm.py [--features DIR] [--fold 1] [--smoke-test]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import make_scorer
+from sklearn.model_selection import GridSearchCV
+
+from ser_ray import cli, features, svm
+from ser_ray.folds import test_and_train_actors
+from ser_ray.metrics import classification_metrics
+from ser_ray.ravdess import class_names
+from ser_ray.sweep_svm import tune_fold
+
+log = logging.getLogger(__name__)
+
+
+def add_svm_args(parser: argparse.ArgumentParser) -> None:
+    """The SVM benchmark's own flags (the caller adds --out, --smoke-test, --address, …)."""
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="prepared features folder (default: the demo corpus, prepared into OUT/prepared)",
+    )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=1,
+        help="outer fold whose training actors are searched (default: %(default)s)",
+    )
+    parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
+    parser.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
+    parser.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="Tune trials at once (default: the cluster's CPUs)",
+    )
+
+
+def _scorer(num_classes: int):
+    def uar(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return classification_metrics(y_true, y_pred, num_classes)["uar"]
+
+    return make_scorer(uar)
+
+
+def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the Tune grid sweep and GridSearchCV (n_jobs=1) on one outer fold; return figures.
+
+    The Tune sweep runs twice (``tune_cold_s``: first Tuner, starts the trial workers;
+    ``tune_s``: the second); the ratio uses the second.
+
+    Reads ``args.features``, ``args.fold``, ``args.folds``, ``args.merge_calm`` and, when
+    present, ``args.out``, ``args.smoke_test`` (small grid and demo corpus) and
+    ``args.max_concurrent_trials``. Needs a running Ray instance.
+    """
+    import ray
+
+    smoke_test = bool(getattr(args, "smoke_test", False))
+    out = Path(getattr(args, "out", None) or "runs/benchmark")
+    scheme, num_classes = args.folds, len(class_names(args.merge_calm))
+    if args.features:
+        features_dir = Path(args.features)
+    else:
+        config = features.FeatureConfig(fold_scheme=scheme)
+        features_dir = features.prepare_demo(out / "prepared", smoke_test=smoke_test, config=config)
+    df = features.load_features(features_dir, columns=["path", "actor", "emotion", "mfcc_stats"])
+    _, train_actors = test_and_train_actors(args.fold, scheme)
+    train = df[df["actor"].isin(train_actors)].reset_index(drop=True)
+    X, y = svm.feature_matrix(train), svm.label_vector(train, args.merge_calm)
+    actors = train["actor"].to_numpy()
+    grid = svm.svm_grid(smoke_test)
+    splits = svm.inner_splits(actors, scheme)
+
+    # Twice: the first Tuner on a fresh cluster also starts the trial workers (cold).
+    tune_runs_s = []
+    for run in ("cold", "warm"):
+        start_s = time.perf_counter()
+        found = tune_fold(
+            X, y, actors,
+            search="grid", num_samples=1, scheme=scheme, num_classes=num_classes, seed=0,
+            storage_path=out / "tune", name=f"bench_svm_grid_fold{args.fold}_{run}", grid=grid,
+            max_concurrent_trials=getattr(args, "max_concurrent_trials", None),
+        )  # fmt: skip
+        tune_runs_s.append(time.perf_counter() - start_s)
+    tune_cold_s, tune_s = tune_runs_s
+
+    search = GridSearchCV(
+        svm.make_svm_pipeline(),
+        [{f"svc__{k}": [v] for k, v in c.items()} for c in grid],
+        scoring=_scorer(num_classes),
+        cv=splits,
+        n_jobs=1,
+        refit=False,
+    )
+    start_s = time.perf_counter()
+    search.fit(X, y)
+    sklearn_s = time.perf_counter() - start_s
+    best = int(np.argmax(search.cv_results_["mean_test_score"]))  # first of the best, as sklearn
+    sklearn_params = svm.svm_params(
+        {k.removeprefix("svc__"): v for k, v in search.cv_results_["params"][best].items()}
+    )
+    sklearn_score = float(search.cv_results_["mean_test_score"][best])
+
+    return {
+        "fold": args.fold,
+        "scheme": scheme,
+        "n_train_clips": len(train),
+        "n_configs": len(grid),
+        "n_inner_splits": len(splits),
+        "cluster_cpus": int(ray.cluster_resources().get("CPU", 0)),
+        "tune_s": tune_s,
+        "tune_cold_s": tune_cold_s,
+        "sklearn_s": sklearn_s,
+        "speedup_sklearn_over_tune": sklearn_s / tune_s,
+        "tune_best_params": found["params"],
+        "tune_best_inner_uar": found["inner_uar"],
+        "sklearn_best_params": sklearn_params,
+        "sklearn_best_inner_uar": sklearn_score,
+        "equal_best_score": bool(abs(found["inner_uar"] - sklearn_score) < 1e-9),
+    }
+
+
+def format_svm_benchmark(r: dict[str, Any]) -> str:
+    """The figures side by side."""
+    return "\n".join(
+        [
+            f"SVM grid search, fold {r['fold']} ({r['scheme']}) training actors: "
+            f"{r['n_train_clips']} clips, {r['n_configs']} configs x {r['n_inner_splits']} "
+            f"inner splits, {r['cluster_cpus']} CPUs",
+            "| search | wall s | best inner UA | best config |",
+            "|---|---|---|---|",
+            f"| Ray Tune grid (first Tuner, cold) | {r['tune_cold_s']:.1f} | | |",
+            f"| Ray Tune grid (warm) | {r['tune_s']:.1f} | {r['tune_best_inner_uar']:.4f} "
+            f"| {r['tune_best_params']} |",
+            f"| sklearn GridSearchCV n_jobs=1 | {r['sklearn_s']:.1f} "
+            f"| {r['sklearn_best_inner_uar']:.4f} | {r['sklearn_best_params']} |",
+            f"sklearn / Tune (warm) wall time = {r['speedup_sklearn_over_tune']:.2f} "
+            f"(>1: Tune faster); equal best inner UA: {r['equal_best_score']}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_svm_args(parser)
+    cli.add_common_args(parser, default_out="runs/benchmark_svm")
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    cli.init_ray(args.address, args.num_cpus)
+    print(format_svm_benchmark(run_svm_benchmark(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

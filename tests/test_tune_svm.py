@@ -1,0 +1,164 @@
+"""Nested cross-validation of the SVM on Ray Tune, on the demo corpus's features.
+
+Kept small for 2 cores: a two-point grid for the six-fold run, and one outer fold with a
+few trials for the Bayesian searcher and the job.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ser_ray import features, summary, svm
+from ser_ray import folds as fold_sets
+from ser_ray.metrics import classification_metrics
+from ser_ray.ravdess import class_names
+from ser_ray.sweep_svm import run_nested_svm
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TINY_GRID = [
+    {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None},
+    {"kernel": "linear", "C": 0.01, "class_weight": "balanced"},
+]
+NAMES = class_names()
+PROB_COLUMNS = [f"prob_{n}" for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def demo_df(demo_features) -> pd.DataFrame:
+    return features.load_features(
+        demo_features / "features", columns=["path", "actor", "emotion", "mfcc_stats"]
+    )
+
+
+@pytest.fixture(scope="module")
+def grid_run(demo_df, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("svm_grid") / "tune"
+    return run_nested_svm(demo_df, search="grid", grid=TINY_GRID, seed=0, storage_path=storage)
+
+
+def test_test_actors_never_reach_the_search(grid_run):
+    assert [f["fold"] for f in grid_run.folds] == [1, 2, 3, 4, 5, 6]
+    for f in grid_run.folds:
+        test_actors, train_actors = fold_sets.test_and_train_actors(f["fold"])
+        assert f["test_actors"] == test_actors
+        inner = f["svm_inner"]
+        # what the trials reported they received: the training actors, nothing else
+        assert inner["actors_seen"] == train_actors
+        assert inner["n_trials"] == len(TINY_GRID)
+        (val_folds,) = inner["inner_val_actors"]  # every trial used the same inner splits
+        assert len(val_folds) == 5
+        assert sorted(a for v in val_folds for a in v) == train_actors
+        assert not {a for v in val_folds for a in v} & set(test_actors)
+        # and the same from the Tune results on disk (one result.json per trial)
+        results = sorted(Path(inner["experiment_path"]).glob("*/result.json"))
+        assert len(results) == len(TINY_GRID)
+        for path in results:
+            reported = json.loads(path.read_text().splitlines()[-1])
+            seen = {int(a) for a in reported["actors_seen"].split()}
+            assert seen == set(train_actors) and not seen & set(test_actors)
+            assert reported["n_rows"] == 20 * 16  # 20 actors x 16 demo clips
+
+
+def test_out_of_fold_predictions(grid_run, demo_df):
+    pred = grid_run.predictions
+    assert list(pred.columns) == [
+        "path", "actor", "fold", "true_label", "pred_label", "model", *PROB_COLUMNS
+    ]  # fmt: skip
+    summary.check_coverage(pred, demo_df["path"])  # every clip exactly once
+    assert (pred["model"] == "svm").all()
+    assert len(pred) == len(demo_df) == 24 * 16
+    probs = pred[PROB_COLUMNS].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (pred["pred_label"] == [NAMES[i] for i in probs.argmax(axis=1)]).all()
+    truth = dict(zip(demo_df["path"], demo_df["emotion"], strict=True))
+    assert (pred["true_label"] == pred["path"].map(truth)).all()
+    for f in grid_run.folds:
+        rows = pred[pred["fold"] == f["fold"]]
+        assert sorted(rows["actor"].unique()) == f["test_actors"]
+        assert len(rows) == f["n_test"] == 4 * 16
+        y_true = [NAMES.index(n) for n in rows["true_label"]]
+        y_pred = [NAMES.index(n) for n in rows["pred_label"]]
+        assert classification_metrics(y_true, y_pred, 8) == pytest.approx(f["svm"])
+
+
+def test_demo_corpus_ua_well_above_chance(grid_run):
+    mean = grid_run.summary()["mean"]
+    assert mean["uar"] >= 2 / 8  # two times chance
+    for f in grid_run.folds:
+        assert f["svm_params"] in TINY_GRID
+        assert f["svm_inner"]["best_inner_uar"] > 1 / 8
+        assert f["svm_search_s"] > 0
+
+
+def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
+    again = run_nested_svm(
+        demo_df, search="grid", grid=TINY_GRID, folds=[3], storage_path=tmp_path / "grid"
+    )
+    first = grid_run.folds[2]
+    assert again.folds[0]["svm_params"] == first["svm_params"]
+    assert again.folds[0]["svm"] == first["svm"]
+    pd.testing.assert_frame_equal(
+        again.predictions,
+        grid_run.predictions[grid_run.predictions["fold"] == 3].reset_index(drop=True),
+    )
+
+    runs = [
+        run_nested_svm(
+            demo_df,
+            search="bayes",
+            num_samples=4,
+            seed=7,
+            folds=[1],
+            storage_path=tmp_path / f"bayes{i}",
+        )
+        for i in range(2)
+    ]
+    a, b = (r.folds[0] for r in runs)
+    assert a["svm_params"] == b["svm_params"]
+    assert a["svm_inner"]["best_inner_uar"] == b["svm_inner"]["best_inner_uar"]
+    assert a["svm"] == b["svm"] and a["svm_inner"]["n_trials"] == 4
+    pd.testing.assert_frame_equal(runs[0].predictions, runs[1].predictions)
+    # the four trials of one run are four different configs from the Bayesian space
+    configs = [
+        json.loads(p.read_text())
+        for p in Path(a["svm_inner"]["experiment_path"]).glob("*/params.json")
+    ]
+    assert len(configs) == 4 and len({json.dumps(c, sort_keys=True) for c in configs}) == 4
+    for c in configs:
+        low, high = svm.LINEAR_C_RANGE if c["kernel"] == "linear" else svm.C_RANGE
+        assert low <= svm.svm_params(c)["C"] <= high
+
+
+def test_job_writes_its_outputs(demo_features, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "tune_svm_job", Path(__file__).parents[1] / "jobs" / "tune_svm.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "run"
+    args = ["--features", str(demo_features / "features"), "--search", "bayes"]
+    args += ["--num-samples", "2", "--outer-folds", "2", "--merge-calm", "--out", str(out)]
+    assert job.main(args) == 0
+
+    folds_json = json.loads((out / "svm_folds.json").read_text())
+    (fold,) = folds_json["folds"]
+    assert fold["fold"] == 2 and fold["test_actors"] == [5, 6, 7, 8] and fold["n_test"] == 64
+    assert folds_json["mean"]["uar"] == pytest.approx(fold["svm"]["uar"])
+    pred = pd.read_csv(out / "predictions_svm.csv")
+    assert len(pred) == 64 and set(pred["actor"]) == {5, 6, 7, 8}
+    merged = [f"prob_{n}" for n in class_names(merge_calm=True)]
+    assert [c for c in pred.columns if c.startswith("prob_")] == merged  # 7 classes
+    assert "calm" not in set(pred["true_label"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["search"] == "bayes" and config["merge_calm"] is True
+    assert config["num_samples"] == 2 and config["folds"] == [2]
+    assert list((out / "tune").glob("svm_bayes_fold2/*/result.json"))
+    printed = capsys.readouterr().out
+    assert "| 2 | 5,6,7,8 | 64 |" in printed and "mean ± std" in printed
