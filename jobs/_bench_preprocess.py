@@ -22,7 +22,6 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clips", type=int, default=1440, help="clips to process (default: %(default)s)"
     )
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs for Ray (default: 2)")
 
 
 def _serial(paths: list[str]) -> dict[str, np.ndarray]:
@@ -110,8 +109,9 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict:
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(path)
     linked = sorted(str(p) for p in subset.rglob("*.wav"))
-    serial_s, serial_rss, serial_feats = _measure("serial", linked, args.num_cpus)
-    ray_s, ray_rss, ray_feats = _measure("ray", str(subset), args.num_cpus)
+    num_cpus = args.num_cpus or 2
+    serial_s, serial_rss, serial_feats = _measure("serial", linked, num_cpus)
+    ray_s, ray_rss, ray_feats = _measure("ray", str(subset), num_cpus)
     assert set(ray_feats) == set(serial_feats), "both paths must see the same clips"
     max_diff = max(float(np.max(np.abs(ray_feats[p] - serial_feats[p]))) for p in serial_feats)
     n = len(linked)
@@ -124,5 +124,5 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict:
         "serial_peak_rss_mb": serial_rss / 2**20,
         "ray_peak_rss_mb": ray_rss / 2**20,
         "max_abs_mfcc_stat_diff": max_diff,
-        "num_cpus": args.num_cpus,
+        "num_cpus": num_cpus,
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 from sklearn.metrics import make_scorer
 from sklearn.model_selection import GridSearchCV
 
-from ser_ray import cli, features, svm
+from ser_ray import features, svm
 from ser_ray.folds import test_and_train_actors
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import class_names
@@ -155,18 +154,3 @@ def format_svm_benchmark(r: dict[str, Any]) -> str:
             f"(>1: Tune faster); equal best inner UA: {r['equal_best_score']}",
         ]
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_svm_args(parser)
-    cli.add_common_args(parser, default_out="runs/benchmark_svm")
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    cli.init_ray(args.address, args.num_cpus)
-    print(format_svm_benchmark(run_svm_benchmark(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
