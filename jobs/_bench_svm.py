@@ -4,8 +4,8 @@ Same grid, same inner splits (leave one remaining outer fold out = actor-grouped
 actors), same score (UA) on the training actors of one outer fold. Prints the wall time of
 each, their ratio, and the best inner score each found (they must be equal).
 
-Used by jobs/benchmark.py as ``svm`` (``add_svm_args`` + ``run_svm_benchmark``); also runs
-on its own: ``python jobs/_bench_svm.py [--features DIR] [--fold 1] [--smoke-test]``.
+Used by jobs/benchmark.py as ``svm`` (``add_svm_args`` + ``run_svm_benchmark``):
+``python jobs/benchmark.py svm [--features DIR] [--fold 1] [--smoke-test]``.
 """
 
 from __future__ import annotations
