@@ -1,0 +1,116 @@
+"""Softmax probabilities from trained fold models, for new audio (no Ray).
+
+Each fold model is a Hugging Face checkpoint folder written by the training loop
+(``fold_<k>/model``). With several models the probabilities are averaged.
+
+Models trained without an attention mask (wav2vec2-base style) see every clip on its own
+(padding would change their outputs); models with one are batched by length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ser_ray.model import Wav2Vec2EmotionClassifier, load_model, pad_waveforms, prepare_waveform
+
+log = logging.getLogger(__name__)
+
+
+def load_fold_models(
+    model_dirs: Sequence[str | os.PathLike], device: str | torch.device = "cpu"
+) -> tuple[list[tuple[Wav2Vec2EmotionClassifier, object]], list[str]]:
+    """The models (eval mode) and their shared class names; all must have the same classes."""
+    if not model_dirs:
+        raise ValueError("no model folders given")
+    models, class_names = [], None
+    for folder in model_dirs:
+        if not (Path(folder) / "config.json").exists():
+            raise FileNotFoundError(f"{folder}: not a saved model (no config.json)")
+        model, fe = load_model(folder)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        if class_names is None:
+            class_names = names
+        elif names != class_names:
+            raise ValueError(f"{folder} predicts {names}, but the first model {class_names}")
+        models.append((model.to(device).eval(), fe))
+    return models, list(class_names)
+
+
+@torch.no_grad()
+def model_probabilities(
+    model: Wav2Vec2EmotionClassifier,
+    feature_extractor,
+    waveforms: Sequence[np.ndarray],
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Softmax probabilities (clips x classes) of one model."""
+    device = next(model.parameters()).device
+    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
+    size = batch_size if model.use_attention_mask else 1
+    order = np.argsort([-len(w) for w in prepared], kind="stable")
+    probs = np.zeros((len(prepared), model.config.num_labels), dtype=np.float64)
+    for start in range(0, len(order), size):
+        idx = order[start : start + size]
+        values, lengths = pad_waveforms([prepared[i] for i in idx], feature_extractor.padding_value)
+        logits = model(input_values=values.to(device), lengths=lengths.to(device)).logits
+        probs[idx] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+    return probs
+
+
+def ensemble_probabilities(
+    models: Sequence[tuple[Wav2Vec2EmotionClassifier, object]],
+    waveforms: Sequence[np.ndarray],
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Mean of the models' softmax probabilities (clips x classes); rows sum to 1."""
+    probs = np.mean([model_probabilities(m, fe, waveforms, batch_size) for m, fe in models], axis=0)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def predict_files(
+    model_dirs: Sequence[str | os.PathLike],
+    audio_files: Sequence[str],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions, rejected) for audio files of any supported format and sample rate.
+
+    predictions: ``path, pred_label, n_models, prob_<class>...``; rejected: ``path, reason``.
+    """
+    from ser_ray.audio import AudioError, load_audio
+
+    models, class_names = load_fold_models(model_dirs, device)
+    paths, waveforms, rejected = [], [], []
+    for path in audio_files:
+        try:
+            wave = load_audio(str(path))
+            if len(wave) < 400:
+                raise AudioError(f"shorter than 25 ms ({len(wave)} samples at 16 kHz)")
+        except AudioError as err:
+            log.warning("skipping %s: %s", path, err)
+            rejected.append({"path": str(path), "reason": str(err)})
+            continue
+        paths.append(str(path))
+        waveforms.append(wave)
+    probs = (
+        ensemble_probabilities(models, waveforms, batch_size)
+        if waveforms
+        else np.zeros((0, len(class_names)))
+    )
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "pred_label": [class_names[i] for i in probs.argmax(axis=1)] if len(paths) else [],
+            "n_models": len(models),
+        }
+    )
+    for i, name in enumerate(class_names):
+        frame[f"prob_{name}"] = probs[:, i]
+    return frame, pd.DataFrame(rejected, columns=["path", "reason"])

@@ -1,0 +1,86 @@
+"""Predictions for new audio from saved fold models (mean of their probabilities)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from ser_ray.model import load_model, save_model
+from ser_ray.predict import load_fold_models, model_probabilities, predict_files
+from ser_ray.ravdess import class_names
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = class_names()
+
+
+@pytest.fixture(scope="module")
+def fold_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    dirs = []
+    for seed in (0, 1):
+        model, fe = load_model("demo", CLASSES, seed=seed)
+        torch.manual_seed(seed)
+        with torch.no_grad():  # a head with visible preferences
+            model.classifier.weight.normal_(0, 1.0)
+        dirs.append(save_model(model, fe, root / f"fold_{seed + 1}" / "model"))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    t48 = np.arange(48_000) / 48_000
+    sf.write(root / "a.wav", 0.3 * np.sin(2 * np.pi * 220 * t48), 48_000)
+    stereo = 0.2 * rng.standard_normal((33_075, 2))  # 1.5 s at 22.05 kHz, stereo
+    sf.write(root / "b.flac", stereo, 22_050)
+    (root / "broken.wav").write_bytes(b"RIFF....WAVEfmt not really")
+    return [str(root / "a.wav"), str(root / "b.flac"), str(root / "broken.wav")]
+
+
+def test_predict_files_averages_fold_models(fold_models, audio_files):
+    from ser_ray.audio import load_audio
+
+    frame, rejected = predict_files(fold_models, audio_files)
+    assert frame["path"].tolist() == audio_files[:2]
+    assert rejected["path"].tolist() == [audio_files[2]] and rejected["reason"].iloc[0]
+    probs = frame[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    assert (frame["n_models"] == 2).all()
+    models, names = load_fold_models(fold_models)
+    assert names == CLASSES
+    waves = [load_audio(p) for p in audio_files[:2]]
+    assert len(waves[1]) == 24_000  # resampled to 16 kHz
+    each = [model_probabilities(m, fe, waves) for m, fe in models]
+    np.testing.assert_allclose(probs, (each[0] + each[1]) / 2, atol=1e-12)
+    assert not np.allclose(each[0], each[1])  # two different models
+    assert frame["pred_label"].tolist() == [CLASSES[i] for i in probs.argmax(axis=1)]
+
+
+def test_models_with_other_classes_are_refused(fold_models, tmp_path):
+    model, fe = load_model("demo", class_names(merge_calm=True))
+    other = save_model(model, fe, tmp_path / "seven")
+    with pytest.raises(ValueError, match="predicts"):
+        load_fold_models([fold_models[0], other])
+
+
+def test_predict_job_smoke_test(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "jobs/predict.py", "--smoke-test", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(frame) == 2 and (frame["n_models"] == 1).all()
+    np.testing.assert_allclose(frame.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
+    assert "2 clips predicted by 1 model(s)" in done.stdout

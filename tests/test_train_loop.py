@@ -1,0 +1,405 @@
+"""The training loop: batching, optimizer, clipping, overfitting, NaN, exact resume, Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from ser_ray import ravdess
+from ser_ray.model import demo_feature_extractor, load_model
+from ser_ray.train_loop import (
+    ClipTable,
+    NonFiniteLossError,
+    TrainConfig,
+    build_model,
+    build_optimizer,
+    collate,
+    evaluate,
+    length_grouped_batches,
+    predictions_frame,
+    run_training,
+    table_from_arrow,
+    train_one_epoch,
+)
+
+CLASSES = ravdess.class_names()  # 8 emotions
+CPU = torch.device("cpu")
+
+
+def synthetic_table(clips_per_class: int = 1, seconds: float = 1.0, seed: int = 0) -> pa.Table:
+    """Features-like rows: a tone whose pitch says the emotion, random length and noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, emotion in enumerate(CLASSES):
+        for j in range(clips_per_class):
+            n = int(16_000 * seconds * rng.uniform(0.8, 1.2))
+            t = np.arange(n) / 16_000
+            wave = np.sin(2 * np.pi * (150 + 60 * k) * t) + 0.3 * rng.standard_normal(n)
+            actor = 1 + (j % 24)
+            name = f"03-01-{k + 1:02d}-01-01-{j % 2 + 1:02d}-{actor:02d}.wav"
+            rows.append(
+                {
+                    "path": f"/x/Actor_{actor:02d}/{name}",
+                    "actor": actor,
+                    "emotion": emotion,
+                    "waveform": wave.astype(np.float32),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    return pa.Table.from_pandas(frame, preserve_index=False).cast(
+        pa.schema(
+            [
+                ("path", pa.string()),
+                ("actor", pa.int32()),
+                ("emotion", pa.string()),
+                ("waveform", pa.list_(pa.float32())),
+            ]
+        )
+    )
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(
+        model="demo",
+        lr_encoder=1e-3,
+        lr_head=3e-3,
+        batch_size=4,
+        epochs=2,
+        head_dropout=0.0,
+        mask_time_prob=0.0,
+        warmup_frac=0.0,
+        use_feature_cache=False,
+        early_stopping_patience=None,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def clips() -> ClipTable:
+    return table_from_arrow(
+        synthetic_table(2), "waveform", CLASSES, False, demo_feature_extractor()
+    )
+
+
+def test_table_from_arrow_sorts_and_normalises(clips):
+    assert len(clips) == 16 and clips.paths == sorted(clips.paths)
+    assert [CLASSES[i] for i in clips.labels] == clips.emotions
+    assert all(abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3 for x in clips.inputs)
+    merged = table_from_arrow(
+        synthetic_table(1), "waveform", ravdess.class_names(True), True, demo_feature_extractor()
+    )
+    assert merged.labels.tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # calm -> neutral
+
+
+def test_length_grouped_batches():
+    lengths = np.random.default_rng(0).integers(10, 1000, size=103)
+    batches = length_grouped_batches(lengths, 8, seed=1, epoch=0, group_factor=4)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(103))  # every clip once
+    assert batches == length_grouped_batches(lengths, 8, seed=1, epoch=0, group_factor=4)
+    assert batches != length_grouped_batches(lengths, 8, seed=1, epoch=1, group_factor=4)
+    # similar lengths: within-batch spread far below the spread of random batches of 8
+    spread = np.mean([np.ptp(lengths[b]) for b in batches if len(b) == 8])
+    assert spread < 0.35 * np.ptp(lengths)
+    r0 = length_grouped_batches(lengths, 8, seed=1, epoch=0, rank=0, world_size=2)
+    r1 = length_grouped_batches(lengths, 8, seed=1, epoch=0, rank=1, world_size=2)
+    assert len(r0) == len(r1) == 6 and not set(sum(r0, [])) & set(sum(r1, []))
+
+
+def test_collate_pads_to_the_longest_in_the_batch(clips):
+    batch = collate(clips, [0, 5, 9])
+    lengths = [len(clips.inputs[i]) for i in (0, 5, 9)]
+    assert batch["input_values"].shape == (3, max(lengths))
+    assert batch["lengths"].tolist() == lengths
+    assert batch["labels"].tolist() == clips.labels[[0, 5, 9]].tolist()
+    short = int(np.argmin(lengths))
+    assert torch.all(batch["input_values"][short, lengths[short] :] == 0)
+
+
+def test_optimizer_groups_and_weight_decay():
+    cfg = tiny_config(weight_decay=0.05, lr_encoder=2e-5, lr_head=1e-3)
+    model, _ = build_model(cfg, CLASSES)
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"encoder", "encoder/no_decay", "head", "head/no_decay"}
+    assert groups["encoder"]["lr"] == 2e-5 and groups["head"]["lr"] == 1e-3
+    assert (
+        groups["encoder/no_decay"]["weight_decay"] == 0 and groups["head"]["weight_decay"] == 0.05
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [
+        names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
+    ]
+    assert "layer_weights" in no_decay and "classifier.bias" in no_decay
+    assert all(
+        "bias" in n or "norm" in n or n in ("layer_weights", "wav2vec2.masked_spec_embed")
+        for n in no_decay
+    )
+    everything = {names[id(p)] for g in opt.param_groups for p in g["params"]}
+    assert not any(n.startswith("wav2vec2.feature_extractor.") for n in everything)  # frozen CNN
+
+
+def _one_epoch(cfg, clips, monkeypatch):
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, CLASSES)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    calls, norms = [], []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or real_clip(*a, **k)
+    )
+    real_step = opt.step
+
+    def step(*a, **k):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(
+            torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            ).item()
+        )
+        return real_step(*a, **k)
+
+    opt.step = step
+    batches = length_grouped_batches(clips.lengths, cfg.batch_size, seed=0, epoch=0)
+    steps, metrics = train_one_epoch(
+        model, opt, sched, clips, batches, cfg, epoch=0, step=0, device=CPU
+    )
+    return steps, metrics, calls, norms
+
+
+def test_clipping_off_by_default_and_on_when_set(clips, monkeypatch):
+    assert TrainConfig().grad_clip_norm is None
+    steps, _, calls, norms = _one_epoch(tiny_config(), clips, monkeypatch)
+    assert steps == 4 and calls == [] and max(norms) > 0.01
+    _, _, calls, norms = _one_epoch(tiny_config(grad_clip_norm=0.01), clips, monkeypatch)
+    assert len(calls) == 4 and max(norms) <= 0.01 * (1 + 1e-4)
+
+
+def test_gradient_accumulation_matches_a_big_batch():
+    rng = np.random.default_rng(0)
+    pooled = ClipTable(
+        "pooled",
+        [f"p{i}" for i in range(8)],
+        np.ones(8, np.int64),
+        ["x"] * 8,
+        np.arange(8) % 8,
+        [rng.standard_normal((3, 64)).astype(np.float32) for _ in range(8)],
+    )
+    results = []
+    for accum, batch in ((1, 8), (4, 2)):
+        cfg = tiny_config(probe=True, batch_size=batch, grad_accum_steps=accum)
+        torch.manual_seed(0)
+        model, _ = build_model(cfg, CLASSES)
+        opt = build_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        steps, metrics = train_one_epoch(
+            model,
+            opt,
+            sched,
+            pooled,
+            [list(range(i, i + batch)) for i in range(0, 8, batch)],
+            cfg,
+            epoch=0,
+            step=0,
+            device=CPU,
+        )
+        results.append((steps, metrics["train/loss"], model.classifier.weight.detach().clone()))
+    assert results[0][0] == results[1][0] == 1  # one optimizer step either way
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+    torch.testing.assert_close(results[0][2], results[1][2], atol=1e-6, rtol=0)
+
+
+def test_tiny_model_overfits_a_small_batch():
+    """8 clips, one per emotion: the loss must fall from ~ln 8 (chance) below 0.1 ln 8, i.e.
+    the model puts > 81% probability on the right class of every clip on average."""
+    table = table_from_arrow(
+        synthetic_table(1), "waveform", CLASSES, False, demo_feature_extractor()
+    )
+    cfg = tiny_config(batch_size=8, lr_encoder=1e-3, lr_head=3e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, CLASSES)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    losses = []
+    for epoch in range(40):
+        _, metrics = train_one_epoch(
+            model, opt, sched, table, [list(range(8))], cfg, epoch=epoch, step=epoch, device=CPU
+        )
+        losses.append(metrics["train/loss"])
+        if losses[-1] < 0.1 * math.log(8) / 2:
+            break
+    assert losses[0] == pytest.approx(math.log(8), abs=0.2)
+    val, probs = evaluate(model, table, batch_size=8, device=CPU, num_classes=8)
+    assert val["val/loss"] < 0.1 * math.log(8), losses
+    assert val["val/accuracy"] == 1.0 and val["val/uar"] == 1.0
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_nan_loss_names_epoch_and_step(clips):
+    bad = ClipTable(
+        clips.kind,
+        clips.paths,
+        clips.actors,
+        clips.emotions,
+        clips.labels,
+        [x.copy() for x in clips.inputs],
+    )
+    for x in bad.inputs:
+        x[100] = np.nan
+    cfg = tiny_config()
+    model, _ = build_model(cfg, CLASSES)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 8 .*lower the learning rates"):
+        train_one_epoch(model, opt, sched, bad, [[0, 1]], cfg, epoch=2, step=7, device=CPU)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
+    train = table_from_arrow(
+        synthetic_table(1, seed=1), "waveform", CLASSES, False, demo_feature_extractor()
+    )
+    val = table_from_arrow(
+        synthetic_table(1, seed=2), "waveform", CLASSES, False, demo_feature_extractor()
+    )
+    # dropout and SpecAugment on: the RNG states must be restored too
+    cfg = tiny_config(
+        epochs=3, head_dropout=0.1, mask_time_prob=0.3, warmup_frac=0.2, decay_start_frac=0.5
+    )
+
+    def fresh():
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        return build_model(cfg, CLASSES)
+
+    model, fe = fresh()
+    full = run_training(cfg, model, fe, train, val, log_dir=tmp_path / "tb")
+    final_full = _weights(model)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first(metrics, write):
+        write(tmp_path / f"ckpt{metrics['epoch']}")
+        if metrics["epoch"] == 1:
+            raise Crash
+
+    model, fe = fresh()
+    with pytest.raises(Crash):
+        run_training(cfg, model, fe, train, val, on_epoch_end=crash_after_first)
+    model, fe = build_model(cfg, CLASSES)  # a new process would start from scratch
+    torch.manual_seed(123)  # and with other RNG states: the checkpoint must restore them
+    resumed = run_training(
+        cfg, model, fe, train, val, resume_from=tmp_path / "ckpt1", on_epoch_end=crash_after_first
+    )
+    assert resumed.state.step == full.state.step == 3 * 2
+    timing = ("train/clips_per_s", "train/epoch_s")
+    drop = lambda hist: [{k: v for k, v in h.items() if k not in timing} for h in hist]  # noqa: E731
+    assert drop(resumed.state.history) == drop(full.state.history)
+    assert resumed.state.best_epoch == full.state.best_epoch
+    final_resumed = _weights(model)
+    for name, value in final_full.items():  # best-epoch weights, loaded at the end
+        assert torch.equal(final_resumed[name], value), name
+    latest_full = torch.load(tmp_path / "ckpt3" / "train_state.pt", weights_only=False)
+    assert latest_full["state"]["epoch"] == 3
+    # TensorBoard scalars of the uninterrupted run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/lr_encoder",
+        "val/uar",
+        "val/accuracy",
+        "val/macro_f1",
+        "val/loss",
+    } <= tags
+    assert len(events.Scalars("train/loss")) == 6 and len(events.Scalars("val/uar")) == 3
+
+
+def test_predictions_frame_format(clips):
+    probs = np.random.default_rng(0).dirichlet(np.ones(8), size=len(clips))
+    frame = predictions_frame(clips, probs, CLASSES, fold=3)
+    assert list(frame.columns[:6]) == ["path", "actor", "fold", "true_label", "pred_label", "model"]
+    assert [c for c in frame.columns if c.startswith("prob_")] == [f"prob_{c}" for c in CLASSES]
+    assert (frame["model"] == "wav2vec2").all() and (frame["fold"] == 3).all()
+    np.testing.assert_allclose(frame.filter(like="prob_").sum(axis=1), 1.0)
+    assert frame["true_label"].tolist() == [CLASSES[i] for i in clips.labels]
+
+
+def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
+    """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
+    from ser_ray.train_loop import fit_fold
+
+    cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
+    result = fit_fold(
+        demo_features / "features",
+        fold=2,
+        train_config=cfg,
+        out_dir=tmp_path / "run",
+        cache_dir=tmp_path / "cache",
+    )
+    assert result.test_actors == [5, 6, 7, 8] and len(result.val_actors) == 4
+    preds = result.predictions
+    assert result.n_test == 4 * 16 and set(preds["actor"]) == {5, 6, 7, 8}
+    assert not set(preds["actor"]) & set(result.val_actors)
+    np.testing.assert_allclose(preds.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
+    for key in ("test/accuracy", "test/uar", "test/macro_f1", "best_epoch", "best/val_uar"):
+        assert key in result.metrics
+    acc = (preds["true_label"] == preds["pred_label"]).mean()
+    assert result.metrics["test/accuracy"] == pytest.approx(acc)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert {"train/loss", "train/lr", "val/loss", "val/accuracy", "val/uar", "val/macro_f1"} <= set(
+        result.history[0]
+    )
+    assert 1 <= result.best_epoch <= 2
+    model, _ = load_model(result.model_dir)  # the saved best model loads
+    assert model.config.id2label[0] == "neutral"
+    assert list((tmp_path / "cache").glob("cnn-*/cache_info.json"))
+    assert list((tmp_path / "run" / "tensorboard" / "fold_2").glob("events.*"))
+    # a second call finds the finished run and resumes from its last checkpoint: no retraining
+    again = fit_fold(
+        demo_features / "features",
+        fold=2,
+        train_config=cfg,
+        out_dir=tmp_path / "run",
+        cache_dir=tmp_path / "cache",
+    )
+    assert again.metrics["test/uar"] == pytest.approx(result.metrics["test/uar"])
+    assert again.history == result.history
+
+
+def test_transformer_frozen_for_the_first_steps(clips):
+    cfg = tiny_config(freeze_encoder_steps=2)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, CLASSES)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    q = model.wav2vec2.encoder.layers[0].attention.q_proj.weight
+    snapshots = [(q.detach().clone(), model.classifier.weight.detach().clone())]
+    batches = length_grouped_batches(clips.lengths, 4, seed=0, epoch=0)
+    train_one_epoch(
+        model, opt, sched, clips, batches, cfg, epoch=0, step=0, device=CPU,
+        on_step=lambda step, _: snapshots.append(
+            (q.detach().clone(), model.classifier.weight.detach().clone())
+        ),
+    )  # fmt: skip
+    enc_moved = [
+        not torch.equal(a[0], b[0]) for a, b in zip(snapshots, snapshots[1:], strict=False)
+    ]
+    head_moved = [
+        not torch.equal(a[1], b[1]) for a, b in zip(snapshots, snapshots[1:], strict=False)
+    ]
+    assert enc_moved == [False, False, True, True] and all(head_moved)
