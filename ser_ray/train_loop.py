@@ -12,7 +12,7 @@ Read it top to bottom:
    and :func:`run_training` (epochs, best-epoch selection on validation UA, early stopping,
    TensorBoard, exact resume).
 3. Ray touch-points, marked ``# RAY:``: :func:`train_fold_per_worker` (the per-worker
-   function of a ``TorchTrainer``; also what a Tune trial runs), :func:`fold_datasets`,
+   function of a ``TorchTrainer``; also what a Tune trial runs), :func:`read_split`,
    :func:`build_trainer` and the plain driver :func:`fit_fold`.
 
 Validation actors come from the training side of the outer fold
@@ -827,25 +827,36 @@ def predictions_frame(
 # ----------------------------------------------------------------------------------------
 # 3. Ray touch-points
 # ----------------------------------------------------------------------------------------
-def _read_shard(name: str, kind: str, class_names, merge_calm: bool, fe) -> ClipTable | None:
-    import ray.train
+def read_split(
+    source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The rows of ``actors`` from a features or feature-cache Parquet folder (local or URI).
 
-    try:
-        shard = ray.train.get_dataset_shard(name)  # RAY: the dataset handed to the trainer
-    except KeyError:  # e.g. no "val" with n_val_actors=0
-        return None
-    parts = list(shard.iter_batches(batch_size=256, batch_format="pyarrow"))
-    table = pa.concat_tables(parts) if parts else pa.table({"path": pa.array([], pa.string())})
-    if table.num_rows == 0:
-        return ClipTable(kind, [], np.zeros(0, np.int64), [], np.zeros(0, np.int64), [])
-    return table_from_arrow(table, kind, class_names, merge_calm, fe)
+    Each worker reads its fold's clips itself (predicate pushdown on ``actor``), so no Ray Data
+    tasks compete for CPUs with the training workers of concurrent folds.
+    """
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    source = str(source_dir)
+    if "://" in source:
+        fs, path = pafs.FileSystem.from_uri(source)
+    else:
+        fs, path = pafs.LocalFileSystem(), str(Path(source).resolve())
+    dataset = pads.dataset(path, format="parquet", filesystem=fs)
+    return dataset.to_table(
+        columns=list(columns) if columns else None,
+        filter=pads.field("actor").isin([int(a) for a in actors]),
+    )
 
 
 def train_fold_per_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker function: train on ``train``, select on ``val``, score ``test``.
 
     ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
-    ``fold`` (int), ``input_kind`` ("waveform" | "cnn" | "pooled"; the datasets' kind),
+    ``source`` (features or feature-cache Parquet folder, local or URI; each worker reads its
+    fold's actors from it with :func:`read_split`), ``fold`` (int), ``scheme`` (fold scheme),
+    ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
     ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
     checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
@@ -874,12 +885,20 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
                 f"the feature cache ({expected}) was not made by this model's frozen part "
                 f"({have}); rebuild it or turn use_feature_cache off"
             )
+    test_actors, fit_actors, val_actors = fold_split(
+        fold, config.get("scheme", "contiguous"), cfg.n_val_actors
+    )
+    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
     tables = {
-        name: _read_shard(name, kind, class_names, cfg.merge_calm, fe)
-        for name in ("train", "val", "test")
+        name: table_from_arrow(
+            read_split(config["source"], actors, columns), kind, class_names, cfg.merge_calm, fe
+        )
+        if actors
+        else None
+        for name, actors in (("train", fit_actors), ("val", val_actors), ("test", test_actors))
     }
     if tables["train"] is None or not len(tables["train"]):
-        raise ValueError("no training clips")
+        raise ValueError(f"fold {fold}: no training clips in {config['source']}")
 
     def wrap(m: nn.Module) -> nn.Module:
         if world_size == 1:
@@ -994,39 +1013,8 @@ def fold_split(
     return test_actors, fit_actors, val_actors
 
 
-def fold_datasets(
-    source_dir: str | os.PathLike,
-    fold: int,
-    scheme: str = "contiguous",
-    n_val_actors: int = 4,
-    columns: Sequence[str] | None = None,
-):
-    """Ray Datasets ``train``/``val``/``test`` of one outer fold, split by actor.
-
-    ``source_dir`` is the features Parquet dataset or a feature cache folder.
-    """
-    import ray.data
-    from ray.data.expressions import col
-
-    test_actors, fit_actors, val_actors = fold_split(fold, scheme, n_val_actors)
-    cols = list(columns) if columns else None
-    if (Path(source_dir) / "_SUCCESS").exists():  # a features folder from jobs/prepare.py
-        from ser_ray.features import read_features
-
-        ds = read_features(source_dir, columns=cols)  # RAY
-    else:  # a feature cache
-        ds = ray.data.read_parquet(str(source_dir), columns=cols)  # RAY
-    splits = {"train": fit_actors, "val": val_actors, "test": test_actors}
-    return {
-        name: ds.filter(expr=col("actor").is_in([int(a) for a in actors]))
-        for name, actors in splits.items()
-        if actors
-    }
-
-
 def build_trainer(
     train_loop_config: dict[str, Any],
-    datasets: dict[str, Any],
     *,
     num_workers: int = 1,
     use_gpu: bool = False,
@@ -1055,10 +1043,6 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        # every worker gets whole datasets and shards the training batches itself
-        # (deterministic order, equal step counts, exact resume)
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
 
@@ -1112,8 +1096,7 @@ def fit_fold(
         "input_kind": "waveform",
         "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
     }
-    source: Path = Path(features_dir)
-    columns: list[str] | None = ["path", "actor", "emotion", "waveform"]
+    config["source"] = str(Path(features_dir).resolve())
     if cfg.use_feature_cache:
         from ser_ray.feature_cache import build_feature_cache
 
@@ -1122,12 +1105,9 @@ def fit_fold(
             cache_root=cache_dir or Path(features_dir).resolve().parent / "feature_cache",
             train_config=cfg,
         )
-        source, columns = cache.path, None
-        config.update(input_kind=cache.kind, feature_cache_key=cache.key)
-    datasets = fold_datasets(source, fold, scheme, cfg.n_val_actors, columns)
+        config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
     trainer = build_trainer(
         config,
-        datasets,
         num_workers=num_workers,
         use_gpu=use_gpu,
         storage_path=out / "ray",

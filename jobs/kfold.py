@@ -1,0 +1,95 @@
+"""The main job: features -> MFCC+SVM nested CV -> wav2vec2 on six folds concurrently -> table.
+
+Examples:
+  python jobs/kfold.py                                  # demo corpus + demo model, offline
+  python jobs/kfold.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --epochs 10
+  ray job submit --working-dir . -- python jobs/kfold.py --smoke-test
+  python jobs/kfold.py --out runs/kfold --resume        # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ser_ray import cli
+from ser_ray.kfold import MODELS, KFoldConfig, run_kfold
+from ser_ray.summary import format_table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = KFoldConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data-dir", help="RAVDESS folder or URI (default: the demo corpus)")
+    p.add_argument(
+        "--model",
+        help="hub id or local folder for from_pretrained, or 'demo' (random-init demo-size "
+        "config). Default: demo without --data-dir, facebook/wav2vec2-base with it",
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--lr", type=float, help="peak encoder learning rate")
+    p.add_argument("--lr-head", type=float, help="peak head learning rate")
+    p.add_argument("--params", help="best.json from jobs/tune_adamw.py")
+    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
+    p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of %(default)s"
+    )
+    p.add_argument("--workers-per-fold", type=int, default=d.workers_per_fold)
+    p.add_argument(
+        "--gpus-per-fold",
+        type=float,
+        help="GPUs per fold, fractions allowed (0.16: six folds share one GPU). "
+        "Default: the cluster's GPUs shared over the folds, 0 without GPUs",
+    )
+    p.add_argument("--cpus-per-worker", type=float, help="default: a fair share of the CPUs")
+    p.add_argument("--max-failures", type=int, default=d.max_failures)
+    p.add_argument("--svm-search", choices=["grid", "bayes"], default=d.svm_search)
+    p.add_argument("--svm-num-samples", type=int, default=d.svm_num_samples)
+    p.add_argument("--storage-path", help="Tune/Train storage, local or s3:// (default OUT/ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--seed", type=int, default=d.seed)
+    cli.add_common_args(p, default_out=d.out)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging()
+    cfg = KFoldConfig(
+        data_dir=args.data_dir,
+        model=args.model,
+        folds=args.folds,
+        merge_calm=args.merge_calm,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_head=args.lr_head,
+        params=args.params,
+        workers_per_fold=args.workers_per_fold,
+        gpus_per_fold=args.gpus_per_fold,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        svm_search=args.svm_search,
+        svm_num_samples=args.svm_num_samples,
+        storage_path=args.storage_path,
+        resume=args.resume,
+        out=args.out,
+        smoke_test=args.smoke_test,
+        seed=args.seed,
+    )
+    cli.init_ray(args.address, args.num_cpus)
+    summary = run_kfold(cfg)
+    print(format_table(summary))
+    print(
+        f"\nrun folder: {cfg.out} (summary.md, summary.json, predictions.csv, plots, tensorboard)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The main study: features -> SVM nested CV -> wav2vec2 on six folds concurrently -> summary.
+
+Each outer fold of wav2vec2 is one Ray Tune trial, and each trial drives a Ray Train
+``TorchTrainer`` running :func:`ser_ray.train_loop.train_fold_per_worker` (Ray Train V2 +
+Tune interop). The trial itself only reserves a token CPU; the trainer reserves its workers
+(CPUs, fractional GPUs) in its own placement group, so all six folds run at once when the
+cluster has room and queue otherwise. Two layers of fault tolerance:
+
+- a training worker that dies is restarted by Ray Train (``FailureConfig``) from the fold's
+  last epoch checkpoint;
+- a driver that dies is continued with ``resume=True`` (``Tuner.restore``): finished folds
+  are not re-run, unfinished ones resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ser_ray import cli, folds, ravdess
+from ser_ray.features import FeatureConfig, demo_source, load_features, prepare_features
+from ser_ray.train_loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+REAL_MODEL = "facebook/wav2vec2-base"
+MODELS = ("svm", "wav2vec2")
+
+
+@dataclasses.dataclass
+class KFoldConfig:
+    """Settings of the study (the resolved copy is saved as ``config.json``)."""
+
+    data_dir: str | None = None  # RAVDESS folder/URI; None: the embedded demo corpus
+    model: str | None = None  # hub id, local folder or "demo"; None: demo without data_dir
+    folds: str = "contiguous"  # fold scheme: contiguous | emobox
+    merge_calm: bool = False  # 7 classes (calm merged into neutral) instead of 8
+    models: tuple[str, ...] = MODELS  # which models to run
+    epochs: int = 8  # wav2vec2 epochs per fold
+    batch_size: int = 8  # clips per micro-batch
+    lr: float | None = None  # peak LR of the encoder (default: TrainConfig's)
+    lr_head: float | None = None  # peak LR of the head (default: TrainConfig's)
+    params: str | None = None  # best.json of jobs/tune_adamw.py (AdamW settings)
+    workers_per_fold: int = 1  # Ray Train workers (DDP) per fold
+    gpus_per_fold: float | None = None  # None: share the cluster's GPUs over the folds
+    cpus_per_worker: float | None = None  # None: share the cluster's CPUs over the folds
+    max_failures: int = 2  # worker restarts per fold before the fold fails
+    svm_search: str = "grid"  # grid | bayes
+    svm_num_samples: int = 20  # Bayesian SVM trials per fold
+    storage_path: str | None = None  # Tune/Train storage (local or s3://); None: <out>/ray
+    resume: bool = False  # continue an interrupted run in the same --out/--storage-path
+    out: str = "runs/kfold"  # run folder
+    smoke_test: bool = False  # tiny corpus, one epoch, small SVM grid
+    seed: int = 0
+
+    def resolved_model(self) -> str:
+        if self.model:
+            return self.model
+        return "demo" if self.data_dir is None else REAL_MODEL
+
+    def __post_init__(self) -> None:
+        unknown = set(self.models) - set(MODELS)
+        if unknown or not self.models:
+            raise ValueError(f"models {sorted(unknown)} unknown; choose from {MODELS}")
+        if self.svm_search not in ("grid", "bayes"):
+            raise ValueError(f"svm_search={self.svm_search!r}: choose grid or bayes")
+        folds.fold_sets(self.folds)  # raises on an unknown scheme
+
+
+def train_config_for(cfg: KFoldConfig) -> TrainConfig:
+    """The wav2vec2 training settings: defaults < ``--params`` file < explicit flags."""
+    values: dict[str, Any] = {}
+    if cfg.params:
+        best = json.loads(Path(cfg.params).read_text())
+        values.update(best.get("params", best))
+    values.update(
+        model=cfg.resolved_model(),
+        epochs=1 if cfg.smoke_test else cfg.epochs,
+        batch_size=cfg.batch_size,
+        merge_calm=cfg.merge_calm,
+        seed=cfg.seed,
+    )
+    if cfg.lr is not None:
+        values["lr_encoder"] = cfg.lr
+    if cfg.lr_head is not None:
+        values["lr_head"] = cfg.lr_head
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return TrainConfig(**values)
+
+
+def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
+    """Per-fold Train resources from the flags or, by default, a fair share of the cluster."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    n_cpus, n_gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    gpus_per_fold = cfg.gpus_per_fold
+    if gpus_per_fold is None:
+        gpus_per_fold = min(1.0, n_gpus / n_folds) if n_gpus else 0.0
+    use_gpu = gpus_per_fold > 0
+    if use_gpu and not n_gpus:
+        raise ValueError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        # Keep one CPU free for the Ray Data tasks that read each fold's clips (they ask for
+        # a whole CPU) and a little for the trial and controller actors.
+        budget = n_cpus - 1 if n_cpus >= 2 else n_cpus / 2
+        cpus = min(4.0, max(0.05, int(100 * budget / (n_folds * cfg.workers_per_fold)) / 100))
+    per_worker: dict[str, float] = {"CPU": cpus}
+    if use_gpu:
+        per_worker["GPU"] = gpus_per_fold / cfg.workers_per_fold
+    return {"use_gpu": use_gpu, "resources_per_worker": per_worker}
+
+
+def _fold_trial(config: dict[str, Any]) -> None:
+    """One Tune trial = one outer fold, trained by a TorchTrainer (runs on the cluster)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ser_ray.train_loop import build_trainer
+
+    fold = int(config["fold"])
+    train = config["train"]
+    loop_config = {
+        **train["train_config"],
+        "source": train["source"],
+        "fold": fold,
+        "scheme": train["scheme"],
+        "input_kind": train["input_kind"],
+        "feature_cache_key": train["feature_cache_key"],
+        "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
+    }
+    trainer = build_trainer(
+        loop_config,
+        num_workers=train["workers_per_fold"],
+        use_gpu=train["use_gpu"],
+        resources_per_worker=train["resources_per_worker"],
+        storage_path=train["storage_path"],
+        name=f"fold_{fold}",  # stable: a restarted trial resumes this run's checkpoints
+        max_failures=train["max_failures"],
+        callbacks=[TuneReportCallback()],  # RAY: Train reports -> this Tune trial
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+def run_wav2vec2_folds(
+    features_dir: Path, cfg: KFoldConfig, train_cfg: TrainConfig, out: Path, storage: str
+) -> list[dict[str, Any]]:
+    """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
+    from ray import tune
+
+    from ser_ray.feature_cache import build_feature_cache
+    from ser_ray.train_loop import BEST_MODEL_DIR, PREDICTIONS_FILE
+
+    fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
+    source, input_kind, cache_key = features_dir, "waveform", None
+    if train_cfg.use_feature_cache:  # once, before the folds: they all share it
+        cache = build_feature_cache(
+            features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
+        )
+        source, input_kind, cache_key = cache.path, cache.kind, cache.key
+    resources = fold_resources(cfg, len(fold_numbers))
+    log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
+    train = {
+        "source": str(source),
+        "input_kind": input_kind,
+        "feature_cache_key": cache_key,
+        "scheme": cfg.folds,
+        "train_config": train_cfg.to_dict(),
+        "workers_per_fold": cfg.workers_per_fold,
+        "max_failures": cfg.max_failures,
+        "storage_path": storage,
+        "tensorboard_dir": str(out / "tensorboard"),
+        **resources,
+    }
+    trainable = tune.with_resources(_fold_trial, {"CPU": 0.01})
+    experiment = f"{storage.rstrip('/')}/wav2vec2_folds"
+    if cfg.resume and tune.Tuner.can_restore(experiment):
+        log.info("resuming %s", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"fold": tune.grid_search(fold_numbers), "train": train},
+            tune_config=tune.TuneConfig(max_concurrent_trials=len(fold_numbers)),
+            run_config=tune.RunConfig(
+                name="wav2vec2_folds",
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    outcomes = []
+    for result in sorted(grid, key=lambda r: r.config["fold"]):
+        fold = int(result.config["fold"])
+        if result.error is not None:
+            raise RuntimeError(f"wav2vec2 fold {fold} failed: {result.error}") from result.error
+        import ray.train
+
+        fold_dir = out / "wav2vec2" / f"fold_{fold}"
+        shutil.rmtree(fold_dir, ignore_errors=True)
+        ray.train.Checkpoint(result.metrics["checkpoint_path"]).to_directory(str(fold_dir))
+        info = json.loads((fold_dir / "result.json").read_text())
+        outcomes.append(
+            {
+                "fold": fold,
+                "metrics": info["metrics"],
+                "history": info["history"],
+                "predictions": pd.read_csv(fold_dir / PREDICTIONS_FILE),
+                "model_dir": str(fold_dir / BEST_MODEL_DIR),
+            }
+        )
+    return outcomes
+
+
+def _svm_results(df: pd.DataFrame, cfg: KFoldConfig, out: Path) -> tuple[list[dict], pd.DataFrame]:
+    from ser_ray.sweep_svm import run_nested_svm
+
+    done_json, done_csv = out / "svm_folds.json", out / "predictions_svm.csv"
+    if cfg.resume and done_json.exists() and done_csv.exists():
+        log.info("SVM folds already done in %s; reusing them", done_json)
+        return json.loads(done_json.read_text()), pd.read_csv(done_csv)
+    result = run_nested_svm(
+        df,
+        search=cfg.svm_search,
+        num_samples=cfg.svm_num_samples,
+        scheme=cfg.folds,
+        merge_calm=cfg.merge_calm,
+        seed=cfg.seed,
+        storage_path=out / "tune_svm",
+        smoke_test=cfg.smoke_test,
+    )
+    done_json.write_text(json.dumps(cli.to_jsonable(result.folds), indent=2))
+    result.predictions.to_csv(done_csv, index=False)
+    return result.folds, result.predictions
+
+
+def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
+    """Run the study into ``cfg.out`` and return the summary (Ray must be initialised)."""
+    from ser_ray import summary
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    train_cfg = train_config_for(cfg)
+    cli.save_config(
+        out,
+        {
+            "job": "kfold",
+            "kfold": cfg,
+            "model": train_cfg.model,
+            "train": train_cfg,
+            "storage_path": storage,
+            "ser_ray_version": _version(),
+        },
+    )
+    source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
+    prepared = prepare_features(source, out / "prepared", FeatureConfig(fold_scheme=cfg.folds))
+    shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
+    df = load_features(prepared.features_dir, ["path", "actor", "emotion", "mfcc_stats"])
+    folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
+
+    class_names = ravdess.class_names(cfg.merge_calm)
+    fold_rows = {
+        k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
+        for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
+    }
+    predictions = []
+    histories: dict[int, list[dict]] = {}
+    if "svm" in cfg.models:
+        svm_folds, svm_predictions = _svm_results(df, cfg, out)
+        for row in svm_folds:
+            fold_rows[row["fold"]].update(
+                svm=row["svm"],
+                svm_params=row.get("svm_params"),
+                svm_search_s=row.get("svm_search_s"),
+            )
+        predictions.append(svm_predictions)
+    if "wav2vec2" in cfg.models:
+        for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfg, out, storage):
+            m = outcome["metrics"]
+            fold_rows[outcome["fold"]]["wav2vec2"] = {
+                "accuracy": m["test/accuracy"],
+                "uar": m["test/uar"],
+                "macro_f1": m["test/macro_f1"],
+                "best_epoch": int(m["best_epoch"]),
+            }
+            histories[outcome["fold"]] = outcome["history"]
+            predictions.append(outcome["predictions"])
+    all_predictions = pd.concat(predictions, ignore_index=True)
+    all_predictions.to_csv(out / "predictions.csv", index=False)
+    return summary.write_summary(
+        out,
+        list(fold_rows.values()),
+        all_predictions,
+        class_names,
+        summary.RunInfo(
+            model=train_cfg.model if "wav2vec2" in cfg.models else None,
+            merge_calm=cfg.merge_calm,
+            fold_scheme=cfg.folds,
+            config=cli.to_jsonable(dataclasses.asdict(cfg)),
+        ),
+        histories=histories or None,
+        expected_paths=df["path"].tolist(),
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("ser_ray")
