@@ -371,7 +371,8 @@ def read_features(features_dir: str | Path, columns: list[str] | None = None):
     """The features as a Ray dataset (streamed, for the training workers)."""
     import ray
 
-    return ray.data.read_parquet(_parquet_files(features_dir), columns=columns)
+    ds = ray.data.read_parquet(_parquet_files(features_dir))
+    return ds.select_columns(columns) if columns else ds
 
 
 def to_hf_dataset(features_dir: str | Path, columns: list[str] | None = None):

@@ -1,0 +1,218 @@
+"""The main job end to end: submitted to a real `ray start` cluster, killed and resumed,
+deterministic, and a training worker killed mid-fold."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fold_metrics(run: Path) -> dict[int, dict]:
+    summary = json.loads((run / "summary.json").read_text())
+    return {f["fold"]: {m: f[m] for m in ("svm", "wav2vec2")} for f in summary["folds"]}
+
+
+def _check_run_folder(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]
+    assert summary["model"] == "demo" and summary["merge_calm"] is False
+    for fold in summary["folds"]:
+        for model in ("svm", "wav2vec2"):
+            assert set(fold[model]) >= {"accuracy", "uar", "macro_f1"}
+            assert 0 <= fold[model]["uar"] <= 1
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert len(predictions) == 2 * 192  # every clip once per model
+    assert predictions.groupby("model").path.nunique().to_dict() == {"svm": 192, "wav2vec2": 192}
+    probs = predictions.filter(like="prob_")
+    assert probs.shape[1] == 8 and ((probs.sum(axis=1) - 1).abs() < 1e-6).all()
+    # out-of-fold: a clip's fold is the fold whose test actors hold its actor
+    assert (predictions.fold == (predictions.actor - 1) // 4 + 1).all()
+    for name in ("summary.md", "summary.csv", "config.json", "rejected.csv"):
+        assert (run / name).stat().st_size > 0
+    assert "| mean ± std |" in (run / "summary.md").read_text()
+    assert list(run.glob("*.png")) and list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A `ray start --head` cluster on 127.0.0.1 with token auth, in its own process group."""
+    tmp = tmp_path_factory.mktemp("head")
+    dashboard_port = _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        f"{VENV_BIN}/ray", "start", "--head", "--block", "--num-cpus", "2",
+        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+        "--port", str(_free_port()), "--dashboard-port", str(dashboard_port),
+        "--ray-client-server-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(_free_port()),
+        "--temp-dir", f"/tmp/ser_ray_test_{os.getpid()}",
+    ]  # fmt: skip
+    log = open(tmp / "head.log", "w")  # noqa: SIM115 - closed at teardown
+    head = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    for _ in range(120):
+        assert head.poll() is None, (tmp / "head.log").read_text()[-3000:]
+        probe = subprocess.run([f"{VENV_BIN}/ray", "job", "list", "--address", address],
+                               env=env, capture_output=True)  # fmt: skip
+        if probe.returncode == 0:
+            break
+        time.sleep(1)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)  # stop only what we started: this process group
+    for _ in range(40):
+        if not _group_alive(head.pid):
+            break
+        time.sleep(1)
+    if _group_alive(head.pid):
+        os.killpg(head.pid, signal.SIGKILL)
+    log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def submitted_run(ray_head, tmp_path_factory):
+    address, env = ray_head
+    out = tmp_path_factory.mktemp("submitted") / "run"
+    # a client without the token is refused: authentication stays on
+    refused = subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "list", "--address", address],
+        env={k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN",)} | {
+            "RAY_AUTH_TOKEN": "wrong-token"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    done = subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--", "python", "jobs/kfold.py", "--smoke-test", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "SUCCEEDED" in done.stdout + done.stderr
+    return out, done.stdout
+
+
+def test_job_submit_to_token_auth_cluster(submitted_run):
+    out, stdout = submitted_run
+    _check_run_folder(out)
+    assert "| mean ± std |" in stdout  # the table is printed at the end
+
+
+def _wav2vec2_done_folds(run: Path) -> set[int]:
+    """Folds whose Tune trial reported the final test metrics."""
+    done = set()
+    for result in (run / "ray" / "wav2vec2_folds").glob("_fold_trial_*/result.json"):
+        for line in result.read_text().splitlines():
+            row = json.loads(line)
+            if "test/uar" in row:
+                done.add(row["config"]["fold"])
+    return done
+
+
+def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "jobs/kfold.py", "--smoke-test", "--out", str(run), "--num-cpus", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if _wav2vec2_done_folds(run):
+            break
+        time.sleep(0.5)
+    finished = _wav2vec2_done_folds(run)
+    assert finished and driver.poll() is None, "the driver ended before a fold finished"
+    time.sleep(2)  # let Tune save its experiment state
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    finished = _wav2vec2_done_folds(run)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("fold_*/checkpoint_*")}
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    _check_run_folder(run)
+    for path, stamp in stamps.items():  # checkpoints written before the kill are untouched
+        fold = int(path.parent.name.split("_")[1])
+        if fold in finished and path.exists():
+            assert path.stat().st_mtime_ns == stamp
+    for fold in finished:  # finished folds made no new checkpoint after the restart
+        assert not [p for p in (run / "ray" / f"fold_{fold}").glob("checkpoint_*")
+                    if p not in stamps]  # fmt: skip
+    # same seed and config: the same fold metrics as the uninterrupted submitted run
+    assert _fold_metrics(run) == _fold_metrics(submitted_run[0])
+
+
+def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
+    from ser_ray.train_loop import TrainConfig, fit_fold
+
+    cfg = TrainConfig(model="demo", epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3)
+    features = demo_features / "features"
+    reference = fit_fold(features, 2, train_config=cfg, out_dir=tmp_path / "reference",
+                         cache_dir=tmp_path / "cache")  # fmt: skip
+
+    out = tmp_path / "killed"
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            result=fit_fold(
+                features,
+                2,
+                train_config=cfg,
+                out_dir=out,
+                cache_dir=tmp_path / "cache",
+                max_failures=2,
+            )  # fmt: skip
+        )
+    )
+    thread.start()
+    killed = None
+    while thread.is_alive() and killed is None:
+        if list((out / "ray" / "fold_2").glob("checkpoint_*")):
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]  # fmt: skip
+            if workers:
+                killed = workers[0].pid
+                workers[0].kill()
+        time.sleep(0.05)
+    thread.join()
+    assert killed is not None, "training ended before a worker could be killed"
+    result = outcome["result"]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.metrics["test/uar"] == reference.metrics["test/uar"]
+    assert result.metrics["test/accuracy"] == reference.metrics["test/accuracy"]
+    pd.testing.assert_frame_equal(result.predictions, reference.predictions)
