@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -200,24 +199,3 @@ def run_train_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "cached_epoch_s": len(table) / ours_cached,
     }
     return figures
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_train_args(parser)
-    cli.add_common_args(parser, default_out="runs/benchmark")
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    figures = run_train_benchmark(args)
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(
-            f"{key:<{width}}  {value:.4g}"
-            if isinstance(value, float)
-            else f"{key:<{width}}  {value}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

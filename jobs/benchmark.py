@@ -1,20 +1,28 @@
 """Side-by-side speed figures (ratios in one run), never timed tests.
 
-python jobs/benchmark.py preprocess [--clips 1440]   # Ray Data pipeline vs serial librosa
-python jobs/benchmark.py svm [--fold 1]              # Tune grid sweep vs GridSearchCV
+  python jobs/benchmark.py preprocess [--clips 1440]  # Ray Data pipeline vs serial librosa
+  python jobs/benchmark.py svm [--fold 1]             # Tune grid sweep vs GridSearchCV
+  python jobs/benchmark.py train                      # our loop vs HF Trainer; feature cache
+  python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
+  python jobs/benchmark.py all                        # everything, one Markdown table
+
+Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _bench_folds import add_folds_args, run_folds_benchmark  # noqa: E402
 from _bench_preprocess import add_preprocess_args, run_preprocess_benchmark  # noqa: E402
 from _bench_svm import add_svm_args, format_svm_benchmark, run_svm_benchmark  # noqa: E402
+from _bench_train import add_train_args, run_train_benchmark  # noqa: E402
 
 from ser_ray import cli  # noqa: E402
 
@@ -31,7 +39,39 @@ def _format_figures(figures: dict) -> str:
 BENCHMARKS = {
     "preprocess": (add_preprocess_args, run_preprocess_benchmark, False, _format_figures),
     "svm": (add_svm_args, run_svm_benchmark, True, format_svm_benchmark),
+    "train": (add_train_args, run_train_benchmark, True, _format_figures),
+    "folds": (add_folds_args, run_folds_benchmark, True, _format_figures),
 }
+# the headline ratio of each benchmark and its target, for the `all` table
+HEADLINES = {
+    "preprocess": ("speedup", "Ray Data vs serial librosa, clips/s ratio", ">= 1.8"),
+    "svm": ("speedup_sklearn_over_tune", "sklearn GridSearchCV time / Tune time", "> 1"),
+    "train": ("ours_vs_trainer", "our loop vs HF Trainer, clips/s ratio (uncached)", ">= 1.3"),
+    "folds": ("concurrent_vs_sequential", "six folds concurrent / sequential wall time", "<= 0.6"),
+}
+
+
+def _markdown(results: dict[str, dict]) -> str:
+    import datetime
+    import platform
+
+    import torch
+
+    lines = [
+        f"# ser_ray benchmarks, {datetime.date.today()} on {platform.node()}",
+        "",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        "",
+        "| benchmark | ratio | value | target |",
+        "|---|---|---|---|",
+    ]
+    for name, figures in results.items():
+        key, what, target = HEADLINES[name]
+        lines.append(f"| {name} | {what} | {figures[key]:.3g} | {target} |")
+    for name, figures in results.items():
+        lines += ["", f"## {name}", "", "```", _format_figures(figures), "```"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +83,30 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         add_args(p)
         cli.add_common_args(p, default_out="runs/benchmark")
+    everything = sub.add_parser("all", help="every benchmark with its defaults")
+    cli.add_common_args(everything, default_out="runs/benchmark")
     args = parser.parse_args(argv)
     cli.setup_logging()
-    _, run, needs_ray, format_figures = BENCHMARKS[args.benchmark]
-    if needs_ray:
-        cli.init_ray(args.address, args.num_cpus)
-    figures = run(args)
-    print(format_figures(figures))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"benchmark_{args.benchmark}.json").write_text(
-        json.dumps(figures, indent=2, default=str)
-    )
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    results = {}
+    for name in names:
+        add_args, run, needs_ray, format_figures = BENCHMARKS[name]
+        own = argparse.ArgumentParser()
+        add_args(own)
+        bench_args = own.parse_args([]) if args.benchmark == "all" else args
+        for common in ("out", "smoke_test", "address", "num_cpus"):
+            setattr(bench_args, common, getattr(args, common))
+        if needs_ray:
+            cli.init_ray(args.address, args.num_cpus)
+        results[name] = run(bench_args)
+        print(format_figures(results[name]), flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"benchmark_{name}.json").write_text(
+            json.dumps(results[name], indent=2, default=str)
+        )
+    if args.benchmark == "all":
+        (Path(args.out) / "benchmarks.md").write_text(_markdown(results))
+        print(f"\nwritten: {Path(args.out) / 'benchmarks.md'}")
     return 0
 
 

@@ -48,6 +48,7 @@ class KFoldConfig:
     lr_head: float | None = None  # peak LR of the head (default: TrainConfig's)
     params: str | None = None  # best.json of jobs/tune_adamw.py (AdamW settings)
     workers_per_fold: int = 1  # Ray Train workers (DDP) per fold
+    concurrent_folds: int | None = None  # folds trained at once; None: all of them
     gpus_per_fold: float | None = None  # None: share the cluster's GPUs over the folds
     cpus_per_worker: float | None = None  # None: share the cluster's CPUs over the folds
     max_failures: int = 2  # worker restarts per fold before the fold fails
@@ -99,7 +100,8 @@ def train_config_for(cfg: KFoldConfig) -> TrainConfig:
 
 
 def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
-    """Per-fold Train resources from the flags or, by default, a fair share of the cluster."""
+    """Per-fold Train resources from the flags or, by default, a fair share of the cluster
+    among ``n_folds`` folds running at once."""
     import ray
 
     cluster = ray.cluster_resources()
@@ -170,7 +172,8 @@ def run_wav2vec2_folds(
             features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
         )
         source, input_kind, cache_key = cache.path, cache.kind, cache.key
-    resources = fold_resources(cfg, len(fold_numbers))
+    concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
+    resources = fold_resources(cfg, concurrent)
     log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
     train = {
         "source": str(source),
@@ -193,7 +196,7 @@ def run_wav2vec2_folds(
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(fold_numbers), "train": train},
-            tune_config=tune.TuneConfig(max_concurrent_trials=len(fold_numbers)),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
                 name="wav2vec2_folds",
                 storage_path=storage,

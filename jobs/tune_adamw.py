@@ -1,0 +1,190 @@
+"""Bayesian AdamW sweep for the wav2vec2 loop on Ray Tune (Optuna TPE, seeded + ASHA).
+
+Searches the encoder and head peak LRs (log-uniform), weight decay (log-uniform), AdamW
+beta2, the warm-up fraction, the decay-start fraction and gradient clipping (off, or on at
+a log-uniform norm). Encoder LR range: 1e-5..1e-3 for the tiny random 'demo' model;
+1e-5..1e-4 (the published wav2vec2 fine-tuning range) for real models (--lr-encoder-range).
+
+Objective: validation UA (val/uar, max) on four validation actors taken from the TRAINING
+side of an outer fold; the fold's test actors are never read. ASHA stops weak trials after
+each epoch (grace period 1). Each trial trains with our loop (ser_ray.train_loop) on the
+feature cache, built once up front.
+
+Default: tune on the training side of ONE outer fold (--fold, default 1). Only that fold's
+test score is untouched by the search: if jobs/kfold.py then runs all six folds with these
+params, the other folds' test actors helped choose them. --nested runs one search per outer
+fold (each on its own training actors) and writes per-fold params.
+
+Writes to --out: best.json ({"params", "val_uar", "fold", "search"}; nested:
+{"per_fold": {"1": {"params", "val_uar", "search"}, ...}}), trials_fold<k>.csv, config.json,
+tune/ (Tune results with TensorBoard event files), feature_cache/ and prepared/ (unless
+--features is given).
+
+Examples:
+  python jobs/tune_adamw.py --smoke-test --out /tmp/ta
+  python jobs/tune_adamw.py --num-samples 30 --epochs 8 --out runs/adamw
+  python jobs/kfold.py --params runs/adamw/best.json          # use the found settings
+  python jobs/tune_adamw.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --nested
+  tensorboard --logdir runs/adamw/tune
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ser_ray import cli, features
+from ser_ray.sweep_adamw import SearchSpace, SweepConfig, run_sweep
+
+SMOKE_NUM_SAMPLES = 4
+SMOKE_EPOCHS = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SweepConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-dir",
+        help="RAVDESS-layout folder: prepare its features into OUT/prepared first. "
+        "Default (neither flag): the embedded demo corpus",
+    )
+    source.add_argument("--features", help="a prepared features folder (jobs/prepare.py)")
+    p.add_argument(
+        "--model",
+        default="demo",
+        help="hub id or local folder for from_pretrained, or 'demo' (tiny random encoder). "
+        "Default: %(default)s",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=1,
+        help="outer fold whose training actors are tuned on (default: %(default)s); only "
+        "this fold's test score stays untouched by the search",
+    )
+    p.add_argument(
+        "--nested", action="store_true", help="one search per outer fold (per-fold params)"
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=d.num_samples,
+        help=f"trials per fold (default: %(default)s, {SMOKE_NUM_SAMPLES} with --smoke-test)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"epochs per trial = ASHA's max_t (default: %(default)s, {SMOKE_EPOCHS} "
+        "with --smoke-test)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.scheme)
+    p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
+    p.add_argument("--seed", type=int, default=d.seed, help="searcher and training seed")
+    p.add_argument(
+        "--lr-encoder-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="encoder peak LR range (log-uniform). Default: 1e-5 1e-3 for demo, 1e-5 1e-4 "
+        "(published wav2vec2 fine-tuning range) otherwise",
+    )
+    p.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial)
+    p.add_argument("--gpus-per-trial", type=float, default=d.gpus_per_trial)
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="default: the cluster's CPUs / --cpus-per-trial",
+    )
+    p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA")
+    cli.add_common_args(p, default_out="runs/tune_adamw")
+    return p
+
+
+def resolve_features(args: argparse.Namespace) -> Path:
+    """The features folder: given, prepared from --data-dir, or the demo corpus's."""
+    if args.features:
+        return Path(args.features)
+    config = features.FeatureConfig(fold_scheme=args.folds)
+    prepared = Path(args.out) / "prepared"
+    if args.data_dir:
+        return features.prepare_features(args.data_dir, prepared, config).features_dir
+    return features.prepare_demo(prepared, smoke_test=args.smoke_test, config=config)
+
+
+def format_trials(trials, top: int = 5) -> str:
+    columns = [
+        "val_uar", "epochs_run", "lr_encoder", "lr_head", "weight_decay", "betas",
+        "warmup_frac", "decay_start_frac", "grad_clip_norm",
+    ]  # fmt: skip
+    table = trials.head(top)[columns].copy()
+    table["betas"] = [f"{b[1]:.4f}" for b in table["betas"]]
+    table = table.rename(columns={"betas": "beta2"})
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging()
+    cfg = SweepConfig(
+        model=args.model,
+        scheme=args.folds,
+        merge_calm=args.merge_calm,
+        num_samples=min(args.num_samples, SMOKE_NUM_SAMPLES)
+        if args.smoke_test
+        else args.num_samples,
+        epochs=min(args.epochs, SMOKE_EPOCHS) if args.smoke_test else args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        max_concurrent_trials=args.max_concurrent_trials,
+        reduction_factor=args.reduction_factor,
+        space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
+    )
+    cli.init_ray(args.address, args.num_cpus)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    features_dir = resolve_features(args)
+    config_json = cli.save_config(
+        out,
+        {
+            "job": "tune_adamw",
+            "sweep": cfg,
+            "fold": None if args.nested else args.fold,
+            "nested": args.nested,
+            "features_dir": str(features_dir),
+            "args": vars(args),
+        },
+    )
+    result = run_sweep(features_dir, cfg, out, fold=args.fold, nested=args.nested)
+
+    per_fold = result.best.get("per_fold") or {str(args.fold): result.best}
+    for k, found in per_fold.items():
+        trials = result.trials[int(k)]
+        search = found["search"]
+        print(
+            f"\nfold {k}: best val UA {found['val_uar']:.4f} ({search['n_trials']} trials, "
+            f"{search['n_stopped_early']} stopped early by ASHA, {search['search_s']:.0f} s; "
+            f"validation actors {search['val_actors']}, test actors {search['test_actors']} "
+            "never seen)"
+        )
+        print("best params:", found["params"])
+        print(f"top trials:\n{format_trials(trials)}")
+    if not args.nested:
+        print(f"\nnote: {result.best['search']['note']}")
+    print(
+        f"\n  best:   {out / 'best.json'}  (python jobs/kfold.py --params {out / 'best.json'})"
+        f"\n  config: {config_json}\n  tune:   {out / 'tune'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
