@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -123,7 +124,7 @@ def submitted_run(ray_head, tmp_path_factory):
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "SUCCEEDED" in done.stdout + done.stderr
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", done.stdout + done.stderr)
     return out, done.stdout
 
 
