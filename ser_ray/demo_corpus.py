@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import lfilter
 
-from ser_ray.ravdess import CLIPS_PER_ACTOR, NUM_ACTORS
+from ser_ray.ravdess import CLIPS_PER_ACTOR, NUM_ACTORS, RavdessName
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,16 @@ VOWELS = {
 STATEMENT_VOWELS = {1: "iaoiaeo", 2: "oaiiaeo"}
 
 
-@dataclasses.dataclass(frozen=True)
-class ClipSpec:
-    emotion_code: int
-    intensity: int
-    statement: int
-    repetition: int
-    actor: int
-
-    @property
-    def file_name(self) -> str:
-        fields = (3, 1, self.emotion_code, self.intensity, self.statement, self.repetition)
-        return "-".join(f"{f:02d}" for f in fields) + f"-{self.actor:02d}.wav"
+def speech_clip(
+    emotion_code: int, intensity: int, statement: int, repetition: int, actor: int
+) -> RavdessName:
+    """An audio-only speech clip's name fields (modality 03, channel 01)."""
+    return RavdessName(3, 1, emotion_code, intensity, statement, repetition, actor)
 
 
 def clip_specs(
     n_actors: int = NUM_ACTORS, clips_per_actor: int = CLIPS_PER_ACTOR
-) -> list[ClipSpec]:
+) -> list[RavdessName]:
     """The clips to make: per actor, the first ``clips_per_actor`` of the 60 RAVDESS clips in
     an order that covers every emotion before repeating one (repetition, statement, intensity,
     emotion)."""
@@ -101,7 +94,7 @@ def clip_specs(
         if not (emo == 1 and inten == 2)
     ][:clips_per_actor]
     return [
-        ClipSpec(emo, inten, stmt, rep, actor)
+        speech_clip(emo, inten, stmt, rep, actor)
         for actor in range(1, n_actors + 1)
         for rep, stmt, inten, emo in per_actor
     ]
@@ -126,7 +119,7 @@ def actor_voice(actor: int, seed: int) -> Voice:
     )
 
 
-def clip_prosody(spec: ClipSpec, voice: Voice) -> Prosody:
+def clip_prosody(spec: RavdessName, voice: Voice) -> Prosody:
     """The emotion's prosody, scaled by intensity and the actor's expressiveness."""
     target = PROSODY[spec.emotion_code]
     k = INTENSITY_SCALE[spec.intensity] * voice.expressiveness
@@ -145,7 +138,7 @@ def _resonate(x: np.ndarray, freq_hz: float, bandwidth_hz: float, sr_hz: int) ->
     return lfilter([1 - r], a, x)
 
 
-def synthesize(spec: ClipSpec, seed: int = 0, speech_scale: float = 1.0) -> np.ndarray:
+def synthesize(spec: RavdessName, seed: int = 0, speech_scale: float = 1.0) -> np.ndarray:
     """One clip as float32 samples at 48 kHz (deterministic in ``spec`` and ``seed``).
 
     ``speech_scale`` stretches syllables and silences (1.0 gives RAVDESS-like 3–5 s clips).

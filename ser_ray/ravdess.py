@@ -50,6 +50,15 @@ ZIP_SIZE_BYTES = 208_468_073
 ZIP_MD5 = "bc696df654c87fed845eb13823edef8a"
 
 _FIELDS = ("modality", "channel", "emotion", "intensity", "statement", "repetition", "actor")
+_CODE_FIELDS = (
+    "modality",
+    "channel",
+    "emotion_code",
+    "intensity",
+    "statement",
+    "repetition",
+    "actor",
+)
 _VALID = {
     "modality": MODALITIES,
     "channel": CHANNELS,
@@ -89,6 +98,11 @@ class RavdessName:
     @property
     def is_audio_speech(self) -> bool:
         return self.modality == 3 and self.channel == 1
+
+    @property
+    def file_name(self) -> str:
+        """The name back in RAVDESS form, e.g. ``03-01-05-02-01-01-12.wav``."""
+        return "-".join(f"{getattr(self, f):02d}" for f in _CODE_FIELDS) + ".wav"
 
 
 def parse_name(path: str | os.PathLike) -> RavdessName:

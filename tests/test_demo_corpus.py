@@ -4,7 +4,7 @@ import numpy as np
 import soundfile as sf
 
 from ser_ray import demo_corpus
-from ser_ray.demo_corpus import ClipSpec, clip_specs, synthesize, write_demo_corpus
+from ser_ray.demo_corpus import clip_specs, speech_clip, synthesize, write_demo_corpus
 from ser_ray.ravdess import build_manifest
 
 
@@ -32,7 +32,7 @@ def test_layout_format_and_determinism(tmp_path):
 
 
 def test_clips_have_silence_at_both_ends_and_ravdess_length():
-    y = synthesize(ClipSpec(5, 2, 1, 1, 3))
+    y = synthesize(speech_clip(5, 2, 1, 1, 3))
     assert 2.9 <= y.size / 48_000 <= 5.3
     edge = int(0.3 * 48_000)
     loud = np.abs(y).max()
@@ -57,9 +57,9 @@ def _f0_hz(y: np.ndarray, sr_hz: int = 48_000) -> float:
 def test_emotion_and_gender_shape_the_voice():
     male, female = demo_corpus.actor_voice(1, 0), demo_corpus.actor_voice(2, 0)
     assert male.base_pitch_hz < 150 < female.base_pitch_hz
-    sad = synthesize(ClipSpec(4, 2, 1, 1, 2))
-    surprised = synthesize(ClipSpec(8, 2, 1, 1, 2))
+    sad = synthesize(speech_clip(4, 2, 1, 1, 2))
+    surprised = synthesize(speech_clip(8, 2, 1, 1, 2))
     assert _f0_hz(surprised) > 1.25 * _f0_hz(sad)
-    strong = demo_corpus.clip_prosody(ClipSpec(5, 2, 1, 1, 2), female)
-    normal = demo_corpus.clip_prosody(ClipSpec(5, 1, 1, 1, 2), female)
+    strong = demo_corpus.clip_prosody(speech_clip(5, 2, 1, 1, 2), female)
+    normal = demo_corpus.clip_prosody(speech_clip(5, 1, 1, 1, 2), female)
     assert strong.energy_db > normal.energy_db > 0

@@ -9,14 +9,14 @@ import pytest
 import soundfile as sf
 
 from ser_ray import audio
-from ser_ray.demo_corpus import ClipSpec, synthesize
+from ser_ray.demo_corpus import speech_clip, synthesize
 from ser_ray.features import FeatureConfig, load_features, prepare_features, to_hf_dataset
 
 SR = 48_000
 
 
 def _clip(emotion: int = 5, actor: int = 1, rep: int = 1) -> np.ndarray:
-    return synthesize(ClipSpec(emotion, 1, 1, rep, actor), speech_scale=0.4)
+    return synthesize(speech_clip(emotion, 1, 1, rep, actor), speech_scale=0.4)
 
 
 def _write(path: Path, y: np.ndarray, sr: int = SR, **kw) -> Path:

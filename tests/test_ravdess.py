@@ -18,6 +18,7 @@ def test_parse_all_seven_fields():
     assert name.emotion == "angry" and name.gender == "female" and name.is_audio_speech
     assert parse_name("03-01-08-01-02-01-01.flac").gender == "male"
     assert not parse_name("01-02-03-01-01-01-05.wav").is_audio_speech
+    assert name.file_name == "03-01-05-02-01-02-12.wav"
 
 
 @pytest.mark.parametrize(
