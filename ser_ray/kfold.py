@@ -318,8 +318,35 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             config=cli.to_jsonable(dataclasses.asdict(cfg)),
         ),
         histories=histories or None,
+        lr_schedule=encoder_lr_schedule(train_cfg, histories) if histories else None,
         expected_paths=df["path"].tolist(),
     )
+
+
+def encoder_lr_schedule(
+    train_cfg: TrainConfig, histories: dict[int, list[dict]]
+) -> list[tuple[int, float]]:
+    """The encoder's learning rate at every optimizer step of a full run, as the loop's
+    ``LambdaLR`` applies it (steps per epoch read from the first fold's history)."""
+    from ser_ray.schedule import lr_multiplier
+
+    steps_per_epoch = int(histories[min(histories)][0]["step"])
+    total = steps_per_epoch * train_cfg.epochs
+    return [
+        (
+            step,
+            train_cfg.lr_encoder
+            * lr_multiplier(
+                step,
+                total,
+                train_cfg.warmup_frac,
+                train_cfg.decay_start_frac,
+                train_cfg.final_lr_scale,
+                train_cfg.decay_shape,
+            ),
+        )
+        for step in range(total)
+    ]
 
 
 def _version() -> str:
