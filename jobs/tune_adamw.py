@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--nested", action="store_true", help="one search per outer fold (per-fold params)"
     )
     p.add_argument(
+        "--outer-folds",
+        help="with --nested: comma-separated subset of outer folds, e.g. 1,2 (default: all)",
+    )
+    p.add_argument(
         "--num-samples",
         type=int,
         default=d.num_samples,
@@ -125,6 +129,9 @@ def format_trials(trials, top: int = 5) -> str:
     ]  # fmt: skip
     table = trials.head(top)[columns].copy()
     table["betas"] = [f"{b[1]:.4f}" for b in table["betas"]]
+    table["grad_clip_norm"] = [
+        "off" if v is None or v != v else f"{v:.3g}" for v in table["grad_clip_norm"]
+    ]
     table = table.rename(columns={"betas": "beta2"})
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
@@ -163,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args),
         },
     )
-    result = run_sweep(features_dir, cfg, out, fold=args.fold, nested=args.nested)
+    outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None
+    result = run_sweep(
+        features_dir, cfg, out, fold=args.fold, nested=args.nested, outer_folds=outer
+    )
 
     per_fold = result.best.get("per_fold") or {str(args.fold): result.best}
     for k, found in per_fold.items():
@@ -177,10 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print("best params:", found["params"])
         print(f"top trials:\n{format_trials(trials)}")
-    if not args.nested:
+    if args.nested:
+        print(f"\nnote: {result.best['note']}")
+        use = "per-fold params: jobs/kfold.py --params does not read them yet"
+    else:
         print(f"\nnote: {result.best['search']['note']}")
+        use = f"python jobs/kfold.py --params {out / 'best.json'}"
     print(
-        f"\n  best:   {out / 'best.json'}  (python jobs/kfold.py --params {out / 'best.json'})"
+        f"\n  best:   {out / 'best.json'}  ({use})"
         f"\n  config: {config_json}\n  tune:   {out / 'tune'}"
     )
     return 0

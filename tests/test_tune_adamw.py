@@ -1,0 +1,186 @@
+"""Bayesian AdamW sweep (Optuna TPE + ASHA on Ray Tune) on the demo corpus's features.
+
+One small sweep (4 trials x 2 epochs on outer fold 2) is shared by the tests; the searcher
+and the scheduler are also checked on their own, without training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ser_ray import folds
+from ser_ray.kfold import KFoldConfig, train_config_for
+from ser_ray.sweep_adamw import (
+    METRIC,
+    SEARCH_METRIC,
+    SEARCHED_FIELDS,
+    SearchSpace,
+    SweepConfig,
+    make_scheduler,
+    make_searcher,
+    params_from_config,
+    run_sweep,
+)
+from ser_ray.train_loop import TrainConfig, fold_split
+
+FOLD = 2
+SWEEP = SweepConfig(num_samples=4, epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_local, demo_features, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adamw")
+    result = run_sweep(demo_features / "features", SWEEP, out, fold=FOLD)
+    return out, result
+
+
+def _reports(out: Path) -> list[list[dict]]:
+    """Every report of every trial, from the Tune results on disk (one result.json each)."""
+    files = sorted((out / "tune" / f"adamw_fold{FOLD}").glob("*/result.json"))
+    return [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+
+
+def test_the_search_never_sees_the_test_fold(sweep):
+    out, _ = sweep
+    test_actors, train_actors = folds.test_and_train_actors(FOLD)
+    _, fit_actors, val_actors = fold_split(FOLD)
+    assert test_actors == [5, 6, 7, 8]
+    trials = _reports(out)
+    assert len(trials) == SWEEP.num_samples
+    for reports in trials:
+        assert 1 <= len(reports) <= SWEEP.epochs
+        for r in reports:  # the actors of the rows the trial actually received
+            fit = [int(a) for a in r["fit_actors"].split()]
+            val = [int(a) for a in r["val_actors"].split()]
+            assert fit == fit_actors and val == val_actors
+            assert sorted(fit + val) == train_actors
+            assert not set(fit + val) & set(test_actors)
+            assert (r["n_train"], r["n_val"]) == (16 * 16, 4 * 16)  # 16 demo clips per actor
+            assert 0.0 <= r[METRIC] <= 1.0
+
+
+def test_best_json_fields_and_values(sweep):
+    out, result = sweep
+    best = json.loads((out / "best.json").read_text())
+    assert best == json.loads(json.dumps(result.best))
+    assert set(best) == {"params", "val_uar", "fold", "search"}
+    assert best["fold"] == FOLD and best["search"]["fold"] == FOLD
+    assert set(best["params"]) == set(SEARCHED_FIELDS)
+    assert SearchSpace().contains(best["params"])
+    assert best["params"]["betas"][0] == 0.9
+    # val_uar is the best val UA any trial reached at any epoch, and belongs to these params
+    per_trial = [max(r[METRIC] for r in reports) for reports in _reports(out)]
+    assert best["val_uar"] == pytest.approx(max(per_trial))
+    top = result.trials[FOLD].iloc[0]
+    assert top["val_uar"] == pytest.approx(best["val_uar"])
+    assert params_from_config(top["config"]) == best["params"]
+    search = best["search"]
+    assert search["test_actors"] == [5, 6, 7, 8]
+    assert "only fold 2's test score" in search["note"]
+    assert search["searcher"] == {"type": "OptunaSearch", "sampler": "TPESampler", "seed": 0}
+    assert search["n_trials"] == 4 and search["max_concurrent_trials"] == 2
+    assert (out / f"trials_fold{FOLD}.csv").exists()
+    # TensorBoard event files per trial, for the dashboard
+    assert len(list((out / "tune" / f"adamw_fold{FOLD}").glob("*/events.out.tfevents.*"))) == 4
+
+
+def test_asha_is_wired(sweep):
+    out, _ = sweep
+    scheduler = json.loads((out / "best.json").read_text())["search"]["scheduler"]
+    assert scheduler == {
+        "type": "ASHAScheduler",
+        "metric": "val/uar",
+        "mode": "max",
+        "time_attr": "training_iteration",
+        "max_t": 2,
+        "grace_period": 1,
+        "reduction_factor": 2,
+    }
+    for reports in _reports(out):  # one report per epoch: training_iteration counts epochs
+        assert [r["training_iteration"] for r in reports] == [r["epoch"] for r in reports]
+
+
+def test_asha_stops_the_weaker_trial_after_the_grace_period():
+    class Stub:
+        def __init__(self, trial_id: str):
+            self.trial_id = trial_id
+
+    scheduler = make_scheduler(SweepConfig(epochs=4))
+    good, bad = Stub("good"), Stub("bad")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert (
+        scheduler.on_trial_result(None, good, {"training_iteration": 1, METRIC: 0.5}) == "CONTINUE"
+    )
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 1, METRIC: 0.2}) == "STOP"
+
+
+def test_same_seed_same_configs(sweep):
+    def sample(seed: int, n: int = 4) -> list[dict]:
+        searcher = make_searcher(SearchSpace(), seed, max_concurrent=n)
+        return [searcher.suggest(f"t{i}") for i in range(n)]
+
+    first = sample(0)
+    assert first == sample(0)
+    assert first != sample(1)
+    for config in first:
+        assert SearchSpace().contains(params_from_config(config))
+        assert ("grad_clip_norm" in config) == (config["grad_clip"] == "on")
+    # the sweep asked the same searcher two at a time: its first batch is this seed's first two
+    out, result = sweep
+    ran = [dict(c) for c in result.trials[FOLD]["config"]]
+    assert first[0] in ran and first[1] in ran
+
+
+def test_searcher_learns_from_the_best_epoch():
+    searcher = make_searcher(SearchSpace(), 0, max_concurrent=1)
+    assert searcher.searcher.metric == SEARCH_METRIC == "best/val_uar"
+    assert searcher.searcher.mode == "max"
+
+
+def test_kfold_reads_best_json(sweep):
+    out, _ = sweep
+    best = json.loads((out / "best.json").read_text())["params"]
+    cfg = train_config_for(KFoldConfig(params=str(out / "best.json")))
+    assert isinstance(cfg, TrainConfig)
+    for name in SEARCHED_FIELDS:
+        expected = tuple(best[name]) if name == "betas" else best[name]
+        assert getattr(cfg, name) == expected
+    # kfold's own flags still decide epochs, batch size and model
+    assert (cfg.epochs, cfg.batch_size, cfg.model) == (8, 8, "demo")
+
+
+def test_search_space_defaults_follow_the_model():
+    assert SearchSpace.for_model("demo").lr_encoder == (1e-5, 1e-3)
+    assert SearchSpace.for_model("facebook/wav2vec2-base").lr_encoder == (1e-5, 1e-4)
+    assert SearchSpace.for_model("demo", lr_encoder=(2e-5, 5e-5)).lr_encoder == (2e-5, 5e-5)
+    with pytest.raises(ValueError):
+        SearchSpace(warmup_frac=(0.0, 0.5), decay_start_frac=(0.4, 1.0))
+    off = params_from_config(
+        {"lr_encoder": 1e-4, "lr_head": 1e-3, "weight_decay": 0.01, "beta2": 0.98,
+         "warmup_frac": 0.1, "decay_start_frac": 0.7, "grad_clip": "off"}
+    )  # fmt: skip
+    assert off["grad_clip_norm"] is None and off["betas"] == [0.9, 0.98]
+    assert TrainConfig.from_dict(off).betas == (0.9, 0.98)
+
+
+def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_features, tmp_path):
+    outer = [3, 6]
+    cfg = SweepConfig(num_samples=2, epochs=1, seed=0)
+    result = run_sweep(demo_features / "features", cfg, tmp_path, nested=True, outer_folds=outer)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert set(best) == {"per_fold", "note"} and list(best["per_fold"]) == ["3", "6"]
+    for k in outer:
+        found = best["per_fold"][str(k)]
+        test_actors, train_actors = folds.test_and_train_actors(k)
+        assert found["search"]["test_actors"] == test_actors
+        assert SearchSpace().contains(found["params"]) and 0.0 <= found["val_uar"] <= 1.0
+        trials = result.trials[k]
+        assert len(trials) == 2
+        for fit, val in zip(trials["fit_actors"], trials["val_actors"], strict=True):
+            seen = [int(a) for a in f"{fit} {val}".split()]
+            assert sorted(seen) == train_actors and not set(seen) & set(test_actors)
+        assert len(list((tmp_path / "tune" / f"adamw_fold{k}").glob("*/result.json"))) == 2
