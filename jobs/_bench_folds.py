@@ -31,6 +31,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     cfg = KFoldConfig(models=("wav2vec2",), model=args.model, epochs=args.epochs, out=str(out))
     train_cfg = train_config_for(cfg)
+    train_cfgs = dict.fromkeys(range(1, 7), train_cfg)
     if train_cfg.use_feature_cache:
         build_feature_cache(features_dir, out / "feature_cache", train_config=train_cfg)
     seconds, metrics = {}, {}
@@ -39,7 +40,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         outcomes = run_wav2vec2_folds(
             Path(features_dir),
             dataclasses.replace(cfg, concurrent_folds=concurrent),
-            train_cfg,
+            train_cfgs,
             out,
             storage=str(out / f"ray_{mode}"),
         )

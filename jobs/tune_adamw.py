@@ -111,17 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_features(args: argparse.Namespace) -> Path:
-    """The features folder: given, prepared from --data-dir, or the demo corpus's."""
-    if args.features:
-        return Path(args.features)
-    config = features.FeatureConfig(fold_scheme=args.folds)
-    prepared = Path(args.out) / "prepared"
-    if args.data_dir:
-        return features.prepare_features(args.data_dir, prepared, config).features_dir
-    return features.prepare_demo(prepared, smoke_test=args.smoke_test, config=config)
-
-
 def format_trials(trials, top: int = 5) -> str:
     columns = [
         "val_uar", "epochs_run", "lr_encoder", "lr_head", "weight_decay", "betas",
@@ -158,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.init_ray(args.address, args.num_cpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = resolve_features(args)
+    features_dir = features.features_for_job(
+        args.features, args.data_dir, args.out, args.smoke_test, args.folds
+    )
     config_json = cli.save_config(
         out,
         {

@@ -69,24 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_features(args: argparse.Namespace) -> Path:
-    """The features folder: given, prepared from --data-dir, or the demo corpus's."""
-    if args.features:
-        return Path(args.features)
-    config = features.FeatureConfig(fold_scheme=args.folds)
-    prepared = Path(args.out) / "prepared"
-    if args.data_dir:
-        return features.prepare_features(args.data_dir, prepared, config).features_dir
-    return features.prepare_demo(prepared, smoke_test=args.smoke_test, config=config)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
     cli.init_ray(args.address, args.num_cpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = resolve_features(args)
+    features_dir = features.features_for_job(
+        args.features, args.data_dir, args.out, args.smoke_test, args.folds
+    )
     df = features.load_features(features_dir, columns=FEATURE_COLUMNS)
     num_samples = min(args.num_samples, SMOKE_NUM_SAMPLES) if args.smoke_test else args.num_samples
     outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None

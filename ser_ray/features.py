@@ -421,3 +421,21 @@ def prepare_demo(
 ) -> Path:
     """Prepare the demo corpus's features into ``out_dir`` and return the features folder."""
     return prepare_features(demo_source(smoke_test), out_dir, config).features_dir
+
+
+def features_for_job(
+    features_dir: str | None,
+    data_dir: str | None,
+    out_dir: str | Path,
+    smoke_test: bool = False,
+    fold_scheme: str = "contiguous",
+) -> Path:
+    """A job's features folder: ``--features`` as given, else prepared (or reused) from
+    ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
+    if features_dir:
+        return Path(features_dir)
+    config = FeatureConfig(fold_scheme=fold_scheme)
+    prepared = Path(out_dir) / "prepared"
+    if data_dir:
+        return prepare_features(data_dir, prepared, config).features_dir
+    return prepare_demo(prepared, smoke_test=smoke_test, config=config)

@@ -74,11 +74,23 @@ class KFoldConfig:
         folds.fold_sets(self.folds)  # raises on an unknown scheme
 
 
-def train_config_for(cfg: KFoldConfig) -> TrainConfig:
-    """The wav2vec2 training settings: defaults < ``--params`` file < explicit flags."""
+def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
+    """The wav2vec2 training settings: defaults < ``--params`` file < explicit flags.
+
+    A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each outer fold the
+    settings tuned on that fold's own training actors; ``fold`` picks them.
+    """
     values: dict[str, Any] = {}
     if cfg.params:
         best = json.loads(Path(cfg.params).read_text())
+        if "per_fold" in best:
+            if fold is None or str(fold) not in best["per_fold"]:
+                raise ValueError(
+                    f"{cfg.params} holds per-fold settings for folds "
+                    f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
+                    "--nested over every outer fold"
+                )
+            best = best["per_fold"][str(fold)]
         values.update(best.get("params", best))
     values.update(
         model=cfg.resolved_model(),
@@ -133,7 +145,7 @@ def _fold_trial(config: dict[str, Any]) -> None:
     fold = int(config["fold"])
     train = config["train"]
     loop_config = {
-        **train["train_config"],
+        **train["train_configs"][str(fold)],
         "source": train["source"],
         "fold": fold,
         "scheme": train["scheme"],
@@ -157,7 +169,11 @@ def _fold_trial(config: dict[str, Any]) -> None:
 
 
 def run_wav2vec2_folds(
-    features_dir: Path, cfg: KFoldConfig, train_cfg: TrainConfig, out: Path, storage: str
+    features_dir: Path,
+    cfg: KFoldConfig,
+    train_cfgs: dict[int, TrainConfig],
+    out: Path,
+    storage: str,
 ) -> list[dict[str, Any]]:
     """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
     from ray import tune
@@ -167,9 +183,10 @@ def run_wav2vec2_folds(
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     source, input_kind, cache_key = features_dir, "waveform", None
-    if train_cfg.use_feature_cache:  # once, before the folds: they all share it
+    first = train_cfgs[fold_numbers[0]]  # model and probe mode are the same for every fold
+    if first.use_feature_cache:  # once, before the folds: they all share it
         cache = build_feature_cache(
-            features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
+            features_dir, out / "feature_cache", train_config=first, use_gpu=False
         )
         source, input_kind, cache_key = cache.path, cache.kind, cache.key
     concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
@@ -180,7 +197,7 @@ def run_wav2vec2_folds(
         "input_kind": input_kind,
         "feature_cache_key": cache_key,
         "scheme": cfg.folds,
-        "train_config": train_cfg.to_dict(),
+        "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
         "max_failures": cfg.max_failures,
         "storage_path": storage,
@@ -259,14 +276,16 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     storage = cfg.storage_path or str(out / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    train_cfg = train_config_for(cfg)
+    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
+    train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
+    train_cfg = train_cfgs[1]
     cli.save_config(
         out,
         {
             "job": "kfold",
             "kfold": cfg,
             "model": train_cfg.model,
-            "train": train_cfg,
+            "train": train_cfg if cfg.params is None else train_cfgs,
             "storage_path": storage,
             "ser_ray_version": _version(),
         },
@@ -294,7 +313,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             )
         predictions.append(svm_predictions)
     if "wav2vec2" in cfg.models:
-        for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfg, out, storage):
+        for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
             m = outcome["metrics"]
             fold_rows[outcome["fold"]]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
@@ -318,19 +337,19 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             config=cli.to_jsonable(dataclasses.asdict(cfg)),
         ),
         histories=histories or None,
-        lr_schedule=encoder_lr_schedule(train_cfg, histories) if histories else None,
+        lr_schedule=encoder_lr_schedule(train_cfgs[min(histories)], histories[min(histories)])
+        if histories
+        else None,
         expected_paths=df["path"].tolist(),
     )
 
 
-def encoder_lr_schedule(
-    train_cfg: TrainConfig, histories: dict[int, list[dict]]
-) -> list[tuple[int, float]]:
+def encoder_lr_schedule(train_cfg: TrainConfig, history: list[dict]) -> list[tuple[int, float]]:
     """The encoder's learning rate at every optimizer step of a full run, as the loop's
-    ``LambdaLR`` applies it (steps per epoch read from the first fold's history)."""
+    ``LambdaLR`` applies it (steps per epoch read from the fold's history)."""
     from ser_ray.schedule import lr_multiplier
 
-    steps_per_epoch = int(histories[min(histories)][0]["step"])
+    steps_per_epoch = int(history[0]["step"])
     total = steps_per_epoch * train_cfg.epochs
     return [
         (
