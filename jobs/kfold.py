@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default=",".join(MODELS), help="comma-separated subset of %(default)s"
     )
     p.add_argument("--workers-per-fold", type=int, default=d.workers_per_fold)
+    p.add_argument("--concurrent-folds", type=int, help="folds trained at once (default: all six)")
     p.add_argument(
         "--gpus-per-fold",
         type=float,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         lr_head=args.lr_head,
         params=args.params,
         workers_per_fold=args.workers_per_fold,
+        concurrent_folds=args.concurrent_folds,
         gpus_per_fold=args.gpus_per_fold,
         cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures,
