@@ -46,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data-dir",
-        help="RAVDESS-layout folder: prepare its features into OUT/prepared first. "
-        "Default (neither flag): the embedded demo corpus",
-    )
-    source.add_argument("--features", help="a prepared features folder (jobs/prepare.py)")
+    cli.add_source_args(p)
     p.add_argument(
         "--model",
         default="demo",

@@ -34,15 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--data-dir",
-        help="RAVDESS-layout folder: prepare its features into OUT/prepared first. "
-        "Default (neither flag): the embedded demo corpus",
-    )
-    source.add_argument(
-        "--features", help="a prepared features folder (the Parquet dataset of jobs/prepare.py)"
-    )
+    cli.add_source_args(parser)
     parser.add_argument("--search", choices=SEARCHES, default="grid", help="default: %(default)s")
     parser.add_argument(
         "--num-samples",

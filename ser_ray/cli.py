@@ -35,6 +35,19 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     )
 
 
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` or ``--features`` (neither: the demo corpus); see features_for_job."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data-dir",
+        help="RAVDESS-layout folder: prepare its features into OUT/prepared first. "
+        "Default (neither flag): the embedded demo corpus",
+    )
+    source.add_argument(
+        "--features", help="a prepared features folder (the Parquet dataset of jobs/prepare.py)"
+    )
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
