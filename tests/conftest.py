@@ -45,3 +45,23 @@ def demo_features(ray_local, demo_corpus, tmp_path_factory):
     result = prepare_features(demo_corpus, out)
     assert result.n_ok == 24 * 16 and result.n_rejected == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tts_corpus(tmp_path_factory):
+    """Real (espeak-ng) speech that our own synthesiser did not make: all 24 actors, 60 clips.
+
+    Skipped where espeak-ng is missing, except in CI (``CI`` set), where ``.ci/run`` installs it
+    and a missing program must fail the run rather than silently drop the check.
+    """
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng is missing in CI: .ci/run should have installed it")
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    from ser_ray.benchmarks.tts_corpus import write_tts_corpus
+
+    root = tmp_path_factory.mktemp("tts_corpus")
+    write_tts_corpus(root)
+    return root
