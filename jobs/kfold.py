@@ -4,6 +4,8 @@ Examples:
   python jobs/kfold.py                                  # demo corpus + demo model, offline
   python jobs/kfold.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --epochs 10
   ray job submit --working-dir . -- python jobs/kfold.py --smoke-test
+  python jobs/tune_adamw.py --nested --out runs/adamw   # per-fold AdamW settings, then:
+  python jobs/kfold.py --params runs/adamw/best.json
   python jobs/kfold.py --out runs/kfold --resume        # continue an interrupted run
 """
 
@@ -32,7 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
     p.add_argument("--lr", type=float, help="peak encoder learning rate")
     p.add_argument("--lr-head", type=float, help="peak head learning rate")
-    p.add_argument("--params", help="best.json from jobs/tune_adamw.py")
+    p.add_argument(
+        "--params",
+        help="best.json of jobs/tune_adamw.py --nested (per-fold AdamW settings); a single-fold "
+        "sweep's file is refused: its settings saw the other folds' test actors",
+    )
+    p.add_argument(
+        "--allow-leaky-params",
+        action="store_true",
+        help="accept a single-fold sweep's settings for every fold anyway (summary.md says so "
+        "in bold)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="retrain each wav2vec2 fold model on fit + validation actors for the best epoch "
+        "count before testing (as the SVM refits on all training actors)",
+    )
     p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
     p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
     p.add_argument(
@@ -71,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         lr_head=args.lr_head,
         params=args.params,
+        allow_leaky_params=args.allow_leaky_params,
+        refit=args.refit,
         workers_per_fold=args.workers_per_fold,
         concurrent_folds=args.concurrent_folds,
         gpus_per_fold=args.gpus_per_fold,

@@ -6,14 +6,14 @@ a log-uniform norm). Encoder LR range: 1e-5..1e-3 for the tiny random 'demo' mod
 1e-5..1e-4 (the published wav2vec2 fine-tuning range) for real models (--lr-encoder-range).
 
 Objective: validation UA (val/uar, max) on four validation actors taken from the TRAINING
-side of an outer fold; the fold's test actors are never read. ASHA stops weak trials after
-each epoch (grace period 1). Each trial trains with our loop (ser_ray.train_loop) on the
-feature cache, built once up front.
+side of an outer fold; the fold's test actors are never read. ASHA stops weak trials, but
+not before a third of the epochs nor before the longest searched warm-up is over.
+Each trial trains with our loop (ser_ray.train_loop) on the feature cache, built once.
 
 Default: tune on the training side of ONE outer fold (--fold, default 1). Only that fold's
-test score is untouched by the search: if jobs/kfold.py then runs all six folds with these
-params, the other folds' test actors helped choose them. --nested runs one search per outer
-fold (each on its own training actors) and writes per-fold params.
+test score is untouched by the search, so jobs/kfold.py refuses such a file for all six folds
+(unless --allow-leaky-params). --nested runs one search per outer fold (each on its own
+training actors) and writes per-fold params: the file for jobs/kfold.py --params.
 
 Writes to --out: best.json ({"params", "val_uar", "fold", "search"}; nested:
 {"per_fold": {"1": {"params", "val_uar", "search"}, ...}}), trials_fold<k>.csv, config.json,
@@ -22,8 +22,9 @@ tune/ (Tune results with TensorBoard event files), feature_cache/ and prepared/ 
 
 Examples:
   python jobs/tune_adamw.py --smoke-test --out /tmp/ta
-  python jobs/tune_adamw.py --num-samples 30 --epochs 8 --out runs/adamw
-  python jobs/kfold.py --params runs/adamw/best.json          # use the found settings
+  python jobs/tune_adamw.py --num-samples 30 --epochs 8 --out runs/adamw    # fold 1 only
+  python jobs/tune_adamw.py --nested --out runs/adamw_nested
+  python jobs/kfold.py --params runs/adamw_nested/best.json   # per-fold settings, no leak
   python jobs/tune_adamw.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --nested
   tensorboard --logdir runs/adamw/tune
 """
@@ -170,14 +171,19 @@ def main(argv: list[str] | None = None) -> int:
             f"validation actors {search['val_actors']}, test actors {search['test_actors']} "
             "never seen)"
         )
+        scheduler = search["scheduler"]
+        print(
+            f"ASHA grace period {scheduler['grace_period']} of {scheduler['max_t']} epochs: "
+            f"{scheduler['grace_rule']}"
+        )
         print("best params:", found["params"])
         print(f"top trials:\n{format_trials(trials)}")
     if args.nested:
         print(f"\nnote: {result.best['note']}")
-        use = "per-fold params: jobs/kfold.py --params does not read them yet"
+        use = f"python jobs/kfold.py --params {out / 'best.json'}"
     else:
         print(f"\nnote: {result.best['search']['note']}")
-        use = f"python jobs/kfold.py --params {out / 'best.json'}"
+        use = "one fold's settings: jobs/kfold.py --params refuses them for all folds; use --nested"
     print(
         f"\n  best:   {out / 'best.json'}  ({use})"
         f"\n  config: {config_json}\n  tune:   {out / 'tune'}"

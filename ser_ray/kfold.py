@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 
 REAL_MODEL = "facebook/wav2vec2-base"
 MODELS = ("svm", "wav2vec2")
+#: Which actors of an outer fold each variant's reported model trained on, by (model, refit).
+TRAINED_ON = {
+    ("svm", False): "all 20 training actors (settings chosen by inner CV over them, then refit "
+    "on all of them)",
+    ("wav2vec2", False): "the fit actors only: the validation actors (taken from the training "
+    "side) choose the best epoch and are never trained on (--refit trains on all of them)",
+    ("wav2vec2", True): "all training actors (--refit: retrained on fit + validation actors "
+    "for the best epoch count found with the validation actors held out)",
+}
 
 
 @dataclasses.dataclass
@@ -46,7 +55,9 @@ class KFoldConfig:
     batch_size: int = 8  # clips per micro-batch
     lr: float | None = None  # peak LR of the encoder (default: TrainConfig's)
     lr_head: float | None = None  # peak LR of the head (default: TrainConfig's)
-    params: str | None = None  # best.json of jobs/tune_adamw.py (AdamW settings)
+    params: str | None = None  # best.json of jobs/tune_adamw.py --nested (AdamW settings)
+    allow_leaky_params: bool = False  # accept a single-fold sweep's settings for every fold
+    refit: bool = False  # retrain wav2vec2 on fit + validation actors for the best epoch count
     workers_per_fold: int = 1  # Ray Train workers (DDP) per fold
     concurrent_folds: int | None = None  # folds trained at once; None: all of them
     gpus_per_fold: float | None = None  # None: share the cluster's GPUs over the folds
@@ -74,15 +85,85 @@ class KFoldConfig:
         folds.fold_sets(self.folds)  # raises on an unknown scheme
 
 
+LEAKY_PARAMS_HELP = (
+    "Run `python jobs/tune_adamw.py --nested` (one search per outer fold, each on its own "
+    "training actors) and pass its best.json, or pass --allow-leaky-params to run anyway "
+    "(the summary then says so)"
+)
+
+
+def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
+    return json.loads(Path(cfg.params).read_text()) if cfg.params else None
+
+
+def _is_sweep_result(best: dict[str, Any]) -> bool:
+    """A one-set-for-all-folds file written by a sweep (not settings chosen by hand)."""
+    return "per_fold" not in best and bool({"fold", "search", "val_uar"} & set(best))
+
+
+def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
+    """Where the ``--params`` settings come from: file, nested or not, the actors they were
+    tuned on per outer fold, and whether some folds' test actors helped choose them.
+
+    Raises ``ValueError`` for a single-fold sweep's settings unless ``allow_leaky_params``.
+    """
+    best = _read_params(cfg)
+    if best is None:
+        return None
+    out: dict[str, Any] = {"file": str(Path(cfg.params).resolve())}
+    if "per_fold" in best:
+        tuned = {k: v.get("search", {}) for k, v in best["per_fold"].items()}
+        return {
+            **out,
+            "nested": True,
+            "leaky": False,
+            "tuned_on": {
+                k: {"fit_actors": s.get("fit_actors"), "val_actors": s.get("val_actors")}
+                for k, s in sorted(tuned.items(), key=lambda kv: int(kv[0]))
+            },
+            "note": "per outer fold: settings tuned on that fold's training actors only",
+        }
+    if not _is_sweep_result(best):
+        return {
+            **out,
+            "nested": False,
+            "leaky": False,
+            "note": "settings given by hand (no sweep result): the same for every fold",
+        }
+    search = best.get("search", {})
+    fold = best.get("fold", search.get("fold"))
+    if not cfg.allow_leaky_params:
+        raise ValueError(
+            f"{cfg.params} holds AdamW settings tuned on the training actors of outer fold "
+            f"{fold} only; used for all folds, the other folds would be scored on test actors "
+            f"that helped choose them. {LEAKY_PARAMS_HELP}"
+        )
+    return {
+        **out,
+        "nested": False,
+        "leaky": True,
+        "tuned_on_fold": fold,
+        "tuned_on": {
+            "fit_actors": search.get("fit_actors"),
+            "val_actors": search.get("val_actors"),
+        },
+        "note": f"LEAKY: settings tuned on outer fold {fold}'s training actors were used for "
+        f"every fold, so folds other than {fold} are scored on actors that helped choose them "
+        "(--allow-leaky-params)",
+    }
+
+
 def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
     """The wav2vec2 training settings: defaults < ``--params`` file < explicit flags.
 
     A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each outer fold the
-    settings tuned on that fold's own training actors; ``fold`` picks them.
+    settings tuned on that fold's own training actors; ``fold`` picks them. A single-fold
+    sweep's file is refused (see :func:`params_provenance`) unless ``allow_leaky_params``.
     """
     values: dict[str, Any] = {}
-    if cfg.params:
-        best = json.loads(Path(cfg.params).read_text())
+    best = _read_params(cfg)
+    if best is not None:
+        params_provenance(cfg)  # raises on leaky settings that were not allowed
         if "per_fold" in best:
             if fold is None or str(fold) not in best["per_fold"]:
                 raise ValueError(
@@ -98,6 +179,7 @@ def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
         batch_size=cfg.batch_size,
         merge_calm=cfg.merge_calm,
         seed=cfg.seed,
+        refit=cfg.refit,
     )
     if cfg.lr is not None:
         values["lr_encoder"] = cfg.lr
@@ -111,6 +193,29 @@ def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
+    """GPUs each Ray Train worker of a fold reserves; correct by construction.
+
+    One worker per fold may take a fraction of a GPU (several folds share a device, each in
+    its own process). DDP ranks (``workers_per_fold > 1``) must each get a whole, distinct
+    GPU: Ray's fractional GPU ids are not unique, so two ranks could land on one device,
+    which NCCL refuses. Raises ``ValueError`` for anything else.
+    """
+    if gpus_per_fold <= 0:
+        return 0.0
+    if workers_per_fold == 1:
+        return float(gpus_per_fold)
+    per_worker = gpus_per_fold / workers_per_fold
+    if per_worker < 1 or per_worker != int(per_worker):
+        raise ValueError(
+            f"--gpus-per-fold {gpus_per_fold} with --workers-per-fold {workers_per_fold}: "
+            "each DDP worker needs whole GPUs of its own (fractional GPUs would put two ranks "
+            f"on one device, which NCCL refuses); use --gpus-per-fold "
+            f"{workers_per_fold} (or a multiple), or --workers-per-fold 1 to share GPUs"
+        )
+    return per_worker
+
+
 def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
     """Per-fold Train resources from the flags or, by default, a fair share of the cluster
     among ``n_folds`` folds running at once."""
@@ -119,11 +224,18 @@ def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
     cluster = ray.cluster_resources()
     n_cpus, n_gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     gpus_per_fold = cfg.gpus_per_fold
-    if gpus_per_fold is None:
-        gpus_per_fold = min(1.0, n_gpus / n_folds) if n_gpus else 0.0
+    if gpus_per_fold is None:  # DDP: one whole GPU per worker; one worker: a fair share
+        share = min(1.0, n_gpus / n_folds) if cfg.workers_per_fold == 1 else cfg.workers_per_fold
+        gpus_per_fold = float(share) if n_gpus else 0.0
     use_gpu = gpus_per_fold > 0
     if use_gpu and not n_gpus:
         raise ValueError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
+    gpus = gpus_per_worker(gpus_per_fold, cfg.workers_per_fold)
+    if gpus > n_gpus:
+        raise ValueError(
+            f"each worker needs {gpus:g} GPU(s) but this Ray cluster has {n_gpus:g}; lower "
+            "--workers-per-fold or --gpus-per-fold"
+        )
     cpus = cfg.cpus_per_worker
     if cpus is None:
         # Keep one CPU free for the Ray Data tasks that read each fold's clips (they ask for
@@ -132,7 +244,7 @@ def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
         cpus = min(4.0, max(0.05, int(100 * budget / (n_folds * cfg.workers_per_fold)) / 100))
     per_worker: dict[str, float] = {"CPU": cpus}
     if use_gpu:
-        per_worker["GPU"] = gpus_per_fold / cfg.workers_per_fold
+        per_worker["GPU"] = gpus
     return {"use_gpu": use_gpu, "resources_per_worker": per_worker}
 
 
@@ -277,6 +389,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
+    provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
     train_cfg = train_cfgs[1]
     cli.save_config(
@@ -286,6 +399,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             "kfold": cfg,
             "model": train_cfg.model,
             "train": train_cfg if cfg.params is None else train_cfgs,
+            "params_provenance": provenance,
             "storage_path": storage,
             "ser_ray_version": _version(),
         },
@@ -335,6 +449,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             merge_calm=cfg.merge_calm,
             fold_scheme=cfg.folds,
             config=cli.to_jsonable(dataclasses.asdict(cfg)),
+            params_provenance=provenance,
+            trained_on=trained_on(cfg, train_cfgs),
         ),
         histories=histories or None,
         lr_schedule=encoder_lr_schedule(train_cfgs[min(histories)], histories[min(histories)])
@@ -342,6 +458,21 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
         else None,
         expected_paths=df["path"].tolist(),
     )
+
+
+def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str, Any]:
+    """Per variant: which actors of each outer fold its reported model was trained on."""
+    from ser_ray.train_loop import fold_split
+
+    out: dict[str, Any] = {}
+    for model in cfg.models:
+        refit = model == "wav2vec2" and cfg.refit
+        per_fold = {}
+        for k, train_cfg in train_cfgs.items():
+            _, fit, val = fold_split(k, cfg.folds, train_cfg.n_val_actors)
+            per_fold[str(k)] = sorted(fit + val) if model == "svm" or refit else fit
+        out[model] = {"description": TRAINED_ON[model, refit], "per_fold": per_fold}
+    return out
 
 
 def encoder_lr_schedule(train_cfg: TrainConfig, history: list[dict]) -> list[tuple[int, float]]:

@@ -69,6 +69,10 @@ class RunInfo:
     fold_scheme: str = "contiguous"
     #: The resolved run configuration (JSON-serializable).
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Where tuned wav2vec2 settings came from (``kfold.params_provenance``); None: defaults.
+    params_provenance: dict[str, Any] | None = None
+    #: Per model: ``{"description", "per_fold": {fold: actors}}`` it was trained on.
+    trained_on: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -266,6 +270,8 @@ def build_summary(
         "per_class_recall": {m: s["per_class_recall"] for m, s in stats.items()},
         "confusion": {m: s["confusion"] for m, s in stats.items()},
         "pooled": {m: s["pooled"] for m, s in stats.items()},
+        "params_provenance": info.params_provenance,
+        "trained_on": info.trained_on,
         "config": info.config,
     }
     return _finite_or_none(summary)
@@ -349,6 +355,11 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         f"- fold scheme: {summary['fold_scheme']} ({len(summary['folds'])} folds, "
         "speaker-independent)",
         f"- figures in percent; {STD_NOTE}",
+        *(_provenance_lines(summary.get("params_provenance")) if "wav2vec2" in ran else []),
+        *(
+            f"- {MODEL_TITLES.get(m, m)} trained on: {t['description']}"
+            for m, t in summary.get("trained_on", {}).items()
+        ),
         "",
         "## Per fold",
         "",
@@ -393,6 +404,13 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     if plots:
         lines += ["## Plots", ""] + [f"- ![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _provenance_lines(provenance: Mapping[str, Any] | None) -> list[str]:
+    if provenance is None:
+        return ["- wav2vec2 settings: defaults and flags (no --params file)"]
+    line = f"wav2vec2 settings from {provenance['file']}: {provenance['note']}"
+    return [f"- **{line}**" if provenance["leaky"] else f"- {line}"]
 
 
 def _signed_pct(x: float) -> str:

@@ -6,7 +6,9 @@ the ``mfcc_stats`` column of the features table. Hyperparameters are chosen by t
 actors only: the inner folds are the outer folds of the same scheme that remain once the
 test fold is set aside (five folds of four actors). The chosen model is refit on all the
 training actors and wrapped in a sigmoid calibration, whose own splits are the same inner
-actor folds, so that every prediction comes with class probabilities that sum to 1.
+actor folds, so that every prediction comes with class probabilities that sum to 1. The
+reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
+selection and reporting use one decision rule.
 
 The Ray Tune edge (trials, searchers, the outer loop) lives in :mod:`ser_ray.sweep_svm`.
 
@@ -95,7 +97,8 @@ def make_calibrated_svm(
     ``ensemble=False``: one SVM fit on all rows predicts; the ``cv`` splits only fit the
     sigmoid on out-of-split decision values. Pass actor-grouped splits (e.g.
     :func:`inner_splits`) so the calibration never sees a speaker's own clips.
-    ``predict`` is the argmax of ``predict_proba``; rows of ``predict_proba`` sum to 1.
+    Its ``predict`` is the argmax of ``predict_proba`` (not the rule the inner CV scores;
+    :func:`fit_predict` reports ``SVC.predict``); rows of ``predict_proba`` sum to 1.
     Deterministic: nothing in it draws random numbers.
     """
     return CalibratedClassifierCV(
@@ -192,7 +195,7 @@ def inner_cv_score(
     return scores
 
 
-def fit_predict_proba(
+def fit_predict(
     params: Mapping[str, Any],
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -200,17 +203,22 @@ def fit_predict_proba(
     X_test: np.ndarray,
     num_classes: int,
     scheme: str = "contiguous",
-) -> np.ndarray:
-    """Refit the chosen config on all training rows; class probabilities of the test rows.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Refit the chosen config on all training rows; (labels, class probabilities) of the
+    test rows.
 
-    Returns an array (test rows, ``num_classes``) whose rows sum to 1; a class absent from
-    the training rows gets probability 0.
+    The labels are the SVC's own decision (``SVC.predict`` of the pipeline refit on all
+    training rows), the rule :func:`inner_cv_score` selected the config by; the probabilities
+    (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
+    calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
     model = make_calibrated_svm(params, cv=inner_splits(actors_train, scheme))
     model.fit(X_train, y_train)
+    svc = model.calibrated_classifiers_[0].estimator  # ensemble=False: fit on all rows
+    labels = svc.predict(X_test).astype(np.int64)
     proba = np.zeros((len(X_test), num_classes), dtype=np.float64)
     proba[:, model.classes_] = model.predict_proba(X_test)
-    return proba / proba.sum(axis=1, keepdims=True)
+    return labels, proba / proba.sum(axis=1, keepdims=True)
 
 
 def best_config(rows: Iterable[tuple[Mapping[str, Any], float]]) -> tuple[dict[str, Any], float]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,10 @@ SEARCHED_FIELDS = (
 BETA1 = 0.9  # AdamW beta1, fixed
 PUBLISHED_LR_ENCODER = (1e-5, 1e-4)  # wav2vec2 fine-tuning range in the literature
 DEMO_LR_ENCODER = (1e-5, 1e-3)  # the tiny random demo encoder tolerates (and needs) more
+GRACE_RULE = (
+    "no trial is cut before a third of its epochs nor before the longest searched warm-up "
+    "ends (grace_period = max(ceil(epochs / 3), ceil(max warmup_frac * epochs)))"
+)
 HOLDOUT_NOTE = (
     "tuned on the training actors of outer fold {fold} only (fit actors {fit}, validation "
     "actors {val}); only fold {fold}'s test score (actors {test}) is untouched by this search. "
@@ -158,7 +163,7 @@ class SweepConfig:
     cpus_per_trial: float = 1.0  # Tune resources of one trial (torch threads = max(1, int))
     gpus_per_trial: float = 0.0  # > 0: train on CUDA (fractions share a GPU)
     max_concurrent_trials: int | None = None  # None: cluster CPUs // cpus_per_trial
-    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    grace_period: int | None = None  # ASHA: epochs before a cut; None: see min_grace_period
     reduction_factor: int = 2  # ASHA: keep the top 1/rf at each rung
     space: SearchSpace | None = None  # None: SearchSpace.for_model(model)
 
@@ -166,8 +171,18 @@ class SweepConfig:
         folds.fold_sets(self.scheme)  # raises on an unknown scheme
         if self.space is None:
             self.space = SearchSpace.for_model(self.model)
-        if self.num_samples < 1 or self.epochs < 1 or self.grace_period < 1:
-            raise ValueError("num_samples, epochs and grace_period must be >= 1")
+        if self.num_samples < 1 or self.epochs < 1:
+            raise ValueError("num_samples and epochs must be >= 1")
+        least = min_grace_period(self.epochs, self.space)
+        if self.grace_period is None:
+            self.grace_period = least
+        if not least <= self.grace_period <= self.epochs:
+            raise ValueError(
+                f"grace_period={self.grace_period} with {self.epochs} epochs: ASHA must not cut "
+                f"before epoch {least} (a third of the epochs, and every searched warm-up over: "
+                f"warmup_frac up to {self.space.warmup_frac[1]}), else it favours short "
+                f"warm-ups by construction; use {least}..{self.epochs}"
+            )
         if self.reduction_factor < 2:
             raise ValueError("reduction_factor must be >= 2")
 
@@ -181,6 +196,13 @@ class SweepConfig:
             seed=self.seed,
             early_stopping_patience=None,  # ASHA decides when to stop
         )
+
+
+def min_grace_period(epochs: int, space: SearchSpace) -> int:
+    """The first epoch ASHA may cut at: a third of the epochs, and not before the longest
+    searched warm-up is over, so trials are compared after their schedules have peaked
+    rather than while the warm-up fraction under search still holds their LR down."""
+    return max(1, math.ceil(epochs / 3), math.ceil(space.warmup_frac[1] * epochs))
 
 
 def make_searcher(space: SearchSpace, seed: int, max_concurrent: int):
@@ -211,7 +233,7 @@ def make_scheduler(cfg: SweepConfig):
         metric=METRIC,
         mode="max",
         max_t=cfg.epochs,
-        grace_period=min(cfg.grace_period, cfg.epochs),
+        grace_period=cfg.grace_period,
         reduction_factor=cfg.reduction_factor,
     )
 
@@ -223,8 +245,9 @@ def scheduler_info(cfg: SweepConfig) -> dict[str, Any]:
         "mode": "max",
         "time_attr": TIME_ATTR,
         "max_t": cfg.epochs,
-        "grace_period": min(cfg.grace_period, cfg.epochs),
+        "grace_period": cfg.grace_period,
         "reduction_factor": cfg.reduction_factor,
+        "grace_rule": GRACE_RULE,
     }
 
 

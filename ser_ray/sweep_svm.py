@@ -265,7 +265,7 @@ def run_nested_svm(
         if leaked:  # cannot happen by construction; a guard for future edits
             raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
-        proba = svm.fit_predict_proba(
+        pred, proba = svm.fit_predict(
             found["params"],
             X[train_mask],
             y[train_mask],
@@ -274,7 +274,6 @@ def run_nested_svm(
             num_classes,
             scheme,
         )
-        pred = proba.argmax(axis=1)
         metrics = classification_metrics(y[test_mask], pred, num_classes)
         log.info("fold %d: test UA %.3f, accuracy %.3f", k, metrics["uar"], metrics["accuracy"])
         fold_results.append(
@@ -319,7 +318,10 @@ def run_nested_svm(
         "folds": [int(k) for k in folds],
         "smoke_test": smoke_test,
         "inner_cv": "leave one remaining outer fold out (5 x 4 actors), metric UA",
-        "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False)",
+        "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
+        "(pred_label, metrics) alike",
+        "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "
+        "the same SVC; their argmax may differ from pred_label on a few clips",
         "feature_column": svm.FEATURE_COLUMN,
         "storage_path": str(Path(storage_path).resolve()),
     }

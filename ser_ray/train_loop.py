@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 #: What a worker holds per clip: a waveform, the frozen CNN's output, or pooled layers.
 INPUT_KINDS = ("waveform", "cnn", "pooled")
 TRAIN_STATE_FILE = "train_state.pt"
+RNG_STATE_FILE = "rng_rank{rank}.pt"  # one per DDP rank: each draws its own dropout masks
 MODEL_DIR = "model"  # latest weights (HF checkpoint)
 BEST_MODEL_DIR = "best_model"  # best-epoch weights (HF checkpoint)
 PREDICTIONS_FILE = "predictions.csv"
@@ -149,11 +150,20 @@ class TrainConfig:
     use_feature_cache: bool = dataclasses.field(
         default=True, metadata={"help": "reuse the frozen CNN's (probe: all layers') outputs"}
     )
+    refit: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "after choosing the best epoch on the validation actors, retrain from "
+            "scratch on fit + validation actors for that many epochs and test that model"
+        },
+    )
     # runtime
     amp: str = dataclasses.field(
         default="auto", metadata={"help": "auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off"}
     )
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of init, order, dropout"})
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "seed of init and order; rank r's dropout uses seed + r"}
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # lists arrive from JSON / Tune
@@ -523,10 +533,27 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, numpy and torch with ``seed + rank``: DDP ranks draw different dropout
+    and SpecAugment masks (weights and batch order do not depend on these RNGs)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def rank0_value(value: float, world_size: int, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (a broadcast; the value itself with one rank).
+
+    Decisions that change the control flow (best epoch, early stop) are taken on rank 0's
+    figures only, so no rank can leave the loop while the others wait in an all-reduce.
+    """
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
 
 
 def write_checkpoint(
@@ -540,10 +567,16 @@ def write_checkpoint(
     state: TrainState,
     best_weights: dict[str, torch.Tensor] | None,
     extra: dict[str, Any] | None = None,
+    rank: int = 0,
 ) -> Path:
     """Everything a restarted run needs: latest and best weights (HF), optimizer, scheduler,
-    scaler, step/epoch/best so far, RNG states."""
+    scaler, step/epoch/best so far (rank 0 writes these), and this rank's RNG states
+    (``rng_rank<r>.pt``, every rank; all ranks may write into the same folder)."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_states(), out / RNG_STATE_FILE.format(rank=rank))
+    if rank != 0:
+        return out
     core = unwrap(model)
     save_model(core, feature_extractor, out / MODEL_DIR)
     if best_weights is not None:
@@ -561,7 +594,6 @@ def write_checkpoint(
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "state": dataclasses.asdict(state),
-            "rng": rng_states(),
             "extra": extra or {},
         },
         out / TRAIN_STATE_FILE,
@@ -591,16 +623,24 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
+    rank: int = 0,
 ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
-    """Restore a checkpoint written by :func:`write_checkpoint` (RNG states included)."""
+    """Restore a checkpoint written by :func:`write_checkpoint` (this rank's RNG states)."""
     ckpt = Path(ckpt_dir)
+    rng_file = ckpt / RNG_STATE_FILE.format(rank=rank)
+    if not rng_file.exists():
+        saved_ranks = sorted(p.name for p in ckpt.glob(RNG_STATE_FILE.format(rank="*")))
+        raise FileNotFoundError(
+            f"{ckpt} holds no RNG states for rank {rank} (it has {saved_ranks}); resume with "
+            "the number of workers that wrote it"
+        )
     _load_weights(model, ckpt / MODEL_DIR)
     saved = torch.load(ckpt / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
-    set_rng_states(saved["rng"])
+    set_rng_states(torch.load(rng_file, weights_only=False))
     best = None
     if (ckpt / BEST_MODEL_DIR).is_dir():
         from safetensors.torch import load_file
@@ -670,7 +710,12 @@ def run_training(
     state, best_weights = TrainState(), None
     if resume_from is not None:
         state, best_weights = load_checkpoint(
-            resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+            resume_from,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            rank=rank,
         )
         log.info(
             "resumed at epoch %d, step %d (best epoch %d)",
@@ -727,6 +772,7 @@ def run_training(
                     amp_dtype=amp_dtype,
                 )
             uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
+            uar = rank0_value(uar, world_size, device)  # one decision for every rank
             state.epoch = epoch + 1
             if uar > state.best_uar:
                 state.best_uar, state.best_epoch, state.epochs_since_best = uar, epoch + 1, 0
@@ -775,6 +821,7 @@ def run_training(
                         scaler=scaler,
                         state=copy.deepcopy(state),
                         best_weights=best_weights,
+                        rank=rank,
                     ),
                 )
     finally:
@@ -793,6 +840,7 @@ def run_training(
             scaler=scaler,
             state=state,
             best_weights=best_weights,
+            rank=rank,
         )
 
     return TrainOutcome(state=state, best_weights=best_weights, write_checkpoint=write_final)
@@ -873,7 +921,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     kind = config.get("input_kind", "waveform")
     fold = config.get("fold")
     class_names = ravdess.class_names(cfg.merge_calm)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, rank)
     model, fe = build_model(cfg, class_names)
     if kind != "waveform":
         from ser_ray.feature_cache import cache_key
@@ -914,7 +962,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], write: Callable[[Path], Path] | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0 and write is not None:
+            if write is not None:  # every rank: Ray merges the ranks' files into one folder
                 write(Path(tmp))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)  # RAY
@@ -945,6 +993,19 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         "best_epoch": outcome.state.best_epoch,
         "done": True,
     }
+    trained_on = tables["train"]
+    if cfg.refit and tables["val"] is not None and len(tables["val"]):
+        model, trained_on = refit(
+            cfg,
+            outcome.state.best_epoch,
+            tables["train"],
+            tables["val"],
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            wrap_model=wrap,
+        )
+        final["refit_epochs"] = outcome.state.best_epoch
     if outcome.state.best_uar > -math.inf and tables["val"] is not None and len(tables["val"]):
         final["best/val_uar"] = outcome.state.best_uar
     frame = None
@@ -961,9 +1022,13 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         final.update(test_metrics)
         frame = predictions_frame(tables["test"], probs, class_names, fold)
 
+    final["trained_on_actors"] = sorted({int(a) for a in trained_on.actors})
+
     def write_final(out: Path) -> Path:
         outcome.write_checkpoint(out)  # a restart after the end resumes to here
-        save_model(model, fe, out / BEST_MODEL_DIR)  # best-epoch weights are loaded
+        if rank != 0:
+            return out
+        save_model(model, fe, out / BEST_MODEL_DIR)  # best-epoch (or refit) weights
         if frame is not None:
             frame.to_csv(out / PREDICTIONS_FILE, index=False)
         (out / "result.json").write_text(
@@ -983,6 +1048,57 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         return out
 
     report(final, write_final)
+
+
+def merge_tables(a: ClipTable, b: ClipTable) -> ClipTable:
+    """The clips of both tables (same kind), sorted by path like every :class:`ClipTable`."""
+    if a.kind != b.kind:
+        raise ValueError(f"cannot merge {a.kind} clips with {b.kind} clips")
+    paths = a.paths + b.paths
+    order = np.argsort(np.array(paths, dtype=object), kind="stable")
+    emotions, inputs = a.emotions + b.emotions, a.inputs + b.inputs
+    return ClipTable(
+        kind=a.kind,
+        paths=[paths[i] for i in order],
+        actors=np.concatenate([a.actors, b.actors])[order],
+        emotions=[emotions[i] for i in order],
+        labels=np.concatenate([a.labels, b.labels])[order],
+        inputs=[inputs[i] for i in order],
+    )
+
+
+def refit(
+    cfg: TrainConfig,
+    epochs: int,
+    fit_table: ClipTable,
+    val_table: ClipTable,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[Wav2Vec2EmotionClassifier, ClipTable]:
+    """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
+    epoch count found with the validation actors held out), its schedule spread over them.
+
+    Returns the model (last-epoch weights: there is nothing left to select on) and the clips
+    it trained on. No checkpoints: a restart repeats the refit, seeded, to the same weights.
+    """
+    refit_cfg = dataclasses.replace(cfg, epochs=max(1, epochs), early_stopping_patience=None)
+    seed_everything(cfg.seed, rank)
+    model, fe = build_model(refit_cfg, ravdess.class_names(cfg.merge_calm))
+    table = merge_tables(fit_table, val_table)
+    run_training(
+        refit_cfg, model, fe, table, None, device=device, rank=rank, world_size=world_size,
+        wrap_model=wrap_model,
+    )  # fmt: skip
+    log.info(
+        "refit on %d clips of actors %s for %d epochs",
+        len(table),
+        sorted(set(table.actors.tolist())),
+        refit_cfg.epochs,
+    )
+    return model, table
 
 
 def build_model(cfg: TrainConfig, class_names: Sequence[str]):

@@ -2,9 +2,18 @@
 
 import json
 
+import pandas as pd
 import pytest
 
-from ser_ray.kfold import KFoldConfig, fold_resources, train_config_for
+from ser_ray import summary
+from ser_ray.kfold import (
+    KFoldConfig,
+    fold_resources,
+    gpus_per_worker,
+    params_provenance,
+    train_config_for,
+    trained_on,
+)
 
 
 def test_model_default_depends_on_data():
@@ -16,7 +25,7 @@ def test_model_default_depends_on_data():
 def test_flags_override_params_file(tmp_path):
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"params": {"lr_encoder": 3e-5, "weight_decay": 0.02,
-                                           "betas": [0.9, 0.98]}, "val_uar": 0.4}))  # fmt: skip
+                                           "betas": [0.9, 0.98]}}))  # fmt: skip
     cfg = train_config_for(KFoldConfig(params=str(best), epochs=3))
     assert (cfg.lr_encoder, cfg.weight_decay, cfg.betas, cfg.epochs) == (3e-5, 0.02, (0.9, 0.98), 3)
     assert train_config_for(KFoldConfig(params=str(best), lr=1e-4)).lr_encoder == 1e-4
@@ -52,3 +61,81 @@ def test_fold_resources_share_the_cluster(ray_local):
     }
     with pytest.raises(ValueError, match="has no GPU"):
         fold_resources(KFoldConfig(gpus_per_fold=0.5), 6)
+
+
+def _single_fold_sweep(tmp_path, fold=2):
+    """A best.json as jobs/tune_adamw.py writes it without --nested."""
+    best = tmp_path / "best.json"
+    search = {"fold": fold, "fit_actors": [9, 10], "val_actors": [11, 12], "test_actors": [5]}
+    best.write_text(json.dumps({"params": {"lr_encoder": 3e-5}, "val_uar": 0.4, "fold": fold,
+                                "search": search}))  # fmt: skip
+    return best
+
+
+def test_single_fold_sweep_params_are_refused(tmp_path):
+    best = _single_fold_sweep(tmp_path)
+    with pytest.raises(ValueError, match=r"outer fold 2 only.*tune_adamw.py --nested"):
+        train_config_for(KFoldConfig(params=str(best)), 1)
+    with pytest.raises(ValueError, match="--allow-leaky-params"):
+        params_provenance(KFoldConfig(params=str(best)))
+    allowed = KFoldConfig(params=str(best), allow_leaky_params=True)
+    assert train_config_for(allowed, 1).lr_encoder == 3e-5
+    provenance = params_provenance(allowed)
+    assert provenance["leaky"] is True and provenance["nested"] is False
+    assert provenance["file"] == str(best.resolve()) and provenance["tuned_on_fold"] == 2
+    assert provenance["tuned_on"] == {"fit_actors": [9, 10], "val_actors": [11, 12]}
+    # summary.md says so in bold, summary.json carries it
+    doc = summary.build_summary(
+        [{"fold": 1, "test_actors": [1], "n_test": 1,
+          "wav2vec2": {"accuracy": 1.0, "uar": 1.0, "macro_f1": 1.0}}],
+        pd.DataFrame([{"path": "a.wav", "actor": 1, "fold": 1, "true_label": "calm",
+                       "pred_label": "calm", "model": "wav2vec2"}]),
+        ["neutral", "calm"],
+        summary.RunInfo(model="demo", params_provenance=provenance),
+    )  # fmt: skip
+    assert doc["params_provenance"] == provenance
+    markdown = summary.format_markdown(doc)
+    assert f"- **wav2vec2 settings from {best.resolve()}: LEAKY" in markdown
+
+
+def test_nested_params_provenance_names_the_actors_per_fold(tmp_path):
+    best = tmp_path / "best.json"
+    per_fold = {
+        str(k): {"params": {}, "val_uar": 0.3,
+                 "search": {"fold": k, "fit_actors": [k + 10], "val_actors": [k + 20]}}
+        for k in (1, 2)
+    }  # fmt: skip
+    best.write_text(json.dumps({"per_fold": per_fold, "note": "nested"}))
+    provenance = params_provenance(KFoldConfig(params=str(best)))
+    assert provenance["nested"] is True and provenance["leaky"] is False
+    assert provenance["tuned_on"] == {
+        "1": {"fit_actors": [11], "val_actors": [21]},
+        "2": {"fit_actors": [12], "val_actors": [22]},
+    }
+    assert params_provenance(KFoldConfig()) is None
+
+
+def test_gpu_rule_gives_ddp_workers_whole_distinct_gpus():
+    assert gpus_per_worker(0.0, 4) == 0.0
+    assert gpus_per_worker(0.25, 1) == 0.25  # one worker per fold may share a GPU
+    assert gpus_per_worker(2.0, 2) == 1.0
+    assert gpus_per_worker(4.0, 2) == 2.0
+    for gpus, workers in ((0.5, 2), (1.0, 2), (3.0, 2), (2.5, 1 + 1)):
+        with pytest.raises(ValueError, match="whole GPUs of its own"):
+            gpus_per_worker(gpus, workers)
+
+
+def test_refit_is_passed_on_and_the_summary_says_what_each_variant_trained_on():
+    cfg = KFoldConfig(refit=True)
+    train_cfgs = {k: train_config_for(cfg, k) for k in range(1, 7)}
+    assert train_cfgs[1].refit is True and train_config_for(KFoldConfig(), 1).refit is False
+    refit = trained_on(cfg, train_cfgs)
+    plain = trained_on(KFoldConfig(), train_cfgs)
+    for k in map(str, range(1, 7)):
+        test = set(range(4 * int(k) - 3, 4 * int(k) + 1))
+        assert set(refit["svm"]["per_fold"][k]) == set(range(1, 25)) - test
+        assert refit["wav2vec2"]["per_fold"][k] == refit["svm"]["per_fold"][k]
+        assert len(plain["wav2vec2"]["per_fold"][k]) == 16
+        assert set(plain["wav2vec2"]["per_fold"][k]) < set(refit["svm"]["per_fold"][k])
+    assert "--refit" in refit["wav2vec2"]["description"]
+    assert "never trained on" in plain["wav2vec2"]["description"]

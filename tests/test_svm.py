@@ -152,14 +152,29 @@ def test_calibrated_probabilities_sum_to_one_and_repeat():
     train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": "balanced"}
     args = (svm.feature_matrix(train), svm.label_vector(train), train.actor.to_numpy())
-    proba = svm.fit_predict_proba(params, *args, svm.feature_matrix(test), 8)
-    again = svm.fit_predict_proba(params, *args, svm.feature_matrix(test), 8)
+    labels, proba = svm.fit_predict(params, *args, svm.feature_matrix(test), 8)
+    again = svm.fit_predict(params, *args, svm.feature_matrix(test), 8)
     assert proba.shape == (len(test), 8)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
     assert (proba >= 0).all()
-    np.testing.assert_array_equal(proba, again)
-    ua = classification_metrics(svm.label_vector(test), proba.argmax(axis=1), 8)["uar"]
+    np.testing.assert_array_equal(proba, again[1])
+    np.testing.assert_array_equal(labels, again[0])
+    ua = classification_metrics(svm.label_vector(test), labels, 8)["uar"]
     assert ua > 0.5  # noisy but separable clusters, unseen actors
+
+
+def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
+    """Selection (inner CV) scores SVC.predict; the reported labels must be SVC.predict too,
+    not the argmax of the calibrated probabilities (they differ on overlapping classes)."""
+    df = synthetic_features(noise=6.0)
+    test_actors, train_actors = fold_sets.test_and_train_actors(3)
+    train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
+    params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None}
+    X, y, X_test = svm.feature_matrix(train), svm.label_vector(train), svm.feature_matrix(test)
+    labels, proba = svm.fit_predict(params, X, y, train.actor.to_numpy(), X_test, 8)
+    svc_rule = svm.make_svm_pipeline(**svm.svm_params(params)).fit(X, y).predict(X_test)
+    np.testing.assert_array_equal(labels, svc_rule)
+    assert (proba.argmax(axis=1) != svc_rule).any()  # the two rules do differ here
 
 
 def test_probabilities_with_merged_calm_have_seven_columns():
@@ -168,7 +183,7 @@ def test_probabilities_with_merged_calm_have_seven_columns():
     train = df[df.actor.isin(train_actors)]
     y = svm.label_vector(train, merge_calm=True)
     assert set(y.tolist()) == set(range(7)) and len(class_names(True)) == 7
-    proba = svm.fit_predict_proba(
+    _, proba = svm.fit_predict(
         {"kernel": "linear", "C": 0.1},
         svm.feature_matrix(train),
         y,

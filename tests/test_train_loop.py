@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -22,7 +23,9 @@ from ser_ray.train_loop import (
     evaluate,
     length_grouped_batches,
     predictions_frame,
+    refit,
     run_training,
+    seed_everything,
     table_from_arrow,
     train_one_epoch,
 )
@@ -403,3 +406,27 @@ def test_transformer_frozen_for_the_first_steps(clips):
         not torch.equal(a[1], b[1]) for a, b in zip(snapshots, snapshots[1:], strict=False)
     ]
     assert enc_moved == [False, False, True, True] and all(head_moved)
+
+
+def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():
+    fe = demo_feature_extractor()
+    fit = table_from_arrow(synthetic_table(1, seed=1), "waveform", CLASSES, False, fe)
+    val = table_from_arrow(synthetic_table(1, seed=2), "waveform", CLASSES, False, fe)
+    val.actors[:] = 24  # validation actors of their own
+    cfg = tiny_config(epochs=5, refit=True, early_stopping_patience=2)
+    model, table = refit(cfg, 2, fit, val)
+    assert len(table) == len(fit) + len(val) and table.paths == sorted(table.paths)
+    assert set(table.actors.tolist()) == set(fit.actors.tolist()) | {24}
+    assert sorted(zip(table.paths, table.labels.tolist(), strict=True)) == sorted(
+        zip(fit.paths + val.paths, [*fit.labels.tolist(), *val.labels.tolist()], strict=True)
+    )
+    # the same as training from scratch on all clips for the chosen 2 epochs, seeded
+    again, _ = refit(cfg, 2, fit, val)
+    fresh_cfg = dataclasses.replace(cfg, epochs=2, early_stopping_patience=None)
+    seed_everything(cfg.seed)
+    fresh, fresh_fe = build_model(fresh_cfg, CLASSES)
+    outcome = run_training(fresh_cfg, fresh, fresh_fe, table, None)
+    assert [h["epoch"] for h in outcome.state.history] == [1, 2]
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+        assert torch.equal(again.state_dict()[name], value), name

@@ -14,6 +14,7 @@ import pytest
 from ser_ray import folds
 from ser_ray.kfold import KFoldConfig, train_config_for
 from ser_ray.sweep_adamw import (
+    GRACE_RULE,
     METRIC,
     SEARCH_METRIC,
     SEARCHED_FIELDS,
@@ -98,6 +99,7 @@ def test_asha_is_wired(sweep):
         "max_t": 2,
         "grace_period": 1,
         "reduction_factor": 2,
+        "grace_rule": GRACE_RULE,
     }
     for reports in _reports(out):  # one report per epoch: training_iteration counts epochs
         assert [r["training_iteration"] for r in reports] == [r["epoch"] for r in reports]
@@ -108,14 +110,30 @@ def test_asha_stops_the_weaker_trial_after_the_grace_period():
         def __init__(self, trial_id: str):
             self.trial_id = trial_id
 
-    scheduler = make_scheduler(SweepConfig(epochs=4))
+    cfg = SweepConfig(epochs=8)
+    assert cfg.grace_period == 3  # a third of the epochs, after the longest warm-up (2 epochs)
+    scheduler = make_scheduler(cfg)
     good, bad = Stub("good"), Stub("bad")
     for trial in (good, bad):
         scheduler.on_trial_add(None, trial)
+    for epoch in (1, 2):  # no cut while warm-ups under search may still hold the LR down
+        for trial, uar in ((good, 0.5), (bad, 0.2)):
+            result = {"training_iteration": epoch, METRIC: uar}
+            assert scheduler.on_trial_result(None, trial, result) == "CONTINUE"
     assert (
-        scheduler.on_trial_result(None, good, {"training_iteration": 1, METRIC: 0.5}) == "CONTINUE"
+        scheduler.on_trial_result(None, good, {"training_iteration": 3, METRIC: 0.5}) == "CONTINUE"
     )
-    assert scheduler.on_trial_result(None, bad, {"training_iteration": 1, METRIC: 0.2}) == "STOP"
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 3, METRIC: 0.2}) == "STOP"
+
+
+def test_grace_period_must_fit_the_search_space():
+    assert SweepConfig(epochs=2).grace_period == 1
+    assert SweepConfig(epochs=12).grace_period == 4
+    long_warmup = SearchSpace(warmup_frac=(0.0, 0.5), decay_start_frac=(0.5, 1.0))
+    assert SweepConfig(epochs=8, space=long_warmup).grace_period == 4  # warm-up up to epoch 4
+    with pytest.raises(ValueError, match="favours short warm-ups"):
+        SweepConfig(epochs=8, grace_period=1)
+    assert SweepConfig(epochs=8, grace_period=8).grace_period == 8
 
 
 def test_same_seed_same_configs(sweep):
@@ -141,10 +159,12 @@ def test_searcher_learns_from_the_best_epoch():
     assert searcher.searcher.mode == "max"
 
 
-def test_kfold_reads_best_json(sweep):
+def test_kfold_refuses_a_single_fold_best_json_unless_allowed(sweep):
     out, _ = sweep
     best = json.loads((out / "best.json").read_text())["params"]
-    cfg = train_config_for(KFoldConfig(params=str(out / "best.json")))
+    with pytest.raises(ValueError, match="tune_adamw.py --nested"):
+        train_config_for(KFoldConfig(params=str(out / "best.json")), 1)
+    cfg = train_config_for(KFoldConfig(params=str(out / "best.json"), allow_leaky_params=True))
     assert isinstance(cfg, TrainConfig)
     for name in SEARCHED_FIELDS:
         expected = tuple(best[name]) if name == "betas" else best[name]

