@@ -85,13 +85,6 @@ class KFoldConfig:
         folds.fold_sets(self.folds)  # raises on an unknown scheme
 
 
-LEAKY_PARAMS_HELP = (
-    "Run `python jobs/tune_adamw.py --nested` (one search per outer fold, each on its own "
-    "training actors) and pass its best.json, or pass --allow-leaky-params to run anyway "
-    "(the summary then says so)"
-)
-
-
 def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
     return json.loads(Path(cfg.params).read_text()) if cfg.params else None
 
@@ -136,7 +129,9 @@ def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
         raise ValueError(
             f"{cfg.params} holds AdamW settings tuned on the training actors of outer fold "
             f"{fold} only; used for all folds, the other folds would be scored on test actors "
-            f"that helped choose them. {LEAKY_PARAMS_HELP}"
+            "that helped choose them. Run `python jobs/tune_adamw.py --nested` (one search per "
+            "outer fold, each on its own training actors) and pass its best.json, or pass "
+            "--allow-leaky-params to run anyway (the summary then says so)"
         )
     return {
         **out,

@@ -1022,8 +1022,6 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         final.update(test_metrics)
         frame = predictions_frame(tables["test"], probs, class_names, fold)
 
-    final["trained_on_actors"] = sorted({int(a) for a in trained_on.actors})
-
     def write_final(out: Path) -> Path:
         outcome.write_checkpoint(out)  # a restart after the end resumes to here
         if rank != 0:
@@ -1038,6 +1036,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
                     "history": outcome.state.history,
                     "train_config": cfg.to_dict(),
                     "fold": fold,
+                    "trained_on_actors": sorted({int(a) for a in trained_on.actors}),
                     "input_kind": kind,
                     "class_names": class_names,
                 },

@@ -42,6 +42,14 @@ def _check_run_folder(run: Path) -> None:
         for model in ("svm", "wav2vec2"):
             assert set(fold[model]) >= {"accuracy", "uar", "macro_f1"}
             assert 0 <= fold[model]["uar"] <= 1
+    # "it ran" is not "it works": the SVM (nested CV on 20 actors x 8 clips) must learn
+    chance = 1 / len(summary["classes"])
+    assert summary["mean"]["svm"]["uar"] > 2 * chance
+    assert min(fold["svm"]["uar"] for fold in summary["folds"]) > chance
+    # what each variant trained on, and no tuned settings were used
+    assert summary["params_provenance"] is None
+    assert summary["trained_on"]["svm"]["per_fold"]["1"] == list(range(5, 25))
+    assert len(summary["trained_on"]["wav2vec2"]["per_fold"]["1"]) == 16
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == 2 * 192  # every clip once per model
     assert predictions.groupby("model").path.nunique().to_dict() == {"svm": 192, "wav2vec2": 192}
