@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ser_ray import cli
-from ser_ray.kfold import MODELS, KFoldConfig, run_kfold
+from ser_ray.kfold import MODELS, KFoldConfig, params_provenance, run_kfold
 from ser_ray.summary import format_table
 
 
@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         smoke_test=args.smoke_test,
         seed=args.seed,
     )
+    try:
+        params_provenance(cfg)  # refuse leaky tuned settings before starting anything
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cli.init_ray(args.address, args.num_cpus)
     summary = run_kfold(cfg)
     print(format_table(summary))

@@ -49,3 +49,13 @@ def test_prepare_smoke_test(tmp_path):
     again = run_job("jobs/prepare.py", "--smoke-test", "--out", str(out), "--num-cpus", "2",
                     env=env)  # fmt: skip
     assert again.returncode == 0 and "(reused" in again.stdout
+
+
+def test_kfold_refuses_single_fold_tuned_settings(tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"params": {"lr_encoder": 3e-5}, "val_uar": 0.4, "fold": 1}))
+    done = run_job("jobs/kfold.py", "--params", str(best), "--out", str(tmp_path / "run"),
+                   timeout_s=120)  # fmt: skip
+    assert done.returncode == 2
+    assert "outer fold 1 only" in done.stderr and "jobs/tune_adamw.py --nested" in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything ran
