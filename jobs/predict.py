@@ -32,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", nargs="+", default=[], help="saved fold model folders (one or more)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: cuda when present, else cpu)"
+    )
+    parser.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="on CUDA, run in float32 instead of autocast (bf16 where supported, else fp16)",
+    )
     parser.add_argument(
         "--out", default="runs/predict", help="output folder of this run (default: %(default)s)"
     )
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         models, audio = _smoke_inputs(out)
     if not models or not audio:
         build_parser().error("give --models and at least one audio file (or --smoke-test)")
-    predictions, rejected = predict_files(models, audio, args.batch_size, args.device)
+    predictions, rejected = predict_files(models, audio, args.batch_size, args.device, args.amp)
     predictions.to_csv(out / "predictions.csv", index=False)
     rejected.to_csv(out / "rejected.csv", index=False)
     cli.save_config(out, {**vars(args), "models": models, "audio": audio})

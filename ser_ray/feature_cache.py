@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from ser_ray import ravdess
-from ser_ray.model import Wav2Vec2EmotionClassifier, prepare_waveform, save_model
+from ser_ray.model import PartwiseClassifier, cnn_norm, prepare_waveform, save_model
 
 if TYPE_CHECKING:
     from ser_ray.train_loop import TrainConfig
@@ -54,16 +54,17 @@ def cache_kind(probe: bool) -> str:
     return "pooled" if probe else "cnn"
 
 
-def cache_key(model: Wav2Vec2EmotionClassifier, feature_extractor, kind: str) -> str:
+def cache_key(model: PartwiseClassifier, feature_extractor, kind: str) -> str:
     """Hash of everything the cached values depend on (frozen weights, normalisation)."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
-    frozen = model.wav2vec2.feature_extractor if kind == "cnn" else model.wav2vec2
+    frozen = model.encoder.feature_extractor if kind == "cnn" else model.encoder
     digest = hashlib.sha256()
     fields = {
         "kind": kind,
         "do_normalize": bool(feature_extractor.do_normalize),
-        "feat_extract_norm": model.config.feat_extract_norm,
+        "model_type": model.config.model_type,
+        "feat_extract_norm": cnn_norm(model.config),
         "use_attention_mask": model.use_attention_mask,
         "conv_stride": list(model.config.conv_stride),
         "conv_kernel": list(model.config.conv_kernel),
@@ -77,7 +78,7 @@ def cache_key(model: Wav2Vec2EmotionClassifier, feature_extractor, kind: str) ->
 
 @torch.no_grad()
 def clip_features(
-    model: Wav2Vec2EmotionClassifier, feature_extractor, waveform: np.ndarray, kind: str
+    model: PartwiseClassifier, feature_extractor, waveform: np.ndarray, kind: str
 ) -> np.ndarray:
     """The cached value of one clip: (frames, channels) for ``cnn``, (layers, hidden) for
     ``pooled``; computed on the unpadded, normalised clip with the model in eval mode."""
@@ -104,8 +105,8 @@ class ClipFeatureUDF:
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.kind = kind
-        self.model, self.fe = load_model(model_dir, probe=kind == "pooled")
-        self.model.eval()
+        classifier, self.fe = load_model(model_dir)
+        self.model = PartwiseClassifier(classifier, self.fe.return_attention_mask).eval()
         if use_gpu and torch.cuda.is_available():
             self.model.to("cuda")
 
@@ -186,7 +187,7 @@ def build_feature_cache(
         log.info("feature cache %s already built; reusing it", final)
         return _open(final)
     work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
-    model_dir = save_model(net, fe, work / "model")
+    model_dir = save_model(net.model, fe, work / "model")
     ds = read_features(features_dir, columns=["path", "actor", "emotion", "waveform"])  # RAY
     ds = ds.map_batches(
         ClipFeatureUDF,

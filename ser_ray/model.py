@@ -1,31 +1,40 @@
-"""wav2vec 2.0 emotion classifier: a pretrained encoder plus a pooling head.
+"""Emotion classifiers that are standard Hugging Face audio classifiers, run in parts.
 
-The encoder comes from ``from_pretrained(name_or_path)`` (a hub id such as
-``facebook/wav2vec2-base`` or a local folder) or, for the offline default ``demo``, from a
-demo-size :func:`demo_config` with random weights (a fixed init seed, so that "demo" always
-names the same encoder, like a pretrained checkpoint does).
+What a run trains and saves is a plain ``AutoModelForAudioClassification`` model of the
+encoder's family (``Wav2Vec2ForSequenceClassification``, ``HubertFor...``, ``WavLMFor...``,
+``Data2VecAudioFor...``): optional softmax-weighted sum of every hidden layer
+(``use_weighted_layer_sum``), ``projector`` per frame, mean over the valid frames,
+``classifier``; labels in ``id2label``/``label2id``. So ``pipeline("audio-classification")``
+and ``AutoModelForAudioClassification.from_pretrained`` compute exactly our probabilities.
 
-The head (Pepino et al. 2021): an optional learnable softmax-weighted sum of all hidden
-layers (the CNN-projected input of the transformer plus every layer's output), masked mean
-pooling over the valid frames of each clip, then ``dropout -> Linear -> ReLU -> dropout ->
-Linear``. Pooling happens before any non-linearity, so it commutes with the layer sum; that
-lets the probe-mode feature cache store one pooled vector per layer and clip.
+The encoder comes from ``from_pretrained(name_or_path)`` (hub id or folder of any family in
+:data:`FAMILIES`, base or large, stable-layer-norm or not) or, for ``demo``, from the
+demo-size :func:`demo_config` with a fixed init seed. Loading is strict: encoder weights
+that do not all load stop with an error naming the keys (see :func:`load_model`).
 
-The forward pass takes one of three inputs, so that the cached and uncached paths share
-everything after the cached part (and DDP wraps a single ``forward``):
+:class:`PartwiseClassifier` runs such a model in parts, so that the frozen parts can be
+cached and DDP wraps one ``forward``. It takes one of three inputs:
 
 - ``input_values`` (waveforms, padded) + ``lengths`` (samples): the full model. With a
-  group-norm CNN (wav2vec2-base) the CNN runs per clip on the unpadded waveform, because
-  group norm over time sees the padding; with a layer-norm CNN (large-lv60 style) it runs
-  batched, which is exact for the valid frames.
-- ``cnn_features`` (B, T, C, padded) + ``frame_lengths``: the frozen CNN's output.
-- ``pooled_layers`` (B, num_layers + 1, H): mean-pooled hidden states of every layer
-  (probe mode, whole encoder frozen).
+  group-norm CNN (wav2vec2-base style) the CNN runs per clip on the unpadded waveform,
+  because group norm over time sees the padding; a layer-norm CNN runs batched (exact for
+  the valid frames).
+- ``cnn_features`` (B, T, C, padded) + ``frame_lengths``: the frozen CNN's output; the rest
+  of the encoder is the family's own forward with the CNN's output given.
+- ``pooled_layers`` (B, K, H): every hidden layer mean-pooled over the clip (probe mode).
 
-The feature extractor's ``do_normalize`` is honoured per clip by :func:`prepare_waveform`
-(zero mean, unit variance over the unpadded clip) and its ``return_attention_mask`` decides
-whether the transformer gets an attention mask (``config.use_attention_mask``). Pooling
-always uses the valid frames.
+The head is computed as ``classifier(projector(sum_k w_k mean_t h_kt))``, which equals the
+standard ``classifier(mean_t projector(sum_k w_k h_kt))`` because the projector is affine and
+the softmax weights sum to one; that is what lets probe mode cache one pooled vector per
+layer. ``head_dropout`` (after the projector) acts in training only and is not part of the
+saved model.
+
+Padding rule (:func:`pads_exactly`): the standard class pools over the attention mask when
+the feature extractor returns one (``return_attention_mask``) and over every frame when it
+does not; a group-norm CNN also sees padding. Padded batches give the per-clip result only
+with an attention mask and a layer-norm CNN (and not for data2vec-audio); otherwise
+evaluation and prediction run clips of equal length together (:func:`inference_batches`),
+i.e. mostly clip by clip.
 """
 
 from __future__ import annotations
@@ -39,12 +48,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
-from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.wav2vec2.modeling_wav2vec2 import (
-    Wav2Vec2Model,
-    Wav2Vec2PreTrainedModel,
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModelForAudioClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForSequenceClassification,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,10 @@ DEMO_MODEL = "demo"
 SAMPLE_RATE_HZ = 16_000
 #: Init seed of the demo encoder: "demo" names one fixed random encoder.
 DEMO_ENCODER_SEED = 0
+#: Encoder families (``config.model_type``) whose ``*ForSequenceClassification`` we train.
+FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+#: Parameter names of the standard classification head.
+HEAD_PARAMETERS = ("projector.", "classifier.", "layer_weights")
 
 
 def demo_config(
@@ -98,6 +116,41 @@ def demo_feature_extractor(return_attention_mask: bool = False) -> Wav2Vec2Featu
     )
 
 
+def cnn_norm(config: PretrainedConfig) -> str:
+    """``group`` (normalises over time: padding changes it) or ``layer`` (per frame).
+
+    data2vec-audio has no ``feat_extract_norm``: its CNN layers all use layer norm.
+    """
+    return getattr(config, "feat_extract_norm", "layer")
+
+
+def pads_exactly(config: PretrainedConfig, return_attention_mask: bool) -> bool:
+    """Whether the standard class gives every clip of a padded batch its per-clip output.
+
+    It needs an attention mask and a CNN that normalises per frame, and a positional
+    convolution of one layer: data2vec-audio stacks several, so the zeroed padding turns
+    non-zero after the first and reaches the valid frames through the next ones.
+    """
+    one_layer_positions = config.model_type != "data2vec-audio"
+    return bool(return_attention_mask) and cnn_norm(config) == "layer" and one_layer_positions
+
+
+def inference_batches(
+    lengths: Sequence[int], batch_size: int, exact_length: bool = False
+) -> list[list[int]]:
+    """All clips sorted by length (least padding), in batches of at most ``batch_size``;
+    with ``exact_length`` a batch only holds clips of one length (no padding at all)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    if not exact_length:
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for length in dict.fromkeys(lengths[order].tolist()):
+        same = order[lengths[order] == length]
+        batches += [same[i : i + batch_size].tolist() for i in range(0, len(same), batch_size)]
+    return batches
+
+
 def masked_mean(hidden: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
     """Mean over time (dim 1) of ``hidden`` (B, T, H) over the frames where ``frame_mask``."""
     weights = frame_mask.to(hidden.dtype).unsqueeze(-1)
@@ -110,69 +163,79 @@ def frame_mask_from_lengths(frame_lengths: torch.Tensor, num_frames: int) -> tor
     return steps.unsqueeze(0) < frame_lengths.unsqueeze(1)
 
 
-class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
-    """wav2vec2 encoder + (weighted layer sum) + masked mean pooling + MLP head.
+def samples_for_frames(config: PretrainedConfig, frame_lengths: torch.Tensor) -> torch.Tensor:
+    """The fewest samples whose CNN output has ``frame_lengths`` frames (inverse of the
+    conv length formula ``floor((n - kernel) / stride) + 1``, layer by layer)."""
+    samples = frame_lengths.to(torch.long)
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride, strict=True))):
+        samples = (samples - 1) * stride + kernel
+    return samples
 
-    Config fields used besides the encoder's: ``num_labels``/``id2label``/``label2id``,
-    ``use_weighted_layer_sum``, ``classifier_proj_size`` (head width), ``head_dropout``
-    (default 0.1) and ``use_attention_mask`` (default: True for a layer-norm CNN).
+
+class _GivenCNNOutput(nn.Module):
+    """Stands in for the CNN: returns features computed before, as (B, C, T)."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features
+
+    def forward(self, _input_values: torch.Tensor) -> torch.Tensor:
+        return self.features.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def _cnn_output_given(encoder: nn.Module, features: torch.Tensor) -> Iterator[None]:
+    cnn = encoder.feature_extractor
+    encoder.feature_extractor = _GivenCNNOutput(features)
+    try:
+        yield
+    finally:
+        encoder.feature_extractor = cnn
+
+
+class PartwiseClassifier(nn.Module):
+    """Runs a standard ``*ForSequenceClassification`` model (``self.model``) in parts.
+
+    ``use_attention_mask`` follows the feature extractor's ``return_attention_mask``, as in
+    the pipeline; ``head_dropout`` is training-only dropout after the projector.
     """
 
-    def __init__(self, config: Wav2Vec2Config):
-        super().__init__(config)
-        if getattr(config, "add_adapter", False):
-            raise ValueError("the emotion classifier does not support wav2vec2 adapters")
-        self.wav2vec2 = Wav2Vec2Model(config)
-        self.num_layer_states = config.num_hidden_layers + 1
-        if config.use_weighted_layer_sum:
-            self.layer_weights = nn.Parameter(torch.zeros(self.num_layer_states))
-        dropout = float(getattr(config, "head_dropout", 0.1))
-        self.head_dropout = nn.Dropout(dropout)
-        self.projector = nn.Linear(config.hidden_size, config.classifier_proj_size)
-        self.classifier = nn.Linear(config.classifier_proj_size, config.num_labels)
+    def __init__(
+        self, model: PreTrainedModel, use_attention_mask: bool, head_dropout: float = 0.0
+    ):
+        super().__init__()
+        if model.config.model_type not in FAMILIES:
+            raise ValueError(f"{model.config.model_type} is not one of {FAMILIES}")
+        self.model = model
+        self.use_attention_mask = bool(use_attention_mask)
+        self.head_dropout = nn.Dropout(head_dropout)
+        self.num_layer_states = model.config.num_hidden_layers + 1
         self._encoder_frozen = False
-        self.post_init()
-
-    # -- init, freezing -------------------------------------------------------------------
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if module is self and self.config.use_weighted_layer_sum:
-            # equal softmax weights for every layer at the start
-            nn.init.zeros_(self.layer_weights)
-
-    def reset_head(self, seed: int | None = None) -> None:
-        """Re-initialise the head (layer weights, projector, classifier), optionally seeded."""
-        ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-        with ctx:
-            if seed is not None:
-                torch.manual_seed(seed)
-            std = self.config.initializer_range
-            for layer in (self.projector, self.classifier):
-                nn.init.normal_(layer.weight, mean=0.0, std=std)
-                nn.init.zeros_(layer.bias)
-            if self.config.use_weighted_layer_sum:
-                nn.init.zeros_(self.layer_weights)
 
     @property
-    def use_attention_mask(self) -> bool:
-        default = self.config.feat_extract_norm == "layer"
-        return bool(getattr(self.config, "use_attention_mask", default))
+    def config(self) -> PretrainedConfig:
+        return self.model.config
 
-    def freeze_feature_encoder(self) -> None:
-        """Freeze the CNN feature encoder (as in the wav2vec 2.0 paper's fine-tuning)."""
-        self.wav2vec2.freeze_feature_encoder()
+    @property
+    def encoder(self) -> PreTrainedModel:
+        """The family's base model (``model.wav2vec2``, ``model.hubert``, ...)."""
+        return self.model.base_model
 
+    @property
+    def pads_exactly(self) -> bool:
+        return pads_exactly(self.config, self.use_attention_mask)
+
+    # -- freezing -------------------------------------------------------------------------
     @property
     def feature_encoder_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.wav2vec2.feature_extractor.parameters())
+        return not any(p.requires_grad for p in self.encoder.feature_extractor.parameters())
 
     def freeze_encoder(self) -> None:
         """Probe mode: freeze the whole encoder and keep it in eval mode (no dropout)."""
-        for p in self.wav2vec2.parameters():
-            p.requires_grad = False
-        self.wav2vec2.feature_extractor._requires_grad = False
+        self.model.freeze_feature_encoder()
+        self.model.freeze_base_model()
         self._encoder_frozen = True
-        self.wav2vec2.eval()
+        self.encoder.eval()
 
     def set_transformer_trainable(self, trainable: bool) -> None:
         """(Un)freeze the transformer part (feature projection + encoder), not the CNN."""
@@ -183,24 +246,23 @@ class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
 
     def transformer_parameters(self) -> Iterator[nn.Parameter]:
         """Encoder parameters other than the CNN's (projection, transformer, mask embedding)."""
-        cnn = {id(p) for p in self.wav2vec2.feature_extractor.parameters()}
-        return (p for p in self.wav2vec2.parameters() if id(p) not in cnn)
+        cnn = {id(p) for p in self.encoder.feature_extractor.parameters()}
+        return (p for p in self.encoder.parameters() if id(p) not in cnn)
 
-    def head_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return (
-            (name, p) for name, p in self.named_parameters() if not name.startswith("wav2vec2.")
-        )
+    def is_encoder_parameter(self, name: str) -> bool:
+        """Whether ``name`` (as in ``self.named_parameters()``) belongs to the encoder."""
+        return name.startswith(f"model.{self.model.base_model_prefix}.")
 
-    def train(self, mode: bool = True) -> Wav2Vec2EmotionClassifier:
+    def train(self, mode: bool = True) -> PartwiseClassifier:
         super().train(mode)
         if self._encoder_frozen:
-            self.wav2vec2.eval()
+            self.encoder.eval()
         return self
 
     # -- the pieces of the forward pass ---------------------------------------------------
     def frame_lengths(self, lengths_samples: torch.Tensor) -> torch.Tensor:
         """Valid CNN frames of clips with ``lengths_samples`` samples."""
-        return self._get_feat_extract_output_lengths(lengths_samples).to(torch.long)
+        return self.model._get_feat_extract_output_lengths(lengths_samples).to(torch.long)
 
     def cnn_features(
         self, input_values: torch.Tensor, lengths: torch.Tensor | None = None
@@ -221,10 +283,10 @@ class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
                 f"a clip of {int(lengths.min())} samples is shorter than the CNN's receptive "
                 "field; clips must be at least 400 samples (25 ms at 16 kHz)"
             )
-        cnn = self.wav2vec2.feature_extractor
+        cnn = self.encoder.feature_extractor
         grad = torch.is_grad_enabled() and not self.feature_encoder_frozen
         with torch.set_grad_enabled(grad):
-            if self.config.feat_extract_norm == "group":
+            if cnn_norm(self.config) == "group":
                 parts = [
                     cnn(input_values[i : i + 1, : int(n)]).transpose(1, 2)[0]
                     for i, n in enumerate(lengths)
@@ -239,43 +301,27 @@ class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
     def layer_states(
         self, cnn_features: torch.Tensor, frame_lengths: torch.Tensor, all_layers: bool
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Transformer hidden states from CNN features: ([last] or [input, layer 1..L]), mask."""
-        w2v = self.wav2vec2
-        frame_mask = frame_mask_from_lengths(
-            frame_lengths.to(cnn_features.device), cnn_features.shape[1]
-        )
-        hidden, _ = w2v.feature_projection(cnn_features)
-        attention_mask = frame_mask if self.use_attention_mask else None
-        hidden = w2v._mask_hidden_states(hidden, attention_mask=attention_mask)
-        # padded frames carry zeros into the transformer (the encoder does the same with a mask)
-        hidden = hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
-        if not all_layers:
-            return [
-                w2v.encoder(hidden, attention_mask=attention_mask).last_hidden_state
-            ], frame_mask
-        captured: dict[int, torch.Tensor] = {}
+        """Hidden states after the CNN ([last] or every layer's), and the valid-frame mask.
 
-        def keep(index: int):
-            def hook(_module, _args, output):
-                captured[index] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        # the encoder's dropout output is the input of layer 1 (after positional conv)
-        hooks = [w2v.encoder.dropout.register_forward_hook(keep(0))]
-        hooks += [
-            layer.register_forward_hook(keep(i)) for i, layer in enumerate(w2v.encoder.layers, 1)
-        ]
-        try:
-            last = w2v.encoder(hidden, attention_mask=attention_mask).last_hidden_state
-        finally:
-            for h in hooks:
-                h.remove()
-        states = []
-        for i in range(self.num_layer_states - 1):
-            states.append(captured.get(i, states[-1] if states else hidden))  # LayerDrop skips
-        states.append(last)  # with stable layer norm: after the final layer norm
-        return states, frame_mask
+        The family's own encoder forward runs with the CNN's output given; with an attention
+        mask it gets one in samples that yields exactly ``frame_lengths`` frames."""
+        frame_lengths = frame_lengths.to(cnn_features.device)
+        attention_mask = None
+        if self.use_attention_mask:
+            samples = samples_for_frames(self.config, frame_lengths)
+            steps = torch.arange(int(samples.max()), device=cnn_features.device)
+            attention_mask = (steps.unsqueeze(0) < samples.unsqueeze(1)).long()
+        with _cnn_output_given(self.encoder, cnn_features):
+            out = self.encoder(
+                cnn_features, attention_mask=attention_mask, output_hidden_states=all_layers
+            )
+        states = list(out.hidden_states) if all_layers else [out.last_hidden_state]
+        if all_layers and len(states) != self.num_layer_states:
+            raise RuntimeError(
+                f"the encoder returned {len(states)} hidden states, not {self.num_layer_states}"
+                " (LayerDrop skips layers; load_model turns it off for the weighted layer sum)"
+            )
+        return states, frame_mask_from_lengths(frame_lengths, cnn_features.shape[1])
 
     def pooled_layer_states(
         self, cnn_features: torch.Tensor, frame_lengths: torch.Tensor, all_layers: bool = True
@@ -292,12 +338,11 @@ class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
                     f"the weighted layer sum needs {self.num_layer_states} layer states, "
                     f"got {pooled_layers.shape[1]}"
                 )
-            weights = torch.softmax(self.layer_weights, dim=0).to(pooled_layers.dtype)
+            weights = torch.softmax(self.model.layer_weights, dim=-1).to(pooled_layers.dtype)
             pooled = (pooled_layers * weights.view(1, -1, 1)).sum(dim=1)
         else:
             pooled = pooled_layers[:, -1]
-        hidden = torch.relu(self.projector(self.head_dropout(pooled)))
-        return self.classifier(self.head_dropout(hidden))
+        return self.model.classifier(self.head_dropout(self.model.projector(pooled)))
 
     def forward(
         self,
@@ -307,7 +352,6 @@ class Wav2Vec2EmotionClassifier(Wav2Vec2PreTrainedModel):
         cnn_features: torch.Tensor | None = None,
         frame_lengths: torch.Tensor | None = None,
         pooled_layers: torch.Tensor | None = None,
-        **_unused,
     ) -> SequenceClassifierOutput:
         """Logits (and the cross-entropy loss when ``labels`` are given) from one input kind."""
         given = [x is not None for x in (input_values, cnn_features, pooled_layers)]
@@ -340,7 +384,82 @@ def load_feature_extractor(name_or_path: str | os.PathLike) -> Wav2Vec2FeatureEx
     """The feature extractor saved with a model (``demo``: :func:`demo_feature_extractor`)."""
     if str(name_or_path) == DEMO_MODEL:
         return demo_feature_extractor()
-    return Wav2Vec2FeatureExtractor.from_pretrained(str(name_or_path))
+    fe = AutoFeatureExtractor.from_pretrained(str(name_or_path))
+    if not isinstance(fe, Wav2Vec2FeatureExtractor):
+        raise ValueError(
+            f"{name_or_path}: expected a raw-waveform feature extractor "
+            f"(Wav2Vec2FeatureExtractor), got {type(fe).__name__}"
+        )
+    return fe
+
+
+def reset_head(model: PreTrainedModel, seed: int | None = None) -> None:
+    """Initialise the head as the standard class does (layer weights, projector,
+    classifier), optionally seeded."""
+    ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        std = model.config.initializer_range
+        for layer in (model.projector, model.classifier):
+            nn.init.normal_(layer.weight, mean=0.0, std=std)
+            nn.init.zeros_(layer.bias)
+        if model.config.use_weighted_layer_sum:
+            model.layer_weights.fill_(1.0 / model.layer_weights.numel())
+
+
+def check_family(config: PretrainedConfig, source: str | os.PathLike) -> None:
+    """Refuse encoders we cannot fine-tune as standard sequence classifiers."""
+    if config.model_type not in FAMILIES:
+        raise ValueError(
+            f"{source} is a {config.model_type!r} model; --model takes a hub id or folder of "
+            f"one of {', '.join(FAMILIES)} (base or large), or 'demo'"
+        )
+    if getattr(config, "add_adapter", False):
+        raise ValueError(
+            f"{source} has an adapter (add_adapter=True), which the sequence-classification "
+            "classes do not support; use the encoder without its adapter"
+        )
+
+
+def _has_head(config: PretrainedConfig) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+def check_loading_info(
+    info: dict, model: PreTrainedModel, source: str | os.PathLike, has_head: bool
+) -> None:
+    """Stop on any encoder weight that did not load (missing, unexpected or of another shape);
+    a missing head is expected only when the checkpoint has none."""
+    prefix = f"{model.base_model_prefix}."
+    encoder = model.base_model
+    encoder_parts = {n for n, _ in encoder.named_children()}
+    encoder_parts |= {n for n, _ in encoder.named_parameters(recurse=False)}
+
+    def of_encoder(key: str) -> bool:  # checkpoints name keys with or without the prefix
+        return key.startswith(prefix) or key.split(".")[0] in encoder_parts
+
+    missing = sorted(info.get("missing_keys", ()))
+    bad_missing = [k for k in missing if has_head or not k.startswith(HEAD_PARAMETERS)]
+    bad_unexpected = sorted(k for k in info.get("unexpected_keys", ()) if of_encoder(k))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    problems = []
+    if bad_missing:
+        problems.append(f"missing (would be random): {bad_missing}")
+    if bad_unexpected:
+        problems.append(f"unexpected (not used): {bad_unexpected}")
+    if mismatched:
+        problems.append(f"of another shape: {mismatched}")
+    if problems:
+        raise ValueError(
+            f"{source}: the {model.config.model_type} weights do not all load into "
+            f"{type(model).__name__}; " + "; ".join(problems) + ". Check that config.json "
+            "belongs to these weights (same family and sizes), or re-save the encoder with "
+            "save_pretrained"
+        )
+    other = sorted(k for k in info.get("unexpected_keys", ()) if not of_encoder(k))
+    if other:
+        log.info("%s: not used (pre-training or ASR head): %d tensors", source, len(other))
 
 
 def load_model(
@@ -348,60 +467,61 @@ def load_model(
     class_names: Sequence[str] | None = None,
     *,
     use_weighted_layer_sum: bool | None = None,
-    head_dropout: float | None = None,
     freeze_feature_encoder: bool = True,
     probe: bool = False,
     seed: int | None = None,
-    feature_extractor: Wav2Vec2FeatureExtractor | None = None,
     **config_overrides,
-) -> tuple[Wav2Vec2EmotionClassifier, Wav2Vec2FeatureExtractor]:
-    """The classifier and its feature extractor from a hub id, a local folder or ``demo``.
+) -> tuple[PreTrainedModel, Wav2Vec2FeatureExtractor]:
+    """The standard audio classifier and its feature extractor (hub id, folder or ``demo``).
 
-    ``class_names`` sets ``id2label``/``label2id`` (a new head when the checkpoint has none;
-    a checkpoint of ours must have the same classes). ``seed`` seeds a freshly initialised
-    head. ``config_overrides`` go to the config (e.g. ``mask_time_prob``, ``layerdrop``).
+    ``class_names`` sets ``id2label``/``label2id``: a new head when the checkpoint has none
+    (initialised with ``seed``); a checkpoint with a head must have these classes.
+    ``config_overrides`` go to the config (e.g. ``mask_time_prob``). With the weighted
+    layer sum LayerDrop is turned off (a skipped layer has no hidden state to weigh).
     """
     overrides = dict(config_overrides)
     if use_weighted_layer_sum is not None:
         overrides["use_weighted_layer_sum"] = use_weighted_layer_sum
-    if head_dropout is not None:
-        overrides["head_dropout"] = head_dropout
-    fe = feature_extractor or load_feature_extractor(name_or_path)
-    overrides["use_attention_mask"] = bool(fe.return_attention_mask)
     if class_names is not None:
         id2label, label2id = label_maps(class_names)
         overrides.update(num_labels=len(class_names), id2label=id2label, label2id=label2id)
+    fe = load_feature_extractor(name_or_path)
+    if str(name_or_path) == DEMO_MODEL:
+        config, has_head = demo_config(**overrides), False
+    else:
+        config = AutoConfig.from_pretrained(str(name_or_path))
+        check_family(config, name_or_path)
+        has_head = _has_head(config)
+        saved_labels = [config.id2label[i] for i in range(config.num_labels)]
+        if has_head and class_names is not None and saved_labels != list(class_names):
+            raise ValueError(
+                f"{name_or_path} was trained for classes {saved_labels}, not "
+                f"{list(class_names)}: set merge_calm to match the checkpoint, or start "
+                "from its encoder (a checkpoint without a classification head)"
+            )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    if config.use_weighted_layer_sum and config.layerdrop > 0:
+        log.info("LayerDrop %.2f off: the weighted layer sum needs every layer", config.layerdrop)
+        config.layerdrop = 0.0
     if str(name_or_path) == DEMO_MODEL:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(DEMO_ENCODER_SEED)
-            model = Wav2Vec2EmotionClassifier(demo_config(**overrides))
-        model.reset_head(seed)
+            model = Wav2Vec2ForSequenceClassification(config)
     else:
-        saved = Wav2Vec2Config.from_pretrained(str(name_or_path))
-        saved_labels = list(saved.id2label.values()) if saved.id2label else []
-        is_ours = getattr(saved, "ser_ray_classifier", False)
-        if is_ours and class_names is not None and saved_labels != list(class_names):
-            raise ValueError(
-                f"{name_or_path} was trained for classes {saved_labels}, not {list(class_names)}"
-            )
-        overrides.pop("num_labels", None)  # follows id2label
-        for key, value in overrides.items():  # custom keys too (head_dropout, ...)
-            setattr(saved, key, value)
-        ctx = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-        with ctx:
-            if seed is not None:
-                torch.manual_seed(seed)
-            model = Wav2Vec2EmotionClassifier.from_pretrained(str(name_or_path), config=saved)
-    model.config.ser_ray_classifier = True
+        model, info = AutoModelForAudioClassification.from_pretrained(
+            str(name_or_path), config=config, output_loading_info=True
+        )
+        check_loading_info(info, model, name_or_path, has_head)
+    if not has_head:
+        reset_head(model, seed)
     if freeze_feature_encoder or probe:
         model.freeze_feature_encoder()
-    if probe:
-        model.freeze_encoder()
     return model, fe
 
 
 def save_model(
-    model: Wav2Vec2EmotionClassifier,
+    model: PreTrainedModel,
     feature_extractor: Wav2Vec2FeatureExtractor,
     out_dir: str | os.PathLike,
 ) -> Path:
@@ -440,7 +560,8 @@ def pad_waveforms(
 def encoder_batch_inputs(
     waveforms: Sequence[np.ndarray], feature_extractor: Wav2Vec2FeatureExtractor
 ) -> dict[str, torch.Tensor]:
-    """Model inputs for raw clips: per-clip normalisation, then dynamic padding."""
+    """:class:`PartwiseClassifier` inputs for raw clips: per-clip normalisation, then
+    dynamic padding."""
     prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
     values, lengths = pad_waveforms(prepared, feature_extractor.padding_value)
     return {"input_values": values, "lengths": lengths}

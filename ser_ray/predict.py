@@ -1,10 +1,15 @@
 """Softmax probabilities from trained fold models, for new audio (no Ray).
 
 Each fold model is a Hugging Face checkpoint folder written by the training loop
-(``fold_<k>/model``). With several models the probabilities are averaged.
+(``fold_<k>/model``): a standard ``AutoModelForAudioClassification`` model of any supported
+family, run here through its own ``forward`` with its feature extractor, exactly as
+``pipeline("audio-classification")`` does. With several models the probabilities are
+averaged.
 
-Models trained without an attention mask (wav2vec2-base style) see every clip on its own
-(padding would change their outputs); models with one are batched by length.
+Clips are batched by :func:`ser_ray.model.inference_batches` under the rule the training
+loop evaluates with (:func:`ser_ray.model.pads_exactly`): padded batches only where padding
+changes nothing, else clips of one length together (wav2vec2-base style models: clip by
+clip). The device is CUDA when present (with AMP, bf16 where supported), else CPU.
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ser_ray.model import Wav2Vec2EmotionClassifier, load_model, pad_waveforms, prepare_waveform
+from transformers import PreTrainedModel
+
+from ser_ray.model import SAMPLE_RATE_HZ, inference_batches, load_model, pads_exactly
 
 log = logging.getLogger(__name__)
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_fold_models(
     model_dirs: Sequence[str | os.PathLike], device: str | torch.device = "cpu"
-) -> tuple[list[tuple[Wav2Vec2EmotionClassifier, object]], list[str]]:
+) -> tuple[list[tuple[PreTrainedModel, object]], list[str]]:
     """The models (eval mode) and their shared class names; all must have the same classes."""
     if not model_dirs:
         raise ValueError("no model folders given")
@@ -43,34 +55,49 @@ def load_fold_models(
     return models, list(class_names)
 
 
+def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU or off."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
 def model_probabilities(
-    model: Wav2Vec2EmotionClassifier,
+    model: PreTrainedModel,
     feature_extractor,
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
+    amp: bool = True,
 ) -> np.ndarray:
-    """Softmax probabilities (clips x classes) of one model."""
-    device = next(model.parameters()).device
-    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
-    size = batch_size if model.use_attention_mask else 1
-    order = np.argsort([-len(w) for w in prepared], kind="stable")
-    probs = np.zeros((len(prepared), model.config.num_labels), dtype=np.float64)
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
-        values, lengths = pad_waveforms([prepared[i] for i in idx], feature_extractor.padding_value)
-        logits = model(input_values=values.to(device), lengths=lengths.to(device)).logits
+    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms)."""
+    device = model.device
+    dtype = amp_dtype(device, amp)
+    exact_length = not pads_exactly(model.config, feature_extractor.return_attention_mask)
+    probs = np.zeros((len(waveforms), model.config.num_labels), dtype=np.float64)
+    for idx in inference_batches([len(w) for w in waveforms], batch_size, exact_length):
+        inputs = feature_extractor(
+            [np.asarray(waveforms[i], dtype=np.float32) for i in idx],
+            sampling_rate=SAMPLE_RATE_HZ,
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(**inputs).logits
         probs[idx] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
     return probs
 
 
 def ensemble_probabilities(
-    models: Sequence[tuple[Wav2Vec2EmotionClassifier, object]],
+    models: Sequence[tuple[PreTrainedModel, object]],
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
+    amp: bool = True,
 ) -> np.ndarray:
     """Mean of the models' softmax probabilities (clips x classes); rows sum to 1."""
-    probs = np.mean([model_probabilities(m, fe, waveforms, batch_size) for m, fe in models], axis=0)
+    probs = np.mean(
+        [model_probabilities(m, fe, waveforms, batch_size, amp) for m, fe in models], axis=0
+    )
     return probs / probs.sum(axis=1, keepdims=True)
 
 
@@ -78,15 +105,18 @@ def predict_files(
     model_dirs: Sequence[str | os.PathLike],
     audio_files: Sequence[str],
     batch_size: int = 8,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    amp: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(predictions, rejected) for audio files of any supported format and sample rate.
+
+    ``device``: None picks CUDA when present; ``amp`` autocasts on CUDA only.
 
     predictions: ``path, pred_label, n_models, prob_<class>...``; rejected: ``path, reason``.
     """
     from ser_ray.audio import AudioError, load_audio
 
-    models, class_names = load_fold_models(model_dirs, device)
+    models, class_names = load_fold_models(model_dirs, device or default_device())
     paths, waveforms, rejected = [], [], []
     for path in audio_files:
         try:
@@ -100,7 +130,7 @@ def predict_files(
         paths.append(str(path))
         waveforms.append(wave)
     probs = (
-        ensemble_probabilities(models, waveforms, batch_size)
+        ensemble_probabilities(models, waveforms, batch_size, amp)
         if waveforms
         else np.zeros((0, len(class_names)))
     )

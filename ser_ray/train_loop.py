@@ -1,4 +1,4 @@
-"""Our own PyTorch fine-tuning loop for the wav2vec2 classifier, on Ray Train V2.
+"""Our own PyTorch fine-tuning loop for the SSL-encoder classifier, on Ray Train V2.
 
 Read it top to bottom:
 
@@ -47,7 +47,8 @@ from torch import nn
 from ser_ray import folds, ravdess
 from ser_ray.metrics import classification_metrics
 from ser_ray.model import (
-    Wav2Vec2EmotionClassifier,
+    PartwiseClassifier,
+    inference_batches,
     load_model,
     pad_waveforms,
     prepare_waveform,
@@ -78,7 +79,8 @@ class TrainConfig:
     model: str = dataclasses.field(
         default="demo",
         metadata={
-            "help": "hub id (facebook/wav2vec2-base), local folder, or 'demo' (tiny, random)"
+            "help": "hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio "
+            "encoder (facebook/wav2vec2-base, microsoft/wavlm-large, ...), or 'demo'"
         },
     )
     probe: bool = dataclasses.field(
@@ -87,7 +89,10 @@ class TrainConfig:
     use_weighted_layer_sum: bool = dataclasses.field(
         default=True, metadata={"help": "learnable softmax-weighted sum of all hidden layers"}
     )
-    head_dropout: float = dataclasses.field(default=0.1, metadata={"help": "dropout in the head"})
+    head_dropout: float = dataclasses.field(
+        default=0.1,
+        metadata={"help": "dropout after the projector, in training only (not in the checkpoint)"},
+    )
     freeze_feature_encoder: bool = dataclasses.field(
         default=True, metadata={"help": "freeze the CNN feature encoder (wav2vec 2.0 paper)"}
     )
@@ -320,12 +325,6 @@ def length_grouped_batches(
     return batches[rank::world_size][:per_rank]
 
 
-def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """All clips, sorted by length (least padding), in batches."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-
-
 def collate(
     table: ClipTable, indices: Sequence[int], device: torch.device | str = "cpu", padding_value=0.0
 ) -> dict[str, torch.Tensor]:
@@ -344,7 +343,7 @@ def collate(
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def unwrap(model: nn.Module) -> Wav2Vec2EmotionClassifier:
+def unwrap(model: nn.Module) -> PartwiseClassifier:
     """The classifier inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
@@ -360,10 +359,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     weight decay. Call before any temporary freezing (``freeze_encoder_steps``).
     """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, p in unwrap(model).named_parameters():
+    core = unwrap(model)
+    for name, p in core.named_parameters():
         if not p.requires_grad:
             continue
-        part = "encoder" if name.startswith("wav2vec2.") else "head"
+        part = "encoder" if core.is_encoder_parameter(name) else "head"
         groups.setdefault((part, _no_decay(name, p)), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters")
@@ -492,13 +492,18 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     prefix: str = "val",
 ) -> tuple[dict[str, float], np.ndarray]:
-    """({prefix}/loss, /accuracy, /uar, /macro_f1) and softmax probabilities (N, classes)."""
+    """({prefix}/loss, /accuracy, /uar, /macro_f1) and softmax probabilities (N, classes).
+
+    Clips are batched as :func:`ser_ray.model.inference_batches` says, so each clip gets the
+    probabilities the standard class (and ``pipeline()``) gives it alone."""
     core = unwrap(model)
     was_training = core.training
     core.eval()
     probs = np.zeros((len(table), num_classes), dtype=np.float64)
     total_loss = 0.0
-    for indices in eval_batches(table.lengths, batch_size):
+    # the padding rule of jobs/predict.py: padded batches only where padding changes nothing
+    exact_length = table.kind != "pooled" and not core.pads_exactly
+    for indices in inference_batches(table.lengths, batch_size, exact_length):
         inputs = collate(table, indices, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
@@ -578,7 +583,7 @@ def write_checkpoint(
     if rank != 0:
         return out
     core = unwrap(model)
-    save_model(core, feature_extractor, out / MODEL_DIR)
+    save_model(core.model, feature_extractor, out / MODEL_DIR)
     if best_weights is not None:
         from safetensors.torch import save_file
 
@@ -586,7 +591,7 @@ def write_checkpoint(
         best_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in best_weights.items()}
         save_file(tensors, str(best_dir / "model.safetensors"), metadata={"format": "pt"})
-        core.config.save_pretrained(best_dir)
+        core.model.config.save_pretrained(best_dir)
         feature_extractor.save_pretrained(best_dir)
     torch.save(
         {
@@ -610,7 +615,7 @@ def _load_weights(model: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(load_file(str(f)))
-    missing, unexpected = unwrap(model).load_state_dict(weights, strict=False)
+    missing, unexpected = unwrap(model).model.load_state_dict(weights, strict=False)
     if unexpected or missing:
         raise ValueError(f"checkpoint {folder} does not fit: missing {missing}, extra {unexpected}")
     return weights
@@ -661,7 +666,7 @@ class TrainOutcome:
 
 def run_training(
     cfg: TrainConfig,
-    model: Wav2Vec2EmotionClassifier,
+    model: PartwiseClassifier,
     feature_extractor,
     train_table: ClipTable,
     val_table: ClipTable | None,
@@ -776,7 +781,9 @@ def run_training(
             state.epoch = epoch + 1
             if uar > state.best_uar:
                 state.best_uar, state.best_epoch, state.epochs_since_best = uar, epoch + 1, 0
-                best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_weights = {
+                    k: v.detach().cpu().clone() for k, v in model.model.state_dict().items()
+                }
             else:
                 state.epochs_since_best += 1
             patience = cfg.early_stopping_patience
@@ -828,7 +835,7 @@ def run_training(
         if writer is not None:
             writer.close()
     if best_weights is not None:
-        model.load_state_dict(best_weights)
+        model.model.load_state_dict(best_weights)
 
     def write_final(out_dir: Path) -> Path:
         return write_checkpoint(
@@ -1026,7 +1033,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         outcome.write_checkpoint(out)  # a restart after the end resumes to here
         if rank != 0:
             return out
-        save_model(model, fe, out / BEST_MODEL_DIR)  # best-epoch (or refit) weights
+        save_model(model.model, fe, out / BEST_MODEL_DIR)  # best-epoch (or refit) weights
         if frame is not None:
             frame.to_csv(out / PREDICTIONS_FILE, index=False)
         (out / "result.json").write_text(
@@ -1076,7 +1083,7 @@ def refit(
     rank: int = 0,
     world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-) -> tuple[Wav2Vec2EmotionClassifier, ClipTable]:
+) -> tuple[PartwiseClassifier, ClipTable]:
     """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
     epoch count found with the validation actors held out), its schedule spread over them.
 
@@ -1100,21 +1107,25 @@ def refit(
     return model, table
 
 
-def build_model(cfg: TrainConfig, class_names: Sequence[str]):
-    """The classifier and feature extractor a run of ``cfg`` trains (seeded head)."""
+def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseClassifier, Any]:
+    """The classifier (a standard HF audio classifier, run in parts) and feature extractor
+    a run of ``cfg`` trains (seeded head)."""
     overrides = {}
     if cfg.mask_time_prob is not None:
         overrides["mask_time_prob"] = cfg.mask_time_prob
-    return load_model(
+    model, fe = load_model(
         cfg.model,
         class_names,
         use_weighted_layer_sum=cfg.use_weighted_layer_sum,
-        head_dropout=cfg.head_dropout,
         freeze_feature_encoder=cfg.freeze_feature_encoder,
         probe=cfg.probe,
         seed=cfg.seed,
         **overrides,
     )
+    runner = PartwiseClassifier(model, fe.return_attention_mask, cfg.head_dropout)
+    if cfg.probe:
+        runner.freeze_encoder()
+    return runner, fe
 
 
 def fold_split(

@@ -1,24 +1,72 @@
-"""The wav2vec2 classifier: HF save/load, attention-mask handling, freezing, cache parity."""
+"""Standard HF audio classifiers of every supported family: loading, run in parts, parity.
+
+Tiny encoders of each family are saved with ``save_pretrained`` (no hub access). What we
+train must compute exactly what ``*ForSequenceClassification`` and
+``pipeline("audio-classification")`` compute, on every input path (waveform, cached CNN,
+pooled layers)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
-from transformers import Wav2Vec2Model
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModel,
+    AutoModelForAudioClassification,
+    BertConfig,
+    Data2VecAudioConfig,
+    HubertConfig,
+    Wav2Vec2Config,
+    WavLMConfig,
+    pipeline,
+)
 
 from ser_ray.feature_cache import cache_key, clip_features
 from ser_ray.model import (
+    PartwiseClassifier,
     demo_config,
     demo_feature_extractor,
     encoder_batch_inputs,
+    inference_batches,
     load_model,
+    pads_exactly,
     prepare_waveform,
+    samples_for_frames,
     save_model,
 )
+from ser_ray.predict import model_probabilities
 
 CLASSES = ["neutral", "happy", "sad"]
-LENGTHS = (16_000, 24_000, 20_320)  # 1.0, 1.5, 1.27 s
+LENGTHS = (16_000, 9_600, 12_960, 12_800)  # 1.0, 0.6, 0.81, 0.8 s
+
+_TINY = dict(
+    conv_dim=(16,) * 7,
+    conv_stride=(5, 2, 2, 2, 2, 2, 2),
+    conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=16,
+    layerdrop=0.1,
+)
+_LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+#: family -> (tiny encoder config, the feature extractor's return_attention_mask)
+FAMILIES = {
+    "wav2vec2-base": (lambda: Wav2Vec2Config(**_TINY), False),
+    "wav2vec2-large-lv60": (lambda: Wav2Vec2Config(**_TINY, **_LAYER_NORM), True),
+    "hubert-base": (lambda: HubertConfig(**_TINY), False),
+    "wavlm-base-plus": (lambda: WavLMConfig(**_TINY, num_buckets=32, max_bucket_distance=80), True),
+    "data2vec-audio": (
+        lambda: Data2VecAudioConfig(**{**_TINY, "num_conv_pos_embeddings": 3}),
+        True,
+    ),
+}
 
 
 def _waves(seed: int = 0) -> list[np.ndarray]:
@@ -26,86 +74,187 @@ def _waves(seed: int = 0) -> list[np.ndarray]:
     return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in LENGTHS]
 
 
-def _model(kind: str, **kw):
-    """``group``: wav2vec2-base style (no attention mask); ``layer``: large-lv60 style."""
-    fe = demo_feature_extractor(return_attention_mask=kind == "layer")
-    model, fe = load_model(
-        "demo", CLASSES, feature_extractor=fe, feat_extract_norm=kind, seed=1, **kw
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """family -> folder with a tiny randomly initialised encoder and its feature extractor."""
+    root = tmp_path_factory.mktemp("encoders")
+    folders = {}
+    for i, (name, (make_config, mask)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        AutoModel.from_config(make_config()).save_pretrained(root / name)
+        demo_feature_extractor(return_attention_mask=mask).save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+def _trained_like(folder, **kw) -> tuple[PartwiseClassifier, object]:
+    """A classifier with a non-trivial head (visible preferences, unequal layer weights)."""
+    model, fe = load_model(folder, CLASSES, use_weighted_layer_sum=True, seed=1, **kw)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+        model.layer_weights.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    return PartwiseClassifier(model, fe.return_attention_mask).eval(), fe
+
+
+def _standard_logits(model, fe, waves) -> torch.Tensor:
+    """The HF class's own forward, one clip at a time (what pipeline() does)."""
+    with torch.no_grad():
+        return torch.cat(
+            [model(**fe(w, sampling_rate=16_000, return_tensors="pt")).logits for w in waves]
+        )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_of_each_family_loads_into_its_own_class(family, encoders):
+    folder = encoders[family]
+    given = load_file(str(folder / "model.safetensors"))
+    model, _ = load_model(folder, CLASSES, use_weighted_layer_sum=True, seed=0)
+    assert type(model).__name__.endswith("ForSequenceClassification")
+    assert model.config.model_type == json.loads((folder / "config.json").read_text())["model_type"]
+    encoder = model.base_model.state_dict()
+    assert set(encoder) == set(given)  # every encoder weight loaded ...
+    for name, value in given.items():
+        assert torch.equal(encoder[name], value), name  # ... unchanged (CNN included)
+    assert model.config.id2label == {0: "neutral", 1: "happy", 2: "sad"}
+    assert torch.allclose(model.layer_weights, torch.full((3,), 1 / 3))
+    assert model.config.layerdrop == 0.0  # the weighted layer sum needs every layer
+    assert model.classifier.weight.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.base_model.feature_extractor.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_checkpoint_is_the_standard_class(family, encoders, tmp_path):
+    """Plain transformers loads every weight of our checkpoint (nothing missing or extra)."""
+    runner, fe = _trained_like(encoders[family])
+    save_model(runner.model, fe, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["architectures"] == [type(runner.model).__name__]
+    assert saved["use_weighted_layer_sum"] and saved["label2id"] == {"neutral": 0, "happy": 1, "sad": 2}
+    plain, info = AutoModelForAudioClassification.from_pretrained(
+        tmp_path / "m", output_loading_info=True
     )
-    return model.eval(), fe
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    torch.testing.assert_close(
+        _standard_logits(plain, fe, _waves()), _standard_logits(runner.model, fe, _waves())
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_in_parts_equals_the_standard_class(family, encoders):
+    """Waveforms (batched by the padding rule), cached CNN outputs and pooled layers all give
+    the logits of the standard forward on each clip alone."""
+    runner, fe = _trained_like(encoders[family])
+    waves = _waves(3)
+    reference = _standard_logits(runner.model, fe, waves)
+    with torch.no_grad():
+        for batch in inference_batches(LENGTHS, 4, exact_length=not runner.pads_exactly):
+            got = runner(**encoder_batch_inputs([waves[i] for i in batch], fe)).logits
+            torch.testing.assert_close(got, reference[batch], atol=1e-5, rtol=0)
+        cnn = [torch.from_numpy(clip_features(runner, fe, w, "cnn")) for w in waves]
+        if runner.pads_exactly:  # padded cached CNN outputs, one batch
+            feats = torch.nn.utils.rnn.pad_sequence(cnn, batch_first=True)
+            frames = torch.tensor([c.shape[0] for c in cnn])
+            cached = runner(cnn_features=feats, frame_lengths=frames).logits
+        else:
+            cached = torch.cat([runner(cnn_features=c[None]).logits for c in cnn])
+        torch.testing.assert_close(cached, reference, atol=1e-5, rtol=0)
+        runner.freeze_encoder()  # probe mode: pooled layer states per clip
+        pooled = [torch.from_numpy(clip_features(runner, fe, w, "pooled")) for w in waves]
+        assert pooled[0].shape == (3, 32)
+        probe = runner(pooled_layers=torch.stack(pooled)).logits
+        torch.testing.assert_close(probe, reference, atol=1e-5, rtol=0)
+    assert cache_key(runner, fe, "cnn") != cache_key(runner, fe, "pooled")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_gives_our_probabilities(family, encoders, tmp_path):
+    runner, fe = _trained_like(encoders[family])
+    folder = save_model(runner.model, fe, tmp_path / "m")
+    loaded, fe2 = load_model(folder)
+    ours = model_probabilities(loaded.eval(), fe2, _waves(4), batch_size=4)
+    classify = pipeline("audio-classification", model=str(folder), top_k=None, device="cpu")
+    for wave, row in zip(_waves(4), ours, strict=True):
+        scores = {d["label"]: d["score"] for d in classify(wave)}
+        np.testing.assert_allclose([scores[c] for c in CLASSES], row, atol=1e-5, rtol=0)
+    assert np.ptp(ours) > 0.1  # a head with preferences, so the comparison means something
+
+
+def test_padding_rule():
+    lengths = [5, 7, 5, 9, 7, 7]
+    assert inference_batches(lengths, 2) == [[3, 1], [4, 5], [0, 2]]
+    assert inference_batches(lengths, 2, exact_length=True) == [[3], [1, 4], [5], [0, 2]]
+    group, layer = demo_config(), demo_config(feat_extract_norm="layer")
+    assert not pads_exactly(group, True) and not pads_exactly(layer, False)
+    assert pads_exactly(layer, True)
+    assert not pads_exactly(Data2VecAudioConfig(), True)  # stacked positional convolutions
+
+
+def test_samples_for_frames_inverts_the_cnn_length_formula():
+    runner = PartwiseClassifier(load_model("demo", CLASSES)[0], False)
+    frames = torch.arange(1, 80)
+    samples = samples_for_frames(runner.config, frames)
+    assert samples[0] == 400  # the receptive field
+    assert torch.equal(runner.frame_lengths(samples), frames)
+    assert torch.equal(runner.frame_lengths(samples - 1), frames - 1)  # the fewest samples
+
+
+def test_a_classifier_with_other_classes_is_refused(encoders, tmp_path):
+    model, fe = load_model(encoders["wavlm-base-plus"], CLASSES)
+    save_model(model, fe, tmp_path / "m")
+    with pytest.raises(ValueError, match="trained for classes .* set merge_calm"):
+        load_model(tmp_path / "m", ["angry", "calm", "sad"])
+    assert load_model(tmp_path / "m", CLASSES)[0].config.model_type == "wavlm"
+
+
+def test_weights_that_do_not_load_stop_with_their_names(encoders, tmp_path):
+    # a wav2vec2 config next to WavLM weights: WavLM's relative position weights are left out
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("model.safetensors", "preprocessor_config.json"):
+        (mixed / name).write_bytes((encoders["wavlm-base-plus"] / name).read_bytes())
+    (mixed / "config.json").write_bytes((encoders["wav2vec2-base"] / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=r"unexpected \(not used\): .*gru_rel_pos"):
+        load_model(mixed, CLASSES)
+    # one encoder tensor gone
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (partial / name).write_bytes((encoders["hubert-base"] / name).read_bytes())
+    weights = load_file(str(encoders["hubert-base"] / "model.safetensors"))
+    del weights["encoder.layers.1.attention.k_proj.weight"]
+    save_file(weights, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing .*encoder\.layers\.1\.attention\.k_proj\.w"):
+        load_model(partial, CLASSES)
+
+
+def test_other_model_families_are_refused(tmp_path):
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    demo_feature_extractor().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'bert' model; --model takes .*wav2vec2, hubert, wavlm"):
+        load_model(tmp_path, CLASSES)
 
 
 def test_demo_config_keeps_50_frames_per_second():
-    model, fe = _model("group")
+    model, fe = load_model("demo", CLASSES)
+    runner = PartwiseClassifier(model, fe.return_attention_mask)
     assert np.prod(demo_config().conv_stride) == 320  # 16 kHz / 320 = 50 frames/s
-    frames = model.frame_lengths(torch.tensor([16_000, 32_000]))
-    assert frames.tolist() == [49, 99]  # (n - 400) // 320 + 1
+    assert runner.frame_lengths(torch.tensor([16_000, 32_000])).tolist() == [49, 99]
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
-    assert fe.do_normalize and not fe.return_attention_mask and not model.use_attention_mask
-
-
-def test_save_and_from_pretrained_local_folder(tmp_path):
-    model, fe = _model("layer", use_weighted_layer_sum=True)
-    with torch.no_grad():
-        model.layer_weights.copy_(torch.tensor([0.3, -0.2, 0.5]))
-    save_model(model, fe, tmp_path / "m")
-    assert (tmp_path / "m" / "model.safetensors").exists()
-    assert (tmp_path / "m" / "preprocessor_config.json").exists()
-    loaded, fe2 = load_model(tmp_path / "m", CLASSES)
-    assert loaded.config.id2label == {0: "neutral", 1: "happy", 2: "sad"}
-    assert loaded.config.label2id == {"neutral": 0, "happy": 1, "sad": 2}
-    assert fe2.return_attention_mask and loaded.use_attention_mask
-    inputs = encoder_batch_inputs(_waves(), fe2)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, loaded.eval()(**inputs).logits)
-    with pytest.raises(ValueError, match="trained for classes"):
-        load_model(tmp_path / "m", ["angry", "calm", "sad"])
-
-
-def test_from_pretrained_plain_encoder_gets_a_new_head(tmp_path):
-    torch.manual_seed(3)
-    encoder = Wav2Vec2Model(demo_config())
-    encoder.save_pretrained(tmp_path / "enc")
-    demo_feature_extractor().save_pretrained(tmp_path / "enc")
-    model, fe = load_model(tmp_path / "enc", CLASSES, use_weighted_layer_sum=True, seed=0)
-    for name, value in encoder.state_dict().items():
-        assert torch.equal(model.wav2vec2.state_dict()[name], value), name
-    assert model.config.num_labels == 3 and torch.all(model.layer_weights == 0)
-    assert model.classifier.weight.abs().sum() > 0  # initialised, not empty memory
-
-
-@pytest.mark.parametrize("kind", ["group", "layer"])
-def test_attention_mask_follows_feature_extractor(kind, monkeypatch):
-    model, fe = _model(kind)
-    seen = []
-    original = model.wav2vec2.encoder.forward
-    monkeypatch.setattr(
-        model.wav2vec2.encoder,
-        "forward",
-        lambda h, attention_mask=None, **kw: (
-            seen.append(attention_mask) or original(h, attention_mask, **kw)
-        ),
-    )
-    waves = _waves()
-    with torch.no_grad():
-        batched = model(**encoder_batch_inputs(waves, fe)).logits
-        single = torch.cat([model(**encoder_batch_inputs([w], fe)).logits for w in waves])
-    if kind == "layer":  # mask: padding is invisible, batched == one by one
-        assert seen[0] is not None and seen[0].sum(1).tolist() == [49, 74, 63]
-        torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
-    else:  # wav2vec2-base was trained without a mask: none is passed
-        assert all(m is None for m in seen)
-        assert not torch.allclose(batched, single, atol=1e-6)  # hence: batch similar lengths
+    assert fe.do_normalize and not fe.return_attention_mask and not runner.pads_exactly
 
 
 def test_group_norm_cnn_runs_per_clip_on_unpadded_audio():
-    model, fe = _model("group")
-    waves = [prepare_waveform(w, fe) for w in _waves()]
+    model, fe = load_model("demo", CLASSES)
+    runner = PartwiseClassifier(model, False).eval()
     inputs = encoder_batch_inputs(_waves(), fe)
     with torch.no_grad():
-        feats, frames = model.cnn_features(inputs["input_values"], inputs["lengths"])
-        for i, w in enumerate(waves):
-            alone = model.wav2vec2.feature_extractor(torch.from_numpy(w)[None]).transpose(1, 2)[0]
+        feats, frames = runner.cnn_features(inputs["input_values"], inputs["lengths"])
+        for i, w in enumerate(_waves()):
+            x = torch.from_numpy(prepare_waveform(w, fe))[None]
+            alone = model.wav2vec2.feature_extractor(x).transpose(1, 2)[0]
             torch.testing.assert_close(feats[i, : frames[i]], alone, atol=1e-6, rtol=0)
             assert torch.all(feats[i, frames[i] :] == 0)
 
@@ -120,66 +269,32 @@ def test_prepare_waveform_normalises_each_clip_alone():
 
 
 def test_freezing_modes():
-    model, _ = _model("group")
-    assert model.feature_encoder_frozen
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert not any(n.startswith("wav2vec2.feature_extractor.") for n in trainable)
-    assert "wav2vec2.encoder.layers.0.attention.q_proj.weight" in trainable
-    model.set_transformer_trainable(False)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "projector.weight",
-        "projector.bias",
-        "classifier.weight",
-        "classifier.bias",
+    model, _ = load_model("demo", CLASSES)
+    runner = PartwiseClassifier(model, False)
+    assert runner.feature_encoder_frozen
+    trainable = {n for n, p in runner.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.wav2vec2.feature_extractor.") for n in trainable)
+    assert "model.wav2vec2.encoder.layers.0.attention.q_proj.weight" in trainable
+    assert runner.is_encoder_parameter("model.wav2vec2.encoder.layers.0.attention.q_proj.weight")
+    assert not runner.is_encoder_parameter("model.projector.weight")
+    runner.set_transformer_trainable(False)
+    assert {n for n, p in runner.named_parameters() if p.requires_grad} == {
+        "model.projector.weight",
+        "model.projector.bias",
+        "model.classifier.weight",
+        "model.classifier.bias",
     }
-    model.set_transformer_trainable(True)
-    probe, _ = load_model("demo", CLASSES, probe=True)
-    probe.train()
-    assert not any(p.requires_grad for p in probe.wav2vec2.parameters())
-    assert not probe.wav2vec2.training and probe.classifier.training  # no encoder dropout
+    runner.set_transformer_trainable(True)
+    runner.freeze_encoder()
+    runner.train()
+    assert not any(p.requires_grad for p in model.wav2vec2.parameters())
+    assert not model.wav2vec2.training and runner.training  # no encoder dropout
 
 
 def test_weighted_layer_sum_learns_layer_weights():
-    model, fe = _model("group", use_weighted_layer_sum=True)
-    model.train()
-    out = model(**encoder_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2]))
+    model, fe = load_model("demo", CLASSES, use_weighted_layer_sum=True, seed=0)
+    runner = PartwiseClassifier(model, False, head_dropout=0.1).train()
+    out = runner(**encoder_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2, 0]))
     out.loss.backward()
     assert model.layer_weights.grad is not None and model.layer_weights.grad.abs().sum() > 0
     assert out.loss.item() == pytest.approx(np.log(3), abs=0.05)  # small head init
-
-
-@pytest.mark.parametrize(
-    ("kind", "probe", "weighted"),
-    [
-        ("group", False, True),
-        ("layer", False, False),
-        ("layer", True, True),
-        ("group", True, False),
-    ],
-)
-def test_cached_and_uncached_logits_match(kind, probe, weighted):
-    fe = demo_feature_extractor(return_attention_mask=kind == "layer")
-    model, fe = load_model(
-        "demo",
-        CLASSES,
-        feature_extractor=fe,
-        feat_extract_norm=kind,
-        probe=probe,
-        use_weighted_layer_sum=weighted,
-        seed=2,
-    )
-    model.eval()
-    waves = _waves(5)
-    cache_kind = "pooled" if probe else "cnn"
-    cached = [torch.from_numpy(clip_features(model, fe, w, cache_kind)) for w in waves]
-    with torch.no_grad():
-        if probe:  # pooled layers per clip vs the full model, one clip at a time
-            from_cache = model(pooled_layers=torch.stack(cached)).logits
-            full = torch.cat([model(**encoder_batch_inputs([w], fe)).logits for w in waves])
-        else:  # padded batches of cached CNN outputs vs the same batch of waveforms
-            feats = torch.nn.utils.rnn.pad_sequence(cached, batch_first=True)
-            frames = torch.tensor([c.shape[0] for c in cached])
-            from_cache = model(cnn_features=feats, frame_lengths=frames).logits
-            full = model(**encoder_batch_inputs(waves, fe)).logits
-    torch.testing.assert_close(from_cache, full, atol=1e-5, rtol=0)
-    assert cache_key(model, fe, cache_kind).startswith(cache_kind)
