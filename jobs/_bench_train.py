@@ -99,9 +99,9 @@ class _ClipDataset(torch.utils.data.Dataset):
 def _pad_collator(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     from ser_ray.model import pad_waveforms
 
-    values, lengths = pad_waveforms([it["input_values"] for it in items])
+    values, _ = pad_waveforms([it["input_values"] for it in items])
     labels = torch.tensor([it["labels"] for it in items], dtype=torch.long)
-    return {"input_values": values, "lengths": lengths, "labels": labels}
+    return {"input_values": values, "labels": labels}
 
 
 def _time_hf_trainer(cfg: TrainConfig, table: ClipTable, repeats: int, out: Path) -> float:
@@ -132,7 +132,7 @@ def _time_hf_trainer(cfg: TrainConfig, table: ClipTable, repeats: int, out: Path
             seed=cfg.seed,
         )
         trainer = Trainer(
-            model=model,
+            model=model.model,  # the standard HF class, as a Trainer user runs it
             args=args,
             train_dataset=_ClipDataset(table),
             data_collator=_pad_collator,

@@ -200,9 +200,7 @@ class PartwiseClassifier(nn.Module):
     the pipeline; ``head_dropout`` is training-only dropout after the projector.
     """
 
-    def __init__(
-        self, model: PreTrainedModel, use_attention_mask: bool, head_dropout: float = 0.0
-    ):
+    def __init__(self, model: PreTrainedModel, use_attention_mask: bool, head_dropout: float = 0.0):
         super().__init__()
         if model.config.model_type not in FAMILIES:
             raise ValueError(f"{model.config.model_type} is not one of {FAMILIES}")

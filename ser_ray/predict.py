@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
 from transformers import PreTrainedModel
 
 from ser_ray.model import SAMPLE_RATE_HZ, inference_batches, load_model, pads_exactly

@@ -130,7 +130,8 @@ def test_saved_checkpoint_is_the_standard_class(family, encoders, tmp_path):
     save_model(runner.model, fe, tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["architectures"] == [type(runner.model).__name__]
-    assert saved["use_weighted_layer_sum"] and saved["label2id"] == {"neutral": 0, "happy": 1, "sad": 2}
+    assert saved["use_weighted_layer_sum"]
+    assert saved["label2id"] == {"neutral": 0, "happy": 1, "sad": 2}
     plain, info = AutoModelForAudioClassification.from_pretrained(
         tmp_path / "m", output_loading_info=True
     )
@@ -229,9 +230,7 @@ def test_weights_that_do_not_load_stop_with_their_names(encoders, tmp_path):
 
 
 def test_other_model_families_are_refused(tmp_path):
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
-        tmp_path
-    )
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     demo_feature_extractor().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="'bert' model; --model takes .*wav2vec2, hubert, wavlm"):
         load_model(tmp_path, CLASSES)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ser_ray import ravdess
-from ser_ray.model import demo_feature_extractor, load_model
+from ser_ray.model import demo_feature_extractor
 from ser_ray.train_loop import (
     ClipTable,
     NonFiniteLossError,
@@ -139,13 +139,15 @@ def test_optimizer_groups_and_weight_decay():
     no_decay = [
         names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]
     ]
-    assert "layer_weights" in no_decay and "classifier.bias" in no_decay
+    assert "model.layer_weights" in no_decay and "model.classifier.bias" in no_decay
     assert all(
-        "bias" in n or "norm" in n or n in ("layer_weights", "wav2vec2.masked_spec_embed")
+        "bias" in n
+        or "norm" in n
+        or n in ("model.layer_weights", "model.wav2vec2.masked_spec_embed")
         for n in no_decay
     )
     everything = {names[id(p)] for g in opt.param_groups for p in g["params"]}
-    assert not any(n.startswith("wav2vec2.feature_extractor.") for n in everything)  # frozen CNN
+    assert not any(n.startswith("model.wav2vec2.feature_extractor.") for n in everything)
 
 
 def _one_epoch(cfg, clips, monkeypatch):
@@ -213,7 +215,8 @@ def test_gradient_accumulation_matches_a_big_batch():
             step=0,
             device=CPU,
         )
-        results.append((steps, metrics["train/loss"], model.classifier.weight.detach().clone()))
+        head = model.model.classifier.weight.detach().clone()
+        results.append((steps, metrics["train/loss"], head))
     assert results[0][0] == results[1][0] == 1  # one optimizer step either way
     assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
     torch.testing.assert_close(results[0][2], results[1][2], atol=1e-6, rtol=0)
@@ -342,6 +345,30 @@ def test_predictions_frame_format(clips):
     assert frame["true_label"].tolist() == [CLASSES[i] for i in clips.labels]
 
 
+def _assert_predictions_agree_with_predict_and_pipeline(preds, model_dir, demo_features):
+    """The out-of-fold probabilities of a run (cached CNN path, padding rule) are those of
+    jobs/predict.py and of plain transformers' pipeline() on the same clips."""
+    from transformers import pipeline
+
+    from ser_ray.predict import load_fold_models, model_probabilities
+    from ser_ray.train_loop import read_split
+
+    rows = preds.iloc[:3]
+    table = read_split(demo_features / "features", sorted(set(rows["actor"])))
+    by_path = dict(
+        zip(table.column("path").to_pylist(), table.column("waveform").to_pylist(), strict=True)
+    )
+    waves = [np.asarray(by_path[p], dtype=np.float32) for p in rows["path"]]
+    expected = rows[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    [(model, fe)], names = load_fold_models([model_dir])
+    assert names == CLASSES and model.config.model_type == "wav2vec2"
+    np.testing.assert_allclose(model_probabilities(model, fe, waves), expected, atol=1e-5, rtol=0)
+    classify = pipeline("audio-classification", model=str(model_dir), top_k=None, device="cpu")
+    for wave, row in zip(waves, expected, strict=True):
+        scores = {d["label"]: d["score"] for d in classify(wave)}
+        np.testing.assert_allclose([scores[c] for c in CLASSES], row, atol=1e-5, rtol=0)
+
+
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
     from ser_ray.train_loop import fit_fold
@@ -368,8 +395,7 @@ def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
         result.history[0]
     )
     assert 1 <= result.best_epoch <= 2
-    model, _ = load_model(result.model_dir)  # the saved best model loads
-    assert model.config.id2label[0] == "neutral"
+    _assert_predictions_agree_with_predict_and_pipeline(preds, result.model_dir, demo_features)
     assert list((tmp_path / "cache").glob("cnn-*/cache_info.json"))
     assert list((tmp_path / "run" / "tensorboard" / "fold_2").glob("events.*"))
     # a second call finds the finished run and resumes from its last checkpoint: no retraining
@@ -390,13 +416,13 @@ def test_transformer_frozen_for_the_first_steps(clips):
     model, _ = build_model(cfg, CLASSES)
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    q = model.wav2vec2.encoder.layers[0].attention.q_proj.weight
-    snapshots = [(q.detach().clone(), model.classifier.weight.detach().clone())]
+    q = model.encoder.encoder.layers[0].attention.q_proj.weight
+    snapshots = [(q.detach().clone(), model.model.classifier.weight.detach().clone())]
     batches = length_grouped_batches(clips.lengths, 4, seed=0, epoch=0)
     train_one_epoch(
         model, opt, sched, clips, batches, cfg, epoch=0, step=0, device=CPU,
         on_step=lambda step, _: snapshots.append(
-            (q.detach().clone(), model.classifier.weight.detach().clone())
+            (q.detach().clone(), model.model.classifier.weight.detach().clone())
         ),
     )  # fmt: skip
     enc_moved = [
