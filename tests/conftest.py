@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from transformers import Data2VecAudioConfig, HubertConfig, Wav2Vec2Config, WavLMConfig
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
@@ -65,3 +66,56 @@ def tts_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("tts_corpus")
     write_tts_corpus(root)
     return root
+
+
+_TINY = dict(
+    conv_dim=(16,) * 7,
+    conv_stride=(5, 2, 2, 2, 2, 2, 2),
+    conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    classifier_proj_size=16,
+    layerdrop=0.1,
+)
+_LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
+#: SSL encoder families, tiny: name -> (config factory, feature extractor's
+#: return_attention_mask). Hub models of each kind set these norms and masks.
+FAMILIES = {
+    "wav2vec2-base": (lambda: Wav2Vec2Config(**_TINY), False),
+    "wav2vec2-large-lv60": (lambda: Wav2Vec2Config(**_TINY, **_LAYER_NORM), True),
+    "hubert-base": (lambda: HubertConfig(**_TINY), False),
+    "wavlm-base-plus": (lambda: WavLMConfig(**_TINY, num_buckets=32, max_bucket_distance=80), True),
+    "data2vec-audio": (
+        lambda: Data2VecAudioConfig(**{**_TINY, "num_conv_pos_embeddings": 3}),
+        True,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory):
+    """family -> folder with a tiny randomly initialised encoder (``save_pretrained``) and
+    its feature extractor, for every family in :data:`FAMILIES`."""
+    import torch
+    from transformers import AutoModel
+
+    from ser_ray.model import demo_feature_extractor
+
+    root = tmp_path_factory.mktemp("encoders")
+    folders = {}
+    for i, (name, (make_config, mask)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        AutoModel.from_config(make_config()).save_pretrained(root / name)
+        demo_feature_extractor(return_attention_mask=mask).save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    """Each SSL encoder family of :data:`FAMILIES` in turn."""
+    return request.param

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -456,3 +457,28 @@ def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():
     for name, value in fresh.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
         assert torch.equal(again.state_dict()[name], value), name
+
+
+def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path):
+    """``--model <WavLM folder>`` trains WavLM (not wav2vec2 with random weights) and saves a
+    ``wavlm`` checkpoint whose frozen CNN is the given one."""
+    from safetensors.torch import load_file
+
+    from ser_ray.model import save_model
+
+    folder = encoders["wavlm-base-plus"]
+    cfg = tiny_config(model=str(folder), epochs=1)
+    model, fe = build_model(cfg, CLASSES)
+    assert fe.return_attention_mask and model.use_attention_mask
+    table = table_from_arrow(synthetic_table(1), "waveform", CLASSES, False, fe)
+    run_training(cfg, model, fe, table, None)
+    save_model(model.model, fe, tmp_path / "best_model")
+    saved = load_file(str(tmp_path / "best_model" / "model.safetensors"))
+    given = load_file(str(folder / "model.safetensors"))
+    cnn = [k for k in given if k.startswith("feature_extractor.")]
+    assert cnn and all(torch.equal(saved[f"wavlm.{k}"], given[k]) for k in cnn)
+    moved = "encoder.layers.0.attention.q_proj.weight"
+    assert not torch.equal(saved[f"wavlm.{moved}"], given[moved])  # the transformer trained
+    config = json.loads((tmp_path / "best_model" / "config.json").read_text())
+    assert config["model_type"] == "wavlm"
+    assert config["architectures"] == ["WavLMForSequenceClassification"]
