@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="RAVDESS folder or URI (default: the demo corpus)")
     p.add_argument(
         "--model",
-        help="hub id or local folder for from_pretrained, or 'demo' (random-init demo-size "
-        "config). Default: demo without --data-dir, facebook/wav2vec2-base with it",
+        help="hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio encoder "
+        "(from_pretrained), or 'demo' (random-init demo-size config). Default: demo without "
+        "--data-dir, facebook/wav2vec2-base with it",
     )
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")

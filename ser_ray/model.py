@@ -59,6 +59,7 @@ from transformers import (
     Wav2Vec2ForSequenceClassification,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +425,11 @@ def _has_head(config: PretrainedConfig) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
+def _first(keys: Sequence[str], shown: int = 10) -> str:
+    more = f" ... ({len(keys)} in all)" if len(keys) > shown else ""
+    return f"{list(keys[:shown])}{more}"
+
+
 def check_loading_info(
     info: dict, model: PreTrainedModel, source: str | os.PathLike, has_head: bool
 ) -> None:
@@ -441,19 +447,21 @@ def check_loading_info(
     bad_missing = [k for k in missing if has_head or not k.startswith(HEAD_PARAMETERS)]
     bad_unexpected = sorted(k for k in info.get("unexpected_keys", ()) if of_encoder(k))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
-    problems = []
-    if bad_missing:
-        problems.append(f"missing (would be random): {bad_missing}")
-    if bad_unexpected:
-        problems.append(f"unexpected (not used): {bad_unexpected}")
-    if mismatched:
-        problems.append(f"of another shape: {mismatched}")
+    problems = [
+        f"{what}: {_first(keys)}"
+        for what, keys in (
+            ("missing (would be random)", bad_missing),
+            ("unexpected (not used)", bad_unexpected),
+            ("of another shape", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise ValueError(
-            f"{source}: the {model.config.model_type} weights do not all load into "
-            f"{type(model).__name__}; " + "; ".join(problems) + ". Check that config.json "
-            "belongs to these weights (same family and sizes), or re-save the encoder with "
-            "save_pretrained"
+            f"{source}: the weights do not all load into {type(model).__name__} (config.json "
+            f"says {model.config.model_type!r}); " + "; ".join(problems) + ". Check that "
+            "config.json belongs to these weights (same family and sizes), or re-save the "
+            "encoder with save_pretrained"
         )
     other = sorted(k for k in info.get("unexpected_keys", ()) if not of_encoder(k))
     if other:
@@ -466,7 +474,6 @@ def load_model(
     *,
     use_weighted_layer_sum: bool | None = None,
     freeze_feature_encoder: bool = True,
-    probe: bool = False,
     seed: int | None = None,
     **config_overrides,
 ) -> tuple[PreTrainedModel, Wav2Vec2FeatureExtractor]:
@@ -507,13 +514,19 @@ def load_model(
             torch.manual_seed(DEMO_ENCODER_SEED)
             model = Wav2Vec2ForSequenceClassification(config)
     else:
-        model, info = AutoModelForAudioClassification.from_pretrained(
-            str(name_or_path), config=config, output_loading_info=True
-        )
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report: check_loading_info says it better
+        try:
+            model, info = AutoModelForAudioClassification.from_pretrained(
+                str(name_or_path), config=config, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(previous)
         check_loading_info(info, model, name_or_path, has_head)
     if not has_head:
+        log.info("%s: new %s head for %s", name_or_path, type(model).__name__, class_names)
         reset_head(model, seed)
-    if freeze_feature_encoder or probe:
+    if freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model, fe
 

@@ -1117,8 +1117,7 @@ def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseC
         cfg.model,
         class_names,
         use_weighted_layer_sum=cfg.use_weighted_layer_sum,
-        freeze_feature_encoder=cfg.freeze_feature_encoder,
-        probe=cfg.probe,
+        freeze_feature_encoder=cfg.freeze_feature_encoder or cfg.probe,
         seed=cfg.seed,
         **overrides,
     )
