@@ -250,3 +250,26 @@ def test_weighted_layer_sum_learns_layer_weights():
     out.loss.backward()
     assert model.layer_weights.grad is not None and model.layer_weights.grad.abs().sum() > 0
     assert out.loss.item() == pytest.approx(np.log(3), abs=0.05)  # small head init
+
+
+def test_a_pretraining_checkpoint_with_legacy_names_loads(tmp_path):
+    """Hub wav2vec2 checkpoints are ``Wav2Vec2ForPreTraining`` with ``weight_g``/``weight_v``
+    names: the quantizer is left out, every encoder weight loads."""
+    from transformers import Wav2Vec2ForPreTraining
+
+    Wav2Vec2ForPreTraining(demo_config()).save_pretrained(tmp_path)
+    demo_feature_extractor().save_pretrained(tmp_path)
+    current = load_file(str(tmp_path / "model.safetensors"))
+    legacy = {
+        k.replace("parametrizations.weight.original0", "weight_g").replace(
+            "parametrizations.weight.original1", "weight_v"
+        ): v
+        for k, v in current.items()
+    }
+    assert "wav2vec2.encoder.pos_conv_embed.conv.weight_g" in legacy
+    assert any(k.startswith("quantizer.") for k in legacy)
+    save_file(legacy, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_model(tmp_path, CLASSES)
+    for name, value in model.state_dict().items():
+        if name.startswith("wav2vec2."):
+            assert torch.equal(value, current[name]), name
