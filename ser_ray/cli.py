@@ -48,6 +48,30 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_svm_feature_args(parser: argparse.ArgumentParser) -> None:
+    """``--svm-features`` and ``--speaker-norm``: what the SVM is trained on."""
+    parser.add_argument(
+        "--svm-features",
+        choices=["mfcc", "egemaps", "mfcc+egemaps"],
+        default="mfcc",
+        help="SVM input: 80 MFCC statistics, 88 eGeMAPSv02 functionals (openSMILE), or both "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--speaker-norm",
+        action="store_true",
+        help="z-normalise each clip's features over its own actor's clips (unlabelled; "
+        "transductive for the test actors, as in Pepino et al. 2021)",
+    )
+
+
+def svm_variant_name(args: argparse.Namespace) -> str:
+    """The variant name (``svm``, ``svm+egemaps+spknorm``, …) of the SVM flags."""
+    from ser_ray.variants import Variant
+
+    return Variant("svm", feature_set=args.svm_features, speaker_norm=args.speaker_norm).name
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

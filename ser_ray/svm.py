@@ -44,15 +44,28 @@ log = logging.getLogger(__name__)
 
 #: The SVC hyperparameters the search may set (anything else in a Tune config is ignored).
 SVM_PARAM_KEYS = ("kernel", "C", "gamma", "class_weight", "degree")
-#: Features column the SVM reads (concatenated MFCC means and standard deviations).
+#: Features column the SVM reads by default (concatenated MFCC means and standard deviations).
 FEATURE_COLUMN = "mfcc_stats"
+#: The SVM's feature sets and the Parquet columns each concatenates (80 MFCC statistics,
+#: 88 eGeMAPSv02 functionals).
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "mfcc": (FEATURE_COLUMN,),
+    "egemaps": ("egemaps",),
+    "mfcc+egemaps": (FEATURE_COLUMN, "egemaps"),
+}
+#: The untuned reference the tuned SVM must beat: StandardScaler + SVC(C=10), RBF, gamma scale.
+REFERENCE_PARAMS: dict[str, Any] = {"kernel": "rbf", "C": 10.0, "gamma": "scale"}
 #: Caps libsvm's iterations so a badly conditioned poly config cannot stall a trial.
 MAX_ITER = 1_000_000
 
 # The fixed grid (the earlier attempt's method): C on a log scale per kernel; gamma only
 # where the kernel uses it ("scale" = 1 / (n_features * X.var()), i.e. 1/80 on standardized
 # MFCC statistics); each with and without class balancing.
-_GRID_C = {"rbf": (0.1, 1.0, 10.0, 100.0), "linear": (0.01, 0.1, 1.0), "poly": (0.1, 1.0, 10.0)}
+_GRID_C = {
+    "rbf": (0.1, 1.0, 10.0, 100.0, 1000.0),
+    "linear": (0.01, 0.1, 1.0),
+    "poly": (0.1, 1.0, 10.0),
+}
 _GRID_GAMMA = {"rbf": ("scale", 0.001, 0.01), "linear": ("scale",), "poly": ("scale",)}
 _SMOKE_GRID_C = {"rbf": (1.0, 10.0), "linear": (0.1,)}
 _SMOKE_GRID_GAMMA = {"rbf": ("scale",), "linear": ("scale",)}
@@ -132,7 +145,7 @@ def svm_params(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def svm_grid(smoke_test: bool = False) -> list[dict[str, Any]]:
-    """The fixed grid as a list of canonical configs (36 configs; 6 with ``smoke_test``)."""
+    """The fixed grid as a list of canonical configs (42 configs; 6 with ``smoke_test``)."""
     c_values, gammas = (_SMOKE_GRID_C, _SMOKE_GRID_GAMMA) if smoke_test else (_GRID_C, _GRID_GAMMA)
     grid = []
     for kernel, cs in c_values.items():
@@ -151,6 +164,13 @@ def feature_matrix(df: pd.DataFrame, column: str = FEATURE_COLUMN) -> np.ndarray
     if not np.isfinite(X).all():
         raise ValueError(f"{column} holds NaN or infinite values")
     return X
+
+
+def feature_set_matrix(df: pd.DataFrame, feature_set: str = "mfcc") -> np.ndarray:
+    """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64."""
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {feature_set!r}; choose one of {list(FEATURE_SETS)}")
+    return np.hstack([feature_matrix(df, column) for column in FEATURE_SETS[feature_set]])
 
 
 def label_vector(df: pd.DataFrame, merge_calm: bool = False) -> np.ndarray:
