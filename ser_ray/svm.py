@@ -39,6 +39,7 @@ from sklearn.svm import SVC
 from ser_ray.folds import fold_of_actor
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import label_index
+from ser_ray.speaker_norm import speaker_normalize
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +167,22 @@ def feature_matrix(df: pd.DataFrame, column: str = FEATURE_COLUMN) -> np.ndarray
     return X
 
 
-def feature_set_matrix(df: pd.DataFrame, feature_set: str = "mfcc") -> np.ndarray:
-    """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64."""
+def feature_set_matrix(
+    df: pd.DataFrame, feature_set: str = "mfcc", speaker_normalise: bool = False
+) -> np.ndarray:
+    """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64.
+
+    With ``speaker_normalise`` each row is z-normalised over the rows of its ``actor``
+    (:func:`ser_ray.speaker_norm.speaker_normalize`): reads features, ``actor`` and ``path``
+    only, never a label. An actor's statistics use only its own rows, so normalising the
+    whole table once equals normalising inside every outer and inner fold.
+    """
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {feature_set!r}; choose one of {list(FEATURE_SETS)}")
-    return np.hstack([feature_matrix(df, column) for column in FEATURE_SETS[feature_set]])
+    X = np.hstack([feature_matrix(df, column) for column in FEATURE_SETS[feature_set]])
+    if speaker_normalise:
+        X = speaker_normalize(X, df["actor"].tolist(), df["path"].tolist())
+    return X
 
 
 def label_vector(df: pd.DataFrame, merge_calm: bool = False) -> np.ndarray:

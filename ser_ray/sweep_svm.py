@@ -232,8 +232,8 @@ def run_nested_svm(
     ``speaker_normalise`` every clip's features are z-normalised over its own actor's clips
     (:mod:`ser_ray.speaker_norm`) before the pipeline's StandardScaler; since an actor's
     statistics use only that actor's clips, doing it once for all rows is the same as doing
-    it inside each outer and inner fold. Results, predictions and Tune experiments are named
-    after ``variant`` (e.g. ``svm+spknorm``).
+    it inside each outer and inner fold (no statistic crosses actors). Results, predictions
+    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``).
     """
     names = class_names(merge_calm)
     num_classes = len(names)
@@ -244,11 +244,9 @@ def run_nested_svm(
     df = df.reset_index(drop=True).copy()
     df["actor"] = df["actor"].astype(int)
     df["fold"] = df["actor"].map(fold_map).astype("int32")
-    X = svm.feature_set_matrix(df, feature_set)
+    X = svm.feature_set_matrix(df, feature_set, speaker_normalise)
     y = svm.label_vector(df, merge_calm)
     actors = df["actor"].to_numpy()
-    if speaker_normalise:
-        X = speaker_norm.speaker_normalize(X, actors.tolist(), df["path"].tolist())
 
     fold_results, prediction_parts = [], []
     for k in folds:
