@@ -126,8 +126,8 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sklearn_score = float(search.cv_results_["mean_test_score"][best])
 
     def test_uar(params: dict[str, Any]) -> float:
-        proba = svm.fit_predict_proba(params, X, y, actors, X_all[test_mask], num_classes, scheme)
-        return classification_metrics(y_all[test_mask], proba.argmax(axis=1), num_classes)["uar"]
+        labels, _ = svm.fit_predict(params, X, y, actors, X_all[test_mask], num_classes, scheme)
+        return classification_metrics(y_all[test_mask], labels, num_classes)["uar"]
 
     tuned_test_uar, reference_test_uar = test_uar(found["params"]), test_uar(svm.REFERENCE_PARAMS)
     return {

@@ -5,8 +5,9 @@ For each outer fold (four test actors), Ray Tune searches SVC hyperparameters on
 refit on the training actors and scored once on the test fold.
 
 Writes to --out: svm_folds.json (per fold + mean ± std), predictions_svm.csv (out-of-fold,
-one row per clip, class probabilities), config.json, tune/ (Tune results, one experiment per
-fold, for the dashboard / TensorBoard) and prepared/ (features, unless --features is given).
+one row per clip, class probabilities), config.json, svm_models/fold_<k>.joblib (each fold's
+model, for jobs/predict.py --svm-models), tune/ (Tune results, one experiment per fold, for the
+dashboard / TensorBoard) and prepared/ (features, unless --features is given).
 
 Examples:
   python jobs/tune_svm.py                                  # embedded demo corpus, grid search
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         feature_set=args.svm_features,
         speaker_normalise=args.speaker_norm,
         variant=variant,
+        models_dir=out / "svm_models",
     )
 
     summary = result.summary()

@@ -373,6 +373,7 @@ def _svm_results(
         feature_set=variant.feature_set,
         speaker_normalise=variant.speaker_norm,
         variant=variant.name,
+        models_dir=out / "svm_models" / variant.name,
     )
     done_json.write_text(json.dumps(cli.to_jsonable(result.folds), indent=2))
     result.predictions.to_csv(done_csv, index=False)

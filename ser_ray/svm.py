@@ -244,13 +244,36 @@ def fit_predict(
     (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
     calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
+    model = fit_calibrated_svm(params, X_train, y_train, actors_train, scheme)
+    return predict_labels(model, X_test), class_probabilities(model, X_test, num_classes)
+
+
+def fit_calibrated_svm(
+    params: Mapping[str, Any],
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    actors_train: Sequence[int],
+    scheme: str = "contiguous",
+) -> CalibratedClassifierCV:
+    """The chosen config fit on all training rows, calibrated on the inner actor folds."""
     model = make_calibrated_svm(params, cv=inner_splits(actors_train, scheme))
-    model.fit(X_train, y_train)
+    return model.fit(X_train, y_train)
+
+
+def predict_labels(model: CalibratedClassifierCV, X: np.ndarray) -> np.ndarray:
+    """The SVC's own decision (``SVC.predict`` of the pipeline fit on all training rows, the
+    rule :func:`inner_cv_score` selects by), not the argmax of the calibrated probabilities."""
     svc = model.calibrated_classifiers_[0].estimator  # ensemble=False: fit on all rows
-    labels = svc.predict(X_test).astype(np.int64)
-    proba = np.zeros((len(X_test), num_classes), dtype=np.float64)
-    proba[:, model.classes_] = model.predict_proba(X_test)
-    return labels, proba / proba.sum(axis=1, keepdims=True)
+    return svc.predict(X).astype(np.int64)
+
+
+def class_probabilities(
+    model: CalibratedClassifierCV, X: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """(rows, ``num_classes``) probabilities of a fitted model; a class it never saw gets 0."""
+    proba = np.zeros((len(X), num_classes), dtype=np.float64)
+    proba[:, model.classes_] = model.predict_proba(X)
+    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def best_config(rows: Iterable[tuple[Mapping[str, Any], float]]) -> tuple[dict[str, Any], float]:

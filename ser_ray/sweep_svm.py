@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ser_ray import speaker_norm, svm
+from ser_ray import speaker_norm, svm, svm_model
 from ser_ray.folds import check_actors, check_no_leakage, fold_of_actor, test_and_train_actors
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import class_names
@@ -218,6 +218,7 @@ def run_nested_svm(
     feature_set: str = "mfcc",
     speaker_normalise: bool = False,
     variant: str = "svm",
+    models_dir: str | Path | None = None,
 ) -> SvmResult:
     """Nested cross-validation of the SVM over the outer folds of ``scheme``.
 
@@ -233,7 +234,9 @@ def run_nested_svm(
     (:mod:`ser_ray.speaker_norm`) before the pipeline's StandardScaler; since an actor's
     statistics use only that actor's clips, doing it once for all rows is the same as doing
     it inside each outer and inner fold (no statistic crosses actors). Results, predictions
-    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``).
+    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``). With
+    ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
+    (:mod:`ser_ray.svm_model`, for ``jobs/predict.py --svm-models``).
     """
     names = class_names(merge_calm)
     num_classes = len(names)
@@ -275,15 +278,18 @@ def run_nested_svm(
         if leaked:  # cannot happen by construction; a guard for future edits
             raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
-        pred, proba = svm.fit_predict(
-            found["params"],
-            X[train_mask],
-            y[train_mask],
-            actors[train_mask],
-            X[test_mask],
-            num_classes,
-            scheme,
+        model = svm.fit_calibrated_svm(
+            found["params"], X[train_mask], y[train_mask], actors[train_mask], scheme
         )
+        pred = svm.predict_labels(model, X[test_mask])
+        proba = svm.class_probabilities(model, X[test_mask], num_classes)
+        if models_dir is not None:
+            svm_model.save_fold_model(
+                Path(models_dir) / f"fold_{k}.joblib",
+                svm_model.FoldModel(
+                    model, variant, feature_set, speaker_normalise, names, int(k), found["params"]
+                ),
+            )
         metrics = classification_metrics(y[test_mask], pred, num_classes)
         log.info("fold %d: test UA %.3f, accuracy %.3f", k, metrics["uar"], metrics["accuracy"])
         fold_results.append(
