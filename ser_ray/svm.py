@@ -1,13 +1,14 @@
-"""MFCC + SVM baseline: the scikit-learn core of the nested cross-validation (no Ray).
+"""SVM baseline: the scikit-learn core of the nested cross-validation (no Ray).
 
 The model is a :class:`~sklearn.pipeline.Pipeline` of a ``StandardScaler`` and an ``SVC`` on
-the ``mfcc_stats`` column of the features table. Hyperparameters are chosen by the UA
-(unweighted average recall) of an inner, actor-grouped cross-validation on the training
-actors only: the inner folds are the outer folds of the same scheme that remain once the
-test fold is set aside (five folds of four actors). The chosen model is refit on all the
-training actors and wrapped in a sigmoid calibration, whose own splits are the same inner
-actor folds, so that every prediction comes with class probabilities that sum to 1. The
-reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
+a feature set of the features table (:data:`FEATURE_SETS`: MFCC statistics, eGeMAPS or
+both), optionally speaker-normalised first (:func:`feature_set_matrix`). Hyperparameters are
+chosen by the UA (unweighted average recall) of an inner, actor-grouped cross-validation on
+the training actors only: the inner folds are the outer folds of the same scheme that remain
+once the test fold is set aside (five folds of four actors). The chosen model is refit on
+all the training actors and wrapped in a sigmoid calibration, whose own splits are the same
+inner actor folds, so that every prediction comes with class probabilities that sum to 1.
+The reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
 selection and reporting use one decision rule.
 
 The Ray Tune edge (trials, searchers, the outer loop) lives in :mod:`ser_ray.sweep_svm`.
