@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ser_ray.variants import Variant
+
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
@@ -67,8 +69,6 @@ def add_svm_feature_args(parser: argparse.ArgumentParser) -> None:
 
 def svm_variant_name(args: argparse.Namespace) -> str:
     """The variant name (``svm``, ``svm+egemaps+spknorm``, …) of the SVM flags."""
-    from ser_ray.variants import Variant
-
     return Variant("svm", feature_set=args.svm_features, speaker_norm=args.speaker_norm).name
 
 
