@@ -29,7 +29,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     features_dir = args.features or features.prepare_demo(
         out / "prepared", smoke_test=args.smoke_test
     )
-    cfg = KFoldConfig(models=("wav2vec2",), model=args.model, epochs=args.epochs, out=str(out))
+    cfg = KFoldConfig(variants=("wav2vec2",), model=args.model, epochs=args.epochs, out=str(out))
     train_cfg = train_config_for(cfg)
     train_cfgs = dict.fromkeys(range(1, 7), train_cfg)
     if train_cfg.use_feature_cache:

@@ -2,10 +2,12 @@
 
 Same grid, same inner splits (leave one remaining outer fold out = actor-grouped, 5 x 4
 actors), same score (UA) on the training actors of one outer fold. Prints the wall time of
-each, their ratio, and the best inner score each found (they must be equal).
+each, their ratio, and the best inner score each found (they must be equal). Then the test
+UA of the tuned config against the untuned reference (StandardScaler + SVC(C=10)) on the
+same features and the same outer fold: the tuned one must not be worse.
 
 Used by jobs/benchmark.py as ``svm`` (``add_svm_args`` + ``run_svm_benchmark``):
-``python jobs/benchmark.py svm [--features DIR] [--fold 1] [--smoke-test]``.
+``python jobs/benchmark.py svm [--features DIR] [--fold 1] [--speaker-norm] [--smoke-test]``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from sklearn.metrics import make_scorer
 from sklearn.model_selection import GridSearchCV
 
-from ser_ray import features, svm
+from ser_ray import cli, features, svm
 from ser_ray.folds import test_and_train_actors
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import class_names
@@ -44,6 +46,7 @@ def add_svm_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
     parser.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
+    cli.add_svm_feature_args(parser)
     parser.add_argument(
         "--max-concurrent-trials",
         type=int,
@@ -79,10 +82,15 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     else:
         config = features.FeatureConfig(fold_scheme=scheme)
         features_dir = features.prepare_demo(out / "prepared", smoke_test=smoke_test, config=config)
-    df = features.load_features(features_dir, columns=["path", "actor", "emotion", "mfcc_stats"])
-    _, train_actors = test_and_train_actors(args.fold, scheme)
-    train = df[df["actor"].isin(train_actors)].reset_index(drop=True)
-    X, y = svm.feature_matrix(train), svm.label_vector(train, args.merge_calm)
+    columns = ["path", "actor", "emotion", *svm.FEATURE_SETS[args.svm_features]]
+    df = features.load_features(features_dir, columns=columns)
+    test_actors, train_actors = test_and_train_actors(args.fold, scheme)
+    X_all = svm.feature_set_matrix(df, args.svm_features, args.speaker_norm)
+    y_all = svm.label_vector(df, args.merge_calm)
+    train_mask = df["actor"].isin(train_actors).to_numpy()
+    test_mask = df["actor"].isin(test_actors).to_numpy()
+    train = df[train_mask].reset_index(drop=True)
+    X, y = X_all[train_mask], y_all[train_mask]
     actors = train["actor"].to_numpy()
     grid = svm.svm_grid(smoke_test)
     splits = svm.inner_splits(actors, scheme)
@@ -117,6 +125,11 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     sklearn_score = float(search.cv_results_["mean_test_score"][best])
 
+    def test_uar(params: dict[str, Any]) -> float:
+        labels, _ = svm.fit_predict(params, X, y, actors, X_all[test_mask], num_classes, scheme)
+        return classification_metrics(y_all[test_mask], labels, num_classes)["uar"]
+
+    tuned_test_uar, reference_test_uar = test_uar(found["params"]), test_uar(svm.REFERENCE_PARAMS)
     return {
         "fold": args.fold,
         "scheme": scheme,
@@ -133,6 +146,13 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "sklearn_best_params": sklearn_params,
         "sklearn_best_inner_uar": sklearn_score,
         "equal_best_score": bool(abs(found["inner_uar"] - sklearn_score) < 1e-9),
+        "svm_features": args.svm_features,
+        "speaker_norm": bool(args.speaker_norm),
+        "n_test_clips": int(test_mask.sum()),
+        "tuned_test_uar": tuned_test_uar,
+        "reference_params": svm.svm_params(svm.REFERENCE_PARAMS),
+        "reference_test_uar": reference_test_uar,
+        "tuned_over_reference_uar": tuned_test_uar / reference_test_uar,
     }
 
 
@@ -152,5 +172,13 @@ def format_svm_benchmark(r: dict[str, Any]) -> str:
             f"| {r['sklearn_best_inner_uar']:.4f} | {r['sklearn_best_params']} |",
             f"sklearn / Tune (warm) wall time = {r['speedup_sklearn_over_tune']:.2f} "
             f"(>1: Tune faster); equal best inner UA: {r['equal_best_score']}",
+            "",
+            f"Test UA on fold {r['fold']}'s {r['n_test_clips']} clips, {r['svm_features']} "
+            f"features, speaker norm {'on' if r['speaker_norm'] else 'off'}:",
+            "| model | test UA |",
+            "|---|---|",
+            f"| tuned ({r['tune_best_params']}) | {r['tuned_test_uar']:.4f} |",
+            f"| reference StandardScaler + SVC(C=10) | {r['reference_test_uar']:.4f} |",
+            f"tuned / reference UA = {r['tuned_over_reference_uar']:.3f} (>= 1: tuning pays)",
         ]
     )

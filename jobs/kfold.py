@@ -1,7 +1,9 @@
-"""The main job: features -> MFCC+SVM nested CV -> wav2vec2 on six folds concurrently -> table.
+"""The main job: features -> SVM variants' nested CV -> wav2vec2 on six folds concurrently ->
+one table with the variants side by side (paired per-fold differences against the first).
 
 Examples:
-  python jobs/kfold.py                                  # demo corpus + demo model, offline
+  python jobs/kfold.py                                  # svm, svm+spknorm, wav2vec2 on the demo
+  python jobs/kfold.py --variants svm+egemaps,svm+mfcc+egemaps+spknorm   # SVM variants only
   python jobs/kfold.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --epochs 10
   ray job submit --working-dir . -- python jobs/kfold.py --smoke-test
   python jobs/tune_adamw.py --nested --out runs/adamw   # per-fold AdamW settings, then:
@@ -15,7 +17,7 @@ import argparse
 import sys
 
 from ser_ray import cli
-from ser_ray.kfold import MODELS, KFoldConfig, params_provenance, run_kfold
+from ser_ray.kfold import KFoldConfig, params_provenance, run_kfold
 from ser_ray.summary import format_table
 
 
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
     p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
     p.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated subset of %(default)s"
+        "--variants",
+        "--models",
+        default=",".join(d.variants),
+        help="comma-separated named variants, compared with the first: a family (svm, wav2vec2) "
+        "then +options; svm takes +spknorm (speaker normalisation), +egemaps, +mfcc+egemaps "
+        "(feature sets; default MFCC). Default: %(default)s",
     )
     p.add_argument("--workers-per-fold", type=int, default=d.workers_per_fold)
     p.add_argument("--concurrent-folds", type=int, help="folds trained at once (default: all six)")
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         folds=args.folds,
         merge_calm=args.merge_calm,
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        variants=tuple(args.variants.split(",")),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -1,11 +1,20 @@
 """Trained fold models -> softmax probabilities for new audio (CSV).
 
-Give one or more saved fold models (``<run>/fold_<k>/model``, Hugging Face checkpoint
-folders); with several, the probabilities are the mean over the models. Audio in any
-format libsndfile reads (WAV, FLAC, OGG, MP3), any sample rate, mono or stereo.
+Give one or more saved fold models: wav2vec2 (``--models <run>/wav2vec2/fold_<k>/best_model``,
+Hugging Face checkpoint folders) or SVM (``--svm-models <run>/svm_models/<variant>/fold_*.joblib``);
+with several, the probabilities are the mean over the models. Audio in any format libsndfile
+reads (WAV, FLAC, OGG, MP3), any sample rate, mono or stereo.
+
+A speaker-normalised SVM (``svm+spknorm``) normalises each clip over its speaker's clips, so
+it needs the speaker of every clip (``--speaker-of CSV`` with columns path,speaker, or
+``--one-speaker`` when all given files are one speaker) and two clips per speaker at least;
+a clip without a speaker, or a speaker with a single clip, is refused.
 
 Examples:
-  python jobs/predict.py --models runs/kfold/wav2vec2/fold_*/model --out runs/predict a.wav b.flac
+  python jobs/predict.py --models runs/kfold/wav2vec2/fold_*/best_model --out runs/predict \
+      a.wav b.flac
+  python jobs/predict.py --svm-models runs/kfold/svm_models/svm+spknorm/fold_*.joblib \
+      --one-speaker --out runs/predict_spk me_1.wav me_2.wav me_3.wav
   python jobs/predict.py --smoke-test --out runs/predict_smoke
 Writes OUT/predictions.csv (path, pred_label, n_models, prob_<emotion>...; rows sum to 1),
 OUT/rejected.csv (path, reason) and OUT/config.json.
@@ -17,10 +26,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
 import transformers
 
 from ser_ray import cli
-from ser_ray.predict import predict_files
+from ser_ray.predict import predict_files, predict_files_svm
+from ser_ray.speaker_norm import SpeakerNormError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("audio", nargs="*", help="audio files (paths or URIs) to classify")
     parser.add_argument(
         "--models", nargs="+", default=[], help="saved fold model folders (one or more)"
+    )
+    parser.add_argument(
+        "--svm-models", nargs="+", default=[], help="saved SVM fold models (fold_<k>.joblib)"
+    )
+    speakers = parser.add_mutually_exclusive_group()
+    speakers.add_argument(
+        "--speaker-of",
+        help="CSV with columns path,speaker: the speaker of each audio file (for "
+        "speaker-normalised SVMs); paths match as given or by file name",
+    )
+    speakers.add_argument(
+        "--one-speaker", action="store_true", help="all given audio files are one speaker"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     parser.add_argument(
@@ -64,6 +87,20 @@ def _smoke_inputs(out: Path) -> tuple[list[str], list[str]]:
     return [str(model_dir)], sorted(str(p) for p in corpus.rglob("*.wav"))
 
 
+def _speakers(args: argparse.Namespace, audio: list[str]) -> dict[str, str] | None:
+    """path -> speaker from --one-speaker or --speaker-of (None: no grouping given)."""
+    if args.one_speaker:
+        return dict.fromkeys(audio, "speaker")
+    if not args.speaker_of:
+        return None
+    table = pd.read_csv(args.speaker_of, dtype=str)
+    if not {"path", "speaker"} <= set(table.columns):
+        build_parser().error(f"{args.speaker_of}: needs columns path,speaker; has {list(table)}")
+    given = dict(zip(table["path"], table["speaker"], strict=True))
+    by_name = {Path(p).name: s for p, s in given.items()}
+    return {a: given.get(a, by_name.get(Path(a).name)) for a in audio}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
@@ -73,9 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     models, audio = list(args.models), list(args.audio)
     if args.smoke_test:
         models, audio = _smoke_inputs(out)
-    if not models or not audio:
-        build_parser().error("give --models and at least one audio file (or --smoke-test)")
-    predictions, rejected = predict_files(models, audio, args.batch_size, args.device, args.amp)
+    if bool(models) == bool(args.svm_models) or not audio:
+        build_parser().error(
+            "give --models or --svm-models (one kind) and at least one audio file (or --smoke-test)"
+        )
+    if models:
+        predictions, rejected = predict_files(models, audio, args.batch_size, args.device, args.amp)
+    else:
+        try:
+            predictions, rejected = predict_files_svm(
+                args.svm_models, audio, _speakers(args, audio)
+            )
+        except SpeakerNormError as err:
+            build_parser().error(str(err))
+        models = list(args.svm_models)
     predictions.to_csv(out / "predictions.csv", index=False)
     rejected.to_csv(out / "rejected.csv", index=False)
     cli.save_config(out, {**vars(args), "models": models, "audio": audio})

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
     parser.add_argument("--n-mfcc", type=int, default=40)
     parser.add_argument("--mfcc-deltas", action="store_true", help="add delta statistics")
+    parser.add_argument(
+        "--no-egemaps",
+        action="store_true",
+        help="skip the eGeMAPSv02 functionals (openSMILE); the SVM can then use MFCC only",
+    )
     parser.add_argument("--trim-silence", action="store_true", help="cut silent ends first")
     parser.add_argument("--max-duration-s", type=float, default=60.0)
     parser.add_argument(
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     config = features.FeatureConfig(
         n_mfcc=args.n_mfcc,
         mfcc_deltas=args.mfcc_deltas,
+        egemaps=not args.no_egemaps,
         trim_silence=args.trim_silence,
         max_duration_s=args.max_duration_s,
         fold_scheme=args.folds,

@@ -5,14 +5,17 @@ For each outer fold (four test actors), Ray Tune searches SVC hyperparameters on
 refit on the training actors and scored once on the test fold.
 
 Writes to --out: svm_folds.json (per fold + mean ± std), predictions_svm.csv (out-of-fold,
-one row per clip, class probabilities), config.json, tune/ (Tune results, one experiment per
-fold, for the dashboard / TensorBoard) and prepared/ (features, unless --features is given).
+one row per clip, class probabilities), config.json, svm_models/fold_<k>.joblib (each fold's
+model, for jobs/predict.py --svm-models), tune/ (Tune results, one experiment per fold, for the
+dashboard / TensorBoard) and prepared/ (features, unless --features is given).
 
 Examples:
   python jobs/tune_svm.py                                  # embedded demo corpus, grid search
   python jobs/tune_svm.py --search bayes --num-samples 40 --out runs/svm_bayes
   python jobs/tune_svm.py --features runs/prepare/features --folds emobox
   python jobs/tune_svm.py --data-dir ~/data/ravdess --merge-calm
+  python jobs/tune_svm.py --speaker-norm --svm-features egemaps   # speaker-normalised eGeMAPS
+  python jobs/tune_svm.py --search reference      # untuned SVC(C=10), same features and folds
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pathlib import Path
 from ser_ray import cli, features, svm
 from ser_ray.sweep_svm import SEARCHES, run_nested_svm
 
-#: Columns the SVM needs (the waveforms stay on disk).
-FEATURE_COLUMNS = ["path", "actor", "emotion", "mfcc_stats"]
+#: Columns the SVM needs besides its features (the waveforms stay on disk).
+META_COLUMNS = ["path", "actor", "emotion"]
 SMOKE_NUM_SAMPLES = 4
 
 
@@ -35,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_source_args(parser)
-    parser.add_argument("--search", choices=SEARCHES, default="grid", help="default: %(default)s")
+    parser.add_argument(
+        "--search",
+        choices=[*SEARCHES, "reference"],
+        default="grid",
+        help="grid, bayes (Optuna TPE), or reference: no search, the untuned "
+        "StandardScaler + SVC(C=10) (default: %(default)s)",
+    )
+    cli.add_svm_feature_args(parser)
     parser.add_argument(
         "--num-samples",
         type=int,
@@ -70,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     features_dir = features.features_for_job(
         args.features, args.data_dir, args.out, args.smoke_test, args.folds
     )
-    df = features.load_features(features_dir, columns=FEATURE_COLUMNS)
+    columns = META_COLUMNS + list(svm.FEATURE_SETS[args.svm_features])
+    df = features.load_features(features_dir, columns=columns)
     num_samples = min(args.num_samples, SMOKE_NUM_SAMPLES) if args.smoke_test else args.num_samples
     outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None
 
+    variant = cli.svm_variant_name(args)
+    reference = args.search == "reference"
     result = run_nested_svm(
         df,
-        search=args.search,
+        search="grid" if reference else args.search,
+        grid=[svm.REFERENCE_PARAMS] if reference else None,
         num_samples=num_samples,
         scheme=args.folds,
         merge_calm=args.merge_calm,
@@ -85,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         folds=outer,
         smoke_test=args.smoke_test,
         max_concurrent_trials=args.max_concurrent_trials,
+        feature_set=args.svm_features,
+        speaker_normalise=args.speaker_norm,
+        variant=variant,
+        models_dir=out / "svm_models",
     )
 
     summary = result.summary()
@@ -109,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
 
-    print(f"\nMFCC + SVM, nested CV ({args.search} search, {args.folds} folds, {len(df)} clips)")
-    print(svm.format_fold_table(result.folds))
+    print(
+        f"\n{variant}: {args.svm_features} features, normalisation: "
+        f"{result.config['normalisation']}\nnested CV ({args.search} search, {args.folds} "
+        f"folds, {len(df)} clips)"
+    )
+    print(svm.format_fold_table(result.folds, variant))
     print(
         f"\n  folds:       {folds_json}\n  predictions: {predictions_csv}\n  config:      "
         f"{config_json}\n  tune runs:   {out / 'tune'}"

@@ -12,6 +12,7 @@ the reason a clip is rejected (it ends up in ``rejected.csv``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 
@@ -22,6 +23,8 @@ import soundfile as sf
 import soxr
 
 TARGET_SR_HZ = 16_000
+#: eGeMAPSv02 functionals (Eyben et al. 2016): 88 values per clip, computed by openSMILE.
+EGEMAPS_DIM = 88
 SUPPORTED_FORMATS = "WAV, FLAC, OGG/Vorbis, MP3 (and the rest libsndfile reads)"
 
 
@@ -144,3 +147,43 @@ def mfcc_stats(
         "mfcc_std": std.astype(np.float32),
         "mfcc_stats": np.concatenate(parts).astype(np.float32),
     }
+
+
+class OpenSmileUnavailable(RuntimeError):
+    """openSMILE (the ``opensmile`` package and its native library) cannot run here."""
+
+
+@functools.lru_cache(maxsize=1)
+def _egemaps_smile():
+    try:
+        import opensmile
+    except ImportError as err:
+        raise OpenSmileUnavailable(
+            f"eGeMAPS needs the opensmile package ({err}); `pip install opensmile`, or prepare "
+            "MFCC features only (jobs/prepare.py --no-egemaps)"
+        ) from err
+    return opensmile.Smile(
+        feature_set=opensmile.FeatureSet.eGeMAPSv02,
+        feature_level=opensmile.FeatureLevel.Functionals,
+    )
+
+
+def check_opensmile() -> None:
+    """Run openSMILE once on 0.5 s of noise; raise :class:`OpenSmileUnavailable` if it cannot
+    (jobs call this at start so that a platform without openSMILE fails before any work)."""
+    try:
+        egemaps_functionals(np.random.default_rng(0).normal(0, 0.1, TARGET_SR_HZ // 2))
+    except OpenSmileUnavailable:
+        raise
+    except Exception as err:  # the native library fails with assorted errors
+        raise OpenSmileUnavailable(
+            f"openSMILE cannot run on this platform ({type(err).__name__}: {err}); prepare "
+            "MFCC features only (jobs/prepare.py --no-egemaps)"
+        ) from err
+
+
+def egemaps_functionals(y: np.ndarray, sr_hz: int = TARGET_SR_HZ) -> np.ndarray:
+    """The 88 eGeMAPSv02 functionals of a mono signal, as openSMILE's ``Smile.process_signal``
+    computes them (float32, in openSMILE's feature order)."""
+    values = _egemaps_smile().process_signal(np.asarray(y, dtype=np.float32), sr_hz)
+    return values.to_numpy(dtype=np.float32).reshape(-1)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ser_ray.variants import Variant
+
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
@@ -46,6 +48,28 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--features", help="a prepared features folder (the Parquet dataset of jobs/prepare.py)"
     )
+
+
+def add_svm_feature_args(parser: argparse.ArgumentParser) -> None:
+    """``--svm-features`` and ``--speaker-norm``: what the SVM is trained on."""
+    parser.add_argument(
+        "--svm-features",
+        choices=["mfcc", "egemaps", "mfcc+egemaps"],
+        default="mfcc",
+        help="SVM input: 80 MFCC statistics, 88 eGeMAPSv02 functionals (openSMILE), or both "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--speaker-norm",
+        action="store_true",
+        help="z-normalise each clip's features over its own actor's clips (unlabelled; "
+        "transductive for the test actors, as in Pepino et al. 2021)",
+    )
+
+
+def svm_variant_name(args: argparse.Namespace) -> str:
+    """The variant name (``svm``, ``svm+egemaps+spknorm``, …) of the SVM flags."""
+    return Variant("svm", feature_set=args.svm_features, speaker_norm=args.speaker_norm).name
 
 
 def setup_logging(verbose: bool = False) -> None:

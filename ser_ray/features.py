@@ -35,7 +35,7 @@ from ser_ray.ravdess import (
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2  # 2: the egemaps column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class FeatureConfig:
     target_sr_hz: int = audio.TARGET_SR_HZ  # wav2vec2 expects 16 kHz
     n_mfcc: int = 40  # MFCCs per frame
     mfcc_deltas: bool = False  # append mean/std of first-order deltas to mfcc_stats
+    egemaps: bool = True  # eGeMAPSv02 functionals by openSMILE (null column when False)
     trim_silence: bool = False  # cut leading/trailing silence before features
     trim_top_db: float = 40.0  # what counts as silence when trimming (dB below peak)
     silent_dbfs: float = -60.0  # reject clips whose peak is below this level
@@ -89,6 +90,7 @@ FEATURE_SCHEMA = pa.schema(
         ("mfcc_mean", pa.list_(pa.float32())),
         ("mfcc_std", pa.list_(pa.float32())),
         ("mfcc_stats", pa.list_(pa.float32())),
+        ("egemaps", pa.list_(pa.float32())),
     ]
 )
 # What the Ray tasks return: feature rows plus a rejection reason (null when usable).
@@ -141,6 +143,8 @@ def featurize_clip(row: dict, config: FeatureConfig, folds: dict[int, int]) -> d
                 "(raise --max-duration-s to keep it)"
             )
         out.update(audio.mfcc_stats(y, config.target_sr_hz, config.mfcc))
+        if config.egemaps:
+            out["egemaps"] = audio.egemaps_functionals(y, config.target_sr_hz)
     except audio.AudioError as err:
         out["reject_reason"] = str(err)
         return out
@@ -217,6 +221,8 @@ def prepare_features(
     import ray
 
     start = time.perf_counter()
+    if config.egemaps:
+        audio.check_opensmile()  # fail here, before any work, where openSMILE cannot run
     out = Path(out_dir)
     features_dir, rejected_csv, config_json = (
         out / "features",
@@ -363,11 +369,33 @@ def _parquet_files(features_dir: str | Path) -> list[str]:
 
 
 def load_features(features_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """The features as a pandas DataFrame (pick ``columns`` to leave the waveforms out)."""
+    """The features as a pandas DataFrame (pick ``columns`` to leave the waveforms out).
+
+    Raises ``ValueError`` when a requested column is absent from the files (features prepared
+    by an older version) or was left empty (``egemaps`` of features prepared with
+    ``egemaps=False``), naming the fix.
+    """
     files = _parquet_files(features_dir)
     if not files:
         return FEATURE_SCHEMA.empty_table().to_pandas()[columns or FEATURE_SCHEMA.names]
-    return pq.read_table(files, columns=columns, schema=FEATURE_SCHEMA).to_pandas()
+    _check_columns(features_dir, files[0], columns or FEATURE_SCHEMA.names)
+    frame = pq.read_table(files, columns=columns, schema=FEATURE_SCHEMA).to_pandas()
+    if "egemaps" in frame.columns and frame["egemaps"].isna().any():
+        raise ValueError(
+            f"{features_dir}: prepared without eGeMAPS (egemaps=false); prepare again with "
+            "eGeMAPS (jobs/prepare.py without --no-egemaps)"
+        )
+    return frame
+
+
+def _check_columns(features_dir: str | Path, first_file: str, columns: list[str]) -> None:
+    have = set(pq.read_schema(first_file).names)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(
+            f"{features_dir}: prepared by an older ser_ray without column(s) {missing}; "
+            "prepare the features again (jobs/prepare.py, or --data-dir, which redoes them)"
+        )
 
 
 def read_features(features_dir: str | Path, columns: list[str] | None = None):

@@ -1,4 +1,5 @@
-"""The main study: features -> SVM nested CV -> wav2vec2 on six folds concurrently -> summary.
+"""The main study: features -> SVM variants' nested CV -> wav2vec2 on six folds concurrently
+-> one summary with the named variants side by side (:mod:`ser_ray.variants`).
 
 Each outer fold of wav2vec2 is one Ray Tune trial, and each trial drives a Ray Train
 ``TorchTrainer`` running :func:`ser_ray.train_loop.train_fold_per_worker` (Ray Train V2 +
@@ -23,15 +24,15 @@ from typing import Any
 
 import pandas as pd
 
-from ser_ray import cli, folds, ravdess
+from ser_ray import cli, folds, ravdess, svm
 from ser_ray.features import FeatureConfig, demo_source, load_features, prepare_features
 from ser_ray.train_loop import TrainConfig
+from ser_ray.variants import DEFAULT_VARIANTS, Variant, parse_variants
 
 log = logging.getLogger(__name__)
 
 REAL_MODEL = "facebook/wav2vec2-base"
-MODELS = ("svm", "wav2vec2")
-#: Which actors of an outer fold each variant's reported model trained on, by (model, refit).
+#: Which actors of an outer fold each variant's reported model trained on, by (family, refit).
 TRAINED_ON = {
     ("svm", False): "all 20 training actors (settings chosen by inner CV over them, then refit "
     "on all of them)",
@@ -50,7 +51,7 @@ class KFoldConfig:
     model: str | None = None  # hub id, local folder or "demo"; None: demo without data_dir
     folds: str = "contiguous"  # fold scheme: contiguous | emobox
     merge_calm: bool = False  # 7 classes (calm merged into neutral) instead of 8
-    models: tuple[str, ...] = MODELS  # which models to run
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # named variants; differences vs the first
     epochs: int = 8  # wav2vec2 epochs per fold
     batch_size: int = 8  # clips per micro-batch
     lr: float | None = None  # peak LR of the encoder (default: TrainConfig's)
@@ -77,9 +78,7 @@ class KFoldConfig:
         return "demo" if self.data_dir is None else REAL_MODEL
 
     def __post_init__(self) -> None:
-        unknown = set(self.models) - set(MODELS)
-        if unknown or not self.models:
-            raise ValueError(f"models {sorted(unknown)} unknown; choose from {MODELS}")
+        self.variants = tuple(v.name for v in parse_variants(self.variants))  # raises
         if self.svm_search not in ("grid", "bayes"):
             raise ValueError(f"svm_search={self.svm_search!r}: choose grid or bayes")
         folds.fold_sets(self.folds)  # raises on an unknown scheme
@@ -352,12 +351,15 @@ def run_wav2vec2_folds(
     return outcomes
 
 
-def _svm_results(df: pd.DataFrame, cfg: KFoldConfig, out: Path) -> tuple[list[dict], pd.DataFrame]:
+def _svm_results(
+    df: pd.DataFrame, cfg: KFoldConfig, out: Path, variant: Variant
+) -> tuple[list[dict], pd.DataFrame]:
     from ser_ray.sweep_svm import run_nested_svm
 
-    done_json, done_csv = out / "svm_folds.json", out / "predictions_svm.csv"
+    done_json = out / f"{variant.name}_folds.json"
+    done_csv = out / f"predictions_{variant.name}.csv"
     if cfg.resume and done_json.exists() and done_csv.exists():
-        log.info("SVM folds already done in %s; reusing them", done_json)
+        log.info("%s folds already done in %s; reusing them", variant.name, done_json)
         return json.loads(done_json.read_text()), pd.read_csv(done_csv)
     result = run_nested_svm(
         df,
@@ -368,6 +370,10 @@ def _svm_results(df: pd.DataFrame, cfg: KFoldConfig, out: Path) -> tuple[list[di
         seed=cfg.seed,
         storage_path=out / "tune_svm",
         smoke_test=cfg.smoke_test,
+        feature_set=variant.feature_set,
+        speaker_normalise=variant.speaker_norm,
+        variant=variant.name,
+        models_dir=out / "svm_models" / variant.name,
     )
     done_json.write_text(json.dumps(cli.to_jsonable(result.folds), indent=2))
     result.predictions.to_csv(done_csv, index=False)
@@ -387,11 +393,14 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
     train_cfg = train_cfgs[1]
+    variants = parse_variants(cfg.variants)
+    runs_wav2vec2 = any(v.family == "wav2vec2" for v in variants)
     cli.save_config(
         out,
         {
             "job": "kfold",
             "kfold": cfg,
+            "variants": {v.name: v.describe() for v in variants},
             "model": train_cfg.model,
             "train": train_cfg if cfg.params is None else train_cfgs,
             "params_provenance": provenance,
@@ -402,7 +411,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
     prepared = prepare_features(source, out / "prepared", FeatureConfig(fold_scheme=cfg.folds))
     shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
-    df = load_features(prepared.features_dir, ["path", "actor", "emotion", "mfcc_stats"])
+    columns = {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
+    df = load_features(prepared.features_dir, ["path", "actor", "emotion", *sorted(columns)])
     folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
 
     class_names = ravdess.class_names(cfg.merge_calm)
@@ -412,16 +422,14 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     }
     predictions = []
     histories: dict[int, list[dict]] = {}
-    if "svm" in cfg.models:
-        svm_folds, svm_predictions = _svm_results(df, cfg, out)
-        for row in svm_folds:
-            fold_rows[row["fold"]].update(
-                svm=row["svm"],
-                svm_params=row.get("svm_params"),
-                svm_search_s=row.get("svm_search_s"),
-            )
-        predictions.append(svm_predictions)
-    if "wav2vec2" in cfg.models:
+    for variant in variants:
+        if variant.family == "svm":
+            svm_folds, svm_predictions = _svm_results(df, cfg, out, variant)
+            for row in svm_folds:
+                keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
+                fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
+            predictions.append(svm_predictions)
+            continue
         for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
             m = outcome["metrics"]
             fold_rows[outcome["fold"]]["wav2vec2"] = {
@@ -440,12 +448,13 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
         all_predictions,
         class_names,
         summary.RunInfo(
-            model=train_cfg.model if "wav2vec2" in cfg.models else None,
+            model=train_cfg.model if runs_wav2vec2 else None,
             merge_calm=cfg.merge_calm,
             fold_scheme=cfg.folds,
             config=cli.to_jsonable(dataclasses.asdict(cfg)),
             params_provenance=provenance,
             trained_on=trained_on(cfg, train_cfgs),
+            variants={v.name: v.describe() for v in variants},
         ),
         histories=histories or None,
         lr_schedule=encoder_lr_schedule(train_cfgs[min(histories)], histories[min(histories)])
@@ -460,13 +469,13 @@ def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str
     from ser_ray.train_loop import fold_split
 
     out: dict[str, Any] = {}
-    for model in cfg.models:
-        refit = model == "wav2vec2" and cfg.refit
+    for variant in parse_variants(cfg.variants):
+        refit = variant.family == "wav2vec2" and cfg.refit
         per_fold = {}
         for k, train_cfg in train_cfgs.items():
             _, fit, val = fold_split(k, cfg.folds, train_cfg.n_val_actors)
-            per_fold[str(k)] = sorted(fit + val) if model == "svm" or refit else fit
-        out[model] = {"description": TRAINED_ON[model, refit], "per_fold": per_fold}
+            per_fold[str(k)] = sorted(fit + val) if variant.family == "svm" or refit else fit
+        out[variant.name] = {"description": TRAINED_ON[variant.family, refit], "per_fold": per_fold}
     return out
 
 

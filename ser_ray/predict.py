@@ -1,10 +1,11 @@
 """Softmax probabilities from trained fold models, for new audio (no Ray).
 
-Each fold model is a Hugging Face checkpoint folder written by the training loop
-(``fold_<k>/model``): a standard ``AutoModelForAudioClassification`` model of any supported
-family, run here through its own ``forward`` with its feature extractor, exactly as
-``pipeline("audio-classification")`` does. With several models the probabilities are
-averaged.
+Each wav2vec2-style fold model is a Hugging Face checkpoint folder written by the training
+loop (``fold_<k>/model``): a standard ``AutoModelForAudioClassification`` model of any
+supported family, run here through its own ``forward`` with its feature extractor, exactly as
+``pipeline("audio-classification")`` does. Each SVM fold model is a ``fold_<k>.joblib`` of
+:mod:`ser_ray.svm_model`. With several models the probabilities are averaged.
+Speaker-normalised SVMs need the speaker of every clip and at least two clips per speaker.
 
 Clips are batched by :func:`ser_ray.model.inference_batches` under the rule the training
 loop evaluates with (:func:`ser_ray.model.pads_exactly`): padded batches only where padding
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,46 @@ def predict_files(
 
     predictions: ``path, pred_label, n_models, prob_<class>...``; rejected: ``path, reason``.
     """
+    models, class_names = load_fold_models(model_dirs, device or default_device())
+    paths, waveforms, rejected = _load_clips(audio_files)
+    probs = (
+        ensemble_probabilities(models, waveforms, batch_size, amp)
+        if waveforms
+        else np.zeros((0, len(class_names)))
+    )
+    return _prediction_frame(paths, probs, class_names, len(models)), rejected
+
+
+def predict_files_svm(
+    model_files: Sequence[str | os.PathLike],
+    audio_files: Sequence[str],
+    speakers: Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions, rejected) of saved SVM fold models; ``speakers`` maps each audio path
+    to its speaker (needed, for every clip, by speaker-normalised models)."""
+    from ser_ray import svm_model
+
+    if not model_files:
+        raise ValueError("no SVM model files given")
+    fold_models = [svm_model.load_fold_model(f) for f in model_files]
+    paths, waveforms, rejected = _load_clips(audio_files)
+    clips = pd.DataFrame(
+        [{"path": p, **svm_model.clip_features(w)} for p, w in zip(paths, waveforms, strict=True)],
+        columns=["path", "mfcc_stats", "egemaps"],
+    )
+    class_names = fold_models[0].class_names
+    probs = (
+        svm_model.predict_svm(fold_models, clips, speakers)
+        if paths
+        else np.zeros((0, len(class_names)))
+    )
+    return _prediction_frame(paths, probs, class_names, len(fold_models)), rejected
+
+
+def _load_clips(audio_files: Sequence[str]) -> tuple[list[str], list[np.ndarray], pd.DataFrame]:
+    """16 kHz mono waveforms of the readable files; the others as rejected (path, reason)."""
     from ser_ray.audio import AudioError, load_audio
 
-    models, class_names = load_fold_models(model_dirs, device or default_device())
     paths, waveforms, rejected = [], [], []
     for path in audio_files:
         try:
@@ -128,18 +166,19 @@ def predict_files(
             continue
         paths.append(str(path))
         waveforms.append(wave)
-    probs = (
-        ensemble_probabilities(models, waveforms, batch_size, amp)
-        if waveforms
-        else np.zeros((0, len(class_names)))
-    )
+    return paths, waveforms, pd.DataFrame(rejected, columns=["path", "reason"])
+
+
+def _prediction_frame(
+    paths: list[str], probs: np.ndarray, class_names: Sequence[str], n_models: int
+) -> pd.DataFrame:
     frame = pd.DataFrame(
         {
             "path": paths,
             "pred_label": [class_names[i] for i in probs.argmax(axis=1)] if len(paths) else [],
-            "n_models": len(models),
+            "n_models": n_models,
         }
     )
     for i, name in enumerate(class_names):
         frame[f"prob_{name}"] = probs[:, i]
-    return frame, pd.DataFrame(rejected, columns=["path", "reason"])
+    return frame

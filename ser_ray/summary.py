@@ -5,8 +5,11 @@ Inputs are what the k-fold job gathers:
 - ``fold_results``: one dict per outer fold, e.g.
   ``{"fold": 1, "test_actors": [1, 2, 3, 4], "n_test": 240,
   "svm": {"accuracy": .., "uar": .., "macro_f1": ..},
+  "svm+spknorm": {"accuracy": .., "uar": .., "macro_f1": ..},
   "wav2vec2": {"accuracy": .., "uar": .., "macro_f1": .., "best_epoch": 3}}``;
-  a model that did not run is simply absent (or ``None``).
+  any number of named variants (:mod:`ser_ray.variants`), in the order they were given (the
+  first is the one the others are compared with); a variant that did not run is simply
+  absent (or ``None``).
 - ``predictions``: the out-of-fold predictions (``predictions.csv``): columns ``path, actor,
   fold, true_label, pred_label, model`` and ``prob_<class>``; labels are class names or indices.
 - ``class_names`` and a :class:`RunInfo` (which wav2vec2 model ran, calm merged or not, fold
@@ -43,8 +46,6 @@ from ser_ray import metrics
 
 log = logging.getLogger(__name__)
 
-#: Model keys, in the order they appear in every table.
-MODELS: tuple[str, ...] = ("svm", "wav2vec2")
 #: Headline metrics per model; UA (``uar``) first, as RAVDESS reports it.
 METRICS: tuple[str, ...] = ("uar", "accuracy", "macro_f1")
 MODEL_TITLES = {"svm": "SVM", "wav2vec2": "wav2vec2"}
@@ -73,6 +74,8 @@ class RunInfo:
     params_provenance: dict[str, Any] | None = None
     #: Per model: ``{"description", "per_fold": {fold: actors}}`` it was trained on.
     trained_on: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: What each variant is (features, which normalisation ran): ``Variant.describe()``.
+    variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -120,8 +123,13 @@ def _preview(paths: Sequence[str], limit: int = 10) -> str:
 
 # ------------------------------------------------------------------------------- statistics
 def models_present(fold_results: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Model keys that have results in at least one fold, in :data:`MODELS` order."""
-    return [m for m in MODELS if any(r.get(m) for r in fold_results)]
+    """Variant keys with test metrics in at least one fold, in first-appearance order."""
+    present: dict[str, None] = {}
+    for r in fold_results:
+        for key, value in r.items():
+            if isinstance(value, Mapping) and "uar" in value:
+                present.setdefault(key)
+    return list(present)
 
 
 def _sample_std(values: Sequence[float]) -> float:
@@ -150,10 +158,7 @@ def fold_mean_std(
 
 
 def paired_difference(
-    fold_results: Sequence[Mapping[str, Any]],
-    minuend: str = "wav2vec2",
-    subtrahend: str = "svm",
-    metric: str = "uar",
+    fold_results: Sequence[Mapping[str, Any]], minuend: str, subtrahend: str, metric: str = "uar"
 ) -> dict[str, Any] | None:
     """Per-fold ``minuend - subtrahend`` of ``metric`` with mean and sample std (ddof=1).
 
@@ -177,6 +182,16 @@ def paired_difference(
     }
 
 
+def paired_differences(fold_results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every later variant minus the first, per metric (:func:`paired_difference`)."""
+    present = models_present(fold_results)
+    if not present:
+        return []
+    first, *others = present
+    diffs = (paired_difference(fold_results, v, first, k) for v in others for k in METRICS)
+    return [d for d in diffs if d is not None]
+
+
 def _label_indices(labels: pd.Series, class_names: Sequence[str]) -> np.ndarray:
     """Class names or integer indices -> integer indices (raises on unknown names)."""
     if pd.api.types.is_integer_dtype(labels):
@@ -195,7 +210,7 @@ def prediction_stats(
     per-class recall (None where a class has no clips) and pooled metrics."""
     out: dict[str, dict[str, Any]] = {}
     n = len(class_names)
-    for model in sorted(set(predictions["model"]), key=_model_order):
+    for model in predictions["model"].drop_duplicates():
         rows = predictions[predictions["model"] == model]
         y_true = _label_indices(rows["true_label"], class_names)
         y_pred = _label_indices(rows["pred_label"], class_names)
@@ -209,10 +224,6 @@ def prediction_stats(
             "pooled": metrics.classification_metrics(y_true, y_pred, n),
         }
     return out
-
-
-def _model_order(model: str) -> tuple[int, str]:
-    return (MODELS.index(model) if model in MODELS else len(MODELS), model)
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -259,6 +270,7 @@ def build_summary(
     summary = {
         "model": info.model,
         "models_run": present,
+        "variants": {v: info.variants.get(v, {}) for v in present},
         "merge_calm": bool(info.merge_calm),
         "fold_scheme": info.fold_scheme,
         "classes": list(class_names),
@@ -266,7 +278,7 @@ def build_summary(
         "folds": folds,
         "mean": mean,
         "std": std,
-        "paired_difference": paired_difference(fold_results),
+        "paired_differences": paired_differences(fold_results),
         "per_class_recall": {m: s["per_class_recall"] for m, s in stats.items()},
         "confusion": {m: s["confusion"] for m, s in stats.items()},
         "pooled": {m: s["pooled"] for m, s in stats.items()},
@@ -282,7 +294,7 @@ def _check_fold_sizes(fold_results: Sequence[Mapping[str, Any]], predictions: pd
         return
     counts = predictions.groupby(["model", "fold"]).size()
     for r in fold_results:
-        for model in MODELS:
+        for model in models_present(fold_results):
             if r.get(model) and (model, r["fold"]) in counts.index:
                 n = int(counts[(model, r["fold"])])
                 if n != int(r["n_test"]):
@@ -299,6 +311,10 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _title(variant: str) -> str:
+    return MODEL_TITLES.get(variant, variant)
+
+
 def _pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "–"
@@ -311,11 +327,11 @@ def format_table(summary: Mapping[str, Any]) -> str:
     Columns: fold, test actors, n, then UA / accuracy / macro-F1 per model that ran, and the
     best wav2vec2 epoch when known.
     """
-    present = [m for m in MODELS if m in summary["mean"]]
+    present = list(summary["mean"])
     best_epoch = "wav2vec2" in present and "best_epoch" in summary["mean"]["wav2vec2"]
     header = ["fold", "test actors", "n"]
     for m in present:
-        header += [f"{MODEL_TITLES[m]} {METRIC_TITLES[k]} %" for k in METRICS]
+        header += [f"{_title(m)} {METRIC_TITLES[k]} %" for k in METRICS]
     if best_epoch:
         header.append("best epoch")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -344,12 +360,20 @@ def format_table(summary: Mapping[str, Any]) -> str:
 def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``summary.md``: run facts, fold table, paired difference, recalls, confusions."""
     classes = summary["classes"]
-    ran = summary.get("models_run") or [m for m in MODELS if m in summary["mean"]]
+    ran = summary.get("models_run") or list(summary["mean"])
     lines = [
         "# ser_ray cross-validation summary",
         "",
-        f"- models run: {', '.join(ran) if ran else 'none'}",
+        f"- variants run: {', '.join(ran) if ran else 'none'}",
         f"- wav2vec2 model: {summary['model'] if 'wav2vec2' in ran else 'not run'}",
+    ]
+    for variant, about in summary.get("variants", {}).items():
+        if "normalisation" in about:
+            lines.append(
+                f"- {variant}: {about['features']} features, normalisation: "
+                f"{about['normalisation']}"
+            )
+    lines += [
         f"- calm merged into neutral: {'yes' if summary['merge_calm'] else 'no'} "
         f"({len(classes)} classes: {', '.join(classes)})",
         f"- fold scheme: {summary['fold_scheme']} ({len(summary['folds'])} folds, "
@@ -366,34 +390,32 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         format_table(summary),
         "",
     ]
-    diff = summary.get("paired_difference")
-    if diff:
-        per_fold = ", ".join(
-            f"fold {d['fold']}: {100 * d['difference']:+.1f}" for d in diff["per_fold"]
-        )
-        lines += [
-            "## Paired difference",
-            "",
-            f"{diff['minuend']} − {diff['subtrahend']} "
-            f"{METRIC_TITLES.get(diff['metric'], diff['metric'])}: "
-            f"{_signed_pct(diff['mean'])} ± {_pct(diff['std'])} points over "
-            f"{len(diff['per_fold'])} folds ({per_fold})",
-            "",
-        ]
+    diffs = summary.get("paired_differences")
+    if diffs:
+        lines += [f"## Paired differences against {diffs[0]['subtrahend']}", ""]
+        for diff in diffs:
+            per_fold = ", ".join(
+                f"fold {d['fold']}: {100 * d['difference']:+.1f}" for d in diff["per_fold"]
+            )
+            lines.append(
+                f"- {diff['minuend']} − {diff['subtrahend']} "
+                f"{METRIC_TITLES.get(diff['metric'], diff['metric'])}: "
+                f"{_signed_pct(diff['mean'])} ± {_pct(diff['std'])} points over "
+                f"{len(diff['per_fold'])} folds ({per_fold})"
+            )
+        lines.append("")
     recalls = summary.get("per_class_recall", {})
     if recalls:
-        models = [m for m in sorted(recalls, key=_model_order)]
+        models = list(recalls)
         lines += ["## Recall per emotion (out-of-fold, %)", ""]
-        lines.append("| emotion | " + " | ".join(MODEL_TITLES.get(m, m) for m in models) + " |")
+        lines.append("| emotion | " + " | ".join(_title(m) for m in models) + " |")
         lines.append("|---|" + "|".join("---" for _ in models) + "|")
         for c in classes:
             lines.append(f"| {c} | " + " | ".join(_pct(recalls[m].get(c)) for m in models) + " |")
         lines.append("")
-    for model, cm in sorted(
-        summary.get("confusion", {}).items(), key=lambda kv: _model_order(kv[0])
-    ):
+    for model, cm in summary.get("confusion", {}).items():
         lines += [
-            f"## Confusion matrix, {MODEL_TITLES.get(model, model)} (rows true, columns predicted)",
+            f"## Confusion matrix, {_title(model)} (rows true, columns predicted)",
             "",
         ]
         lines.append("| true \\ pred | " + " | ".join(classes) + " |")
@@ -418,17 +440,17 @@ def _signed_pct(x: float) -> str:
 
 
 def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    present = [m for m in MODELS if m in summary["mean"]]
+    present = list(summary["mean"])
     cols = ["fold", "test_actors", "n_test"]
     for m in present:
         cols += [f"{m}_{k}" for k in METRICS]
         if "best_epoch" in summary["mean"][m]:
             cols.append(f"{m}_best_epoch")
-    diff = summary.get("paired_difference")
-    diff_col = f"{diff['metric']}_{diff['minuend']}_minus_{diff['subtrahend']}" if diff else None
-    if diff_col:
-        cols.append(diff_col)
-    by_fold = {d["fold"]: d["difference"] for d in diff["per_fold"]} if diff else {}
+    diffs = {
+        f"{d['metric']}_{d['minuend']}_minus_{d['subtrahend']}": d
+        for d in summary.get("paired_differences") or []
+    }
+    cols += list(diffs)
     rows = []
     for f in summary["folds"]:
         row: dict[str, Any] = {
@@ -440,8 +462,9 @@ def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any
             for k in (*METRICS, "best_epoch"):
                 if f"{m}_{k}" in cols:
                     row[f"{m}_{k}"] = f.get(m, {}).get(k)
-        if diff_col:
-            row[diff_col] = by_fold.get(f["fold"])
+        for col, diff in diffs.items():
+            by_fold = {d["fold"]: d["difference"] for d in diff["per_fold"]}
+            row[col] = by_fold.get(f["fold"])
         rows.append(row)
     for stat in ("mean", "std"):
         row = {"fold": stat, "test_actors": "", "n_test": ""}
@@ -449,8 +472,8 @@ def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any
             for k in (*METRICS, "best_epoch"):
                 if f"{m}_{k}" in cols:
                     row[f"{m}_{k}"] = summary[stat][m].get(k)
-        if diff_col:
-            row[diff_col] = diff[stat]
+        for col, diff in diffs.items():
+            row[col] = diff[stat]
         rows.append(row)
     return cols, rows
 
@@ -536,7 +559,7 @@ def plot_confusion(
 
 def plot_fold_bars(summary: Mapping[str, Any], path: str | Path, metric: str = "uar") -> Path:
     """Grouped bars of ``metric`` per fold and model, with each model's mean as a dashed line."""
-    present = [m for m in MODELS if m in summary["mean"]]
+    present = list(summary["mean"])
     folds = [f["fold"] for f in summary["folds"]]
     x = np.arange(len(folds))
     width = 0.8 / max(len(present), 1)
@@ -544,9 +567,7 @@ def plot_fold_bars(summary: Mapping[str, Any], path: str | Path, metric: str = "
     ax = fig.add_subplot()
     for i, m in enumerate(present):
         values = [100 * (f.get(m, {}).get(metric) or 0.0) for f in summary["folds"]]
-        bars = ax.bar(
-            x + (i - (len(present) - 1) / 2) * width, values, width, label=MODEL_TITLES.get(m, m)
-        )
+        bars = ax.bar(x + (i - (len(present) - 1) / 2) * width, values, width, label=_title(m))
         ax.axhline(
             100 * summary["mean"][m][metric], ls="--", lw=1, color=bars.patches[0].get_facecolor()
         )
@@ -623,8 +644,8 @@ def write_plots(
     """All PNGs for a summary: confusion per model, UA per fold, learning curves, LR schedule."""
     out = Path(out_dir)
     paths = []
-    for model, cm in sorted(summary["confusion"].items(), key=lambda kv: _model_order(kv[0])):
-        title = f"{MODEL_TITLES.get(model, model)} confusion (out-of-fold)"
+    for model, cm in summary["confusion"].items():
+        title = f"{_title(model)} confusion (out-of-fold)"
         paths.append(plot_confusion(cm, summary["classes"], out / f"confusion_{model}.png", title))
     paths.append(plot_fold_bars(summary, out / "folds_uar.png"))
     if histories:

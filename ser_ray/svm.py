@@ -1,13 +1,14 @@
-"""MFCC + SVM baseline: the scikit-learn core of the nested cross-validation (no Ray).
+"""SVM baseline: the scikit-learn core of the nested cross-validation (no Ray).
 
 The model is a :class:`~sklearn.pipeline.Pipeline` of a ``StandardScaler`` and an ``SVC`` on
-the ``mfcc_stats`` column of the features table. Hyperparameters are chosen by the UA
-(unweighted average recall) of an inner, actor-grouped cross-validation on the training
-actors only: the inner folds are the outer folds of the same scheme that remain once the
-test fold is set aside (five folds of four actors). The chosen model is refit on all the
-training actors and wrapped in a sigmoid calibration, whose own splits are the same inner
-actor folds, so that every prediction comes with class probabilities that sum to 1. The
-reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
+a feature set of the features table (:data:`FEATURE_SETS`: MFCC statistics, eGeMAPS or
+both), optionally speaker-normalised first (:func:`feature_set_matrix`). Hyperparameters are
+chosen by the UA (unweighted average recall) of an inner, actor-grouped cross-validation on
+the training actors only: the inner folds are the outer folds of the same scheme that remain
+once the test fold is set aside (five folds of four actors). The chosen model is refit on
+all the training actors and wrapped in a sigmoid calibration, whose own splits are the same
+inner actor folds, so that every prediction comes with class probabilities that sum to 1.
+The reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
 selection and reporting use one decision rule.
 
 The Ray Tune edge (trials, searchers, the outer loop) lives in :mod:`ser_ray.sweep_svm`.
@@ -39,20 +40,34 @@ from sklearn.svm import SVC
 from ser_ray.folds import fold_of_actor
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import label_index
+from ser_ray.speaker_norm import speaker_normalize
 
 log = logging.getLogger(__name__)
 
 #: The SVC hyperparameters the search may set (anything else in a Tune config is ignored).
 SVM_PARAM_KEYS = ("kernel", "C", "gamma", "class_weight", "degree")
-#: Features column the SVM reads (concatenated MFCC means and standard deviations).
+#: Features column the SVM reads by default (concatenated MFCC means and standard deviations).
 FEATURE_COLUMN = "mfcc_stats"
+#: The SVM's feature sets and the Parquet columns each concatenates (80 MFCC statistics,
+#: 88 eGeMAPSv02 functionals).
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "mfcc": (FEATURE_COLUMN,),
+    "egemaps": ("egemaps",),
+    "mfcc+egemaps": (FEATURE_COLUMN, "egemaps"),
+}
+#: The untuned reference the tuned SVM must beat: StandardScaler + SVC(C=10), RBF, gamma scale.
+REFERENCE_PARAMS: dict[str, Any] = {"kernel": "rbf", "C": 10.0, "gamma": "scale"}
 #: Caps libsvm's iterations so a badly conditioned poly config cannot stall a trial.
 MAX_ITER = 1_000_000
 
 # The fixed grid (the earlier attempt's method): C on a log scale per kernel; gamma only
 # where the kernel uses it ("scale" = 1 / (n_features * X.var()), i.e. 1/80 on standardized
 # MFCC statistics); each with and without class balancing.
-_GRID_C = {"rbf": (0.1, 1.0, 10.0, 100.0), "linear": (0.01, 0.1, 1.0), "poly": (0.1, 1.0, 10.0)}
+_GRID_C = {
+    "rbf": (0.1, 1.0, 10.0, 100.0, 1000.0),
+    "linear": (0.01, 0.1, 1.0),
+    "poly": (0.1, 1.0, 10.0),
+}
 _GRID_GAMMA = {"rbf": ("scale", 0.001, 0.01), "linear": ("scale",), "poly": ("scale",)}
 _SMOKE_GRID_C = {"rbf": (1.0, 10.0), "linear": (0.1,)}
 _SMOKE_GRID_GAMMA = {"rbf": ("scale",), "linear": ("scale",)}
@@ -132,7 +147,7 @@ def svm_params(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def svm_grid(smoke_test: bool = False) -> list[dict[str, Any]]:
-    """The fixed grid as a list of canonical configs (36 configs; 6 with ``smoke_test``)."""
+    """The fixed grid as a list of canonical configs (42 configs; 6 with ``smoke_test``)."""
     c_values, gammas = (_SMOKE_GRID_C, _SMOKE_GRID_GAMMA) if smoke_test else (_GRID_C, _GRID_GAMMA)
     grid = []
     for kernel, cs in c_values.items():
@@ -150,6 +165,24 @@ def feature_matrix(df: pd.DataFrame, column: str = FEATURE_COLUMN) -> np.ndarray
     X = np.stack([np.asarray(v, dtype=np.float64) for v in df[column]])
     if not np.isfinite(X).all():
         raise ValueError(f"{column} holds NaN or infinite values")
+    return X
+
+
+def feature_set_matrix(
+    df: pd.DataFrame, feature_set: str = "mfcc", speaker_normalise: bool = False
+) -> np.ndarray:
+    """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64.
+
+    With ``speaker_normalise`` each row is z-normalised over the rows of its ``actor``
+    (:func:`ser_ray.speaker_norm.speaker_normalize`): reads features, ``actor`` and ``path``
+    only, never a label. An actor's statistics use only its own rows, so normalising the
+    whole table once equals normalising inside every outer and inner fold.
+    """
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {feature_set!r}; choose one of {list(FEATURE_SETS)}")
+    X = np.hstack([feature_matrix(df, column) for column in FEATURE_SETS[feature_set]])
+    if speaker_normalise:
+        X = speaker_normalize(X, df["actor"].tolist(), df["path"].tolist())
     return X
 
 
@@ -212,13 +245,36 @@ def fit_predict(
     (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
     calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
+    model = fit_calibrated_svm(params, X_train, y_train, actors_train, scheme)
+    return predict_labels(model, X_test), class_probabilities(model, X_test, num_classes)
+
+
+def fit_calibrated_svm(
+    params: Mapping[str, Any],
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    actors_train: Sequence[int],
+    scheme: str = "contiguous",
+) -> CalibratedClassifierCV:
+    """The chosen config fit on all training rows, calibrated on the inner actor folds."""
     model = make_calibrated_svm(params, cv=inner_splits(actors_train, scheme))
-    model.fit(X_train, y_train)
+    return model.fit(X_train, y_train)
+
+
+def predict_labels(model: CalibratedClassifierCV, X: np.ndarray) -> np.ndarray:
+    """The SVC's own decision (``SVC.predict`` of the pipeline fit on all training rows, the
+    rule :func:`inner_cv_score` selects by), not the argmax of the calibrated probabilities."""
     svc = model.calibrated_classifiers_[0].estimator  # ensemble=False: fit on all rows
-    labels = svc.predict(X_test).astype(np.int64)
-    proba = np.zeros((len(X_test), num_classes), dtype=np.float64)
-    proba[:, model.classes_] = model.predict_proba(X_test)
-    return labels, proba / proba.sum(axis=1, keepdims=True)
+    return svc.predict(X).astype(np.int64)
+
+
+def class_probabilities(
+    model: CalibratedClassifierCV, X: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """(rows, ``num_classes``) probabilities of a fitted model; a class it never saw gets 0."""
+    proba = np.zeros((len(X), num_classes), dtype=np.float64)
+    proba[:, model.classes_] = model.predict_proba(X)
+    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def best_config(rows: Iterable[tuple[Mapping[str, Any], float]]) -> tuple[dict[str, Any], float]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ser_ray import svm
+from ser_ray import speaker_norm, svm, svm_model
 from ser_ray.folds import check_actors, check_no_leakage, fold_of_actor, test_and_train_actors
 from ser_ray.metrics import classification_metrics
 from ser_ray.ravdess import class_names
@@ -54,7 +54,7 @@ class SvmResult:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Mean and std of the test metrics over folds."""
-        return svm.summarize_folds(self.folds)
+        return svm.summarize_folds(self.folds, self.config["model"])
 
 
 def svm_trial(
@@ -215,6 +215,10 @@ def run_nested_svm(
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
     max_concurrent_trials: int | None = None,
+    feature_set: str = "mfcc",
+    speaker_normalise: bool = False,
+    variant: str = "svm",
+    models_dir: str | Path | None = None,
 ) -> SvmResult:
     """Nested cross-validation of the SVM over the outer folds of ``scheme``.
 
@@ -224,6 +228,15 @@ def run_nested_svm(
     ``storage_path/svm_<search>_fold<k>``. ``grid`` overrides the fixed grid of ``search="grid"``
     (default :func:`ser_ray.svm.svm_grid`); ``smoke_test`` picks its small version. Needs a
     running Ray instance (``ray.init``).
+
+    ``feature_set`` picks the columns (:data:`ser_ray.svm.FEATURE_SETS`). With
+    ``speaker_normalise`` every clip's features are z-normalised over its own actor's clips
+    (:mod:`ser_ray.speaker_norm`) before the pipeline's StandardScaler; since an actor's
+    statistics use only that actor's clips, doing it once for all rows is the same as doing
+    it inside each outer and inner fold (no statistic crosses actors). Results, predictions
+    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``). With
+    ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
+    (:mod:`ser_ray.svm_model`, for ``jobs/predict.py --svm-models``).
     """
     names = class_names(merge_calm)
     num_classes = len(names)
@@ -234,7 +247,7 @@ def run_nested_svm(
     df = df.reset_index(drop=True).copy()
     df["actor"] = df["actor"].astype(int)
     df["fold"] = df["actor"].map(fold_map).astype("int32")
-    X = svm.feature_matrix(df)
+    X = svm.feature_set_matrix(df, feature_set, speaker_normalise)
     y = svm.label_vector(df, merge_calm)
     actors = df["actor"].to_numpy()
 
@@ -256,7 +269,7 @@ def run_nested_svm(
             num_classes=num_classes,
             seed=seed,
             storage_path=storage_path,
-            name=f"svm_{search}_fold{k}",
+            name=f"{variant.replace('+', '_')}_{search}_fold{k}",
             smoke_test=smoke_test,
             grid=grid,
             max_concurrent_trials=max_concurrent_trials,
@@ -265,15 +278,18 @@ def run_nested_svm(
         if leaked:  # cannot happen by construction; a guard for future edits
             raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
-        pred, proba = svm.fit_predict(
-            found["params"],
-            X[train_mask],
-            y[train_mask],
-            actors[train_mask],
-            X[test_mask],
-            num_classes,
-            scheme,
+        model = svm.fit_calibrated_svm(
+            found["params"], X[train_mask], y[train_mask], actors[train_mask], scheme
         )
+        pred = svm.predict_labels(model, X[test_mask])
+        proba = svm.class_probabilities(model, X[test_mask], num_classes)
+        if models_dir is not None:
+            svm_model.save_fold_model(
+                Path(models_dir) / f"fold_{k}.joblib",
+                svm_model.FoldModel(
+                    model, variant, feature_set, speaker_normalise, names, int(k), found["params"]
+                ),
+            )
         metrics = classification_metrics(y[test_mask], pred, num_classes)
         log.info("fold %d: test UA %.3f, accuracy %.3f", k, metrics["uar"], metrics["accuracy"])
         fold_results.append(
@@ -281,10 +297,10 @@ def run_nested_svm(
                 "fold": int(k),
                 "test_actors": [int(a) for a in test_actors],
                 "n_test": int(test_mask.sum()),
-                "svm": metrics,
-                "svm_params": found["params"],
-                "svm_search_s": float(found["search_s"]),
-                "svm_inner": {
+                variant: metrics,
+                f"{variant}_params": found["params"],
+                f"{variant}_search_s": float(found["search_s"]),
+                f"{variant}_inner": {
                     "best_inner_uar": float(found["inner_uar"]),
                     "n_trials": int(found["n_trials"]),
                     "actors_seen": found["actors_seen"],
@@ -296,7 +312,7 @@ def run_nested_svm(
         part = df.loc[test_mask, ["path", "actor", "fold"]].copy()
         part["true_label"] = [names[i] for i in y[test_mask]]
         part["pred_label"] = [names[i] for i in pred]
-        part["model"] = "svm"
+        part["model"] = variant
         for j, name in enumerate(names):
             part[f"prob_{name}"] = proba[:, j]
         prediction_parts.append(part)
@@ -306,7 +322,7 @@ def run_nested_svm(
         [svm.svm_params(c) for c in grid] if grid is not None else svm.svm_grid(smoke_test)
     )
     config = {
-        "model": "svm",
+        "model": variant,
         "search": search,
         "num_samples": num_samples if search == "bayes" else len(grid_points),
         "grid": grid_points if search == "grid" else None,
@@ -322,7 +338,9 @@ def run_nested_svm(
         "(pred_label, metrics) alike",
         "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "
         "the same SVC; their argmax may differ from pred_label on a few clips",
-        "feature_column": svm.FEATURE_COLUMN,
+        "feature_set": feature_set,
+        "feature_columns": list(svm.FEATURE_SETS[feature_set]),
+        "normalisation": speaker_norm.DESCRIPTION if speaker_normalise else speaker_norm.NONE,
         "storage_path": str(Path(storage_path).resolve()),
     }
     return SvmResult(folds=fold_results, predictions=predictions, config=config)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -117,6 +119,42 @@ def test_feature_rows_hold_16k_audio_and_librosa_mfcc(prepared_bad):
     assert df.loc["03-01-05-01-01-01-01.wav"][["actor", "emotion", "gender"]].tolist() == [
         1, "angry", "male"
     ]  # fmt: skip
+
+
+def test_egemaps_equal_opensmiles_own_output(prepared_bad):
+    import opensmile
+
+    result, _ = prepared_bad
+    df = load_features(result.features_dir, ["path", "waveform", "egemaps"])
+    smile = opensmile.Smile(
+        feature_set=opensmile.FeatureSet.eGeMAPSv02,
+        feature_level=opensmile.FeatureLevel.Functionals,
+    )
+    row = df.iloc[0]
+    theirs = smile.process_signal(np.asarray(row.waveform), 16_000)
+    assert theirs.shape == (1, 88) and len(row.egemaps) == 88
+    np.testing.assert_array_equal(row.egemaps, theirs.to_numpy(dtype=np.float32)[0])
+    assert all(np.isfinite(v).all() and len(v) == 88 for v in df.egemaps)
+
+
+def test_features_without_egemaps_are_refused_not_silently_empty(prepared_bad, tmp_path):
+    result, _ = prepared_bad
+    table = pq.read_table(sorted(result.features_dir.glob("part-*.parquet"))[0])
+    old = tmp_path / "old" / "features"  # as an earlier version wrote it: no egemaps column
+    old.mkdir(parents=True)
+    pq.write_table(table.drop_columns(["egemaps"]), old / "part-00000.parquet")
+    (old / "_SUCCESS").write_text("")
+    with pytest.raises(ValueError, match=r"older ser_ray without column\(s\) \['egemaps'\]"):
+        load_features(old, ["path", "egemaps"])
+    assert len(load_features(old, ["path", "mfcc_stats"])) == table.num_rows
+    empty = tmp_path / "no_egemaps" / "features"  # prepared with egemaps=False
+    empty.mkdir(parents=True)
+    nulls = pa.nulls(table.num_rows, table.schema.field("egemaps").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("egemaps"), "egemaps", nulls),
+                   empty / "part-00000.parquet")  # fmt: skip
+    (empty / "_SUCCESS").write_text("")
+    with pytest.raises(ValueError, match="prepared without eGeMAPS"):
+        load_features(empty, ["path", "egemaps"])
 
 
 def test_rerun_is_skipped_until_input_or_config_changes(prepared_bad):

@@ -21,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
+VARIANTS = ("svm", "svm+spknorm", "wav2vec2")  # the default demo run
 
 
 def _free_port() -> int:
@@ -31,7 +32,7 @@ def _free_port() -> int:
 
 def _fold_metrics(run: Path) -> dict[int, dict]:
     summary = json.loads((run / "summary.json").read_text())
-    return {f["fold"]: {m: f[m] for m in ("svm", "wav2vec2")} for f in summary["folds"]}
+    return {f["fold"]: {m: f[m] for m in VARIANTS} for f in summary["folds"]}
 
 
 def _check_run_folder(run: Path) -> None:
@@ -39,7 +40,7 @@ def _check_run_folder(run: Path) -> None:
     assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]
     assert summary["model"] == "demo" and summary["merge_calm"] is False
     for fold in summary["folds"]:
-        for model in ("svm", "wav2vec2"):
+        for model in VARIANTS:
             assert set(fold[model]) >= {"accuracy", "uar", "macro_f1"}
             assert 0 <= fold[model]["uar"] <= 1
     # "it ran" is not "it works": the SVM (nested CV on 20 actors x 8 clips) must learn
@@ -51,8 +52,11 @@ def _check_run_folder(run: Path) -> None:
     assert summary["trained_on"]["svm"]["per_fold"]["1"] == list(range(5, 25))
     assert len(summary["trained_on"]["wav2vec2"]["per_fold"]["1"]) == 16
     predictions = pd.read_csv(run / "predictions.csv")
-    assert len(predictions) == 2 * 192  # every clip once per model
-    assert predictions.groupby("model").path.nunique().to_dict() == {"svm": 192, "wav2vec2": 192}
+    assert len(predictions) == 3 * 192  # every clip once per variant
+    assert predictions.groupby("model").path.nunique().to_dict() == dict.fromkeys(VARIANTS, 192)
+    assert summary["models_run"] == list(VARIANTS)
+    assert summary["variants"]["svm+spknorm"]["normalisation"].startswith("per-speaker")
+    assert summary["variants"]["svm"]["normalisation"] == "none"
     probs = predictions.filter(like="prob_")
     assert probs.shape[1] == 8 and ((probs.sum(axis=1) - 1).abs() < 1e-6).all()
     # out-of-fold: a clip's fold is the fold whose test actors hold its actor

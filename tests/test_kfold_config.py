@@ -47,8 +47,14 @@ def test_unknown_settings_are_refused(tmp_path):
     best.write_text(json.dumps({"params": {"learning_rate": 1e-4}}))
     with pytest.raises(ValueError, match=r"unknown training settings \['learning_rate'\]"):
         train_config_for(KFoldConfig(params=str(best)))
-    with pytest.raises(ValueError, match="models"):
-        KFoldConfig(models=("svm", "bert"))
+    with pytest.raises(ValueError, match="unknown model family 'bert'"):
+        KFoldConfig(variants=("svm", "bert"))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['tapt'\] for svm"):
+        KFoldConfig(variants=("svm+tapt",))
+    assert KFoldConfig(variants=("svm", " svm+spknorm+egemaps")).variants == (
+        "svm",
+        "svm+egemaps+spknorm",
+    )
 
 
 def test_fold_resources_share_the_cluster(ray_local):

@@ -84,3 +84,43 @@ def test_predict_job_smoke_test(tmp_path):
     assert len(frame) == 2 and (frame["n_models"] == 1).all()
     np.testing.assert_allclose(frame.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
     assert "2 clips predicted by 1 model(s)" in done.stdout
+
+
+def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features, tmp_path):
+    """A saved svm+spknorm fold model on one actor's files (--one-speaker) gives the same
+    probabilities as on that actor's prepared features; single clips and unknown speakers
+    are refused."""
+    from ser_ray import features, svm, svm_model
+
+    df = features.load_features(
+        demo_features / "features", ["path", "actor", "emotion", "mfcc_stats", "egemaps"]
+    )
+    X = svm.feature_set_matrix(df, "mfcc+egemaps", speaker_normalise=True)
+    train = (df["actor"] > 4).to_numpy()
+    model = svm.fit_calibrated_svm(
+        svm.REFERENCE_PARAMS, X[train], svm.label_vector(df)[train], df["actor"][train].tolist()
+    )
+    saved = svm_model.save_fold_model(
+        tmp_path / "fold_1.joblib",
+        svm_model.FoldModel(
+            model, "svm+mfcc+egemaps+spknorm", "mfcc+egemaps", True, CLASSES, fold=1, params={}
+        ),
+    )
+    actor1 = (df["actor"] == 1).to_numpy()
+    expected = svm.class_probabilities(model, X[actor1], len(CLASSES))
+    files = df["path"][actor1].tolist()
+    out = tmp_path / "pred"
+    job = [sys.executable, "jobs/predict.py", "--svm-models", str(saved), "--out", str(out)]
+    subprocess.run([*job, "--one-speaker", *files], cwd=ROOT, check=True, capture_output=True)
+    got = pd.read_csv(out / "predictions.csv").set_index("path").loc[files]
+    np.testing.assert_allclose(got[[f"prob_{c}" for c in CLASSES]], expected, atol=1e-4)
+
+    speakers = tmp_path / "speakers.csv"
+    speakers.write_text("path,speaker\n" + "".join(f"{Path(f).name},a\n" for f in files[:-1]))
+    done = subprocess.run([*job, "--speaker-of", str(speakers), *files], cwd=ROOT, text=True,
+                          capture_output=True)  # fmt: skip
+    assert done.returncode == 2 and "1 clip(s) have no speaker" in done.stderr
+    assert Path(files[-1]).name in done.stderr
+    done = subprocess.run([*job, "--one-speaker", files[0]], cwd=ROOT, text=True,
+                          capture_output=True)  # fmt: skip
+    assert done.returncode == 2 and "has a single clip" in done.stderr

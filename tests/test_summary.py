@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -75,12 +76,12 @@ def test_mean_and_sample_std_on_known_numbers():
 
 
 def test_paired_difference_is_per_fold_wav2vec2_minus_svm():
-    diff = summary.paired_difference(fold_results())
+    diff = summary.paired_difference(fold_results(), "wav2vec2", "svm")
     expected = np.subtract(W2V_UAR, SVM_UAR)
     assert [d["difference"] for d in diff["per_fold"]] == pytest.approx(expected)
     assert diff["mean"] == pytest.approx(expected.mean())
     assert diff["std"] == pytest.approx(np.std(expected, ddof=1))
-    assert summary.paired_difference(fold_results(("svm",))) is None
+    assert summary.paired_difference(fold_results(("svm",)), "wav2vec2", "svm") is None
 
 
 def test_single_fold_std_is_nan():
@@ -122,7 +123,7 @@ def test_write_summary_files(tmp_path):
         "classes",
         "per_class_recall",
         "confusion",
-        "paired_difference",
+        "paired_differences",
     ):
         assert key in doc
     assert doc["model"] == "demo" and doc["merge_calm"] is False
@@ -153,7 +154,7 @@ def test_write_summary_files(tmp_path):
     assert "calm merged into neutral: no" in md
     assert "ddof=1" in md
     d = np.subtract(W2V_UAR, SVM_UAR)
-    assert f"wav2vec2 − svm UA: +{100 * d.mean():.1f} ± {100 * d.std(ddof=1):.1f}" in md
+    assert f"- wav2vec2 − svm UA: +{100 * d.mean():.1f} ± {100 * d.std(ddof=1):.1f}" in md
     assert "| calm | 0.0 | 100.0 |" in md
 
     names = {
@@ -188,7 +189,7 @@ def test_svm_only_summary(tmp_path):
     preds = preds.drop(columns=["prob_calm"])
     summary.write_summary(tmp_path, fold_results(("svm",)), preds, seven, run)
     doc = json.loads((tmp_path / "summary.json").read_text())
-    assert list(doc["mean"]) == ["svm"] and doc["paired_difference"] is None
+    assert list(doc["mean"]) == ["svm"] and doc["paired_differences"] == []
     assert doc["models_run"] == ["svm"] and doc["merge_calm"] is True
     assert doc["classes"] == seven and np.array(doc["confusion"]["svm"]).shape == (7, 7)
     md = (tmp_path / "summary.md").read_text()
@@ -216,3 +217,44 @@ def test_coverage_duplicate_and_missing_paths_are_named():
     summary.check_coverage(preds, expected_paths=preds["path"].unique())  # exact cover: fine
     with pytest.raises(summary.CoverageError):
         summary.build_summary(fold_results(), duplicated, CLASSES, RUN)
+
+
+def test_three_variants_get_column_groups_and_differences_against_the_first(tmp_path):
+    spk_uar = [0.80, 0.85, 0.90, 0.75, 0.70, 0.88]
+    folds = fold_results()
+    for row, uar in zip(folds, spk_uar, strict=True):  # put svm+spknorm between the two
+        row["svm+spknorm"] = {"accuracy": uar + 0.01, "uar": uar, "macro_f1": uar - 0.01}
+        row["wav2vec2"] = row.pop("wav2vec2")
+    preds = predictions(("svm", "svm+spknorm", "wav2vec2"))
+    about = {"svm+spknorm": {"family": "svm", "features": "mfcc", "normalisation": "per-actor z"}}
+    run = dataclasses.replace(RUN, variants=about)
+    summary.write_summary(tmp_path, folds, preds, CLASSES, run)
+
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert doc["models_run"] == ["svm", "svm+spknorm", "wav2vec2"]
+    assert doc["mean"]["svm+spknorm"]["uar"] == pytest.approx(np.mean(spk_uar))
+    assert doc["variants"]["svm+spknorm"]["normalisation"] == "per-actor z"
+    pairs = {(d["minuend"], d["subtrahend"], d["metric"]): d for d in doc["paired_differences"]}
+    assert set(pairs) == {
+        (v, "svm", k) for v in ("svm+spknorm", "wav2vec2") for k in ("uar", "accuracy", "macro_f1")
+    }
+    spk_minus_svm = np.subtract(spk_uar, SVM_UAR)
+    got = [d["difference"] for d in pairs[("svm+spknorm", "svm", "uar")]["per_fold"]]
+    assert got == pytest.approx(spk_minus_svm)
+    assert pairs[("svm+spknorm", "svm", "uar")]["std"] == pytest.approx(
+        np.std(spk_minus_svm, ddof=1)
+    )
+
+    with open(tmp_path / "summary.csv") as fh:
+        header = next(csv.reader(fh))
+    assert header[3:12] == [f"{v}_{k}" for v in ("svm", "svm+spknorm") for k in summary.METRICS] + [
+        f"wav2vec2_{k}" for k in summary.METRICS
+    ]
+    assert "uar_svm+spknorm_minus_svm" in header and "uar_wav2vec2_minus_svm" in header
+
+    md = (tmp_path / "summary.md").read_text()
+    table_header = md.split("## Per fold")[1].splitlines()[2]
+    assert "| SVM UA % | SVM acc % | SVM F1 % | svm+spknorm UA % |" in table_header
+    assert f"- svm+spknorm − svm UA: +{100 * spk_minus_svm.mean():.1f}" in md
+    assert "- svm+spknorm: mfcc features, normalisation: per-actor z" in md
+    assert (tmp_path / "confusion_svm+spknorm.png").read_bytes().startswith(PNG_MAGIC)

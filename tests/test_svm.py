@@ -105,7 +105,7 @@ def test_svm_params_are_canonical():
 def test_grid_covers_the_space_once():
     grid = svm.svm_grid()
     keys = [repr(sorted(c.items(), key=str)) for c in grid]
-    assert len(grid) == 36 and len(set(keys)) == 36
+    assert len(grid) == 42 and len(set(keys)) == 42
     assert {c["kernel"] for c in grid} == {"rbf", "linear", "poly"}
     assert {c["class_weight"] for c in grid} == {None, "balanced"}
     assert {c.get("gamma") for c in grid if c["kernel"] == "rbf"} == {"scale", 0.001, 0.01}

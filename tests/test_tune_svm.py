@@ -163,3 +163,27 @@ def test_job_writes_its_outputs(demo_features, tmp_path, capsys):
     assert list((out / "tune").glob("svm_bayes_fold2/*/result.json"))
     printed = capsys.readouterr().out
     assert "| 2 | 5,6,7,8 | 64 |" in printed and "mean ± std" in printed
+
+
+def test_job_reference_with_speaker_norm_on_both_feature_sets(demo_features, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "tune_svm_job", Path(__file__).parents[1] / "jobs" / "tune_svm.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "run"
+    args = ["--features", str(demo_features / "features"), "--search", "reference"]
+    args += ["--speaker-norm", "--svm-features", "mfcc+egemaps", "--outer-folds", "2"]
+    assert job.main([*args, "--out", str(out)]) == 0
+
+    variant = "svm+mfcc+egemaps+spknorm"
+    (fold,) = json.loads((out / "svm_folds.json").read_text())["folds"]
+    assert fold[f"{variant}_params"] == svm.svm_params(svm.REFERENCE_PARAMS)
+    assert set(pd.read_csv(out / "predictions_svm.csv")["model"]) == {variant}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == variant and config["feature_set"] == "mfcc+egemaps"
+    assert config["feature_columns"] == ["mfcc_stats", "egemaps"]
+    assert config["normalisation"].startswith("per-speaker z-normalisation")
+    assert config["grid"] == [svm.svm_params(svm.REFERENCE_PARAMS)]
+    printed = capsys.readouterr().out
+    assert f"{variant}: mfcc+egemaps features, normalisation: per-speaker" in printed
