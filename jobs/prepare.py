@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = str(ravdess.download(args.download_dir))
     if data_dir is None:
         data_dir = str(features.demo_source(smoke_test=args.smoke_test))
-    cli.init_ray(args.address, args.num_cpus)
-    result = features.prepare_features(data_dir, args.out, config)
+    result = features.prepare_features(
+        data_dir, args.out, config, connect=lambda: cli.init_ray(args.address, args.num_cpus)
+    )
     state = "reused (input and config unchanged)" if result.reused else "written"
     print(
         f"{result.n_input} input files: {result.n_ok} with features, {result.n_rejected} "
