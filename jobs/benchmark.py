@@ -17,14 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _bench_folds import add_folds_args, run_folds_benchmark  # noqa: E402
-from _bench_preprocess import add_preprocess_args, run_preprocess_benchmark  # noqa: E402
-from _bench_svm import add_svm_args, format_svm_benchmark, run_svm_benchmark  # noqa: E402
-from _bench_train import add_train_args, run_train_benchmark  # noqa: E402
-
-from ser_ray import cli  # noqa: E402
+from ser_ray import cli
+from ser_ray.benchmarks.folds import add_folds_args, run_folds_benchmark
+from ser_ray.benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
+from ser_ray.benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
+from ser_ray.benchmarks.train import add_train_args, run_train_benchmark
 
 
 def _format_figures(figures: dict) -> str:
