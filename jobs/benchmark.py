@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = sub.add_parser("all", help="every benchmark with its defaults")
     cli.add_common_args(everything, default_out="runs/benchmark")
     args = parser.parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     results = {}
     for name in names:
@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         own = argparse.ArgumentParser()
         add_args(own)
         bench_args = own.parse_args([]) if args.benchmark == "all" else args
-        for common in ("out", "smoke_test", "address", "num_cpus"):
+        for common in ("out", "smoke_test", "address", "num_cpus", "dashboard", "verbose"):
             setattr(bench_args, common, getattr(args, common))
         if needs_ray:
-            cli.init_ray(args.address, args.num_cpus)
+            cli.init_ray(args.address, args.num_cpus, args.dashboard)
         results[name] = run(bench_args)
         print(format_figures(results[name]), flush=True)
         Path(args.out).mkdir(parents=True, exist_ok=True)

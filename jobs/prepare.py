@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     config = features.FeatureConfig(
         n_mfcc=args.n_mfcc,
         mfcc_deltas=args.mfcc_deltas,
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if data_dir is None:
         data_dir = str(features.demo_source(smoke_test=args.smoke_test))
     result = features.prepare_features(
-        data_dir, args.out, config, connect=lambda: cli.init_ray(args.address, args.num_cpus)
+        data_dir,
+        args.out,
+        config,
+        connect=lambda: cli.init_ray(args.address, args.num_cpus, args.dashboard),
     )
     state = "reused (input and config unchanged)" if result.reused else "written"
     print(

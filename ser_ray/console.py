@@ -1,0 +1,86 @@
+"""What a job prints: stage lines, one line per fold and epoch, warnings, the final table.
+
+Ray, Ray Data and Tune print a lot by default (Tune's trial tables, Ray Data's progress,
+Ray Train's per-report lines). Unless ``--verbose`` is given, :func:`configure` turns that
+down to warnings before Ray starts; Ray's own logs stay complete in its session folder
+(``/tmp/ray/session_latest/logs``). Warnings and errors from the driver and from every Ray
+worker still reach the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+VERBOSE_ENV = "SER_RAY_VERBOSE"  # "1": Ray's own progress output too (set by configure)
+
+
+def configure(verbose: bool) -> None:
+    """Set how much Ray prints; call before Ray starts (workers inherit the environment)."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        # Tune's newer console output prints each experiment's header even at verbose=0;
+        # the classic reporter honours it.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def tune_verbosity() -> int:
+    """``RunConfig(verbose=...)``: Tune's trial tables only with ``--verbose``."""
+    return 2 if is_verbose() else 0
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Extra ``ray.init`` arguments: Ray's INFO logs (driver and workers) only when verbose."""
+    import ray
+
+    if is_verbose():
+        return {}
+    return {
+        "logging_level": logging.WARNING,
+        "logging_config": ray.LoggingConfig(log_level="WARNING"),
+    }
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset start/progress/finish lines on the console only when verbose
+    (its log file keeps them)."""
+    if is_verbose():
+        return
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def fold_progress_callback(label: str, epochs: int):
+    """A Tune callback printing one line per fold and epoch, and one when a fold ends."""
+    from ray import tune
+
+    class FoldProgress(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("done") or "epoch" not in result:
+                return
+            shown = {k: result[k] for k in ("train/loss", "val/uar") if k in result}
+            print(
+                f"{label} fold {trial.config['fold']} epoch {result['epoch']}/{epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                flush=True,
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            print(f"{label} fold {trial.config['fold']}: done", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
+
+    return FoldProgress()
