@@ -4,6 +4,7 @@
   python jobs/benchmark.py svm [--fold 1]             # Tune grid sweep vs GridSearchCV
   python jobs/benchmark.py train                      # our loop vs HF Trainer; feature cache
   python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
+  python jobs/benchmark.py gpu                        # six folds sharing one GPU, bf16/fp16
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ser_ray import cli
 from ser_ray.benchmarks.folds import add_folds_args, run_folds_benchmark
+from ser_ray.benchmarks.gpu import add_gpu_args, run_gpu_benchmark
 from ser_ray.benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
 from ser_ray.benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
 from ser_ray.benchmarks.train import add_train_args, run_train_benchmark
@@ -38,6 +40,7 @@ BENCHMARKS = {
     "svm": (add_svm_args, run_svm_benchmark, True, format_svm_benchmark),
     "train": (add_train_args, run_train_benchmark, True, _format_figures),
     "folds": (add_folds_args, run_folds_benchmark, True, _format_figures),
+    "gpu": (add_gpu_args, run_gpu_benchmark, False, _format_figures),
 }
 # the headline figures of each benchmark and their targets, for the `all` table
 HEADLINES = {
@@ -51,6 +54,7 @@ HEADLINES = {
     "folds": [
         ("concurrent_vs_sequential", "six folds concurrent / sequential wall time", "<= 0.6")
     ],
+    "gpu": [("bf16_kfold_wall_s", "kfold.py, six folds on one GPU, bf16, seconds", "-")],
 }
 
 
@@ -90,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_common_args(everything, default_out="runs/benchmark")
     args = parser.parse_args(argv)
     cli.setup_logging(args.verbose)
-    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    if args.benchmark == "all":  # the GPU one only where there is a GPU
+        import torch
+
+        names = [n for n in BENCHMARKS if n != "gpu" or torch.cuda.is_available()]
+    else:
+        names = [args.benchmark]
     results = {}
     for name in names:
         add_args, run, needs_ray, format_figures = BENCHMARKS[name]

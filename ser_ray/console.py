@@ -23,7 +23,6 @@ def configure(verbose: bool) -> None:
         # Tune's newer console output prints each experiment's header even at verbose=0;
         # the classic reporter honours it.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 def is_verbose() -> bool:
@@ -48,17 +47,16 @@ def ray_init_kwargs() -> dict[str, Any]:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's per-dataset start/progress/finish lines on the console only when verbose
-    (its log file keeps them)."""
+    """Ray Data's per-dataset start/progress/finish log lines on the console only when
+    verbose (its log file in the session folder keeps them)."""
     if is_verbose():
         return
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
     for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
+        is_console = isinstance(handler, logging.StreamHandler)
+        if is_console and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
 
 
