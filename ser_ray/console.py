@@ -23,6 +23,8 @@ def configure(verbose: bool) -> None:
         # Tune's newer console output prints each experiment's header even at verbose=0;
         # the classic reporter honours it.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
 
 
 def is_verbose() -> bool:
@@ -35,15 +37,9 @@ def tune_verbosity() -> int:
 
 
 def ray_init_kwargs() -> dict[str, Any]:
-    """Extra ``ray.init`` arguments: Ray's INFO logs (driver and workers) only when verbose."""
-    import ray
-
-    if is_verbose():
-        return {}
-    return {
-        "logging_level": logging.WARNING,
-        "logging_config": ray.LoggingConfig(log_level="WARNING"),
-    }
+    """Extra ``ray.init`` arguments: the driver's Ray INFO logs only when verbose (workers
+    follow ``RAY_LOGGER_LEVEL``, set by :func:`configure`)."""
+    return {} if is_verbose() else {"logging_level": logging.WARNING}
 
 
 def quiet_ray_data() -> None:

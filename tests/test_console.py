@@ -1,3 +1,4 @@
+import os
 from types import SimpleNamespace
 
 from ser_ray import console
@@ -17,11 +18,12 @@ def test_one_line_per_fold_and_epoch(capsys):
 
 
 def test_ray_output_follows_verbose(monkeypatch):
-    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)  # restored after the test
+    for name in ("RAY_AIR_NEW_OUTPUT", "RAY_LOGGER_LEVEL"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     console.configure(verbose=False)
     assert console.tune_verbosity() == 0
-    assert console.ray_init_kwargs()["logging_level"] == 30  # WARNING
-    assert console.ray_init_kwargs()["logging_config"].log_level == "WARNING"
+    assert console.ray_init_kwargs() == {"logging_level": 30}  # WARNING
+    assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # what Ray's workers read
     console.configure(verbose=True)
     assert console.tune_verbosity() == 2 and console.ray_init_kwargs() == {}
