@@ -57,28 +57,30 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_tree(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; (wall seconds, peak resident memory of its process tree in bytes)."""
+def run_tree(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command``; (wall seconds, peak summed RSS of its process tree in bytes, peak
+    summed PSS: shared pages such as libraries and Ray's object store counted once)."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak, done = 0, threading.Event()
+    peak_rss, peak_pss, done = 0, 0, threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
             except psutil.Error:
                 break
-            rss = 0
+            rss = pss = 0
             for p in tree:
                 with contextlib.suppress(psutil.Error):  # a process that just ended
-                    rss += p.memory_info().rss
-            peak = max(peak, rss)
-            time.sleep(0.05)
+                    info = p.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -88,7 +90,7 @@ def run_tree(command: list[str]) -> tuple[float, float]:
     sampler.join()
     if proc.returncode:
         raise RuntimeError(f"{command[:3]} failed:\n{stderr.decode()[-3000:]}")
-    return seconds, peak
+    return seconds, peak_rss, peak_pss
 
 
 def _link_corpus(paths: list[str], folder: Path, copies: int = 1) -> Path:
@@ -104,12 +106,12 @@ def _link_corpus(paths: list[str], folder: Path, copies: int = 1) -> Path:
 def _serial(paths: list[str], work: Path) -> tuple[float, float, dict[str, np.ndarray]]:
     listing, result = work / f"serial_{len(paths)}.json", work / f"serial_{len(paths)}_out.json"
     listing.write_text(json.dumps(paths))
-    seconds, rss = run_tree([sys.executable, "-c", SERIAL_RECIPE, str(listing), str(result)])
+    seconds, rss, _ = run_tree([sys.executable, "-c", SERIAL_RECIPE, str(listing), str(result)])
     feats = {p: np.asarray(v, np.float32) for p, v in json.loads(result.read_text()).items()}
     return seconds, rss, feats
 
 
-def _pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, float]:
+def _pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, float, float]:
     job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
     command = [sys.executable, str(job), "--data-dir", str(corpus), "--out", str(out)]
     return run_tree(command + ["--num-cpus", str(num_cpus)])
@@ -136,9 +138,11 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "large": _link_corpus(clips, work / "large"),
     }
     serial_small_s, _, _ = _serial(small, work)
-    ray_small_s, ray_small_rss = _pipeline(runs["small"], work / "out_small", num_cpus)
+    ray_small_s, ray_small_rss, _ = _pipeline(runs["small"], work / "out_small", num_cpus)
     serial_large_s, serial_rss, serial_feats = _serial(clips, work)
-    ray_large_s, ray_large_rss = _pipeline(runs["large"], work / "out_large", num_cpus)
+    ray_large_s, ray_large_rss, ray_large_pss = _pipeline(
+        runs["large"], work / "out_large", num_cpus
+    )
     df = load_features(work / "out_large" / "features", ["path", "mfcc_stats"])
     ray_feats = {
         str(Path(p).resolve()): np.asarray(v) for p, v in zip(df.path, df.mfcc_stats, strict=True)
@@ -163,16 +167,18 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "serial_peak_rss_mb": serial_rss / 2**20,
         "ray_small_peak_rss_mb": ray_small_rss / 2**20,
         "ray_peak_rss_mb": ray_large_rss / 2**20,
+        "ray_peak_pss_mb": ray_large_pss / 2**20,
         "max_abs_mfcc_stat_diff": max_diff,
     }
     if args.rss_scale:
         scaled = _link_corpus(clips, work / "scaled", args.rss_scale)
-        scaled_s, scaled_rss = _pipeline(scaled, work / "out_scaled", num_cpus)
+        scaled_s, scaled_rss, scaled_pss = _pipeline(scaled, work / "out_scaled", num_cpus)
         figures.update(
             {
                 f"ray_x{args.rss_scale}_clips": n * args.rss_scale,
                 f"ray_x{args.rss_scale}_s": scaled_s,
                 f"ray_x{args.rss_scale}_peak_rss_mb": scaled_rss / 2**20,
+                f"ray_x{args.rss_scale}_peak_pss_mb": scaled_pss / 2**20,
             }
         )
     return figures
