@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 VERBOSE_ENV = "SER_RAY_VERBOSE"  # "1": Ray's own progress output too (set by configure)
@@ -25,6 +26,10 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+        # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # ...and here, where it may be imported already
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def is_verbose() -> bool:

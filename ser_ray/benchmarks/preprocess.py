@@ -118,7 +118,9 @@ def _pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, float, flo
 
 
 def _marginal_clips_per_s(n_small: int, s_small: float, n_large: int, s_large: float) -> float:
-    return (n_large - n_small) / max(s_large - s_small, 1e-9)
+    """NaN when the large run was not slower than the small one (a machine too busy to
+    measure on)."""
+    return (n_large - n_small) / (s_large - s_small) if s_large > s_small else float("nan")
 
 
 def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
