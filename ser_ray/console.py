@@ -47,6 +47,12 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {} if is_verbose() else {"logging_level": logging.WARNING}
 
 
+def train_log_level() -> str:
+    """Ray Train's console level (``ray.train.LoggingConfig``): its per-report and
+    per-checkpoint lines, and the training workers' own INFO lines, only when verbose."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
 def quiet_ray_data() -> None:
     """Ray Data's per-dataset start/progress/finish log lines on the console only when
     verbose (its log file in the session folder keeps them)."""
