@@ -43,8 +43,19 @@ def tune_verbosity() -> int:
 
 def ray_init_kwargs() -> dict[str, Any]:
     """Extra ``ray.init`` arguments: the driver's Ray INFO logs only when verbose (workers
-    follow ``RAY_LOGGER_LEVEL``, set by :func:`configure`)."""
-    return {} if is_verbose() else {"logging_level": logging.WARNING}
+    follow ``RAY_LOGGER_LEVEL``, set by :func:`configure`), and our own INFO lines from the
+    workers (each epoch of each fold) left to the one-line-per-epoch callback."""
+    if is_verbose():
+        return {}
+    return {
+        "logging_level": logging.WARNING,
+        "runtime_env": {"worker_process_setup_hook": quiet_worker_logs},
+    }
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker process at start: our package logs warnings only there."""
+    logging.getLogger("ser_ray").setLevel(logging.WARNING)
 
 
 def train_log_level() -> str:

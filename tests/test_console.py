@@ -23,7 +23,10 @@ def test_ray_output_follows_verbose(monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     console.configure(verbose=False)
     assert console.tune_verbosity() == 0
-    assert console.ray_init_kwargs() == {"logging_level": 30}  # WARNING
+    assert console.ray_init_kwargs() == {
+        "logging_level": 30,  # WARNING
+        "runtime_env": {"worker_process_setup_hook": console.quiet_worker_logs},
+    }
     assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # what Ray's workers read
     console.configure(verbose=True)
     assert console.tune_verbosity() == 2 and console.ray_init_kwargs() == {}
