@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     cfg = KFoldConfig(
         data_dir=args.data_dir,
         model=args.model,
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    cli.init_ray(args.address, args.num_cpus)
+    cli.init_ray(args.address, args.num_cpus, args.dashboard)
     summary = run_kfold(cfg)
     print(format_table(summary))
     print(

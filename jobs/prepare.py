@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     config = features.FeatureConfig(
         n_mfcc=args.n_mfcc,
         mfcc_deltas=args.mfcc_deltas,
@@ -67,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = str(ravdess.download(args.download_dir))
     if data_dir is None:
         data_dir = str(features.demo_source(smoke_test=args.smoke_test))
-    cli.init_ray(args.address, args.num_cpus)
-    result = features.prepare_features(data_dir, args.out, config)
+    result = features.prepare_features(
+        data_dir,
+        args.out,
+        config,
+        connect=lambda: cli.init_ray(args.address, args.num_cpus, args.dashboard),
+    )
     state = "reused (input and config unchanged)" if result.reused else "written"
     print(
         f"{result.n_input} input files: {result.n_ok} with features, {result.n_rejected} "

@@ -122,7 +122,7 @@ def format_trials(trials, top: int = 5) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
+    cli.setup_logging(args.verbose)
     cfg = SweepConfig(
         model=args.model,
         scheme=args.folds,
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         reduction_factor=args.reduction_factor,
         space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
     )
-    cli.init_ray(args.address, args.num_cpus)
+    cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = features.features_for_job(

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cli.setup_logging()
-    cli.init_ray(args.address, args.num_cpus)
+    cli.setup_logging(args.verbose)
+    cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = features.features_for_job(

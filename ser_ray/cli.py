@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ser_ray import console
 from ser_ray.variants import Variant
 
 
@@ -34,6 +35,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
         type=int,
         default=None,
         help="CPUs for a local Ray instance (default: all cores)",
+    )
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start Ray's dashboard with a local Ray instance (about 1 GB of memory and a few "
+        "seconds of start-up; a cluster joined with --address keeps its own)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Ray's own progress (Tune trial tables, Ray Data and Ray Train lines)",
     )
 
 
@@ -73,6 +85,8 @@ def svm_variant_name(args: argparse.Namespace) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Our log lines to stderr; how much Ray prints (see :mod:`ser_ray.console`)."""
+    console.configure(verbose)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -80,18 +94,26 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, dashboard: bool = False
+) -> None:
     """Join ``address`` or ``$RAY_ADDRESS``; otherwise start a fresh local instance (never a
-    stale cluster named in /tmp/ray)."""
+    stale cluster named in /tmp/ray), with Ray's dashboard only when ``dashboard``."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **console.ray_init_kwargs())
     else:
-        ray.init(address="local", num_cpus=num_cpus)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            **console.ray_init_kwargs(),
+        )
+    console.quiet_ray_data()
 
 
 def to_jsonable(value: Any) -> Any:

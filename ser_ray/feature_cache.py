@@ -194,7 +194,7 @@ def build_feature_cache(
         fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
         batch_format="pyarrow",
         batch_size=batch_size,
-        concurrency=num_actors,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else None,
         num_cpus=1,
     )

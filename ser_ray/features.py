@@ -1,8 +1,9 @@
 """The Ray Data feature pipeline: corpus -> Parquet features + ``rejected.csv``.
 
 Clips are read, decoded, downmixed, resampled to 16 kHz, optionally trimmed and turned into
-MFCC statistics inside Ray Data tasks (``map_batches``); the driver only streams the results
-into Parquet files, so memory stays flat in corpus size. Every input file ends up either as a
+MFCC statistics inside Ray Data tasks (``map_batches``); each task writes its usable rows to its
+own Parquet file and hands the driver only (path, reject reason) per clip, so waveforms never
+pass through the driver and memory stays flat in corpus size. Every input file ends up either as a
 row of ``features/`` or as a row of ``rejected.csv`` (``ok + rejected == input``, checked).
 A re-run on unchanged input and configuration reuses the previous output.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +55,7 @@ class FeatureConfig:
     max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
     fold_scheme: str = "contiguous"  # which folds the `fold` column follows
     speech_only: bool = True  # keep audio-only speech (03-01) only
-    batch_size: int = 32  # clips per Ray Data batch
-    rows_per_file: int = 256  # rows per Parquet file
+    batch_size: int = 64  # most clips per Ray Data task (and per Parquet file)
 
     def __post_init__(self) -> None:
         if self.fold_scheme not in FOLD_SCHEMES:
@@ -93,8 +94,15 @@ FEATURE_SCHEMA = pa.schema(
         ("egemaps", pa.list_(pa.float32())),
     ]
 )
-# What the Ray tasks return: feature rows plus a rejection reason (null when usable).
+# What a featurize_clip row holds: the feature row plus a rejection reason (null when usable).
 RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field("reject_reason", pa.string()))
+# What a Ray task hands back to the driver: one small row per clip, no audio.
+OUTCOME_SCHEMA = pa.schema(
+    [("path", pa.string()), ("actor", pa.int32()), ("reject_reason", pa.string())]
+)
+# Tasks per CPU: enough to balance clips of different lengths, few enough to keep the
+# per-task cost small.
+TASKS_PER_CPU = 4
 
 
 @dataclasses.dataclass
@@ -157,11 +165,35 @@ def featurize_clip(row: dict, config: FeatureConfig, folds: dict[int, int]) -> d
     return out
 
 
-def _featurize_batch(batch: pa.Table, config: FeatureConfig) -> pa.Table:
-    """The ``map_batches`` function: a batch of input rows -> a batch of result rows."""
+def _featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) -> pa.Table:
+    """The ``map_batches`` function: featurize a batch, write its usable rows to
+    ``staging_dir/part-<first input index>.parquet`` and return one outcome row per clip."""
     folds = fold_of_actor(config.fold_scheme)
     rows = [featurize_clip(row, config, folds) for row in batch.to_pylist()]
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    ok_mask = results.column("reject_reason").is_null()
+    ok = results.filter(ok_mask).drop_columns(["reject_reason"])
+    if ok.num_rows:
+        first_index = min(batch.column("index").to_pylist())
+        # waveforms barely compress; skipping it saves the writer most of its time
+        pq.write_table(
+            ok,
+            Path(staging_dir) / f"part-{first_index:06d}.parquet",
+            compression={"waveform": "NONE"},
+            use_dictionary=False,
+        )
+    return results.select(OUTCOME_SCHEMA.names).cast(OUTCOME_SCHEMA)
+
+
+def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:
+    """(clips per task, number of tasks): about TASKS_PER_CPU tasks per CPU so every CPU has
+    work, no task larger than ``max_batch_size`` clips (bounds each worker's memory).
+
+    >>> plan_batches(24, 2, 64), plan_batches(1440, 2, 64), plan_batches(1440, 16, 64)
+    ((3, 8), (64, 23), (23, 63))
+    """
+    per_task = max(1, min(max_batch_size, -(-n_clips // (num_cpus * TASKS_PER_CPU))))
+    return per_task, -(-n_clips // per_task)
 
 
 def _fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
@@ -179,10 +211,9 @@ def _is_hf_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def _hf_inputs(path: Path):
-    """A RAVDESS copy saved with ``datasets.save_to_disk`` -> Ray dataset of (path, bytes)."""
+def _hf_inputs(path: Path) -> tuple[pa.Table, list[dict]]:
+    """A RAVDESS copy saved with ``datasets.save_to_disk`` -> table of (index, path, bytes)."""
     import datasets
-    import ray
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
@@ -206,18 +237,25 @@ def _hf_inputs(path: Path):
     if bad:
         raise ValueError(f"{path}: rows {bad[:10]} of the saved dataset have no file name")
     inputs = [{"path": p, "size_bytes": None, "mtime_ns": None} for p in paths]
-    table = pa.table({"path": pa.array(paths, pa.string())})
+    table = pa.table(
+        {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
+    )
     if blobs is not None:
         table = table.append_column("audio_bytes", blobs.cast(pa.binary()))
-    ds = ray.data.from_arrow(table)
-    return ds, inputs
+    return table, inputs
 
 
 def prepare_features(
-    data_dir: str | Path, out_dir: str | Path, config: FeatureConfig = FeatureConfig()
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: FeatureConfig = FeatureConfig(),
+    connect: Callable[[], None] = lambda: None,
 ) -> PrepareResult:
     """Turn a RAVDESS-layout folder (local or URI) or a ``save_to_disk`` copy into
-    ``out_dir/features/`` (Parquet), ``out_dir/rejected.csv`` and ``out_dir/config.json``."""
+    ``out_dir/features/`` (Parquet), ``out_dir/rejected.csv`` and ``out_dir/config.json``.
+
+    ``connect`` starts or joins Ray; it runs only when there is work to do, so a re-run on
+    unchanged input returns before Ray starts."""
     import ray
 
     start = time.perf_counter()
@@ -232,13 +270,13 @@ def prepare_features(
     source = str(data_dir)
     skipped: list[tuple[str, str]] = []
     if "://" not in source and _is_hf_dataset(Path(source)):
-        ds, inputs = _hf_inputs(Path(source))
+        hf_table, inputs = _hf_inputs(Path(source))
         input_kind = "datasets.save_to_disk"
     else:
         manifest = build_manifest(source, speech_only=config.speech_only)
         skipped = manifest.skipped
         inputs = [dataclasses.asdict(c) for c in manifest.clips]
-        ds = None
+        hf_table = None
         input_kind = "folder"
     n_input = len(inputs) + len(skipped)
     if n_input == 0:
@@ -255,41 +293,39 @@ def prepare_features(
                 out, features_dir, rejected_csv, counts["input"], counts["ok"],
                 counts["rejected"], True, time.perf_counter() - start,
             )  # fmt: skip
-    if ds is None:
-        ds = ray.data.from_items(
-            [{"path": item["path"]} for item in inputs],
-            override_num_blocks=max(1, min(len(inputs) // config.batch_size, 200)),
-        )
-    results = ds.map_batches(
-        _featurize_batch,
-        fn_kwargs={"config": config},
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-    )
+    connect()
     out.mkdir(parents=True, exist_ok=True)
     staging = out / "features.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    batch_size, n_tasks = plan_batches(len(inputs), num_cpus, config.batch_size)
+    if hf_table is None:
+        items = [{"index": i, "path": item["path"]} for i, item in enumerate(inputs)]
+        ds = ray.data.from_items(items, override_num_blocks=n_tasks)
+    else:
+        ds = ray.data.from_arrow(hf_table).repartition(n_tasks)
+    outcomes = ds.map_batches(
+        _featurize_batch,
+        fn_kwargs={"config": config, "staging_dir": str(staging)},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+    ).to_arrow_refs()
+    outcome = pa.concat_tables(ray.get(outcomes)) if outcomes else OUTCOME_SCHEMA.empty_table()
     rejected = [{"path": p, "reason": r} for p, r in skipped]
-    writer = _RollingParquetWriter(staging, config.rows_per_file)
-    actors: set[int] = set()
-    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
-        reasons = batch.column("reject_reason")
-        ok_mask = reasons.is_null()
-        ok = batch.filter(ok_mask).drop_columns(["reject_reason"])
-        if ok.num_rows:
-            writer.write(ok)
-            actors.update(ok.column("actor").to_pylist())
-        bad = batch.filter(pa.compute.invert(ok_mask)).select(["path", "reject_reason"])
-        rejected += [
-            {"path": p, "reason": r} for p, r in zip(*bad.to_pydict().values(), strict=True)
-        ]
-    writer.close()
-    n_ok = writer.rows
-    if n_ok + len(rejected) != n_input:
+    bad = outcome.filter(outcome.column("reject_reason").is_valid()).to_pydict()
+    rejected += [
+        {"path": p, "reason": r} for p, r in zip(bad["path"], bad["reject_reason"], strict=True)
+    ]
+    ok = outcome.filter(outcome.column("reject_reason").is_null())
+    n_ok = ok.num_rows
+    written = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.glob("part-*.parquet"))
+    if n_ok + len(rejected) != n_input or written != n_ok:
         raise RuntimeError(
-            f"internal error: {n_ok} features + {len(rejected)} rejected != {n_input} inputs"
+            f"internal error: {n_ok} features ({written} written) + {len(rejected)} rejected "
+            f"!= {n_input} inputs"
         )
+    actors = set(ok.column("actor").to_pylist())
     shutil.rmtree(features_dir, ignore_errors=True)
     staging.rename(features_dir)
     _write_rejected(rejected_csv, rejected)
@@ -319,36 +355,6 @@ def prepare_features(
     return PrepareResult(
         out, features_dir, rejected_csv, n_input, n_ok, len(rejected), False, seconds
     )
-
-
-class _RollingParquetWriter:
-    """Writes tables to ``part-00000.parquet``, ``part-00001.parquet``, … of bounded size."""
-
-    def __init__(self, folder: Path, rows_per_file: int):
-        self.folder, self.rows_per_file = folder, rows_per_file
-        self.rows, self._files, self._writer, self._in_file = 0, 0, None, 0
-
-    def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self._writer is None:
-                path = self.folder / f"part-{self._files:05d}.parquet"
-                # waveforms barely compress; skipping it saves the writer most of its time
-                self._writer = pq.ParquetWriter(
-                    path, FEATURE_SCHEMA, compression={"waveform": "NONE"}, use_dictionary=False
-                )
-                self._files += 1
-            take = min(table.num_rows, self.rows_per_file - self._in_file)
-            self._writer.write_table(table.slice(0, take).cast(FEATURE_SCHEMA))
-            table = table.slice(take)
-            self.rows += take
-            self._in_file += take
-            if self._in_file >= self.rows_per_file:
-                self.close()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._writer, self._in_file = None, 0
 
 
 def _write_rejected(path: Path, rejected: list[dict]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from ser_ray import cli, folds, ravdess, svm
+from ser_ray import cli, console, folds, ravdess, svm
 from ser_ray.features import FeatureConfig, demo_source, load_features, prepare_features
 from ser_ray.train_loop import TrainConfig
 from ser_ray.variants import DEFAULT_VARIANTS, Variant, parse_variants
@@ -242,14 +242,14 @@ def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
     return {"use_gpu": use_gpu, "resources_per_worker": per_worker}
 
 
-def _fold_trial(config: dict[str, Any]) -> None:
-    """One Tune trial = one outer fold, trained by a TorchTrainer (runs on the cluster)."""
+def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
+    """One Tune trial = one outer fold (``config["fold"]``), trained by a TorchTrainer (runs
+    on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ser_ray.train_loop import build_trainer
 
     fold = int(config["fold"])
-    train = config["train"]
     loop_config = {
         **train["train_configs"][str(fold)],
         "source": train["source"],
@@ -310,7 +310,8 @@ def run_wav2vec2_folds(
         "tensorboard_dir": str(out / "tensorboard"),
         **resources,
     }
-    trainable = tune.with_resources(_fold_trial, {"CPU": 0.01})
+    # the param space is the fold number only: Tune's tables and saved state stay small
+    trainable = tune.with_resources(tune.with_parameters(_fold_trial, train=train), {"CPU": 0.01})
     experiment = f"{storage.rstrip('/')}/wav2vec2_folds"
     if cfg.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming %s", experiment)
@@ -318,13 +319,14 @@ def run_wav2vec2_folds(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"fold": tune.grid_search(fold_numbers), "train": train},
+            param_space={"fold": tune.grid_search(fold_numbers)},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
             run_config=tune.RunConfig(
                 name="wav2vec2_folds",
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
-                verbose=1,
+                verbose=console.tune_verbosity(),
+                callbacks=[console.fold_progress_callback("wav2vec2", first.epochs)],
             ),
         )
     grid = tuner.fit()

@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ser_ray import folds, ravdess
+from ser_ray import console, folds, ravdess
 from ser_ray.metrics import classification_metrics
 from ser_ray.model import (
     PartwiseClassifier,
@@ -1167,6 +1167,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level()),
         ),
     )
 

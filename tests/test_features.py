@@ -12,7 +12,13 @@ import soundfile as sf
 
 from ser_ray import audio
 from ser_ray.demo_corpus import speech_clip, synthesize
-from ser_ray.features import FeatureConfig, load_features, prepare_features, to_hf_dataset
+from ser_ray.features import (
+    FeatureConfig,
+    load_features,
+    plan_batches,
+    prepare_features,
+    to_hf_dataset,
+)
 
 SR = 48_000
 
@@ -157,14 +163,40 @@ def test_features_without_egemaps_are_refused_not_silently_empty(prepared_bad, t
         load_features(empty, ["path", "egemaps"])
 
 
+def test_feature_files_are_written_by_the_tasks_in_input_order(prepared_bad):
+    result, _ = prepared_bad
+    files = sorted(result.features_dir.glob("part-*.parquet"))
+    # 13 inputs, 6 rejected before or in the tasks; batch_size=4 caps each task's file
+    assert len(files) >= 2 and all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in files)
+    paths = list(load_features(result.features_dir, ["path"]).path)
+    assert paths == sorted(paths)  # manifest order survives the parallel writes
+
+
+def test_tasks_per_cpu_and_batch_cap():
+    assert plan_batches(24, 2, 64) == (3, 8)  # small corpus: every CPU busy
+    assert plan_batches(1440, 2, 64) == (64, 23)  # capped: bounded memory per task
+    assert plan_batches(1, 16, 64) == (1, 1)
+    per_task, tasks = plan_batches(1000, 3, 50)
+    assert per_task * tasks >= 1000 > per_task * (tasks - 1)
+
+
 def test_rerun_is_skipped_until_input_or_config_changes(prepared_bad):
     result, corpus = prepared_bad
-    again = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4))
+
+    def must_not_start_ray() -> None:
+        raise AssertionError("a re-run on unchanged input must not need Ray")
+
+    again = prepare_features(
+        corpus, result.out_dir, FeatureConfig(batch_size=4), connect=must_not_start_ray
+    )
     assert again.reused and again.n_ok == result.n_ok
     wav = corpus / "Actor_01" / "03-01-07-01-01-01-01.wav"
     os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
-    changed = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4))
-    assert not changed.reused and changed.n_ok == result.n_ok
+    connected = []
+    changed = prepare_features(
+        corpus, result.out_dir, FeatureConfig(batch_size=4), connect=lambda: connected.append(1)
+    )
+    assert not changed.reused and changed.n_ok == result.n_ok and connected == [1]
     deltas = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4, mfcc_deltas=True))
     assert not deltas.reused
     assert len(load_features(deltas.features_dir, ["mfcc_stats"]).mfcc_stats[0]) == 160

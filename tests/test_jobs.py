@@ -45,7 +45,10 @@ def test_prepare_smoke_test(tmp_path):
     assert config["actors_missing"] == []
     with open(out / "rejected.csv") as f:
         assert next(csv.reader(f)) == ["path", "reason"]
-    assert sorted(p.name for p in (out / "features").iterdir())[-1] == "part-00000.parquet"
+    # each Ray task writes its own file, named after its first clip: 192 clips on 2 CPUs are
+    # 8 tasks of 24 (plan_batches)
+    parts = sorted(p.name for p in (out / "features").glob("part-*.parquet"))
+    assert parts == [f"part-{first:06d}.parquet" for first in range(0, 192, 24)]
     again = run_job("jobs/prepare.py", "--smoke-test", "--out", str(out), "--num-cpus", "2",
                     env=env)  # fmt: skip
     assert again.returncode == 0 and "(reused" in again.stdout

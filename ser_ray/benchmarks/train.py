@@ -6,8 +6,7 @@ waveforms already normalised the same way), same AdamW, no gradient clipping, no
 evaluation; both group batches by length. Figures are training clips per second over
 whole epochs (after one warm-up epoch each), measured in one process one after the other.
 
-Used by jobs/benchmark.py as ``train`` (``add_train_args`` + ``run_train_benchmark``);
-also runs on its own: ``python jobs/_bench_train.py [--features DIR] [--smoke-test]``.
+Run it as ``python jobs/benchmark.py train [--features DIR] [--smoke-test]``.
 The HF ``Trainer`` needs ``accelerate``.
 """
 

@@ -1,0 +1,186 @@
+"""Benchmark `preprocess`: `jobs/prepare.py` against the plain serial librosa recipe.
+
+Both run as whole processes, as a new user runs them (imports and Ray's start-up included),
+on a small corpus (one clip per actor) and on ``--clips`` clips, one after the other in one
+run. The small run is the fixed cost; the difference between the two runs is the marginal
+cost, reported as clips per second:
+
+    marginal clips/s = (clips - small clips) / (seconds(clips) - seconds(small))
+
+Each process tree (Ray's GCS, raylet and workers included) is sampled for its resident
+memory; ``--rss-scale K`` also runs the pipeline on K links to every clip to show whether peak
+memory stays flat as the corpus grows. The largest difference between the two sets of MFCC
+statistics shows the speed is not bought by doing less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SMALL_CLIPS = 24  # one clip per actor: the fixed cost
+
+# The recipe the pipeline replaces: librosa.load + librosa.feature.mfcc per file.
+SERIAL_RECIPE = """
+import json, sys
+import librosa, numpy as np
+paths = json.load(open(sys.argv[1]))
+feats = {}
+for path in paths:
+    y, sr = librosa.load(path, sr=16_000)
+    mfcc = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=40)
+    feats[path] = np.concatenate([mfcc.mean(axis=1), mfcc.std(axis=1)]).tolist()
+json.dump(feats, open(sys.argv[2], "w"))
+"""
+
+
+def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clips", type=int, default=1440, help="clips of the large run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rss-scale",
+        type=int,
+        default=0,
+        help="also run the pipeline on this many links to every clip (e.g. 4) to check that "
+        "peak memory stays flat (default: off)",
+    )
+
+
+def run_tree(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command``; (wall seconds, peak summed RSS of its process tree in bytes, peak
+    summed PSS: shared pages such as libraries and Ray's object store counted once)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_rss, peak_pss, done = 0, 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_rss, peak_pss
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            rss = pss = 0
+            for p in tree:
+                with contextlib.suppress(psutil.Error):  # a process that just ended
+                    info = p.memory_full_info()
+                    rss, pss = rss + info.rss, pss + info.pss
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{command[:3]} failed:\n{stderr.decode()[-3000:]}")
+    return seconds, peak_rss, peak_pss
+
+
+def _link_corpus(paths: list[str], folder: Path, copies: int = 1) -> Path:
+    """A RAVDESS-layout folder of symlinks to ``paths`` (``copies`` times, one subfolder each)."""
+    for copy in range(copies):
+        for path in paths:
+            link = folder / f"copy{copy}" / Path(path).parent.name / Path(path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    return folder
+
+
+def _serial(paths: list[str], work: Path) -> tuple[float, float, dict[str, np.ndarray]]:
+    listing, result = work / f"serial_{len(paths)}.json", work / f"serial_{len(paths)}_out.json"
+    listing.write_text(json.dumps(paths))
+    seconds, rss, _ = run_tree([sys.executable, "-c", SERIAL_RECIPE, str(listing), str(result)])
+    feats = {p: np.asarray(v, np.float32) for p, v in json.loads(result.read_text()).items()}
+    return seconds, rss, feats
+
+
+def _pipeline(corpus: Path, out: Path, num_cpus: int) -> tuple[float, float, float]:
+    job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
+    command = [sys.executable, str(job), "--data-dir", str(corpus), "--out", str(out)]
+    return run_tree(command + ["--num-cpus", str(num_cpus)])
+
+
+def _marginal_clips_per_s(n_small: int, s_small: float, n_large: int, s_large: float) -> float:
+    """NaN when the large run was not slower than the small one (a machine too busy to
+    measure on)."""
+    return (n_large - n_small) / (s_large - s_small) if s_large > s_small else float("nan")
+
+
+def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from ser_ray.demo_corpus import write_demo_corpus
+    from ser_ray.features import demo_corpus_dir, load_features
+    from ser_ray.ravdess import build_manifest
+
+    n_actors = 24
+    per_actor = max(1, min(60, -(-args.clips // n_actors)))
+    corpus = write_demo_corpus(demo_corpus_dir(f"bench{per_actor}"), n_actors, per_actor)
+    clips = [c.path for c in build_manifest(str(corpus)).clips][: args.clips]
+    small = [clips[i * len(clips) // SMALL_CLIPS] for i in range(SMALL_CLIPS)]
+    num_cpus = args.num_cpus or 2
+    work = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+    runs = {
+        "small": _link_corpus(small, work / "small"),
+        "large": _link_corpus(clips, work / "large"),
+    }
+    serial_small_s, _, _ = _serial(small, work)
+    ray_small_s, ray_small_rss, _ = _pipeline(runs["small"], work / "out_small", num_cpus)
+    serial_large_s, serial_rss, serial_feats = _serial(clips, work)
+    ray_large_s, ray_large_rss, ray_large_pss = _pipeline(
+        runs["large"], work / "out_large", num_cpus
+    )
+    df = load_features(work / "out_large" / "features", ["path", "mfcc_stats"])
+    ray_feats = {
+        str(Path(p).resolve()): np.asarray(v) for p, v in zip(df.path, df.mfcc_stats, strict=True)
+    }
+    assert set(ray_feats) == set(serial_feats), "both paths must see the same clips"
+    max_diff = max(float(np.max(np.abs(ray_feats[p] - serial_feats[p]))) for p in serial_feats)
+    n = len(clips)
+    serial_marginal = _marginal_clips_per_s(SMALL_CLIPS, serial_small_s, n, serial_large_s)
+    ray_marginal = _marginal_clips_per_s(SMALL_CLIPS, ray_small_s, n, ray_large_s)
+    figures: dict[str, Any] = {
+        "benchmark": "preprocess",
+        "clips": n,
+        "num_cpus": num_cpus,
+        "serial_fixed_s": serial_small_s,
+        "ray_fixed_s": ray_small_s,
+        "serial_s": serial_large_s,
+        "ray_s": ray_large_s,
+        "serial_marginal_clips_per_s": serial_marginal,
+        "ray_marginal_clips_per_s": ray_marginal,
+        "marginal_speedup": ray_marginal / serial_marginal,
+        "speedup": serial_large_s / ray_large_s,
+        "serial_peak_rss_mb": serial_rss / 2**20,
+        "ray_small_peak_rss_mb": ray_small_rss / 2**20,
+        "ray_peak_rss_mb": ray_large_rss / 2**20,
+        "ray_peak_pss_mb": ray_large_pss / 2**20,
+        "max_abs_mfcc_stat_diff": max_diff,
+    }
+    if args.rss_scale:
+        scaled = _link_corpus(clips, work / "scaled", args.rss_scale)
+        scaled_s, scaled_rss, scaled_pss = _pipeline(scaled, work / "out_scaled", num_cpus)
+        figures.update(
+            {
+                f"ray_x{args.rss_scale}_clips": n * args.rss_scale,
+                f"ray_x{args.rss_scale}_s": scaled_s,
+                f"ray_x{args.rss_scale}_peak_rss_mb": scaled_rss / 2**20,
+                f"ray_x{args.rss_scale}_peak_pss_mb": scaled_pss / 2**20,
+            }
+        )
+    return figures

@@ -1,0 +1,102 @@
+"""What a job prints: stage lines, one line per fold and epoch, warnings, the final table.
+
+Ray, Ray Data and Tune print a lot by default (Tune's trial tables, Ray Data's progress,
+Ray Train's per-report lines). Unless ``--verbose`` is given, :func:`configure` turns that
+down to warnings before Ray starts; Ray's own logs stay complete in its session folder
+(``/tmp/ray/session_latest/logs``). Warnings and errors from the driver and from every Ray
+worker still reach the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+VERBOSE_ENV = "SER_RAY_VERBOSE"  # "1": Ray's own progress output too (set by configure)
+
+
+def configure(verbose: bool) -> None:
+    """Set how much Ray prints; call before Ray starts (workers inherit the environment)."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        # Tune's newer console output prints each experiment's header even at verbose=0;
+        # the classic reporter honours it.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
+        # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # ...and here, where it may be imported already
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def tune_verbosity() -> int:
+    """``RunConfig(verbose=...)``: Tune's trial tables only with ``--verbose``."""
+    return 2 if is_verbose() else 0
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Extra ``ray.init`` arguments: the driver's Ray INFO logs only when verbose (workers
+    follow ``RAY_LOGGER_LEVEL``, set by :func:`configure`), and our own INFO lines from the
+    workers (each epoch of each fold) left to the one-line-per-epoch callback."""
+    if is_verbose():
+        return {}
+    return {
+        "logging_level": logging.WARNING,
+        "runtime_env": {"worker_process_setup_hook": quiet_worker_logs},
+    }
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker process at start: our package logs warnings only there."""
+    logging.getLogger("ser_ray").setLevel(logging.WARNING)
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (``ray.train.LoggingConfig``): its per-report and
+    per-checkpoint lines, and the training workers' own INFO lines, only when verbose."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset start/progress/finish log lines on the console only when
+    verbose (its log file in the session folder keeps them)."""
+    if is_verbose():
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        is_console = isinstance(handler, logging.StreamHandler)
+        if is_console and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def fold_progress_callback(label: str, epochs: int):
+    """A Tune callback printing one line per fold and epoch, and one when a fold ends."""
+    from ray import tune
+
+    class FoldProgress(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get("done") or "epoch" not in result:
+                return
+            shown = {k: result[k] for k in ("train/loss", "val/uar") if k in result}
+            print(
+                f"{label} fold {trial.config['fold']} epoch {result['epoch']}/{epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()),
+                flush=True,
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            print(f"{label} fold {trial.config['fold']}: done", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
+
+    return FoldProgress()

@@ -1,0 +1,32 @@
+import os
+from types import SimpleNamespace
+
+from ser_ray import console
+
+
+def test_one_line_per_fold_and_epoch(capsys):
+    callback = console.fold_progress_callback("wav2vec2", epochs=4)
+    trial = SimpleNamespace(config={"fold": 3})
+    report = {"epoch": 2, "step": 40, "train/loss": 1.23456, "val/uar": 0.5, "train/lr": 1e-4}
+    callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=report)
+    callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={"done": True})
+    callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    assert capsys.readouterr().out.splitlines() == [
+        "wav2vec2 fold 3 epoch 2/4: train/loss 1.235, val/uar 0.5",
+        "wav2vec2 fold 3: done",
+    ]
+
+
+def test_ray_output_follows_verbose(monkeypatch):
+    for name in ("RAY_AIR_NEW_OUTPUT", "RAY_LOGGER_LEVEL"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")
+    console.configure(verbose=False)
+    assert console.tune_verbosity() == 0
+    assert console.ray_init_kwargs() == {
+        "logging_level": 30,  # WARNING
+        "runtime_env": {"worker_process_setup_hook": console.quiet_worker_logs},
+    }
+    assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # what Ray's workers read
+    console.configure(verbose=True)
+    assert console.tune_verbosity() == 2 and console.ray_init_kwargs() == {}
