@@ -4,6 +4,7 @@
   python jobs/benchmark.py svm [--fold 1]             # Tune grid sweep vs GridSearchCV
   python jobs/benchmark.py train                      # our loop vs HF Trainer; feature cache
   python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
+  python jobs/benchmark.py pretrain                   # our pre-training loop vs HF Trainer
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -25,6 +26,10 @@ from _bench_svm import add_svm_args, format_svm_benchmark, run_svm_benchmark  # 
 from _bench_train import add_train_args, run_train_benchmark  # noqa: E402
 
 from ser_ray import cli  # noqa: E402
+from ser_ray.benchmarks.pretrain_speed import (  # noqa: E402
+    add_pretrain_args,
+    run_pretrain_benchmark,
+)
 
 
 def _format_figures(figures: dict) -> str:
@@ -41,6 +46,7 @@ BENCHMARKS = {
     "svm": (add_svm_args, run_svm_benchmark, True, format_svm_benchmark),
     "train": (add_train_args, run_train_benchmark, True, _format_figures),
     "folds": (add_folds_args, run_folds_benchmark, True, _format_figures),
+    "pretrain": (add_pretrain_args, run_pretrain_benchmark, False, _format_figures),
 }
 # the headline ratio of each benchmark and its target, for the `all` table
 HEADLINES = {
@@ -48,6 +54,7 @@ HEADLINES = {
     "svm": ("speedup_sklearn_over_tune", "sklearn GridSearchCV time / Tune time", "> 1"),
     "train": ("ours_vs_trainer", "our loop vs HF Trainer, clips/s ratio (uncached)", ">= 1.3"),
     "folds": ("concurrent_vs_sequential", "six folds concurrent / sequential wall time", "<= 0.6"),
+    "pretrain": ("ours_vs_trainer", "our pre-training loop vs HF Trainer, clips/s ratio", ">= 1"),
 }
 
 

@@ -221,10 +221,10 @@ def _pretraining_loss(model: torch.nn.Module, batch: dict[str, Any]):
     )
     n = batch["num_masked"]
     values = {
-        "pretrain/loss": float(out.loss) / n,
-        "pretrain/contrastive": float(out.contrastive_loss) / n,
-        "pretrain/diversity": float(out.diversity_loss) / n,
-        "pretrain/codevector_perplexity": float(out.codevector_perplexity),
+        "pretrain/loss": out.loss.item() / n,
+        "pretrain/contrastive": out.contrastive_loss.item() / n,
+        "pretrain/diversity": out.diversity_loss.item() / n,
+        "pretrain/codevector_perplexity": out.codevector_perplexity.item(),
     }
     return out.loss / batch["group_masked"], values
 
