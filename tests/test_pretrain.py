@@ -148,6 +148,7 @@ def test_resume_is_bit_exact(tiny_config_file, tmp_path):
     model_c, fe = fresh()
     resumed = run_pretraining(cfg, model_c, fe, clips, resume_from=tmp_path / "ckpt")
     assert resumed.step == straight.step == 3 * 2  # 6 clips / 2 per batch / 2 per step, 3 ep.
+
     def curve(history):  # everything but the timings
         return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
 
@@ -227,3 +228,22 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     assert key == tapt_key(str(model_dir), 2, "contiguous", features, cfg)
     assert key != tapt_key(str(model_dir), 3, "contiguous", features, cfg)
     assert key != tapt_key(str(model_dir), 2, "contiguous", features, PretrainConfig())
+
+
+def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ser_ray.demo_corpus import POOL_SEED, actor_voice, unlabeled_pool_clips
+    from ser_ray.demo_encoder import RANDOM_DEMO_MODEL, resolve_model
+    from ser_ray.unlabeled import write_demo_pool
+
+    corpus_voices = {actor_voice(a, 0) for a in range(1, 25)}
+    assert not corpus_voices & {actor_voice(s, POOL_SEED) for s in range(1, 41)}
+    with pytest.raises(ValueError, match="seed 0"):
+        unlabeled_pool_clips(1, 1, seed=0)
+    pool = write_demo_pool(tmp_path / "pool", n_speakers=2, clips_per_speaker=2)
+    table = pq.read_table(pool)
+    assert table.column_names == ["path", "waveform"]  # no emotion, no actor
+    assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
+    assert resolve_model(RANDOM_DEMO_MODEL) == "demo"  # load_model's random demo init
+    assert resolve_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
