@@ -51,10 +51,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, numpy and torch with ``seed + rank``: DDP ranks draw different dropout
+    and masks (weights and batch order do not depend on these RNGs)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
 
 
 def rng_states() -> dict[str, Any]:

@@ -429,7 +429,7 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
     ctx = edge.worker_context()
     eng.seed_everything(cfg.seed)
     model, fe = build_pretraining_model(cfg)
-    eng.seed_everything(cfg.seed + ctx.rank)  # other masks and negatives per rank
+    eng.seed_everything(cfg.seed, ctx.rank)  # other masks and negatives per rank
     clips = read_pool(config["source"], config.get("actors"))
     checkpoint = edge.latest_checkpoint()
     with contextlib.ExitStack() as stack:
