@@ -5,6 +5,7 @@
   python jobs/benchmark.py train                      # our loop vs HF Trainer; feature cache
   python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
   python jobs/benchmark.py gpu                        # six folds sharing one GPU, bf16/fp16
+  python jobs/benchmark.py pretrain                   # our pre-training loop vs HF Trainer
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -22,6 +23,7 @@ from ser_ray import cli
 from ser_ray.benchmarks.folds import add_folds_args, run_folds_benchmark
 from ser_ray.benchmarks.gpu import add_gpu_args, run_gpu_benchmark
 from ser_ray.benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
+from ser_ray.benchmarks.pretrain_speed import add_pretrain_args, run_pretrain_benchmark
 from ser_ray.benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
 from ser_ray.benchmarks.train import add_train_args, run_train_benchmark
 
@@ -41,6 +43,7 @@ BENCHMARKS = {
     "train": (add_train_args, run_train_benchmark, True, _format_figures),
     "folds": (add_folds_args, run_folds_benchmark, True, _format_figures),
     "gpu": (add_gpu_args, run_gpu_benchmark, False, _format_figures),
+    "pretrain": (add_pretrain_args, run_pretrain_benchmark, False, _format_figures),
 }
 # the headline figures of each benchmark and their targets, for the `all` table
 HEADLINES = {
@@ -55,6 +58,7 @@ HEADLINES = {
         ("concurrent_vs_sequential", "six folds concurrent / sequential wall time", "<= 0.6")
     ],
     "gpu": [("bf16_kfold_wall_s", "kfold.py, six folds on one GPU, bf16, seconds", "-")],
+    "pretrain": [("ours_vs_trainer", "our pre-training loop vs HF Trainer, clips/s ratio", ">= 1")],
 }
 
 

@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="RAVDESS folder or URI (default: the demo corpus)")
     p.add_argument(
         "--model",
-        help="hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio encoder "
-        "(from_pretrained), or 'demo' (random-init demo-size config). Default: demo without "
-        "--data-dir, facebook/wav2vec2-base with it",
+        help="hub id or local folder (from_pretrained) of a wav2vec2, HuBERT, WavLM or "
+        "data2vec-audio encoder (a jobs/pretrain.py output too), 'demo' (the demo-size "
+        "encoder pre-trained on the package's unlabeled pool, built and cached on first use) "
+        "or 'demo-random' (the same, random weights). Default: demo without --data-dir, "
+        "facebook/wav2vec2-base with it",
     )
     p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
@@ -53,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retrain each wav2vec2 fold model on fit + validation actors for the best epoch "
         "count before testing (as the SVM refits on all training actors)",
+    )
+    p.add_argument(
+        "--tapt-epochs",
+        type=int,
+        default=d.tapt_epochs,
+        help="task-adaptive pre-training: before fine-tuning, continue each fold's "
+        "self-supervised pre-training for N epochs on its training actors' audio (cached); "
+        "0 = off (default)",
     )
     p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
     p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         params=args.params,
         allow_leaky_params=args.allow_leaky_params,
         refit=args.refit,
+        tapt_epochs=args.tapt_epochs,
         workers_per_fold=args.workers_per_fold,
         concurrent_folds=args.concurrent_folds,
         gpus_per_fold=args.gpus_per_fold,

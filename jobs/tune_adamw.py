@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 from ser_ray import cli, features
+from ser_ray.demo_encoder import resolve_model
 from ser_ray.sweep_adamw import SearchSpace, SweepConfig, run_sweep
 
 SMOKE_NUM_SAMPLES = 4
@@ -51,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="demo",
-        help="hub id or local folder for from_pretrained, or 'demo' (tiny random encoder). "
-        "Default: %(default)s",
+        help="hub id or local folder for from_pretrained, 'demo' (the pre-trained demo "
+        "encoder, built on first use) or 'demo-random'. Default: %(default)s",
     )
     p.add_argument(
         "--fold",
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
     )
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
+    cfg.model = resolve_model(args.model, args.smoke_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = features.features_for_job(

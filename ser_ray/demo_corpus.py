@@ -138,10 +138,13 @@ def _resonate(x: np.ndarray, freq_hz: float, bandwidth_hz: float, sr_hz: int) ->
     return lfilter([1 - r], a, x)
 
 
-def synthesize(spec: RavdessName, seed: int = 0, speech_scale: float = 1.0) -> np.ndarray:
-    """One clip as float32 samples at 48 kHz (deterministic in ``spec`` and ``seed``).
+def synthesize(
+    spec: RavdessName, seed: int = 0, speech_scale: float = 1.0, vowels: str | None = None
+) -> np.ndarray:
+    """One clip as float32 samples at 48 kHz (deterministic in ``spec``, ``seed``, ``vowels``).
 
-    ``speech_scale`` stretches syllables and silences (1.0 gives RAVDESS-like 3–5 s clips).
+    ``speech_scale`` stretches syllables and silences (1.0 gives RAVDESS-like 3–5 s clips);
+    ``vowels`` (one syllable per letter of :data:`VOWELS`) replaces the statement's sentence.
     """
     sr = SAMPLE_RATE_HZ
     voice = actor_voice(spec.actor, seed)
@@ -154,7 +157,7 @@ def synthesize(spec: RavdessName, seed: int = 0, speech_scale: float = 1.0) -> n
     gain = 0.12 * 10 ** ((pro.energy_db + rng.normal(0, 1.5)) / 20)
     lead_s, tail_s = rng.uniform(0.5, 0.9, size=2) * speech_scale
     pieces = [np.zeros(int(lead_s * sr))]
-    vowels = STATEMENT_VOWELS[spec.statement]
+    vowels = vowels or STATEMENT_VOWELS[spec.statement]
     for i, vowel in enumerate(vowels):
         dur_s = 0.26 * speech_scale / tempo * rng.uniform(0.8, 1.25)
         n = int(dur_s * sr)
@@ -206,3 +209,36 @@ def write_demo_corpus(
     marker.write_text(stamp)
     log.info("demo corpus: %d clips of %d actors in %s", len(specs), n_actors, root)
     return root
+
+
+#: Seed of the unlabeled pool's voices: other speakers than any demo corpus (seed 0).
+POOL_SEED = 1_000
+
+
+def unlabeled_pool_clips(
+    n_speakers: int, clips_per_speaker: int, seed: int = POOL_SEED, speech_scale: float = 0.7
+) -> list[tuple[str, np.ndarray]]:
+    """(name, 48 kHz samples) of unlabeled clips for self-supervised pre-training.
+
+    Disjoint from the demo corpus: other voices (drawn with ``seed``, not the corpus's seed)
+    and other sentences (random vowel sequences of 4–9 syllables, never the two RAVDESS
+    statements). Each clip's prosody is drawn at random from the emotion table, and the
+    draw is not kept: the pool carries no emotion labels.
+    """
+    if seed == 0:
+        raise ValueError("seed 0 makes the demo corpus's voices; the pool needs other speakers")
+    clips = []
+    for speaker in range(1, n_speakers + 1):
+        rng = np.random.default_rng([seed, speaker, 11])
+        for i in range(clips_per_speaker):
+            n_syllables = int(rng.integers(4, 10))
+            vowels = "".join(rng.choice(list(VOWELS), size=n_syllables))
+            while vowels in STATEMENT_VOWELS.values():
+                vowels = "".join(rng.choice(list(VOWELS), size=n_syllables))
+            emotion = int(rng.integers(1, 9))
+            intensity = 1 if emotion == 1 else int(rng.integers(1, 3))
+            # a RavdessName only carries the draw into synthesize(); it is not stored
+            spec = RavdessName(3, 1, emotion, intensity, 1 + i % 2, 1 + (i // 2) % 2, speaker)
+            name = f"pool_{seed}_speaker{speaker:03d}_{i:04d}"
+            clips.append((name, synthesize(spec, seed, speech_scale, vowels=vowels)))
+    return clips

@@ -66,6 +66,7 @@ class KFoldConfig:
     max_failures: int = 2  # worker restarts per fold before the fold fails
     svm_search: str = "grid"  # grid | bayes
     svm_num_samples: int = 20  # Bayesian SVM trials per fold
+    tapt_epochs: int = 0  # per-fold continued pre-training on training actors' audio; 0 = off
     storage_path: str | None = None  # Tune/Train storage (local or s3://); None: <out>/ray
     resume: bool = False  # continue an interrupted run in the same --out/--storage-path
     out: str = "runs/kfold"  # run folder
@@ -82,6 +83,8 @@ class KFoldConfig:
         if self.svm_search not in ("grid", "bayes"):
             raise ValueError(f"svm_search={self.svm_search!r}: choose grid or bayes")
         folds.fold_sets(self.folds)  # raises on an unknown scheme
+        if self.tapt_epochs < 0:
+            raise ValueError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
 
 
 def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
@@ -353,6 +356,37 @@ def run_wav2vec2_folds(
     return outcomes
 
 
+def _with_encoders(
+    train_cfgs: dict[int, TrainConfig], features_dir: Path, cfg: KFoldConfig, out: Path, storage
+) -> dict[int, TrainConfig]:
+    """The fold configs with the encoder each fold fine-tunes: ``--model`` resolved (``demo``:
+    the pre-trained demo encoder, built on first use) and, with ``--tapt-epochs``, each
+    fold's own continued pre-training on its training actors."""
+    from ser_ray import tapt
+    from ser_ray.demo_encoder import resolve_model
+
+    base = resolve_model(cfg.resolved_model(), cfg.smoke_test)
+    models = {k: base for k in train_cfgs}
+    if cfg.tapt_epochs:
+        if any(c.probe and c.use_feature_cache for c in train_cfgs.values()):
+            raise ValueError(
+                "TAPT changes every fold's transformer, so probe mode cannot share one "
+                "feature cache: set use_feature_cache false in --params, or drop --tapt-epochs"
+            )
+        concurrent = min(cfg.concurrent_folds or len(train_cfgs), len(train_cfgs))
+        models = tapt.run_tapt_folds(
+            features_dir,
+            base,
+            list(train_cfgs),
+            scheme=cfg.folds,
+            settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.seed, cfg.smoke_test),
+            out_dir=out / "tapt",
+            resources=fold_resources(cfg, concurrent),
+            max_failures=cfg.max_failures,
+        )
+    return {k: dataclasses.replace(c, model=models[k]) for k, c in train_cfgs.items()}
+
+
 def _svm_results(
     df: pd.DataFrame, cfg: KFoldConfig, out: Path, variant: Variant
 ) -> tuple[list[dict], pd.DataFrame]:
@@ -403,7 +437,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             "job": "kfold",
             "kfold": cfg,
             "variants": {v.name: v.describe() for v in variants},
-            "model": train_cfg.model,
+            "model": cfg.resolved_model(),
             "train": train_cfg if cfg.params is None else train_cfgs,
             "params_provenance": provenance,
             "storage_path": storage,
@@ -432,6 +466,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
                 fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
             predictions.append(svm_predictions)
             continue
+        train_cfgs = _with_encoders(train_cfgs, prepared.features_dir, cfg, out, storage)
         for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
             m = outcome["metrics"]
             fold_rows[outcome["fold"]]["wav2vec2"] = {
@@ -450,7 +485,9 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
         all_predictions,
         class_names,
         summary.RunInfo(
-            model=train_cfg.model if runs_wav2vec2 else None,
+            model=cfg.resolved_model() + ("+tapt" if cfg.tapt_epochs else "")
+            if runs_wav2vec2
+            else None,
             merge_calm=cfg.merge_calm,
             fold_scheme=cfg.folds,
             config=cli.to_jsonable(dataclasses.asdict(cfg)),

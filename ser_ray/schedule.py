@@ -116,3 +116,23 @@ def build_scheduler(
 
     fn = make_lr_lambda(total_steps, warmup_frac, decay_start_frac, final_lr_scale, decay_shape)
     return LambdaLR(optimizer, lr_lambda=fn)
+
+
+def gumbel_temperature(
+    step: int, total_steps: int, max_temperature: float = 2.0, min_temperature: float = 0.5
+) -> float:
+    """Temperature of the quantizer's Gumbel softmax at optimizer step ``step``.
+
+    wav2vec 2.0 anneals it geometrically from 2 to 0.5 over pre-training (a factor of
+    0.999995 per update over 400k updates); here the same curve is stretched over
+    ``total_steps``: ``max * (min / max) ** (step / total_steps)``, floored at ``min``.
+
+    >>> gumbel_temperature(0, 100), gumbel_temperature(100, 100), gumbel_temperature(50, 100)
+    (2.0, 0.5, 1.0)
+    """
+    if not 0 < min_temperature <= max_temperature:
+        raise ValueError(
+            f"need 0 < min_temperature <= max_temperature, got {min_temperature}, {max_temperature}"
+        )
+    progress = min(1.0, step / max(total_steps, 1))
+    return max(min_temperature, max_temperature * (min_temperature / max_temperature) ** progress)

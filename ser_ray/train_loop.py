@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -45,6 +44,13 @@ import torch
 from torch import nn
 
 from ser_ray import console, folds, ravdess
+from ser_ray.engine import (  # the loop skeleton's pieces shared with pre-training
+    NonFiniteLossError,
+    resolve_amp,
+    rng_states,
+    seed_everything,
+    set_rng_states,
+)
 from ser_ray.metrics import classification_metrics
 from ser_ray.model import (
     PartwiseClassifier,
@@ -206,10 +212,6 @@ class TrainState:
     epochs_since_best: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,19 +387,6 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {"train/lr": lrs.get("head", 0.0), "train/lr_encoder": lrs.get("encoder", 0.0)}
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16/fp16 on CUDA only (``auto``: bf16 where supported)."""
-    if amp == "off" or device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            log.info("AMP %s requested but the device is %s; training in float32", amp, device)
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
 def steps_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
     return math.ceil(num_batches / grad_accum_steps)
 
@@ -517,33 +506,6 @@ def evaluate(
     metrics = {f"{prefix}/loss": total_loss / len(table)}
     metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
     return metrics, probs
-
-
-def rng_states() -> dict[str, Any]:
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed Python, numpy and torch with ``seed + rank``: DDP ranks draw different dropout
-    and SpecAugment masks (weights and batch order do not depend on these RNGs)."""
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
 
 
 def rank0_value(value: float, world_size: int, device: torch.device) -> float:

@@ -62,3 +62,30 @@ def test_kfold_refuses_single_fold_tuned_settings(tmp_path):
     assert done.returncode == 2
     assert "outer fold 1 only" in done.stderr and "jobs/tune_adamw.py --nested" in done.stderr
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_pretrain_smoke_test(tmp_path):
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "pretrain"
+    env = {"SER_RAY_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
+    done = run_job("jobs/pretrain.py", "--smoke-test", "--out", str(out), "--num-cpus", "2",
+                   env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"pre-trained model: {out / 'model'}" in done.stdout
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert any(k.startswith("quantizer.") for k in weights)  # a full pre-training checkpoint
+    assert (out / "model" / "preprocessor_config.json").exists()
+    history = json.loads((out / "result.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1] and history[0]["pretrain/loss"] > 0
+    assert len((out / "clips.csv").read_text().split()) == 16  # the smoke pool, every clip
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {
+        "pretrain/loss",
+        "pretrain/contrastive",
+        "pretrain/diversity",
+        "pretrain/codevector_perplexity",
+        "pretrain/lr",
+    } <= set(events.Tags()["scalars"])

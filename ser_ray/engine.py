@@ -1,0 +1,235 @@
+"""The training engine: what every training loop of the package shares (no Ray).
+
+A loop built on it reads like nanoGPT's ``train.py``: make the model, wrap it, build an
+:class:`Engine` (optimizer, tri-stage schedule, AMP, accumulation, clipping), optionally
+:func:`load_train_state`, then per epoch call :meth:`Engine.step` on groups of micro-batches,
+log to a :class:`ScalarLog` and hand :func:`write_train_state` to whoever saves checkpoints.
+
+- AMP: autocast in bf16 (or fp16 with a ``GradScaler``) on CUDA only; float32 on CPU.
+- Accumulation: one optimizer step per group of micro-batches; each micro-batch's loss is
+  already weighted by the caller so that the group's gradient is the group's mean.
+- Exact resume: the train state holds optimizer, schedule, scaler, progress and every RNG
+  state, so a loop resumed from the end of epoch ``e`` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ser_ray.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16/fp16 on CUDA only (``auto``: bf16 where supported)."""
+    if amp == "off" or device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            log.info("AMP %s requested but the device is %s; training in float32", amp, device)
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, numpy and torch with ``seed + rank``: DDP ranks draw different dropout
+    and masks (weights and batch order do not depend on these RNGs)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def rng_states() -> dict[str, Any]:
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+@dataclasses.dataclass
+class ScheduleSettings:
+    """The tri-stage schedule of :mod:`ser_ray.schedule` (see its docstring)."""
+
+    warmup_frac: float = 0.1
+    decay_start_frac: float = 0.7
+    final_lr_scale: float = 0.05
+    decay_shape: str = "linear"
+
+
+class Engine:
+    """Optimizer steps for one model: schedule, AMP, accumulation, clipping, NaN check.
+
+    ``model`` is the bare model (its ``state_dict`` is what gets saved), ``wrapped`` what
+    runs the forward pass (DDP or the model itself).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        schedule: ScheduleSettings,
+        device: torch.device,
+        amp: str = "auto",
+        grad_clip_norm: float | None = None,
+        wrapped: nn.Module | None = None,
+    ):
+        self.model = model
+        self.wrapped = wrapped if wrapped is not None else model
+        self.optimizer = optimizer
+        self.scheduler = build_scheduler(optimizer, total_steps, **dataclasses.asdict(schedule))
+        self.device = device
+        self.amp_dtype = resolve_amp(amp, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.grad_clip_norm = grad_clip_norm
+        self.total_steps = total_steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
+
+    def step(
+        self,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
+        *,
+        where: str = "",
+    ) -> list[dict[str, float]]:
+        """One optimizer step over ``micro_batches``; returns each micro-batch's logs.
+
+        ``loss_fn(wrapped, micro_batch) -> (loss, logs)``: ``loss`` is the micro-batch's
+        share of the group's mean loss (the caller weights it); gradients of all but the
+        last micro-batch are not synchronised across DDP ranks (``no_sync``).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        logs = []
+        for j, batch in enumerate(micro_batches):
+            last = j == len(micro_batches) - 1
+            no_sync = getattr(self.wrapped, "no_sync", None)
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            with sync:
+                with self.autocast():
+                    loss, values = loss_fn(self.wrapped, batch)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"training loss is {loss.item()} {where} (learning rates "
+                        f"{self.learning_rates()}): training diverged; lower the learning "
+                        "rate or set a gradient clipping norm"
+                    )
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            logs.append(values)
+        if self.grad_clip_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return logs
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current LR per named param group (``name`` key; else the group's index)."""
+        return {
+            str(g.get("name", i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+
+
+def write_train_state(out_dir: str | os.PathLike, engine: Engine, progress: dict[str, Any]) -> Path:
+    """Save the engine's state, the loop's ``progress`` and every RNG state (not weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TRAIN_STATE_FILE
+    torch.save({**engine.state_dict(), "progress": progress, "rng": rng_states()}, path)
+    return path
+
+
+def load_train_state(ckpt_dir: str | os.PathLike, engine: Engine) -> dict[str, Any]:
+    """Restore what :func:`write_train_state` saved into ``engine`` and the RNGs; returns
+    the loop's progress."""
+    saved = torch.load(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    engine.load_state_dict(saved)
+    set_rng_states(saved["rng"])
+    return saved["progress"]
+
+
+class ScalarLog:
+    """TensorBoard scalars from rank 0 (a no-op elsewhere or without a folder).
+
+    On resume, events after ``resume_step`` from the interrupted run are purged, so the
+    curves have no doubled stretch.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None, rank: int = 0, resume_step: int = 0):
+        self.writer = None
+        if rank == 0 and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir), purge_step=resume_step or None)
+
+    def add(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,112 @@
+"""Task-adaptive pre-training (TAPT, Chen & Rudnicky 2023), per outer fold.
+
+Before fine-tuning fold k, the encoder continues its self-supervised pre-training on the
+audio of fold k's *training* actors only (never a test actor's clip; labels are never read),
+all folds at once, each a ``TorchTrainer`` of :mod:`ser_ray.pretrain` launched from a Ray
+task. The CNN stays frozen during TAPT, so every fold's encoder keeps the base model's CNN
+and the folds still share one frozen-CNN feature cache.
+
+Each fold's result is cached in ``<out>/fold_<k>/<key>/model`` where ``key`` hashes the
+base checkpoint (its weights), the fold, the fold scheme, the features and the settings: a
+re-run with the same inputs skips the pre-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ser_ray import folds
+from ser_ray.pretrain import PretrainConfig, fit_pretraining
+
+log = logging.getLogger(__name__)
+
+
+def tapt_config(base_model: str, epochs: int, seed: int, smoke_test: bool) -> PretrainConfig:
+    """Continued pre-training from ``base_model``: half the from-scratch peak LR, CNN frozen."""
+    return PretrainConfig(
+        model=base_model,
+        epochs=1 if smoke_test else epochs,
+        lr=5e-4,
+        freeze_feature_encoder=True,
+        seed=seed,
+    )
+
+
+def _fingerprint(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint's weights or a features folder's config; the name for
+    a hub id."""
+    folder = Path(path)
+    digest = hashlib.sha256(str(path).encode())
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.parent.glob("config.json"))
+        for f in files:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def tapt_key(base_model: str, fold: int, scheme: str, features_dir, cfg: PretrainConfig) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    text = json.dumps(
+        {
+            "model": _fingerprint(base_model),
+            "fold": fold,
+            "scheme": scheme,
+            "features": _fingerprint(features_dir),
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def tapt_actors(fold: int, scheme: str) -> list[int]:
+    """The actors whose audio TAPT for ``fold`` may read: the fold's training side."""
+    test_actors, train_actors = folds.test_and_train_actors(fold, scheme)
+    folds.check_no_leakage(train_actors, test_actors)
+    return train_actors
+
+
+def run_tapt_folds(
+    features_dir: str | os.PathLike,
+    base_model: str,
+    fold_numbers: list[int],
+    *,
+    scheme: str,
+    settings: PretrainConfig,
+    out_dir: str | os.PathLike,
+    resources: dict[str, Any],
+    max_failures: int = 2,
+) -> dict[int, str]:
+    """TAPT for every fold, concurrently; returns fold -> its encoder's checkpoint folder."""
+    import ray
+
+    models: dict[int, str] = {}
+    pending = {}
+    for fold in fold_numbers:
+        key = tapt_key(base_model, fold, scheme, features_dir, settings)
+        fold_dir = Path(out_dir).resolve() / f"fold_{fold}" / key
+        if (fold_dir / "model" / "model.safetensors").exists():
+            log.info("TAPT fold %d: cached in %s", fold, fold_dir)
+            models[fold] = str(fold_dir / "model")
+            continue
+        task = ray.remote(num_cpus=0.01)(fit_pretraining)  # RAY: the trainer does the work
+        pending[fold] = task.remote(
+            features_dir,
+            fold_dir,
+            settings,
+            actors=tapt_actors(fold, scheme),
+            use_gpu=resources["use_gpu"],
+            resources_per_worker=resources["resources_per_worker"],
+            max_failures=max_failures,
+        )
+    if pending:
+        log.info("TAPT: folds %s pre-training concurrently", sorted(pending))
+    for fold, ref in pending.items():
+        models[fold] = str(ray.get(ref))
+    return models

@@ -1,0 +1,249 @@
+"""Self-supervised pre-training: crops, masks, learning, exact resume, the checkpoint the
+classifier loads, unlabeled pools."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ser_ray import ravdess
+from ser_ray.model import demo_config, load_model
+from ser_ray.pretrain import (
+    MODEL_DIR,
+    PretrainConfig,
+    build_pretraining_model,
+    crop_batch,
+    mask_and_negatives,
+    run_pretraining,
+)
+from ser_ray.unlabeled import UnlabeledClips, pool_from_audio_folder, read_pool
+
+TINY = dict(
+    conv_dim=(16,) * 7,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_conv_pos_embeddings=8,
+    num_conv_pos_embedding_groups=2,
+    num_codevector_groups=2,
+    num_codevectors_per_group=16,
+    codevector_dim=32,
+    proj_codevector_dim=32,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+)
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path):
+    path = tmp_path / "tiny_config.json"
+    demo_config(**TINY).to_json_file(path)
+    return str(path)
+
+
+def tone_clips(n: int = 8, seconds: float = 1.2, seed: int = 0) -> UnlabeledClips:
+    """Harmonic tones with pitch glides: structure a model can predict from context."""
+    rng = np.random.default_rng(seed)
+    waves = []
+    for _ in range(n):
+        t = np.arange(int(16_000 * seconds * rng.uniform(0.9, 1.1))) / 16_000
+        f0 = rng.uniform(100, 250) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+        phase = 2 * np.pi * np.cumsum(f0) / 16_000
+        wave = sum(np.sin(k * phase) / k for k in range(1, 6)) * (t * 4 % 1 < 0.7)
+        waves.append((wave + 0.01 * rng.standard_normal(t.size)).astype(np.float32))
+    return UnlabeledClips([f"/clips/{i:02d}.wav" for i in range(n)], waves)
+
+
+def tiny_pretrain(config_file: str, **kw) -> PretrainConfig:
+    base = dict(
+        model=config_file,
+        mask_prob=0.5,
+        mask_length=3,
+        num_negatives=10,
+        crop_s=1.0,
+        batch_size=4,
+        epochs=2,
+        lr=2e-3,
+        warmup_frac=0.0,
+        amp="off",
+    )
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_crops_have_the_shortest_clips_length_and_come_from_the_clip():
+    rng = np.random.default_rng(0)
+    waves = [np.arange(n, dtype=np.float32) for n in (500, 900, 700)]
+    batch = crop_batch(waves, max_samples=600, rng=rng)
+    assert batch.shape == (3, 500)  # shortest clip (500) < max (600): no padding
+    for row, wave in zip(batch.numpy(), waves, strict=True):  # a contiguous piece of its own clip
+        start = int(row[0])
+        np.testing.assert_array_equal(row, wave[start : start + 500])
+    assert crop_batch(waves[1:], max_samples=600, rng=rng).shape == (2, 600)
+
+
+def test_masks_and_negatives_follow_the_objective(tiny_config_file):
+    cfg = tiny_pretrain(tiny_config_file, mask_prob=0.65, mask_length=5, num_negatives=7)
+    model, _ = build_pretraining_model(cfg)
+    np.random.seed(0)
+    mask, negatives = mask_and_negatives(model, 4, 16_000, cfg)
+    assert mask.shape == (4, 49) and negatives.shape == (4, 49, 7)
+    assert 0.3 < mask.float().mean() < 0.8  # span masking covers a large share of frames
+    for b in range(4):  # distractors: other masked frames of the same clip, never itself
+        frames = negatives[b][mask[b]] - b * 49
+        assert mask[b][frames].all()
+        own = torch.nonzero(mask[b]).squeeze(1)[:, None]
+        assert not (frames == own).any()
+    with pytest.raises(ValueError, match="fewer than two mask spans"):
+        mask_and_negatives(model, 2, 2_000, cfg)
+
+
+def test_pretraining_loss_falls_below_chance(tiny_config_file):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cfg = tiny_pretrain(tiny_config_file, epochs=100, batch_size=8, lr=5e-3)
+    model, fe = build_pretraining_model(cfg)
+    outcome = run_pretraining(cfg, model, fe, tone_clips())
+    contrastive = [h["pretrain/contrastive"] for h in outcome.history]
+    chance = math.log(cfg.num_negatives + 1)  # the right target among 11 candidates
+    assert contrastive[0] > chance - 0.1  # starts at chance ...
+    assert np.mean(contrastive[-5:]) < chance - 0.3  # ... and learns to tell them apart
+    assert all(0 < h["pretrain/codevector_perplexity"] <= 32 for h in outcome.history)
+
+
+def test_resume_is_bit_exact(tiny_config_file, tmp_path):
+    cfg = tiny_pretrain(tiny_config_file, epochs=3, grad_accum_steps=2, batch_size=2)
+    clips = tone_clips(6)
+
+    def fresh():
+        torch.manual_seed(0)
+        np.random.seed(0)
+        return build_pretraining_model(cfg)
+
+    model, fe = fresh()
+    straight = run_pretraining(cfg, model, fe, clips)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(metrics, write):
+        if metrics["epoch"] == 1:
+            write(tmp_path / "ckpt")
+            raise Crash
+
+    model_b, fe = fresh()
+    with pytest.raises(Crash):
+        run_pretraining(cfg, model_b, fe, clips, on_epoch_end=crash_after_first)
+    torch.manual_seed(123)  # the checkpoint's RNG states must win over whatever came after
+    np.random.seed(123)
+    model_c, fe = fresh()
+    resumed = run_pretraining(cfg, model_c, fe, clips, resume_from=tmp_path / "ckpt")
+    assert resumed.step == straight.step == 3 * 2  # 6 clips / 2 per batch / 2 per step, 3 ep.
+
+    def curve(history):  # everything but the timings
+        return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+
+    assert curve(resumed.history) == curve(straight.history)  # the loss curve, bit for bit
+    for (name, a), b in zip(model.state_dict().items(), model_c.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pretrained_checkpoint_loads_into_the_classifier(tiny_config_file, tmp_path):
+    cfg = tiny_pretrain(tiny_config_file, epochs=1)
+    model, fe = build_pretraining_model(cfg)
+    outcome = run_pretraining(cfg, model, fe, tone_clips(4))
+    outcome.write_checkpoint(tmp_path)
+    saved = load_file(str(tmp_path / MODEL_DIR / "model.safetensors"))
+    encoder = {k: v for k, v in saved.items() if k.startswith("wav2vec2.")}
+    assert any(k.startswith("quantizer.") for k in saved)  # TAPT can continue from it
+    classifier, fe2 = load_model(tmp_path / MODEL_DIR, ravdess.class_names(), seed=0)
+    state = classifier.state_dict()
+    assert len(encoder) > 20
+    for name, tensor in encoder.items():  # every encoder weight transferred, exactly
+        assert torch.equal(state[name], tensor), name
+    assert fe2.do_normalize and fe2.sampling_rate == 16_000
+    # continued pre-training (TAPT) starts from the same weights, quantizer included
+    again, _ = build_pretraining_model(PretrainConfig(model=str(tmp_path / MODEL_DIR)))
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_pools_from_an_audio_folder_and_by_actor(tmp_path, demo_features):
+    import soundfile as sf
+
+    folder = tmp_path / "any_names"
+    (folder / "sub").mkdir(parents=True)
+    sf.write(folder / "a.wav", np.zeros(48_000, np.float32) + 0.1, 48_000)
+    sf.write(folder / "sub" / "b.flac", np.zeros(8_000, np.float32) + 0.1, 8_000)
+    (folder / "broken.wav").write_bytes(b"RIFF....not audio")
+    pool = pool_from_audio_folder(folder, tmp_path / "pool")
+    clips = read_pool(pool)
+    assert [p.split("/")[-1] for p in clips.paths] == ["a.wav", "b.flac"]
+    assert list(clips.lengths) == [16_000, 16_000]  # resampled to 16 kHz
+    assert "broken.wav" in (pool / "rejected.csv").read_text()
+    chosen = read_pool(demo_features / "features", actors=[3, 7])
+    assert len(chosen) == 2 * 16
+    assert {int(p.split("-")[-1][:2]) for p in chosen.paths} == {3, 7}
+    with pytest.raises(ValueError, match="no 'actor' column"):
+        read_pool(pool, actors=[1])
+
+
+def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
+    ray_local, demo_features, tiny_config_file, tmp_path
+):
+    from ser_ray import folds
+    from ser_ray.pretrain import fit_pretraining
+    from ser_ray.tapt import tapt_actors, tapt_key
+
+    features = demo_features / "features"
+    for fold in range(1, 7):  # the actors TAPT may read never include a test actor
+        test_actors, _ = folds.test_and_train_actors(fold, "contiguous")
+        assert sorted(tapt_actors(fold, "contiguous") + test_actors) == list(range(1, 25))
+    actors = tapt_actors(2, "contiguous")
+    cfg = tiny_pretrain(tiny_config_file, epochs=1, batch_size=16, freeze_feature_encoder=True)
+    model_dir = fit_pretraining(features, tmp_path / "tapt", cfg, actors=actors)
+    read = (tmp_path / "tapt" / "clips.csv").read_text().split()
+    read_actors = {int(Path(p).stem.split("-")[-1]) for p in read}
+    assert read_actors == set(actors) and not read_actors & {5, 6, 7, 8}
+    assert len(read) == 20 * 16  # every training actor's clip, once
+    history = json.loads((tmp_path / "tapt" / "result.json").read_text())["history"]
+    assert len(history) == 1 and history[0]["pretrain/loss"] > 0
+    assert list((tmp_path / "tapt" / "tensorboard").glob("events.out.tfevents.*"))
+    start, _ = build_pretraining_model(cfg)  # the frozen CNN is unchanged by TAPT
+    tapt_model, _ = build_pretraining_model(PretrainConfig(model=str(model_dir)))
+    cnn = tapt_model.wav2vec2.feature_extractor.state_dict()
+    for name, tensor in start.wav2vec2.feature_extractor.state_dict().items():
+        assert torch.equal(cnn[name], tensor), name
+    # the cache key changes with the fold and the settings, not with anything else
+    key = tapt_key(str(model_dir), 2, "contiguous", features, cfg)
+    assert key == tapt_key(str(model_dir), 2, "contiguous", features, cfg)
+    assert key != tapt_key(str(model_dir), 3, "contiguous", features, cfg)
+    assert key != tapt_key(str(model_dir), 2, "contiguous", features, PretrainConfig())
+
+
+def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ser_ray.demo_corpus import POOL_SEED, actor_voice, unlabeled_pool_clips
+    from ser_ray.demo_encoder import RANDOM_DEMO_MODEL, resolve_model
+    from ser_ray.unlabeled import write_demo_pool
+
+    corpus_voices = {actor_voice(a, 0) for a in range(1, 25)}
+    assert not corpus_voices & {actor_voice(s, POOL_SEED) for s in range(1, 41)}
+    with pytest.raises(ValueError, match="seed 0"):
+        unlabeled_pool_clips(1, 1, seed=0)
+    pool = write_demo_pool(tmp_path / "pool", n_speakers=2, clips_per_speaker=2)
+    table = pq.read_table(pool)
+    assert table.column_names == ["path", "waveform"]  # no emotion, no actor
+    assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
+    assert resolve_model(RANDOM_DEMO_MODEL) == "demo"  # load_model's random demo init
+    assert resolve_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
