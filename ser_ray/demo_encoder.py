@@ -72,8 +72,8 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         return model_dir
     settings = _settings(size)
     log.info(
-        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; a few "
-        "minutes on 2 cores), cached in %s",
+        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; about "
+        "2.5 minutes on 2 cores), cached in %s",
         settings["pool"],
         settings["pretrain"]["epochs"],
         root,
