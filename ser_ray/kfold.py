@@ -444,6 +444,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             "ser_ray_version": _version(),
         },
     )
+    if runs_wav2vec2:
+        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
     source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
     prepared = prepare_features(source, out / "prepared", FeatureConfig(fold_scheme=cfg.folds))
     shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
@@ -501,6 +503,26 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
         else None,
         expected_paths=df["path"].tolist(),
     )
+
+
+def check_model_reachable(model: str) -> None:
+    """Stop at once when ``--model`` names neither a demo encoder, nor a folder, nor a hub
+    id whose config can be fetched (offline, a hub id fails here, not after the features)."""
+    from transformers import AutoConfig
+
+    from ser_ray.demo_encoder import RANDOM_DEMO_MODEL
+    from ser_ray.model import DEMO_MODEL
+
+    if model in (DEMO_MODEL, RANDOM_DEMO_MODEL):
+        return
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"--model {model!r}: no local folder and the hub cannot give its config ({err}). "
+            "Point --model at a downloaded copy (a folder with config.json), or use "
+            "--model demo offline"
+        ) from err
 
 
 def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 from ser_ray import summary
 from ser_ray.kfold import (
     KFoldConfig,
+    check_model_reachable,
     fold_resources,
     gpus_per_worker,
     params_provenance,
@@ -20,6 +21,20 @@ def test_model_default_depends_on_data():
     assert KFoldConfig().resolved_model() == "demo"
     assert KFoldConfig(data_dir="/data").resolved_model() == "facebook/wav2vec2-base"
     assert KFoldConfig(data_dir="/data", model="./local").resolved_model() == "./local"
+
+
+def test_an_unreachable_model_stops_the_job_before_any_work(tmp_path, monkeypatch):
+    from ser_ray import kfold
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were prepared before the model was checked")
+
+    monkeypatch.setattr(kfold, "prepare_features", no_features)
+    missing = str(tmp_path / "no_such_model")
+    with pytest.raises(ValueError, match=r"--model .*no_such_model.*downloaded copy"):
+        kfold.run_kfold(KFoldConfig(model=missing, out=str(tmp_path / "run")))
+    check_model_reachable("demo")  # the demo encoders need nothing
+    check_model_reachable("demo-random")
 
 
 def test_flags_override_params_file(tmp_path):
