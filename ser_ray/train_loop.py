@@ -336,7 +336,7 @@ def collate(
         values, lengths = pad_waveforms(items, padding_value)
         batch = {"input_values": values, "lengths": lengths}
     elif table.kind == "cnn":
-        feats = nn.utils.rnn.pad_sequence([torch.from_numpy(x) for x in items], batch_first=True)
+        feats = nn.utils.rnn.pad_sequence([torch.tensor(x) for x in items], batch_first=True)
         frames = torch.tensor([x.shape[0] for x in items], dtype=torch.long)
         batch = {"cnn_features": feats, "frame_lengths": frames}
     else:
