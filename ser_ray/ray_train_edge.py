@@ -83,9 +83,12 @@ def build_torch_trainer(
     resources_per_worker: dict[str, float] | None = None,
     callbacks: list | None = None,
 ):
-    """A ``TorchTrainer`` (Ray Train V2) running ``per_worker(config)`` on each worker."""
+    """A ``TorchTrainer`` (Ray Train V2) running ``per_worker(config)`` on each worker;
+    Ray Train's own per-report lines only with ``--verbose`` (:mod:`ser_ray.console`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from ser_ray import console
 
     return TorchTrainer(
         per_worker,
@@ -99,5 +102,6 @@ def build_torch_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level()),
         ),
     )

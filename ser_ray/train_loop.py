@@ -43,7 +43,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ser_ray import console, folds, ravdess
+from ser_ray import folds, ravdess
 from ser_ray.engine import (  # the loop skeleton's pieces shared with pre-training
     NonFiniteLossError,
     resolve_amp,
@@ -1114,23 +1114,18 @@ def build_trainer(
     """A ``TorchTrainer`` running :func:`train_fold_per_worker` (Ray Train V2).
 
     ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from ser_ray.ray_train_edge import build_torch_trainer
 
-    return TorchTrainer(  # RAY
+    return build_torch_trainer(  # RAY
         train_fold_per_worker,
-        train_loop_config=train_loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage_path) if storage_path is not None else None,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            callbacks=callbacks,
-            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level()),
-        ),
+        train_loop_config,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        storage_path=storage_path,
+        name=name,
+        max_failures=max_failures,
+        resources_per_worker=resources_per_worker,
+        callbacks=callbacks,
     )
 
 
