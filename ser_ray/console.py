@@ -1,10 +1,12 @@
 """What a job prints: stage lines, one line per fold and epoch, warnings, the final table.
 
 Ray, Ray Data and Tune print a lot by default (Tune's trial tables, Ray Data's progress,
-Ray Train's per-report lines). Unless ``--verbose`` is given, :func:`configure` turns that
-down to warnings before Ray starts; Ray's own logs stay complete in its session folder
-(``/tmp/ray/session_latest/logs``). Warnings and errors from the driver and from every Ray
-worker still reach the console.
+Ray Train's per-report lines, its controllers' and helper actors' warnings). Unless
+``--verbose`` is given, :func:`configure` turns the driver's share of that down to warnings
+before Ray starts, and Ray workers' output stays in their log files in Ray's session folder
+(``/tmp/ray/session_latest/logs``) instead of being copied to the console. What the user
+needs from the workers comes back to the driver: each fold's epoch metrics (one line per
+fold and epoch), and any error, raised with its traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules:  # ...and here, where it may be imported already
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+        # "Token authentication is enabled for this Ray cluster": the default of every local
+        # instance since Ray 2.52, a notice about Ray rather than about this job
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
 
 
 def is_verbose() -> bool:
@@ -42,13 +49,16 @@ def tune_verbosity() -> int:
 
 
 def ray_init_kwargs() -> dict[str, Any]:
-    """Extra ``ray.init`` arguments: the driver's Ray INFO logs only when verbose (workers
-    follow ``RAY_LOGGER_LEVEL``, set by :func:`configure`), and our own INFO lines from the
-    workers (each epoch of each fold) left to the one-line-per-epoch callback."""
+    """Extra ``ray.init`` arguments: the driver's Ray INFO logs and the Ray workers' console
+    output (Ray Train's per-report lines, its placement-group cleaner's and controller's
+    warnings, the raylet's notices) only when verbose. The workers still log to their files,
+    and at warning level only (``RAY_LOGGER_LEVEL``, set by :func:`configure`; our own INFO
+    lines of each epoch are left to the one-line-per-epoch callback)."""
     if is_verbose():
         return {}
     return {
         "logging_level": logging.WARNING,
+        "log_to_driver": False,
         "runtime_env": {"worker_process_setup_hook": quiet_worker_logs},
     }
 

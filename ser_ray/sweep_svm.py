@@ -181,7 +181,7 @@ def tune_fold(
         seen.update(int(a) for a in result.metrics["actors_seen"].split())
         val_splits.add(result.metrics["inner_val_actors"])
     params, inner_uar = svm.best_config(rows)
-    log.info(
+    log.debug(
         "%s: best inner UA %.3f with %s (%d trials, %.1f s)",
         name,
         inner_uar,
@@ -291,7 +291,16 @@ def run_nested_svm(
                 ),
             )
         metrics = classification_metrics(y[test_mask], pred, num_classes)
-        log.info("fold %d: test UA %.3f, accuracy %.3f", k, metrics["uar"], metrics["accuracy"])
+        log.info(
+            "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d trials)",
+            variant,
+            k,
+            metrics["uar"],
+            metrics["accuracy"],
+            found["params"],
+            found["inner_uar"],
+            found["n_trials"],
+        )
         fold_results.append(
             {
                 "fold": int(k),

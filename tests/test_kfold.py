@@ -140,10 +140,27 @@ def submitted_run(ray_head, tmp_path_factory):
     return out, done.stdout
 
 
+def _job_console(stdout: str) -> list[str]:
+    """What the job itself printed: the lines `ray job submit` tails between its own header
+    ("Tailing logs until the job exits") and footer ("Job '...' succeeded")."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Tailing logs until the job exits" in line)
+    end = max(
+        i for i, line in enumerate(lines) if re.search(r"Job 'raysubmit_\w+' succeeded", line)
+    )
+    return [line for line in lines[start + 1 : end] if line.strip() and set(line) != {"-"}]
+
+
 def test_job_submit_to_token_auth_cluster(submitted_run):
     out, stdout = submitted_run
     _check_run_folder(out)
-    assert "| mean ± std |" in stdout  # the table is printed at the end
+    console = _job_console(stdout)
+    # a console people can read: stage lines, one line per fold and epoch, the final table
+    # last; no Ray worker chatter (Ray Train's per-report lines, its controllers' warnings)
+    assert len(console) <= 60, "\n".join(console)
+    assert not [line for line in console if "pid=" in line], "\n".join(console)
+    assert console[-1].startswith("run folder:") and console[-2].startswith("| mean ± std |")
+    assert sum(line.startswith("wav2vec2 fold ") for line in console) == 12  # 6 x (1 epoch + done)
 
 
 def _wav2vec2_done_folds(run: Path) -> set[int]:
@@ -178,6 +195,7 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.stdout.splitlines()[-1].startswith("run folder:")  # the table, then where
     _check_run_folder(run)
     for path, stamp in stamps.items():  # checkpoints written before the kill are untouched
         fold = int(path.parent.name.split("_")[1])
