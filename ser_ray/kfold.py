@@ -255,11 +255,9 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     fold = int(config["fold"])
     loop_config = {
         **train["train_configs"][str(fold)],
-        "source": train["source"],
+        **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
         "fold": fold,
         "scheme": train["scheme"],
-        "input_kind": train["input_kind"],
-        "feature_cache_key": train["feature_cache_key"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
     trainer = build_trainer(
@@ -287,24 +285,15 @@ def run_wav2vec2_folds(
     """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
     from ray import tune
 
-    from ser_ray.feature_cache import build_feature_cache
     from ser_ray.train_loop import BEST_MODEL_DIR, PREDICTIONS_FILE
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
-    source, input_kind, cache_key = features_dir, "waveform", None
-    first = train_cfgs[fold_numbers[0]]  # model and probe mode are the same for every fold
-    if first.use_feature_cache:  # once, before the folds: they all share it
-        cache = build_feature_cache(
-            features_dir, out / "feature_cache", train_config=first, use_gpu=False
-        )
-        source, input_kind, cache_key = cache.path, cache.kind, cache.key
+    first = train_cfgs[fold_numbers[0]]
     concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
     resources = fold_resources(cfg, concurrent)
     log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
     train = {
-        "source": str(source),
-        "input_kind": input_kind,
-        "feature_cache_key": cache_key,
+        "inputs": {str(k): v for k, v in fold_inputs(features_dir, train_cfgs, out).items()},
         "scheme": cfg.folds,
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
@@ -356,6 +345,36 @@ def run_wav2vec2_folds(
     return outcomes
 
 
+def fold_inputs(
+    features_dir: Path, train_cfgs: dict[int, TrainConfig], out: Path
+) -> dict[int, dict[str, Any]]:
+    """What each fold's workers read: the features, or with ``use_feature_cache`` the cache of
+    the fold's frozen part, built here before the folds start (Ray Data tasks need CPUs the
+    running folds would hold). Folds with the same model share one cache; after TAPT every
+    fold has its own encoder, CNN included, so each gets its own."""
+    from ser_ray.feature_cache import build_feature_cache
+
+    waveform = {"source": str(features_dir), "input_kind": "waveform", "feature_cache_key": None}
+    caches: dict[tuple[str, bool], dict[str, Any]] = {}
+    inputs = {}
+    for fold, train_cfg in sorted(train_cfgs.items()):
+        if not train_cfg.use_feature_cache:
+            inputs[fold] = waveform
+            continue
+        model = (train_cfg.model, train_cfg.probe)
+        if model not in caches:
+            cache = build_feature_cache(
+                features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
+            )
+            caches[model] = {
+                "source": str(cache.path),
+                "input_kind": cache.kind,
+                "feature_cache_key": cache.key,
+            }
+        inputs[fold] = caches[model]
+    return inputs
+
+
 def _with_encoders(
     train_cfgs: dict[int, TrainConfig], features_dir: Path, cfg: KFoldConfig, out: Path, storage
 ) -> dict[int, TrainConfig]:
@@ -368,11 +387,6 @@ def _with_encoders(
     base = resolve_model(cfg.resolved_model(), cfg.smoke_test)
     models = {k: base for k in train_cfgs}
     if cfg.tapt_epochs:
-        if any(c.probe and c.use_feature_cache for c in train_cfgs.values()):
-            raise ValueError(
-                "TAPT changes every fold's transformer, so probe mode cannot share one "
-                "feature cache: set use_feature_cache false in --params, or drop --tapt-epochs"
-            )
         concurrent = min(cfg.concurrent_folds or len(train_cfgs), len(train_cfgs))
         models = tapt.run_tapt_folds(
             features_dir,

@@ -3,8 +3,8 @@
 Before fine-tuning fold k, the encoder continues its self-supervised pre-training on the
 audio of fold k's *training* actors only (never a test actor's clip; labels are never read),
 all folds at once, each a ``TorchTrainer`` of :mod:`ser_ray.pretrain` launched from a Ray
-task. The CNN stays frozen during TAPT, so every fold's encoder keeps the base model's CNN
-and the folds still share one frozen-CNN feature cache.
+task. The CNN is trained too (see :func:`tapt_config`), so each fold's fine-tuning reads its
+own frozen-CNN feature cache (:func:`ser_ray.kfold.fold_inputs`).
 
 Each fold's result is cached in ``<out>/fold_<k>/<key>/model`` where ``key`` hashes the
 base checkpoint (its weights), the fold, the fold scheme, the features and the settings: a

@@ -160,3 +160,39 @@ def test_refit_is_passed_on_and_the_summary_says_what_each_variant_trained_on():
         assert set(plain["wav2vec2"]["per_fold"][k]) < set(refit["svm"]["per_fold"][k])
     assert "--refit" in refit["wav2vec2"]["description"]
     assert "never trained on" in plain["wav2vec2"]["description"]
+
+
+def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monkeypatch):
+    """After TAPT every fold's CNN differs: one shared cache (built from fold 1's model) made
+    folds 2-6 stop with "the feature cache was not made by this model's frozen part"."""
+    import dataclasses
+
+    from ser_ray import feature_cache, kfold
+    from ser_ray.train_loop import TrainConfig
+
+    built = []
+
+    def fake_cache(features_dir, cache_root, *, train_config, use_gpu):
+        built.append(train_config.model)
+        key = f"cnn-{train_config.model}"
+        return feature_cache.FeatureCache(tmp_path / key, "cnn", key, 10)
+
+    monkeypatch.setattr(feature_cache, "build_feature_cache", fake_cache)
+    base = TrainConfig(model="demo")
+    tapt = {k: dataclasses.replace(base, model=f"tapt{k}") for k in (1, 2, 3)}
+    inputs = kfold.fold_inputs(tmp_path / "features", tapt, tmp_path)
+    assert built == ["tapt1", "tapt2", "tapt3"]
+    assert {k: v["feature_cache_key"] for k, v in inputs.items()} == {
+        1: "cnn-tapt1",
+        2: "cnn-tapt2",
+        3: "cnn-tapt3",
+    }
+    built.clear()
+    shared = kfold.fold_inputs(tmp_path / "features", dict.fromkeys((1, 2, 3), base), tmp_path)
+    assert built == ["demo"] and len({v["source"] for v in shared.values()}) == 1
+    uncached = dataclasses.replace(base, use_feature_cache=False)
+    assert kfold.fold_inputs(tmp_path / "features", {1: uncached}, tmp_path)[1] == {
+        "source": str(tmp_path / "features"),
+        "input_kind": "waveform",
+        "feature_cache_key": None,
+    }
