@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ser_ray import folds
-from ser_ray.pretrain import PretrainConfig, fit_pretraining
+from ser_ray.pretrain import RESULT_FILE, PretrainConfig, fit_pretraining
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,22 @@ def run_tapt_folds(
         )
     if pending:
         log.info("TAPT: folds %s pre-training concurrently", sorted(pending))
-    for fold, ref in pending.items():
-        models[fold] = str(ray.get(ref))
+    fold_of = {ref: fold for fold, ref in pending.items()}
+    waiting = list(fold_of)
+    while waiting:  # a line per fold as it finishes: TAPT can take a while
+        (ref,), waiting = ray.wait(waiting, num_returns=1)
+        model_dir = Path(ray.get(ref))
+        models[fold_of[ref]] = str(model_dir)
+        log.info("TAPT fold %d: %s", fold_of[ref], _loss_line(model_dir.parent / RESULT_FILE))
     return models
+
+
+def _loss_line(result_json: Path) -> str:
+    """'contrastive 3.94 -> 3.21 over 10 epochs, 412 s' from a pre-training run's history."""
+    history = json.loads(result_json.read_text())["history"]
+    first, last = history[0], history[-1]
+    seconds = sum(row.get("pretrain/epoch_s", 0.0) for row in history)
+    return (
+        f"contrastive {first['pretrain/contrastive']:.3f} -> {last['pretrain/contrastive']:.3f} "
+        f"over {last['epoch']} epochs, {seconds:.0f} s"
+    )

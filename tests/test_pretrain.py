@@ -247,3 +247,15 @@ def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
     assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
     assert resolve_model(RANDOM_DEMO_MODEL) == "demo"  # load_model's random demo init
     assert resolve_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
+
+
+def test_tapt_progress_line_reads_the_runs_loss_curve(tmp_path):
+    from ser_ray.tapt import _loss_line
+
+    history = [
+        {"epoch": e, "pretrain/contrastive": c, "pretrain/epoch_s": 40.0}
+        for e, c in ((1, 3.9412), (2, 3.5), (3, 3.2104))
+    ]
+    (tmp_path / "result.json").write_text(json.dumps({"history": history, "config": {}}))
+    line = _loss_line(tmp_path / "result.json")
+    assert line == "contrastive 3.941 -> 3.210 over 3 epochs, 120 s"
