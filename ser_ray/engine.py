@@ -1,9 +1,11 @@
 """The training engine: what every training loop of the package shares (no Ray).
 
 A loop built on it reads like nanoGPT's ``train.py``: make the model, wrap it, build an
-:class:`Engine` (optimizer, tri-stage schedule, AMP, accumulation, clipping), optionally
-:func:`load_train_state`, then per epoch call :meth:`Engine.step` on groups of micro-batches,
-log to a :class:`ScalarLog` and hand :func:`write_train_state` to whoever saves checkpoints.
+:class:`Engine` (an optimizer from :func:`build_adamw`, tri-stage schedule, AMP,
+accumulation, clipping), optionally restore its state (and weights: :func:`load_weights`),
+then per epoch call :meth:`Engine.step` on groups of micro-batches, log to a
+:class:`ScalarLog` and hand a checkpoint writer to whoever saves checkpoints. Fine-tuning
+(:mod:`ser_ray.train_loop`) and pre-training (:mod:`ser_ray.pretrain`) are both such loops.
 
 - AMP: autocast in bf16 (or fp16 with a ``GradScaler``) on CUDA only; float32 on CPU.
 - Accumulation: one optimizer step per group of micro-batches; each micro-batch's loss is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -81,6 +84,75 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norm weights and other 1-D parameters get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def build_adamw(
+    model: nn.Module,
+    *,
+    lr: float | dict[str, float],
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    part_of: Callable[[str], str] | None = None,
+    no_decay: Callable[[str, nn.Parameter], bool] = no_weight_decay,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one param group per (part, decay or not).
+
+    ``part_of(name)`` names each parameter's part (e.g. ``encoder`` or ``head``) and ``lr``
+    maps parts to their peak LR; without parts, ``lr`` is one float. Groups are named
+    ``<part>`` and ``<part>/no_decay`` (``decay`` and ``no_decay`` without parts), sorted by
+    name. Call before any temporary freezing.
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad:
+            part = part_of(name) if part_of is not None else ""
+            groups.setdefault((part, no_decay(name, p)), []).append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    param_groups = [
+        {
+            "params": params,
+            "lr": lr[part] if isinstance(lr, dict) else lr,
+            "weight_decay": 0.0 if skip_decay else weight_decay,
+            "name": "/".join(x for x in (part, "no_decay" if skip_decay else "") if x) or "decay",
+        }
+        for (part, skip_decay), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, betas=betas, eps=eps)
+
+
+def steps_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
+    """Optimizer steps in an epoch of ``num_batches`` micro-batches (a short last group
+    counts as a step)."""
+    return math.ceil(num_batches / grad_accum_steps)
+
+
+def read_safetensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``folder`` (one file or shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def load_weights(module: nn.Module, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the weights saved in ``folder`` into ``module``; every key must fit."""
+    weights = read_safetensors(folder)
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not fit the model: missing {missing}, extra {unexpected}")
+    return weights
 
 
 @dataclasses.dataclass
@@ -152,7 +224,7 @@ class Engine:
                     raise NonFiniteLossError(
                         f"training loss is {loss.item()} {where} (learning rates "
                         f"{self.learning_rates()}): training diverged; lower the learning "
-                        "rate or set a gradient clipping norm"
+                        "rates or set grad_clip_norm"
                     )
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             logs.append(values)

@@ -30,17 +30,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from ser_ray import ravdess
-from ser_ray.model import PartwiseClassifier, cnn_norm, prepare_waveform, save_model
-
-if TYPE_CHECKING:
-    from ser_ray.train_loop import TrainConfig
+from ser_ray.clip_data import list_column
+from ser_ray.model import PartwiseClassifier, cnn_norm, load_model, prepare_waveform, save_model
+from ser_ray.train_config import TrainConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +99,6 @@ class ClipFeatureUDF:
     """Ray Data callable class: one model per actor, features per clip (no padding)."""
 
     def __init__(self, model_dir: str, kind: str, use_gpu: bool = False):
-        from ser_ray.model import load_model
-
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.kind = kind
         classifier, self.fe = load_model(model_dir)
@@ -111,10 +107,8 @@ class ClipFeatureUDF:
             self.model.to("cuda")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ser_ray.train_loop import _list_column
-
         values, rows, dims = [], [], []
-        waves = _list_column(batch, "waveform")
+        waves = list_column(batch, "waveform")
         for wave in waves:
             out = clip_features(self.model, self.fe, wave, self.kind)
             values.append(out.reshape(-1))
@@ -169,7 +163,6 @@ def build_feature_cache(
     import ray.data
 
     from ser_ray.features import read_features
-    from ser_ray.train_loop import TrainConfig, build_model
 
     cfg = train_config or TrainConfig()
     if model is not None or probe is not None:

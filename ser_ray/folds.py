@@ -95,3 +95,14 @@ def validation_actors(train_actors: Iterable[int], n_val: int = 4) -> list[int]:
             if group and len(picked) < n_val:
                 picked.append(group.pop(0))
     return sorted(picked)
+
+
+def fold_split(
+    fold: int, scheme: str = "contiguous", n_val_actors: int = 4
+) -> tuple[list[int], list[int], list[int]]:
+    """(test actors, training actors without validation, validation actors) of one fold."""
+    test_actors, train_actors = test_and_train_actors(fold, scheme)
+    val_actors = validation_actors(train_actors, n_val_actors) if n_val_actors else []
+    fit_actors = [a for a in train_actors if a not in val_actors]
+    check_no_leakage(fit_actors + val_actors, test_actors)
+    return test_actors, fit_actors, val_actors

@@ -2,7 +2,7 @@
 -> one summary with the named variants side by side (:mod:`ser_ray.variants`).
 
 Each outer fold of wav2vec2 is one Ray Tune trial, and each trial drives a Ray Train
-``TorchTrainer`` running :func:`ser_ray.train_loop.train_fold_per_worker` (Ray Train V2 +
+``TorchTrainer`` running :func:`ser_ray.fold_trainer.train_fold_per_worker` (Ray Train V2 +
 Tune interop). The trial itself only reserves a token CPU; the trainer reserves its workers
 (CPUs, fractional GPUs) in its own placement group, so all six folds run at once when the
 cluster has room and queue otherwise. Two layers of fault tolerance:
@@ -26,7 +26,7 @@ import pandas as pd
 
 from ser_ray import cli, console, folds, ravdess, svm
 from ser_ray.features import FeatureConfig, demo_source, load_features, prepare_features
-from ser_ray.train_loop import TrainConfig
+from ser_ray.train_config import TrainConfig
 from ser_ray.variants import DEFAULT_VARIANTS, Variant, parse_variants
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ser_ray.train_loop import build_trainer
+    from ser_ray.fold_trainer import build_trainer
 
     fold = int(config["fold"])
     loop_config = {
@@ -285,7 +285,8 @@ def run_wav2vec2_folds(
     """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
     from ray import tune
 
-    from ser_ray.train_loop import BEST_MODEL_DIR, PREDICTIONS_FILE
+    from ser_ray.checkpoints import BEST_MODEL_DIR
+    from ser_ray.fold_trainer import PREDICTIONS_FILE
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     first = train_cfgs[fold_numbers[0]]
@@ -541,14 +542,12 @@ def check_model_reachable(model: str) -> None:
 
 def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str, Any]:
     """Per variant: which actors of each outer fold its reported model was trained on."""
-    from ser_ray.train_loop import fold_split
-
     out: dict[str, Any] = {}
     for variant in parse_variants(cfg.variants):
         refit = variant.family == "wav2vec2" and cfg.refit
         per_fold = {}
         for k, train_cfg in train_cfgs.items():
-            _, fit, val = fold_split(k, cfg.folds, train_cfg.n_val_actors)
+            _, fit, val = folds.fold_split(k, cfg.folds, train_cfg.n_val_actors)
             per_fold[str(k)] = sorted(fit + val) if variant.family == "svm" or refit else fit
         out[variant.name] = {"description": TRAINED_ON[variant.family, refit], "per_fold": per_fold}
     return out

@@ -42,6 +42,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 )
 
 from ser_ray import engine as eng
+from ser_ray.clip_data import length_grouped_batches
 from ser_ray.model import (
     DEMO_ENCODER_SEED,
     DEMO_MODEL,
@@ -50,7 +51,6 @@ from ser_ray.model import (
     prepare_waveform,
 )
 from ser_ray.schedule import gumbel_temperature
-from ser_ray.train_loop import length_grouped_batches
 from ser_ray.unlabeled import UnlabeledClips, read_pool
 
 log = logging.getLogger(__name__)
@@ -229,24 +229,15 @@ def _pretraining_loss(model: torch.nn.Module, batch: dict[str, Any]):
     return out.loss / batch["group_masked"], values
 
 
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-
-
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases, norms, codevectors."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) or "codevectors" in name else decay).append(p)
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-        ],
+    return eng.build_adamw(
+        model,
         lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
         betas=cfg.betas,
         eps=cfg.eps,
+        no_decay=lambda name, p: eng.no_weight_decay(name, p) or "codevectors" in name,
     )
 
 
@@ -259,15 +250,6 @@ def save_pretrained_model(
     eng.unwrap(model).save_pretrained(out, safe_serialization=True)
     fe.save_pretrained(out)
     return out
-
-
-def _load_weights(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder} does not fit the model: missing {missing}, extra {unexpected}")
 
 
 @dataclasses.dataclass
@@ -310,7 +292,7 @@ def run_pretraining(
             world_size=world_size,
         )  # fmt: skip
 
-    steps_per_epoch = -(-len(epoch_batches(0)) // cfg.grad_accum_steps)
+    steps_per_epoch = eng.steps_per_epoch(len(epoch_batches(0)), cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     engine = eng.Engine(
         model,
@@ -324,7 +306,7 @@ def run_pretraining(
     )
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     if resume_from is not None:
-        _load_weights(model, Path(resume_from) / MODEL_DIR)
+        eng.load_weights(model, Path(resume_from) / MODEL_DIR)
         progress = eng.load_train_state(resume_from, engine)
         log.info("pre-training resumed at epoch %d, step %d", progress["epoch"], progress["step"])
     scalars = eng.ScalarLog(log_dir, rank, resume_step=progress["step"])

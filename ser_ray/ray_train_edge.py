@@ -50,15 +50,20 @@ def wrap_ddp(model: nn.Module, world_size: int, find_unused_parameters: bool = T
 
 
 def report(
-    metrics: dict[str, Any], write: Callable[[Path], Any] | None = None, rank: int = 0
+    metrics: dict[str, Any],
+    write: Callable[[Path], Any] | None = None,
+    rank: int = 0,
+    *,
+    every_rank_writes: bool = False,
 ) -> None:
     """Report ``metrics`` to Ray Train (RAY); rank 0 attaches a checkpoint that ``write``
-    fills in a temporary folder."""
+    fills in a temporary folder. With ``every_rank_writes`` every rank does (files of its
+    own, e.g. its RNG states: Ray merges the ranks' folders into one checkpoint)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank == 0 and write is not None:
+        if (rank == 0 or every_rank_writes) and write is not None:
             write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)

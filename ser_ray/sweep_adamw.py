@@ -5,7 +5,7 @@ decay, AdamW's beta2, the warm-up and decay-start fractions of the schedule, and
 clipping (off, or on at a searched norm). Everything else is a fixed :class:`TrainConfig`.
 
 What is scored: validation UA (``val/uar``) on validation actors taken from the *training
-side* of one outer fold (:func:`ser_ray.train_loop.fold_split`); the fold's test actors are
+side* of one outer fold (:func:`ser_ray.folds.fold_split`); the fold's test actors are
 never read. ASHA (``ASHAScheduler`` on ``val/uar`` per epoch) stops weak trials early; the
 searcher learns from ``best/val_uar`` (the best epoch's val UA, the epoch whose weights the
 loop keeps) and the best trial is the one with the highest val UA at any epoch.
@@ -33,7 +33,7 @@ import pandas as pd
 
 from ser_ray import folds, ravdess
 from ser_ray.model import DEMO_MODEL
-from ser_ray.train_loop import TrainConfig
+from ser_ray.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +267,11 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from ser_ray.clip_data import read_split, table_from_arrow
+    from ser_ray.engine import seed_everything
     from ser_ray.feature_cache import cache_key
-    from ser_ray.train_loop import (
-        build_model,
-        fold_split,
-        read_split,
-        run_training,
-        seed_everything,
-        table_from_arrow,
-    )
+    from ser_ray.train_config import build_model
+    from ser_ray.train_loop import run_training
 
     torch.set_num_threads(int(setup["threads"]))
     cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
@@ -286,7 +282,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     if kind != "waveform" and cache_key(model, fe, kind) != setup["feature_cache_key"]:
         raise ValueError("the feature cache was not made by this model's frozen part")
     # the test actors of the fold are not even named here: only fit and validation actors
-    _, fit_actors, val_actors = fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
+    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
     columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
     train, val = (
         table_from_arrow(
@@ -348,12 +344,10 @@ def tune_fold(
     import ray
     from ray import tune
 
-    from ser_ray.train_loop import fold_split
-
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
     base = cfg.base_train_config()
-    test_actors, fit_actors, val_actors = fold_split(fold, cfg.scheme, base.n_val_actors)
+    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
     resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}

@@ -20,7 +20,10 @@ from test_train_loop import CLASSES, synthetic_table, tiny_config
 from torch.nn.parallel import DistributedDataParallel
 
 from ser_ray import train_loop
+from ser_ray.clip_data import table_from_arrow
+from ser_ray.engine import seed_everything
 from ser_ray.model import demo_feature_extractor
+from ser_ray.train_config import build_model
 
 WORLD_SIZE = 2
 #: Validation UA each rank would see per epoch if ranks decided on their own figures: with
@@ -64,14 +67,10 @@ def _worker(rank: int, port: int, out: str, settings: dict) -> None:
             decay_start_frac=0.5,
         )
         fe = demo_feature_extractor()
-        train = train_loop.table_from_arrow(
-            synthetic_table(2, seed=1), "waveform", CLASSES, False, fe
-        )
-        val = train_loop.table_from_arrow(
-            synthetic_table(1, seed=2), "waveform", CLASSES, False, fe
-        )
-        train_loop.seed_everything(cfg.seed, rank)
-        model, fe = train_loop.build_model(cfg, CLASSES)
+        train = table_from_arrow(synthetic_table(2, seed=1), "waveform", CLASSES, False, fe)
+        val = table_from_arrow(synthetic_table(1, seed=2), "waveform", CLASSES, False, fe)
+        seed_everything(cfg.seed, rank)
+        model, fe = build_model(cfg, CLASSES)
         resume = settings.get("resume_from")
         if resume:
             torch.manual_seed(1000 + rank)  # a fresh process: the checkpoint must restore RNGs

@@ -13,26 +13,34 @@ import pytest
 import torch
 
 from ser_ray import ravdess
-from ser_ray.model import demo_feature_extractor
-from ser_ray.train_loop import (
+from ser_ray.clip_data import (
     ClipTable,
-    NonFiniteLossError,
-    TrainConfig,
-    build_model,
-    build_optimizer,
     collate,
-    evaluate,
     length_grouped_batches,
     predictions_frame,
+    read_split,
+    table_from_arrow,
+)
+from ser_ray.engine import NonFiniteLossError, seed_everything
+from ser_ray.model import demo_feature_extractor
+from ser_ray.train_config import TrainConfig, build_model
+from ser_ray.train_loop import (
+    build_engine,
+    build_optimizer,
+    evaluate,
     refit,
     run_training,
-    seed_everything,
-    table_from_arrow,
     train_one_epoch,
 )
 
 CLASSES = ravdess.class_names()  # 8 emotions
 CPU = torch.device("cpu")
+
+
+def constant_lr_engine(model, cfg):
+    """The run's optimizer steps with the LR held at its peak (schedules: test_schedule)."""
+    flat = dataclasses.replace(cfg, warmup_frac=0.0, decay_start_frac=1.0)
+    return build_engine(model, flat, total_steps=10_000, device=CPU)
 
 
 def synthetic_table(clips_per_class: int = 1, seconds: float = 1.0, seed: int = 0) -> pa.Table:
@@ -154,8 +162,8 @@ def test_optimizer_groups_and_weight_decay():
 def _one_epoch(cfg, clips, monkeypatch):
     torch.manual_seed(0)
     model, _ = build_model(cfg, CLASSES)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine = constant_lr_engine(model, cfg)
+    opt = engine.optimizer
     calls, norms = [], []
     real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(
@@ -174,9 +182,7 @@ def _one_epoch(cfg, clips, monkeypatch):
 
     opt.step = step
     batches = length_grouped_batches(clips.lengths, cfg.batch_size, seed=0, epoch=0)
-    steps, metrics = train_one_epoch(
-        model, opt, sched, clips, batches, cfg, epoch=0, step=0, device=CPU
-    )
+    steps, metrics = train_one_epoch(engine, clips, batches, cfg, epoch=0, step=0)
     return steps, metrics, calls, norms
 
 
@@ -203,18 +209,14 @@ def test_gradient_accumulation_matches_a_big_batch():
         cfg = tiny_config(probe=True, batch_size=batch, grad_accum_steps=accum)
         torch.manual_seed(0)
         model, _ = build_model(cfg, CLASSES)
-        opt = build_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        engine = constant_lr_engine(model, cfg)
         steps, metrics = train_one_epoch(
-            model,
-            opt,
-            sched,
+            engine,
             pooled,
             [list(range(i, i + batch)) for i in range(0, 8, batch)],
             cfg,
             epoch=0,
             step=0,
-            device=CPU,
         )
         head = model.model.classifier.weight.detach().clone()
         results.append((steps, metrics["train/loss"], head))
@@ -232,13 +234,10 @@ def test_tiny_model_overfits_a_small_batch():
     cfg = tiny_config(batch_size=8, lr_encoder=1e-3, lr_head=3e-2, weight_decay=0.0)
     torch.manual_seed(0)
     model, _ = build_model(cfg, CLASSES)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine = constant_lr_engine(model, cfg)
     losses = []
     for epoch in range(40):
-        _, metrics = train_one_epoch(
-            model, opt, sched, table, [list(range(8))], cfg, epoch=epoch, step=epoch, device=CPU
-        )
+        _, metrics = train_one_epoch(engine, table, [list(range(8))], cfg, epoch=epoch, step=epoch)
         losses.append(metrics["train/loss"])
         if losses[-1] < 0.1 * math.log(8) / 2:
             break
@@ -262,10 +261,9 @@ def test_nan_loss_names_epoch_and_step(clips):
         x[100] = np.nan
     cfg = tiny_config()
     model, _ = build_model(cfg, CLASSES)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine = constant_lr_engine(model, cfg)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 8 .*lower the learning rates"):
-        train_one_epoch(model, opt, sched, bad, [[0, 1]], cfg, epoch=2, step=7, device=CPU)
+        train_one_epoch(engine, bad, [[0, 1]], cfg, epoch=2, step=7)
 
 
 def _weights(model):
@@ -318,7 +316,7 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
     for name, value in final_full.items():  # best-epoch weights, loaded at the end
         assert torch.equal(final_resumed[name], value), name
     latest_full = torch.load(tmp_path / "ckpt3" / "train_state.pt", weights_only=False)
-    assert latest_full["state"]["epoch"] == 3
+    assert latest_full["progress"]["epoch"] == 3
     # TensorBoard scalars of the uninterrupted run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -352,7 +350,6 @@ def _assert_predictions_agree_with_predict_and_pipeline(preds, model_dir, demo_f
     from transformers import pipeline
 
     from ser_ray.predict import load_fold_models, model_probabilities
-    from ser_ray.train_loop import read_split
 
     rows = preds.iloc[:3]
     table = read_split(demo_features / "features", sorted(set(rows["actor"])))
@@ -372,7 +369,7 @@ def _assert_predictions_agree_with_predict_and_pipeline(preds, model_dir, demo_f
 
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
-    from ser_ray.train_loop import fit_fold
+    from ser_ray.fold_trainer import fit_fold
 
     cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
     result = fit_fold(
@@ -415,13 +412,12 @@ def test_transformer_frozen_for_the_first_steps(clips):
     cfg = tiny_config(freeze_encoder_steps=2)
     torch.manual_seed(0)
     model, _ = build_model(cfg, CLASSES)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    engine = constant_lr_engine(model, cfg)
     q = model.encoder.encoder.layers[0].attention.q_proj.weight
     snapshots = [(q.detach().clone(), model.model.classifier.weight.detach().clone())]
     batches = length_grouped_batches(clips.lengths, 4, seed=0, epoch=0)
     train_one_epoch(
-        model, opt, sched, clips, batches, cfg, epoch=0, step=0, device=CPU,
+        engine, clips, batches, cfg, epoch=0, step=0,
         on_step=lambda step, _: snapshots.append(
             (q.detach().clone(), model.model.classifier.weight.detach().clone())
         ),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ser_ray import folds
+from ser_ray.folds import fold_split
 from ser_ray.kfold import KFoldConfig, train_config_for
 from ser_ray.sweep_adamw import (
     GRACE_RULE,
@@ -25,7 +26,7 @@ from ser_ray.sweep_adamw import (
     params_from_config,
     run_sweep,
 )
-from ser_ray.train_loop import TrainConfig, fold_split
+from ser_ray.train_config import TrainConfig
 
 FOLD = 2
 SWEEP = SweepConfig(num_samples=4, epochs=2, seed=0)

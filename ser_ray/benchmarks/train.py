@@ -24,15 +24,11 @@ import pyarrow as pa
 import torch
 
 from ser_ray import cli, features, ravdess
+from ser_ray.clip_data import ClipTable, table_from_arrow
 from ser_ray.feature_cache import clip_features
-from ser_ray.train_loop import (
-    ClipTable,
-    TrainConfig,
-    build_model,
-    fold_split,
-    run_training,
-    table_from_arrow,
-)
+from ser_ray.folds import fold_split
+from ser_ray.train_config import TrainConfig, build_model
+from ser_ray.train_loop import run_training
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,223 @@
+"""Clips in a worker's memory and how they are batched (no Ray).
+
+Read top to bottom: :class:`ClipTable` (the clips of one split, sorted by path),
+:func:`read_split` (one split's rows from a features or feature-cache Parquet folder),
+:func:`table_from_arrow` (those rows as a :class:`ClipTable`), :func:`merge_tables`,
+:func:`length_grouped_batches` (shuffled batches of similar lengths, one share per DDP rank),
+:func:`collate` (dynamic padding into model keyword arguments) and
+:func:`predictions_frame` (per-clip probabilities in the ``predictions.csv`` format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ser_ray import ravdess
+from ser_ray.model import pad_waveforms, prepare_waveform
+
+#: What a worker holds per clip: a waveform, the frozen CNN's output, or pooled layers.
+INPUT_KINDS = ("waveform", "cnn", "pooled")
+MODEL_NAME = "wav2vec2"  # the model column of predictions.csv
+
+
+@dataclasses.dataclass
+class ClipTable:
+    """Clips held in a worker's memory, sorted by path (a deterministic order).
+
+    ``inputs[i]`` is a prepared waveform (S,), CNN features (T, C) or pooled layer states
+    (K, H), by ``kind``.
+    """
+
+    kind: str
+    paths: list[str]
+    actors: np.ndarray
+    emotions: list[str]
+    labels: np.ndarray
+    inputs: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([x.shape[0] for x in self.inputs], dtype=np.int64)
+
+
+def list_column(table: pa.Table, name: str) -> list[np.ndarray]:
+    """A list<float32> column as float32 numpy arrays (no Python floats in between)."""
+    column = table.column(name).combine_chunks()
+    if isinstance(column, pa.ChunkedArray):  # pyarrow may keep one chunk
+        column = column.chunk(0) if column.num_chunks else pa.array([], column.type)
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+def read_split(
+    source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The rows of ``actors`` from a features or feature-cache Parquet folder (local or URI).
+
+    Each worker reads its fold's clips itself (predicate pushdown on ``actor``), so no Ray Data
+    tasks compete for CPUs with the training workers of concurrent folds.
+    """
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    source = str(source_dir)
+    if "://" in source:
+        fs, path = pafs.FileSystem.from_uri(source)
+    else:
+        fs, path = pafs.LocalFileSystem(), str(Path(source).resolve())
+    dataset = pads.dataset(path, format="parquet", filesystem=fs)
+    return dataset.to_table(
+        columns=list(columns) if columns else None,
+        filter=pads.field("actor").isin([int(a) for a in actors]),
+    )
+
+
+def table_from_arrow(
+    table: pa.Table,
+    kind: str,
+    class_names: Sequence[str],
+    merge_calm: bool,
+    feature_extractor=None,
+) -> ClipTable:
+    """Clips from a features table (``waveform`` column) or a feature cache (``features``).
+
+    Waveforms are prepared per clip (feature extractor's normalisation) once, here.
+    """
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
+    if table.num_rows == 0:
+        return ClipTable(kind, [], np.zeros(0, np.int64), [], np.zeros(0, np.int64), [])
+    order = np.argsort(np.array(table.column("path").to_pylist(), dtype=object), kind="stable")
+    table = table.take(pa.array(order))
+    paths = table.column("path").to_pylist()
+    emotions = table.column("emotion").to_pylist()
+    if kind == "waveform":
+        if feature_extractor is None:
+            raise ValueError("waveforms need the feature extractor (normalisation)")
+        inputs = [prepare_waveform(w, feature_extractor) for w in list_column(table, "waveform")]
+    else:
+        rows = table.column("feature_rows").to_numpy()
+        dims = table.column("feature_dim").to_numpy()
+        inputs = [
+            x.reshape(int(r), int(d))
+            for x, r, d in zip(list_column(table, "features"), rows, dims, strict=True)
+        ]
+    names = list(class_names)
+    labels = np.array([ravdess.label_index(e, merge_calm) for e in emotions], dtype=np.int64)
+    if len(names) != len(ravdess.class_names(merge_calm)):
+        raise ValueError(f"class names {names} do not match merge_calm={merge_calm}")
+    return ClipTable(
+        kind=kind,
+        paths=paths,
+        actors=table.column("actor").to_numpy().astype(np.int64),
+        emotions=emotions,
+        labels=labels,
+        inputs=inputs,
+    )
+
+
+def merge_tables(a: ClipTable, b: ClipTable) -> ClipTable:
+    """The clips of both tables (same kind), sorted by path like every :class:`ClipTable`."""
+    if a.kind != b.kind:
+        raise ValueError(f"cannot merge {a.kind} clips with {b.kind} clips")
+    paths = a.paths + b.paths
+    order = np.argsort(np.array(paths, dtype=object), kind="stable")
+    emotions, inputs = a.emotions + b.emotions, a.inputs + b.inputs
+    return ClipTable(
+        kind=a.kind,
+        paths=[paths[i] for i in order],
+        actors=np.concatenate([a.actors, b.actors])[order],
+        emotions=[emotions[i] for i in order],
+        labels=np.concatenate([a.labels, b.labels])[order],
+        inputs=[inputs[i] for i in order],
+    )
+
+
+def length_grouped_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    group_factor: int = 50,
+) -> list[list[int]]:
+    """Shuffled batches of clips of similar length, this rank's share (equal for every rank).
+
+    Shuffle with an RNG seeded by ``(seed, epoch)``, sort each window of
+    ``batch_size * group_factor`` clips by length, cut it into batches, shuffle the batches;
+    rank ``r`` takes batches ``r, r + world_size, ...`` (the remainder is dropped so that
+    every rank runs the same number of steps).
+    """
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * max(1, group_factor)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    per_rank = len(batches) // world_size
+    if per_rank == 0:
+        raise ValueError(f"{len(lengths)} clips make fewer batches than {world_size} workers")
+    return batches[rank::world_size][:per_rank]
+
+
+def collate(
+    table: ClipTable, indices: Sequence[int], device: torch.device | str = "cpu", padding_value=0.0
+) -> dict[str, torch.Tensor]:
+    """Model keyword arguments for the clips ``indices`` (dynamic padding to the longest)."""
+    items = [table.inputs[i] for i in indices]
+    if table.kind == "waveform":
+        values, lengths = pad_waveforms(items, padding_value)
+        batch = {"input_values": values, "lengths": lengths}
+    elif table.kind == "cnn":
+        feats = nn.utils.rnn.pad_sequence([torch.tensor(x) for x in items], batch_first=True)
+        frames = torch.tensor([x.shape[0] for x in items], dtype=torch.long)
+        batch = {"cnn_features": feats, "frame_lengths": frames}
+    else:
+        batch = {"pooled_layers": torch.from_numpy(np.stack(items))}
+    batch["labels"] = torch.from_numpy(table.labels[list(indices)])
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def predictions_frame(
+    table: ClipTable,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    fold: int | None,
+    model_name: str = MODEL_NAME,
+) -> pd.DataFrame:
+    """Per-clip rows in the predictions.csv format (probability columns sum to 1)."""
+    names = list(class_names)
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(
+        {
+            "path": table.paths,
+            "actor": table.actors.astype(int),
+            "fold": fold,
+            "true_label": [names[i] for i in table.labels],
+            "pred_label": [names[i] for i in probs.argmax(axis=1)],
+            "model": model_name,
+        }
+    )
+    for i, name in enumerate(names):
+        frame[f"prob_{name}"] = probs[:, i]
+    return frame

@@ -1,0 +1,347 @@
+"""The Ray Train edge of fine-tuning: one outer fold as a ``TorchTrainer``.
+
+Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
+``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
+read the fold's clips, train with resume, refit and score the test actors, write the
+fold's result — then :func:`build_trainer` and the plain driver :func:`fit_fold`. Ray
+touch-points are marked ``# RAY`` and go through :mod:`ser_ray.ray_train_edge`; the loop
+itself (:mod:`ser_ray.train_loop`) is Ray-free.
+
+Validation actors come from the training side of the outer fold
+(:func:`ser_ray.folds.fold_split`); the test fold is only scored once, with the
+best-epoch weights, at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from ser_ray import engine as eng
+from ser_ray import ravdess
+from ser_ray import ray_train_edge as edge
+from ser_ray.checkpoints import BEST_MODEL_DIR
+from ser_ray.clip_data import ClipTable, predictions_frame, read_split, table_from_arrow
+from ser_ray.feature_cache import build_feature_cache, cache_key
+from ser_ray.folds import fold_split
+from ser_ray.model import PartwiseClassifier, save_model
+from ser_ray.train_config import TrainConfig, build_model
+from ser_ray.train_loop import TrainOutcome, evaluate, refit, run_training
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.csv"
+RESULT_FILE = "result.json"
+
+
+def train_fold_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: train on ``train``, select on ``val``, score ``test``.
+
+    ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
+    ``source`` (features or feature-cache Parquet folder, local or URI; each worker reads its
+    fold's actors from it with :func:`read_split`), ``fold`` (int), ``scheme`` (fold scheme),
+    ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
+    ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
+    (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
+    checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
+    the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from
+    ``ray.train.get_checkpoint()``.
+    """
+    cfg = TrainConfig.from_dict(config)
+    ctx = edge.worker_context()  # RAY
+    kind = config.get("input_kind", "waveform")
+    class_names = ravdess.class_names(cfg.merge_calm)
+    eng.seed_everything(cfg.seed, ctx.rank)
+    model, fe = build_model(cfg, class_names)
+    check_feature_cache(model, fe, kind, config.get("feature_cache_key"))
+    tables = read_fold_tables(config, cfg, kind, class_names, fe)
+    wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
+    outcome = train_with_resume(
+        cfg, model, fe, tables, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
+    )
+    final: dict[str, Any] = {
+        "epoch": outcome.state.epoch,
+        "best_epoch": outcome.state.best_epoch,
+        "done": True,
+    }
+    trained_on = tables["train"]
+    has_val = tables["val"] is not None and len(tables["val"])
+    if cfg.refit and has_val:
+        model, trained_on = refit(
+            cfg, outcome.state.best_epoch, tables["train"], tables["val"], device=ctx.device,
+            rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
+        )  # fmt: skip
+        final["refit_epochs"] = outcome.state.best_epoch
+    if outcome.state.best_uar > -math.inf and has_val:
+        final["best/val_uar"] = outcome.state.best_uar
+    frame = None
+    if tables["test"] is not None and len(tables["test"]):
+        test_metrics, frame = score_test(cfg, model, tables["test"], class_names, config, ctx)
+        final.update(test_metrics)
+    result = {
+        "metrics": final,
+        "history": outcome.state.history,
+        "train_config": cfg.to_dict(),
+        "fold": config.get("fold"),
+        "trained_on_actors": sorted({int(a) for a in trained_on.actors}),
+        "input_kind": kind,
+        "class_names": class_names,
+    }
+    write = functools.partial(
+        write_fold_result, outcome=outcome, model=model, feature_extractor=fe, frame=frame,
+        result=result, rank=ctx.rank,
+    )  # fmt: skip
+    edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
+
+
+def check_feature_cache(
+    model: PartwiseClassifier, feature_extractor, kind: str, expected_key: str | None
+) -> None:
+    """With cached inputs, the cache must have been made by this model's frozen part."""
+    if kind == "waveform" or expected_key is None:
+        return
+    have = cache_key(model, feature_extractor, kind)
+    if expected_key != have:
+        raise ValueError(
+            f"the feature cache ({expected_key}) was not made by this model's frozen part "
+            f"({have}); rebuild it or turn use_feature_cache off"
+        )
+
+
+def read_fold_tables(
+    config: dict[str, Any], cfg: TrainConfig, kind: str, class_names: list[str], feature_extractor
+) -> dict[str, ClipTable | None]:
+    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips (None: no actors)."""
+    fold = config.get("fold")
+    test_actors, fit_actors, val_actors = fold_split(
+        fold, config.get("scheme", "contiguous"), cfg.n_val_actors
+    )
+    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
+    tables = {
+        name: table_from_arrow(
+            read_split(config["source"], actors, columns),
+            kind,
+            class_names,
+            cfg.merge_calm,
+            feature_extractor,
+        )
+        if actors
+        else None
+        for name, actors in (("train", fit_actors), ("val", val_actors), ("test", test_actors))
+    }
+    if tables["train"] is None or not len(tables["train"]):
+        raise ValueError(f"fold {fold}: no training clips in {config['source']}")
+    return tables
+
+
+def train_with_resume(
+    cfg: TrainConfig,
+    model: PartwiseClassifier,
+    feature_extractor,
+    tables: dict[str, ClipTable | None],
+    ctx: edge.WorkerContext,
+    wrap,
+    log_dir: str | None,
+) -> TrainOutcome:
+    """:func:`run_training` on this worker, reporting every epoch with a checkpoint and
+    resuming from Ray Train's latest one (after a failure or a restart)."""
+    checkpoint = edge.latest_checkpoint()  # RAY
+    with contextlib.ExitStack() as stack:
+        resume_dir = None
+        if checkpoint is not None:
+            resume_dir = Path(stack.enter_context(checkpoint.as_directory()))
+            log.info("resuming from %s", resume_dir)
+        return run_training(
+            cfg,
+            model,
+            feature_extractor,
+            tables["train"],
+            tables["val"],
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            wrap_model=wrap,
+            resume_from=resume_dir,
+            on_epoch_end=lambda metrics, write: edge.report(  # RAY
+                metrics, write, ctx.rank, every_rank_writes=True
+            ),
+            log_dir=log_dir,
+        )
+
+
+def score_test(
+    cfg: TrainConfig,
+    model: nn.Module,
+    test: ClipTable,
+    class_names: list[str],
+    config: dict[str, Any],
+    ctx: edge.WorkerContext,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """``test/*`` metrics and the per-clip predictions of the test actors."""
+    metrics, probs = evaluate(
+        model,
+        test,
+        batch_size=cfg.eval_batch_size,
+        device=ctx.device,
+        num_classes=len(class_names),
+        amp_dtype=eng.resolve_amp(cfg.amp, ctx.device),
+        prefix="test",
+    )
+    return metrics, predictions_frame(test, probs, class_names, config.get("fold"))
+
+
+def write_fold_result(
+    out: Path,
+    *,
+    outcome: TrainOutcome,
+    model: PartwiseClassifier,
+    feature_extractor,
+    frame: pd.DataFrame | None,
+    result: dict[str, Any],
+    rank: int,
+) -> Path:
+    """The final checkpoint: the training state (a restart after the end resumes to here)
+    and, from rank 0, the tested weights, ``predictions.csv`` and ``result.json``."""
+    outcome.write_checkpoint(out)
+    if rank != 0:
+        return out
+    save_model(model.model, feature_extractor, out / BEST_MODEL_DIR)  # best-epoch (or refit)
+    if frame is not None:
+        frame.to_csv(out / PREDICTIONS_FILE, index=False)
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
+    return out
+
+
+def build_trainer(
+    train_loop_config: dict[str, Any],
+    *,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | os.PathLike | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    resources_per_worker: dict[str, float] | None = None,
+    callbacks: list | None = None,
+):
+    """A ``TorchTrainer`` running :func:`train_fold_per_worker` (Ray Train V2).
+
+    ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial."""
+    return edge.build_torch_trainer(  # RAY
+        train_fold_per_worker,
+        train_loop_config,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        storage_path=storage_path,
+        name=name,
+        max_failures=max_failures,
+        resources_per_worker=resources_per_worker,
+        callbacks=callbacks,
+    )
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """Outcome of one outer fold."""
+
+    fold: int
+    scheme: str
+    test_actors: list[int]
+    val_actors: list[int]
+    n_test: int
+    metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
+    best_epoch: int
+    history: list[dict[str, float]]
+    predictions: pd.DataFrame
+    model_dir: Path  # best-epoch model (HF checkpoint)
+    run_dir: Path
+
+
+def fit_fold(
+    features_dir: str | os.PathLike,
+    fold: int,
+    scheme: str = "contiguous",
+    train_config: TrainConfig | None = None,
+    out_dir: str | os.PathLike = "runs/wav2vec2",
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_failures: int = 0,
+    log_dir: str | os.PathLike | None = None,
+) -> FoldResult:
+    """Train and score one outer fold with a ``TorchTrainer``; outputs under ``out_dir``.
+
+    ``out_dir/fold_<k>/``: ``model/`` (best-epoch HF checkpoint), ``predictions.csv``,
+    ``result.json``; Ray's run folder (checkpoints) under ``out_dir/ray/``; TensorBoard
+    under ``log_dir`` (default ``out_dir/tensorboard/fold_<k>``). Re-running with the same
+    ``out_dir`` resumes from the latest checkpoint. With ``use_feature_cache`` the frozen
+    part's outputs come from (or go to) ``cache_dir`` (default: next to ``features_dir``).
+    """
+    cfg = train_config or TrainConfig()
+    out = Path(out_dir).resolve()
+    fold_dir = out / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    test_actors, _, val_actors = fold_split(fold, scheme, cfg.n_val_actors)
+    config: dict[str, Any] = {
+        **cfg.to_dict(),
+        "fold": fold,
+        "scheme": scheme,
+        "input_kind": "waveform",
+        "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
+    }
+    config["source"] = str(Path(features_dir).resolve())
+    if cfg.use_feature_cache:
+        cache = build_feature_cache(
+            features_dir,
+            cache_root=cache_dir or Path(features_dir).resolve().parent / "feature_cache",
+            train_config=cfg,
+        )
+        config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
+    trainer = build_trainer(
+        config,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        storage_path=out / "ray",
+        name=f"fold_{fold}",
+        max_failures=max_failures,
+    )
+    result = trainer.fit()  # RAY
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fold {fold}: the run left no checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        if (fold_dir / "model").exists():
+            shutil.rmtree(fold_dir / "model")
+        shutil.copytree(ckpt / BEST_MODEL_DIR, fold_dir / "model")
+        for name in (PREDICTIONS_FILE, RESULT_FILE):
+            if (ckpt / name).exists():
+                shutil.copy2(ckpt / name, fold_dir / name)
+    summary = json.loads((fold_dir / RESULT_FILE).read_text())
+    predictions = pd.read_csv(fold_dir / PREDICTIONS_FILE)
+    metrics = summary["metrics"]
+    return FoldResult(
+        fold=fold,
+        scheme=scheme,
+        test_actors=test_actors,
+        val_actors=val_actors,
+        n_test=len(predictions),
+        metrics=metrics,
+        best_epoch=int(metrics["best_epoch"]),
+        history=summary["history"],
+        predictions=predictions,
+        model_dir=fold_dir / "model",
+        run_dir=fold_dir,
+    )
