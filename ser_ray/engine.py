@@ -24,7 +24,7 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -165,6 +165,26 @@ class ScheduleSettings:
     decay_shape: str = "linear"
 
 
+class LoopSettings:
+    """What the settings dataclasses of both loops share (``TrainConfig``,
+    ``PretrainConfig``): plain-dict round trips (JSON, Tune) and their schedule fields
+    (``warmup_frac``, ``decay_start_frac``, ``final_lr_scale``, ``decay_shape``)."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Build from a dict, ignoring keys that are not settings (fold, input_kind, ...)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def schedule(self) -> ScheduleSettings:
+        return ScheduleSettings(
+            self.warmup_frac, self.decay_start_frac, self.final_lr_scale, self.decay_shape
+        )
+
+
 class Engine:
     """Optimizer steps for one model: schedule, AMP, accumulation, clipping, NaN check.
 
@@ -259,6 +279,28 @@ class Engine:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
+
+
+def build_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    settings: LoopSettings,
+    *,
+    total_steps: int,
+    device: torch.device,
+    wrapped: nn.Module | None = None,
+) -> Engine:
+    """An :class:`Engine` with the schedule, AMP and clipping of a loop's settings."""
+    return Engine(
+        model,
+        optimizer,
+        total_steps=total_steps,
+        schedule=settings.schedule(),
+        device=device,
+        amp=settings.amp,
+        grad_clip_norm=settings.grad_clip_norm,
+        wrapped=wrapped,
+    )
 
 
 def write_train_state(out_dir: str | os.PathLike, engine: Engine, progress: dict[str, Any]) -> Path:

@@ -3,7 +3,8 @@
 Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
 ``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
 read the fold's clips, train with resume, refit and score the test actors, write the
-fold's result — then :func:`build_trainer` and the plain driver :func:`fit_fold`. Ray
+fold's result — then the plain driver :func:`fit_fold` (a ``TorchTrainer`` from
+:func:`ser_ray.ray_train_edge.build_torch_trainer`). Ray
 touch-points are marked ``# RAY`` and go through :mod:`ser_ray.ray_train_edge`; the loop
 itself (:mod:`ser_ray.train_loop`) is Ray-free.
 
@@ -223,33 +224,6 @@ def write_fold_result(
     return out
 
 
-def build_trainer(
-    train_loop_config: dict[str, Any],
-    *,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    storage_path: str | os.PathLike | None = None,
-    name: str | None = None,
-    max_failures: int = 0,
-    resources_per_worker: dict[str, float] | None = None,
-    callbacks: list | None = None,
-):
-    """A ``TorchTrainer`` running :func:`train_fold_per_worker` (Ray Train V2).
-
-    ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback()`` inside a Tune trial."""
-    return edge.build_torch_trainer(  # RAY
-        train_fold_per_worker,
-        train_loop_config,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        storage_path=storage_path,
-        name=name,
-        max_failures=max_failures,
-        resources_per_worker=resources_per_worker,
-        callbacks=callbacks,
-    )
-
-
 @dataclasses.dataclass
 class FoldResult:
     """Outcome of one outer fold."""
@@ -308,7 +282,8 @@ def fit_fold(
             train_config=cfg,
         )
         config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
-    trainer = build_trainer(
+    trainer = edge.build_torch_trainer(
+        train_fold_per_worker,
         config,
         num_workers=num_workers,
         use_gpu=use_gpu,
@@ -316,12 +291,8 @@ def fit_fold(
         name=f"fold_{fold}",
         max_failures=max_failures,
     )
-    result = trainer.fit()  # RAY
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"fold {fold}: the run left no checkpoint")
-    with result.checkpoint.as_directory() as ckpt:
+    checkpoint = edge.fit(trainer, f"fold {fold}")  # RAY
+    with checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
         if (fold_dir / "model").exists():
             shutil.rmtree(fold_dir / "model")

@@ -250,7 +250,8 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ser_ray.fold_trainer import build_trainer
+    from ser_ray.fold_trainer import train_fold_per_worker
+    from ser_ray.ray_train_edge import build_torch_trainer
 
     fold = int(config["fold"])
     loop_config = {
@@ -260,7 +261,8 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         "scheme": train["scheme"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
-    trainer = build_trainer(
+    trainer = build_torch_trainer(
+        train_fold_per_worker,
         loop_config,
         num_workers=train["workers_per_fold"],
         use_gpu=train["use_gpu"],

@@ -71,7 +71,7 @@ DEMO_QUANTIZER = {
 # 1. Settings
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class PretrainConfig:
+class PretrainConfig(eng.LoopSettings):
     """Settings of one pre-training run. Defaults: the demo encoder's recipe."""
 
     model: str = dataclasses.field(
@@ -132,19 +132,6 @@ class PretrainConfig:
             raise ValueError("batch_size, epochs and grad_accum_steps must be >= 1")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def schedule(self) -> eng.ScheduleSettings:
-        return eng.ScheduleSettings(
-            self.warmup_frac, self.decay_start_frac, self.final_lr_scale, self.decay_shape
-        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,16 +281,10 @@ def run_pretraining(
 
     steps_per_epoch = eng.steps_per_epoch(len(epoch_batches(0)), cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
-    engine = eng.Engine(
-        model,
-        build_optimizer(model, cfg),
-        total_steps=total_steps,
-        schedule=cfg.schedule(),
-        device=device,
-        amp=cfg.amp,
-        grad_clip_norm=cfg.grad_clip_norm,
+    engine = eng.build_engine(
+        model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
         wrapped=wrapped,
-    )
+    )  # fmt: skip
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     if resume_from is not None:
         eng.load_weights(model, Path(resume_from) / MODEL_DIR)
@@ -450,7 +431,7 @@ def fit_pretraining(
     """Pre-train on a pool (:mod:`ser_ray.unlabeled`) with a ``TorchTrainer``; returns
     ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
     settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes."""
-    from ser_ray.ray_train_edge import build_torch_trainer
+    from ser_ray import ray_train_edge as edge
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +441,7 @@ def fit_pretraining(
         "actors": actors,
         "log_dir": str(log_dir or out / "tensorboard"),
     }
-    trainer = build_torch_trainer(
+    trainer = edge.build_torch_trainer(
         pretrain_per_worker,
         config,
         num_workers=num_workers,
@@ -470,12 +451,8 @@ def fit_pretraining(
         name="pretrain",
         max_failures=max_failures,
     )
-    result = trainer.fit()  # RAY
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"pre-training into {out} left no checkpoint")
-    with result.checkpoint.as_directory() as ckpt:
+    checkpoint = edge.fit(trainer, f"pre-training into {out}")  # RAY
+    with checkpoint.as_directory() as ckpt:
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(Path(ckpt) / MODEL_DIR, out / MODEL_DIR)
         for name in (RESULT_FILE, CLIPS_FILE):

@@ -76,6 +76,16 @@ def latest_checkpoint():
     return ray.train.get_checkpoint()
 
 
+def fit(trainer, what: str):
+    """Run ``trainer`` to the end (RAY); its final checkpoint, or the run's error."""
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what}: the run left no checkpoint")
+    return result.checkpoint
+
+
 def build_torch_trainer(
     per_worker: Callable[[dict[str, Any]], None],
     config: dict[str, Any],

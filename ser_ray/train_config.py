@@ -13,12 +13,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ser_ray.engine import ScheduleSettings
+from ser_ray.engine import LoopSettings
 from ser_ray.model import PartwiseClassifier, load_model
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(LoopSettings):
     """Settings of one fine-tuning run (one outer fold). Defaults suit a pretrained encoder."""
 
     # model
@@ -126,20 +126,6 @@ class TrainConfig:
             raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
         if self.use_feature_cache and not self.freeze_feature_encoder:
             raise ValueError("the feature cache needs a frozen CNN (freeze_feature_encoder=True)")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, ignoring keys that are not settings (fold, input_kind, ...)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def schedule(self) -> ScheduleSettings:
-        return ScheduleSettings(
-            self.warmup_frac, self.decay_start_frac, self.final_lr_scale, self.decay_shape
-        )
 
 
 def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseClassifier, Any]:

@@ -56,26 +56,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def build_engine(
-    model: PartwiseClassifier,
-    cfg: TrainConfig,
-    total_steps: int,
-    device: torch.device,
-    wrapped: nn.Module | None = None,
-) -> eng.Engine:
-    """The optimizer steps of a run of ``cfg``: AdamW, tri-stage schedule, AMP, clipping."""
-    return eng.Engine(
-        model,
-        build_optimizer(model, cfg),
-        total_steps=total_steps,
-        schedule=cfg.schedule(),
-        device=device,
-        amp=cfg.amp,
-        grad_clip_norm=cfg.grad_clip_norm,
-        wrapped=wrapped,
-    )
-
-
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current LR of the encoder and head groups (``train/lr`` is the head's)."""
     lrs = {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
@@ -254,7 +234,10 @@ def run_training(
     wrapped = wrap_model(model) if wrap_model is not None else model
     num_batches = len(epoch_batches(train_table, cfg, 0, rank, world_size))
     total_steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps) * cfg.epochs
-    engine = build_engine(model, cfg, total_steps, device, wrapped)
+    engine = eng.build_engine(
+        model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
+        wrapped=wrapped,
+    )  # fmt: skip
     state, best_weights = TrainState(), None
     if resume_from is not None:
         state, best_weights = load_checkpoint(resume_from, model=model, engine=engine, rank=rank)

@@ -21,11 +21,10 @@ from ser_ray.clip_data import (
     read_split,
     table_from_arrow,
 )
-from ser_ray.engine import NonFiniteLossError, seed_everything
+from ser_ray.engine import NonFiniteLossError, build_engine, seed_everything
 from ser_ray.model import demo_feature_extractor
 from ser_ray.train_config import TrainConfig, build_model
 from ser_ray.train_loop import (
-    build_engine,
     build_optimizer,
     evaluate,
     refit,
@@ -40,7 +39,7 @@ CPU = torch.device("cpu")
 def constant_lr_engine(model, cfg):
     """The run's optimizer steps with the LR held at its peak (schedules: test_schedule)."""
     flat = dataclasses.replace(cfg, warmup_frac=0.0, decay_start_frac=1.0)
-    return build_engine(model, flat, total_steps=10_000, device=CPU)
+    return build_engine(model, build_optimizer(model, cfg), flat, total_steps=10_000, device=CPU)
 
 
 def synthetic_table(clips_per_class: int = 1, seconds: float = 1.0, seed: int = 0) -> pa.Table:
