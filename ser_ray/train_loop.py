@@ -184,9 +184,17 @@ def rank0_value(value: float, world_size: int, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def record_epoch(state: TrainState, epoch: int, uar: float, cfg: TrainConfig) -> bool:
-    """Count ``epoch`` (0-based) as done in ``state``: best epoch on ``uar``, early stop.
-    Returns whether it is the best epoch so far."""
+def record_epoch(
+    state: TrainState,
+    epoch: int,
+    uar: float,
+    cfg: TrainConfig,
+    train_metrics: dict[str, float],
+    val_metrics: dict[str, float],
+) -> tuple[dict[str, float], bool]:
+    """Count ``epoch`` (0-based) as done in ``state``: best epoch on ``uar``, early stop,
+    the epoch's metrics in the history. Returns the metrics and whether it is the best epoch
+    so far."""
     state.epoch = epoch + 1
     improved = uar > state.best_uar
     if improved:
@@ -197,7 +205,24 @@ def record_epoch(state: TrainState, epoch: int, uar: float, cfg: TrainConfig) ->
     if patience and state.epochs_since_best >= patience and state.epoch < cfg.epochs:
         state.stopped_early = True
         log.info("early stopping after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
-    return improved
+    metrics = {
+        "epoch": state.epoch,
+        "step": state.step,
+        **train_metrics,
+        **val_metrics,
+        "best_epoch": state.best_epoch,
+    }
+    if val_metrics:
+        metrics["best/val_uar"] = state.best_uar
+    state.history.append(metrics)
+    log.info(
+        "epoch %d/%d step %d: %s",
+        state.epoch,
+        cfg.epochs,
+        state.step,
+        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
+    )
+    return metrics, improved
 
 
 @dataclasses.dataclass
@@ -278,29 +303,13 @@ def run_training(
                 )
             uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
             uar = rank0_value(uar, world_size, device)  # one decision for every rank
-            if record_epoch(state, epoch, uar, cfg):
+            metrics, improved = record_epoch(state, epoch, uar, cfg, train_metrics, val_metrics)
+            if improved:
                 best_weights = {
                     k: v.detach().cpu().clone() for k, v in model.model.state_dict().items()
                 }
-            metrics = {
-                "epoch": state.epoch,
-                "step": state.step,
-                **train_metrics,
-                **val_metrics,
-                "best_epoch": state.best_epoch,
-            }
-            if val_metrics:
-                metrics["best/val_uar"] = state.best_uar
-            state.history.append(metrics)
             scalars.add({**val_metrics, "train/epoch_loss": metrics["train/loss"]}, state.step)
             scalars.flush()
-            log.info(
-                "epoch %d/%d step %d: %s",
-                state.epoch,
-                cfg.epochs,
-                state.step,
-                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
-            )
             if on_epoch_end is not None:
                 on_epoch_end(metrics, checkpoint_writer(copy.deepcopy(state), best_weights))
     finally:
