@@ -168,7 +168,7 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     import dataclasses
 
     from ser_ray import feature_cache, kfold
-    from ser_ray.train_loop import TrainConfig
+    from ser_ray.train_config import TrainConfig
 
     built = []
 
