@@ -465,7 +465,7 @@ def check_loading_info(
         )
     other = sorted(k for k in info.get("unexpected_keys", ()) if not of_encoder(k))
     if other:
-        log.info("%s: not used (pre-training or ASR head): %d tensors", source, len(other))
+        log.debug("%s: not used (pre-training or ASR head): %d tensors", source, len(other))
 
 
 def load_model(
@@ -524,7 +524,7 @@ def load_model(
             hf_logging.set_verbosity(previous)
         check_loading_info(info, model, name_or_path, has_head)
     if not has_head:
-        log.info("%s: new %s head for %s", name_or_path, type(model).__name__, class_names)
+        log.debug("%s: new %s head for %s", name_or_path, type(model).__name__, class_names)
         reset_head(model, seed)
     if freeze_feature_encoder:
         model.freeze_feature_encoder()
