@@ -6,6 +6,7 @@
   python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
   python jobs/benchmark.py gpu                        # six folds sharing one GPU, bf16/fp16
   python jobs/benchmark.py pretrain                   # our pre-training loop vs HF Trainer
+  python jobs/benchmark.py ingest [--copies 1 4]      # worker memory: in-memory vs streamed split
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -22,6 +23,7 @@ from pathlib import Path
 from ser_ray import cli
 from ser_ray.benchmarks.folds import add_folds_args, run_folds_benchmark
 from ser_ray.benchmarks.gpu import add_gpu_args, run_gpu_benchmark
+from ser_ray.benchmarks.ingest import add_ingest_args, run_ingest_benchmark
 from ser_ray.benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
 from ser_ray.benchmarks.pretrain_speed import add_pretrain_args, run_pretrain_benchmark
 from ser_ray.benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
@@ -44,6 +46,7 @@ BENCHMARKS = {
     "folds": (add_folds_args, run_folds_benchmark, True, _format_figures),
     "gpu": (add_gpu_args, run_gpu_benchmark, False, _format_figures),
     "pretrain": (add_pretrain_args, run_pretrain_benchmark, False, _format_figures),
+    "ingest": (add_ingest_args, run_ingest_benchmark, True, _format_figures),
 }
 # the headline figures of each benchmark and their targets, for the `all` table
 HEADLINES = {
@@ -59,6 +62,10 @@ HEADLINES = {
     ],
     "gpu": [("bf16_kfold_wall_s", "kfold.py, six folds on one GPU, bf16, seconds", "-")],
     "pretrain": [("ours_vs_trainer", "our pre-training loop vs HF Trainer, clips/s ratio", ">= 1")],
+    "ingest": [
+        ("stream_growth_x4_over_x1", "streamed worker peak memory, 4x corpus / 1x", "~1"),
+        ("memory_growth_x4_over_x1", "in-memory worker peak memory, 4x corpus / 1x", "-"),
+    ],
 }
 
 

@@ -1,19 +1,26 @@
 """Clips in a worker's memory and how they are batched (no Ray).
 
-Read top to bottom: :class:`ClipTable` (the clips of one split, sorted by path),
-:func:`read_split` (one split's rows from a features or feature-cache Parquet folder),
-:func:`table_from_arrow` (those rows as a :class:`ClipTable`), :func:`merge_tables`,
-:func:`length_grouped_batches` (shuffled batches of similar lengths, one share per DDP rank),
-:func:`collate` (dynamic padding into model keyword arguments) and
-:func:`predictions_frame` (per-clip probabilities in the ``predictions.csv`` format).
+Read top to bottom: :class:`ClipTable` (a window of clips, sorted by path; a whole split in
+memory is one window, a :class:`ser_ray.clip_stream.ClipStream` streams them),
+:class:`Clips` (what the loops pass over window by window), :func:`read_split` and
+:func:`count_split` (one split's rows, or their number, from a features or feature-cache
+Parquet folder), :func:`table_from_arrow` (rows as a :class:`ClipTable`),
+:func:`merge_tables`, :func:`length_grouped_batches` (shuffled batches of similar lengths,
+one share per DDP rank), :func:`collate` (dynamic padding into model keyword arguments),
+:func:`collated_batches` and :func:`batches_per_epoch` (an epoch's batches, window by
+window) and :func:`predictions_frame` (per-clip probabilities in the ``predictions.csv``
+format).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -51,6 +58,30 @@ class ClipTable:
     def lengths(self) -> np.ndarray:
         return np.array([x.shape[0] for x in self.inputs], dtype=np.int64)
 
+    @property
+    def window_clips(self) -> int:
+        return max(1, len(self))
+
+    def windows(self) -> Iterator[ClipTable]:
+        """All clips as one window (the in-memory case of :class:`Clips`)."""
+        yield self
+
+    def without_inputs(self) -> ClipTable:
+        """Paths, actors and labels only (what predictions.csv needs)."""
+        return dataclasses.replace(self, inputs=[])
+
+
+class Clips(Protocol):
+    """Clips a loop passes over window by window: a :class:`ClipTable` (one window) or a
+    :class:`ser_ray.clip_stream.ClipStream` (bounded windows read from Ray Data)."""
+
+    @property
+    def window_clips(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def windows(self) -> Iterator[ClipTable]: ...
+
 
 def list_column(table: pa.Table, name: str) -> list[np.ndarray]:
     """A list<float32> column as float32 numpy arrays (no Python floats in between)."""
@@ -62,14 +93,9 @@ def list_column(table: pa.Table, name: str) -> list[np.ndarray]:
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
-def read_split(
-    source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
-) -> pa.Table:
-    """The rows of ``actors`` from a features or feature-cache Parquet folder (local or URI).
-
-    Each worker reads its fold's clips itself (predicate pushdown on ``actor``), so no Ray Data
-    tasks compete for CPUs with the training workers of concurrent folds.
-    """
+def _actors_in(source_dir: str | os.PathLike, actors: Sequence[int]):
+    """(pyarrow dataset of a features or feature-cache Parquet folder, local or URI; the
+    filter that keeps ``actors``' rows)."""
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
@@ -79,10 +105,23 @@ def read_split(
     else:
         fs, path = pafs.LocalFileSystem(), str(Path(source).resolve())
     dataset = pads.dataset(path, format="parquet", filesystem=fs)
-    return dataset.to_table(
-        columns=list(columns) if columns else None,
-        filter=pads.field("actor").isin([int(a) for a in actors]),
-    )
+    return dataset, pads.field("actor").isin([int(a) for a in actors])
+
+
+def read_split(
+    source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
+) -> pa.Table:
+    """The rows of ``actors`` from a features or feature-cache Parquet folder, in memory
+    (predicate pushdown on ``actor``); the in-process sweep's read (fine-tuning streams)."""
+    dataset, keep = _actors_in(source_dir, actors)
+    return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
+
+
+def count_split(source_dir: str | os.PathLike, actors: Sequence[int]) -> int:
+    """How many rows of ``actors`` a features or feature-cache folder holds (the actor column
+    only is read)."""
+    dataset, keep = _actors_in(source_dir, actors)
+    return dataset.count_rows(filter=keep)
 
 
 def table_from_arrow(
@@ -129,20 +168,22 @@ def table_from_arrow(
     )
 
 
-def merge_tables(a: ClipTable, b: ClipTable) -> ClipTable:
-    """The clips of both tables (same kind), sorted by path like every :class:`ClipTable`."""
-    if a.kind != b.kind:
-        raise ValueError(f"cannot merge {a.kind} clips with {b.kind} clips")
-    paths = a.paths + b.paths
+def merge_tables(*tables: ClipTable) -> ClipTable:
+    """The clips of all tables (same kind), sorted by path like every :class:`ClipTable`."""
+    kinds = sorted({t.kind for t in tables})
+    if len(kinds) != 1:
+        raise ValueError(f"cannot merge clips of kinds {kinds}")
+    paths = [p for t in tables for p in t.paths]
     order = np.argsort(np.array(paths, dtype=object), kind="stable")
-    emotions, inputs = a.emotions + b.emotions, a.inputs + b.inputs
+    emotions = [e for t in tables for e in t.emotions]
+    inputs = [x for t in tables for x in t.inputs]
     return ClipTable(
-        kind=a.kind,
+        kind=kinds[0],
         paths=[paths[i] for i in order],
-        actors=np.concatenate([a.actors, b.actors])[order],
+        actors=np.concatenate([t.actors for t in tables])[order],
         emotions=[emotions[i] for i in order],
-        labels=np.concatenate([a.labels, b.labels])[order],
-        inputs=[inputs[i] for i in order],
+        labels=np.concatenate([t.labels for t in tables])[order],
+        inputs=[inputs[i] for i in order] if inputs else [],
     )
 
 
@@ -155,27 +196,46 @@ def length_grouped_batches(
     rank: int = 0,
     world_size: int = 1,
     group_factor: int = 50,
+    window: int = 0,
 ) -> list[list[int]]:
     """Shuffled batches of clips of similar length, this rank's share (equal for every rank).
 
-    Shuffle with an RNG seeded by ``(seed, epoch)``, sort each window of
-    ``batch_size * group_factor`` clips by length, cut it into batches, shuffle the batches;
-    rank ``r`` takes batches ``r, r + world_size, ...`` (the remainder is dropped so that
-    every rank runs the same number of steps).
+    Shuffle with an RNG seeded by ``(seed, epoch, window)`` (``window`` 0 draws what
+    ``(seed, epoch)`` draws), sort each group of ``batch_size * group_factor`` clips by
+    length, cut it into batches, shuffle the batches; rank ``r`` takes batches
+    ``r, r + world_size, ...`` (the remainder is dropped so that every rank runs the same
+    number of steps). ``window``: the index of a streamed window (:func:`collated_batches`).
     """
+    batches = _window_share(
+        lengths, batch_size, seed, epoch, window, rank, world_size, group_factor
+    )
+    if not batches:
+        raise ValueError(f"{len(lengths)} clips make fewer batches than {world_size} workers")
+    return batches
+
+
+def _window_share(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    window: int,
+    rank: int,
+    world_size: int,
+    group_factor: int,
+) -> list[list[int]]:
+    """:func:`length_grouped_batches` that may give a rank no batch (a small last window)."""
     lengths = np.asarray(lengths)
-    rng = np.random.default_rng([seed, epoch])
+    rng = np.random.default_rng([seed, epoch, window])
     order = rng.permutation(len(lengths))
-    window = batch_size * max(1, group_factor)
+    group = batch_size * max(1, group_factor)
     batches: list[list[int]] = []
-    for start in range(0, len(order), window):
-        chunk = order[start : start + window]
+    for start in range(0, len(order), group):
+        chunk = order[start : start + group]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
     batches = [batches[i] for i in rng.permutation(len(batches))]
     per_rank = len(batches) // world_size
-    if per_rank == 0:
-        raise ValueError(f"{len(lengths)} clips make fewer batches than {world_size} workers")
     return batches[rank::world_size][:per_rank]
 
 
@@ -195,6 +255,51 @@ def collate(
         batch = {"pooled_layers": torch.from_numpy(np.stack(items))}
     batch["labels"] = torch.from_numpy(table.labels[list(indices)])
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def collated_batches(
+    clips: Clips,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    group_factor: int = 50,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch's batches of this rank, collated on the CPU, window by window: within each
+    window the batches of :func:`length_grouped_batches`, seeded by (seed, epoch, window
+    index). With one window (a whole :class:`ClipTable`), exactly that function's batches.
+
+    A window is dropped before the next one is read, so at most one window of clips is held.
+    """
+    windows = clips.windows()
+    for index in itertools.count():
+        table = next(windows, None)
+        if table is None:
+            return
+        share = _window_share(
+            table.lengths, batch_size, seed, epoch, index, rank, world_size, group_factor
+        )
+        for indices in share:
+            yield collate(table, indices)
+        del table  # before the next window is read
+
+
+def batches_per_epoch(
+    clips: Clips, batch_size: int, *, world_size: int = 1, group_factor: int = 50
+) -> int:
+    """How many batches :func:`collated_batches` gives each rank per epoch (from the clip
+    count and the window size alone: no clip is read)."""
+    group = batch_size * max(1, group_factor)
+    total = 0
+    for start in range(0, len(clips), clips.window_clips):
+        size = min(clips.window_clips, len(clips) - start)
+        batches = sum(math.ceil(min(group, size - g) / batch_size) for g in range(0, size, group))
+        total += batches // world_size
+    if total == 0:
+        raise ValueError(f"{len(clips)} clips make fewer batches than {world_size} workers")
+    return total
 
 
 def predictions_frame(

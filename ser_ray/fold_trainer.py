@@ -2,9 +2,9 @@
 
 Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
 ``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
-read the fold's clips, train with resume, refit and score the test actors, write the
-fold's result — then the plain driver :func:`fit_fold` (a ``TorchTrainer`` from
-:func:`ser_ray.ray_train_edge.build_torch_trainer`). Ray
+open the fold's clip streams, train with resume, refit and score the test actors, write the
+fold's result — then :func:`build_fold_trainer` (the ``TorchTrainer`` of a fold, fed its
+splits as Ray datasets, :mod:`ser_ray.ray_ingest`) and the plain driver :func:`fit_fold`. Ray
 touch-points are marked ``# RAY`` and go through :mod:`ser_ray.ray_train_edge`; the loop
 itself (:mod:`ser_ray.train_loop`) is Ray-free.
 
@@ -30,10 +30,10 @@ import pandas as pd
 from torch import nn
 
 from ser_ray import engine as eng
-from ser_ray import ravdess
+from ser_ray import ravdess, ray_ingest
 from ser_ray import ray_train_edge as edge
 from ser_ray.checkpoints import BEST_MODEL_DIR
-from ser_ray.clip_data import ClipTable, predictions_frame, read_split, table_from_arrow
+from ser_ray.clip_data import Clips, count_split, predictions_frame, table_from_arrow
 from ser_ray.feature_cache import build_feature_cache, cache_key
 from ser_ray.folds import fold_split
 from ser_ray.model import PartwiseClassifier, save_model
@@ -50,8 +50,9 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker function: train on ``train``, select on ``val``, score ``test``.
 
     ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
-    ``source`` (features or feature-cache Parquet folder, local or URI; each worker reads its
-    fold's actors from it with :func:`read_split`), ``fold`` (int), ``scheme`` (fold scheme),
+    ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
+    (clips per split, counted by :func:`build_fold_trainer`; each split streams in from the
+    trainer's dataset of that name), ``fold`` (int), ``scheme`` (fold scheme),
     ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
     ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
@@ -66,36 +67,39 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
     check_feature_cache(model, fe, kind, config.get("feature_cache_key"))
-    tables = read_fold_tables(config, cfg, kind, class_names, fe)
+    clips = open_fold_clips(config, cfg, kind, class_names, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
-        cfg, model, fe, tables, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
+        cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
     )
     final: dict[str, Any] = {
         "epoch": outcome.state.epoch,
         "best_epoch": outcome.state.best_epoch,
         "done": True,
     }
-    trained_on = tables["train"]
-    has_val = tables["val"] is not None and len(tables["val"])
-    if cfg.refit and has_val:
-        model, trained_on = refit(
-            cfg, outcome.state.best_epoch, tables["train"], tables["val"], device=ctx.device,
+    _, fit_actors, val_actors = fold_split(
+        config.get("fold"), config.get("scheme", "contiguous"), cfg.n_val_actors
+    )
+    trained_on = fit_actors
+    if cfg.refit and "val" in clips:
+        model, _ = refit(
+            cfg, outcome.state.best_epoch, clips["train"], clips["val"], device=ctx.device,
             rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
         )  # fmt: skip
         final["refit_epochs"] = outcome.state.best_epoch
-    if outcome.state.best_uar > -math.inf and has_val:
+        trained_on = fit_actors + val_actors
+    if outcome.state.best_uar > -math.inf and "val" in clips:
         final["best/val_uar"] = outcome.state.best_uar
     frame = None
-    if tables["test"] is not None and len(tables["test"]):
-        test_metrics, frame = score_test(cfg, model, tables["test"], class_names, config, ctx)
+    if "test" in clips:
+        test_metrics, frame = score_test(cfg, model, clips["test"], class_names, config, ctx)
         final.update(test_metrics)
     result = {
         "metrics": final,
         "history": outcome.state.history,
         "train_config": cfg.to_dict(),
         "fold": config.get("fold"),
-        "trained_on_actors": sorted({int(a) for a in trained_on.actors}),
+        "trained_on_actors": sorted(int(a) for a in trained_on),
         "input_kind": kind,
         "class_names": class_names,
     }
@@ -120,37 +124,33 @@ def check_feature_cache(
         )
 
 
-def read_fold_tables(
+def open_fold_clips(
     config: dict[str, Any], cfg: TrainConfig, kind: str, class_names: list[str], feature_extractor
-) -> dict[str, ClipTable | None]:
-    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips (None: no actors)."""
-    fold = config.get("fold")
-    test_actors, fit_actors, val_actors = fold_split(
-        fold, config.get("scheme", "contiguous"), cfg.n_val_actors
+) -> dict[str, Clips]:
+    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips, streamed from the
+    trainer's datasets of those names; a split without clips is left out."""
+    to_clips = functools.partial(
+        table_from_arrow,
+        kind=kind,
+        class_names=class_names,
+        merge_calm=cfg.merge_calm,
+        feature_extractor=feature_extractor,
     )
-    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
-    tables = {
-        name: table_from_arrow(
-            read_split(config["source"], actors, columns),
-            kind,
-            class_names,
-            cfg.merge_calm,
-            feature_extractor,
-        )
-        if actors
-        else None
-        for name, actors in (("train", fit_actors), ("val", val_actors), ("test", test_actors))
+    clips = {
+        name: ray_ingest.worker_stream(name, n, to_clips, cfg.window_clips)  # RAY
+        for name, n in config["split_clips"].items()
+        if n
     }
-    if tables["train"] is None or not len(tables["train"]):
-        raise ValueError(f"fold {fold}: no training clips in {config['source']}")
-    return tables
+    if "train" not in clips:
+        raise ValueError(f"fold {config.get('fold')}: no training clips in {config['source']}")
+    return clips
 
 
 def train_with_resume(
     cfg: TrainConfig,
     model: PartwiseClassifier,
     feature_extractor,
-    tables: dict[str, ClipTable | None],
+    clips: dict[str, Clips],
     ctx: edge.WorkerContext,
     wrap,
     log_dir: str | None,
@@ -167,8 +167,8 @@ def train_with_resume(
             cfg,
             model,
             feature_extractor,
-            tables["train"],
-            tables["val"],
+            clips["train"],
+            clips.get("val"),
             device=ctx.device,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -184,13 +184,13 @@ def train_with_resume(
 def score_test(
     cfg: TrainConfig,
     model: nn.Module,
-    test: ClipTable,
+    test: Clips,
     class_names: list[str],
     config: dict[str, Any],
     ctx: edge.WorkerContext,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """``test/*`` metrics and the per-clip predictions of the test actors."""
-    metrics, probs = evaluate(
+    metrics, probs, scored = evaluate(
         model,
         test,
         batch_size=cfg.eval_batch_size,
@@ -199,7 +199,7 @@ def score_test(
         amp_dtype=eng.resolve_amp(cfg.amp, ctx.device),
         prefix="test",
     )
-    return metrics, predictions_frame(test, probs, class_names, config.get("fold"))
+    return metrics, predictions_frame(scored, probs, class_names, config.get("fold"))
 
 
 def write_fold_result(
@@ -222,6 +222,30 @@ def write_fold_result(
         frame.to_csv(out / PREDICTIONS_FILE, index=False)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
     return out
+
+
+def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
+    """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
+    fold's train/val/test clips of ``config["source"]`` as Ray datasets
+    (:mod:`ser_ray.ray_ingest`); ``trainer_kwargs`` go to
+    :func:`ser_ray.ray_train_edge.build_torch_trainer`."""
+    test_actors, fit_actors, val_actors = fold_split(
+        config["fold"],
+        config.get("scheme", "contiguous"),
+        TrainConfig.from_dict(config).n_val_actors,
+    )
+    split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
+    source = config["source"]
+    split_clips = {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
+    return edge.build_torch_trainer(
+        train_fold_per_worker,
+        {**config, "split_clips": split_clips},
+        datasets=ray_ingest.fold_datasets(  # RAY
+            source, split_actors, config.get("input_kind", "waveform")
+        ),
+        dataset_config=ray_ingest.data_config(),
+        **trainer_kwargs,
+    )
 
 
 @dataclasses.dataclass
@@ -282,8 +306,7 @@ def fit_fold(
             train_config=cfg,
         )
         config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
-    trainer = edge.build_torch_trainer(
-        train_fold_per_worker,
+    trainer = build_fold_trainer(
         config,
         num_workers=num_workers,
         use_gpu=use_gpu,

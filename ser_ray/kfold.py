@@ -235,8 +235,8 @@ def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
         )
     cpus = cfg.cpus_per_worker
     if cpus is None:
-        # Keep one CPU free for the Ray Data tasks that read each fold's clips (they ask for
-        # a whole CPU) and a little for the trial and controller actors.
+        # Keep about one CPU free for the trial actors and the Ray Data tasks that stream each
+        # fold's clips into its workers (ser_ray.ray_ingest: they reserve no CPU, but use some).
         budget = n_cpus - 1 if n_cpus >= 2 else n_cpus / 2
         cpus = min(4.0, max(0.05, int(100 * budget / (n_folds * cfg.workers_per_fold)) / 100))
     per_worker: dict[str, float] = {"CPU": cpus}
@@ -250,8 +250,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ser_ray.fold_trainer import train_fold_per_worker
-    from ser_ray.ray_train_edge import build_torch_trainer
+    from ser_ray.fold_trainer import build_fold_trainer
 
     fold = int(config["fold"])
     loop_config = {
@@ -261,8 +260,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         "scheme": train["scheme"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
-    trainer = build_torch_trainer(
-        train_fold_per_worker,
+    trainer = build_fold_trainer(
         loop_config,
         num_workers=train["workers_per_fold"],
         use_gpu=train["use_gpu"],

@@ -97,9 +97,12 @@ def build_torch_trainer(
     max_failures: int = 0,
     resources_per_worker: dict[str, float] | None = None,
     callbacks: list | None = None,
+    datasets: dict[str, Any] | None = None,
+    dataset_config: Any = None,
 ):
-    """A ``TorchTrainer`` (Ray Train V2) running ``per_worker(config)`` on each worker;
-    Ray Train's own per-report lines only with ``--verbose`` (:mod:`ser_ray.console`)."""
+    """A ``TorchTrainer`` (Ray Train V2) running ``per_worker(config)`` on each worker, with
+    ``datasets`` (Ray datasets by name) ingested as ``dataset_config`` says; Ray Train's own
+    per-report lines only with ``--verbose`` (:mod:`ser_ray.console`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -119,4 +122,6 @@ def build_torch_trainer(
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level=console.train_log_level()),
         ),
+        datasets=datasets,
+        dataset_config=dataset_config,
     )

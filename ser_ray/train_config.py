@@ -88,6 +88,14 @@ class TrainConfig(LoopSettings):
     length_group_factor: int = dataclasses.field(
         default=50, metadata={"help": "sort by length within windows of this many batches"}
     )
+    window_clips: int = dataclasses.field(
+        default=1024,
+        metadata={
+            "help": "clips a Ray Train worker holds at once while it streams its split (batches "
+            "are length-grouped and shuffled within a window); at least the split's size gives "
+            "the same batches as holding the whole split"
+        },
+    )
     epochs: int = dataclasses.field(default=10, metadata={"help": "maximum number of epochs"})
     early_stopping_patience: int | None = dataclasses.field(
         default=5, metadata={"help": "stop after N epochs without a better val UA; None = off"}
@@ -120,8 +128,8 @@ class TrainConfig(LoopSettings):
         self.betas = tuple(float(b) for b in self.betas)  # lists arrive from JSON / Tune
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-        if self.grad_accum_steps < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("grad_accum_steps, batch_size and epochs must be >= 1")
+        if min(self.grad_accum_steps, self.batch_size, self.epochs, self.window_clips) < 1:
+            raise ValueError("grad_accum_steps, batch_size, epochs and window_clips must be >= 1")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
         if self.use_feature_cache and not self.freeze_feature_encoder:

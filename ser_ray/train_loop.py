@@ -9,7 +9,8 @@ validation UA, early stopping, TensorBoard, checkpoints and exact resume) and
 :func:`refit` (retrain on fit + validation clips for the best epoch count).
 
 Settings and the model come from :mod:`ser_ray.train_config`, clips and batches from
-:mod:`ser_ray.clip_data`, checkpoints from :mod:`ser_ray.checkpoints`; the Ray Train edge
+:mod:`ser_ray.clip_data` (a whole split in memory, or streamed window by window,
+:mod:`ser_ray.clip_stream`), checkpoints from :mod:`ser_ray.checkpoints`; the Ray Train edge
 that runs this loop on each worker is :mod:`ser_ray.fold_trainer`.
 """
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,15 @@ from torch import nn
 from ser_ray import engine as eng
 from ser_ray import ravdess
 from ser_ray.checkpoints import TrainState, load_checkpoint, write_checkpoint
-from ser_ray.clip_data import ClipTable, collate, length_grouped_batches, merge_tables
+from ser_ray.clip_data import (
+    Clips,
+    ClipTable,
+    batches_per_epoch,
+    collate,
+    collated_batches,
+    merge_tables,
+)
+from ser_ray.clip_stream import chain_streams
 from ser_ray.metrics import classification_metrics
 from ser_ray.model import PartwiseClassifier, inference_batches
 from ser_ray.train_config import TrainConfig, build_model
@@ -63,11 +73,11 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def epoch_batches(
-    table: ClipTable, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1
-) -> list[list[int]]:
-    """This rank's micro-batches of ``epoch`` (similar lengths, seeded by epoch)."""
-    return length_grouped_batches(
-        table.lengths,
+    clips: Clips, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``epoch``, collated (similar lengths, seeded by epoch)."""
+    return collated_batches(
+        clips,
         cfg.batch_size,
         seed=cfg.seed,
         epoch=epoch,
@@ -78,24 +88,25 @@ def epoch_batches(
 
 
 def _micro_batch_loss(
-    model: nn.Module, indices: Sequence[int], *, table: ClipTable, device, group_clips: int
+    model: nn.Module, batch: dict[str, torch.Tensor], *, device, group_clips: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clips' share of their group's mean loss, and their summed loss (for logging)."""
-    loss = model(**collate(table, indices, device)).loss
-    return loss * (len(indices) / group_clips), {"loss_sum": loss.item() * len(indices)}
+    clips = len(batch["labels"])
+    loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
+    return loss * (clips / group_clips), {"loss_sum": loss.item() * clips}
 
 
 def train_one_epoch(
     engine: eng.Engine,
-    table: ClipTable,
-    batches: Sequence[Sequence[int]],
+    batches: Iterable[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     *,
     epoch: int,
     step: int,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[int, dict[str, float]]:
-    """One pass over ``batches``; returns (steps done so far, {train/loss, ...}).
+    """One pass over ``batches`` (collated, e.g. by :func:`epoch_batches`); returns (steps
+    done so far, {train/loss, ...}).
 
     Gradient accumulation over ``cfg.grad_accum_steps`` micro-batches (the loss is the mean
     over the clips of the group), the transformer frozen while
@@ -104,16 +115,14 @@ def train_one_epoch(
     engine.wrapped.train()
     accum = cfg.grad_accum_steps
     total_loss, total_clips, t0 = 0.0, 0, time.perf_counter()
-    for g in range(0, len(batches), accum):
-        group = batches[g : g + accum]
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, accum)):
         engine.model.set_transformer_trainable(step >= cfg.freeze_encoder_steps)
-        group_clips = sum(len(b) for b in group)
+        group_clips = sum(len(b["labels"]) for b in group)
         lrs = current_lrs(engine.optimizer)  # the LRs this step uses
         logs = engine.step(
             group,
-            functools.partial(
-                _micro_batch_loss, table=table, device=engine.device, group_clips=group_clips
-            ),
+            functools.partial(_micro_batch_loss, device=engine.device, group_clips=group_clips),
             where=f"at epoch {epoch + 1}, step {step + 1}",
         )
         group_loss = sum(values["loss_sum"] for values in logs)
@@ -134,39 +143,54 @@ def train_one_epoch(
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    table: ClipTable,
+    clips: Clips,
     *,
     batch_size: int,
     device: torch.device,
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
     prefix: str = "val",
-) -> tuple[dict[str, float], np.ndarray]:
-    """({prefix}/loss, /accuracy, /uar, /macro_f1) and softmax probabilities (N, classes).
+) -> tuple[dict[str, float], np.ndarray, ClipTable]:
+    """({prefix}/loss, /accuracy, /uar, /macro_f1), softmax probabilities (N, classes) and the
+    scored clips (paths, actors, labels; no inputs) in path order, row by row with the
+    probabilities.
 
-    Clips are batched as :func:`ser_ray.model.inference_batches` says, so each clip gets the
-    probabilities the standard class (and ``pipeline()``) gives it alone."""
+    Window by window, clips are batched as :func:`ser_ray.model.inference_batches` says, so
+    each clip gets the probabilities the standard class (and ``pipeline()``) gives it alone."""
     core = eng.unwrap(model)
     was_training = core.training
     core.eval()
-    probs = np.zeros((len(table), num_classes), dtype=np.float64)
+    scored: list[ClipTable] = []
+    window_probs: list[np.ndarray] = []
     total_loss = 0.0
-    # the padding rule of jobs/predict.py: padded batches only where padding changes nothing
-    exact_length = table.kind != "pooled" and not core.pads_exactly
-    for indices in inference_batches(table.lengths, batch_size, exact_length):
-        inputs = collate(table, indices, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        logits = logits.float()
-        total_loss += nn.functional.cross_entropy(logits, inputs["labels"], reduction="sum").item()
-        probs[indices] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+    for table in clips.windows():
+        probs = np.zeros((len(table), num_classes), dtype=np.float64)
+        # the padding rule of jobs/predict.py: padded batches only where padding changes nothing
+        exact_length = table.kind != "pooled" and not core.pads_exactly
+        for indices in inference_batches(table.lengths, batch_size, exact_length):
+            inputs = collate(table, indices, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            logits = logits.float()
+            total_loss += nn.functional.cross_entropy(
+                logits, inputs["labels"], reduction="sum"
+            ).item()
+            probs[indices] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        scored.append(table.without_inputs())
+        window_probs.append(probs)
+        del table  # before the next window is read
     core.train(was_training)
+    if not scored:
+        raise ValueError("no clips to evaluate")
+    table = merge_tables(*scored)
+    paths = np.array([p for t in scored for p in t.paths], dtype=object)
+    probs = np.concatenate(window_probs)[np.argsort(paths, kind="stable")]  # merge_tables' order
     if len(table) == 0:
-        return {}, probs
+        return {}, probs, table
     scores = classification_metrics(table.labels, probs.argmax(axis=1), num_classes)
     metrics = {f"{prefix}/loss": total_loss / len(table)}
     metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
-    return metrics, probs
+    return metrics, probs, table
 
 
 def rank0_value(value: float, world_size: int, device: torch.device) -> float:
@@ -237,8 +261,8 @@ def run_training(
     cfg: TrainConfig,
     model: PartwiseClassifier,
     feature_extractor,
-    train_table: ClipTable,
-    val_table: ClipTable | None,
+    train_clips: Clips,
+    val_clips: Clips | None,
     *,
     device: torch.device | str = "cpu",
     rank: int = 0,
@@ -257,7 +281,9 @@ def run_training(
     device = torch.device(device)
     model.to(device)
     wrapped = wrap_model(model) if wrap_model is not None else model
-    num_batches = len(epoch_batches(train_table, cfg, 0, rank, world_size))
+    num_batches = batches_per_epoch(
+        train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
+    )
     total_steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps) * cfg.epochs
     engine = eng.build_engine(
         model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
@@ -284,18 +310,17 @@ def run_training(
                 break
             state.step, train_metrics = train_one_epoch(
                 engine,
-                train_table,
-                epoch_batches(train_table, cfg, epoch, rank, world_size),
+                epoch_batches(train_clips, cfg, epoch, rank, world_size),
                 cfg,
                 epoch=epoch,
                 step=state.step,
                 on_step=lambda step, values: scalars.add(values, step),
             )
             val_metrics: dict[str, float] = {}
-            if val_table is not None and len(val_table):
-                val_metrics, _ = evaluate(
+            if val_clips is not None and len(val_clips):
+                val_metrics, _, _ = evaluate(
                     model,
-                    val_table,
+                    val_clips,
                     batch_size=cfg.eval_batch_size,
                     device=device,
                     num_classes=model.config.num_labels,
@@ -322,14 +347,14 @@ def run_training(
 def refit(
     cfg: TrainConfig,
     epochs: int,
-    fit_table: ClipTable,
-    val_table: ClipTable,
+    fit_clips: Clips,
+    val_clips: Clips,
     *,
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-) -> tuple[PartwiseClassifier, ClipTable]:
+) -> tuple[PartwiseClassifier, Clips]:
     """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
     epoch count found with the validation actors held out), its schedule spread over them.
 
@@ -339,15 +364,13 @@ def refit(
     refit_cfg = dataclasses.replace(cfg, epochs=max(1, epochs), early_stopping_patience=None)
     eng.seed_everything(cfg.seed, rank)
     model, fe = build_model(refit_cfg, ravdess.class_names(cfg.merge_calm))
-    table = merge_tables(fit_table, val_table)
+    if isinstance(fit_clips, ClipTable):
+        clips = merge_tables(fit_clips, val_clips)
+    else:
+        clips = chain_streams(fit_clips, val_clips)
     run_training(
-        refit_cfg, model, fe, table, None, device=device, rank=rank, world_size=world_size,
+        refit_cfg, model, fe, clips, None, device=device, rank=rank, world_size=world_size,
         wrap_model=wrap_model,
     )  # fmt: skip
-    log.info(
-        "refit on %d clips of actors %s for %d epochs",
-        len(table),
-        sorted(set(table.actors.tolist())),
-        refit_cfg.epochs,
-    )
-    return model, table
+    log.info("refit on %d clips for %d epochs", len(clips), refit_cfg.epochs)
+    return model, clips

@@ -120,6 +120,8 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def submitted_run(ray_head, tmp_path_factory):
+    """kfold.py --smoke-test submitted to the 2-CPU cluster: also the no-deadlock check of
+    six folds training at once while Ray Data streams each fold's clips into its workers."""
     address, env = ray_head
     out = tmp_path_factory.mktemp("submitted") / "run"
     # a client without the token is refused: authentication stays on
@@ -142,13 +144,15 @@ def submitted_run(ray_head, tmp_path_factory):
 
 def _job_console(stdout: str) -> list[str]:
     """What the job itself printed: the lines `ray job submit` tails between its own header
-    ("Tailing logs until the job exits") and footer ("Job '...' succeeded")."""
+    ("Tailing logs until the job exits") and footer ("Job '...' succeeded"), less the CLI's
+    separator lines (plain, or logged with a timestamp and colours when not on a terminal)."""
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if "Tailing logs until the job exits" in line)
     end = max(
         i for i, line in enumerate(lines) if re.search(r"Job 'raysubmit_\w+' succeeded", line)
     )
-    return [line for line in lines[start + 1 : end] if line.strip() and set(line) != {"-"}]
+    separator = re.compile(r"^(.*\scli\.py:\d+ -- )?(\x1b\[[0-9;]*m)*-+(\x1b\[[0-9;]*m)*$")
+    return [line for line in lines[start + 1 : end] if line.strip() and not separator.match(line)]
 
 
 def test_job_submit_to_token_auth_cluster(submitted_run):

@@ -51,10 +51,10 @@ def _worker(rank: int, port: int, out: str, settings: dict) -> None:
             real_evaluate = train_loop.evaluate
 
             def evaluate(model, table, **kw):
-                metrics, probs = real_evaluate(model, table, **kw)
+                metrics, probs, scored = real_evaluate(model, table, **kw)
                 metrics["val/uar"] = UAR_BY_RANK[rank][len(seen)]
                 seen.append(metrics["val/uar"])
-                return metrics, probs
+                return metrics, probs, scored
 
             seen: list[float] = []
             train_loop.evaluate = evaluate

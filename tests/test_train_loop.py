@@ -181,7 +181,9 @@ def _one_epoch(cfg, clips, monkeypatch):
 
     opt.step = step
     batches = length_grouped_batches(clips.lengths, cfg.batch_size, seed=0, epoch=0)
-    steps, metrics = train_one_epoch(engine, clips, batches, cfg, epoch=0, step=0)
+    steps, metrics = train_one_epoch(
+        engine, [collate(clips, b) for b in batches], cfg, epoch=0, step=0
+    )
     return steps, metrics, calls, norms
 
 
@@ -211,8 +213,7 @@ def test_gradient_accumulation_matches_a_big_batch():
         engine = constant_lr_engine(model, cfg)
         steps, metrics = train_one_epoch(
             engine,
-            pooled,
-            [list(range(i, i + batch)) for i in range(0, 8, batch)],
+            [collate(pooled, list(range(i, i + batch))) for i in range(0, 8, batch)],
             cfg,
             epoch=0,
             step=0,
@@ -236,12 +237,15 @@ def test_tiny_model_overfits_a_small_batch():
     engine = constant_lr_engine(model, cfg)
     losses = []
     for epoch in range(40):
-        _, metrics = train_one_epoch(engine, table, [list(range(8))], cfg, epoch=epoch, step=epoch)
+        _, metrics = train_one_epoch(
+            engine, [collate(table, range(8))], cfg, epoch=epoch, step=epoch
+        )
         losses.append(metrics["train/loss"])
         if losses[-1] < 0.1 * math.log(8) / 2:
             break
     assert losses[0] == pytest.approx(math.log(8), abs=0.2)
-    val, probs = evaluate(model, table, batch_size=8, device=CPU, num_classes=8)
+    val, probs, scored = evaluate(model, table, batch_size=8, device=CPU, num_classes=8)
+    assert scored.paths == table.paths and scored.labels.tolist() == table.labels.tolist()
     assert val["val/loss"] < 0.1 * math.log(8), losses
     assert val["val/accuracy"] == 1.0 and val["val/uar"] == 1.0
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
@@ -262,7 +266,7 @@ def test_nan_loss_names_epoch_and_step(clips):
     model, _ = build_model(cfg, CLASSES)
     engine = constant_lr_engine(model, cfg)
     with pytest.raises(NonFiniteLossError, match=r"epoch 3, step 8 .*lower the learning rates"):
-        train_one_epoch(engine, bad, [[0, 1]], cfg, epoch=2, step=7)
+        train_one_epoch(engine, [collate(bad, [0, 1])], cfg, epoch=2, step=7)
 
 
 def _weights(model):
@@ -416,7 +420,7 @@ def test_transformer_frozen_for_the_first_steps(clips):
     snapshots = [(q.detach().clone(), model.model.classifier.weight.detach().clone())]
     batches = length_grouped_batches(clips.lengths, 4, seed=0, epoch=0)
     train_one_epoch(
-        engine, clips, batches, cfg, epoch=0, step=0,
+        engine, [collate(clips, b) for b in batches], cfg, epoch=0, step=0,
         on_step=lambda step, _: snapshots.append(
             (q.detach().clone(), model.model.classifier.weight.detach().clone())
         ),

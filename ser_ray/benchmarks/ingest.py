@@ -1,0 +1,203 @@
+"""Benchmark: a training worker's peak memory, whole split in memory vs streamed by Ray Data.
+
+- ``memory``: the worker reads its whole split (``read_split`` + ``table_from_arrow``), as
+  fine-tuning did before streaming (the in-process AdamW sweep still does);
+- ``stream``: the split arrives through Ray Data (``datasets=`` + ``get_dataset_shard``),
+  ``--window-clips`` clips at a time (:mod:`ser_ray.ray_ingest`).
+
+Each runs in a one-worker ``TorchTrainer`` over one epoch of training batches (collated, no
+model, so the figure is the data's), on a features Parquet repeated ``--copies`` times (the
+same clips under other paths: a corpus that many times larger). Figures: the worker's peak
+private memory (RSS less shared pages) and peak RSS above their values when the function
+started, sampled every 10 ms, in MB; growth = peak private memory at the largest size over
+the smallest.
+
+Run it as ``python jobs/benchmark.py ingest [--features DIR] [--copies 1 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ser_ray import features, ravdess
+
+log = logging.getLogger(__name__)
+PATHS = ("memory", "stream")
+RESULT_FILE = "ingest.json"
+
+
+def add_ingest_args(parser: argparse.ArgumentParser) -> None:
+    """The ingest benchmark's own flags (the caller adds --out, --smoke-test, …)."""
+    parser.add_argument(
+        "--features",
+        default=None,
+        help="prepared features folder (default: the demo corpus, prepared into OUT/prepared)",
+    )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="corpus sizes, as copies of the features (default: %(default)s)",
+    )
+    parser.add_argument("--fold", type=int, default=1, help="outer fold (default: %(default)s)")
+    parser.add_argument(
+        "--window-clips", type=int, default=128, help="clips a streaming worker holds"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def _repeated(features_dir: Path, copies: int, out: Path) -> Path:
+    """A features folder holding every clip of ``features_dir`` ``copies`` times."""
+    from ser_ray.ray_ingest import split_columns
+
+    target = out / f"features_x{copies}"
+    if (target / "_SUCCESS").exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    files = sorted(str(f) for f in features_dir.glob("part-*.parquet"))
+    table = pa.concat_tables(pq.read_table(f, columns=split_columns("waveform")) for f in files)
+    for k in range(copies):
+        paths = pc.binary_join_element_wise(pa.scalar(f"/copy{k}"), table.column("path"), "")
+        pq.write_table(table.set_column(0, "path", paths), target / f"part-{k:06d}.parquet")
+    (target / "_SUCCESS").write_text("")
+    return target
+
+
+class _PeakMemory:
+    """Highest RSS, and highest private memory (RSS less shared pages: Ray's object store is
+    mapped into the worker, so its pages count in RSS), of this process while in the
+    ``with`` block, sampled every 10 ms."""
+
+    def __enter__(self) -> _PeakMemory:
+        import psutil
+
+        self._process = psutil.Process()
+        self.start_rss, self.start_private = self._read()
+        self.peak_rss, self.peak_private = self.start_rss, self.start_private
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> tuple[int, int]:
+        info = self._process.memory_info()
+        return info.rss, info.rss - info.shared
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self._update()
+
+    def _update(self) -> None:
+        rss, private = self._read()
+        self.peak_rss, self.peak_private = max(self.peak_rss, rss), max(self.peak_private, private)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+
+    def figures(self) -> dict[str, float]:
+        """Peaks above the start, MB."""
+        return {
+            "peak_private_mb": (self.peak_private - self.start_private) / 2**20,
+            "peak_rss_mb": (self.peak_rss - self.start_rss) / 2**20,
+        }
+
+
+def _ingest_worker(config: dict[str, Any]) -> None:
+    """One epoch of collated training batches, by the ``memory`` or ``stream`` path (RAY)."""
+    import pyarrow.dataset  # noqa: F401 - imported before measuring, like the model would be
+    import ray.data  # noqa: F401
+
+    from ser_ray.clip_data import collated_batches, read_split, table_from_arrow
+    from ser_ray.model import demo_feature_extractor
+    from ser_ray.ray_ingest import worker_stream
+    from ser_ray.ray_train_edge import report
+
+    to_clips = functools.partial(
+        table_from_arrow,
+        kind="waveform",
+        class_names=ravdess.class_names(),
+        merge_calm=False,
+        feature_extractor=demo_feature_extractor(),
+    )
+    with _PeakMemory() as memory:
+        t0 = time.perf_counter()
+        if config["path"] == "memory":
+            clips = to_clips(read_split(config["source"], config["actors"], config["columns"]))
+        else:
+            clips = worker_stream("train", config["num_clips"], to_clips, config["window_clips"])
+        batches = sum(1 for _ in collated_batches(clips, config["batch_size"], seed=0, epoch=0))
+        seconds = time.perf_counter() - t0
+        del clips
+    metrics = {**memory.figures(), "batches": batches, "seconds": seconds}
+    report(metrics, lambda out: (out / RESULT_FILE).write_text(json.dumps(metrics)))
+
+
+def run_ingest_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from ser_ray.clip_data import count_split
+    from ser_ray.folds import fold_split
+    from ser_ray.ray_ingest import data_config, fold_datasets, split_columns
+    from ser_ray.ray_train_edge import build_torch_trainer
+
+    out = Path(args.out or "runs/benchmark").resolve() / "ingest"
+    features_dir = args.features
+    if features_dir is None:
+        features_dir = features.prepare_demo(out / "prepared", smoke_test=args.smoke_test)
+    _, fit_actors, _ = fold_split(args.fold, "contiguous", 4)
+    figures: dict[str, Any] = {"window_clips": args.window_clips, "fold": args.fold}
+    for copies in args.copies:
+        source = str(_repeated(Path(features_dir).resolve(), copies, out))
+        num_clips = count_split(source, fit_actors)
+        figures[f"x{copies}_clips"] = num_clips
+        for path in PATHS:
+            config = {
+                "path": path,
+                "source": source,
+                "actors": fit_actors,
+                "columns": split_columns("waveform"),
+                "num_clips": num_clips,
+                "window_clips": args.window_clips,
+                "batch_size": args.batch_size,
+            }
+            streamed = path == "stream"
+            trainer = build_torch_trainer(
+                _ingest_worker,
+                config,
+                storage_path=out / "ray",
+                name=f"{path}_x{copies}",
+                resources_per_worker={"CPU": 1},
+                datasets=fold_datasets(source, {"train": fit_actors}, "waveform")
+                if streamed
+                else None,
+                dataset_config=data_config() if streamed else None,
+            )
+            result = trainer.fit()  # RAY
+            if result.error is not None:
+                raise result.error
+            with result.checkpoint.as_directory() as ckpt:
+                metrics = json.loads((Path(ckpt) / RESULT_FILE).read_text())
+            for key in ("peak_private_mb", "peak_rss_mb"):
+                figures[f"x{copies}_{path}_{key}"] = round(metrics[key], 1)
+            figures[f"x{copies}_{path}_s"] = round(metrics["seconds"], 2)
+            log.info("%s x%d: %s", path, copies, metrics)
+    first, last = args.copies[0], args.copies[-1]
+    for path in PATHS:
+        small = figures[f"x{first}_{path}_peak_private_mb"]
+        large = figures[f"x{last}_{path}_peak_private_mb"]
+        figures[f"{path}_growth_x{last}_over_x{first}"] = large / max(small, 1e-9)
+    return figures
