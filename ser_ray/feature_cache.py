@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ser_ray import ravdess
@@ -162,7 +163,7 @@ def build_feature_cache(
     """
     import ray.data
 
-    from ser_ray.features import read_features
+    from ser_ray.ray_ingest import local_parquet_without_reserved_cpu
 
     cfg = train_config or TrainConfig()
     if model is not None or probe is not None:
@@ -181,7 +182,13 @@ def build_feature_cache(
         return _open(final)
     work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
     model_dir = save_model(net.model, fe, work / "model")
-    ds = read_features(features_dir, columns=["path", "actor", "emotion", "waveform"])  # RAY
+    # RAY. The cache is built before any training starts, but placement groups that a failed
+    # trainer left behind (its controller killed, e.g. for memory) can still hold CPUs: the
+    # reads, the model's actor and the writes reserve none on CPU, so the build always runs.
+    no_cpu = {"num_cpus": 0} if not use_gpu else {}
+    ds = local_parquet_without_reserved_cpu(
+        Path(features_dir), ["path", "actor", "emotion", "waveform"]
+    )
     ds = ds.map_batches(
         ClipFeatureUDF,
         fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
@@ -189,10 +196,10 @@ def build_feature_cache(
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=1 if use_gpu else None,
-        num_cpus=1,
+        **no_cpu,
     )
-    ds.write_parquet(str(work / DATA_DIR))  # RAY
-    num_clips = ray.data.read_parquet(str(work / DATA_DIR)).count()
+    ds.write_parquet(str(work / DATA_DIR), ray_remote_args=no_cpu)  # RAY
+    num_clips = pq.ParquetDataset(work / DATA_DIR).read(columns=["actor"]).num_rows
     shutil.rmtree(work / "model")
     (work / INFO_FILE).write_text(
         json.dumps({"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}, indent=2)

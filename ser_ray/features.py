@@ -405,7 +405,7 @@ def _check_columns(features_dir: str | Path, first_file: str, columns: list[str]
 
 
 def read_features(features_dir: str | Path, columns: list[str] | None = None):
-    """The features as a Ray dataset (streamed, for the training workers)."""
+    """The features as a Ray dataset, for your own Ray Data pipelines."""
     import ray
 
     ds = ray.data.read_parquet(_parquet_files(features_dir))

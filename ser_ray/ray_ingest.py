@@ -33,9 +33,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ser_ray.clip_stream import ClipStream
 
@@ -61,20 +63,55 @@ def fold_datasets(
     source: str | os.PathLike, split_actors: dict[str, Sequence[int]], kind: str
 ) -> dict[str, ray.data.Dataset]:
     """One Ray dataset per split with actors (RAY): the split's rows, the needed columns."""
-    import ray.data
     from ray.data.expressions import col
 
     datasets = {}
     for name, actors in split_actors.items():
         if not actors:
             continue
-        with _quiet_classic_reader():
-            ds = ray.data.read_parquet(
-                str(source), num_cpus=READ_TASK_CPUS, concurrency=READ_CONCURRENCY
-            )
+        ds = read_parquet_reserving_no_cpu(source)
         ds = ds.filter(expr=col("actor").is_in([int(a) for a in actors]))
         datasets[name] = ds.select_columns(split_columns(kind))
     return datasets
+
+
+def read_parquet_reserving_no_cpu(source: str | os.PathLike) -> ray.data.Dataset:
+    """A Parquet folder as a Ray dataset whose read tasks reserve no CPU, one at a time, with
+    the classic reader (RAY; see the module doc)."""
+    import ray.data
+
+    with _quiet_classic_reader():
+        return ray.data.read_parquet(
+            str(source), num_cpus=READ_TASK_CPUS, concurrency=READ_CONCURRENCY
+        )
+
+
+def local_parquet_without_reserved_cpu(folder: Path, columns: list[str]) -> ray.data.Dataset:
+    """A local Parquet folder as a Ray dataset that starts even when every CPU is held (RAY).
+
+    Ray Data's Parquet readers first sample some files in tasks that each ask for a CPU;
+    with every CPU held (e.g. by placement groups a killed trainer left behind) they wait for
+    ever. Here the file list is made in the driver and each file is read by a map task that
+    reserves no CPU."""
+    import ray.data
+
+    files = sorted(str(f) for f in Path(folder).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no Parquet files")
+    listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(
+        _read_files,
+        fn_kwargs={"columns": columns},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_TASK_CPUS,
+    )
+
+
+def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
+    return pa.concat_tables(
+        [pq.read_table(f, columns=columns) for f in batch.column("file").to_pylist()]
+    )
 
 
 @contextlib.contextmanager

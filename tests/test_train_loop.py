@@ -481,3 +481,35 @@ def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path)
     config = json.loads((tmp_path / "best_model" / "config.json").read_text())
     assert config["model_type"] == "wavlm"
     assert config["architectures"] == ["WavLMForSequenceClassification"]
+
+
+def test_feature_cache_builds_while_every_cpu_is_held(demo_features, tmp_path):
+    """Placement groups a killed trainer left behind (seen after an out-of-memory kill during
+    TAPT) held the CPUs that the cache's Parquet reads and model actors asked for: the main
+    job waited for ever before fine-tuning. Now they reserve none on CPU."""
+    import concurrent.futures
+
+    import pyarrow.parquet as pq
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from ser_ray.feature_cache import build_feature_cache
+    from ser_ray.features import load_features
+
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=60)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    building = pool.submit(
+        build_feature_cache,
+        demo_features / "features",
+        tmp_path / "cache",
+        train_config=tiny_config(use_feature_cache=True),
+    )
+    try:
+        cache = building.result(timeout=300)  # before the fix: waits for ever
+    finally:
+        remove_placement_group(held)  # lets a stuck build finish, so the thread can end
+        pool.shutdown(wait=True)
+    rows = pq.ParquetDataset(cache.path).read(columns=["path", "feature_rows"])
+    assert cache.num_clips == rows.num_rows == len(load_features(demo_features / "features"))
+    assert min(rows.column("feature_rows").to_pylist()) > 0
