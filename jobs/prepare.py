@@ -4,6 +4,7 @@ Examples:
   python jobs/prepare.py                                  # the embedded demo corpus
   python jobs/prepare.py --data-dir ~/data/ravdess --out runs/features
   python jobs/prepare.py --download --out runs/features   # fetch RAVDESS from Zenodo first
+  python jobs/prepare.py --data-dir few_clips --runner ray  # Ray even for a tiny corpus
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep song/video names too (default: audio-only speech 03-01)",
     )
+    parser.add_argument(
+        "--runner",
+        choices=features.RUNNERS,
+        default="auto",
+        help="where clips are featurized: Ray Data tasks, or this process one batch after the "
+        f"other; auto: in-process up to {features.IN_PROCESS_MAX_CLIPS} clips, where starting "
+        "Ray costs more than the work (default: %(default)s)",
+    )
     cli.add_common_args(parser, default_out="runs/prepare")
     return parser
 
@@ -72,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         config,
         connect=lambda: cli.init_ray(args.address, args.num_cpus, args.dashboard),
+        runner=args.runner,
     )
-    state = "reused (input and config unchanged)" if result.reused else "written"
+    state = "reused (input and config unchanged)" if result.reused else f"by {result.runner}"
     print(
         f"{result.n_input} input files: {result.n_ok} with features, {result.n_rejected} "
         f"rejected ({state})\n  features: {result.features_dir}\n  rejected: "

@@ -17,6 +17,7 @@ from ser_ray.features import (
     load_features,
     plan_batches,
     prepare_features,
+    rows_to_table,
     to_hf_dataset,
 )
 
@@ -83,7 +84,8 @@ EXPECTED_OK = {
 @pytest.fixture(scope="module")
 def prepared_bad(ray_local, bad_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared_bad")
-    return prepare_features(bad_corpus, out, FeatureConfig(batch_size=4)), bad_corpus
+    result = prepare_features(bad_corpus, out, FeatureConfig(batch_size=4), runner="ray")
+    return result, bad_corpus
 
 
 def test_every_input_is_accounted_for(prepared_bad):
@@ -172,6 +174,48 @@ def test_feature_files_are_written_by_the_tasks_in_input_order(prepared_bad):
     assert paths == sorted(paths)  # manifest order survives the parallel writes
 
 
+def test_in_process_runner_writes_what_ray_writes(prepared_bad, tmp_path):
+    """A small corpus is featurized without Ray (``auto``): same files, rows and rejections."""
+    result, corpus = prepared_bad
+
+    def must_not_start_ray() -> None:
+        raise AssertionError("13 clips must not start Ray")
+
+    local = prepare_features(corpus, tmp_path, FeatureConfig(batch_size=4), must_not_start_ray)
+    assert local.runner == "in-process" and result.runner == "ray"
+    assert json.loads((tmp_path / "config.json").read_text())["runner"] == "in-process"
+    tables = [
+        pa.concat_tables(pq.read_table(f) for f in sorted(r.features_dir.glob("part-*.parquet")))
+        for r in (local, result)
+    ]
+    assert tables[0].num_rows == len(EXPECTED_OK)
+    mfcc = ["mfcc_mean", "mfcc_std", "mfcc_stats"]
+    assert tables[0].drop_columns(mfcc).equals(tables[1].drop_columns(mfcc))
+    for name in mfcc:  # BLAS threads differ (Ray workers run one): last-bit differences
+        np.testing.assert_allclose(
+            np.stack(tables[0].column(name).to_numpy(zero_copy_only=False)),
+            np.stack(tables[1].column(name).to_numpy(zero_copy_only=False)),
+            rtol=1e-5, atol=1e-4,
+        )  # fmt: skip
+    assert local.rejected_csv.read_text() == result.rejected_csv.read_text()
+    with pytest.raises(ValueError, match="runner='threads': choose one of auto, in-process, ray"):
+        prepare_features(corpus, tmp_path / "x", runner="threads")
+
+
+def test_rows_to_table_equals_pyarrows_row_conversion():
+    rows = [
+        {"path": "a.wav", "waveform": np.arange(5, dtype=np.float32), "reject_reason": None},
+        {"path": "b.wav", "waveform": None, "reject_reason": "empty file (0 bytes)"},
+        {"path": "c.wav", "waveform": np.zeros(0, np.float32), "reject_reason": None},
+    ]
+    floats = pa.list_(pa.float32())
+    text = pa.string()
+    schema = pa.schema([("path", text), ("waveform", floats), ("reject_reason", text)])
+    table = rows_to_table(rows, schema)
+    assert table.equals(pa.Table.from_pylist(rows, schema=schema))
+    assert table.column("waveform").to_pylist() == [[0.0, 1.0, 2.0, 3.0, 4.0], None, []]
+
+
 def test_tasks_per_cpu_and_batch_cap():
     assert plan_batches(24, 2, 64) == (3, 8)  # small corpus: every CPU busy
     assert plan_batches(1440, 2, 64) == (64, 23)  # capped: bounded memory per task
@@ -194,7 +238,7 @@ def test_rerun_is_skipped_until_input_or_config_changes(prepared_bad):
     os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
     connected = []
     changed = prepare_features(
-        corpus, result.out_dir, FeatureConfig(batch_size=4), connect=lambda: connected.append(1)
+        corpus, result.out_dir, FeatureConfig(batch_size=4), lambda: connected.append(1), "ray"
     )
     assert not changed.reused and changed.n_ok == result.n_ok and connected == [1]
     deltas = prepare_features(corpus, result.out_dir, FeatureConfig(batch_size=4, mfcc_deltas=True))
@@ -218,7 +262,7 @@ def test_saved_hf_dataset_is_accepted_as_input(ray_local, demo_corpus, demo_feat
         {"audio": [{"bytes": f.read_bytes(), "path": f.name} for f in files]}
     ).cast_column("audio", datasets.Audio(decode=False))
     hf.save_to_disk(tmp_path / "hf_copy")
-    result = prepare_features(tmp_path / "hf_copy", tmp_path / "out")
+    result = prepare_features(tmp_path / "hf_copy", tmp_path / "out", runner="ray")
     assert (result.n_input, result.n_ok, result.n_rejected) == (6, 6, 0)
     got = load_features(result.features_dir).set_index("path")
     ref = load_features(demo_features / "features").set_index("path")
