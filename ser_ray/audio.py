@@ -1,4 +1,4 @@
-"""Audio decoding, resampling, trimming and MFCC statistics (pure numpy/librosa/soxr, no Ray).
+"""Audio decoding, resampling, trimming and MFCC statistics (pure numpy/scipy/soxr, no Ray).
 
 Every function either returns a usable signal or raises :class:`AudioError` whose message is
 the reason a clip is rejected (it ends up in ``rejected.csv``).
@@ -16,11 +16,12 @@ import functools
 import io
 import struct
 
-import librosa
 import numpy as np
 import pyarrow.fs as pafs
 import soundfile as sf
 import soxr
+
+from ser_ray import mfcc
 
 TARGET_SR_HZ = 16_000
 #: eGeMAPSv02 functionals (Eyben et al. 2016): 88 values per clip, computed by openSMILE.
@@ -106,11 +107,14 @@ def resample(y: np.ndarray, sr_in_hz: int, sr_out_hz: int = TARGET_SR_HZ) -> np.
     if sr_in_hz == sr_out_hz:
         return y.astype(np.float32, copy=False)
     out = soxr.resample(y, sr_in_hz, sr_out_hz, quality="HQ").astype(np.float32, copy=False)
-    return librosa.util.fix_length(out, size=int(np.ceil(y.size * sr_out_hz / sr_in_hz)))
+    size = int(np.ceil(y.size * sr_out_hz / sr_in_hz))
+    return out[:size] if out.size >= size else np.pad(out, (0, size - out.size))
 
 
 def trim_silence(y: np.ndarray, top_db: float = 40.0) -> np.ndarray:
     """Cut leading and trailing parts quieter than ``top_db`` below the peak."""
+    import librosa  # here: only trimming needs it (see ser_ray.mfcc for why)
+
     trimmed, _ = librosa.effects.trim(y, top_db=top_db)
     return trimmed
 
@@ -132,31 +136,22 @@ def mfcc_stats(
 ) -> dict[str, np.ndarray]:
     """Per-clip MFCC statistics: ``mfcc_mean``, ``mfcc_std`` and their concatenation
     ``mfcc_stats`` (with the deltas' mean and std appended when ``config.deltas``).
-
-    The MFCCs are ``librosa.feature.mfcc(y=y, sr=sr_hz, ...)`` step by step, bit for bit,
-    with the mel filter bank built once per setting instead of once per clip (a quarter of
-    the per-clip cost)."""
-    power = np.abs(librosa.stft(y, n_fft=config.n_fft, hop_length=config.hop_length)) ** 2
-    basis = _mel_basis(sr_hz, config.n_fft, config.n_mels)
-    mel = np.einsum("...ft,mf->...mt", power, basis, optimize=True)
-    mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=config.n_mfcc)
-    mean, std = mfcc.mean(axis=1), mfcc.std(axis=1)
+    The MFCCs are ``librosa.feature.mfcc``'s, bit for bit (:mod:`ser_ray.mfcc`)."""
+    coefficients = mfcc.mfcc(
+        y, sr_hz, config.n_mfcc, config.n_fft, config.hop_length, config.n_mels
+    )
+    mean, std = coefficients.mean(axis=1), coefficients.std(axis=1)
     parts = [mean, std]
     if config.deltas:
-        delta = librosa.feature.delta(mfcc, width=9, mode="nearest")
+        import librosa
+
+        delta = librosa.feature.delta(coefficients, width=9, mode="nearest")
         parts += [delta.mean(axis=1), delta.std(axis=1)]
     return {
         "mfcc_mean": mean.astype(np.float32),
         "mfcc_std": std.astype(np.float32),
         "mfcc_stats": np.concatenate(parts).astype(np.float32),
     }
-
-
-@functools.lru_cache(maxsize=8)
-def _mel_basis(sr_hz: int, n_fft: int, n_mels: int) -> np.ndarray:
-    basis = librosa.filters.mel(sr=sr_hz, n_fft=n_fft, n_mels=n_mels)
-    basis.flags.writeable = False  # shared by every call
-    return basis
 
 
 class OpenSmileUnavailable(RuntimeError):

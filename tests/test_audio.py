@@ -84,10 +84,12 @@ def test_wav_header_without_data_chunk():
         audio.decode(header + b"\0" * 16)
 
 
-@pytest.mark.parametrize("sr_hz, n_mels", [(16_000, 128), (22_050, 64)])
-def test_mfcc_stats_equal_librosa_bit_for_bit(sr_hz, n_mels):
-    # the filter bank is cached per setting: two settings in turn must not mix theirs up
-    y = librosa.chirp(fmin=100, fmax=4000, sr=sr_hz, duration=1.5).astype(np.float32)
+@pytest.mark.parametrize("sr_hz, n_mels, seconds", [(16_000, 128, 1.5), (22_050, 64, 1.5),
+                                                    (16_000, 128, 0.05)])  # fmt: skip
+def test_mfcc_stats_equal_librosa_bit_for_bit(sr_hz, n_mels, seconds):
+    # the filter bank is cached per setting: two settings in turn must not mix theirs up;
+    # 0.05 s is shorter than one FFT frame (librosa warns and pads, as we do)
+    y = librosa.chirp(fmin=100, fmax=4000, sr=sr_hz, duration=seconds).astype(np.float32)
     y += 0.01 * np.random.default_rng(0).standard_normal(y.size).astype(np.float32)
     config = audio.MfccConfig(n_mels=n_mels)
     stats = audio.mfcc_stats(y, sr_hz, config)
@@ -98,6 +100,24 @@ def test_mfcc_stats_equal_librosa_bit_for_bit(sr_hz, n_mels):
     with_deltas = audio.mfcc_stats(y, sr_hz, dataclasses.replace(config, deltas=True))
     assert with_deltas["mfcc_stats"].shape == (160,)
     np.testing.assert_array_equal(with_deltas["mfcc_stats"][:80], stats["mfcc_stats"])
+
+
+def test_featurizing_a_clip_leaves_numba_and_librosa_out(tmp_path):
+    """Feature workers stay small: librosa's numba/llvmlite/scipy.signal (~190 MB) unused."""
+    import subprocess
+    import sys
+
+    wav = tmp_path / "03-01-05-01-01-01-01.wav"
+    sf.write(wav, _tone(48_000, 2.0), 48_000)
+    code = (
+        "import sys; from ser_ray import features; from ser_ray.folds import fold_of_actor; "
+        f"row = features.featurize_clip({{'path': {str(wav)!r}}}, features.FeatureConfig(), "
+        "fold_of_actor('contiguous')); assert row['reject_reason'] is None, row; "
+        "print(sorted(m for m in ('numba', 'librosa', 'scipy.signal') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_trim_silence_cuts_ends():

@@ -2,8 +2,10 @@
 
 Both run as whole processes, as a new user runs them (imports and Ray's start-up included),
 on a small corpus (one clip per actor) and on ``--clips`` clips, one after the other in one
-run. The small run is the fixed cost; the difference between the two runs is the marginal
-cost, reported as clips per second:
+run. The start-up figure is ``jobs/prepare.py`` with its default flags on the small corpus
+(featurized in-process: too few clips to pay for starting Ray). Ray's own fixed cost is the
+small corpus forced onto Ray (``--runner ray``); the difference between it and the large run
+is the marginal cost, reported as clips per second:
 
     marginal clips/s = (clips - small clips) / (seconds(clips) - seconds(small))
 
@@ -115,12 +117,10 @@ def _serial(paths: list[str], work: Path) -> tuple[float, float, dict[str, np.nd
     return seconds, rss, feats
 
 
-def _pipeline(
-    corpus: Path, out: Path, num_cpus: int, egemaps: bool = False
-) -> tuple[float, float, float]:
+def _pipeline(corpus: Path, out: Path, *flags: str) -> tuple[float, float, float]:
     job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
     command = [sys.executable, str(job), "--data-dir", str(corpus), "--out", str(out)]
-    return run_tree(command + ["--num-cpus", str(num_cpus)] + ([] if egemaps else ["--no-egemaps"]))
+    return run_tree(command + list(flags))
 
 
 def _marginal_clips_per_s(n_small: int, s_small: float, n_large: int, s_large: float) -> float:
@@ -145,15 +145,18 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "small": _link_corpus(small, work / "small"),
         "large": _link_corpus(clips, work / "large"),
     }
+    on_ray = ["--num-cpus", str(num_cpus), "--runner", "ray"]
+    startup_s, startup_rss, _ = _pipeline(runs["small"], work / "out_startup")
+    startup_mfcc_s, _, _ = _pipeline(runs["small"], work / "out_startup_mfcc", "--no-egemaps")
     serial_small_s, _, _ = _serial(small, work)
-    ray_small_s, ray_small_rss, _ = _pipeline(runs["small"], work / "out_small", num_cpus)
+    ray_small_s, ray_small_rss, _ = _pipeline(
+        runs["small"], work / "out_small", *on_ray, "--no-egemaps"
+    )
     serial_large_s, serial_rss, serial_feats = _serial(clips, work)
     ray_large_s, ray_large_rss, ray_large_pss = _pipeline(
-        runs["large"], work / "out_large", num_cpus
+        runs["large"], work / "out_large", *on_ray, "--no-egemaps"
     )
-    egemaps_s, egemaps_rss, egemaps_pss = _pipeline(
-        runs["large"], work / "out_egemaps", num_cpus, egemaps=True
-    )
+    egemaps_s, egemaps_rss, egemaps_pss = _pipeline(runs["large"], work / "out_egemaps", *on_ray)
     df = load_features(work / "out_large" / "features", ["path", "mfcc_stats"])
     ray_feats = {
         str(Path(p).resolve()): np.asarray(v) for p, v in zip(df.path, df.mfcc_stats, strict=True)
@@ -167,6 +170,9 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "preprocess",
         "clips": n,
         "num_cpus": num_cpus,
+        "startup_s": startup_s,
+        "startup_no_egemaps_s": startup_mfcc_s,
+        "startup_peak_rss_mb": startup_rss / 2**20,
         "serial_fixed_s": serial_small_s,
         "ray_fixed_s": ray_small_s,
         "serial_s": serial_large_s,
@@ -186,7 +192,9 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.rss_scale:
         scaled = _link_corpus(clips, work / "scaled", args.rss_scale)
-        scaled_s, scaled_rss, scaled_pss = _pipeline(scaled, work / "out_scaled", num_cpus)
+        scaled_s, scaled_rss, scaled_pss = _pipeline(
+            scaled, work / "out_scaled", *on_ray, "--no-egemaps"
+        )
         figures.update(
             {
                 f"ray_x{args.rss_scale}_clips": n * args.rss_scale,
