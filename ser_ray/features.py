@@ -5,7 +5,9 @@ MFCC statistics inside Ray Data tasks (``map_batches``); each task writes its us
 own Parquet file and hands the driver only (path, reject reason) per clip, so waveforms never
 pass through the driver and memory stays flat in corpus size. Every input file ends up either as a
 row of ``features/`` or as a row of ``rejected.csv`` (``ok + rejected == input``, checked).
-A re-run on unchanged input and configuration reuses the previous output.
+A re-run on unchanged input and configuration reuses the previous output. A corpus too small
+to pay for starting Ray (:data:`IN_PROCESS_MAX_CLIPS`) goes through the same batch function
+in the calling process.
 """
 
 from __future__ import annotations
