@@ -26,6 +26,9 @@ def configure(verbose: bool) -> None:
         # Tune's newer console output prints each experiment's header even at verbose=0;
         # the classic reporter honours it.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # Tune's "The `on_step_begin` operation took 0.8 s, which may be a performance
+        # bottleneck": on a busy 2-core machine a few per run, about the machine, not the job
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
         # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...
