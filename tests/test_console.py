@@ -18,7 +18,7 @@ def test_one_line_per_fold_and_epoch(capsys):
 
 
 def test_ray_output_follows_verbose(monkeypatch):
-    for name in ("RAY_AIR_NEW_OUTPUT", "RAY_LOGGER_LEVEL"):
+    for name in ("RAY_AIR_NEW_OUTPUT", "RAY_LOGGER_LEVEL", "TUNE_WARN_THRESHOLD_S"):
         monkeypatch.delenv(name, raising=False)  # restored after the test
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     console.configure(verbose=False)
@@ -29,5 +29,6 @@ def test_ray_output_follows_verbose(monkeypatch):
         "runtime_env": {"worker_process_setup_hook": console.quiet_worker_logs},
     }
     assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # what Ray's workers read
+    assert os.environ["TUNE_WARN_THRESHOLD_S"] == "10"  # Tune's slow-operation warnings
     console.configure(verbose=True)
     assert console.tune_verbosity() == 2 and console.ray_init_kwargs() == {}
