@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--config", default="demo", help="from scratch: 'demo' (demo-size) or a config.json"
     )
-    for name in ("epochs", "batch_size", "lr", "crop_s", "mask_prob", "mask_length"):
+    for name in (
+        "epochs", "batch_size", "lr", "crop_s", "mask_prob", "mask_length", "window_clips",
+    ):  # fmt: skip
         kind = type(getattr(d, name))
         p.add_argument(
             f"--{name.replace('_', '-')}",
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         num_negatives=args.num_negatives,
         grad_accum_steps=args.grad_accum_steps,
         freeze_feature_encoder=args.freeze_feature_encoder,
+        window_clips=args.window_clips,
         seed=args.seed,
     )
     out = Path(args.out)

@@ -7,9 +7,9 @@ memory is one window, a :class:`ser_ray.clip_stream.ClipStream` streams them),
 Parquet folder), :func:`table_from_arrow` (rows as a :class:`ClipTable`),
 :func:`merge_tables`, :func:`length_grouped_batches` (shuffled batches of similar lengths,
 one share per DDP rank), :func:`collate` (dynamic padding into model keyword arguments),
-:func:`collated_batches` and :func:`batches_per_epoch` (an epoch's batches, window by
-window) and :func:`predictions_frame` (per-clip probabilities in the ``predictions.csv``
-format).
+:func:`collated_batches`, :func:`window_batches` and :func:`batches_per_epoch` (an epoch's
+batches, window by window) and :func:`predictions_frame` (per-clip probabilities in the
+``predictions.csv`` format).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -71,16 +71,20 @@ class ClipTable:
         return dataclasses.replace(self, inputs=[])
 
 
-class Clips(Protocol):
+WindowT = TypeVar("WindowT", covariant=True)
+
+
+class Clips(Protocol[WindowT]):
     """Clips a loop passes over window by window: a :class:`ClipTable` (one window) or a
-    :class:`ser_ray.clip_stream.ClipStream` (bounded windows read from Ray Data)."""
+    :class:`ser_ray.clip_stream.ClipStream` (bounded windows read from Ray Data); a window
+    has ``lengths`` (pre-training's windows are :class:`ser_ray.unlabeled.UnlabeledClips`)."""
 
     @property
     def window_clips(self) -> int: ...
 
     def __len__(self) -> int: ...
 
-    def windows(self) -> Iterator[ClipTable]: ...
+    def windows(self) -> Iterator[WindowT]: ...
 
 
 def list_column(table: pa.Table, name: str) -> list[np.ndarray]:
@@ -204,7 +208,7 @@ def length_grouped_batches(
     ``(seed, epoch)`` draws), sort each group of ``batch_size * group_factor`` clips by
     length, cut it into batches, shuffle the batches; rank ``r`` takes batches
     ``r, r + world_size, ...`` (the remainder is dropped so that every rank runs the same
-    number of steps). ``window``: the index of a streamed window (:func:`collated_batches`).
+    number of steps). ``window``: the index of a streamed window (:func:`window_batches`).
     """
     batches = _window_share(
         lengths, batch_size, seed, epoch, window, rank, world_size, group_factor
@@ -258,7 +262,7 @@ def collate(
 
 
 def collated_batches(
-    clips: Clips,
+    clips: Clips[ClipTable],
     batch_size: int,
     *,
     seed: int,
@@ -267,11 +271,34 @@ def collated_batches(
     world_size: int = 1,
     group_factor: int = 50,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch's batches of this rank, collated on the CPU, window by window: within each
-    window the batches of :func:`length_grouped_batches`, seeded by (seed, epoch, window
-    index). With one window (a whole :class:`ClipTable`), exactly that function's batches.
+    """One epoch's batches of this rank, collated on the CPU (:func:`window_batches`)."""
+    return window_batches(
+        clips, collate, batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+        group_factor=group_factor,
+    )  # fmt: skip
 
-    A window is dropped before the next one is read, so at most one window of clips is held.
+
+BatchT = TypeVar("BatchT")
+
+
+def window_batches(
+    clips: Clips,
+    take: Callable[[Any, list[int]], BatchT],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    group_factor: int = 50,
+) -> Iterator[BatchT]:
+    """One epoch's batches of this rank, window by window: within each window the batches of
+    :func:`length_grouped_batches`, seeded by (seed, epoch, window index), each handed out as
+    ``take(window, indices)``. With one window (clips held whole), exactly that function's
+    batches.
+
+    A window is dropped before the next one is read, so at most one window of clips is held
+    (``take`` must return the batch's own data, not the window).
     """
     windows = clips.windows()
     for index in itertools.count():
@@ -282,14 +309,14 @@ def collated_batches(
             table.lengths, batch_size, seed, epoch, index, rank, world_size, group_factor
         )
         for indices in share:
-            yield collate(table, indices)
+            yield take(table, indices)
         del table  # before the next window is read
 
 
 def batches_per_epoch(
     clips: Clips, batch_size: int, *, world_size: int = 1, group_factor: int = 50
 ) -> int:
-    """How many batches :func:`collated_batches` gives each rank per epoch (from the clip
+    """How many batches :func:`window_batches` gives each rank per epoch (from the clip
     count and the window size alone: no clip is read)."""
     group = batch_size * max(1, group_factor)
     total = 0

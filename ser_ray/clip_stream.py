@@ -4,10 +4,10 @@ A :class:`ClipStream` re-reads its split on every pass (an epoch, an evaluation)
 of Arrow tables in a fixed order (in training: a Ray Data shard, see
 :mod:`ser_ray.ray_ingest`) and hands out the clips one *window* at a time: the next
 ``window_clips`` rows, turned into a :class:`~ser_ray.clip_data.ClipTable` (sorted by path)
-by ``to_clips``. Only the window being used is kept: the stream drops its rows before it
-hands a window out, and :func:`ser_ray.clip_data.collated_batches` drops a window before it
-asks for the next, so a worker holds at most ``window_clips`` prepared clips plus the one
-source table being cut.
+by ``to_clips`` (pre-training: :class:`~ser_ray.unlabeled.UnlabeledClips`). Only the window
+being used is kept: the stream drops its rows before it hands a window out, and
+:func:`ser_ray.clip_data.window_batches` drops a window before it asks for the next, so a
+worker holds at most ``window_clips`` clips plus the one source table being cut.
 
 With ``window_clips`` at least the split's size there is one window holding every clip in
 path order, which is exactly the in-memory :class:`~ser_ray.clip_data.ClipTable`: same
@@ -19,16 +19,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from ser_ray.clip_data import ClipTable
+WindowT = TypeVar("WindowT")
 
 
 @dataclasses.dataclass
-class ClipStream:
+class ClipStream(Generic[WindowT]):
     """A split read window by window; re-iterable (each :meth:`windows` call is a new pass).
 
     ``open_tables()`` starts a pass and yields Arrow tables of rows, always in the same order;
@@ -37,7 +36,7 @@ class ClipStream:
     """
 
     open_tables: Callable[[], Iterable[pa.Table]]
-    to_clips: Callable[[pa.Table], ClipTable]
+    to_clips: Callable[[pa.Table], WindowT]
     num_clips: int
     window_clips: int
 
@@ -48,7 +47,7 @@ class ClipStream:
     def __len__(self) -> int:
         return self.num_clips
 
-    def windows(self) -> Iterator[ClipTable]:
+    def windows(self) -> Iterator[WindowT]:
         """The clips of one pass, ``window_clips`` at a time (the last window may be smaller)."""
         pending: list[pa.Table] = []
         held = 0
@@ -71,14 +70,14 @@ class ClipStream:
                 "changed while training; re-run so the clip counts are taken again"
             )
 
-    def _flush(self, pending: list[pa.Table]) -> ClipTable:
+    def _flush(self, pending: list[pa.Table]) -> WindowT:
         """The window of the ``pending`` rows; empties ``pending`` so the rows are not kept."""
         rows = pa.concat_tables(pending)
         pending.clear()
         return self.to_clips(rows)
 
 
-def chain_streams(first: ClipStream, second: ClipStream) -> ClipStream:
+def chain_streams(first: ClipStream[WindowT], second: ClipStream[WindowT]) -> ClipStream[WindowT]:
     """One stream of both splits' clips (``first``'s rows, then ``second``'s), windowed as
     ``first``. With a window covering both, it is the two splits merged in path order."""
     return ClipStream(

@@ -11,8 +11,9 @@ masked frames by the model and divided here by the number of masked frames of th
 Read top to bottom: :class:`PretrainConfig`; the Ray-free pieces :func:`build_pretraining_model`
 (from scratch from a config, or continued from a checkpoint: TAPT), :func:`crop_batch` (random
 crops, all to the shortest clip of the batch, so no padding), :func:`run_pretraining` (the
-loop on :class:`ser_ray.engine.Engine`); then the Ray edge :func:`pretrain_per_worker` and the
-driver :func:`fit_pretraining`.
+loop on :class:`ser_ray.engine.Engine`, over the clips window by window); then the Ray edge
+:func:`pretrain_per_worker` (the pool streamed in through Ray Data, ``window_clips`` clips
+at a time, :mod:`ser_ray.ray_ingest`) and the driver :func:`fit_pretraining`.
 
 The result is a standard HF checkpoint (``Wav2Vec2ForPreTraining`` safetensors + config +
 feature extractor) in ``<out>/model``; every job's ``--model`` loads it (the classifier takes
@@ -24,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 )
 
 from ser_ray import engine as eng
-from ser_ray.clip_data import length_grouped_batches
+from ser_ray.clip_data import Clips, batches_per_epoch, window_batches
 from ser_ray.model import (
     DEMO_ENCODER_SEED,
     DEMO_MODEL,
@@ -51,13 +53,14 @@ from ser_ray.model import (
     prepare_waveform,
 )
 from ser_ray.schedule import gumbel_temperature
-from ser_ray.unlabeled import UnlabeledClips, read_pool
+from ser_ray.unlabeled import POOL_COLUMNS, UnlabeledClips, clips_from_arrow, pool_paths
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # the HF checkpoint (latest weights)
 CLIPS_FILE = "clips.csv"  # the clips the run trained on (one path a line)
 RESULT_FILE = "result.json"
+POOL_DATASET = "pool"  # the trainer's Ray dataset of the pool's clips
 #: The quantizer of the demo-size config: 2 groups of 64 codevectors (base: 2 x 320).
 DEMO_QUANTIZER = {
     "num_codevector_groups": 2,
@@ -120,6 +123,15 @@ class PretrainConfig(eng.LoopSettings):
         default=2.0, metadata={"help": "longest random crop; a batch crops to its shortest clip"}
     )
     epochs: int = dataclasses.field(default=10, metadata={"help": "passes over the clips"})
+    window_clips: int = dataclasses.field(
+        default=2048,
+        metadata={
+            "help": "clips a Ray Train worker holds at once while it streams the pool (batches "
+            "are length-grouped and shuffled within a window); at least the pool's size (demo "
+            "pool: 320, a RAVDESS fold's training actors: 1200) gives the same batches as "
+            "holding the whole pool"
+        },
+    )
     # runtime
     amp: str = dataclasses.field(default="auto", metadata={"help": "auto, bf16, fp16, off"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of init, crops, masks"})
@@ -128,8 +140,8 @@ class PretrainConfig(eng.LoopSettings):
         self.betas = tuple(float(b) for b in self.betas)
         if not 0 < self.mask_prob < 1 or self.mask_length < 1 or self.num_negatives < 1:
             raise ValueError("need 0 < mask_prob < 1, mask_length >= 1, num_negatives >= 1")
-        if self.batch_size < 1 or self.epochs < 1 or self.grad_accum_steps < 1:
-            raise ValueError("batch_size, epochs and grad_accum_steps must be >= 1")
+        if min(self.batch_size, self.epochs, self.grad_accum_steps, self.window_clips) < 1:
+            raise ValueError("batch_size, epochs, grad_accum_steps and window_clips must be >= 1")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 
@@ -243,7 +255,7 @@ def save_pretrained_model(
 class PretrainOutcome:
     history: list[dict[str, float]]
     step: int
-    #: writes the final state (HF model, train state, clips, result) into a folder
+    #: writes the final state (HF model, train state, result) into a folder
     write_checkpoint: Callable[[Path], Path]
 
 
@@ -251,7 +263,7 @@ def run_pretraining(
     cfg: PretrainConfig,
     model: Wav2Vec2ForPreTraining,
     feature_extractor: Wav2Vec2FeatureExtractor,
-    clips: UnlabeledClips,
+    clips: Clips[UnlabeledClips],
     *,
     device: torch.device | str = "cpu",
     rank: int = 0,
@@ -261,25 +273,30 @@ def run_pretraining(
     on_epoch_end: Callable[[dict[str, float], Callable[[Path], Path]], None] | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> PretrainOutcome:
-    """Pre-train ``model`` on ``clips`` for ``cfg.epochs``; resume exactly from a checkpoint.
+    """Pre-train ``model`` on ``clips`` (held whole or streamed window by window) for
+    ``cfg.epochs``; resume exactly from a checkpoint.
 
     ``on_epoch_end(metrics, write_checkpoint)`` runs after every epoch on every rank.
     """
     if not len(clips):
         raise ValueError("no clips to pre-train on")
     device = torch.device(device)
-    prepared = [prepare_waveform(w, feature_extractor) for w in clips.waveforms]
     max_samples = int(round(cfg.crop_s * feature_extractor.sampling_rate))
     model.to(device)
     wrapped = wrap_model(model) if wrap_model is not None else model
 
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(
-            clips.lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
+    def prepared(window: UnlabeledClips, indices: list[int]) -> list[np.ndarray]:
+        return [prepare_waveform(window.waveforms[i], feature_extractor) for i in indices]
+
+    def epoch_batches(epoch: int) -> Iterator[list[np.ndarray]]:
+        """This rank's micro-batches of ``epoch``: prepared waveforms (similar lengths)."""
+        return window_batches(
+            clips, prepared, cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
             world_size=world_size,
         )  # fmt: skip
 
-    steps_per_epoch = eng.steps_per_epoch(len(epoch_batches(0)), cfg.grad_accum_steps)
+    num_batches = batches_per_epoch(clips, cfg.batch_size, world_size=world_size)
+    steps_per_epoch = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     engine = eng.build_engine(
         model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
@@ -295,7 +312,6 @@ def run_pretraining(
     def write_checkpoint(out_dir: Path, progress: dict[str, Any]) -> Path:
         save_pretrained_model(model, feature_extractor, out_dir / MODEL_DIR)
         eng.write_train_state(out_dir, engine, progress)
-        (out_dir / CLIPS_FILE).write_text("".join(f"{p}\n" for p in clips.paths))
         (out_dir / RESULT_FILE).write_text(
             json.dumps({"history": progress["history"], "config": cfg.to_dict()}, indent=2)
         )
@@ -308,15 +324,15 @@ def run_pretraining(
             batches = epoch_batches(epoch)
             sums: dict[str, float] = {}
             n_clips, t0 = 0, time.perf_counter()
-            for g in range(0, len(batches), cfg.grad_accum_steps):
+            while micro_batches := list(itertools.islice(batches, cfg.grad_accum_steps)):
                 step = progress["step"]
                 temperature = gumbel_temperature(
                     step, total_steps, cfg.max_gumbel_temperature, cfg.min_gumbel_temperature
                 )
                 model.set_gumbel_temperature(temperature)
                 group = []
-                for indices in batches[g : g + cfg.grad_accum_steps]:
-                    values = crop_batch([prepared[i] for i in indices], max_samples, rng)
+                for waveforms in micro_batches:
+                    values = crop_batch(waveforms, max_samples, rng)
                     mask, negatives = mask_and_negatives(model, *values.shape, cfg)
                     group.append(
                         {
@@ -343,7 +359,7 @@ def run_pretraining(
                 scalars.add(values_step, progress["step"])
                 for k, v in values_step.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_clips += sum(len(i) for i in batches[g : g + cfg.grad_accum_steps])
+                n_clips += sum(len(waveforms) for waveforms in micro_batches)
             seconds = time.perf_counter() - t0
             n_steps = progress["step"] - epoch * steps_per_epoch
             metrics = {
@@ -380,12 +396,13 @@ def run_pretraining(
 # 3. Ray edge
 # ----------------------------------------------------------------------------------------
 def pretrain_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: pre-train on the pool ``config["source"]``.
+    """Ray Train per-worker function: pre-train on the trainer's dataset ``pool``.
 
-    ``config``: :class:`PretrainConfig` fields plus ``source`` (pool or features folder),
-    ``actors`` (only these actors' clips, or None for all) and ``log_dir``. Reports
-    ``pretrain/*`` every epoch with a checkpoint; resumes from the latest one.
+    ``config``: :class:`PretrainConfig` fields plus ``num_clips`` (the pool's size, counted by
+    :func:`fit_pretraining`) and ``log_dir``. The pool streams in ``window_clips`` clips at a
+    time. Reports ``pretrain/*`` every epoch with a checkpoint; resumes from the latest one.
     """
+    from ser_ray import ray_ingest
     from ser_ray import ray_train_edge as edge
 
     cfg = PretrainConfig.from_dict(config)
@@ -393,7 +410,9 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
     eng.seed_everything(cfg.seed)
     model, fe = build_pretraining_model(cfg)
     eng.seed_everything(cfg.seed, ctx.rank)  # other masks and negatives per rank
-    clips = read_pool(config["source"], config.get("actors"))
+    clips = ray_ingest.worker_stream(  # RAY
+        POOL_DATASET, config["num_clips"], clips_from_arrow, cfg.window_clips
+    )
     checkpoint = edge.latest_checkpoint()
     with contextlib.ExitStack() as stack:
         resume_dir = None
@@ -428,17 +447,22 @@ def fit_pretraining(
     storage_path: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Pre-train on a pool (:mod:`ser_ray.unlabeled`) with a ``TorchTrainer``; returns
+    """Pre-train on a pool (:mod:`ser_ray.unlabeled`; with ``actors``, only their clips) with
+    a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns
     ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
     settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes."""
+    from ser_ray import ray_ingest
     from ser_ray import ray_train_edge as edge
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
+    paths = pool_paths(source, actors)  # the pool's size sets the steps of an epoch
+    if not paths:
+        raise ValueError(f"{source}: no clips to pre-train on (actors: {actors or 'all'})")
     config = {
         **cfg.to_dict(),
-        "source": str(Path(source).resolve()) if "://" not in str(source) else str(source),
-        "actors": actors,
+        "num_clips": len(paths),
         "log_dir": str(log_dir or out / "tensorboard"),
     }
     trainer = edge.build_torch_trainer(
@@ -450,11 +474,13 @@ def fit_pretraining(
         storage_path=storage_path or out / "ray",
         name="pretrain",
         max_failures=max_failures,
+        datasets={POOL_DATASET: ray_ingest.clip_dataset(source, actors, POOL_COLUMNS)},
+        dataset_config=ray_ingest.data_config(),
     )
     checkpoint = edge.fit(trainer, f"pre-training into {out}")  # RAY
     with checkpoint.as_directory() as ckpt:
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(Path(ckpt) / MODEL_DIR, out / MODEL_DIR)
-        for name in (RESULT_FILE, CLIPS_FILE):
-            shutil.copy2(Path(ckpt) / name, out / name)
+        shutil.copy2(Path(ckpt) / RESULT_FILE, out / RESULT_FILE)
+    (out / CLIPS_FILE).write_text("".join(f"{p}\n" for p in paths))
     return out / MODEL_DIR

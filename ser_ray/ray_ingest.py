@@ -1,9 +1,10 @@
-"""The Ray Data edge of fine-tuning: a fold's clips streamed into the Ray Train workers.
+"""The Ray Data edge of training: clips streamed into the Ray Train workers.
 
 Driver side (where a fold's ``TorchTrainer`` is built,
 :func:`ser_ray.fold_trainer.build_fold_trainer`): :func:`fold_datasets` makes one Ray dataset
-per split (``train``, ``val``, ``test``): ``read_parquet`` of the features or feature-cache
-folder, filtered on the split's actors, only the columns the worker needs;
+per split (``train``, ``val``, ``test``) with :func:`clip_dataset`: ``read_parquet`` of the
+features or feature-cache folder, filtered on the split's actors, only the columns the worker
+needs (pre-training's pool is one such dataset, :func:`ser_ray.pretrain.fit_pretraining`);
 :func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
 ``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.clip_stream.ClipStream`, so a
 worker holds one window of clips at a time.
@@ -39,13 +40,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ser_ray.clip_stream import ClipStream
+from ser_ray.clip_stream import ClipStream, WindowT
 
 if TYPE_CHECKING:
     import ray.data
     import ray.train
-
-    from ser_ray.clip_data import ClipTable
 
 SPLITS = ("train", "val", "test")
 READ_TASK_CPUS = 0  # logical CPUs a Parquet read task reserves: none, so it never waits
@@ -63,16 +62,25 @@ def fold_datasets(
     source: str | os.PathLike, split_actors: dict[str, Sequence[int]], kind: str
 ) -> dict[str, ray.data.Dataset]:
     """One Ray dataset per split with actors (RAY): the split's rows, the needed columns."""
+    return {
+        name: clip_dataset(source, actors, split_columns(kind))
+        for name, actors in split_actors.items()
+        if actors
+    }
+
+
+def clip_dataset(
+    source: str | os.PathLike, actors: Sequence[int] | None, columns: Sequence[str]
+) -> ray.data.Dataset:
+    """The rows of ``actors`` (all rows when None) of a Parquet folder, only ``columns``, as
+    a Ray dataset read as the module doc says (RAY; fine-tuning's splits, pre-training's
+    pool)."""
     from ray.data.expressions import col
 
-    datasets = {}
-    for name, actors in split_actors.items():
-        if not actors:
-            continue
-        ds = read_parquet_reserving_no_cpu(source)
+    ds = read_parquet_reserving_no_cpu(source)
+    if actors is not None:
         ds = ds.filter(expr=col("actor").is_in([int(a) for a in actors]))
-        datasets[name] = ds.select_columns(split_columns(kind))
-    return datasets
+    return ds.select_columns(list(columns))
 
 
 def read_parquet_reserving_no_cpu(source: str | os.PathLike) -> ray.data.Dataset:
@@ -146,9 +154,9 @@ def data_config() -> ray.train.DataConfig:
 def worker_stream(
     name: str,
     num_clips: int,
-    to_clips: Callable[[pa.Table], ClipTable],
+    to_clips: Callable[[pa.Table], WindowT],
     window_clips: int,
-) -> ClipStream:
+) -> ClipStream[WindowT]:
     """This worker's stream of split ``name`` (RAY: ``get_dataset_shard``)."""
     import ray.train
 

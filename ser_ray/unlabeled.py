@@ -10,8 +10,11 @@ A *pool* is a Parquet folder with one row per clip: ``path`` and ``waveform`` (f
 - :func:`write_demo_pool`: the package's synthetic unlabeled pool (other voices and
   sentences than the demo corpus, see :func:`ser_ray.demo_corpus.unlabeled_pool_clips`).
 
-:func:`read_pool` loads a pool (only the given actors' rows, when asked: TAPT for a fold
-reads the fold's training actors and nothing else).
+:func:`read_pool` loads a pool into memory (only the given actors' rows, when asked: TAPT for
+a fold reads the fold's training actors and nothing else); Ray Train workers stream it instead
+(:func:`ser_ray.pretrain.fit_pretraining`), window by window, as :class:`UnlabeledClips`
+made by :func:`clips_from_arrow`, after the driver took the clip list with
+:func:`pool_paths`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import csv
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +37,15 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE_HZ = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 POOL_FILE = "pool.parquet"
+POOL_COLUMNS = ["path", "waveform"]  # what pre-training reads of a pool
+ROWS_PER_GROUP = 64  # Parquet row group of a written pool: a reader holds one at a time
 _SCHEMA = pa.schema([("path", pa.string()), ("waveform", pa.list_(pa.float32()))])
 
 
 @dataclasses.dataclass
 class UnlabeledClips:
-    """Clips in memory, sorted by path: ``waveforms[i]`` is float32 16 kHz mono."""
+    """Clips in memory, sorted by path: ``waveforms[i]`` is float32 16 kHz mono. A whole pool
+    is one window of :class:`ser_ray.clip_data.Clips`; a stream hands out several."""
 
     paths: list[str]
     waveforms: list[np.ndarray]
@@ -50,6 +56,14 @@ class UnlabeledClips:
     @property
     def lengths(self) -> np.ndarray:
         return np.array([len(w) for w in self.waveforms], dtype=np.int64)
+
+    @property
+    def window_clips(self) -> int:
+        return max(1, len(self))
+
+    def windows(self) -> Iterator[UnlabeledClips]:
+        """All clips as one window (the in-memory case of :class:`ser_ray.clip_data.Clips`)."""
+        yield self
 
 
 def is_pool(folder: str | os.PathLike) -> bool:
@@ -64,7 +78,7 @@ def _write_pool(out_dir: Path, names: list[str], waveforms: list[np.ndarray]) ->
         schema=_SCHEMA,
     )
     tmp = out_dir / f".{POOL_FILE}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROWS_PER_GROUP)
     tmp.rename(out_dir / POOL_FILE)  # complete or absent
     return out_dir
 
@@ -115,9 +129,9 @@ def write_demo_pool(
     return _write_pool(out, names, waveforms)
 
 
-def read_pool(source: str | os.PathLike, actors: Sequence[int] | None = None) -> UnlabeledClips:
-    """The clips of a pool or features folder (local or URI); with ``actors``, only those
-    actors' rows (the folder must then have an ``actor`` column)."""
+def _pool_rows(source: str | os.PathLike, actors: Sequence[int] | None):
+    """(pyarrow dataset of a pool or features folder, local or URI; the filter that keeps
+    ``actors``' rows, or None for all)."""
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
@@ -128,17 +142,31 @@ def read_pool(source: str | os.PathLike, actors: Sequence[int] | None = None) ->
         fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
     dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
     names = set(dataset.schema.names)
-    if not {"path", "waveform"} <= names:
+    if not set(POOL_COLUMNS) <= names:
         raise ValueError(f"{source}: a pool needs 'path' and 'waveform' columns, has {names}")
-    row_filter = None
-    if actors is not None:
-        if "actor" not in names:
-            raise ValueError(f"{source}: no 'actor' column, so clips cannot be chosen by actor")
-        row_filter = pads.field("actor").isin([int(a) for a in actors])
-    table = dataset.to_table(columns=["path", "waveform"], filter=row_filter)
+    if actors is None:
+        return dataset, None
+    if "actor" not in names:
+        raise ValueError(f"{source}: no 'actor' column, so clips cannot be chosen by actor")
+    return dataset, pads.field("actor").isin([int(a) for a in actors])
+
+
+def read_pool(source: str | os.PathLike, actors: Sequence[int] | None = None) -> UnlabeledClips:
+    """The clips of a pool or features folder (local or URI), in memory; with ``actors``,
+    only those actors' rows (the folder must then have an ``actor`` column)."""
+    dataset, keep = _pool_rows(source, actors)
+    return clips_from_arrow(dataset.to_table(columns=POOL_COLUMNS, filter=keep))
+
+
+def pool_paths(source: str | os.PathLike, actors: Sequence[int] | None = None) -> list[str]:
+    """The paths of the clips :func:`read_pool` would read, sorted (only ``path`` is read)."""
+    dataset, keep = _pool_rows(source, actors)
+    return sorted(dataset.to_table(columns=["path"], filter=keep).column("path").to_pylist())
+
+
+def clips_from_arrow(table: pa.Table) -> UnlabeledClips:
+    """Pool rows (``path``, ``waveform``) as clips sorted by path (waveforms not copied)."""
+    from ser_ray.clip_data import list_column
+
     table = table.sort_by("path")
-    column = table.column("waveform").combine_chunks()
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    waveforms = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
-    return UnlabeledClips(table.column("path").to_pylist(), waveforms)
+    return UnlabeledClips(table.column("path").to_pylist(), list_column(table, "waveform"))

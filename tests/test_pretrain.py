@@ -1,18 +1,22 @@
 """Self-supervised pre-training: crops, masks, learning, exact resume, the checkpoint the
-classifier loads, unlabeled pools."""
+classifier loads, unlabeled pools, the pool streamed window by window."""
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ser_ray import ravdess
+from ser_ray.clip_stream import ClipStream
+from ser_ray.engine import seed_everything
 from ser_ray.model import demo_config, load_model
 from ser_ray.pretrain import (
     MODEL_DIR,
@@ -22,7 +26,13 @@ from ser_ray.pretrain import (
     mask_and_negatives,
     run_pretraining,
 )
-from ser_ray.unlabeled import UnlabeledClips, pool_from_audio_folder, read_pool
+from ser_ray.unlabeled import (
+    UnlabeledClips,
+    clips_from_arrow,
+    pool_from_audio_folder,
+    pool_paths,
+    read_pool,
+)
 
 TINY = dict(
     conv_dim=(16,) * 7,
@@ -157,6 +167,66 @@ def test_resume_is_bit_exact(tiny_config_file, tmp_path):
         assert torch.equal(a, b), name
 
 
+def pool_stream(clips: UnlabeledClips, window_clips: int, to_clips=clips_from_arrow):
+    """``clips`` as a stream of pool rows in a scrambled (fixed) order, 2 rows per read."""
+    rows = pa.table({"path": clips.paths, "waveform": clips.waveforms})
+    rows = rows.take(np.random.default_rng(5).permutation(rows.num_rows))
+
+    def open_tables():
+        return (rows.slice(i, 2) for i in range(0, rows.num_rows, 2))
+
+    return ClipStream(open_tables, to_clips, rows.num_rows, window_clips)
+
+
+def _fresh(cfg: PretrainConfig):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return build_pretraining_model(cfg)
+
+
+def _curve(history):  # everything but the timings
+    return [{k: v for k, v in h.items() if not k.endswith("_s")} for h in history]
+
+
+def test_streamed_pool_with_a_window_covering_it_pretrains_as_in_memory(tiny_config_file):
+    cfg = tiny_pretrain(tiny_config_file, epochs=2, grad_accum_steps=2, batch_size=2)
+    clips = tone_clips(7)
+    runs = []
+    for source in (clips, pool_stream(clips, window_clips=7)):
+        model, fe = _fresh(cfg)
+        runs.append((run_pretraining(cfg, model, fe, source), model.state_dict()))
+    (memory, w_memory), (streamed, w_streamed) = runs
+    assert streamed.step == memory.step == 2 * 2  # 7 clips: 3 batches of 2, 2 steps an epoch
+    assert _curve(streamed.history) == _curve(memory.history)
+    for name, tensor in w_memory.items():
+        assert torch.equal(w_streamed[name], tensor), name
+
+
+def test_small_windows_hold_one_window_and_pretrain_on_every_clip(tiny_config_file):
+    cfg = tiny_pretrain(tiny_config_file, epochs=1, batch_size=2)
+    clips = tone_clips(10)
+    alive, peak, seen = [0], [0], []  # clips of windows still referenced; the most at once
+
+    def release(n: int) -> None:
+        alive[0] -= n
+
+    def counted(rows: pa.Table) -> UnlabeledClips:
+        window = clips_from_arrow(rows)
+        alive[0] += len(window)
+        peak[0] = max(peak[0], alive[0])
+        seen.extend(window.paths)
+        weakref.finalize(window, release, len(window))
+        return window
+
+    model, fe = _fresh(cfg)
+    outcome = run_pretraining(cfg, model, fe, pool_stream(clips, 4, counted))
+    assert peak[0] == 4  # one full window, never two at once
+    assert sorted(seen) == clips.paths  # every clip once (windows of 4, 4, 2)
+    assert outcome.step == 2 + 2 + 1  # each window's batches, steps known before reading
+    [epoch] = outcome.history
+    assert epoch["step"] == 5 and epoch["pretrain/loss"] > 0
+
+
 def test_pretrained_checkpoint_loads_into_the_classifier(tiny_config_file, tmp_path):
     cfg = tiny_pretrain(tiny_config_file, epochs=1)
     model, fe = build_pretraining_model(cfg)
@@ -215,11 +285,25 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     read_actors = {int(Path(p).stem.split("-")[-1]) for p in read}
     assert read_actors == set(actors) and not read_actors & {5, 6, 7, 8}
     assert len(read) == 20 * 16  # every training actor's clip, once
+    assert read == pool_paths(features, actors)
     history = json.loads((tmp_path / "tapt" / "result.json").read_text())["history"]
     assert len(history) == 1 and history[0]["pretrain/loss"] > 0
     assert list((tmp_path / "tapt" / "tensorboard").glob("events.out.tfevents.*"))
-    start, _ = build_pretraining_model(cfg)  # the frozen CNN is unchanged by TAPT
     tapt_model, _ = build_pretraining_model(PretrainConfig(model=str(model_dir)))
+    # streamed through Ray Data into the worker, the pool trains as it does held in memory
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 1-CPU Ray worker (the sums' order follows the threads)
+    try:
+        seed_everything(cfg.seed)
+        in_memory, fe = build_pretraining_model(cfg)
+        seed_everything(cfg.seed)  # rank 0
+        outcome = run_pretraining(cfg, in_memory, fe, read_pool(features, actors))
+    finally:
+        torch.set_num_threads(threads)
+    assert _curve(history) == _curve(outcome.history)
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(tapt_model.state_dict()[name], tensor), name
+    start, _ = build_pretraining_model(cfg)  # the frozen CNN is unchanged by TAPT
     cnn = tapt_model.wav2vec2.feature_extractor.state_dict()
     for name, tensor in start.wav2vec2.feature_extractor.state_dict().items():
         assert torch.equal(cnn[name], tensor), name
