@@ -6,7 +6,7 @@
   python jobs/benchmark.py folds                      # six folds concurrently vs sequentially
   python jobs/benchmark.py gpu                        # six folds sharing one GPU, bf16/fp16
   python jobs/benchmark.py pretrain                   # our pre-training loop vs HF Trainer
-  python jobs/benchmark.py ingest [--copies 1 4]      # worker memory: in-memory vs streamed split
+  python jobs/benchmark.py ingest [--copies 1 4]      # worker memory: in-memory vs streamed clips
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -66,6 +66,8 @@ HEADLINES = {
     "ingest": [
         ("stream_growth_x4_over_x1", "streamed worker peak memory, 4x corpus / 1x", "~1"),
         ("memory_growth_x4_over_x1", "in-memory worker peak memory, 4x corpus / 1x", "-"),
+        ("pretrain_stream_growth_x4_over_x1", "streamed TAPT worker peak memory, 4x / 1x", "~1"),
+        ("pretrain_memory_growth_x4_over_x1", "in-memory TAPT worker peak memory, 4x / 1x", "-"),
     ],
 }
 

@@ -10,10 +10,11 @@ masked frames by the model and divided here by the number of masked frames of th
 
 Read top to bottom: :class:`PretrainConfig`; the Ray-free pieces :func:`build_pretraining_model`
 (from scratch from a config, or continued from a checkpoint: TAPT), :func:`crop_batch` (random
-crops, all to the shortest clip of the batch, so no padding), :func:`run_pretraining` (the
-loop on :class:`ser_ray.engine.Engine`, over the clips window by window); then the Ray edge
-:func:`pretrain_per_worker` (the pool streamed in through Ray Data, ``window_clips`` clips
-at a time, :mod:`ser_ray.ray_ingest`) and the driver :func:`fit_pretraining`.
+crops, all to the shortest clip of the batch, so no padding), :func:`epoch_batches` (an
+epoch's micro-batches, window by window), :func:`run_pretraining` (the loop on
+:class:`ser_ray.engine.Engine`); then the Ray edge :func:`pretrain_per_worker` (the pool
+streamed in through Ray Data, ``window_clips`` clips at a time, :mod:`ser_ray.ray_ingest`)
+and the driver :func:`fit_pretraining`.
 
 The result is a standard HF checkpoint (``Wav2Vec2ForPreTraining`` safetensors + config +
 feature extractor) in ``<out>/model``; every job's ``--model`` loads it (the classifier takes
@@ -212,6 +213,26 @@ def mask_and_negatives(
     return torch.from_numpy(mask), torch.from_numpy(negatives.astype(np.int64))
 
 
+def epoch_batches(
+    clips: Clips[UnlabeledClips],
+    cfg: PretrainConfig,
+    feature_extractor: Wav2Vec2FeatureExtractor,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[list[np.ndarray]]:
+    """This rank's micro-batches of ``epoch``, window by window: prepared waveforms of
+    similar lengths (:func:`ser_ray.clip_data.window_batches`)."""
+
+    def prepared(window: UnlabeledClips, indices: list[int]) -> list[np.ndarray]:
+        return [prepare_waveform(window.waveforms[i], feature_extractor) for i in indices]
+
+    return window_batches(
+        clips, prepared, cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
+        world_size=world_size,
+    )  # fmt: skip
+
+
 def _pretraining_loss(model: torch.nn.Module, batch: dict[str, Any]):
     out = model(
         batch["input_values"],
@@ -285,16 +306,6 @@ def run_pretraining(
     model.to(device)
     wrapped = wrap_model(model) if wrap_model is not None else model
 
-    def prepared(window: UnlabeledClips, indices: list[int]) -> list[np.ndarray]:
-        return [prepare_waveform(window.waveforms[i], feature_extractor) for i in indices]
-
-    def epoch_batches(epoch: int) -> Iterator[list[np.ndarray]]:
-        """This rank's micro-batches of ``epoch``: prepared waveforms (similar lengths)."""
-        return window_batches(
-            clips, prepared, cfg.batch_size, seed=cfg.seed, epoch=epoch, rank=rank,
-            world_size=world_size,
-        )  # fmt: skip
-
     num_batches = batches_per_epoch(clips, cfg.batch_size, world_size=world_size)
     steps_per_epoch = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
@@ -321,7 +332,7 @@ def run_pretraining(
         for epoch in range(progress["epoch"], cfg.epochs):
             model.train()
             rng = np.random.default_rng([cfg.seed, epoch, rank])  # crops
-            batches = epoch_batches(epoch)
+            batches = epoch_batches(clips, cfg, feature_extractor, epoch, rank, world_size)
             sums: dict[str, float] = {}
             n_clips, t0 = 0, time.perf_counter()
             while micro_batches := list(itertools.islice(batches, cfg.grad_accum_steps)):

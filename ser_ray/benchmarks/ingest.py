@@ -7,10 +7,12 @@
 
 Each runs in a one-worker ``TorchTrainer`` over one epoch of training batches (collated, no
 model, so the figure is the data's), on a features Parquet repeated ``--copies`` times (the
-same clips under other paths: a corpus that many times larger). Figures: the worker's peak
-private memory (RSS less shared pages) and peak RSS above their values when the function
-started, sampled every 10 ms, in MB; growth = peak private memory at the largest size over
-the smallest.
+same clips under other paths: a corpus that many times larger). The same for pre-training
+(figures prefixed ``pretrain_``): a TAPT worker's pool (the fold's training actors) read
+whole (``read_pool``, as pre-training did before streaming) or streamed, one epoch of
+:func:`ser_ray.pretrain.epoch_batches`. Figures: the worker's peak private memory (RSS less
+shared pages) and peak RSS above their values when the function started, sampled every
+10 ms, in MB; growth = peak private memory at the largest size over the smallest.
 
 Run it as ``python jobs/benchmark.py ingest [--features DIR] [--copies 1 4]``.
 """
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from ser_ray import features, ravdess
 
 log = logging.getLogger(__name__)
 PATHS = ("memory", "stream")
+TRAININGS = ("finetune", "pretrain")  # the fine-tuning worker's split; the TAPT worker's pool
 RESULT_FILE = "ingest.json"
 
 
@@ -119,71 +124,114 @@ class _PeakMemory:
 
 
 def _ingest_worker(config: dict[str, Any]) -> None:
-    """One epoch of collated training batches, by the ``memory`` or ``stream`` path (RAY)."""
+    """One epoch of training batches of ``config["training"]``, by the ``memory`` or
+    ``stream`` path (RAY)."""
     import pyarrow.dataset  # noqa: F401 - imported before measuring, like the model would be
     import ray.data  # noqa: F401
 
-    from ser_ray.clip_data import collated_batches, read_split, table_from_arrow
     from ser_ray.model import demo_feature_extractor
-    from ser_ray.ray_ingest import worker_stream
     from ser_ray.ray_train_edge import report
+
+    epoch_batches = _pretrain_batches if config["training"] == "pretrain" else _finetune_batches
+    fe = demo_feature_extractor()
+    with _PeakMemory() as memory:
+        t0 = time.perf_counter()
+        batches = sum(1 for _ in epoch_batches(config, fe))
+        seconds = time.perf_counter() - t0
+    metrics = {**memory.figures(), "batches": batches, "seconds": seconds}
+    report(metrics, lambda out: (out / RESULT_FILE).write_text(json.dumps(metrics)))
+
+
+def _finetune_batches(config: dict[str, Any], fe) -> Iterator[Any]:
+    """A fine-tuning worker's collated batches of its split, held whole or streamed (RAY)."""
+    from ser_ray.clip_data import collated_batches, read_split, table_from_arrow
+    from ser_ray.ray_ingest import worker_stream
 
     to_clips = functools.partial(
         table_from_arrow,
         kind="waveform",
         class_names=ravdess.class_names(),
         merge_calm=False,
-        feature_extractor=demo_feature_extractor(),
+        feature_extractor=fe,
     )
-    with _PeakMemory() as memory:
-        t0 = time.perf_counter()
-        if config["path"] == "memory":
-            clips = to_clips(read_split(config["source"], config["actors"], config["columns"]))
-        else:
-            clips = worker_stream("train", config["num_clips"], to_clips, config["window_clips"])
-        batches = sum(1 for _ in collated_batches(clips, config["batch_size"], seed=0, epoch=0))
-        seconds = time.perf_counter() - t0
-        del clips
-    metrics = {**memory.figures(), "batches": batches, "seconds": seconds}
-    report(metrics, lambda out: (out / RESULT_FILE).write_text(json.dumps(metrics)))
+    if config["path"] == "memory":
+        clips = to_clips(read_split(config["source"], config["actors"], config["columns"]))
+    else:
+        clips = worker_stream("train", config["num_clips"], to_clips, config["window_clips"])
+    return collated_batches(clips, config["batch_size"], seed=0, epoch=0)
+
+
+def _pretrain_batches(config: dict[str, Any], fe) -> Iterator[Any]:
+    """A TAPT worker's micro-batches of its pool, held whole or streamed (RAY)."""
+    from ser_ray.pretrain import POOL_DATASET, PretrainConfig, epoch_batches
+    from ser_ray.ray_ingest import worker_stream
+    from ser_ray.unlabeled import clips_from_arrow, read_pool
+
+    cfg = PretrainConfig(batch_size=config["batch_size"], window_clips=config["window_clips"])
+    if config["path"] == "memory":
+        clips = read_pool(config["source"], config["actors"])
+    else:
+        clips = worker_stream(POOL_DATASET, config["num_clips"], clips_from_arrow, cfg.window_clips)
+    return epoch_batches(clips, cfg, fe, epoch=0)
+
+
+def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
+    """What a worker of ``training`` reads (actors, columns, clip count) and the trainer's
+    dataset of it (RAY), on fold ``fold``'s training side."""
+    from ser_ray.clip_data import count_split
+    from ser_ray.folds import fold_split
+    from ser_ray.pretrain import POOL_DATASET
+    from ser_ray.ray_ingest import clip_dataset, split_columns
+    from ser_ray.tapt import tapt_actors
+    from ser_ray.unlabeled import POOL_COLUMNS
+
+    if training == "pretrain":
+        actors, columns, name = tapt_actors(fold, "contiguous"), POOL_COLUMNS, POOL_DATASET
+    else:
+        actors, columns, name = (
+            fold_split(fold, "contiguous", 4)[1],
+            split_columns("waveform"),
+            "train",
+        )
+    return {
+        "actors": actors,
+        "columns": columns,
+        "num_clips": count_split(source, actors),
+        "datasets": {name: clip_dataset(source, actors, columns)},
+    }
 
 
 def run_ingest_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from ser_ray.clip_data import count_split
-    from ser_ray.folds import fold_split
-    from ser_ray.ray_ingest import data_config, fold_datasets, split_columns
+    from ser_ray.ray_ingest import data_config
     from ser_ray.ray_train_edge import build_torch_trainer
 
     out = Path(args.out or "runs/benchmark").resolve() / "ingest"
     features_dir = args.features
     if features_dir is None:
         features_dir = features.prepare_demo(out / "prepared", smoke_test=args.smoke_test)
-    _, fit_actors, _ = fold_split(args.fold, "contiguous", 4)
     figures: dict[str, Any] = {"window_clips": args.window_clips, "fold": args.fold}
-    for copies in args.copies:
+    for training, copies in itertools.product(TRAININGS, args.copies):
+        prefix = "pretrain_" if training == "pretrain" else ""
         source = str(_repeated(Path(features_dir).resolve(), copies, out))
-        num_clips = count_split(source, fit_actors)
-        figures[f"x{copies}_clips"] = num_clips
+        inputs = _training_inputs(training, source, args.fold)
+        figures[f"{prefix}x{copies}_clips"] = inputs["num_clips"]
         for path in PATHS:
             config = {
+                "training": training,
                 "path": path,
                 "source": source,
-                "actors": fit_actors,
-                "columns": split_columns("waveform"),
-                "num_clips": num_clips,
                 "window_clips": args.window_clips,
                 "batch_size": args.batch_size,
+                **{k: inputs[k] for k in ("actors", "columns", "num_clips")},
             }
             streamed = path == "stream"
             trainer = build_torch_trainer(
                 _ingest_worker,
                 config,
                 storage_path=out / "ray",
-                name=f"{path}_x{copies}",
+                name=f"{training}_{path}_x{copies}",
                 resources_per_worker={"CPU": 1},
-                datasets=fold_datasets(source, {"train": fit_actors}, "waveform")
-                if streamed
-                else None,
+                datasets=inputs["datasets"] if streamed else None,
                 dataset_config=data_config() if streamed else None,
             )
             result = trainer.fit()  # RAY
@@ -192,12 +240,12 @@ def run_ingest_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             with result.checkpoint.as_directory() as ckpt:
                 metrics = json.loads((Path(ckpt) / RESULT_FILE).read_text())
             for key in ("peak_private_mb", "peak_rss_mb"):
-                figures[f"x{copies}_{path}_{key}"] = round(metrics[key], 1)
-            figures[f"x{copies}_{path}_s"] = round(metrics["seconds"], 2)
-            log.info("%s x%d: %s", path, copies, metrics)
+                figures[f"{prefix}x{copies}_{path}_{key}"] = round(metrics[key], 1)
+            figures[f"{prefix}x{copies}_{path}_s"] = round(metrics["seconds"], 2)
+            log.info("%s %s x%d: %s", training, path, copies, metrics)
     first, last = args.copies[0], args.copies[-1]
-    for path in PATHS:
-        small = figures[f"x{first}_{path}_peak_private_mb"]
-        large = figures[f"x{last}_{path}_peak_private_mb"]
-        figures[f"{path}_growth_x{last}_over_x{first}"] = large / max(small, 1e-9)
+    for prefix, path in itertools.product(("", "pretrain_"), PATHS):
+        small = figures[f"{prefix}x{first}_{path}_peak_private_mb"]
+        large = figures[f"{prefix}x{last}_{path}_peak_private_mb"]
+        figures[f"{prefix}{path}_growth_x{last}_over_x{first}"] = large / max(small, 1e-9)
     return figures
