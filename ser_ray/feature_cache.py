@@ -163,7 +163,7 @@ def build_feature_cache(
     """
     import ray.data
 
-    from ser_ray.ray_ingest import local_parquet_without_reserved_cpu
+    from ser_ray.ray_ingest import parquet_dataset
 
     cfg = train_config or TrainConfig()
     if model is not None or probe is not None:
@@ -186,9 +186,7 @@ def build_feature_cache(
     # trainer left behind (its controller killed, e.g. for memory) can still hold CPUs: the
     # reads, the model's actor and the writes reserve none on CPU, so the build always runs.
     no_cpu = {"num_cpus": 0} if not use_gpu else {}
-    ds = local_parquet_without_reserved_cpu(
-        Path(features_dir), ["path", "actor", "emotion", "waveform"]
-    )
+    ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
     ds = ds.map_batches(
         ClipFeatureUDF,
         fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},

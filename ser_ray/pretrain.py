@@ -485,7 +485,7 @@ def fit_pretraining(
         storage_path=storage_path or out / "ray",
         name="pretrain",
         max_failures=max_failures,
-        datasets={POOL_DATASET: ray_ingest.clip_dataset(source, actors, POOL_COLUMNS)},
+        datasets={POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
         dataset_config=ray_ingest.data_config(),
     )
     checkpoint = edge.fit(trainer, f"pre-training into {out}")  # RAY

@@ -2,9 +2,9 @@
 
 Driver side (where a fold's ``TorchTrainer`` is built,
 :func:`ser_ray.fold_trainer.build_fold_trainer`): :func:`fold_datasets` makes one Ray dataset
-per split (``train``, ``val``, ``test``) with :func:`clip_dataset`: ``read_parquet`` of the
-features or feature-cache folder, filtered on the split's actors, only the columns the worker
-needs (pre-training's pool is one such dataset, :func:`ser_ray.pretrain.fit_pretraining`);
+per split (``train``, ``val``, ``test``) with :func:`parquet_dataset`: the features or
+feature-cache folder's rows of the split's actors, only the columns the worker needs
+(pre-training's pool is one such dataset, :func:`ser_ray.pretrain.fit_pretraining`);
 :func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
 ``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.clip_stream.ClipStream`, so a
 worker holds one window of clips at a time.
@@ -19,25 +19,25 @@ Choices:
   would depend on timing, not on the seed.
 - **Resources**: six folds train at once on a small machine, their workers holding nearly
   all CPUs (:func:`ser_ray.kfold.fold_resources`), and ``fit_fold`` or DDP may hold all of
-  them. A read task that asks for a CPU could then wait for ever (the deadlock that once
-  made workers read Parquet themselves). Ours reserve none (:data:`READ_TASK_CPUS`) and run
-  one at a time per dataset (:data:`READ_CONCURRENCY`; a worker reads one split at a
-  time), so they always start and take a small share of the cores while they decode.
-  Ray 2.60's new Parquet reader (``use_datasource_v2``) lists files in a task that always
-  asks for one CPU, which 2 CPUs shared by six folds never have free: the datasets use the
-  classic reader (files listed where the dataset is built, filter and columns pushed into
-  the read tasks).
+  them; placement groups a killed trainer left behind may hold them too. A read task that
+  asks for a CPU could then wait for ever (the deadlock that once made workers read Parquet
+  themselves). Ray Data's Parquet readers ask for CPUs before any row is read (the classic
+  one samples files in tasks of one CPU each, the new one, ``use_datasource_v2``, lists
+  files in such a task), so :func:`parquet_dataset` lists the files in the driver and reads
+  each in a map task that reserves none (:data:`READ_TASK_CPUS`), one at a time per
+  dataset (:data:`READ_CONCURRENCY`; a worker reads one split at a time): they always
+  start and take a small share of the cores while they decode.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ser_ray.clip_stream import ClipStream, WindowT
@@ -63,82 +63,69 @@ def fold_datasets(
 ) -> dict[str, ray.data.Dataset]:
     """One Ray dataset per split with actors (RAY): the split's rows, the needed columns."""
     return {
-        name: clip_dataset(source, actors, split_columns(kind))
+        name: parquet_dataset(source, split_columns(kind), actors)
         for name, actors in split_actors.items()
         if actors
     }
 
 
-def clip_dataset(
-    source: str | os.PathLike, actors: Sequence[int] | None, columns: Sequence[str]
+def parquet_dataset(
+    source: str | os.PathLike, columns: Sequence[str], actors: Sequence[int] | None = None
 ) -> ray.data.Dataset:
-    """The rows of ``actors`` (all rows when None) of a Parquet folder, only ``columns``, as
-    a Ray dataset read as the module doc says (RAY; fine-tuning's splits, pre-training's
-    pool)."""
-    from ray.data.expressions import col
+    """The rows of ``actors`` (all rows when None) of a Parquet folder (local or URI), only
+    ``columns``, as a Ray dataset that starts even when every CPU is held (RAY; fine-tuning's
+    splits, pre-training's pool, the feature cache's input; see the module doc).
 
-    ds = read_parquet_reserving_no_cpu(source)
-    if actors is not None:
-        ds = ds.filter(expr=col("actor").is_in([int(a) for a in actors]))
-    return ds.select_columns(list(columns))
-
-
-def read_parquet_reserving_no_cpu(source: str | os.PathLike) -> ray.data.Dataset:
-    """A Parquet folder as a Ray dataset whose read tasks reserve no CPU, one at a time, with
-    the classic reader (RAY; see the module doc)."""
+    The files are listed here, in the driver, in name order; each is read by a map task that
+    reserves no CPU, one task at a time, with the actor filter and the columns pushed into
+    the read. No progress bars or start-of-execution lines (six folds x epochs x splits of
+    them otherwise)."""
+    import pyarrow.fs as pafs
     import ray.data
 
-    with _quiet_classic_reader():
-        return ray.data.read_parquet(
-            str(source), num_cpus=READ_TASK_CPUS, concurrency=READ_CONCURRENCY
-        )
-
-
-def local_parquet_without_reserved_cpu(folder: Path, columns: list[str]) -> ray.data.Dataset:
-    """A local Parquet folder as a Ray dataset that starts even when every CPU is held (RAY).
-
-    Ray Data's Parquet readers first sample some files in tasks that each ask for a CPU;
-    with every CPU held (e.g. by placement groups a killed trainer left behind) they wait for
-    ever. Here the file list is made in the driver and each file is read by a map task that
-    reserves no CPU."""
-    import ray.data
-
-    files = sorted(str(f) for f in Path(folder).glob("*.parquet"))
+    text = str(source)
+    if "://" in text:
+        filesystem, folder = pafs.FileSystem.from_uri(text)
+    else:
+        filesystem, folder = pafs.LocalFileSystem(), str(Path(text).resolve())
+    files = sorted(
+        info.path
+        for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        if info.is_file and info.path.endswith(".parquet") and info.base_name[0] not in "._"
+    )
     if not files:
-        raise FileNotFoundError(f"{folder}: no Parquet files")
+        raise FileNotFoundError(f"{source}: no Parquet files")
     listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    listing.context.enable_progress_bars = False  # shared by the datasets made from it
+    listing.context.print_on_execution_start = False
     return listing.map_batches(
         _read_files,
-        fn_kwargs={"columns": columns},
+        fn_kwargs={
+            "filesystem": filesystem,
+            "columns": list(columns),
+            "actors": None if actors is None else [int(a) for a in actors],
+        },
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_TASK_CPUS,
+        concurrency=READ_CONCURRENCY,
     )
 
 
-def _read_files(batch: pa.Table, columns: list[str]) -> pa.Table:
-    return pa.concat_tables(
-        [pq.read_table(f, columns=columns) for f in batch.column("file").to_pylist()]
-    )
-
-
-@contextlib.contextmanager
-def _quiet_classic_reader():
-    """Build datasets with the classic Parquet reader (see the module doc) and no progress
-    bars or start-of-execution lines (six folds x epochs x splits of them otherwise)."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    quiet = {"use_datasource_v2": False, "enable_progress_bars": False}
-    quiet["print_on_execution_start"] = False
-    saved = {key: getattr(context, key) for key in quiet}
-    for key, value in quiet.items():
-        setattr(context, key, value)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(context, key, value)
+def _read_files(
+    batch: pa.Table, filesystem, columns: list[str], actors: list[int] | None
+) -> Iterator[pa.Table]:
+    """The rows of ``actors`` in the files of ``batch``, ``columns`` only, a few rows at a
+    time (a task holds one Parquet row group, not a whole file)."""
+    read = columns if actors is None else sorted({*columns, "actor"})
+    for name in batch.column("file").to_pylist():
+        parquet = pq.ParquetFile(name, filesystem=filesystem)
+        for rows in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=read):
+            table = pa.Table.from_batches([rows])
+            if actors is not None:
+                table = table.filter(pc.is_in(table.column("actor"), pa.array(actors)))
+            if table.num_rows:
+                yield table.select(columns)
 
 
 def data_config() -> ray.train.DataConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -483,10 +484,23 @@ def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path)
     assert config["architectures"] == ["WavLMForSequenceClassification"]
 
 
-def test_feature_cache_builds_while_every_cpu_is_held(demo_features, tmp_path):
+def _fold_rows(features_dir: Path) -> dict[str, int]:
+    """Rows of a fold's Ray datasets and of a TAPT pool dataset, read to the end."""
+    from ser_ray.ray_ingest import fold_datasets, parquet_dataset
+
+    datasets = fold_datasets(features_dir, {"train": [3, 9], "test": [4]}, "waveform")
+    datasets["pool"] = parquet_dataset(features_dir, ["path", "waveform"], [1, 2, 3])
+    return {
+        name: sum(t.num_rows for t in ds.iter_batches(batch_format="pyarrow"))
+        for name, ds in datasets.items()
+    }
+
+
+def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_features, tmp_path):
     """Placement groups a killed trainer left behind (seen after an out-of-memory kill during
     TAPT) held the CPUs that the cache's Parquet reads and model actors asked for: the main
-    job waited for ever before fine-tuning. Now they reserve none on CPU."""
+    job waited for ever before fine-tuning. Now they reserve none on CPU, nor do the reads
+    of a fold's datasets or a TAPT pool (Ray's Parquet readers sample files in 1-CPU tasks)."""
     import concurrent.futures
 
     import pyarrow.parquet as pq
@@ -507,9 +521,11 @@ def test_feature_cache_builds_while_every_cpu_is_held(demo_features, tmp_path):
     )
     try:
         cache = building.result(timeout=300)  # before the fix: waits for ever
+        rows = pool.submit(_fold_rows, demo_features / "features").result(timeout=120)
     finally:
         remove_placement_group(held)  # lets a stuck build finish, so the thread can end
         pool.shutdown(wait=True)
+    assert rows == {"train": 2 * 16, "test": 16, "pool": 3 * 16}
     rows = pq.ParquetDataset(cache.path).read(columns=["path", "feature_rows"])
     assert cache.num_clips == rows.num_rows == len(load_features(demo_features / "features"))
     assert min(rows.column("feature_rows").to_pylist()) > 0

@@ -181,7 +181,7 @@ def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
     from ser_ray.clip_data import count_split
     from ser_ray.folds import fold_split
     from ser_ray.pretrain import POOL_DATASET
-    from ser_ray.ray_ingest import clip_dataset, split_columns
+    from ser_ray.ray_ingest import parquet_dataset, split_columns
     from ser_ray.tapt import tapt_actors
     from ser_ray.unlabeled import POOL_COLUMNS
 
@@ -197,7 +197,7 @@ def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
         "actors": actors,
         "columns": columns,
         "num_clips": count_split(source, actors),
-        "datasets": {name: clip_dataset(source, actors, columns)},
+        "datasets": {name: parquet_dataset(source, columns, actors)},
     }
 
 
