@@ -470,7 +470,8 @@ def fit_pretraining(
     source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
     paths = pool_paths(source, actors)  # the pool's size sets the steps of an epoch
     if not paths:
-        raise ValueError(f"{source}: no clips to pre-train on (actors: {actors or 'all'})")
+        chosen = "all actors" if actors is None else f"actors {list(actors)}"
+        raise ValueError(f"{source}: no clips to pre-train on ({chosen})")
     config = {
         **cfg.to_dict(),
         "num_clips": len(paths),

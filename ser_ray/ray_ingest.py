@@ -108,7 +108,7 @@ def parquet_dataset(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=READ_TASK_CPUS,
-        concurrency=READ_CONCURRENCY,
+        compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY),
     )
 
 
