@@ -91,7 +91,7 @@ def parquet_dataset(
     files = sorted(
         info.path
         for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-        if info.is_file and info.path.endswith(".parquet") and info.base_name[0] not in "._"
+        if info.is_file and info.path.endswith(".parquet") and not _hidden(info.path, folder)
     )
     if not files:
         raise FileNotFoundError(f"{source}: no Parquet files")
@@ -110,6 +110,12 @@ def parquet_dataset(
         num_cpus=READ_TASK_CPUS,
         compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY),
     )
+
+
+def _hidden(path: str, folder: str) -> bool:
+    """Whether a file or folder on ``path`` under ``folder`` starts with '.' or '_' (skipped,
+    as pyarrow's datasets skip them when they count rows)."""
+    return any(part[:1] in (".", "_") for part in path[len(folder) :].split("/") if part)
 
 
 def _read_files(
