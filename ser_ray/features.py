@@ -392,16 +392,16 @@ def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> 
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     batch_size, n_tasks = plan_batches(table.num_rows, num_cpus, config.batch_size)
     blocks = [table.slice(i * batch_size, batch_size) for i in range(n_tasks)]
-    outcomes = (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            _featurize_batch,
-            fn_kwargs={"config": config, "staging_dir": str(staging)},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-        )
-        .to_arrow_refs()
-    )
+    clips = ray.data.from_arrow(blocks)
+    # Ray Data reserves part of the cluster for each operator; with one operator on 2 CPUs
+    # that kept one CPU idle for most of the run (1440 clips: 3.8 s with, 2.4 s without)
+    clips.context.op_resource_reservation_enabled = False
+    outcomes = clips.map_batches(
+        _featurize_batch,
+        fn_kwargs={"config": config, "staging_dir": str(staging)},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+    ).to_arrow_refs()
     return pa.concat_tables(ray.get(outcomes)) if outcomes else OUTCOME_SCHEMA.empty_table()
 
 
