@@ -197,19 +197,17 @@ def _featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) -
     ``staging_dir/part-<first input index>.parquet`` and return one outcome row per clip."""
     folds = fold_of_actor(config.fold_scheme)
     rows = [featurize_clip(row, config, folds) for row in batch.to_pylist()]
-    results = rows_to_table(rows, RESULT_SCHEMA)
-    ok_mask = results.column("reject_reason").is_null()
-    ok = results.filter(ok_mask).drop_columns(["reject_reason"])
-    if ok.num_rows:
+    usable = [row for row in rows if row["reject_reason"] is None]
+    if usable:
         first_index = min(batch.column("index").to_pylist())
         # waveforms barely compress; skipping it saves the writer most of its time
         pq.write_table(
-            ok,
+            rows_to_table(usable, FEATURE_SCHEMA),
             Path(staging_dir) / f"part-{first_index:06d}.parquet",
             compression={"waveform": "NONE"},
             use_dictionary=False,
         )
-    return results.select(OUTCOME_SCHEMA.names).cast(OUTCOME_SCHEMA)
+    return rows_to_table(rows, OUTCOME_SCHEMA)
 
 
 def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:

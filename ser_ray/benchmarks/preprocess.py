@@ -10,10 +10,11 @@ is the marginal cost, reported as clips per second:
     marginal clips/s = (clips - small clips) / (seconds(clips) - seconds(small))
 
 Each timed command runs ``--repeats`` times, interleaved, and the fastest run counts.
-Each process tree (Ray's GCS, raylet and workers included) is sampled for its resident
-memory; ``--rss-scale K`` also runs the pipeline on K links to every clip to show whether peak
-memory stays flat as the corpus grows. The largest difference between the two sets of MFCC
-statistics shows the speed is not bought by doing less.
+Memory comes from one more run of each, in which the process tree (Ray's GCS, raylet and
+workers included) is sampled for its resident memory; ``--rss-scale K`` also runs the
+pipeline on K links to every clip to show whether peak memory stays flat as the corpus grows.
+The largest difference between the two sets of MFCC statistics shows the speed is not bought
+by doing less.
 
 The serial recipe computes MFCCs only, so the timed pipeline runs are ``--no-egemaps`` (same
 work); one more run of the large corpus with the default eGeMAPS functionals (openSMILE)
@@ -71,13 +72,22 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_tree(command: list[str]) -> tuple[float, float, float]:
+def run_tree(command: list[str], sample_memory: bool = True) -> tuple[float, float, float]:
     """Run ``command``; (wall seconds, peak summed RSS of its process tree in bytes, peak
-    summed PSS: shared pages such as libraries and Ray's object store counted once)."""
+    summed PSS: shared pages such as libraries and Ray's object store counted once).
+
+    Sampling reads every process's page tables ten times a second, which takes CPU from the
+    command (more with more processes, so more from Ray than from a single process): timed
+    runs pass ``sample_memory=False`` and get NaN for the memory figures."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not sample_memory:
+        _, stderr = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"{command[:3]} failed:\n{stderr.decode()[-3000:]}")
+        return time.perf_counter() - start, float("nan"), float("nan")
     peak_rss, peak_pss, done = 0, 0, threading.Event()
 
     def sample() -> None:
@@ -117,25 +127,23 @@ def _link_corpus(paths: list[str], folder: Path, copies: int = 1) -> Path:
     return folder
 
 
-def _serial(paths: list[str], result: Path) -> tuple[float, float, float]:
+def _serial(paths: list[str], result: Path, sample_memory: bool) -> tuple[float, float, float]:
     listing = result.with_suffix(".in.json")
     listing.write_text(json.dumps(paths))
-    return run_tree([sys.executable, "-c", SERIAL_RECIPE, str(listing), str(result)])
+    command = [sys.executable, "-c", SERIAL_RECIPE, str(listing), str(result)]
+    return run_tree(command, sample_memory)
 
 
 def _serial_features(result: Path) -> dict[str, np.ndarray]:
     return {p: np.asarray(v, np.float32) for p, v in json.loads(result.read_text()).items()}
 
 
-def _pipeline(corpus: Path, out: Path, *flags: str) -> tuple[float, float, float]:
+def _pipeline(
+    corpus: Path, out: Path, *flags: str, sample_memory: bool = True
+) -> tuple[float, float, float]:
     job = Path(__file__).resolve().parents[2] / "jobs" / "prepare.py"
     command = [sys.executable, str(job), "--data-dir", str(corpus), "--out", str(out)]
-    return run_tree(command + list(flags))
-
-
-def _fastest(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    """(fewest seconds, largest peak RSS, largest peak PSS) of repeated runs."""
-    return min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs)
+    return run_tree(command + list(flags), sample_memory)
 
 
 def _marginal_clips_per_s(n_small: int, s_small: float, n_large: int, s_large: float) -> float:
@@ -163,22 +171,27 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     on_ray = ["--num-cpus", str(num_cpus), "--runner", "ray"]
     startup_s, startup_rss, _ = _pipeline(runs["small"], work / "out_startup")
     startup_mfcc_s, _, _ = _pipeline(runs["small"], work / "out_startup_mfcc", "--no-egemaps")
-    timed: dict[str, list[tuple[float, float, float]]] = {
-        "serial_small": [], "ray_small": [], "serial_large": [], "ray_large": []
-    }  # fmt: skip
+    mfcc_on_ray = [*on_ray, "--no-egemaps"]
+    timed: dict[str, list[float]] = {
+        name: [] for name in ("serial", "ray", "serial_small", "ray_small")
+    }
     for i in range(args.repeats):  # interleaved, so that a busy spell hits every command
-        timed["serial_small"].append(_serial(small, work / f"serial_small_{i}.json"))
+        timed["serial_small"].append(_serial(small, work / f"serial_small_{i}.json", False)[0])
         timed["ray_small"].append(
-            _pipeline(runs["small"], work / f"out_small_{i}", *on_ray, "--no-egemaps")
+            _pipeline(runs["small"], work / f"out_small_{i}", *mfcc_on_ray, sample_memory=False)[0]
         )
-        timed["serial_large"].append(_serial(clips, work / f"serial_large_{i}.json"))
-        timed["ray_large"].append(
-            _pipeline(runs["large"], work / f"out_large_{i}", *on_ray, "--no-egemaps")
+        timed["serial"].append(_serial(clips, work / f"serial_large_{i}.json", False)[0])
+        timed["ray"].append(
+            _pipeline(runs["large"], work / f"out_large_{i}", *mfcc_on_ray, sample_memory=False)[0]
         )
-    serial_small_s, _, _ = _fastest(timed["serial_small"])
-    ray_small_s, ray_small_rss, _ = _fastest(timed["ray_small"])
-    serial_large_s, serial_rss, _ = _fastest(timed["serial_large"])
-    ray_large_s, ray_large_rss, ray_large_pss = _fastest(timed["ray_large"])
+    serial_small_s, ray_small_s = min(timed["serial_small"]), min(timed["ray_small"])
+    serial_large_s, ray_large_s = min(timed["serial"]), min(timed["ray"])
+    # memory: one more run of each, sampled
+    _, serial_rss, _ = _serial(clips, work / "serial_large_memory.json", True)
+    _, ray_small_rss, _ = _pipeline(runs["small"], work / "out_small_memory", *mfcc_on_ray)
+    _, ray_large_rss, ray_large_pss = _pipeline(
+        runs["large"], work / "out_large_memory", *mfcc_on_ray
+    )
     serial_feats = _serial_features(work / "serial_large_0.json")
     egemaps_s, egemaps_rss, egemaps_pss = _pipeline(runs["large"], work / "out_egemaps", *on_ray)
     df = load_features(work / "out_large_0" / "features", ["path", "mfcc_stats"])
@@ -217,9 +230,7 @@ def run_preprocess_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.rss_scale:
         scaled = _link_corpus(clips, work / "scaled", args.rss_scale)
-        scaled_s, scaled_rss, scaled_pss = _pipeline(
-            scaled, work / "out_scaled", *on_ray, "--no-egemaps"
-        )
+        scaled_s, scaled_rss, scaled_pss = _pipeline(scaled, work / "out_scaled", *mfcc_on_ray)
         figures.update(
             {
                 f"ray_x{args.rss_scale}_clips": n * args.rss_scale,
