@@ -122,7 +122,7 @@ class PrepareResult:
     n_rejected: int
     reused: bool  # True when a previous identical run was reused
     seconds: float
-    runner: str = "ray"  # where the clips were featurized: "in-process" or "ray"
+    runner: str  # where the clips were featurized: "in-process" or "ray"
 
 
 def featurize_clip(row: dict, config: FeatureConfig, folds: dict[int, int]) -> dict:
@@ -232,6 +232,13 @@ def _fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
     return digest.hexdigest()
 
 
+def _input_table(paths: list[str]) -> pa.Table:
+    """What the featurizing batches read: (index in input order, path) per clip."""
+    return pa.table(
+        {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
+    )
+
+
 def _is_hf_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
@@ -262,9 +269,7 @@ def _hf_inputs(path: Path) -> tuple[pa.Table, list[dict]]:
     if bad:
         raise ValueError(f"{path}: rows {bad[:10]} of the saved dataset have no file name")
     inputs = [{"path": p, "size_bytes": None, "mtime_ns": None} for p in paths]
-    table = pa.table(
-        {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
-    )
+    table = _input_table(paths)
     if blobs is not None:
         table = table.append_column("audio_bytes", blobs.cast(pa.binary()))
     return table, inputs
@@ -304,10 +309,7 @@ def prepare_features(
         manifest = build_manifest(source, speech_only=config.speech_only)
         skipped = manifest.skipped
         inputs = [dataclasses.asdict(c) for c in manifest.clips]
-        paths = [item["path"] for item in inputs]
-        table = pa.table(
-            {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
-        )
+        table = _input_table([item["path"] for item in inputs])
         input_kind = "folder"
     n_input = len(inputs) + len(skipped)
     if n_input == 0:
@@ -331,9 +333,10 @@ def prepare_features(
     staging.mkdir()
     if runner == "ray" or (runner == "auto" and table.num_rows > IN_PROCESS_MAX_CLIPS):
         connect()
-        runner, outcome = "ray", _featurize_on_ray(table, config, staging)
+        runner, outcomes = "ray", _featurize_on_ray(table, config, staging)
     else:
-        runner, outcome = "in-process", _featurize_in_process(table, config, staging)
+        runner, outcomes = "in-process", _featurize_in_process(table, config, staging)
+    outcome = pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
     rejected = [{"path": p, "reason": r} for p, r in skipped]
     bad = outcome.filter(outcome.column("reject_reason").is_valid()).to_pydict()
     rejected += [
@@ -383,8 +386,8 @@ def prepare_features(
     )
 
 
-def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> pa.Table:
-    """The clips of ``table`` featurized in Ray Data tasks (RAY); their outcome rows."""
+def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:
+    """The clips of ``table`` featurized in Ray Data tasks (RAY); their outcome rows, per task."""
     import ray
 
     num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -400,17 +403,17 @@ def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> 
         batch_size=batch_size,
         batch_format="pyarrow",
     ).to_arrow_refs()
-    return pa.concat_tables(ray.get(outcomes)) if outcomes else OUTCOME_SCHEMA.empty_table()
+    return ray.get(outcomes)
 
 
-def _featurize_in_process(table: pa.Table, config: FeatureConfig, staging: Path) -> pa.Table:
-    """The clips of ``table`` featurized here, ``config.batch_size`` at a time."""
+def _featurize_in_process(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:
+    """The clips of ``table`` featurized here, ``config.batch_size`` at a time; their outcome
+    rows, per batch."""
     step = config.batch_size
-    outcomes = [
+    return [
         _featurize_batch(table.slice(i, step), config, str(staging))
         for i in range(0, table.num_rows, step)
     ]
-    return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
 
 
 def _write_rejected(path: Path, rejected: list[dict]) -> None:
