@@ -155,6 +155,12 @@ def _job_console(stdout: str) -> list[str]:
     return [line for line in lines[start + 1 : end] if line.strip() and not separator.match(line)]
 
 
+def _own_lines(lines: list[str]) -> list[str]:
+    """The job's own console lines: the raylet's notices ("N PYTHON worker processes have been
+    started") reach every driver whenever they happen, after the final table too."""
+    return [line for line in lines if "(raylet)" not in line]
+
+
 def test_job_submit_to_token_auth_cluster(submitted_run):
     out, stdout = submitted_run
     _check_run_folder(out)
@@ -163,9 +169,7 @@ def test_job_submit_to_token_auth_cluster(submitted_run):
     # last; no Ray worker chatter (Ray Train's per-report lines, its controllers' warnings)
     assert len(console) <= 60, "\n".join(console)
     assert not [line for line in console if "pid=" in line], "\n".join(console)
-    # the raylet's own notices ("N PYTHON worker processes have been started") reach every
-    # driver whenever they happen, after the table too; the job's own lines end with it
-    own = [line for line in console if "(raylet)" not in line]
+    own = _own_lines(console)
     assert own[-1].startswith("run folder:") and own[-2].startswith("| mean ± std |")
     assert sum(line.startswith("wav2vec2 fold ") for line in own) == 12  # 6 x (1 epoch + done)
 
@@ -202,7 +206,8 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert resumed.stdout.splitlines()[-1].startswith("run folder:")  # the table, then where
+    # the table, then where it went
+    assert _own_lines(resumed.stdout.splitlines())[-1].startswith("run folder:")
     _check_run_folder(run)
     for path, stamp in stamps.items():  # checkpoints written before the kill are untouched
         fold = int(path.parent.name.split("_")[1])
