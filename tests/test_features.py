@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from ser_ray import audio
+from ser_ray import audio, features
 from ser_ray.demo_corpus import speech_clip, synthesize
 from ser_ray.features import (
     FeatureConfig,
@@ -200,6 +200,21 @@ def test_in_process_runner_writes_what_ray_writes(prepared_bad, tmp_path):
     assert local.rejected_csv.read_text() == result.rejected_csv.read_text()
     with pytest.raises(ValueError, match="runner='threads': choose one of auto, in-process, ray"):
         prepare_features(corpus, tmp_path / "x", runner="threads")
+
+
+def test_a_batch_is_written_a_few_clips_at_a_time(prepared_bad, tmp_path, monkeypatch):
+    """One batch of 13 clips in chunks of 3: one file, row groups of at most 3 usable clips,
+    the same rows as writing the batch in one go (a worker holds only a chunk's waveforms)."""
+    _, corpus = prepared_bad
+    whole = prepare_features(corpus, tmp_path / "whole", FeatureConfig(batch_size=13))
+    monkeypatch.setattr(features, "WRITE_CHUNK_CLIPS", 3)
+    chunked = prepare_features(corpus, tmp_path / "chunked", FeatureConfig(batch_size=13))
+    (file,) = sorted(chunked.features_dir.glob("part-*.parquet"))
+    groups = [pq.ParquetFile(file).metadata.row_group(i).num_rows
+              for i in range(pq.ParquetFile(file).metadata.num_row_groups)]  # fmt: skip
+    assert sum(groups) == len(EXPECTED_OK) and len(groups) > 1 and max(groups) <= 3
+    assert pq.read_table(file).equals(pq.read_table(whole.features_dir / file.name))
+    assert chunked.rejected_csv.read_text() == whole.rejected_csv.read_text()
 
 
 def test_rows_to_table_equals_pyarrows_row_conversion():
