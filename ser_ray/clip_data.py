@@ -208,27 +208,9 @@ def length_grouped_batches(
     ``(seed, epoch)`` draws), sort each group of ``batch_size * group_factor`` clips by
     length, cut it into batches, shuffle the batches; rank ``r`` takes batches
     ``r, r + world_size, ...`` (the remainder is dropped so that every rank runs the same
-    number of steps). ``window``: the index of a streamed window (:func:`window_batches`).
+    number of steps, none when there are fewer batches than ranks, as in a small last
+    window). ``window``: the index of a streamed window (:func:`window_batches`).
     """
-    batches = _window_share(
-        lengths, batch_size, seed, epoch, window, rank, world_size, group_factor
-    )
-    if not batches:
-        raise ValueError(f"{len(lengths)} clips make fewer batches than {world_size} workers")
-    return batches
-
-
-def _window_share(
-    lengths: Sequence[int],
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    window: int,
-    rank: int,
-    world_size: int,
-    group_factor: int,
-) -> list[list[int]]:
-    """:func:`length_grouped_batches` that may give a rank no batch (a small last window)."""
     lengths = np.asarray(lengths)
     rng = np.random.default_rng([seed, epoch, window])
     order = rng.permutation(len(lengths))
@@ -305,9 +287,10 @@ def window_batches(
         table = next(windows, None)
         if table is None:
             return
-        share = _window_share(
-            table.lengths, batch_size, seed, epoch, index, rank, world_size, group_factor
-        )
+        share = length_grouped_batches(
+            table.lengths, batch_size, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, group_factor=group_factor, window=index,
+        )  # fmt: skip
         for indices in share:
             yield take(table, indices)
         del table  # before the next window is read

@@ -122,6 +122,8 @@ def test_length_grouped_batches():
     r0 = length_grouped_batches(lengths, 8, seed=1, epoch=0, rank=0, world_size=2)
     r1 = length_grouped_batches(lengths, 8, seed=1, epoch=0, rank=1, world_size=2)
     assert len(r0) == len(r1) == 6 and not set(sum(r0, [])) & set(sum(r1, []))
+    # one batch, two ranks (a small last window): no rank gets one, so they stay in step
+    assert length_grouped_batches([5, 6, 7], 8, seed=1, epoch=0, rank=0, world_size=2) == []
 
 
 def test_collate_pads_to_the_longest_in_the_batch(clips):
