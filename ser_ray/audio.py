@@ -83,7 +83,13 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
         raise AudioError("empty file (0 bytes)")
     _check_wav_complete(data)
     try:
-        samples, sr_hz = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.subtype == "PCM_16":  # RAVDESS: libsndfile's own float conversion is 1.5x slower
+                samples = f.read(dtype="int16", always_2d=True).astype(np.float32)
+                samples *= np.float32(2**-15)  # what libsndfile does: x / 32768, exact
+            else:
+                samples = f.read(dtype="float32", always_2d=True)
+            sr_hz = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         detail = getattr(err, "error_string", None) or err  # libsndfile's, without an address
         raise AudioError(f"cannot decode audio ({detail}); supported: {SUPPORTED_FORMATS}") from err

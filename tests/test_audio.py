@@ -44,6 +44,18 @@ def test_formats_decode_to_16k_mono(fmt, subtype, sr_hz):
     assert abs(peak_hz - 440) < 5  # the tone survives decoding and resampling
 
 
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+def test_16_bit_pcm_decodes_to_what_libsndfile_gives_bit_for_bit(fmt):
+    """16-bit PCM is read as integers and scaled in numpy: the same floats as libsndfile's."""
+    ints = np.random.default_rng(0).integers(-(2**15), 2**15, size=(4_000, 2), dtype=np.int16)
+    ints[:2] = [[-(2**15), 2**15 - 1], [0, -1]]  # both extremes, zero and -1
+    data = _encode(ints, 48_000, fmt, "PCM_16")
+    samples, sr_hz = audio.decode(data)
+    expected, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    assert sr_hz == 48_000 and samples.dtype == np.float32
+    np.testing.assert_array_equal(samples, expected)
+
+
 def test_stereo_is_averaged():
     left, right = _tone(48_000), np.zeros(48_000, np.float32)
     samples, sr = audio.decode(_encode(np.stack([left, right], axis=1), 48_000))
