@@ -26,7 +26,6 @@ def test_ray_output_follows_verbose(monkeypatch):
     assert console.ray_init_kwargs() == {
         "logging_level": 30,  # WARNING
         "log_to_driver": False,  # workers' output stays in Ray's log files
-        "runtime_env": {"worker_process_setup_hook": console.quiet_worker_logs},
     }
     assert os.environ["RAY_LOGGER_LEVEL"] == "warning"  # what Ray's workers read
     assert os.environ["TUNE_WARN_THRESHOLD_S"] == "10"  # Tune's slow-operation warnings
