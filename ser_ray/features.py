@@ -57,7 +57,7 @@ class FeatureConfig:
     max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
     fold_scheme: str = "contiguous"  # which folds the `fold` column follows
     speech_only: bool = True  # keep audio-only speech (03-01) only
-    batch_size: int = 64  # most clips per Ray Data task (and per Parquet file)
+    batch_size: int = 128  # most clips per Ray Data task and Parquet file (not held at once)
 
     def __post_init__(self) -> None:
         if self.fold_scheme not in FOLD_SCHEMES:
@@ -228,10 +228,11 @@ def _featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) -
 
 def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:
     """(clips per task, number of tasks): about TASKS_PER_CPU tasks per CPU so every CPU has
-    work, no task larger than ``max_batch_size`` clips (bounds each worker's memory).
+    work, no task larger than ``max_batch_size`` clips (fewer, larger tasks cost less; a
+    worker holds :data:`WRITE_CHUNK_CLIPS` of them at a time).
 
-    >>> plan_batches(24, 2, 64), plan_batches(1440, 2, 64), plan_batches(1440, 16, 64)
-    ((3, 8), (64, 23), (23, 63))
+    >>> plan_batches(24, 2, 128), plan_batches(1440, 2, 128), plan_batches(1440, 16, 128)
+    ((3, 8), (128, 12), (23, 63))
     """
     per_task = max(1, min(max_batch_size, -(-n_clips // (num_cpus * TASKS_PER_CPU))))
     return per_task, -(-n_clips // per_task)
