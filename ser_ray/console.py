@@ -80,6 +80,8 @@ def quiet_ray_data() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().print_on_execution_start = False
+    # its one-time notice that our readers run without progress bars (ray_ingest)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     for handler in logging.getLogger("ray.data").handlers:
         is_console = isinstance(handler, logging.StreamHandler)
         if is_console and not isinstance(handler, logging.FileHandler):

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 from ser_ray import console
@@ -31,3 +33,31 @@ def test_ray_output_follows_verbose(monkeypatch):
     assert os.environ["TUNE_WARN_THRESHOLD_S"] == "10"  # Tune's slow-operation warnings
     console.configure(verbose=True)
     assert console.tune_verbosity() == 2 and console.ray_init_kwargs() == {}
+
+
+QUIET_READ = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+from ser_ray import cli, console
+from ser_ray.ray_ingest import parquet_dataset
+console.configure(verbose=sys.argv[2] == "verbose")
+pq.write_table(pa.table({"path": ["a.wav"], "actor": [1]}), sys.argv[1] + "/part-0.parquet")
+cli.init_ray(num_cpus=1)
+print(parquet_dataset(sys.argv[1], ["path"]).take_all())
+"""
+
+
+def test_reading_features_on_ray_prints_no_ray_data_notices(tmp_path):
+    """Ray Data's one-time notices (progress bars off, execution start) only with --verbose;
+    in a fresh process, as every job starts (the notices are printed once per process)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-c", QUIET_READ, str(tmp_path)]
+    runs = {
+        mode: subprocess.run(
+            command + [mode], capture_output=True, text=True, env=env, check=True, timeout=300
+        )
+        for mode in ("quiet", "verbose")
+    }
+    assert "a.wav" in runs["quiet"].stdout
+    assert "Progress bars disabled" not in runs["quiet"].stderr, runs["quiet"].stderr
+    assert "Progress bars disabled" in runs["verbose"].stderr  # the notice the test hides
