@@ -20,14 +20,17 @@ import os
 import sys
 from pathlib import Path
 
+# the benchmarks live beside jobs/, outside the installed package; Ray's workers get this path too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.folds import add_folds_args, run_folds_benchmark
+from benchmarks.gpu import add_gpu_args, run_gpu_benchmark
+from benchmarks.ingest import add_ingest_args, run_ingest_benchmark
+from benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
+from benchmarks.pretrain_speed import add_pretrain_args, run_pretrain_benchmark
+from benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
+from benchmarks.train import add_train_args, run_train_benchmark
 from ser_ray import cli
-from ser_ray.benchmarks.folds import add_folds_args, run_folds_benchmark
-from ser_ray.benchmarks.gpu import add_gpu_args, run_gpu_benchmark
-from ser_ray.benchmarks.ingest import add_ingest_args, run_ingest_benchmark
-from ser_ray.benchmarks.preprocess import add_preprocess_args, run_preprocess_benchmark
-from ser_ray.benchmarks.pretrain_speed import add_pretrain_args, run_pretrain_benchmark
-from ser_ray.benchmarks.svm import add_svm_args, format_svm_benchmark, run_svm_benchmark
-from ser_ray.benchmarks.train import add_train_args, run_train_benchmark
 
 
 def _format_figures(figures: dict) -> str:

@@ -17,8 +17,8 @@ import argparse
 import sys
 
 from ser_ray import cli
-from ser_ray.kfold import KFoldConfig, params_provenance, run_kfold
-from ser_ray.summary import format_table
+from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold
+from ser_ray.study.summary import format_table
 
 
 def build_parser() -> argparse.ArgumentParser:

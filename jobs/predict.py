@@ -30,8 +30,9 @@ import pandas as pd
 import transformers
 
 from ser_ray import cli
+from ser_ray.common import config_file
+from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.predict import predict_files, predict_files_svm
-from ser_ray.speaker_norm import SpeakerNormError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _smoke_inputs(out: Path) -> tuple[list[str], list[str]]:
     """An untrained demo-size model and two demo clips (48 kHz WAV)."""
-    from ser_ray.demo_corpus import write_demo_corpus
-    from ser_ray.model import load_model, save_model
-    from ser_ray.ravdess import class_names
+    from ser_ray.corpus.demo_corpus import write_demo_corpus
+    from ser_ray.corpus.ravdess import class_names
+    from ser_ray.models.ssl import load_model, save_model
 
     model, fe = load_model("demo", class_names(), seed=0)
     model_dir = save_model(model, fe, out / "smoke_model")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         models = list(args.svm_models)
     predictions.to_csv(out / "predictions.csv", index=False)
     rejected.to_csv(out / "rejected.csv", index=False)
-    cli.save_config(out, {**vars(args), "models": models, "audio": audio})
+    config_file.save_config(out, {**vars(args), "models": models, "audio": audio})
     print(predictions.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(
         f"\n{len(predictions)} clips predicted by {len(models)} model(s), {len(rejected)} "

@@ -13,7 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ser_ray import cli, features, ravdess
+from ser_ray import cli
+from ser_ray.corpus import demo_corpus, ravdess
+from ser_ray.distributed import prepare
+from ser_ray.features import featurize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--runner",
-        choices=features.RUNNERS,
+        choices=prepare.RUNNERS,
         default="auto",
         help="where clips are featurized: Ray Data tasks, or this process one batch after the "
-        f"other; auto: in-process up to {features.IN_PROCESS_MAX_CLIPS} clips, where starting "
+        f"other; auto: in-process up to {prepare.IN_PROCESS_MAX_CLIPS} clips, where starting "
         "Ray costs more than the work (default: %(default)s)",
     )
     cli.add_common_args(parser, default_out="runs/prepare")
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    config = features.FeatureConfig(
+    config = featurize.FeatureConfig(
         n_mfcc=args.n_mfcc,
         mfcc_deltas=args.mfcc_deltas,
         egemaps=not args.no_egemaps,
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.download:
         data_dir = str(ravdess.download(args.download_dir))
     if data_dir is None:
-        data_dir = str(features.demo_source(smoke_test=args.smoke_test))
-    result = features.prepare_features(
+        data_dir = str(demo_corpus.demo_source(smoke_test=args.smoke_test))
+    result = prepare.prepare_features(
         data_dir,
         args.out,
         config,

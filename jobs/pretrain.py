@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 
 from ser_ray import cli
-from ser_ray.pretrain import PretrainConfig, fit_pretraining
+from ser_ray.common import config_file
+from ser_ray.distributed.pretrain_trainer import fit_pretraining
+from ser_ray.training.pretrain import PretrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     cli.init_ray(args.address, args.num_cpus)
     pool = _pool(args.data, out, args.smoke_test)
-    cli.save_config(out, {"job": "pretrain", "data": str(pool), "pretrain": cfg, **vars(args)})
+    config_file.save_config(
+        out, {"job": "pretrain", "data": str(pool), "pretrain": cfg, **vars(args)}
+    )
     model_dir = fit_pretraining(
         pool, out, cfg, num_workers=args.workers, use_gpu=args.use_gpu,
         max_failures=args.max_failures,
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pool(data: str | None, out: Path, smoke_test: bool) -> str | Path:
-    from ser_ray.demo_encoder import DEMO_ENCODER_SIZES
-    from ser_ray.unlabeled import is_pool, pool_from_audio_folder, write_demo_pool
+    from ser_ray.distributed.demo_encoder import DEMO_ENCODER_SIZES
+    from ser_ray.features.unlabeled import is_pool, pool_from_audio_folder, write_demo_pool
 
     if data is None:
         size = "smoke" if smoke_test else "full"

@@ -8,7 +8,7 @@ a log-uniform norm). Encoder LR range: 1e-5..1e-3 for the tiny random 'demo' mod
 Objective: validation UA (val/uar, max) on four validation actors taken from the TRAINING
 side of an outer fold; the fold's test actors are never read. ASHA stops weak trials, but
 not before a third of the epochs nor before the longest searched warm-up is over.
-Each trial trains with our loop (ser_ray.train_loop) on the feature cache, built once.
+Each trial trains with our loop (ser_ray.training.finetune) on the feature cache, built once.
 
 Default: tune on the training side of ONE outer fold (--fold, default 1). Only that fold's
 test score is untouched by the search, so jobs/kfold.py refuses such a file for all six folds
@@ -35,9 +35,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ser_ray import cli, features
-from ser_ray.demo_encoder import resolve_model
-from ser_ray.sweep_adamw import SearchSpace, SweepConfig, run_sweep
+from ser_ray import cli
+from ser_ray.common import config_file
+from ser_ray.distributed import prepare
+from ser_ray.distributed.demo_encoder import resolve_model
+from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep
 
 SMOKE_NUM_SAMPLES = 4
 SMOKE_EPOCHS = 2
@@ -144,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model = resolve_model(args.model, args.smoke_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = features.features_for_job(
+    features_dir = prepare.features_for_job(
         args.features, args.data_dir, args.out, args.smoke_test, args.folds
     )
-    config_json = cli.save_config(
+    config_json = config_file.save_config(
         out,
         {
             "job": "tune_adamw",

@@ -25,8 +25,12 @@ import json
 import sys
 from pathlib import Path
 
-from ser_ray import cli, features, svm
-from ser_ray.sweep_svm import SEARCHES, run_nested_svm
+from ser_ray import cli
+from ser_ray.common import config_file
+from ser_ray.distributed import prepare
+from ser_ray.features import featurize
+from ser_ray.models import svm
+from ser_ray.sweeps.svm import SEARCHES, run_nested_svm
 
 #: Columns the SVM needs besides its features (the waveforms stay on disk).
 META_COLUMNS = ["path", "actor", "emotion"]
@@ -77,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = features.features_for_job(
+    features_dir = prepare.features_for_job(
         args.features, args.data_dir, args.out, args.smoke_test, args.folds
     )
     columns = META_COLUMNS + list(svm.FEATURE_SETS[args.svm_features])
-    df = features.load_features(features_dir, columns=columns)
+    df = featurize.load_features(features_dir, columns=columns)
     num_samples = min(args.num_samples, SMOKE_NUM_SAMPLES) if args.smoke_test else args.num_samples
     outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None
 
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     folds_json = out / "svm_folds.json"
     folds_json.write_text(
         json.dumps(
-            cli.to_jsonable(
+            config_file.to_jsonable(
                 {"folds": result.folds, **summary, "std_note": "sample std over folds (ddof=1)"}
             ),
             indent=2,
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     predictions_csv = out / "predictions_svm.csv"
     result.predictions.to_csv(predictions_csv, index=False)
-    config_json = cli.save_config(
+    config_json = config_file.save_config(
         out,
         {
             **result.config,

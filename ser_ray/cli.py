@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from ser_ray import console
-from ser_ray.variants import Variant
+from ser_ray.distributed import console
+from ser_ray.study.variants import Variant
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -85,7 +81,7 @@ def svm_variant_name(args: argparse.Namespace) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our log lines to stderr; how much Ray prints (see :mod:`ser_ray.console`)."""
+    """Our log lines to stderr; how much Ray prints (see :mod:`ser_ray.distributed.console`)."""
     console.configure(verbose)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -114,23 +110,3 @@ def init_ray(
             **console.ray_init_kwargs(),
         )
     console.quiet_ray_data()
-
-
-def to_jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def save_config(out_dir: str | Path, config: dict[str, Any], name: str = "config.json") -> Path:
-    """Write the resolved configuration of a run next to its results."""
-    path = Path(out_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
-    return path

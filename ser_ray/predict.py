@@ -4,11 +4,11 @@ Each wav2vec2-style fold model is a Hugging Face checkpoint folder written by th
 loop (``fold_<k>/model``): a standard ``AutoModelForAudioClassification`` model of any
 supported family, run here through its own ``forward`` with its feature extractor, exactly as
 ``pipeline("audio-classification")`` does. Each SVM fold model is a ``fold_<k>.joblib`` of
-:mod:`ser_ray.svm_model`. With several models the probabilities are averaged.
+:mod:`ser_ray.models.svm_model`. With several models the probabilities are averaged.
 Speaker-normalised SVMs need the speaker of every clip and at least two clips per speaker.
 
-Clips are batched by :func:`ser_ray.model.inference_batches` under the rule the training
-loop evaluates with (:func:`ser_ray.model.pads_exactly`): padded batches only where padding
+Clips are batched by :func:`ser_ray.models.ssl.inference_batches` under the rule the training
+loop evaluates with (:func:`ser_ray.models.ssl.pads_exactly`): padded batches only where padding
 changes nothing, else clips of one length together (wav2vec2-base style models: clip by
 clip). The device is CUDA when present (with AMP, bf16 where supported), else CPU.
 """
@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
-from ser_ray.model import SAMPLE_RATE_HZ, inference_batches, load_model, pads_exactly
+from ser_ray.models.ssl import SAMPLE_RATE_HZ, inference_batches, load_model, pads_exactly
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def predict_files_svm(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(predictions, rejected) of saved SVM fold models; ``speakers`` maps each audio path
     to its speaker (needed, for every clip, by speaker-normalised models)."""
-    from ser_ray import svm_model
+    from ser_ray.models import svm_model
 
     if not model_files:
         raise ValueError("no SVM model files given")
@@ -152,7 +152,7 @@ def predict_files_svm(
 
 def _load_clips(audio_files: Sequence[str]) -> tuple[list[str], list[np.ndarray], pd.DataFrame]:
     """16 kHz mono waveforms of the readable files; the others as rejected (path, reason)."""
-    from ser_ray.audio import AudioError, load_audio
+    from ser_ray.features.audio import AudioError, load_audio
 
     paths, waveforms, rejected = [], [], []
     for path in audio_files:

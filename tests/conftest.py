@@ -30,7 +30,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """A small demo corpus: all 24 actors, 16 clips each (every emotion), ~1.8 s clips."""
-    from ser_ray.demo_corpus import write_demo_corpus
+    from ser_ray.corpus.demo_corpus import write_demo_corpus
 
     return write_demo_corpus(
         tmp_path_factory.mktemp("demo_corpus"), n_actors=24, clips_per_actor=16, speech_scale=0.5
@@ -40,7 +40,7 @@ def demo_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_features(ray_local, demo_corpus, tmp_path_factory):
     """Prepared output folder of ``demo_corpus``; ``demo_features / "features"`` is the Parquet."""
-    from ser_ray.features import prepare_features
+    from ser_ray.distributed.prepare import prepare_features
 
     out = tmp_path_factory.mktemp("demo_features")
     result = prepare_features(demo_corpus, out)
@@ -61,7 +61,7 @@ def tts_corpus(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail("espeak-ng is missing in CI: .ci/run should have installed it")
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
-    from ser_ray.benchmarks.tts_corpus import write_tts_corpus
+    from tts_corpus import write_tts_corpus
 
     root = tmp_path_factory.mktemp("tts_corpus")
     write_tts_corpus(root)
@@ -103,7 +103,7 @@ def encoders(tmp_path_factory):
     import torch
     from transformers import AutoModel
 
-    from ser_ray.model import demo_feature_extractor
+    from ser_ray.models.ssl import demo_feature_extractor
 
     root = tmp_path_factory.mktemp("encoders")
     folders = {}

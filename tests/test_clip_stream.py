@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_train_loop import CLASSES, synthetic_table, tiny_config
 
-from ser_ray.clip_data import (
+from ser_ray.models.ssl import demo_feature_extractor
+from ser_ray.training.clip_data import (
     batches_per_epoch,
     collate,
     collated_batches,
@@ -21,11 +22,10 @@ from ser_ray.clip_data import (
     read_split,
     table_from_arrow,
 )
-from ser_ray.clip_stream import ClipStream, chain_streams
-from ser_ray.engine import seed_everything
-from ser_ray.model import demo_feature_extractor
-from ser_ray.train_config import build_model
-from ser_ray.train_loop import evaluate, run_training
+from ser_ray.training.clip_stream import ClipStream, chain_streams
+from ser_ray.training.config import build_model
+from ser_ray.training.engine import seed_everything
+from ser_ray.training.finetune import evaluate, run_training
 
 FE = demo_feature_extractor()
 CPU = torch.device("cpu")
@@ -147,7 +147,7 @@ def test_a_stream_that_changed_under_training_is_an_error():
 def test_fold_datasets_stream_the_rows_read_split_reads(demo_features):
     """The Ray datasets a TorchTrainer gets hold exactly the split's rows and columns, in
     the same order on every pass."""
-    from ser_ray.ray_ingest import data_config, fold_datasets, split_columns
+    from ser_ray.distributed.ingest import data_config, fold_datasets, split_columns
 
     source = demo_features / "features"
     datasets = fold_datasets(source, {"train": [3, 9], "val": []}, "waveform")

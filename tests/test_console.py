@@ -3,7 +3,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from ser_ray import console
+from ser_ray.distributed import console
 
 
 def test_one_line_per_fold_and_epoch(capsys):
@@ -38,8 +38,9 @@ def test_ray_output_follows_verbose(monkeypatch):
 QUIET_READ = """
 import sys
 import pyarrow as pa, pyarrow.parquet as pq
-from ser_ray import cli, console
-from ser_ray.ray_ingest import parquet_dataset
+from ser_ray import cli
+from ser_ray.distributed import console
+from ser_ray.distributed.ingest import parquet_dataset
 console.configure(verbose=sys.argv[2] == "verbose")
 pq.write_table(pa.table({"path": ["a.wav"], "actor": [1]}), sys.argv[1] + "/part-0.parquet")
 cli.init_ray(num_cpus=1)

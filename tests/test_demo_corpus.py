@@ -3,9 +3,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ser_ray import demo_corpus
-from ser_ray.demo_corpus import clip_specs, speech_clip, synthesize, write_demo_corpus
-from ser_ray.ravdess import build_manifest
+from ser_ray.corpus import demo_corpus
+from ser_ray.corpus.demo_corpus import clip_specs, speech_clip, synthesize, write_demo_corpus
+from ser_ray.corpus.ravdess import build_manifest
 
 
 def test_full_size_has_ravdess_counts():

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from ser_ray import audio, features
-from ser_ray.demo_corpus import speech_clip, synthesize
-from ser_ray.features import (
+from ser_ray.corpus.demo_corpus import speech_clip, synthesize
+from ser_ray.distributed.prepare import prepare_features
+from ser_ray.features import audio, featurize
+from ser_ray.features.featurize import (
     FeatureConfig,
     load_features,
     plan_batches,
-    prepare_features,
     rows_to_table,
     to_hf_dataset,
 )
@@ -207,7 +207,7 @@ def test_a_batch_is_written_a_few_clips_at_a_time(prepared_bad, tmp_path, monkey
     the same rows as writing the batch in one go (a worker holds only a chunk's waveforms)."""
     _, corpus = prepared_bad
     whole = prepare_features(corpus, tmp_path / "whole", FeatureConfig(batch_size=13))
-    monkeypatch.setattr(features, "WRITE_CHUNK_CLIPS", 3)
+    monkeypatch.setattr(featurize, "WRITE_CHUNK_CLIPS", 3)
     chunked = prepare_features(corpus, tmp_path / "chunked", FeatureConfig(batch_size=13))
     (file,) = sorted(chunked.features_dir.glob("part-*.parquet"))
     groups = [pq.ParquetFile(file).metadata.row_group(i).num_rows

@@ -1,7 +1,7 @@
 import pytest
 
-from ser_ray import folds
-from ser_ray.folds import FoldError
+from ser_ray.corpus import folds
+from ser_ray.corpus.folds import FoldError
 
 
 @pytest.mark.parametrize("scheme", ["contiguous", "emobox"])

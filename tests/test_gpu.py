@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ser_ray.engine import resolve_amp
-from ser_ray.model import load_model
-from ser_ray.ravdess import class_names
+from ser_ray.corpus.ravdess import class_names
+from ser_ray.models.ssl import load_model
+from ser_ray.training.engine import resolve_amp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

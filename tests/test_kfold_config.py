@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from ser_ray import summary
-from ser_ray.kfold import (
+from ser_ray.study import summary
+from ser_ray.study.kfold import (
     KFoldConfig,
     check_model_reachable,
     fold_resources,
@@ -24,7 +24,7 @@ def test_model_default_depends_on_data():
 
 
 def test_an_unreachable_model_stops_the_job_before_any_work(tmp_path, monkeypatch):
-    from ser_ray import kfold
+    from ser_ray.study import kfold
 
     def no_features(*args, **kwargs):
         raise AssertionError("features were prepared before the model was checked")
@@ -167,8 +167,9 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     folds 2-6 stop with "the feature cache was not made by this model's frozen part"."""
     import dataclasses
 
-    from ser_ray import feature_cache, kfold
-    from ser_ray.train_config import TrainConfig
+    from ser_ray.distributed import feature_cache
+    from ser_ray.study import kfold
+    from ser_ray.training.config import TrainConfig
 
     built = []
 

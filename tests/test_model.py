@@ -20,8 +20,8 @@ from transformers import (
     pipeline,
 )
 
-from ser_ray.feature_cache import cache_key, clip_features
-from ser_ray.model import (
+from ser_ray.distributed.feature_cache import cache_key, clip_features
+from ser_ray.models.ssl import (
     PartwiseClassifier,
     demo_config,
     demo_feature_extractor,

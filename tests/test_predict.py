@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from ser_ray.model import load_model, save_model
+from ser_ray.corpus.ravdess import class_names
+from ser_ray.models.ssl import load_model, save_model
 from ser_ray.predict import load_fold_models, model_probabilities, predict_files
-from ser_ray.ravdess import class_names
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = class_names()
@@ -46,7 +46,7 @@ def audio_files(tmp_path_factory):
 
 
 def test_predict_files_averages_fold_models(fold_models, audio_files):
-    from ser_ray.audio import load_audio
+    from ser_ray.featurize.audio import load_audio
 
     frame, rejected = predict_files(fold_models, audio_files)
     assert frame["path"].tolist() == audio_files[:2]
@@ -90,9 +90,10 @@ def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features,
     """A saved svm+spknorm fold model on one actor's files (--one-speaker) gives the same
     probabilities as on that actor's prepared features; single clips and unknown speakers
     are refused."""
-    from ser_ray import features, svm, svm_model
+    from ser_ray.features import featurize
+    from ser_ray.models import svm, svm_model
 
-    df = features.load_features(
+    df = featurize.load_features(
         demo_features / "features", ["path", "actor", "emotion", "mfcc_stats", "egemaps"]
     )
     X = svm.feature_set_matrix(df, "mfcc+egemaps", speaker_normalise=True)

@@ -14,24 +14,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ser_ray import ravdess
-from ser_ray.clip_stream import ClipStream
-from ser_ray.engine import seed_everything
-from ser_ray.model import demo_config, load_model
-from ser_ray.pretrain import (
+from ser_ray.corpus import ravdess
+from ser_ray.features.unlabeled import (
+    UnlabeledClips,
+    clips_from_arrow,
+    pool_from_audio_folder,
+    pool_paths,
+    read_pool,
+)
+from ser_ray.models.ssl import demo_config, load_model
+from ser_ray.training.clip_stream import ClipStream
+from ser_ray.training.engine import seed_everything
+from ser_ray.training.pretrain import (
     MODEL_DIR,
     PretrainConfig,
     build_pretraining_model,
     crop_batch,
     mask_and_negatives,
     run_pretraining,
-)
-from ser_ray.unlabeled import (
-    UnlabeledClips,
-    clips_from_arrow,
-    pool_from_audio_folder,
-    pool_paths,
-    read_pool,
 )
 
 TINY = dict(
@@ -270,9 +270,9 @@ def test_pools_from_an_audio_folder_and_by_actor(tmp_path, demo_features):
 def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     ray_local, demo_features, tiny_config_file, tmp_path
 ):
-    from ser_ray import folds
-    from ser_ray.pretrain import fit_pretraining
-    from ser_ray.tapt import tapt_actors, tapt_key
+    from ser_ray.corpus import folds
+    from ser_ray.distributed.pretrain_trainer import fit_pretraining
+    from ser_ray.distributed.tapt import tapt_actors, tapt_key
 
     features = demo_features / "features"
     for fold in range(1, 7):  # the actors TAPT may read never include a test actor
@@ -317,9 +317,9 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
 def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
     import pyarrow.parquet as pq
 
-    from ser_ray.demo_corpus import POOL_SEED, actor_voice, unlabeled_pool_clips
-    from ser_ray.demo_encoder import RANDOM_DEMO_MODEL, resolve_model
-    from ser_ray.unlabeled import write_demo_pool
+    from ser_ray.corpus.demo_corpus import POOL_SEED, actor_voice, unlabeled_pool_clips
+    from ser_ray.distributed.demo_encoder import RANDOM_DEMO_MODEL, resolve_model
+    from ser_ray.features.unlabeled import write_demo_pool
 
     corpus_voices = {actor_voice(a, 0) for a in range(1, 25)}
     assert not corpus_voices & {actor_voice(s, POOL_SEED) for s in range(1, 41)}
@@ -334,7 +334,7 @@ def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
 
 
 def test_tapt_progress_line_reads_the_runs_loss_curve(tmp_path):
-    from ser_ray.tapt import _loss_line
+    from ser_ray.distributed.tapt import _loss_line
 
     history = [
         {"epoch": e, "pretrain/contrastive": c, "pretrain/epoch_s": 40.0}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ser_ray import ravdess
-from ser_ray.ravdess import RavdessNameError, build_manifest, parse_name
+from ser_ray.corpus import ravdess
+from ser_ray.corpus.ravdess import RavdessNameError, build_manifest, parse_name
 
 
 def test_parse_all_seven_fields():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ser_ray.schedule import build_scheduler, lr_multiplier, phase_steps
+from ser_ray.training.schedule import build_scheduler, lr_multiplier, phase_steps
 
 TOTAL = 1000  # 10% = 100 warm-up steps, decay from step 700
 

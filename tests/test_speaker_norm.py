@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ser_ray import svm
-from ser_ray.speaker_norm import SpeakerNormError, speaker_normalize
+from ser_ray.features.speaker_norm import SpeakerNormError, speaker_normalize
+from ser_ray.models import svm
 
 
 def _table(seed: int = 0) -> pd.DataFrame:

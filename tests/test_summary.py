@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ser_ray import summary
-from ser_ray.ravdess import class_names
+from ser_ray.corpus.ravdess import class_names
+from ser_ray.study import summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = class_names(merge_calm=False)

@@ -10,10 +10,10 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, make_scorer
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
-from ser_ray import folds as fold_sets
-from ser_ray import svm
-from ser_ray.metrics import classification_metrics
-from ser_ray.ravdess import EMOTIONS, class_names
+from ser_ray.common.metrics import classification_metrics
+from ser_ray.corpus import folds as fold_sets
+from ser_ray.corpus.ravdess import EMOTIONS, class_names
+from ser_ray.models import svm
 
 
 def synthetic_features(n_per_emotion: int = 2, seed: int = 0, noise: float = 1.5) -> pd.DataFrame:

@@ -19,11 +19,11 @@ import torch.multiprocessing as mp
 from test_train_loop import CLASSES, synthetic_table, tiny_config
 from torch.nn.parallel import DistributedDataParallel
 
-from ser_ray import train_loop
-from ser_ray.clip_data import table_from_arrow
-from ser_ray.engine import seed_everything
-from ser_ray.model import demo_feature_extractor
-from ser_ray.train_config import build_model
+from ser_ray.models.ssl import demo_feature_extractor
+from ser_ray.training import finetune as train_loop
+from ser_ray.training.clip_data import table_from_arrow
+from ser_ray.training.config import build_model
+from ser_ray.training.engine import seed_everything
 
 WORLD_SIZE = 2
 #: Validation UA each rank would see per epoch if ranks decided on their own figures: with

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ser_ray import ravdess
-from ser_ray.clip_data import (
+from ser_ray.corpus import ravdess
+from ser_ray.models.ssl import demo_feature_extractor
+from ser_ray.training.clip_data import (
     ClipTable,
     collate,
     length_grouped_batches,
@@ -22,10 +23,9 @@ from ser_ray.clip_data import (
     read_split,
     table_from_arrow,
 )
-from ser_ray.engine import NonFiniteLossError, build_engine, seed_everything
-from ser_ray.model import demo_feature_extractor
-from ser_ray.train_config import TrainConfig, build_model
-from ser_ray.train_loop import (
+from ser_ray.training.config import TrainConfig, build_model
+from ser_ray.training.engine import NonFiniteLossError, build_engine, seed_everything
+from ser_ray.training.finetune import (
     build_optimizer,
     evaluate,
     refit,
@@ -375,7 +375,7 @@ def _assert_predictions_agree_with_predict_and_pipeline(preds, model_dir, demo_f
 
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
-    from ser_ray.fold_trainer import fit_fold
+    from ser_ray.distributed.fold_trainer import fit_fold
 
     cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
     result = fit_fold(
@@ -466,7 +466,7 @@ def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path)
     ``wavlm`` checkpoint whose frozen CNN is the given one."""
     from safetensors.torch import load_file
 
-    from ser_ray.model import save_model
+    from ser_ray.models.ssl import save_model
 
     folder = encoders["wavlm-base-plus"]
     cfg = tiny_config(model=str(folder), epochs=1)
@@ -488,7 +488,7 @@ def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path)
 
 def _fold_rows(features_dir: Path) -> dict[str, int]:
     """Rows of a fold's Ray datasets and of a TAPT pool dataset, read to the end."""
-    from ser_ray.ray_ingest import fold_datasets, parquet_dataset
+    from ser_ray.distributed.ingest import fold_datasets, parquet_dataset
 
     datasets = fold_datasets(features_dir, {"train": [3, 9], "test": [4]}, "waveform")
     datasets["pool"] = parquet_dataset(features_dir, ["path", "waveform"], [1, 2, 3])
@@ -509,8 +509,8 @@ def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_featu
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from ser_ray.feature_cache import build_feature_cache
-    from ser_ray.features import load_features
+    from ser_ray.distributed.feature_cache import build_feature_cache
+    from ser_ray.features.featurize import load_features
 
     held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
     ray.get(held.ready(), timeout=60)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import soundfile as sf
+from tts_corpus import FEMALE_VARIANTS, MALE_VARIANTS, espeak_command, render
 
-from ser_ray.benchmarks.tts_corpus import FEMALE_VARIANTS, MALE_VARIANTS, espeak_command, render
-from ser_ray.ravdess import RavdessName, build_manifest
+from ser_ray.corpus.ravdess import RavdessName, build_manifest
 
 
 def test_layout_counts_and_format(tts_corpus):

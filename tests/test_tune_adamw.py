@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ser_ray import folds
-from ser_ray.folds import fold_split
-from ser_ray.kfold import KFoldConfig, train_config_for
-from ser_ray.sweep_adamw import (
+from ser_ray.corpus import folds
+from ser_ray.corpus.folds import fold_split
+from ser_ray.study.kfold import KFoldConfig, train_config_for
+from ser_ray.sweeps.adamw import (
     GRACE_RULE,
     METRIC,
     SEARCH_METRIC,
@@ -26,7 +26,7 @@ from ser_ray.sweep_adamw import (
     params_from_config,
     run_sweep,
 )
-from ser_ray.train_config import TrainConfig
+from ser_ray.training.config import TrainConfig
 
 FOLD = 2
 SWEEP = SweepConfig(num_samples=4, epochs=2, seed=0)

@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ser_ray import features, summary, svm
-from ser_ray import folds as fold_sets
-from ser_ray.metrics import classification_metrics
-from ser_ray.ravdess import class_names
-from ser_ray.sweep_svm import run_nested_svm
+from ser_ray.common.metrics import classification_metrics
+from ser_ray.corpus import folds as fold_sets
+from ser_ray.corpus.ravdess import class_names
+from ser_ray.features import featurize
+from ser_ray.models import svm
+from ser_ray.study import summary
+from ser_ray.sweeps.svm import run_nested_svm
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -32,7 +34,7 @@ PROB_COLUMNS = [f"prob_{n}" for n in NAMES]
 
 @pytest.fixture(scope="module")
 def demo_df(demo_features) -> pd.DataFrame:
-    return features.load_features(
+    return featurize.load_features(
         demo_features / "features", columns=["path", "actor", "emotion", "mfcc_stats"]
     )
 

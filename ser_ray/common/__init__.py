@@ -1,0 +1,1 @@
+"""Pieces every layer uses: metrics (UA, WA, macro-F1)."""

@@ -1,0 +1,1 @@
+"""Clip tables of a corpus: RAVDESS names, folds, the demo corpus."""

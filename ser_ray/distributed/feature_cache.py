@@ -1,0 +1,216 @@
+"""Cache of the frozen part of the encoder, computed once per clip with Ray Data.
+
+With the CNN frozen (the default) its output depends only on the clip, so computing it in
+every epoch, fold and trial is waste. :func:`build_feature_cache` runs a Ray Data
+``map_batches`` over the features Parquet that computes, per clip and without padding:
+
+- ``cnn`` (fine-tuning): the CNN feature encoder's output, (frames, conv channels);
+- ``pooled`` (probe mode, whole encoder frozen): every hidden layer mean-pooled over the
+  clip's frames, (num_layers + 1, hidden). Mean pooling and the weighted layer sum are both
+  linear, so the head gets exactly what it would get from the full hidden states.
+
+Per-clip computation is the reference: wav2vec2-base's CNN normalises over time (group
+norm), so zero padding would change its output.
+
+The cache lives in ``<cache_root>/<key>/`` where ``key`` hashes the frozen weights, the
+normalisation and the kind, so a different model can never read a stale cache; it is
+written to a temporary folder and renamed when complete (concurrent builders are safe).
+
+Columns: path, actor, emotion, num_samples, feature_rows (int32), feature_dim (int32),
+features (list<float32>, row-major ``feature_rows x feature_dim``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ser_ray.common.storage import list_column
+from ser_ray.corpus import ravdess
+from ser_ray.models.ssl import (
+    PartwiseClassifier,
+    cnn_norm,
+    load_model,
+    prepare_waveform,
+    save_model,
+)
+from ser_ray.training.config import TrainConfig, build_model
+
+log = logging.getLogger(__name__)
+
+CACHE_KINDS = ("cnn", "pooled")
+INFO_FILE = "cache_info.json"
+DATA_DIR = "data"
+
+
+def cache_kind(probe: bool) -> str:
+    """``pooled`` in probe mode, else ``cnn``."""
+    return "pooled" if probe else "cnn"
+
+
+def cache_key(model: PartwiseClassifier, feature_extractor, kind: str) -> str:
+    """Hash of everything the cached values depend on (frozen weights, normalisation)."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+    frozen = model.encoder.feature_extractor if kind == "cnn" else model.encoder
+    digest = hashlib.sha256()
+    fields = {
+        "kind": kind,
+        "do_normalize": bool(feature_extractor.do_normalize),
+        "model_type": model.config.model_type,
+        "feat_extract_norm": cnn_norm(model.config),
+        "use_attention_mask": model.use_attention_mask,
+        "conv_stride": list(model.config.conv_stride),
+        "conv_kernel": list(model.config.conv_kernel),
+    }
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    for name, tensor in sorted(frozen.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"{kind}-{digest.hexdigest()[:16]}"
+
+
+@torch.no_grad()
+def clip_features(
+    model: PartwiseClassifier, feature_extractor, waveform: np.ndarray, kind: str
+) -> np.ndarray:
+    """The cached value of one clip: (frames, channels) for ``cnn``, (layers, hidden) for
+    ``pooled``; computed on the unpadded, normalised clip with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.from_numpy(prepare_waveform(waveform, feature_extractor)).to(device)[None]
+    feats, frames = model.cnn_features(x)
+    if kind == "cnn":
+        out = feats[0]
+    elif kind == "pooled":
+        out = model.pooled_layer_states(feats, frames, all_layers=True)[0]
+    else:
+        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+    model.train(was_training)
+    return out.float().cpu().numpy()
+
+
+class ClipFeatureUDF:
+    """Ray Data callable class: one model per actor, features per clip (no padding)."""
+
+    def __init__(self, model_dir: str, kind: str, use_gpu: bool = False):
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.kind = kind
+        classifier, self.fe = load_model(model_dir)
+        self.model = PartwiseClassifier(classifier, self.fe.return_attention_mask).eval()
+        if use_gpu and torch.cuda.is_available():
+            self.model.to("cuda")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        values, rows, dims = [], [], []
+        waves = list_column(batch, "waveform")
+        for wave in waves:
+            out = clip_features(self.model, self.fe, wave, self.kind)
+            values.append(out.reshape(-1))
+            rows.append(out.shape[0])
+            dims.append(out.shape[1])
+        flat = np.concatenate(values) if values else np.zeros(0, np.float32)
+        offsets = np.concatenate([[0], np.cumsum([v.size for v in values])]).astype(np.int32)
+        features = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()))
+        return pa.table(
+            {
+                "path": batch.column("path"),
+                "actor": batch.column("actor").cast(pa.int32()),
+                "emotion": batch.column("emotion"),
+                "num_samples": pa.array([w.shape[0] for w in waves], pa.int64()),
+                "feature_rows": pa.array(rows, pa.int32()),
+                "feature_dim": pa.array(dims, pa.int32()),
+                "features": features,
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCache:
+    """A finished cache: its Parquet folder, kind and key."""
+
+    path: Path
+    kind: str
+    key: str
+    num_clips: int
+
+
+def _open(cache_dir: Path) -> FeatureCache:
+    info = json.loads((cache_dir / INFO_FILE).read_text())
+    return FeatureCache(cache_dir / DATA_DIR, info["kind"], info["key"], info["num_clips"])
+
+
+def build_feature_cache(
+    features_dir: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    *,
+    train_config: TrainConfig | None = None,
+    model: str | None = None,
+    probe: bool | None = None,
+    num_actors: int = 1,
+    use_gpu: bool = False,
+    batch_size: int = 16,
+) -> FeatureCache:
+    """The cache for this model and mode: reused when present, else built with Ray Data.
+
+    The model comes from ``train_config`` (``model``, ``probe``), or from ``model``/``probe``.
+    """
+    import ray.data
+
+    from ser_ray.distributed.ingest import parquet_dataset
+
+    cfg = train_config or TrainConfig()
+    if model is not None or probe is not None:
+        cfg = dataclasses.replace(
+            cfg,
+            model=model if model is not None else cfg.model,
+            probe=probe if probe is not None else cfg.probe,
+        )
+    kind = cache_kind(cfg.probe)
+    net, fe = build_model(cfg, ravdess.class_names(cfg.merge_calm))
+    key = cache_key(net, fe, kind)
+    root = Path(cache_root).resolve()
+    final = root / key
+    if (final / INFO_FILE).exists():
+        log.info("feature cache %s already built; reusing it", final)
+        return _open(final)
+    work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
+    model_dir = save_model(net.model, fe, work / "model")
+    # RAY. The cache is built before any training starts, but placement groups that a failed
+    # trainer left behind (its controller killed, e.g. for memory) can still hold CPUs: the
+    # reads, the model's actor and the writes reserve none on CPU, so the build always runs.
+    no_cpu = {"num_cpus": 0} if not use_gpu else {}
+    ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
+    ds = ds.map_batches(
+        ClipFeatureUDF,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=1 if use_gpu else None,
+        **no_cpu,
+    )
+    ds.write_parquet(str(work / DATA_DIR), ray_remote_args=no_cpu)  # RAY
+    num_clips = pq.ParquetDataset(work / DATA_DIR).read(columns=["actor"]).num_rows
+    shutil.rmtree(work / "model")
+    (work / INFO_FILE).write_text(
+        json.dumps({"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}, indent=2)
+    )
+    try:
+        os.replace(work, final)
+    except OSError:  # another builder finished first; theirs is identical
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("feature cache %s: %d clips (%s)", final, num_clips, kind)
+    return _open(final)

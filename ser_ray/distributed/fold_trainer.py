@@ -1,0 +1,342 @@
+"""The Ray Train edge of fine-tuning: one outer fold as a ``TorchTrainer``.
+
+Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
+``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
+open the fold's clip streams, train with resume, refit and score the test actors, write the
+fold's result — then :func:`build_fold_trainer` (the ``TorchTrainer`` of a fold, fed its
+splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and the plain driver :func:`fit_fold`.
+Ray touch-points are marked ``# RAY`` and go through :mod:`ser_ray.distributed.train_edge`; the loop
+itself (:mod:`ser_ray.training.finetune`) is Ray-free.
+
+Validation actors come from the training side of the outer fold
+(:func:`ser_ray.corpus.folds.fold_split`); the test fold is only scored once, with the
+best-epoch weights, at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from ser_ray.corpus import ravdess
+from ser_ray.corpus.folds import fold_split
+from ser_ray.distributed import ingest as ray_ingest
+from ser_ray.distributed import train_edge as edge
+from ser_ray.distributed.feature_cache import build_feature_cache, cache_key
+from ser_ray.models.ssl import PartwiseClassifier, save_model
+from ser_ray.training import engine as eng
+from ser_ray.training.checkpoints import BEST_MODEL_DIR
+from ser_ray.training.clip_data import Clips, count_split, predictions_frame, table_from_arrow
+from ser_ray.training.config import TrainConfig, build_model
+from ser_ray.training.finetune import TrainOutcome, evaluate, refit, run_training
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.csv"
+RESULT_FILE = "result.json"
+
+
+def train_fold_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: train on ``train``, select on ``val``, score ``test``.
+
+    ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
+    ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
+    (clips per split, counted by :func:`build_fold_trainer`; each split streams in from the
+    trainer's dataset of that name), ``fold`` (int), ``scheme`` (fold scheme),
+    ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
+    ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
+    (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
+    checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
+    the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from
+    ``ray.train.get_checkpoint()``.
+    """
+    cfg = TrainConfig.from_dict(config)
+    ctx = edge.worker_context()  # RAY
+    kind = config.get("input_kind", "waveform")
+    class_names = ravdess.class_names(cfg.merge_calm)
+    eng.seed_everything(cfg.seed, ctx.rank)
+    model, fe = build_model(cfg, class_names)
+    check_feature_cache(model, fe, kind, config.get("feature_cache_key"))
+    clips = open_fold_clips(config, cfg, kind, class_names, fe)
+    wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
+    outcome = train_with_resume(
+        cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
+    )
+    final: dict[str, Any] = {
+        "epoch": outcome.state.epoch,
+        "best_epoch": outcome.state.best_epoch,
+        "done": True,
+    }
+    _, fit_actors, val_actors = fold_split(
+        config.get("fold"), config.get("scheme", "contiguous"), cfg.n_val_actors
+    )
+    trained_on = fit_actors
+    if cfg.refit and "val" in clips:
+        model, _ = refit(
+            cfg, outcome.state.best_epoch, clips["train"], clips["val"], device=ctx.device,
+            rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
+        )  # fmt: skip
+        final["refit_epochs"] = outcome.state.best_epoch
+        trained_on = fit_actors + val_actors
+    if outcome.state.best_uar > -math.inf and "val" in clips:
+        final["best/val_uar"] = outcome.state.best_uar
+    frame = None
+    if "test" in clips:
+        test_metrics, frame = score_test(cfg, model, clips["test"], class_names, config, ctx)
+        final.update(test_metrics)
+    result = {
+        "metrics": final,
+        "history": outcome.state.history,
+        "train_config": cfg.to_dict(),
+        "fold": config.get("fold"),
+        "trained_on_actors": sorted(int(a) for a in trained_on),
+        "input_kind": kind,
+        "class_names": class_names,
+    }
+    write = functools.partial(
+        write_fold_result, outcome=outcome, model=model, feature_extractor=fe, frame=frame,
+        result=result, rank=ctx.rank,
+    )  # fmt: skip
+    edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
+
+
+def check_feature_cache(
+    model: PartwiseClassifier, feature_extractor, kind: str, expected_key: str | None
+) -> None:
+    """With cached inputs, the cache must have been made by this model's frozen part."""
+    if kind == "waveform" or expected_key is None:
+        return
+    have = cache_key(model, feature_extractor, kind)
+    if expected_key != have:
+        raise ValueError(
+            f"the feature cache ({expected_key}) was not made by this model's frozen part "
+            f"({have}); rebuild it or turn use_feature_cache off"
+        )
+
+
+def open_fold_clips(
+    config: dict[str, Any], cfg: TrainConfig, kind: str, class_names: list[str], feature_extractor
+) -> dict[str, Clips]:
+    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips, streamed from the
+    trainer's datasets of those names; a split without clips is left out."""
+    to_clips = functools.partial(
+        table_from_arrow,
+        kind=kind,
+        class_names=class_names,
+        merge_calm=cfg.merge_calm,
+        feature_extractor=feature_extractor,
+    )
+    clips = {
+        name: ray_ingest.worker_stream(name, n, to_clips, cfg.window_clips)  # RAY
+        for name, n in config["split_clips"].items()
+        if n
+    }
+    if "train" not in clips:
+        raise ValueError(f"fold {config.get('fold')}: no training clips in {config['source']}")
+    return clips
+
+
+def train_with_resume(
+    cfg: TrainConfig,
+    model: PartwiseClassifier,
+    feature_extractor,
+    clips: dict[str, Clips],
+    ctx: edge.WorkerContext,
+    wrap,
+    log_dir: str | None,
+) -> TrainOutcome:
+    """:func:`run_training` on this worker, reporting every epoch with a checkpoint and
+    resuming from Ray Train's latest one (after a failure or a restart)."""
+    checkpoint = edge.latest_checkpoint()  # RAY
+    with contextlib.ExitStack() as stack:
+        resume_dir = None
+        if checkpoint is not None:
+            resume_dir = Path(stack.enter_context(checkpoint.as_directory()))
+            log.info("resuming from %s", resume_dir)
+        return run_training(
+            cfg,
+            model,
+            feature_extractor,
+            clips["train"],
+            clips.get("val"),
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            wrap_model=wrap,
+            resume_from=resume_dir,
+            on_epoch_end=lambda metrics, write: edge.report(  # RAY
+                metrics, write, ctx.rank, every_rank_writes=True
+            ),
+            log_dir=log_dir,
+        )
+
+
+def score_test(
+    cfg: TrainConfig,
+    model: nn.Module,
+    test: Clips,
+    class_names: list[str],
+    config: dict[str, Any],
+    ctx: edge.WorkerContext,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """``test/*`` metrics and the per-clip predictions of the test actors."""
+    metrics, probs, scored = evaluate(
+        model,
+        test,
+        batch_size=cfg.eval_batch_size,
+        device=ctx.device,
+        num_classes=len(class_names),
+        amp_dtype=eng.resolve_amp(cfg.amp, ctx.device),
+        prefix="test",
+    )
+    return metrics, predictions_frame(scored, probs, class_names, config.get("fold"))
+
+
+def write_fold_result(
+    out: Path,
+    *,
+    outcome: TrainOutcome,
+    model: PartwiseClassifier,
+    feature_extractor,
+    frame: pd.DataFrame | None,
+    result: dict[str, Any],
+    rank: int,
+) -> Path:
+    """The final checkpoint: the training state (a restart after the end resumes to here)
+    and, from rank 0, the tested weights, ``predictions.csv`` and ``result.json``."""
+    outcome.write_checkpoint(out)
+    if rank != 0:
+        return out
+    save_model(model.model, feature_extractor, out / BEST_MODEL_DIR)  # best-epoch (or refit)
+    if frame is not None:
+        frame.to_csv(out / PREDICTIONS_FILE, index=False)
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))
+    return out
+
+
+def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
+    """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
+    fold's train/val/test clips of ``config["source"]`` as Ray datasets
+    (:mod:`ser_ray.distributed.ingest`); ``trainer_kwargs`` go to
+    :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
+    test_actors, fit_actors, val_actors = fold_split(
+        config["fold"],
+        config.get("scheme", "contiguous"),
+        TrainConfig.from_dict(config).n_val_actors,
+    )
+    split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
+    source = config["source"]
+    split_clips = {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
+    return edge.build_torch_trainer(
+        train_fold_per_worker,
+        {**config, "split_clips": split_clips},
+        datasets=ray_ingest.fold_datasets(  # RAY
+            source, split_actors, config.get("input_kind", "waveform")
+        ),
+        dataset_config=ray_ingest.data_config(),
+        **trainer_kwargs,
+    )
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """Outcome of one outer fold."""
+
+    fold: int
+    scheme: str
+    test_actors: list[int]
+    val_actors: list[int]
+    n_test: int
+    metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
+    best_epoch: int
+    history: list[dict[str, float]]
+    predictions: pd.DataFrame
+    model_dir: Path  # best-epoch model (HF checkpoint)
+    run_dir: Path
+
+
+def fit_fold(
+    features_dir: str | os.PathLike,
+    fold: int,
+    scheme: str = "contiguous",
+    train_config: TrainConfig | None = None,
+    out_dir: str | os.PathLike = "runs/wav2vec2",
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_failures: int = 0,
+    log_dir: str | os.PathLike | None = None,
+) -> FoldResult:
+    """Train and score one outer fold with a ``TorchTrainer``; outputs under ``out_dir``.
+
+    ``out_dir/fold_<k>/``: ``model/`` (best-epoch HF checkpoint), ``predictions.csv``,
+    ``result.json``; Ray's run folder (checkpoints) under ``out_dir/ray/``; TensorBoard
+    under ``log_dir`` (default ``out_dir/tensorboard/fold_<k>``). Re-running with the same
+    ``out_dir`` resumes from the latest checkpoint. With ``use_feature_cache`` the frozen
+    part's outputs come from (or go to) ``cache_dir`` (default: next to ``features_dir``).
+    """
+    cfg = train_config or TrainConfig()
+    out = Path(out_dir).resolve()
+    fold_dir = out / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    test_actors, _, val_actors = fold_split(fold, scheme, cfg.n_val_actors)
+    config: dict[str, Any] = {
+        **cfg.to_dict(),
+        "fold": fold,
+        "scheme": scheme,
+        "input_kind": "waveform",
+        "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
+    }
+    config["source"] = str(Path(features_dir).resolve())
+    if cfg.use_feature_cache:
+        cache = build_feature_cache(
+            features_dir,
+            cache_root=cache_dir or Path(features_dir).resolve().parent / "feature_cache",
+            train_config=cfg,
+        )
+        config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
+    trainer = build_fold_trainer(
+        config,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        storage_path=out / "ray",
+        name=f"fold_{fold}",
+        max_failures=max_failures,
+    )
+    checkpoint = edge.fit(trainer, f"fold {fold}")  # RAY
+    with checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        if (fold_dir / "model").exists():
+            shutil.rmtree(fold_dir / "model")
+        shutil.copytree(ckpt / BEST_MODEL_DIR, fold_dir / "model")
+        for name in (PREDICTIONS_FILE, RESULT_FILE):
+            if (ckpt / name).exists():
+                shutil.copy2(ckpt / name, fold_dir / name)
+    summary = json.loads((fold_dir / RESULT_FILE).read_text())
+    predictions = pd.read_csv(fold_dir / PREDICTIONS_FILE)
+    metrics = summary["metrics"]
+    return FoldResult(
+        fold=fold,
+        scheme=scheme,
+        test_actors=test_actors,
+        val_actors=val_actors,
+        n_test=len(predictions),
+        metrics=metrics,
+        best_epoch=int(metrics["best_epoch"]),
+        history=summary["history"],
+        predictions=predictions,
+        model_dir=fold_dir / "model",
+        run_dir=fold_dir,
+    )

@@ -1,0 +1,162 @@
+"""The Ray Data edge of training: clips streamed into the Ray Train workers.
+
+Driver side (where a fold's ``TorchTrainer`` is built,
+:func:`ser_ray.distributed.fold_trainer.build_fold_trainer`): :func:`fold_datasets` makes one Ray
+dataset per split (``train``, ``val``, ``test``) with :func:`parquet_dataset`: the features or
+feature-cache folder's rows of the split's actors, only the columns the worker needs
+(pre-training's pool is one such dataset,
+:func:`ser_ray.distributed.pretrain_trainer.fit_pretraining`);
+:func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
+``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.training.clip_stream.ClipStream`, so a
+worker holds one window of clips at a time.
+
+Choices:
+
+- **Order**: ``preserve_order`` makes every pass give the rows in the same order, so batches
+  depend on the seed only (windows are cut from the stream, shuffled within).
+- **No split across DDP ranks** (``datasets_to_split=[]``): every rank streams the whole
+  split and takes its share of each window's batches, as the in-memory path does.
+  ``streaming_split`` hands blocks to whichever rank asks first, so which clips a rank saw
+  would depend on timing, not on the seed.
+- **Resources**: six folds train at once on a small machine, their workers holding nearly
+  all CPUs (:func:`ser_ray.study.kfold.fold_resources`), and ``fit_fold`` or DDP may hold all of
+  them; placement groups a killed trainer left behind may hold them too. A read task that
+  asks for a CPU could then wait for ever (the deadlock that once made workers read Parquet
+  themselves). Ray Data's Parquet readers ask for CPUs before any row is read (the classic
+  one samples files in tasks of one CPU each, the new one, ``use_datasource_v2``, lists
+  files in such a task), so :func:`parquet_dataset` lists the files in the driver and reads
+  each in a map task that reserves none (:data:`READ_TASK_CPUS`), one at a time per
+  dataset (:data:`READ_CONCURRENCY`; a worker reads one split at a time): they always
+  start and take a small share of the cores while they decode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ser_ray.training.clip_stream import ClipStream, WindowT
+
+if TYPE_CHECKING:
+    import ray.data
+    import ray.train
+
+SPLITS = ("train", "val", "test")
+READ_TASK_CPUS = 0  # logical CPUs a Parquet read task reserves: none, so it never waits
+READ_CONCURRENCY = 1  # read tasks at once per dataset
+ROWS_PER_READ = 16  # rows per batch handed from Ray Data to the worker's window
+
+
+def split_columns(kind: str) -> list[str]:
+    """The columns a worker needs from a features (``waveform``) or feature-cache source."""
+    inputs = ["waveform"] if kind == "waveform" else ["feature_rows", "feature_dim", "features"]
+    return ["path", "actor", "emotion", *inputs]
+
+
+def fold_datasets(
+    source: str | os.PathLike, split_actors: dict[str, Sequence[int]], kind: str
+) -> dict[str, ray.data.Dataset]:
+    """One Ray dataset per split with actors (RAY): the split's rows, the needed columns."""
+    return {
+        name: parquet_dataset(source, split_columns(kind), actors)
+        for name, actors in split_actors.items()
+        if actors
+    }
+
+
+def parquet_dataset(
+    source: str | os.PathLike, columns: Sequence[str], actors: Sequence[int] | None = None
+) -> ray.data.Dataset:
+    """The rows of ``actors`` (all rows when None) of a Parquet folder (local or URI), only
+    ``columns``, as a Ray dataset that starts even when every CPU is held (RAY; fine-tuning's
+    splits, pre-training's pool, the feature cache's input; see the module doc).
+
+    The files are listed here, in the driver, in name order; each is read by a map task that
+    reserves no CPU, one task at a time, with the actor filter and the columns pushed into
+    the read. No progress bars or start-of-execution lines (six folds x epochs x splits of
+    them otherwise)."""
+    import pyarrow.fs as pafs
+    import ray.data
+
+    text = str(source)
+    if "://" in text:
+        filesystem, folder = pafs.FileSystem.from_uri(text)
+    else:
+        filesystem, folder = pafs.LocalFileSystem(), str(Path(text).resolve())
+    files = sorted(
+        info.path
+        for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+        if info.is_file and info.path.endswith(".parquet") and not _hidden(info.path, folder)
+    )
+    if not files:
+        raise FileNotFoundError(f"{source}: no Parquet files")
+    listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    listing.context.enable_progress_bars = False  # shared by the datasets made from it
+    listing.context.print_on_execution_start = False
+    return listing.map_batches(
+        _read_files,
+        fn_kwargs={
+            "filesystem": filesystem,
+            "columns": list(columns),
+            "actors": None if actors is None else [int(a) for a in actors],
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=READ_TASK_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY),
+    )
+
+
+def _hidden(path: str, folder: str) -> bool:
+    """Whether a file or folder on ``path`` under ``folder`` starts with '.' or '_' (skipped,
+    as pyarrow's datasets skip them when they count rows)."""
+    return any(part[:1] in (".", "_") for part in path[len(folder) :].split("/") if part)
+
+
+def _read_files(
+    batch: pa.Table, filesystem, columns: list[str], actors: list[int] | None
+) -> Iterator[pa.Table]:
+    """The rows of ``actors`` in the files of ``batch``, ``columns`` only, a few rows at a
+    time (a task holds one Parquet row group, not a whole file)."""
+    read = columns if actors is None else sorted({*columns, "actor"})
+    for name in batch.column("file").to_pylist():
+        parquet = pq.ParquetFile(name, filesystem=filesystem)
+        for rows in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=read):
+            table = pa.Table.from_batches([rows])
+            if actors is not None:
+                table = table.filter(pc.is_in(table.column("actor"), pa.array(actors)))
+            if table.num_rows:
+                yield table.select(columns)
+
+
+def data_config() -> ray.train.DataConfig:
+    """How the datasets reach the workers (RAY): whole to every rank, in the same order on
+    every pass."""
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    options = ExecutionOptions(preserve_order=True)
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+
+
+def worker_stream(
+    name: str,
+    num_clips: int,
+    to_clips: Callable[[pa.Table], WindowT],
+    window_clips: int,
+) -> ClipStream[WindowT]:
+    """This worker's stream of split ``name`` (RAY: ``get_dataset_shard``)."""
+    import ray.train
+
+    shard: Any = ray.train.get_dataset_shard(name)
+
+    def open_tables():
+        return shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="pyarrow")
+
+    return ClipStream(open_tables, to_clips, num_clips, window_clips)

@@ -1,0 +1,116 @@
+"""The Ray Train edge of self-supervised pre-training: a ``TorchTrainer`` over a pool.
+
+:func:`pretrain_per_worker` is the per-worker function: the pool streams in through Ray Data,
+``window_clips`` clips at a time (:mod:`ser_ray.distributed.ingest`), and the Ray-free loop
+:func:`ser_ray.training.pretrain.run_pretraining` trains on it; :func:`fit_pretraining` is the
+driver that builds the trainer, fits it and copies the checkpoint out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ser_ray.distributed import ingest as ray_ingest
+from ser_ray.distributed import train_edge as edge
+from ser_ray.features.unlabeled import POOL_COLUMNS, clips_from_arrow, pool_paths
+from ser_ray.training import engine as eng
+from ser_ray.training.pretrain import (
+    CLIPS_FILE,
+    MODEL_DIR,
+    RESULT_FILE,
+    PretrainConfig,
+    build_pretraining_model,
+    run_pretraining,
+)
+
+POOL_DATASET = "pool"  # the trainer's Ray dataset of the pool's clips
+
+
+def pretrain_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker function: pre-train on the trainer's dataset ``pool``.
+
+    ``config``: :class:`PretrainConfig` fields plus ``num_clips`` (the pool's size, counted by
+    :func:`fit_pretraining`) and ``log_dir``. The pool streams in ``window_clips`` clips at a
+    time. Reports ``pretrain/*`` every epoch with a checkpoint; resumes from the latest one.
+    """
+    cfg = PretrainConfig.from_dict(config)
+    ctx = edge.worker_context()
+    eng.seed_everything(cfg.seed)
+    model, fe = build_pretraining_model(cfg)
+    eng.seed_everything(cfg.seed, ctx.rank)  # other masks and negatives per rank
+    clips = ray_ingest.worker_stream(  # RAY
+        POOL_DATASET, config["num_clips"], clips_from_arrow, cfg.window_clips
+    )
+    checkpoint = edge.latest_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_dir = None
+        if checkpoint is not None:
+            resume_dir = stack.enter_context(checkpoint.as_directory())
+        outcome = run_pretraining(
+            cfg,
+            model,
+            fe,
+            clips,
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            wrap_model=lambda m: edge.wrap_ddp(m, ctx.world_size),
+            resume_from=resume_dir,
+            on_epoch_end=lambda metrics, write: edge.report(metrics, write, ctx.rank),
+            log_dir=config.get("log_dir"),
+        )
+    edge.report({"done": True, "step": outcome.step}, outcome.write_checkpoint, ctx.rank)
+
+
+def fit_pretraining(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: PretrainConfig,
+    *,
+    actors: list[int] | None = None,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    max_failures: int = 2,
+    storage_path: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``actors``, only their clips)
+    with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns
+    ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
+    settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
+    paths = pool_paths(source, actors)  # the pool's size sets the steps of an epoch
+    if not paths:
+        chosen = "all actors" if actors is None else f"actors {list(actors)}"
+        raise ValueError(f"{source}: no clips to pre-train on ({chosen})")
+    config = {
+        **cfg.to_dict(),
+        "num_clips": len(paths),
+        "log_dir": str(log_dir or out / "tensorboard"),
+    }
+    trainer = edge.build_torch_trainer(
+        pretrain_per_worker,
+        config,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        storage_path=storage_path or out / "ray",
+        name="pretrain",
+        max_failures=max_failures,
+        datasets={POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
+        dataset_config=ray_ingest.data_config(),
+    )
+    checkpoint = edge.fit(trainer, f"pre-training into {out}")  # RAY
+    with checkpoint.as_directory() as ckpt:
+        shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
+        shutil.copytree(Path(ckpt) / MODEL_DIR, out / MODEL_DIR)
+        shutil.copy2(Path(ckpt) / RESULT_FILE, out / RESULT_FILE)
+    (out / CLIPS_FILE).write_text("".join(f"{p}\n" for p in paths))
+    return out / MODEL_DIR

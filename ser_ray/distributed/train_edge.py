@@ -1,0 +1,127 @@
+"""The Ray Train edge of the training engine: worker context, DDP, reports, the trainer.
+
+Everything a per-worker training function needs from Ray Train V2, in one place, so that
+the loops themselves stay Ray-free: :func:`worker_context` (rank, world size, device, the
+checkpoint to resume from), :func:`wrap_ddp`, :func:`report` (metrics + a checkpoint
+written by rank 0) and :func:`build_torch_trainer` (``FailureConfig``, storage, resources).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+@dataclasses.dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: Any  # torch.device
+
+
+def worker_context() -> WorkerContext:
+    """This worker's rank, world size and device (RAY)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    return WorkerContext(
+        context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+    )
+
+
+def wrap_ddp(model: nn.Module, world_size: int, find_unused_parameters: bool = True) -> nn.Module:
+    """The model in DDP when there are several workers (RAY), else the model itself."""
+    if world_size == 1:
+        return model
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(
+        model,
+        move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters},
+    )
+
+
+def report(
+    metrics: dict[str, Any],
+    write: Callable[[Path], Any] | None = None,
+    rank: int = 0,
+    *,
+    every_rank_writes: bool = False,
+) -> None:
+    """Report ``metrics`` to Ray Train (RAY); rank 0 attaches a checkpoint that ``write``
+    fills in a temporary folder. With ``every_rank_writes`` every rank does (files of its
+    own, e.g. its RNG states: Ray merges the ranks' folders into one checkpoint)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if (rank == 0 or every_rank_writes) and write is not None:
+            write(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def latest_checkpoint():
+    """The checkpoint to resume from after a failure or a restart, or None (RAY)."""
+    import ray.train
+
+    return ray.train.get_checkpoint()
+
+
+def fit(trainer, what: str):
+    """Run ``trainer`` to the end (RAY); its final checkpoint, or the run's error."""
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what}: the run left no checkpoint")
+    return result.checkpoint
+
+
+def build_torch_trainer(
+    per_worker: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    *,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | os.PathLike | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    resources_per_worker: dict[str, float] | None = None,
+    callbacks: list | None = None,
+    datasets: dict[str, Any] | None = None,
+    dataset_config: Any = None,
+):
+    """A ``TorchTrainer`` (Ray Train V2) running ``per_worker(config)`` on each worker, with
+    ``datasets`` (Ray datasets by name) ingested as ``dataset_config`` says; Ray Train's own
+    per-report lines only with ``--verbose`` (:mod:`ser_ray.distributed.console`)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ser_ray.distributed import console
+
+    return TorchTrainer(
+        per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage_path) if storage_path is not None else None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level()),
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )

@@ -1,0 +1,1 @@
+"""Audio -> features: decode/resample, MFCC, eGeMAPS, speaker normalisation, unlabeled pools."""

@@ -1,0 +1,327 @@
+"""Clips -> feature rows, and the features Parquet read back (no Ray).
+
+:func:`featurize_clip` reads, decodes, downmixes and resamples one clip to 16 kHz, optionally
+trims it and computes its MFCC statistics (and eGeMAPS), or says why the clip is unusable;
+:func:`featurize_batch` does a batch of them and writes the usable rows to one Parquet file,
+returning one small outcome row (path, reject reason) per clip. Where the batches run (Ray Data
+tasks or this process) is :mod:`ser_ray.distributed.prepare`'s choice. :func:`load_features`
+and :func:`to_hf_dataset` read a finished features folder back.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor
+from ser_ray.corpus.ravdess import (
+    RavdessNameError,
+    clip_from_name,
+    parse_name,
+)
+from ser_ray.features import audio
+
+log = logging.getLogger(__name__)
+
+FEATURE_SCHEMA_VERSION = 2  # 2: the egemaps column
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    """How clips become features (saved in ``config.json``; a change re-runs the work)."""
+
+    target_sr_hz: int = audio.TARGET_SR_HZ  # wav2vec2 expects 16 kHz
+    n_mfcc: int = 40  # MFCCs per frame
+    mfcc_deltas: bool = False  # append mean/std of first-order deltas to mfcc_stats
+    egemaps: bool = True  # eGeMAPSv02 functionals by openSMILE (null column when False)
+    trim_silence: bool = False  # cut leading/trailing silence before features
+    trim_top_db: float = 40.0  # what counts as silence when trimming (dB below peak)
+    silent_dbfs: float = -60.0  # reject clips whose peak is below this level
+    min_duration_s: float = 0.25  # reject shorter clips (after trimming)
+    max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
+    fold_scheme: str = "contiguous"  # which folds the `fold` column follows
+    speech_only: bool = True  # keep audio-only speech (03-01) only
+    batch_size: int = 128  # most clips per Ray Data task and Parquet file (not held at once)
+
+    def __post_init__(self) -> None:
+        if self.fold_scheme not in FOLD_SCHEMES:
+            raise ValueError(
+                f"fold_scheme={self.fold_scheme!r}: choose one of {sorted(FOLD_SCHEMES)}"
+            )
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("min_duration_s must be below max_duration_s")
+
+    @property
+    def mfcc(self) -> audio.MfccConfig:
+        return audio.MfccConfig(n_mfcc=self.n_mfcc, deltas=self.mfcc_deltas)
+
+
+META_FIELDS = [
+    ("path", pa.string()),
+    ("actor", pa.int32()),
+    ("gender", pa.string()),
+    ("emotion", pa.string()),
+    ("emotion_code", pa.int32()),
+    ("intensity", pa.int32()),
+    ("statement", pa.int32()),
+    ("repetition", pa.int32()),
+    ("fold", pa.int32()),
+]
+FEATURE_SCHEMA = pa.schema(
+    META_FIELDS
+    + [
+        ("sample_rate_hz", pa.int32()),
+        ("duration_s", pa.float64()),
+        ("num_samples", pa.int64()),
+        ("waveform", pa.list_(pa.float32())),
+        ("mfcc_mean", pa.list_(pa.float32())),
+        ("mfcc_std", pa.list_(pa.float32())),
+        ("mfcc_stats", pa.list_(pa.float32())),
+        ("egemaps", pa.list_(pa.float32())),
+    ]
+)
+# What a featurize_clip row holds: the feature row plus a rejection reason (null when usable).
+RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field("reject_reason", pa.string()))
+# What a Ray task hands back to the driver: one small row per clip, no audio.
+OUTCOME_SCHEMA = pa.schema(
+    [("path", pa.string()), ("actor", pa.int32()), ("reject_reason", pa.string())]
+)
+# Tasks per CPU: enough to balance clips of different lengths, few enough to keep the
+# per-task cost small.
+TASKS_PER_CPU = 4
+# Clips featurized and written at a time inside a batch (one Parquet row group each): bounds a
+# worker's memory (~0.25 MB of waveform per RAVDESS clip, a few copies of it while writing).
+WRITE_CHUNK_CLIPS = 16
+
+
+def featurize_clip(row: dict, config: FeatureConfig, folds: dict[int, int]) -> dict:
+    """One clip -> one result row (features, or a reject reason). Pure except for reading."""
+    out = {name: None for name in RESULT_SCHEMA.names}
+    out["path"] = row["path"]
+    try:
+        name = parse_name(row["path"])
+    except RavdessNameError as err:
+        out["reject_reason"] = str(err).split(": ", 1)[-1]
+        return out
+    clip = clip_from_name(row["path"], name)
+    out.update({key: getattr(clip, key) for key, _ in META_FIELDS if key not in ("fold",)})
+    out["fold"] = folds.get(clip.actor)
+    try:
+        data = row.get("audio_bytes") or audio.read_bytes(row["path"])
+        samples, sr_hz = audio.decode(data)
+        y = audio.resample(audio.to_mono(samples), sr_hz, config.target_sr_hz)
+        if audio.peak_dbfs(y) < config.silent_dbfs:
+            raise audio.AudioError(
+                f"silent: peak {audio.peak_dbfs(y):.1f} dBFS is below silent_dbfs="
+                f"{config.silent_dbfs:g}"
+            )
+        if config.trim_silence:
+            y = audio.trim_silence(y, config.trim_top_db)
+        duration_s = y.size / config.target_sr_hz
+        if duration_s < config.min_duration_s:
+            raise audio.AudioError(
+                f"too short: {duration_s:.3f} s < min_duration_s={config.min_duration_s:g}"
+            )
+        if duration_s > config.max_duration_s:
+            raise audio.AudioError(
+                f"too long: {duration_s:.1f} s > max_duration_s={config.max_duration_s:g} "
+                "(raise --max-duration-s to keep it)"
+            )
+        out.update(audio.mfcc_stats(y, config.target_sr_hz, config.mfcc))
+        if config.egemaps:
+            out["egemaps"] = audio.egemaps_functionals(y, config.target_sr_hz)
+    except audio.AudioError as err:
+        out["reject_reason"] = str(err)
+        return out
+    out.update(
+        sample_rate_hz=config.target_sr_hz,
+        duration_s=duration_s,
+        num_samples=y.size,
+        waveform=y,
+    )
+    return out
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.from_pylist(rows, schema=schema)``, with the float32 list columns (waveforms,
+    features) built from their numpy arrays in one copy instead of element by element
+    (pyarrow's own conversion costs ~1 ms per clip for a waveform, a third of featurizing it)."""
+    columns = []
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        if pa.types.is_list(field.type) and field.type.value_type == pa.float32():
+            arrays = [np.asarray(v, np.float32).reshape(-1) for v in values if v is not None]
+            lengths = [0 if v is None else len(v) for v in values]
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+            mask = pa.array([v is None for v in values], pa.bool_())
+            columns.append(pa.ListArray.from_arrays(offsets, flat, field.type, mask=mask))
+        else:
+            columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) -> pa.Table:
+    """The ``map_batches`` function: featurize a batch, write its usable rows to
+    ``staging_dir/part-<first input index>.parquet`` and return one outcome row per clip.
+
+    Clips are featurized and written :data:`WRITE_CHUNK_CLIPS` at a time (one Parquet row
+    group each), so a worker holds at most that many waveforms whatever the batch size."""
+    folds = fold_of_actor(config.fold_scheme)
+    path = Path(staging_dir) / f"part-{min(batch.column('index').to_pylist()):06d}.parquet"
+    outcomes, writer = [], None
+    try:
+        for start in range(0, batch.num_rows, WRITE_CHUNK_CLIPS):
+            chunk = batch.slice(start, WRITE_CHUNK_CLIPS).to_pylist()
+            rows = [featurize_clip(row, config, folds) for row in chunk]
+            outcomes.append(rows_to_table(rows, OUTCOME_SCHEMA))
+            usable = [row for row in rows if row["reject_reason"] is None]
+            if not usable:
+                continue
+            if writer is None:
+                # waveforms barely compress; skipping it saves the writer most of its time
+                writer = pq.ParquetWriter(
+                    path, FEATURE_SCHEMA, compression={"waveform": "NONE"}, use_dictionary=False
+                )
+            writer.write_table(rows_to_table(usable, FEATURE_SCHEMA))
+    finally:
+        if writer is not None:
+            writer.close()
+    # Arrow's allocator keeps freed buffers for reuse: ~90 MB per worker after a 64-clip batch
+    pa.default_memory_pool().release_unused()
+    return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
+
+
+def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:
+    """(clips per task, number of tasks): about TASKS_PER_CPU tasks per CPU so every CPU has
+    work, no task larger than ``max_batch_size`` clips (fewer, larger tasks cost less; a
+    worker holds :data:`WRITE_CHUNK_CLIPS` of them at a time).
+
+    >>> plan_batches(24, 2, 128), plan_batches(1440, 2, 128), plan_batches(1440, 16, 128)
+    ((3, 8), (128, 12), (23, 63))
+    """
+    per_task = max(1, min(max_batch_size, -(-n_clips // (num_cpus * TASKS_PER_CPU))))
+    return per_task, -(-n_clips // per_task)
+
+
+def fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(str(FEATURE_SCHEMA_VERSION).encode())
+    for item in inputs:
+        digest.update(
+            json.dumps([item["path"], item.get("size_bytes"), item.get("mtime_ns")]).encode()
+        )
+    return digest.hexdigest()
+
+
+def input_table(paths: list[str]) -> pa.Table:
+    """What the featurizing batches read: (index in input order, path) per clip."""
+    return pa.table(
+        {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
+    )
+
+
+def is_hf_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def hf_inputs(path: Path) -> tuple[pa.Table, list[dict]]:
+    """A RAVDESS copy saved with ``datasets.save_to_disk`` -> table of (index, path, bytes)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    audio_cols = [n for n, f in loaded.features.items() if isinstance(f, datasets.Audio)]
+    if audio_cols:
+        column = audio_cols[0]
+        loaded = loaded.cast_column(column, datasets.Audio(decode=False))
+        table = loaded.select_columns([column]).with_format("arrow")[:]
+        paths = table.column(column).combine_chunks().field("path").to_pylist()
+        blobs = table.column(column).combine_chunks().field("bytes")
+    else:
+        names = [n for n in ("path", "file", "filename") if n in loaded.column_names]
+        if not names:
+            raise ValueError(
+                f"{path}: the saved dataset has no Audio column and no path/file column; "
+                f"columns are {loaded.column_names}"
+            )
+        paths, blobs = loaded[names[0]], None
+    bad = [i for i, p in enumerate(paths) if not p]
+    if bad:
+        raise ValueError(f"{path}: rows {bad[:10]} of the saved dataset have no file name")
+    inputs = [{"path": p, "size_bytes": None, "mtime_ns": None} for p in paths]
+    table = input_table(paths)
+    if blobs is not None:
+        table = table.append_column("audio_bytes", blobs.cast(pa.binary()))
+    return table, inputs
+
+
+def write_rejected(path: Path, rejected: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "reason"])
+        writer.writeheader()
+        writer.writerows(sorted(rejected, key=lambda r: r["path"]))
+
+
+def _parquet_files(features_dir: str | Path) -> list[str]:
+    folder = Path(features_dir)
+    if not (folder / "_SUCCESS").exists():
+        raise FileNotFoundError(
+            f"{folder}: no finished features here; run `python jobs/prepare.py --out "
+            f"{folder.parent}` first"
+        )
+    return sorted(str(p) for p in folder.glob("part-*.parquet"))
+
+
+def load_features(features_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """The features as a pandas DataFrame (pick ``columns`` to leave the waveforms out).
+
+    Raises ``ValueError`` when a requested column is absent from the files (features prepared
+    by an older version) or was left empty (``egemaps`` of features prepared with
+    ``egemaps=False``), naming the fix.
+    """
+    files = _parquet_files(features_dir)
+    if not files:
+        return FEATURE_SCHEMA.empty_table().to_pandas()[columns or FEATURE_SCHEMA.names]
+    _check_columns(features_dir, files[0], columns or FEATURE_SCHEMA.names)
+    frame = pq.read_table(files, columns=columns, schema=FEATURE_SCHEMA).to_pandas()
+    if "egemaps" in frame.columns and frame["egemaps"].isna().any():
+        raise ValueError(
+            f"{features_dir}: prepared without eGeMAPS (egemaps=false); prepare again with "
+            "eGeMAPS (jobs/prepare.py without --no-egemaps)"
+        )
+    return frame
+
+
+def _check_columns(features_dir: str | Path, first_file: str, columns: list[str]) -> None:
+    have = set(pq.read_schema(first_file).names)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(
+            f"{features_dir}: prepared by an older ser_ray without column(s) {missing}; "
+            "prepare the features again (jobs/prepare.py, or --data-dir, which redoes them)"
+        )
+
+
+def to_hf_dataset(features_dir: str | Path, columns: list[str] | None = None):
+    """The features as a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow)."""
+    import datasets
+
+    table = pa.concat_tables(
+        [
+            pq.read_table(f, columns=columns, schema=FEATURE_SCHEMA)
+            for f in _parquet_files(features_dir)
+        ]
+    )
+    return datasets.Dataset(table)

@@ -1,0 +1,1 @@
+"""SSL audio classifiers (standard HF classes), the SVM, the demo encoder."""

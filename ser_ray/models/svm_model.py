@@ -1,0 +1,87 @@
+"""Saved SVM fold models and their predictions for new audio (no Ray).
+
+A fold model is the calibrated SVM pipeline that scored one outer fold, stored with what it
+needs to score new clips the same way: its variant name, feature set, whether its features
+were speaker-normalised, and the class names. New clips get the features of
+:mod:`ser_ray.features.audio` (MFCC statistics, eGeMAPS) with the default :class:`FeatureConfig`; a
+model trained on other feature options is refused by its feature count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from ser_ray.features import audio
+from ser_ray.features.featurize import FeatureConfig
+from ser_ray.models import svm
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FoldModel:
+    model: Any  # fitted sklearn CalibratedClassifierCV
+    variant: str  # e.g. "svm+egemaps+spknorm"
+    feature_set: str  # key of ser_ray.models.svm.FEATURE_SETS
+    speaker_norm: bool  # features z-normalised per speaker before the model
+    class_names: list[str]
+    fold: int
+    params: dict[str, Any]
+
+
+def save_fold_model(path: str | Path, fold_model: FoldModel) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(dataclasses.asdict(fold_model), path)
+    return path
+
+
+def load_fold_model(path: str | Path) -> FoldModel:
+    return FoldModel(**joblib.load(path))
+
+
+def clip_features(y: np.ndarray) -> dict[str, np.ndarray]:
+    """The SVM's feature columns of one 16 kHz clip, as :mod:`ser_ray.features.featurize` stores
+    them with the default :class:`FeatureConfig`."""
+    config = FeatureConfig()
+    return {
+        "mfcc_stats": audio.mfcc_stats(y, config.target_sr_hz, config.mfcc)["mfcc_stats"],
+        "egemaps": audio.egemaps_functionals(y, config.target_sr_hz),
+    }
+
+
+def predict_svm(
+    fold_models: Sequence[FoldModel],
+    clips: pd.DataFrame,
+    speakers: Mapping[str, str] | None,
+) -> np.ndarray:
+    """Mean class probabilities of ``fold_models`` for ``clips`` (``path``, ``mfcc_stats``,
+    ``egemaps``); ``speakers`` maps path -> speaker (needed by speaker-normalised models).
+
+    Raises :class:`ser_ray.features.speaker_norm.SpeakerNormError` when a speaker-normalised model
+    gets a clip without a speaker or a speaker with a single clip.
+    """
+    first = fold_models[0]
+    if any(m.class_names != first.class_names for m in fold_models):
+        raise ValueError("the SVM fold models predict different classes; give models of one run")
+    frame = clips.assign(actor=[(speakers or {}).get(p) for p in clips["path"]])
+    probs = []
+    for m in fold_models:
+        X = svm.feature_set_matrix(frame, m.feature_set, m.speaker_norm)
+        expected = m.model.n_features_in_
+        if X.shape[1] != expected:
+            raise ValueError(
+                f"{m.variant} fold {m.fold} expects {expected} features, new clips give "
+                f"{X.shape[1]}: it was trained on features prepared with other options"
+            )
+        probs.append(svm.class_probabilities(m.model, X, len(m.class_names)))
+    mean = np.mean(probs, axis=0)
+    return mean / mean.sum(axis=1, keepdims=True)

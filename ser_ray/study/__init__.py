@@ -1,0 +1,1 @@
+"""The k-fold study: driver, variants, summary tables and plots."""

@@ -1,0 +1,1 @@
+"""Hyperparameter searches on Ray Tune: the SVM and AdamW sweeps."""

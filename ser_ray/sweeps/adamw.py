@@ -1,0 +1,515 @@
+"""Bayesian search of the AdamW settings of the wav2vec2 loop on Ray Tune (Optuna TPE + ASHA).
+
+What is searched (:class:`SearchSpace`): the encoder and head peak learning rates, weight
+decay, AdamW's beta2, the warm-up and decay-start fractions of the schedule, and gradient
+clipping (off, or on at a searched norm). Everything else is a fixed :class:`TrainConfig`.
+
+What is scored: validation UA (``val/uar``) on validation actors taken from the *training
+side* of one outer fold (:func:`ser_ray.corpus.folds.fold_split`); the fold's test actors are
+never read. ASHA (``ASHAScheduler`` on ``val/uar`` per epoch) stops weak trials early; the
+searcher learns from ``best/val_uar`` (the best epoch's val UA, the epoch whose weights the
+loop keeps) and the best trial is the one with the highest val UA at any epoch.
+
+Each trial is a plain Tune function trainable (:func:`adamw_trial`) that trains in its own
+process with :func:`ser_ray.training.finetune.run_training` and calls ``tune.report`` once per
+epoch; no ``TorchTrainer`` (its ~20 s start-up per trial would dominate small sweeps). The
+frozen CNN's outputs come from the feature cache, built once before the search.
+
+Ray touch-points: ``tune.with_parameters`` / ``tune.with_resources`` and ``Tuner`` in
+:func:`tune_fold`, ``tune.report`` in :func:`adamw_trial`, the feature cache (Ray Data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ser_ray.common import config_file
+from ser_ray.corpus import folds, ravdess
+from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METRIC = "val/uar"  # ASHA compares trials on this at equal epochs
+SEARCH_METRIC = "best/val_uar"  # what Optuna learns from and what picks the best trial
+TIME_ATTR = "training_iteration"  # one report per epoch, so this counts epochs
+#: The TrainConfig fields a sweep decides (``best.json["params"]`` holds exactly these).
+SEARCHED_FIELDS = (
+    "lr_encoder",
+    "lr_head",
+    "weight_decay",
+    "betas",
+    "warmup_frac",
+    "decay_start_frac",
+    "grad_clip_norm",
+)
+BETA1 = 0.9  # AdamW beta1, fixed
+PUBLISHED_LR_ENCODER = (1e-5, 1e-4)  # wav2vec2 fine-tuning range in the literature
+DEMO_LR_ENCODER = (1e-5, 1e-3)  # the tiny random demo encoder tolerates (and needs) more
+GRACE_RULE = (
+    "no trial is cut before a third of its epochs nor before the longest searched warm-up "
+    "ends (grace_period = max(ceil(epochs / 3), ceil(max warmup_frac * epochs)))"
+)
+HOLDOUT_NOTE = (
+    "tuned on the training actors of outer fold {fold} only (fit actors {fit}, validation "
+    "actors {val}); only fold {fold}'s test score (actors {test}) is untouched by this search. "
+    "Running all folds with these params leaks the other folds' test actors into the choice "
+    "(they were training/validation actors here); use --nested for an unbiased estimate."
+)
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    """Ranges of the Bayesian search; ``(low, high)``, log-uniform where marked."""
+
+    lr_encoder: tuple[float, float] = DEMO_LR_ENCODER  # log; real models: 1e-5..1e-4
+    lr_head: tuple[float, float] = (1e-4, 1e-2)  # log
+    weight_decay: tuple[float, float] = (1e-4, 1e-1)  # log
+    beta2: tuple[float, float] = (0.95, 0.999)  # uniform
+    warmup_frac: tuple[float, float] = (0.0, 0.25)  # uniform
+    decay_start_frac: tuple[float, float] = (0.4, 1.0)  # uniform; always >= warmup_frac
+    grad_clip_norm: tuple[float, float] = (0.5, 5.0)  # log, when clipping is on
+
+    LOG_SCALE = ("lr_encoder", "lr_head", "weight_decay", "grad_clip_norm")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            low, high = (float(v) for v in getattr(self, f.name))
+            setattr(self, f.name, (low, high))
+            if not low <= high or (f.name in self.LOG_SCALE and low <= 0):
+                raise ValueError(f"{f.name} range {(low, high)} is not a valid range")
+        if self.warmup_frac[1] > self.decay_start_frac[0]:
+            raise ValueError("warmup_frac's range must end before decay_start_frac's begins")
+
+    @classmethod
+    def for_model(cls, model: str, **ranges: tuple[float, float]) -> SearchSpace:
+        """Defaults for ``model``: the published encoder-LR range unless it is the demo."""
+        if "lr_encoder" not in ranges or ranges["lr_encoder"] is None:
+            ranges["lr_encoder"] = DEMO_LR_ENCODER if model == DEMO_MODEL else PUBLISHED_LR_ENCODER
+        return cls(**{k: v for k, v in ranges.items() if v is not None})
+
+    def define(self, trial: Any) -> None:
+        """Optuna define-by-run space (a clipping norm is drawn only when clipping is on)."""
+        for name in ("lr_encoder", "lr_head", "weight_decay"):
+            trial.suggest_float(name, *getattr(self, name), log=True)
+        trial.suggest_float("beta2", *self.beta2)
+        trial.suggest_float("warmup_frac", *self.warmup_frac)
+        trial.suggest_float("decay_start_frac", *self.decay_start_frac)
+        if trial.suggest_categorical("grad_clip", ["off", "on"]) == "on":
+            trial.suggest_float("grad_clip_norm", *self.grad_clip_norm, log=True)
+
+    def contains(self, params: dict[str, Any]) -> bool:
+        """Whether TrainConfig values (as in ``best.json["params"]``) lie in this space."""
+
+        def inside(value: float, bounds: tuple[float, float]) -> bool:
+            return bounds[0] <= value <= bounds[1]
+
+        clip = params["grad_clip_norm"]
+        return (
+            all(inside(params[n], getattr(self, n)) for n in ("lr_encoder", "lr_head"))
+            and inside(params["weight_decay"], self.weight_decay)
+            and list(params["betas"])[0] == BETA1
+            and inside(list(params["betas"])[1], self.beta2)
+            and inside(params["warmup_frac"], self.warmup_frac)
+            and inside(params["decay_start_frac"], self.decay_start_frac)
+            and (clip is None or inside(clip, self.grad_clip_norm))
+        )
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f.name: {"range": list(getattr(self, f.name)), "scale": self._scale(f.name)}
+            for f in dataclasses.fields(self)
+        }
+        out["grad_clip"] = {"choices": ["off", "on"], "off": "grad_clip_norm = None"}
+        out["beta1"] = BETA1
+        return out
+
+    def _scale(self, name: str) -> str:
+        return "log-uniform" if name in self.LOG_SCALE else "uniform"
+
+
+def params_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig values of one sampled Tune config (``grad_clip == "off"`` -> None)."""
+    clip = config.get("grad_clip", "off")
+    return {
+        "lr_encoder": float(config["lr_encoder"]),
+        "lr_head": float(config["lr_head"]),
+        "weight_decay": float(config["weight_decay"]),
+        "betas": [BETA1, float(config["beta2"])],
+        "warmup_frac": float(config["warmup_frac"]),
+        "decay_start_frac": float(config["decay_start_frac"]),
+        "grad_clip_norm": float(config["grad_clip_norm"]) if clip == "on" else None,
+    }
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Settings of a sweep (the resolved copy is saved in ``config.json``)."""
+
+    model: str = DEMO_MODEL  # hub id, local folder or "demo"
+    scheme: str = "contiguous"  # fold scheme: contiguous | emobox
+    merge_calm: bool = False  # 7 classes instead of 8
+    num_samples: int = 20  # trials per outer fold
+    epochs: int = 8  # epochs per trial (ASHA's max_t); kfold's default is 8 too
+    batch_size: int = 8  # clips per micro-batch
+    seed: int = 0  # seed of the searcher (TPE) and of every trial's training
+    cpus_per_trial: float = 1.0  # Tune resources of one trial (torch threads = max(1, int))
+    gpus_per_trial: float = 0.0  # > 0: train on CUDA (fractions share a GPU)
+    max_concurrent_trials: int | None = None  # None: cluster CPUs // cpus_per_trial
+    grace_period: int | None = None  # ASHA: epochs before a cut; None: see min_grace_period
+    reduction_factor: int = 2  # ASHA: keep the top 1/rf at each rung
+    space: SearchSpace | None = None  # None: SearchSpace.for_model(model)
+
+    def __post_init__(self) -> None:
+        folds.fold_sets(self.scheme)  # raises on an unknown scheme
+        if self.space is None:
+            self.space = SearchSpace.for_model(self.model)
+        if self.num_samples < 1 or self.epochs < 1:
+            raise ValueError("num_samples and epochs must be >= 1")
+        least = min_grace_period(self.epochs, self.space)
+        if self.grace_period is None:
+            self.grace_period = least
+        if not least <= self.grace_period <= self.epochs:
+            raise ValueError(
+                f"grace_period={self.grace_period} with {self.epochs} epochs: ASHA must not cut "
+                f"before epoch {least} (a third of the epochs, and every searched warm-up over: "
+                f"warmup_frac up to {self.space.warmup_frac[1]}), else it favours short "
+                f"warm-ups by construction; use {least}..{self.epochs}"
+            )
+        if self.reduction_factor < 2:
+            raise ValueError("reduction_factor must be >= 2")
+
+    def base_train_config(self) -> TrainConfig:
+        """The fixed part of every trial's TrainConfig (searched fields take defaults)."""
+        return TrainConfig(
+            model=self.model,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            merge_calm=self.merge_calm,
+            seed=self.seed,
+            early_stopping_patience=None,  # ASHA decides when to stop
+        )
+
+
+def min_grace_period(epochs: int, space: SearchSpace) -> int:
+    """The first epoch ASHA may cut at: a third of the epochs, and not before the longest
+    searched warm-up is over, so trials are compared after their schedules have peaked
+    rather than while the warm-up fraction under search still holds their LR down."""
+    return max(1, math.ceil(epochs / 3), math.ceil(space.warmup_frac[1] * epochs))
+
+
+def make_searcher(space: SearchSpace, seed: int, max_concurrent: int):
+    """Optuna TPE (seeded) that asks for ``max_concurrent`` configs at a time.
+
+    ``batch=True``: the next batch is asked only after the whole previous one was told, so a
+    given seed (and the same scores) gives the same configs whatever the trials' timing.
+    """
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=space.define,
+        metric=SEARCH_METRIC,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent, batch=True)
+
+
+def make_scheduler(cfg: SweepConfig):
+    """ASHA on ``val/uar`` per epoch (``training_iteration``), up to ``cfg.epochs``."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        metric=METRIC,
+        mode="max",
+        max_t=cfg.epochs,
+        grace_period=cfg.grace_period,
+        reduction_factor=cfg.reduction_factor,
+    )
+
+
+def scheduler_info(cfg: SweepConfig) -> dict[str, Any]:
+    return {
+        "type": "ASHAScheduler",
+        "metric": METRIC,
+        "mode": "max",
+        "time_attr": TIME_ATTR,
+        "max_t": cfg.epochs,
+        "grace_period": cfg.grace_period,
+        "reduction_factor": cfg.reduction_factor,
+        "grace_rule": GRACE_RULE,
+    }
+
+
+def _actor_string(actors) -> str:
+    return " ".join(str(int(a)) for a in sorted(set(int(a) for a in actors)))
+
+
+def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Tune trainable: train one sampled AdamW config on the fit actors, score on val actors.
+
+    ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
+    (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
+    ``scheme``, ``threads``, ``device``. Reports every epoch's ``run_training`` metrics plus,
+    for auditing, the actors it trained on (``fit_actors``) and validated on
+    (``val_actors``), read from the rows it received.
+    """
+    import torch
+    from ray import tune
+
+    from ser_ray.distributed.feature_cache import cache_key
+    from ser_ray.training.clip_data import read_split, table_from_arrow
+    from ser_ray.training.config import build_model
+    from ser_ray.training.engine import seed_everything
+    from ser_ray.training.finetune import run_training
+
+    torch.set_num_threads(int(setup["threads"]))
+    cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
+    kind = setup["input_kind"]
+    class_names = ravdess.class_names(cfg.merge_calm)
+    seed_everything(cfg.seed)
+    model, fe = build_model(cfg, class_names)
+    if kind != "waveform" and cache_key(model, fe, kind) != setup["feature_cache_key"]:
+        raise ValueError("the feature cache was not made by this model's frozen part")
+    # the test actors of the fold are not even named here: only fit and validation actors
+    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
+    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
+    train, val = (
+        table_from_arrow(
+            read_split(setup["source"], actors, columns), kind, class_names, cfg.merge_calm, fe
+        )
+        for actors in (fit_actors, val_actors)
+    )
+    if not len(train) or not len(val):
+        raise ValueError(f"fold {setup['fold']}: no training or validation clips")
+    audit = {
+        "fold": int(setup["fold"]),
+        "fit_actors": _actor_string(train.actors),
+        "val_actors": _actor_string(val.actors),
+        "n_train": len(train),
+        "n_val": len(val),
+    }
+
+    def report(metrics: dict[str, float], _write_checkpoint) -> None:
+        tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
+
+    run_training(cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report)
+
+
+@dataclasses.dataclass
+class FeatureSource:
+    """Where trials read their rows: the feature cache (usual) or the features folder."""
+
+    path: str
+    input_kind: str
+    feature_cache_key: str | None
+
+
+def feature_source(
+    features_dir: str | Path, cfg: SweepConfig, cache_root: str | Path
+) -> FeatureSource:
+    """Build (or reuse) the feature cache once, before any trial, as the kfold job does."""
+    base = cfg.base_train_config()
+    if not base.use_feature_cache:
+        return FeatureSource(str(Path(features_dir).resolve()), "waveform", None)
+    from ser_ray.distributed.feature_cache import build_feature_cache
+
+    cache = build_feature_cache(features_dir, cache_root, train_config=base, use_gpu=False)
+    return FeatureSource(str(cache.path), cache.kind, cache.key)
+
+
+def tune_fold(
+    source: FeatureSource,
+    fold: int,
+    cfg: SweepConfig,
+    *,
+    storage_path: str | Path,
+    name: str,
+) -> dict[str, Any]:
+    """Search AdamW settings on the training side of outer fold ``fold``.
+
+    Returns ``{"params", "val_uar", "trials" (DataFrame, best first), "search" (what was
+    searched, how, on which actors, where the results are)}``.
+    """
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
+    base = cfg.base_train_config()
+    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
+    if not val_actors:
+        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
+    if cfg.gpus_per_trial:
+        resources["GPU"] = cfg.gpus_per_trial
+    max_concurrent = cfg.max_concurrent_trials or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
+    )
+    setup = {
+        "train_config": base.to_dict(),
+        "source": source.path,
+        "input_kind": source.input_kind,
+        "feature_cache_key": source.feature_cache_key,
+        "fold": int(fold),
+        "scheme": cfg.scheme,
+        "threads": max(1, int(cfg.cpus_per_trial)),
+        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+    }
+    trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg.space, cfg.seed, max_concurrent),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
+            trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # saves a process start per trial; each trial seeds itself
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+        ),
+    )
+    start_s = time.perf_counter()
+    grid = tuner.fit()  # RAY
+    search_s = time.perf_counter() - start_s
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
+
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        val_uar = float(history[METRIC].max())
+        epochs_run = int(history[TIME_ATTR].max())
+        rows.append(
+            {
+                "trial_id": result.metrics["trial_id"],
+                "val_uar": val_uar,
+                "last_val_uar": float(result.metrics[METRIC]),
+                "epochs_run": epochs_run,
+                "stopped_early": epochs_run < cfg.epochs,
+                "fit_actors": result.metrics["fit_actors"],
+                "val_actors": result.metrics["val_actors"],
+                **params_from_config(result.config),
+                "config": dict(result.config),
+            }
+        )
+    trials = pd.DataFrame(rows).sort_values(
+        ["val_uar", "trial_id"], ascending=[False, True], ignore_index=True
+    )
+    best = trials.iloc[0]
+    seen = {int(a) for s in [*trials["fit_actors"], *trials["val_actors"]] for a in s.split()}
+    leaked = sorted(seen & set(test_actors))
+    if leaked:  # cannot happen by construction; a guard for future edits
+        raise RuntimeError(f"fold {fold}: test actors {leaked} reached the search")
+    params = params_from_config(best["config"])
+    log.info(
+        "fold %d: best val UA %.3f with %s (%d trials, %d stopped early, %.1f s)",
+        fold,
+        best["val_uar"],
+        params,
+        len(trials),
+        int(trials["stopped_early"].sum()),
+        search_s,
+    )
+    search = {
+        "fold": int(fold),
+        "scheme": cfg.scheme,
+        "test_actors": [int(a) for a in test_actors],
+        "fit_actors": [int(a) for a in fit_actors],
+        "val_actors": [int(a) for a in val_actors],
+        "objective": f"{METRIC} (max) on the validation actors; searcher told {SEARCH_METRIC}",
+        "searcher": {"type": "OptunaSearch", "sampler": "TPESampler", "seed": cfg.seed},
+        "scheduler": scheduler_info(cfg),
+        "space": cfg.space.describe(),
+        "num_samples": cfg.num_samples,
+        "max_concurrent_trials": max_concurrent,
+        "resources_per_trial": resources,
+        "n_trials": len(trials),
+        "n_stopped_early": int(trials["stopped_early"].sum()),
+        "search_s": round(search_s, 2),
+        "fixed": {k: v for k, v in base.to_dict().items() if k not in SEARCHED_FIELDS},
+        "experiment_path": str(grid.experiment_path),
+        "note": HOLDOUT_NOTE.format(
+            fold=fold, fit=fit_actors, val=val_actors, test=list(test_actors)
+        ),
+    }
+    return {
+        "params": params,
+        "val_uar": float(best["val_uar"]),
+        "trials": trials,
+        "search": search,
+    }
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # short: the default lists every sampled value
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """``best``: the content of best.json; ``trials``: per fold, the trial table."""
+
+    best: dict[str, Any]
+    trials: dict[int, pd.DataFrame]
+
+
+def run_sweep(
+    features_dir: str | Path,
+    cfg: SweepConfig,
+    out: str | Path,
+    *,
+    fold: int = 1,
+    nested: bool = False,
+    outer_folds: Sequence[int] | None = None,
+) -> SweepResult:
+    """Sweep on ``fold`` (or, ``nested``, on every outer fold) and write ``out/best.json``.
+
+    ``outer_folds`` restricts a nested sweep to some outer folds (default: all).
+
+    Also writes ``out/trials_fold<k>.csv`` and the Tune experiments ``out/tune/adamw_fold<k>``
+    (TensorBoard event files per trial). The feature cache goes to ``out/feature_cache``.
+    Needs a running Ray instance.
+    """
+    import json
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    n_folds = len(folds.fold_sets(cfg.scheme))
+    if nested:
+        fold_numbers = sorted(int(k) for k in (outer_folds or range(1, n_folds + 1)))
+    else:
+        fold_numbers = [int(fold)]
+    if not fold_numbers or not set(fold_numbers) <= set(range(1, n_folds + 1)):
+        raise ValueError(f"folds {fold_numbers} do not exist; choose from 1..{n_folds}")
+    source = feature_source(features_dir, cfg, out / "feature_cache")
+    found, trials = {}, {}
+    for k in fold_numbers:
+        found[k] = tune_fold(source, k, cfg, storage_path=out / "tune", name=f"adamw_fold{k}")
+        trials[k] = found[k].pop("trials")
+        trials[k].drop(columns=["config"]).to_csv(out / f"trials_fold{k}.csv", index=False)
+    if nested:
+        best = {
+            "per_fold": {
+                str(k): {"params": f["params"], "val_uar": f["val_uar"], "search": f["search"]}
+                for k, f in found.items()
+            },
+            "note": "per outer fold: params tuned on that fold's training actors only; "
+            "each fold's test score is untouched by its own search",
+        }
+    else:
+        (k,) = fold_numbers
+        best = {**found[k], "fold": k}
+    (out / "best.json").write_text(json.dumps(config_file.to_jsonable(best), indent=2))
+    return SweepResult(best=best, trials=trials)

@@ -1,0 +1,362 @@
+"""Nested cross-validation of the MFCC + SVM baseline on Ray Tune (the Ray edge of svm.py).
+
+For each outer fold k, the training actors (the other five folds) go — and only they go —
+to a Tune search. Each trial scores one config by the inner actor-grouped cross-validation
+of :func:`ser_ray.models.svm.inner_cv_score` (UA, mean over the five remaining folds). The best
+config is refit on all training actors and scores fold k once. Outer folds run one after
+the other; within a fold the trials run in parallel, one CPU each.
+
+Ray touch-points: ``ray.tune.with_parameters`` (puts the training rows of one fold in the
+object store; the test rows are never passed), ``tune.report`` in :func:`svm_trial`, and the
+``Tuner`` in :func:`tune_fold`. Searchers: ``grid`` (``tune.grid_search`` over
+:func:`ser_ray.models.svm.svm_grid`) and ``bayes`` (Optuna TPE, seeded, asked in batches of
+``max_concurrent_trials`` so that a fixed seed gives the same trials on every run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ser_ray.common.metrics import classification_metrics
+from ser_ray.corpus.folds import (
+    check_actors,
+    check_no_leakage,
+    fold_of_actor,
+    test_and_train_actors,
+)
+from ser_ray.corpus.ravdess import class_names
+from ser_ray.features import speaker_norm
+from ser_ray.models import svm, svm_model
+
+log = logging.getLogger(__name__)
+
+SEARCHES = ("grid", "bayes")
+METRIC = "inner_uar"
+
+
+@dataclasses.dataclass
+class SvmResult:
+    """Per-fold results and out-of-fold predictions of the nested SVM cross-validation.
+
+    ``folds``: one dict per outer fold: ``fold``, ``test_actors``, ``n_test``,
+    ``svm`` ({"accuracy", "uar", "macro_f1"} on the test fold), ``svm_params`` (chosen
+    config), ``svm_search_s`` (wall time of the Tune search), ``svm_inner`` (best inner UA,
+    number of trials, the actors every trial received and the inner validation folds).
+    ``predictions``: one row per clip of the tested folds.
+    ``config``: the resolved settings of the run.
+    """
+
+    folds: list[dict[str, Any]]
+    predictions: pd.DataFrame
+    config: dict[str, Any]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean and std of the test metrics over folds."""
+        return svm.summarize_folds(self.folds, self.config["model"])
+
+
+def svm_trial(
+    config: dict[str, Any],
+    X: np.ndarray,
+    y: np.ndarray,
+    actors: np.ndarray,
+    scheme: str,
+    num_classes: int,
+) -> None:
+    """Tune trainable: one config scored by inner actor-grouped CV on the training rows.
+
+    Reports the inner scores and, for auditing, the actors it received (``actors_seen``) and
+    the actors of each inner validation split (``inner_val_actors``), as strings.
+    """
+    from ray import tune
+
+    splits = svm.inner_splits(actors, scheme)
+    scores = svm.inner_cv_score(config.get("svm", config), X, y, splits, num_classes)
+    val_actors = [sorted(set(actors[val].tolist())) for _, val in splits]
+    tune.report(
+        {
+            METRIC: scores["uar"],
+            "inner_uar_std": scores["uar_std"],
+            "inner_accuracy": scores["accuracy"],
+            "inner_macro_f1": scores["macro_f1"],
+            "n_rows": int(len(y)),
+            "actors_seen": " ".join(map(str, sorted(set(actors.tolist())))),
+            "inner_val_actors": "|".join(" ".join(map(str, a)) for a in val_actors),
+        }
+    )
+
+
+def _optuna_space(trial: Any) -> None:
+    """Define-by-run space of the Bayesian search (gamma only where the kernel uses it)."""
+    kernel = trial.suggest_categorical("kernel", list(svm.KERNELS))
+    if kernel == "linear":
+        trial.suggest_float("C_linear", *svm.LINEAR_C_RANGE, log=True)
+    else:
+        trial.suggest_float("C", *svm.C_RANGE, log=True)
+    trial.suggest_categorical("class_weight", list(svm.CLASS_WEIGHTS))
+    if (
+        kernel != "linear"
+        and trial.suggest_categorical("gamma_mode", ["scale", "value"]) == "value"
+    ):
+        trial.suggest_float("gamma", *svm.GAMMA_RANGE, log=True)
+
+
+def tune_fold(
+    X: np.ndarray,
+    y: np.ndarray,
+    actors: np.ndarray,
+    *,
+    search: str,
+    num_samples: int,
+    scheme: str,
+    num_classes: int,
+    seed: int,
+    storage_path: str | Path,
+    name: str,
+    smoke_test: bool = False,
+    grid: Sequence[dict[str, Any]] | None = None,
+    max_concurrent_trials: int | None = None,
+) -> dict[str, Any]:
+    """Search SVM configs on one outer fold's training rows with Ray Tune.
+
+    Returns ``{"params", "inner_uar", "search_s", "n_trials", "actors_seen",
+    "inner_val_actors", "experiment_path"}``. ``num_samples`` is the trial budget of
+    ``bayes``; ``grid`` runs every point of ``grid`` once (default
+    :func:`ser_ray.models.svm.svm_grid`).
+    """
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; choose one of {SEARCHES}")
+    if not ray.is_initialized():
+        raise RuntimeError("connect to a Ray cluster (ray.init) before the SVM search")
+    if max_concurrent_trials is None:
+        max_concurrent_trials = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            svm_trial, X=X, y=y, actors=np.asarray(actors), scheme=scheme, num_classes=num_classes
+        ),
+        {"cpu": 1},
+    )
+    if search == "grid":
+        grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
+        param_space = {"svm": tune.grid_search([svm.svm_params(c) for c in grid_points])}
+        tune_config = tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=1,
+            max_concurrent_trials=max_concurrent_trials,
+            reuse_actors=True,
+        )
+    else:
+        searcher = ConcurrencyLimiter(
+            OptunaSearch(space=_optuna_space, metric=METRIC, mode="max", seed=seed),
+            max_concurrent=max_concurrent_trials,
+            batch=True,  # ask only after a whole batch is told: same trials for the same seed
+        )
+        param_space = {}
+        tune_config = tune.TuneConfig(
+            search_alg=searcher, num_samples=num_samples, reuse_actors=True
+        )
+    run_config = tune.RunConfig(
+        name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+    )
+    tuner = tune.Tuner(
+        trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
+    )
+    start_s = time.perf_counter()
+    results = tuner.fit()
+    search_s = time.perf_counter() - start_s
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+
+    rows, seen, val_splits = [], set(), set()
+    for result in results:
+        rows.append((result.config.get("svm", result.config), result.metrics[METRIC]))
+        seen.update(int(a) for a in result.metrics["actors_seen"].split())
+        val_splits.add(result.metrics["inner_val_actors"])
+    params, inner_uar = svm.best_config(rows)
+    log.debug(
+        "%s: best inner UA %.3f with %s (%d trials, %.1f s)",
+        name,
+        inner_uar,
+        params,
+        len(rows),
+        search_s,
+    )
+    return {
+        "params": params,
+        "inner_uar": inner_uar,
+        "search_s": search_s,
+        "n_trials": len(rows),
+        "actors_seen": sorted(seen),
+        "inner_val_actors": [
+            [[int(a) for a in part.split()] for part in s.split("|")] for s in sorted(val_splits)
+        ],
+        "experiment_path": results.experiment_path,
+    }
+
+
+def run_nested_svm(
+    df: pd.DataFrame,
+    *,
+    search: str = "grid",
+    num_samples: int = 20,
+    scheme: str = "contiguous",
+    merge_calm: bool = False,
+    seed: int = 0,
+    storage_path: str | Path,
+    folds: Sequence[int] | None = None,
+    smoke_test: bool = False,
+    grid: Sequence[dict[str, Any]] | None = None,
+    max_concurrent_trials: int | None = None,
+    feature_set: str = "mfcc",
+    speaker_normalise: bool = False,
+    variant: str = "svm",
+    models_dir: str | Path | None = None,
+) -> SvmResult:
+    """Nested cross-validation of the SVM over the outer folds of ``scheme``.
+
+    ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``);
+    its ``fold`` column is recomputed from ``actor`` under ``scheme``. ``folds`` restricts the
+    outer folds (default: all six, which needs all 24 actors). Tune results go to
+    ``storage_path/svm_<search>_fold<k>``. ``grid`` overrides the fixed grid of ``search="grid"``
+    (default :func:`ser_ray.models.svm.svm_grid`); ``smoke_test`` picks its small version. Needs a
+    running Ray instance (``ray.init``).
+
+    ``feature_set`` picks the columns (:data:`ser_ray.models.svm.FEATURE_SETS`). With
+    ``speaker_normalise`` every clip's features are z-normalised over its own actor's clips
+    (:mod:`ser_ray.features.speaker_norm`) before the pipeline's StandardScaler; since an actor's
+    statistics use only that actor's clips, doing it once for all rows is the same as doing
+    it inside each outer and inner fold (no statistic crosses actors). Results, predictions
+    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``). With
+    ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
+    (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``).
+    """
+    names = class_names(merge_calm)
+    num_classes = len(names)
+    fold_map = fold_of_actor(scheme)
+    if folds is None:
+        check_actors(df["actor"].unique().tolist(), scheme)
+        folds = sorted(set(fold_map.values()))
+    df = df.reset_index(drop=True).copy()
+    df["actor"] = df["actor"].astype(int)
+    df["fold"] = df["actor"].map(fold_map).astype("int32")
+    X = svm.feature_set_matrix(df, feature_set, speaker_normalise)
+    y = svm.label_vector(df, merge_calm)
+    actors = df["actor"].to_numpy()
+
+    fold_results, prediction_parts = [], []
+    for k in folds:
+        test_actors, train_actors = test_and_train_actors(k, scheme)
+        test_mask = np.isin(actors, test_actors)
+        train_mask = np.isin(actors, train_actors)
+        check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
+        if not test_mask.any():
+            raise ValueError(f"fold {k} (actors {test_actors}) has no clips")
+        found = tune_fold(
+            X[train_mask],
+            y[train_mask],
+            actors[train_mask],
+            search=search,
+            num_samples=num_samples,
+            scheme=scheme,
+            num_classes=num_classes,
+            seed=seed,
+            storage_path=storage_path,
+            name=f"{variant.replace('+', '_')}_{search}_fold{k}",
+            smoke_test=smoke_test,
+            grid=grid,
+            max_concurrent_trials=max_concurrent_trials,
+        )
+        leaked = sorted(set(found["actors_seen"]) & set(test_actors))
+        if leaked:  # cannot happen by construction; a guard for future edits
+            raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
+
+        model = svm.fit_calibrated_svm(
+            found["params"], X[train_mask], y[train_mask], actors[train_mask], scheme
+        )
+        pred = svm.predict_labels(model, X[test_mask])
+        proba = svm.class_probabilities(model, X[test_mask], num_classes)
+        if models_dir is not None:
+            svm_model.save_fold_model(
+                Path(models_dir) / f"fold_{k}.joblib",
+                svm_model.FoldModel(
+                    model, variant, feature_set, speaker_normalise, names, int(k), found["params"]
+                ),
+            )
+        metrics = classification_metrics(y[test_mask], pred, num_classes)
+        log.info(
+            "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d trials)",
+            variant,
+            k,
+            metrics["uar"],
+            metrics["accuracy"],
+            found["params"],
+            found["inner_uar"],
+            found["n_trials"],
+        )
+        fold_results.append(
+            {
+                "fold": int(k),
+                "test_actors": [int(a) for a in test_actors],
+                "n_test": int(test_mask.sum()),
+                variant: metrics,
+                f"{variant}_params": found["params"],
+                f"{variant}_search_s": float(found["search_s"]),
+                f"{variant}_inner": {
+                    "best_inner_uar": float(found["inner_uar"]),
+                    "n_trials": int(found["n_trials"]),
+                    "actors_seen": found["actors_seen"],
+                    "inner_val_actors": found["inner_val_actors"],
+                    "experiment_path": str(found["experiment_path"]),
+                },
+            }
+        )
+        part = df.loc[test_mask, ["path", "actor", "fold"]].copy()
+        part["true_label"] = [names[i] for i in y[test_mask]]
+        part["pred_label"] = [names[i] for i in pred]
+        part["model"] = variant
+        for j, name in enumerate(names):
+            part[f"prob_{name}"] = proba[:, j]
+        prediction_parts.append(part)
+
+    predictions = pd.concat(prediction_parts, ignore_index=True)
+    grid_points = (
+        [svm.svm_params(c) for c in grid] if grid is not None else svm.svm_grid(smoke_test)
+    )
+    config = {
+        "model": variant,
+        "search": search,
+        "num_samples": num_samples if search == "bayes" else len(grid_points),
+        "grid": grid_points if search == "grid" else None,
+        "max_concurrent_trials": max_concurrent_trials,
+        "scheme": scheme,
+        "merge_calm": merge_calm,
+        "class_names": names,
+        "seed": seed,
+        "folds": [int(k) for k in folds],
+        "smoke_test": smoke_test,
+        "inner_cv": "leave one remaining outer fold out (5 x 4 actors), metric UA",
+        "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
+        "(pred_label, metrics) alike",
+        "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "
+        "the same SVC; their argmax may differ from pred_label on a few clips",
+        "feature_set": feature_set,
+        "feature_columns": list(svm.FEATURE_SETS[feature_set]),
+        "normalisation": speaker_norm.DESCRIPTION if speaker_normalise else speaker_norm.NONE,
+        "storage_path": str(Path(storage_path).resolve()),
+    }
+    return SvmResult(folds=fold_results, predictions=predictions, config=config)

@@ -1,0 +1,156 @@
+"""Settings of one fine-tuning run, and the model they describe.
+
+:class:`TrainConfig` holds every setting with its default and what it does (a dataclass with
+help on each field, as in HF ``TrainingArguments``); :func:`build_model` makes the classifier
+a run of those settings trains. Both are shared by the loop (:mod:`ser_ray.training.finetune`), the
+feature cache (:mod:`ser_ray.distributed.feature_cache`), the Ray edge
+(:mod:`ser_ray.distributed.fold_trainer`) and the sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ser_ray.models.ssl import PartwiseClassifier, load_model
+from ser_ray.training.engine import LoopSettings
+
+
+@dataclasses.dataclass
+class TrainConfig(LoopSettings):
+    """Settings of one fine-tuning run (one outer fold). Defaults suit a pretrained encoder."""
+
+    # model
+    model: str = dataclasses.field(
+        default="demo",
+        metadata={
+            "help": "hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio "
+            "encoder (facebook/wav2vec2-base, microsoft/wavlm-large, ...), or 'demo'"
+        },
+    )
+    probe: bool = dataclasses.field(
+        default=False, metadata={"help": "freeze the whole encoder; train the head only"}
+    )
+    use_weighted_layer_sum: bool = dataclasses.field(
+        default=True, metadata={"help": "learnable softmax-weighted sum of all hidden layers"}
+    )
+    head_dropout: float = dataclasses.field(
+        default=0.1,
+        metadata={"help": "dropout after the projector, in training only (not in the checkpoint)"},
+    )
+    freeze_feature_encoder: bool = dataclasses.field(
+        default=True, metadata={"help": "freeze the CNN feature encoder (wav2vec 2.0 paper)"}
+    )
+    freeze_encoder_steps: int = dataclasses.field(
+        default=0, metadata={"help": "train only the head for the first N optimizer steps"}
+    )
+    mask_time_prob: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "SpecAugment time-mask probability; None keeps the model config's"},
+    )
+    # optimizer (AdamW)
+    lr_encoder: float = dataclasses.field(
+        default=5e-5, metadata={"help": "peak LR of the encoder (published range 1e-5..1e-4)"}
+    )
+    lr_head: float = dataclasses.field(default=1e-3, metadata={"help": "peak LR of the head"})
+    weight_decay: float = dataclasses.field(
+        default=0.01, metadata={"help": "AdamW decoupled weight decay (not on biases/norms)"}
+    )
+    betas: tuple[float, float] = dataclasses.field(
+        default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"}
+    )
+    eps: float = dataclasses.field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    # schedule (ser_ray.training.schedule)
+    warmup_frac: float = dataclasses.field(
+        default=0.1, metadata={"help": "fraction of steps of linear warm-up"}
+    )
+    decay_start_frac: float = dataclasses.field(
+        default=0.7, metadata={"help": "fraction of steps after which the LR decays"}
+    )
+    final_lr_scale: float = dataclasses.field(
+        default=0.05, metadata={"help": "LR at the last step, as a fraction of the peak"}
+    )
+    decay_shape: str = dataclasses.field(
+        default="linear", metadata={"help": "decay shape: linear, cosine or exponential"}
+    )
+    grad_clip_norm: float | None = dataclasses.field(
+        default=None, metadata={"help": "clip the global grad norm to this value; None = off"}
+    )
+    grad_accum_steps: int = dataclasses.field(
+        default=1, metadata={"help": "micro-batches per optimizer step"}
+    )
+    # data
+    batch_size: int = dataclasses.field(default=8, metadata={"help": "clips per micro-batch"})
+    eval_batch_size: int = dataclasses.field(
+        default=16, metadata={"help": "clips per batch in evaluation"}
+    )
+    length_group_factor: int = dataclasses.field(
+        default=50, metadata={"help": "sort by length within windows of this many batches"}
+    )
+    window_clips: int = dataclasses.field(
+        default=1024,
+        metadata={
+            "help": "clips a Ray Train worker holds at once while it streams its split (batches "
+            "are length-grouped and shuffled within a window); at least the split's size gives "
+            "the same batches as holding the whole split"
+        },
+    )
+    epochs: int = dataclasses.field(default=10, metadata={"help": "maximum number of epochs"})
+    early_stopping_patience: int | None = dataclasses.field(
+        default=5, metadata={"help": "stop after N epochs without a better val UA; None = off"}
+    )
+    merge_calm: bool = dataclasses.field(
+        default=False, metadata={"help": "merge calm into neutral (7 classes)"}
+    )
+    n_val_actors: int = dataclasses.field(
+        default=4, metadata={"help": "validation actors taken from the training side; 0 = none"}
+    )
+    use_feature_cache: bool = dataclasses.field(
+        default=True, metadata={"help": "reuse the frozen CNN's (probe: all layers') outputs"}
+    )
+    refit: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "after choosing the best epoch on the validation actors, retrain from "
+            "scratch on fit + validation actors for that many epochs and test that model"
+        },
+    )
+    # runtime
+    amp: str = dataclasses.field(
+        default="auto", metadata={"help": "auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off"}
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "seed of init and order; rank r's dropout uses seed + r"}
+    )
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # lists arrive from JSON / Tune
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if min(self.grad_accum_steps, self.batch_size, self.epochs, self.window_clips) < 1:
+            raise ValueError("grad_accum_steps, batch_size, epochs and window_clips must be >= 1")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
+        if self.use_feature_cache and not self.freeze_feature_encoder:
+            raise ValueError("the feature cache needs a frozen CNN (freeze_feature_encoder=True)")
+
+
+def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseClassifier, Any]:
+    """The classifier (a standard HF audio classifier, run in parts) and feature extractor
+    a run of ``cfg`` trains (seeded head)."""
+    overrides = {}
+    if cfg.mask_time_prob is not None:
+        overrides["mask_time_prob"] = cfg.mask_time_prob
+    model, fe = load_model(
+        cfg.model,
+        class_names,
+        use_weighted_layer_sum=cfg.use_weighted_layer_sum,
+        freeze_feature_encoder=cfg.freeze_feature_encoder or cfg.probe,
+        seed=cfg.seed,
+        **overrides,
+    )
+    runner = PartwiseClassifier(model, fe.return_attention_mask, cfg.head_dropout)
+    if cfg.probe:
+        runner.freeze_encoder()
+    return runner, fe

@@ -1,0 +1,376 @@
+"""Our own PyTorch fine-tuning loop for the SSL-encoder classifier (no Ray).
+
+Read it top to bottom: :func:`build_optimizer` (AdamW, no decay on biases/norms, separate
+peaks for encoder and head), :func:`train_one_epoch` (one pass of optimizer steps on the
+shared :class:`ser_ray.training.engine.Engine`: AMP, gradient accumulation, optional clipping, NaN
+check; the transformer frozen for the first steps), :func:`evaluate` (loss, accuracy, UA,
+macro-F1 and per-clip probabilities), :func:`run_training` (epochs, best-epoch selection on
+validation UA, early stopping, TensorBoard, checkpoints and exact resume) and
+:func:`refit` (retrain on fit + validation clips for the best epoch count).
+
+Settings and the model come from :mod:`ser_ray.training.config`, clips and batches from
+:mod:`ser_ray.training.clip_data` (a whole split in memory, or streamed window by window,
+:mod:`ser_ray.training.clip_stream`), checkpoints from :mod:`ser_ray.training.checkpoints`; the Ray
+Train edge that runs this loop on each worker is :mod:`ser_ray.distributed.fold_trainer`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ser_ray.common.metrics import classification_metrics
+from ser_ray.corpus import ravdess
+from ser_ray.models.ssl import PartwiseClassifier, inference_batches
+from ser_ray.training import engine as eng
+from ser_ray.training.checkpoints import TrainState, load_checkpoint, write_checkpoint
+from ser_ray.training.clip_data import (
+    Clips,
+    ClipTable,
+    batches_per_epoch,
+    collate,
+    collated_batches,
+    merge_tables,
+)
+from ser_ray.training.clip_stream import chain_streams
+from ser_ray.training.config import TrainConfig, build_model
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters in four groups: {encoder, head} x {decay, none}.
+
+    Biases, norm weights and other 1-D parameters (layer weights, mask embedding) get no
+    weight decay. Call before any temporary freezing (``freeze_encoder_steps``).
+    """
+    core = eng.unwrap(model)
+    return eng.build_adamw(
+        core,
+        lr={"encoder": cfg.lr_encoder, "head": cfg.lr_head},
+        weight_decay=cfg.weight_decay,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        part_of=lambda name: "encoder" if core.is_encoder_parameter(name) else "head",
+    )
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current LR of the encoder and head groups (``train/lr`` is the head's)."""
+    lrs = {g["name"].split("/")[0]: g["lr"] for g in optimizer.param_groups}
+    return {"train/lr": lrs.get("head", 0.0), "train/lr_encoder": lrs.get("encoder", 0.0)}
+
+
+def epoch_batches(
+    clips: Clips, cfg: TrainConfig, epoch: int, rank: int = 0, world_size: int = 1
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of ``epoch``, collated (similar lengths, seeded by epoch)."""
+    return collated_batches(
+        clips,
+        cfg.batch_size,
+        seed=cfg.seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        group_factor=cfg.length_group_factor,
+    )
+
+
+def _micro_batch_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, device, group_clips: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clips' share of their group's mean loss, and their summed loss (for logging)."""
+    clips = len(batch["labels"])
+    loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
+    return loss * (clips / group_clips), {"loss_sum": loss.item() * clips}
+
+
+def train_one_epoch(
+    engine: eng.Engine,
+    batches: Iterable[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    epoch: int,
+    step: int,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[int, dict[str, float]]:
+    """One pass over ``batches`` (collated, e.g. by :func:`epoch_batches`); returns (steps
+    done so far, {train/loss, ...}).
+
+    Gradient accumulation over ``cfg.grad_accum_steps`` micro-batches (the loss is the mean
+    over the clips of the group), the transformer frozen while
+    ``step < cfg.freeze_encoder_steps``.
+    """
+    engine.wrapped.train()
+    accum = cfg.grad_accum_steps
+    total_loss, total_clips, t0 = 0.0, 0, time.perf_counter()
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, accum)):
+        engine.model.set_transformer_trainable(step >= cfg.freeze_encoder_steps)
+        group_clips = sum(len(b["labels"]) for b in group)
+        lrs = current_lrs(engine.optimizer)  # the LRs this step uses
+        logs = engine.step(
+            group,
+            functools.partial(_micro_batch_loss, device=engine.device, group_clips=group_clips),
+            where=f"at epoch {epoch + 1}, step {step + 1}",
+        )
+        group_loss = sum(values["loss_sum"] for values in logs)
+        step += 1
+        total_loss += group_loss
+        total_clips += group_clips
+        if on_step is not None:
+            on_step(step, {"train/loss": group_loss / group_clips, **lrs})
+    seconds = time.perf_counter() - t0
+    return step, {
+        "train/loss": total_loss / max(total_clips, 1),
+        "train/clips_per_s": total_clips / seconds if seconds > 0 else 0.0,
+        "train/epoch_s": seconds,
+        **current_lrs(engine.optimizer),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    clips: Clips,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_classes: int,
+    amp_dtype: torch.dtype | None = None,
+    prefix: str = "val",
+) -> tuple[dict[str, float], np.ndarray, ClipTable]:
+    """({prefix}/loss, /accuracy, /uar, /macro_f1), softmax probabilities (N, classes) and the
+    scored clips (paths, actors, labels; no inputs) in path order, row by row with the
+    probabilities.
+
+    Window by window, clips are batched as :func:`ser_ray.models.ssl.inference_batches` says, so
+    each clip gets the probabilities the standard class (and ``pipeline()``) gives it alone."""
+    core = eng.unwrap(model)
+    was_training = core.training
+    core.eval()
+    scored: list[ClipTable] = []
+    window_probs: list[np.ndarray] = []
+    total_loss = 0.0
+    for table in clips.windows():
+        probs = np.zeros((len(table), num_classes), dtype=np.float64)
+        # the padding rule of jobs/predict.py: padded batches only where padding changes nothing
+        exact_length = table.kind != "pooled" and not core.pads_exactly
+        for indices in inference_batches(table.lengths, batch_size, exact_length):
+            inputs = collate(table, indices, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            logits = logits.float()
+            total_loss += nn.functional.cross_entropy(
+                logits, inputs["labels"], reduction="sum"
+            ).item()
+            probs[indices] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+        scored.append(table.without_inputs())
+        window_probs.append(probs)
+        del table  # before the next window is read
+    core.train(was_training)
+    if not scored:
+        raise ValueError("no clips to evaluate")
+    table = merge_tables(*scored)
+    paths = np.array([p for t in scored for p in t.paths], dtype=object)
+    probs = np.concatenate(window_probs)[np.argsort(paths, kind="stable")]  # merge_tables' order
+    if len(table) == 0:
+        return {}, probs, table
+    scores = classification_metrics(table.labels, probs.argmax(axis=1), num_classes)
+    metrics = {f"{prefix}/loss": total_loss / len(table)}
+    metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
+    return metrics, probs, table
+
+
+def rank0_value(value: float, world_size: int, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (a broadcast; the value itself with one rank).
+
+    Decisions that change the control flow (best epoch, early stop) are taken on rank 0's
+    figures only, so no rank can leave the loop while the others wait in an all-reduce.
+    """
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def record_epoch(
+    state: TrainState,
+    epoch: int,
+    uar: float,
+    cfg: TrainConfig,
+    train_metrics: dict[str, float],
+    val_metrics: dict[str, float],
+) -> tuple[dict[str, float], bool]:
+    """Count ``epoch`` (0-based) as done in ``state``: best epoch on ``uar``, early stop,
+    the epoch's metrics in the history. Returns the metrics and whether it is the best epoch
+    so far."""
+    state.epoch = epoch + 1
+    improved = uar > state.best_uar
+    if improved:
+        state.best_uar, state.best_epoch, state.epochs_since_best = uar, epoch + 1, 0
+    else:
+        state.epochs_since_best += 1
+    patience = cfg.early_stopping_patience
+    if patience and state.epochs_since_best >= patience and state.epoch < cfg.epochs:
+        state.stopped_early = True
+        log.info("early stopping after epoch %d (best epoch %d)", state.epoch, state.best_epoch)
+    metrics = {
+        "epoch": state.epoch,
+        "step": state.step,
+        **train_metrics,
+        **val_metrics,
+        "best_epoch": state.best_epoch,
+    }
+    if val_metrics:
+        metrics["best/val_uar"] = state.best_uar
+    state.history.append(metrics)
+    log.info(
+        "epoch %d/%d step %d: %s",
+        state.epoch,
+        cfg.epochs,
+        state.step,
+        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k),
+    )
+    return metrics, improved
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    state: TrainState
+    best_weights: dict[str, torch.Tensor] | None
+    #: writes the final training state (a restart from it skips straight to the end)
+    write_checkpoint: Callable[[Path], Path]
+
+
+def run_training(
+    cfg: TrainConfig,
+    model: PartwiseClassifier,
+    feature_extractor,
+    train_clips: Clips,
+    val_clips: Clips | None,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    resume_from: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[dict[str, float], Callable[[Path], Path]], None] | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> TrainOutcome:
+    """Train for ``cfg.epochs`` (or until early stopping); leave the best weights in ``model``.
+
+    ``on_epoch_end(metrics, write_checkpoint)`` runs after every epoch on every rank;
+    ``write_checkpoint(dir)`` saves the full training state there. With ``resume_from`` (a
+    checkpoint folder) training continues exactly where that checkpoint left off.
+    """
+    device = torch.device(device)
+    model.to(device)
+    wrapped = wrap_model(model) if wrap_model is not None else model
+    num_batches = batches_per_epoch(
+        train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
+    )
+    total_steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps) * cfg.epochs
+    engine = eng.build_engine(
+        model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
+        wrapped=wrapped,
+    )  # fmt: skip
+    state, best_weights = TrainState(), None
+    if resume_from is not None:
+        state, best_weights = load_checkpoint(resume_from, model=model, engine=engine, rank=rank)
+        log.info(
+            "resumed at epoch %d, step %d (best epoch %d)", state.epoch, state.step,
+            state.best_epoch,
+        )  # fmt: skip
+    scalars = eng.ScalarLog(log_dir, rank, resume_step=state.step)
+
+    def checkpoint_writer(state: TrainState, best_weights) -> Callable[[Path], Path]:
+        return functools.partial(
+            write_checkpoint, model=model, feature_extractor=feature_extractor, engine=engine,
+            state=state, best_weights=best_weights, rank=rank,
+        )  # fmt: skip
+
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.stopped_early:
+                break
+            state.step, train_metrics = train_one_epoch(
+                engine,
+                epoch_batches(train_clips, cfg, epoch, rank, world_size),
+                cfg,
+                epoch=epoch,
+                step=state.step,
+                on_step=lambda step, values: scalars.add(values, step),
+            )
+            val_metrics: dict[str, float] = {}
+            if val_clips is not None and len(val_clips):
+                val_metrics, _, _ = evaluate(
+                    model,
+                    val_clips,
+                    batch_size=cfg.eval_batch_size,
+                    device=device,
+                    num_classes=model.config.num_labels,
+                    amp_dtype=engine.amp_dtype,
+                )
+            uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
+            uar = rank0_value(uar, world_size, device)  # one decision for every rank
+            metrics, improved = record_epoch(state, epoch, uar, cfg, train_metrics, val_metrics)
+            if improved:
+                best_weights = {
+                    k: v.detach().cpu().clone() for k, v in model.model.state_dict().items()
+                }
+            scalars.add({**val_metrics, "train/epoch_loss": metrics["train/loss"]}, state.step)
+            scalars.flush()
+            if on_epoch_end is not None:
+                on_epoch_end(metrics, checkpoint_writer(copy.deepcopy(state), best_weights))
+    finally:
+        scalars.close()
+    if best_weights is not None:
+        model.model.load_state_dict(best_weights)
+    return TrainOutcome(state, best_weights, checkpoint_writer(state, best_weights))
+
+
+def refit(
+    cfg: TrainConfig,
+    epochs: int,
+    fit_clips: Clips,
+    val_clips: Clips,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[PartwiseClassifier, Clips]:
+    """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
+    epoch count found with the validation actors held out), its schedule spread over them.
+
+    Returns the model (last-epoch weights: there is nothing left to select on) and the clips
+    it trained on. No checkpoints: a restart repeats the refit, seeded, to the same weights.
+    """
+    refit_cfg = dataclasses.replace(cfg, epochs=max(1, epochs), early_stopping_patience=None)
+    eng.seed_everything(cfg.seed, rank)
+    model, fe = build_model(refit_cfg, ravdess.class_names(cfg.merge_calm))
+    if isinstance(fit_clips, ClipTable):
+        clips = merge_tables(fit_clips, val_clips)
+    else:
+        clips = chain_streams(fit_clips, val_clips)
+    run_training(
+        refit_cfg, model, fe, clips, None, device=device, rank=rank, world_size=world_size,
+        wrap_model=wrap_model,
+    )  # fmt: skip
+    log.info("refit on %d clips for %d epochs", len(clips), refit_cfg.epochs)
+    return model, clips
