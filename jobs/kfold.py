@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from ser_ray import cli
-from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold
+from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
 from ser_ray.study.summary import format_table
 
 
@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "or 'demo-random' (the same, random weights). Default: demo without --data-dir, "
         "facebook/wav2vec2-base with it",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--epochs", type=int, default=d.train.epochs, help="default: %(default)s")
+    p.add_argument(
+        "--batch-size", type=int, default=d.train.batch_size, help="default: %(default)s"
+    )
     p.add_argument("--lr", type=float, help="peak encoder learning rate")
     p.add_argument("--lr-head", type=float, help="peak head learning rate")
     p.add_argument(
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svm-num-samples", type=int, default=d.svm_num_samples)
     p.add_argument("--storage-path", help="Tune/Train storage, local or s3:// (default OUT/ray)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.train.seed)
     cli.add_common_args(p, default_out=d.out)
     return p
 
@@ -98,17 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     cfg = KFoldConfig(
         data_dir=args.data_dir,
-        model=args.model,
+        train=study_train_config(
+            model=args.model,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            merge_calm=args.merge_calm,
+            seed=args.seed,
+            refit=args.refit,
+            **{
+                k: v
+                for k, v in (("lr_encoder", args.lr), ("lr_head", args.lr_head))
+                if v is not None
+            },
+        ),
         folds=args.folds,
-        merge_calm=args.merge_calm,
         variants=tuple(args.variants.split(",")),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_head=args.lr_head,
         params=args.params,
         allow_leaky_params=args.allow_leaky_params,
-        refit=args.refit,
         tapt_epochs=args.tapt_epochs,
         workers_per_fold=args.workers_per_fold,
         concurrent_folds=args.concurrent_folds,
@@ -121,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         out=args.out,
         smoke_test=args.smoke_test,
-        seed=args.seed,
     )
     try:
         params_provenance(cfg)  # refuse leaky tuned settings before starting anything

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         egemaps=not args.no_egemaps,
         trim_silence=args.trim_silence,
         max_duration_s=args.max_duration_s,
-        fold_scheme=args.folds,
+        folds=args.folds,
         speech_only=not args.all_modalities,
     )
     data_dir = args.data_dir

@@ -39,7 +39,7 @@ from ser_ray import cli
 from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
-from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep
+from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep, sweep_train_config
 
 SMOKE_NUM_SAMPLES = 4
 SMOKE_EPOCHS = 2
@@ -80,14 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs",
         type=int,
-        default=d.epochs,
+        default=d.train.epochs,
         help=f"epochs per trial = ASHA's max_t (default: %(default)s, {SMOKE_EPOCHS} "
         "with --smoke-test)",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.scheme)
+    p.add_argument(
+        "--batch-size", type=int, default=d.train.batch_size, help="default: %(default)s"
+    )
+    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
     p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
-    p.add_argument("--seed", type=int, default=d.seed, help="searcher and training seed")
+    p.add_argument("--seed", type=int, default=d.train.seed, help="searcher and training seed")
     p.add_argument(
         "--lr-encoder-range",
         type=float,
@@ -127,15 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     cfg = SweepConfig(
-        model=args.model,
-        scheme=args.folds,
-        merge_calm=args.merge_calm,
+        train=sweep_train_config(
+            model=args.model,
+            epochs=min(args.epochs, SMOKE_EPOCHS) if args.smoke_test else args.epochs,
+            batch_size=args.batch_size,
+            merge_calm=args.merge_calm,
+            seed=args.seed,
+        ),
+        folds=args.folds,
         num_samples=min(args.num_samples, SMOKE_NUM_SAMPLES)
         if args.smoke_test
         else args.num_samples,
-        epochs=min(args.epochs, SMOKE_EPOCHS) if args.smoke_test else args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent_trials=args.max_concurrent_trials,
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
     )
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    cfg.model = resolve_model(args.model, args.smoke_test)
+    cfg.train.model = resolve_model(args.model, args.smoke_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = prepare.features_for_job(

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor
+from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor, folds_field
 from ser_ray.corpus.ravdess import (
     RavdessNameError,
     clip_from_name,
@@ -48,15 +48,13 @@ class FeatureConfig:
     silent_dbfs: float = -60.0  # reject clips whose peak is below this level
     min_duration_s: float = 0.25  # reject shorter clips (after trimming)
     max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
-    fold_scheme: str = "contiguous"  # which folds the `fold` column follows
+    folds: str = folds_field()  # the fold scheme the `fold` column follows
     speech_only: bool = True  # keep audio-only speech (03-01) only
     batch_size: int = 128  # most clips per Ray Data task and Parquet file (not held at once)
 
     def __post_init__(self) -> None:
-        if self.fold_scheme not in FOLD_SCHEMES:
-            raise ValueError(
-                f"fold_scheme={self.fold_scheme!r}: choose one of {sorted(FOLD_SCHEMES)}"
-            )
+        if self.folds not in FOLD_SCHEMES:
+            raise ValueError(f"folds={self.folds!r}: choose one of {sorted(FOLD_SCHEMES)}")
         if self.min_duration_s >= self.max_duration_s:
             raise ValueError("min_duration_s must be below max_duration_s")
 
@@ -176,7 +174,7 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
 
     Clips are featurized and written :data:`WRITE_CHUNK_CLIPS` at a time (one Parquet row
     group each), so a worker holds at most that many waveforms whatever the batch size."""
-    folds = fold_of_actor(config.fold_scheme)
+    folds = fold_of_actor(config.folds)
     path = Path(staging_dir) / f"part-{min(batch.column('index').to_pylist()):06d}.parquet"
     outcomes, writer = [], None
     try:
