@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trials per outer fold for --search bayes (grid runs its whole fixed grid); "
         f"default: %(default)s, {SMOKE_NUM_SAMPLES} with --smoke-test",
     )
-    parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
+    cli.add_dataclass_args(parser, featurize.FeatureConfig, only=("folds",))  # as every job
     parser.add_argument(
         "--outer-folds",
         default=None,

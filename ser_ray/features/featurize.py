@@ -39,18 +39,50 @@ FEATURE_SCHEMA_VERSION = 2  # 2: the egemaps column
 class FeatureConfig:
     """How clips become features (saved in ``config.json``; a change re-runs the work)."""
 
-    target_sr_hz: int = audio.TARGET_SR_HZ  # wav2vec2 expects 16 kHz
-    n_mfcc: int = 40  # MFCCs per frame
-    mfcc_deltas: bool = False  # append mean/std of first-order deltas to mfcc_stats
-    egemaps: bool = True  # eGeMAPSv02 functionals by openSMILE (null column when False)
-    trim_silence: bool = False  # cut leading/trailing silence before features
-    trim_top_db: float = 40.0  # what counts as silence when trimming (dB below peak)
-    silent_dbfs: float = -60.0  # reject clips whose peak is below this level
-    min_duration_s: float = 0.25  # reject shorter clips (after trimming)
-    max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
+    target_sr_hz: int = dataclasses.field(
+        default=audio.TARGET_SR_HZ,
+        metadata={"help": "sample rate of the features (wav2vec2: 16 kHz)"},
+    )
+    n_mfcc: int = dataclasses.field(default=40, metadata={"help": "MFCCs per frame"})
+    mfcc_deltas: bool = dataclasses.field(
+        default=False, metadata={"help": "add mean/std of first-order deltas to mfcc_stats"}
+    )
+    egemaps: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "eGeMAPSv02 functionals by openSMILE (a null column when off)",
+            "flag_help": "skip the eGeMAPSv02 functionals (openSMILE); the SVM can then use "
+            "MFCC only",
+        },
+    )
+    trim_silence: bool = dataclasses.field(
+        default=False, metadata={"help": "cut leading/trailing silence before features"}
+    )
+    trim_top_db: float = dataclasses.field(
+        default=40.0, metadata={"help": "what counts as silence when trimming (dB below peak)"}
+    )
+    silent_dbfs: float = dataclasses.field(
+        default=-60.0, metadata={"help": "reject clips whose peak is below this level"}
+    )
+    min_duration_s: float = dataclasses.field(
+        default=0.25, metadata={"help": "reject shorter clips (after trimming)"}
+    )
+    max_duration_s: float = dataclasses.field(
+        default=60.0, metadata={"help": "reject longer clips (RAVDESS clips are 2.9-5.3 s)"}
+    )
     folds: str = folds_field()  # the fold scheme the `fold` column follows
-    speech_only: bool = True  # keep audio-only speech (03-01) only
-    batch_size: int = 128  # most clips per Ray Data task and Parquet file (not held at once)
+    speech_only: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "keep audio-only speech (03-01) only",
+            "flag": "--all-modalities",
+            "flag_help": "keep song/video names too (default: audio-only speech 03-01)",
+        },
+    )
+    batch_size: int = dataclasses.field(
+        default=128,
+        metadata={"help": "most clips per Ray Data task and Parquet file (not held at once)"},
+    )
 
     def __post_init__(self) -> None:
         if self.folds not in FOLD_SCHEMES:
