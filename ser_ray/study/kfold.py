@@ -507,20 +507,46 @@ def _svm_results(
 
 
 def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
-    """Run the study into ``cfg.out`` and return the summary (Ray must be initialised)."""
-    from ser_ray.study import summary
+    """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
+    The steps, in order: resolve the settings and save them (``config.json``), check the
+    model can be loaded, prepare the features, run every variant over the folds, write the
+    summary."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = cfg.storage_path or str(out / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
+    storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
+    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
     train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
-    train_cfg = train_cfgs[1]
     variants = parse_variants(cfg.variants)
-    runs_wav2vec2 = any(v.family == "wav2vec2" for v in variants)
+    _save_run_config(out, cfg, variants, train_cfgs, provenance, storage)
+    if _runs_wav2vec2(variants):
+        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+    features_dir, df = _prepared_features(cfg, out, variants)
+    results = _run_variants(cfg, variants, df, features_dir, train_cfgs, out, storage)
+    return _write_summary(cfg, out, variants, df, results, provenance)
+
+
+def _storage_path(cfg: KFoldConfig, out: Path) -> str:
+    """Where Tune and Train keep their state: ``--storage-path`` (local paths resolved) or
+    ``OUT/ray``."""
+    storage = cfg.storage_path or str(out / "ray")
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _runs_wav2vec2(variants: tuple[Variant, ...]) -> bool:
+    return any(v.family == "wav2vec2" for v in variants)
+
+
+def _save_run_config(
+    out: Path,
+    cfg: KFoldConfig,
+    variants: tuple[Variant, ...],
+    train_cfgs: dict[int, TrainConfig],
+    provenance: dict[str, Any] | None,
+    storage: str,
+) -> None:
+    """``OUT/config.json``: the study's settings, resolved, before anything runs."""
     config_file.save_config(
         out,
         {
@@ -528,57 +554,104 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             "kfold": cfg,
             "variants": {v.name: v.describe() for v in variants},
             "model": cfg.resolved_model(),
-            "train": train_cfg if cfg.params is None else train_cfgs,
+            "train": train_cfgs[1] if cfg.params is None else train_cfgs,
             "params_provenance": provenance,
             "storage_path": storage,
             "ser_ray_version": _version(),
         },
     )
-    if runs_wav2vec2:
-        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+
+
+def _prepared_features(
+    cfg: KFoldConfig, out: Path, variants: tuple[Variant, ...]
+) -> tuple[Path, pd.DataFrame]:
+    """Features of the corpus (``--data-dir`` or the demo corpus) in ``OUT/prepared``, its
+    rejected clips in ``OUT/rejected.csv``; returns the features folder and the columns the
+    SVM variants need, checked to form the folds."""
     source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
     prepared = prepare_features(source, out / "prepared", FeatureConfig(folds=cfg.folds))
     shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
     columns = {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
     df = load_features(prepared.features_dir, ["path", "actor", "emotion", *sorted(columns)])
     folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
+    return prepared.features_dir, df
 
-    class_names = ravdess.class_names(cfg.train.merge_calm)
-    fold_rows = {
-        k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
-        for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
-    }
-    predictions = []
-    histories: dict[int, list[dict]] = {}
+
+@dataclasses.dataclass
+class _StudyResults:
+    """What the variants produced: per fold the summary row, the out-of-fold predictions,
+    wav2vec2's per-fold histories, and the fold configs as trained (encoders resolved)."""
+
+    fold_rows: dict[int, dict[str, Any]]
+    predictions: list[pd.DataFrame]
+    histories: dict[int, list[dict]]
+    train_cfgs: dict[int, TrainConfig]
+
+
+def _run_variants(
+    cfg: KFoldConfig,
+    variants: tuple[Variant, ...],
+    df: pd.DataFrame,
+    features_dir: Path,
+    train_cfgs: dict[int, TrainConfig],
+    out: Path,
+    storage: str,
+) -> _StudyResults:
+    """Every variant over the same folds, in order: the SVMs' nested CV, wav2vec2's folds."""
+    results = _StudyResults(
+        fold_rows={
+            k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
+            for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
+        },
+        predictions=[],
+        histories={},
+        train_cfgs=train_cfgs,
+    )
     for variant in variants:
         if variant.family == "svm":
             svm_folds, svm_predictions = _svm_results(df, cfg, out, variant)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
-                fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
-            predictions.append(svm_predictions)
+                results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
+            results.predictions.append(svm_predictions)
             continue
-        train_cfgs = _with_encoders(train_cfgs, prepared.features_dir, cfg, out, storage)
-        for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
+        results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, out, storage)
+        for outcome in run_wav2vec2_folds(features_dir, cfg, results.train_cfgs, out, storage):
             m = outcome["metrics"]
-            fold_rows[outcome["fold"]]["wav2vec2"] = {
+            results.fold_rows[outcome["fold"]]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
                 "uar": m["test/uar"],
                 "macro_f1": m["test/macro_f1"],
                 "best_epoch": int(m["best_epoch"]),
             }
-            histories[outcome["fold"]] = outcome["history"]
-            predictions.append(outcome["predictions"])
-    all_predictions = pd.concat(predictions, ignore_index=True)
+            results.histories[outcome["fold"]] = outcome["history"]
+            results.predictions.append(outcome["predictions"])
+    return results
+
+
+def _write_summary(
+    cfg: KFoldConfig,
+    out: Path,
+    variants: tuple[Variant, ...],
+    df: pd.DataFrame,
+    results: _StudyResults,
+    provenance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``OUT/predictions.csv`` and the summary files
+    (:func:`ser_ray.study.summary.write_summary`)."""
+    from ser_ray.study import summary
+
+    all_predictions = pd.concat(results.predictions, ignore_index=True)
     all_predictions.to_csv(out / "predictions.csv", index=False)
+    histories, train_cfgs = results.histories, results.train_cfgs
     return summary.write_summary(
         out,
-        list(fold_rows.values()),
+        list(results.fold_rows.values()),
         all_predictions,
-        class_names,
+        ravdess.class_names(cfg.train.merge_calm),
         summary.RunInfo(
             model=cfg.resolved_model() + ("+tapt" if cfg.tapt_epochs else "")
-            if runs_wav2vec2
+            if _runs_wav2vec2(variants)
             else None,
             merge_calm=cfg.train.merge_calm,
             fold_scheme=cfg.folds,
