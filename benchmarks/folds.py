@@ -15,7 +15,12 @@ from typing import Any
 
 from ser_ray.distributed import prepare
 from ser_ray.distributed.feature_cache import build_feature_cache
-from ser_ray.study.kfold import KFoldConfig, run_wav2vec2_folds, train_config_for
+from ser_ray.study.kfold import (
+    KFoldConfig,
+    run_wav2vec2_folds,
+    study_train_config,
+    train_config_for,
+)
 
 
 def add_folds_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +34,11 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     features_dir = args.features or prepare.prepare_demo(
         out / "prepared", smoke_test=args.smoke_test
     )
-    cfg = KFoldConfig(variants=("wav2vec2",), model=args.model, epochs=args.epochs, out=str(out))
+    cfg = KFoldConfig(
+        variants=("wav2vec2",),
+        train=study_train_config(model=args.model, epochs=args.epochs),
+        out=str(out),
+    )
     train_cfg = train_config_for(cfg)
     train_cfgs = dict.fromkeys(range(1, 7), train_cfg)
     if train_cfg.use_feature_cache:

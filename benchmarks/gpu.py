@@ -1,7 +1,7 @@
 """Benchmark `gpu`: six wav2vec2 folds sharing one GPU, per AMP precision (needs CUDA).
 
 For each precision (``--amp``, default bf16 and fp16) it runs the main job
-(``jobs/kfold.py --models wav2vec2``) on the full demo corpus with a base-size wav2vec2
+(``jobs/kfold.py --variants wav2vec2``) on the full demo corpus with a base-size wav2vec2
 (randomly initialised, saved with ``save_pretrained``: the hub weights are not needed for a
 speed figure) and every fold asking for ``--gpus-per-fold`` of the GPU, so all six train at
 once. Figures: wall time of the job, training clips/s per fold (last epoch, from each fold's
@@ -94,7 +94,7 @@ def run_gpu_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = out / f"kfold_{amp}"
         params = out / f"params_{amp}.json"
         params.write_text(json.dumps({"params": {"amp": amp}}))
-        command = [sys.executable, str(job), "--models", "wav2vec2", "--model", model]
+        command = [sys.executable, str(job), "--variants", "wav2vec2", "--model", model]
         command += ["--epochs", str(args.epochs), "--gpus-per-fold", str(args.gpus_per_fold)]
         command += ["--params", str(params), "--out", str(run_dir)]
         seconds, peaks = _run_kfold(command)

@@ -83,7 +83,7 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.features:
         features_dir = Path(args.features)
     else:
-        config = featurize.FeatureConfig(fold_scheme=scheme)
+        config = featurize.FeatureConfig(folds=scheme)
         features_dir = prepare.prepare_demo(out / "prepared", smoke_test=smoke_test, config=config)
     columns = ["path", "actor", "emotion", *svm.FEATURE_SETS[args.svm_features]]
     df = featurize.load_features(features_dir, columns=columns)
@@ -104,7 +104,7 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         start_s = time.perf_counter()
         found = tune_fold(
             X, y, actors,
-            search="grid", num_samples=1, scheme=scheme, num_classes=num_classes, seed=0,
+            search="grid", num_samples=1, folds=scheme, num_classes=num_classes, seed=0,
             storage_path=out / "tune", name=f"bench_svm_grid_fold{args.fold}_{run}", grid=grid,
             max_concurrent_trials=getattr(args, "max_concurrent_trials", None),
         )  # fmt: skip

@@ -17,78 +17,32 @@ import argparse
 import sys
 
 from ser_ray import cli
-from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold
+from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
 from ser_ray.study.summary import format_table
+from ser_ray.training.config import TrainConfig
+
+#: The TrainConfig fields the study takes as flags (--lr is lr_encoder's flag).
+TRAIN_FLAGS = (
+    "model",
+    "epochs",
+    "batch_size",
+    "lr_encoder",
+    "lr_head",
+    "merge_calm",
+    "refit",
+    "seed",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Flags of KFoldConfig and of the study's TrainConfig fields, with their help and the
+    study's defaults (:func:`ser_ray.cli.add_dataclass_args`), then the shared ones."""
     d = KFoldConfig()
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data-dir", help="RAVDESS folder or URI (default: the demo corpus)")
-    p.add_argument(
-        "--model",
-        help="hub id or local folder (from_pretrained) of a wav2vec2, HuBERT, WavLM or "
-        "data2vec-audio encoder (a jobs/pretrain.py output too), 'demo' (the demo-size "
-        "encoder pre-trained on the package's unlabeled pool, built and cached on first use) "
-        "or 'demo-random' (the same, random weights). Default: demo without --data-dir, "
-        "facebook/wav2vec2-base with it",
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--lr", type=float, help="peak encoder learning rate")
-    p.add_argument("--lr-head", type=float, help="peak head learning rate")
-    p.add_argument(
-        "--params",
-        help="best.json of jobs/tune_adamw.py --nested (per-fold AdamW settings); a single-fold "
-        "sweep's file is refused: its settings saw the other folds' test actors",
-    )
-    p.add_argument(
-        "--allow-leaky-params",
-        action="store_true",
-        help="accept a single-fold sweep's settings for every fold anyway (summary.md says so "
-        "in bold)",
-    )
-    p.add_argument(
-        "--refit",
-        action="store_true",
-        help="retrain each wav2vec2 fold model on fit + validation actors for the best epoch "
-        "count before testing (as the SVM refits on all training actors)",
-    )
-    p.add_argument(
-        "--tapt-epochs",
-        type=int,
-        default=d.tapt_epochs,
-        help="task-adaptive pre-training: before fine-tuning, continue each fold's "
-        "self-supervised pre-training for N epochs on its training actors' audio (cached); "
-        "0 = off (default)",
-    )
-    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.folds)
-    p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
-    p.add_argument(
-        "--variants",
-        "--models",
-        default=",".join(d.variants),
-        help="comma-separated named variants, compared with the first: a family (svm, wav2vec2) "
-        "then +options; svm takes +spknorm (speaker normalisation), +egemaps, +mfcc+egemaps "
-        "(feature sets; default MFCC). Default: %(default)s",
-    )
-    p.add_argument("--workers-per-fold", type=int, default=d.workers_per_fold)
-    p.add_argument("--concurrent-folds", type=int, help="folds trained at once (default: all six)")
-    p.add_argument(
-        "--gpus-per-fold",
-        type=float,
-        help="GPUs per fold, fractions allowed (0.16: six folds share one GPU). "
-        "Default: the cluster's GPUs shared over the folds, 0 without GPUs",
-    )
-    p.add_argument("--cpus-per-worker", type=float, help="default: a fair share of the CPUs")
-    p.add_argument("--max-failures", type=int, default=d.max_failures)
-    p.add_argument("--svm-search", choices=["grid", "bayes"], default=d.svm_search)
-    p.add_argument("--svm-num-samples", type=int, default=d.svm_num_samples)
-    p.add_argument("--storage-path", help="Tune/Train storage, local or s3:// (default OUT/ray)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--seed", type=int, default=d.seed)
+    cli.add_dataclass_args(p, KFoldConfig, exclude=("out", "smoke_test"), defaults=d)
+    cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=d.train)
     cli.add_common_args(p, default_out=d.out)
     return p
 
@@ -96,33 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    cfg = KFoldConfig(
-        data_dir=args.data_dir,
-        model=args.model,
-        folds=args.folds,
-        merge_calm=args.merge_calm,
-        variants=tuple(args.variants.split(",")),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_head=args.lr_head,
-        params=args.params,
-        allow_leaky_params=args.allow_leaky_params,
-        refit=args.refit,
-        tapt_epochs=args.tapt_epochs,
-        workers_per_fold=args.workers_per_fold,
-        concurrent_folds=args.concurrent_folds,
-        gpus_per_fold=args.gpus_per_fold,
-        cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
-        svm_search=args.svm_search,
-        svm_num_samples=args.svm_num_samples,
-        storage_path=args.storage_path,
-        resume=args.resume,
-        out=args.out,
-        smoke_test=args.smoke_test,
-        seed=args.seed,
-    )
+    train = cli.dataclass_from_args(args, TrainConfig, study_train_config())
+    cfg = cli.dataclass_from_args(args, KFoldConfig, train=train)
     try:
         params_provenance(cfg)  # refuse leaky tuned settings before starting anything
     except ValueError as error:

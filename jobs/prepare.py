@@ -18,6 +18,12 @@ from ser_ray.corpus import demo_corpus, ravdess
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 
+#: The FeatureConfig fields the job takes as flags (--no-egemaps, --all-modalities: see their
+#: metadata).
+FEATURE_FLAGS = (
+    "folds", "n_mfcc", "mfcc_deltas", "egemaps", "trim_silence", "max_duration_s", "speech_only",
+)  # fmt: skip
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -35,21 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--download-dir, check its md5 and use it",
     )
     parser.add_argument("--download-dir", default="data", help="default: %(default)s")
-    parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
-    parser.add_argument("--n-mfcc", type=int, default=40)
-    parser.add_argument("--mfcc-deltas", action="store_true", help="add delta statistics")
-    parser.add_argument(
-        "--no-egemaps",
-        action="store_true",
-        help="skip the eGeMAPSv02 functionals (openSMILE); the SVM can then use MFCC only",
-    )
-    parser.add_argument("--trim-silence", action="store_true", help="cut silent ends first")
-    parser.add_argument("--max-duration-s", type=float, default=60.0)
-    parser.add_argument(
-        "--all-modalities",
-        action="store_true",
-        help="keep song/video names too (default: audio-only speech 03-01)",
-    )
+    cli.add_dataclass_args(parser, featurize.FeatureConfig, only=FEATURE_FLAGS)
     parser.add_argument(
         "--runner",
         choices=prepare.RUNNERS,
@@ -65,15 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    config = featurize.FeatureConfig(
-        n_mfcc=args.n_mfcc,
-        mfcc_deltas=args.mfcc_deltas,
-        egemaps=not args.no_egemaps,
-        trim_silence=args.trim_silence,
-        max_duration_s=args.max_duration_s,
-        fold_scheme=args.folds,
-        speech_only=not args.all_modalities,
-    )
+    config = cli.dataclass_from_args(args, featurize.FeatureConfig)
     data_dir = args.data_dir
     if args.download:
         data_dir = str(ravdess.download(args.download_dir))

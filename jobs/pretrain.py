@@ -2,11 +2,11 @@
 
 Examples:
   python jobs/pretrain.py --out runs/pretrain                      # demo config, demo pool
-  python jobs/pretrain.py --data ~/audio --config my_config.json   # from scratch, any audio
-  python jobs/pretrain.py --data runs/features/features --model runs/pretrain/model --epochs 2
+  python jobs/pretrain.py --data-dir ~/audio --config my_config.json   # from scratch, any audio
+  python jobs/pretrain.py --data-dir runs/features/features --model runs/pretrain/model --epochs 2
   python jobs/kfold.py --model runs/pretrain/model                 # fine-tune the result
 
---data takes a folder of audio files (any names, WAV/FLAC/OGG/MP3, decoded to 16 kHz into
+--data-dir takes a folder of audio files (any names, WAV/FLAC/OGG/MP3, decoded to 16 kHz into
 OUT/pool first) or a Parquet folder with path + waveform columns (jobs/prepare.py's features:
 their labels are never read). The output OUT/model is a Hugging Face checkpoint.
 """
@@ -22,38 +22,31 @@ from ser_ray.common import config_file
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.training.pretrain import PretrainConfig
 
+#: The PretrainConfig fields the job takes as flags (--model/--config pick ``model``).
+PRETRAIN_FLAGS = (
+    "epochs", "batch_size", "lr", "crop_s", "mask_prob", "mask_length", "window_clips",
+    "num_negatives", "grad_accum_steps", "freeze_feature_encoder", "seed",
+)  # fmt: skip
+
 
 def build_parser() -> argparse.ArgumentParser:
-    d = PretrainConfig()
-    help_of = PretrainConfig.__dataclass_fields__
+    """Flags of the pool, the start (--model or --config), PretrainConfig's fields with their
+    help (:func:`ser_ray.cli.add_dataclass_args`), Ray Train and the shared ones."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", help="audio folder or Parquet pool (default: the package's demo pool)")
+    p.add_argument(
+        "--data-dir", help="audio folder or Parquet pool (default: the package's demo pool)"
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument("--model", help="checkpoint folder or hub id to continue from")
     start.add_argument(
         "--config", default="demo", help="from scratch: 'demo' (demo-size) or a config.json"
     )
-    for name in (
-        "epochs", "batch_size", "lr", "crop_s", "mask_prob", "mask_length", "window_clips",
-    ):  # fmt: skip
-        kind = type(getattr(d, name))
-        p.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
-            default=getattr(d, name),
-            help=f"{help_of[name].metadata['help']} (default: %(default)s)",
-        )
-    p.add_argument("--num-negatives", type=int, default=d.num_negatives)
-    p.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps)
-    p.add_argument(
-        "--freeze-feature-encoder", action="store_true", help="keep the CNN fixed (TAPT style)"
-    )
+    cli.add_dataclass_args(p, PretrainConfig, only=PRETRAIN_FLAGS)
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP when > 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (AMP on CUDA)")
     p.add_argument("--max-failures", type=int, default=2, help="worker restarts before failing")
-    p.add_argument("--seed", type=int, default=d.seed)
     cli.add_common_args(p, default_out="runs/pretrain")
     return p
 
@@ -61,23 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
-    cfg = PretrainConfig(
+    cfg = cli.dataclass_from_args(
+        args,
+        PretrainConfig,
         model=args.model or args.config,
         epochs=1 if args.smoke_test else args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        crop_s=args.crop_s,
-        mask_prob=args.mask_prob,
-        mask_length=args.mask_length,
-        num_negatives=args.num_negatives,
-        grad_accum_steps=args.grad_accum_steps,
-        freeze_feature_encoder=args.freeze_feature_encoder,
-        window_clips=args.window_clips,
-        seed=args.seed,
     )
     out = Path(args.out)
     cli.init_ray(args.address, args.num_cpus)
-    pool = _pool(args.data, out, args.smoke_test)
+    pool = _pool(args.data_dir, out, args.smoke_test)
     config_file.save_config(
         out, {"job": "pretrain", "data": str(pool), "pretrain": cfg, **vars(args)}
     )

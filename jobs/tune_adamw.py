@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,10 +40,13 @@ from ser_ray import cli
 from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
-from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep
+from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep, sweep_train_config
+from ser_ray.training.config import TrainConfig
 
-SMOKE_NUM_SAMPLES = 4
-SMOKE_EPOCHS = 2
+SMOKE_NUM_SAMPLES = 4  # --smoke-test: at most this many trials per fold
+SMOKE_EPOCHS = 2  # --smoke-test: at most this many epochs per trial
+#: The TrainConfig fields a sweep takes as flags (the searched ones are drawn per trial).
+TRAIN_FLAGS = ("model", "epochs", "batch_size", "merge_calm", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_source_args(p)
-    p.add_argument(
-        "--model",
-        default="demo",
-        help="hub id or local folder for from_pretrained, 'demo' (the pre-trained demo "
-        "encoder, built on first use) or 'demo-random'. Default: %(default)s",
-    )
     p.add_argument(
         "--fold",
         type=int,
@@ -71,23 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--outer-folds",
         help="with --nested: comma-separated subset of outer folds, e.g. 1,2 (default: all)",
     )
-    p.add_argument(
-        "--num-samples",
-        type=int,
-        default=d.num_samples,
-        help=f"trials per fold (default: %(default)s, {SMOKE_NUM_SAMPLES} with --smoke-test)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help=f"epochs per trial = ASHA's max_t (default: %(default)s, {SMOKE_EPOCHS} "
-        "with --smoke-test)",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--folds", choices=["contiguous", "emobox"], default=d.scheme)
-    p.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
-    p.add_argument("--seed", type=int, default=d.seed, help="searcher and training seed")
+    cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=d.train)
+    cli.add_dataclass_args(p, SweepConfig, exclude=("grace_period", "space"), defaults=d)
     p.add_argument(
         "--lr-encoder-range",
         type=float,
@@ -96,15 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder peak LR range (log-uniform). Default: 1e-5 1e-3 for demo, 1e-5 1e-4 "
         "(published wav2vec2 fine-tuning range) otherwise",
     )
-    p.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial)
-    p.add_argument("--gpus-per-trial", type=float, default=d.gpus_per_trial)
-    p.add_argument(
-        "--max-concurrent-trials",
-        type=int,
-        default=None,
-        help="default: the cluster's CPUs / --cpus-per-trial",
-    )
-    p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA")
     cli.add_common_args(p, default_out="runs/tune_adamw")
     return p
 
@@ -126,24 +100,20 @@ def format_trials(trials, top: int = 5) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    cfg = SweepConfig(
-        model=args.model,
-        scheme=args.folds,
-        merge_calm=args.merge_calm,
+    train = cli.dataclass_from_args(args, TrainConfig, sweep_train_config())
+    if args.smoke_test:
+        train = dataclasses.replace(train, epochs=min(train.epochs, SMOKE_EPOCHS))
+    cfg = cli.dataclass_from_args(
+        args,
+        SweepConfig,
+        train=train,
         num_samples=min(args.num_samples, SMOKE_NUM_SAMPLES)
         if args.smoke_test
         else args.num_samples,
-        epochs=min(args.epochs, SMOKE_EPOCHS) if args.smoke_test else args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        max_concurrent_trials=args.max_concurrent_trials,
-        reduction_factor=args.reduction_factor,
         space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
     )
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    cfg.model = resolve_model(args.model, args.smoke_test)
+    cfg.train.model = resolve_model(args.model, args.smoke_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = prepare.features_for_job(

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trials per outer fold for --search bayes (grid runs its whole fixed grid); "
         f"default: %(default)s, {SMOKE_NUM_SAMPLES} with --smoke-test",
     )
-    parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
+    cli.add_dataclass_args(parser, featurize.FeatureConfig, only=("folds",))  # as every job
     parser.add_argument(
         "--outer-folds",
         default=None,
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         search="grid" if reference else args.search,
         grid=[svm.REFERENCE_PARAMS] if reference else None,
         num_samples=num_samples,
-        scheme=args.folds,
+        folds=args.folds,
         merge_calm=args.merge_calm,
         seed=args.seed,
         storage_path=out / "tune",
-        folds=outer,
+        outer_folds=outer,
         smoke_test=args.smoke_test,
         max_concurrent_trials=args.max_concurrent_trials,
         feature_set=args.svm_features,

@@ -1,14 +1,132 @@
-"""What every job shares: common flags, logging, connecting to Ray, saving the config."""
+"""What every job shares: flags built from the settings dataclasses, common flags, logging,
+connecting to Ray."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from ser_ray.distributed import console
 from ser_ray.study.variants import Variant
+
+T = TypeVar("T")
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    defaults: Any = None,
+) -> list[str]:
+    """Add a flag for each field of the settings dataclass ``cls`` (as HF's
+    ``HfArgumentParser``); returns the field names it added, in field order.
+
+    One rule for every job, so a flag is declared once and means the same everywhere:
+
+    - the flag is ``--`` + the field name with ``-`` for ``_`` (``batch_size`` ->
+      ``--batch-size``), unless the field's metadata names its own (``"flag": "--lr"`` for
+      ``lr_encoder``); the parsed value's ``dest`` is always the field name;
+    - the help is the field's ``metadata["help"]``, plus its default where it has one (not
+      ``None``, not a bool); ``metadata["choices"]`` limits the values;
+    - a bool flag flips the default: ``--name`` (store_true) for a field that defaults to
+      False; for one that defaults to True, ``--no-name`` (or the metadata's flag) stores
+      False, helped by ``metadata["flag_help"]`` where the field's help would not say what
+      the flag does;
+    - ``X | None`` takes an ``X``; ``tuple[X, ...]`` a comma-separated list; ``tuple[X, X]``
+      two values.
+
+    ``only`` / ``exclude`` pick the fields (a nested dataclass field is never added: add its
+    own fields with another call). ``defaults`` is an instance holding a job's own defaults
+    (default: ``cls()``).
+    """
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    chosen = set(only) if only is not None else None
+    added = []
+    for field in dataclasses.fields(cls):
+        name = field.name
+        if (chosen is not None and name not in chosen) or name in set(exclude):
+            continue
+        if dataclasses.is_dataclass(_without_none(hints[name])):
+            continue
+        flag, kwargs = _flag(field, hints[name], getattr(defaults, name))
+        parser.add_argument(flag, dest=name, **kwargs)
+        added.append(name)
+    unknown = (chosen or set()) - set(added)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no flag field(s) {sorted(unknown)}")
+    return added
+
+
+def _flag(field: dataclasses.Field, hint: Any, default: Any) -> tuple[str, dict[str, Any]]:
+    """The flag of one field and its ``add_argument`` keywords (see :func:`add_dataclass_args`)."""
+    dashed = field.name.replace("_", "-")
+    help_text = field.metadata.get("help", "").replace("%", "%%")
+    kwargs: dict[str, Any] = {"default": default}
+    if "choices" in field.metadata:
+        kwargs["choices"] = list(field.metadata["choices"])
+    if hint is bool:
+        kwargs["action"] = "store_false" if default else "store_true"
+        flag = field.metadata.get("flag", f"--no-{dashed}" if default else f"--{dashed}")
+        if default and "flag_help" in field.metadata:
+            help_text = field.metadata["flag_help"].replace("%", "%%")
+        return flag, {**kwargs, "help": help_text}
+    hint = _without_none(hint)
+    if typing.get_origin(hint) is tuple:
+        item_types = typing.get_args(hint)
+        if item_types[-1] is Ellipsis:  # comma-separated; argparse converts the string default
+            kwargs.update(type=_comma_list(item_types[0]), default=",".join(map(str, default)))
+        else:
+            kwargs.update(type=item_types[0], nargs=len(item_types))
+    else:
+        kwargs["type"] = hint
+    if default is not None:
+        help_text = f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
+    flag = field.metadata.get("flag", f"--{dashed}")
+    metavar = None if "choices" in kwargs else flag.lstrip("-").replace("-", "_").upper()
+    return flag, {**kwargs, "help": help_text, "metavar": metavar}
+
+
+def _without_none(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other type as it is."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _comma_list(item_type: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse ``type``: ``"a,b"`` -> ``(item_type("a"), item_type("b"))``."""
+
+    def parse(text: str) -> tuple:
+        return tuple(item_type(part) for part in text.split(","))
+
+    parse.__name__ = f"comma-separated {getattr(item_type, '__name__', 'value')}s"
+    return parse
+
+
+def dataclass_from_args(
+    args: argparse.Namespace, cls: type[T], defaults: T | None = None, **changes: Any
+) -> T:
+    """The settings dataclass ``cls`` back from parsed ``args``: every field whose name is an
+    attribute of ``args`` (the ``dest`` of the flags :func:`add_dataclass_args` added, or of
+    shared flags such as ``--out``), then ``changes`` (nested settings, values a job resolves
+    itself), on top of ``defaults`` (a job's own defaults) or, without it, of ``cls``'s own
+    (its constructor, so fields it derives in ``__post_init__`` are derived anew)."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
+    if defaults is None:
+        return cls(**{**values, **changes})
+    return dataclasses.replace(defaults, **{**values, **changes})
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:

@@ -45,7 +45,7 @@ def test_amp_training_step_on_cuda(amp, dtype):
 def test_six_folds_share_one_gpu(tmp_path):
     out = tmp_path / "kfold"
     command = [sys.executable, str(ROOT / "jobs" / "kfold.py"), "--smoke-test"]
-    command += ["--models", "wav2vec2", "--gpus-per-fold", "0.16", "--out", str(out)]
+    command += ["--variants", "wav2vec2", "--gpus-per-fold", "0.16", "--out", str(out)]
     subprocess.run(command, check=True, cwd=ROOT, timeout=1200)
     summary = json.loads((out / "summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]

@@ -12,6 +12,7 @@ from ser_ray.study.kfold import (
     fold_resources,
     gpus_per_worker,
     params_provenance,
+    study_train_config,
     train_config_for,
     trained_on,
 )
@@ -20,7 +21,10 @@ from ser_ray.study.kfold import (
 def test_model_default_depends_on_data():
     assert KFoldConfig().resolved_model() == "demo"
     assert KFoldConfig(data_dir="/data").resolved_model() == "facebook/wav2vec2-base"
-    assert KFoldConfig(data_dir="/data", model="./local").resolved_model() == "./local"
+    assert (
+        KFoldConfig(data_dir="/data", train=study_train_config(model="./local")).resolved_model()
+        == "./local"
+    )
 
 
 def test_an_unreachable_model_stops_the_job_before_any_work(tmp_path, monkeypatch):
@@ -32,7 +36,9 @@ def test_an_unreachable_model_stops_the_job_before_any_work(tmp_path, monkeypatc
     monkeypatch.setattr(kfold, "prepare_features", no_features)
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(ValueError, match=r"--model .*no_such_model.*downloaded copy"):
-        kfold.run_kfold(KFoldConfig(model=missing, out=str(tmp_path / "run")))
+        kfold.run_kfold(
+            KFoldConfig(train=study_train_config(model=missing), out=str(tmp_path / "run"))
+        )
     check_model_reachable("demo")  # the demo encoders need nothing
     check_model_reachable("demo-random")
 
@@ -41,9 +47,14 @@ def test_flags_override_params_file(tmp_path):
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"params": {"lr_encoder": 3e-5, "weight_decay": 0.02,
                                            "betas": [0.9, 0.98]}}))  # fmt: skip
-    cfg = train_config_for(KFoldConfig(params=str(best), epochs=3))
+    cfg = train_config_for(KFoldConfig(params=str(best), train=study_train_config(epochs=3)))
     assert (cfg.lr_encoder, cfg.weight_decay, cfg.betas, cfg.epochs) == (3e-5, 0.02, (0.9, 0.98), 3)
-    assert train_config_for(KFoldConfig(params=str(best), lr=1e-4)).lr_encoder == 1e-4
+    assert (
+        train_config_for(
+            KFoldConfig(params=str(best), train=study_train_config(lr_encoder=1e-4))
+        ).lr_encoder
+        == 1e-4
+    )
     assert train_config_for(KFoldConfig(smoke_test=True)).epochs == 1
 
 
@@ -147,7 +158,7 @@ def test_gpu_rule_gives_ddp_workers_whole_distinct_gpus():
 
 
 def test_refit_is_passed_on_and_the_summary_says_what_each_variant_trained_on():
-    cfg = KFoldConfig(refit=True)
+    cfg = KFoldConfig(train=study_train_config(refit=True))
     train_cfgs = {k: train_config_for(cfg, k) for k in range(1, 7)}
     assert train_cfgs[1].refit is True and train_config_for(KFoldConfig(), 1).refit is False
     refit = trained_on(cfg, train_cfgs)

@@ -25,11 +25,12 @@ from ser_ray.sweeps.adamw import (
     make_searcher,
     params_from_config,
     run_sweep,
+    sweep_train_config,
 )
 from ser_ray.training.config import TrainConfig
 
 FOLD = 2
-SWEEP = SweepConfig(num_samples=4, epochs=2, seed=0)
+SWEEP = SweepConfig(num_samples=4, train=sweep_train_config(epochs=2, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_asha_stops_the_weaker_trial_after_the_grace_period():
         def __init__(self, trial_id: str):
             self.trial_id = trial_id
 
-    cfg = SweepConfig(epochs=8)
+    cfg = SweepConfig(train=sweep_train_config(epochs=8))
     assert cfg.grace_period == 3  # a third of the epochs, after the longest warm-up (2 epochs)
     scheduler = make_scheduler(cfg)
     good, bad = Stub("good"), Stub("bad")
@@ -128,13 +129,15 @@ def test_asha_stops_the_weaker_trial_after_the_grace_period():
 
 
 def test_grace_period_must_fit_the_search_space():
-    assert SweepConfig(epochs=2).grace_period == 1
-    assert SweepConfig(epochs=12).grace_period == 4
+    assert SweepConfig(train=sweep_train_config(epochs=2)).grace_period == 1
+    assert SweepConfig(train=sweep_train_config(epochs=12)).grace_period == 4
     long_warmup = SearchSpace(warmup_frac=(0.0, 0.5), decay_start_frac=(0.5, 1.0))
-    assert SweepConfig(epochs=8, space=long_warmup).grace_period == 4  # warm-up up to epoch 4
+    assert (
+        SweepConfig(train=sweep_train_config(epochs=8), space=long_warmup).grace_period == 4
+    )  # warm-up up to epoch 4
     with pytest.raises(ValueError, match="favours short warm-ups"):
-        SweepConfig(epochs=8, grace_period=1)
-    assert SweepConfig(epochs=8, grace_period=8).grace_period == 8
+        SweepConfig(train=sweep_train_config(epochs=8), grace_period=1)
+    assert SweepConfig(train=sweep_train_config(epochs=8), grace_period=8).grace_period == 8
 
 
 def test_same_seed_same_configs(sweep):
@@ -190,7 +193,7 @@ def test_search_space_defaults_follow_the_model():
 
 def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_features, tmp_path):
     outer = [3, 6]
-    cfg = SweepConfig(num_samples=2, epochs=1, seed=0)
+    cfg = SweepConfig(num_samples=2, train=sweep_train_config(epochs=1, seed=0))
     result = run_sweep(demo_features / "features", cfg, tmp_path, nested=True, outer_folds=outer)
     best = json.loads((tmp_path / "best.json").read_text())
     assert set(best) == {"per_fold", "note"} and list(best["per_fold"]) == ["3", "6"]

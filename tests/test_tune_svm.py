@@ -102,7 +102,7 @@ def test_demo_corpus_ua_well_above_chance(grid_run):
 
 def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
     again = run_nested_svm(
-        demo_df, search="grid", grid=TINY_GRID, folds=[3], storage_path=tmp_path / "grid"
+        demo_df, search="grid", grid=TINY_GRID, outer_folds=[3], storage_path=tmp_path / "grid"
     )
     first = grid_run.folds[2]
     assert again.folds[0]["svm_params"] == first["svm_params"]
@@ -118,7 +118,7 @@ def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
             search="bayes",
             num_samples=4,
             seed=7,
-            folds=[1],
+            outer_folds=[1],
             storage_path=tmp_path / f"bayes{i}",
         )
         for i in range(2)

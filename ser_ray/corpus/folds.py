@@ -11,7 +11,9 @@ each); ``emobox`` uses the fold sets of the EmoBox benchmark, to compare with it
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 NUM_FOLDS = 6
 
@@ -26,27 +28,39 @@ FOLD_SCHEMES: dict[str, list[list[int]]] = {
         [6, 13, 17, 22],
     ],
 }
+FOLDS_HELP = (
+    "fold scheme: contiguous (actors 1-4, 5-8, ...: two male, two female each) or emobox "
+    "(EmoBox's fold sets, to compare with its tables)"
+)
+
+
+def folds_field(default: str = "contiguous") -> Any:
+    """The ``folds`` field (the fold scheme) of a settings dataclass, with its help and
+    choices: declared once for every config and job that takes ``--folds``."""
+    return dataclasses.field(
+        default=default, metadata={"help": FOLDS_HELP, "choices": sorted(FOLD_SCHEMES)}
+    )
 
 
 class FoldError(ValueError):
     """Actors that cannot form the folds, or folds that leak an actor."""
 
 
-def fold_sets(scheme: str = "contiguous") -> list[list[int]]:
+def fold_sets(folds: str = "contiguous") -> list[list[int]]:
     """The actors of each fold (fold k is ``fold_sets()[k - 1]``)."""
-    if scheme not in FOLD_SCHEMES:
-        raise FoldError(f"unknown fold scheme {scheme!r}; choose one of {sorted(FOLD_SCHEMES)}")
-    return [list(actors) for actors in FOLD_SCHEMES[scheme]]
+    if folds not in FOLD_SCHEMES:
+        raise FoldError(f"unknown fold scheme {folds!r}; choose one of {sorted(FOLD_SCHEMES)}")
+    return [list(actors) for actors in FOLD_SCHEMES[folds]]
 
 
-def fold_of_actor(scheme: str = "contiguous") -> dict[int, int]:
+def fold_of_actor(folds: str = "contiguous") -> dict[int, int]:
     """Actor -> fold number (1-based)."""
-    return {actor: k for k, actors in enumerate(fold_sets(scheme), 1) for actor in actors}
+    return {actor: k for k, actors in enumerate(fold_sets(folds), 1) for actor in actors}
 
 
-def test_and_train_actors(fold: int, scheme: str = "contiguous") -> tuple[list[int], list[int]]:
+def test_and_train_actors(fold: int, folds: str = "contiguous") -> tuple[list[int], list[int]]:
     """(test actors, training actors) of one outer fold."""
-    sets = fold_sets(scheme)
+    sets = fold_sets(folds)
     if not 1 <= fold <= len(sets):
         raise FoldError(f"fold {fold} does not exist; folds are 1..{len(sets)}")
     test = sets[fold - 1]
@@ -54,10 +68,10 @@ def test_and_train_actors(fold: int, scheme: str = "contiguous") -> tuple[list[i
     return test, train
 
 
-def check_actors(actors: Iterable[int], scheme: str = "contiguous") -> None:
+def check_actors(actors: Iterable[int], folds: str = "contiguous") -> None:
     """Raise :class:`FoldError` unless ``actors`` are exactly the actors the folds need."""
     have = set(actors)
-    need = set(fold_of_actor(scheme))
+    need = set(fold_of_actor(folds))
     missing, extra = sorted(need - have), sorted(have - need)
     if missing or extra:
         parts = []
@@ -66,7 +80,7 @@ def check_actors(actors: Iterable[int], scheme: str = "contiguous") -> None:
         if extra:
             parts.append(f"actors not in any fold: {extra}")
         raise FoldError(
-            f"the corpus cannot form the {scheme} folds ({'; '.join(parts)}); "
+            f"the corpus cannot form the {folds} folds ({'; '.join(parts)}); "
             f"six folds of four actors need actors 1–24 each with clips"
         )
 
@@ -98,10 +112,10 @@ def validation_actors(train_actors: Iterable[int], n_val: int = 4) -> list[int]:
 
 
 def fold_split(
-    fold: int, scheme: str = "contiguous", n_val_actors: int = 4
+    fold: int, folds: str = "contiguous", n_val_actors: int = 4
 ) -> tuple[list[int], list[int], list[int]]:
     """(test actors, training actors without validation, validation actors) of one fold."""
-    test_actors, train_actors = test_and_train_actors(fold, scheme)
+    test_actors, train_actors = test_and_train_actors(fold, folds)
     val_actors = validation_actors(train_actors, n_val_actors) if n_val_actors else []
     fit_actors = [a for a in train_actors if a not in val_actors]
     check_no_leakage(fit_actors + val_actors, test_actors)

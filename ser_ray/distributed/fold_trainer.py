@@ -53,7 +53,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
     ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
     (clips per split, counted by :func:`build_fold_trainer`; each split streams in from the
-    trainer's dataset of that name), ``fold`` (int), ``scheme`` (fold scheme),
+    trainer's dataset of that name), ``fold`` (int), ``folds`` (fold scheme),
     ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
     ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
@@ -79,7 +79,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         "done": True,
     }
     _, fit_actors, val_actors = fold_split(
-        config.get("fold"), config.get("scheme", "contiguous"), cfg.n_val_actors
+        config.get("fold"), config.get("folds", "contiguous"), cfg.n_val_actors
     )
     trained_on = fit_actors
     if cfg.refit and "val" in clips:
@@ -232,7 +232,7 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
     test_actors, fit_actors, val_actors = fold_split(
         config["fold"],
-        config.get("scheme", "contiguous"),
+        config.get("folds", "contiguous"),
         TrainConfig.from_dict(config).n_val_actors,
     )
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
@@ -254,7 +254,7 @@ class FoldResult:
     """Outcome of one outer fold."""
 
     fold: int
-    scheme: str
+    folds: str
     test_actors: list[int]
     val_actors: list[int]
     n_test: int
@@ -269,7 +269,7 @@ class FoldResult:
 def fit_fold(
     features_dir: str | os.PathLike,
     fold: int,
-    scheme: str = "contiguous",
+    folds: str = "contiguous",
     train_config: TrainConfig | None = None,
     out_dir: str | os.PathLike = "runs/wav2vec2",
     num_workers: int = 1,
@@ -291,11 +291,11 @@ def fit_fold(
     out = Path(out_dir).resolve()
     fold_dir = out / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    test_actors, _, val_actors = fold_split(fold, scheme, cfg.n_val_actors)
+    test_actors, _, val_actors = fold_split(fold, folds, cfg.n_val_actors)
     config: dict[str, Any] = {
         **cfg.to_dict(),
         "fold": fold,
-        "scheme": scheme,
+        "folds": folds,
         "input_kind": "waveform",
         "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
     }
@@ -329,7 +329,7 @@ def fit_fold(
     metrics = summary["metrics"]
     return FoldResult(
         fold=fold,
-        scheme=scheme,
+        folds=folds,
         test_actors=test_actors,
         val_actors=val_actors,
         n_test=len(predictions),

@@ -219,13 +219,13 @@ def features_for_job(
     data_dir: str | None,
     out_dir: str | Path,
     smoke_test: bool = False,
-    fold_scheme: str = "contiguous",
+    folds: str = "contiguous",
 ) -> Path:
     """A job's features folder: ``--features`` as given, else prepared (or reused) from
     ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
     if features_dir:
         return Path(features_dir)
-    config = FeatureConfig(fold_scheme=fold_scheme)
+    config = FeatureConfig(folds=folds)
     prepared = Path(out_dir) / "prepared"
     if data_dir:
         return prepare_features(data_dir, prepared, config).features_dir

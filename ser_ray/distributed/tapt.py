@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ser_ray.corpus import folds
+from ser_ray.corpus.folds import check_no_leakage, test_and_train_actors
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.training.pretrain import RESULT_FILE, PretrainConfig
 
@@ -49,13 +49,13 @@ def _fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def tapt_key(base_model: str, fold: int, scheme: str, features_dir, cfg: PretrainConfig) -> str:
+def tapt_key(base_model: str, fold: int, folds: str, features_dir, cfg: PretrainConfig) -> str:
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
     text = json.dumps(
         {
             "model": _fingerprint(base_model),
             "fold": fold,
-            "scheme": scheme,
+            "folds": folds,
             "features": _fingerprint(features_dir),
             "settings": settings,
         },
@@ -64,10 +64,10 @@ def tapt_key(base_model: str, fold: int, scheme: str, features_dir, cfg: Pretrai
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tapt_actors(fold: int, scheme: str) -> list[int]:
+def tapt_actors(fold: int, folds: str) -> list[int]:
     """The actors whose audio TAPT for ``fold`` may read: the fold's training side."""
-    test_actors, train_actors = folds.test_and_train_actors(fold, scheme)
-    folds.check_no_leakage(train_actors, test_actors)
+    test_actors, train_actors = test_and_train_actors(fold, folds)
+    check_no_leakage(train_actors, test_actors)
     return train_actors
 
 
@@ -76,7 +76,7 @@ def run_tapt_folds(
     base_model: str,
     fold_numbers: list[int],
     *,
-    scheme: str,
+    folds: str,
     settings: PretrainConfig,
     out_dir: str | os.PathLike,
     resources: dict[str, Any],
@@ -88,7 +88,7 @@ def run_tapt_folds(
     models: dict[int, str] = {}
     pending = {}
     for fold in fold_numbers:
-        key = tapt_key(base_model, fold, scheme, features_dir, settings)
+        key = tapt_key(base_model, fold, folds, features_dir, settings)
         fold_dir = Path(out_dir).resolve() / f"fold_{fold}" / key
         if (fold_dir / "model" / "model.safetensors").exists():
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
@@ -99,7 +99,7 @@ def run_tapt_folds(
             features_dir,
             fold_dir,
             settings,
-            actors=tapt_actors(fold, scheme),
+            actors=tapt_actors(fold, folds),
             use_gpu=resources["use_gpu"],
             resources_per_worker=resources["resources_per_worker"],
             max_failures=max_failures,

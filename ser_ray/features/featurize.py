@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor
+from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor, folds_field
 from ser_ray.corpus.ravdess import (
     RavdessNameError,
     clip_from_name,
@@ -39,24 +39,54 @@ FEATURE_SCHEMA_VERSION = 2  # 2: the egemaps column
 class FeatureConfig:
     """How clips become features (saved in ``config.json``; a change re-runs the work)."""
 
-    target_sr_hz: int = audio.TARGET_SR_HZ  # wav2vec2 expects 16 kHz
-    n_mfcc: int = 40  # MFCCs per frame
-    mfcc_deltas: bool = False  # append mean/std of first-order deltas to mfcc_stats
-    egemaps: bool = True  # eGeMAPSv02 functionals by openSMILE (null column when False)
-    trim_silence: bool = False  # cut leading/trailing silence before features
-    trim_top_db: float = 40.0  # what counts as silence when trimming (dB below peak)
-    silent_dbfs: float = -60.0  # reject clips whose peak is below this level
-    min_duration_s: float = 0.25  # reject shorter clips (after trimming)
-    max_duration_s: float = 60.0  # reject longer clips (RAVDESS clips are 2.9–5.3 s)
-    fold_scheme: str = "contiguous"  # which folds the `fold` column follows
-    speech_only: bool = True  # keep audio-only speech (03-01) only
-    batch_size: int = 128  # most clips per Ray Data task and Parquet file (not held at once)
+    target_sr_hz: int = dataclasses.field(
+        default=audio.TARGET_SR_HZ,
+        metadata={"help": "sample rate of the features (wav2vec2: 16 kHz)"},
+    )
+    n_mfcc: int = dataclasses.field(default=40, metadata={"help": "MFCCs per frame"})
+    mfcc_deltas: bool = dataclasses.field(
+        default=False, metadata={"help": "add mean/std of first-order deltas to mfcc_stats"}
+    )
+    egemaps: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "eGeMAPSv02 functionals by openSMILE (a null column when off)",
+            "flag_help": "skip the eGeMAPSv02 functionals (openSMILE); the SVM can then use "
+            "MFCC only",
+        },
+    )
+    trim_silence: bool = dataclasses.field(
+        default=False, metadata={"help": "cut leading/trailing silence before features"}
+    )
+    trim_top_db: float = dataclasses.field(
+        default=40.0, metadata={"help": "what counts as silence when trimming (dB below peak)"}
+    )
+    silent_dbfs: float = dataclasses.field(
+        default=-60.0, metadata={"help": "reject clips whose peak is below this level"}
+    )
+    min_duration_s: float = dataclasses.field(
+        default=0.25, metadata={"help": "reject shorter clips (after trimming)"}
+    )
+    max_duration_s: float = dataclasses.field(
+        default=60.0, metadata={"help": "reject longer clips (RAVDESS clips are 2.9-5.3 s)"}
+    )
+    folds: str = folds_field()  # the fold scheme the `fold` column follows
+    speech_only: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "keep audio-only speech (03-01) only",
+            "flag": "--all-modalities",
+            "flag_help": "keep song/video names too (default: audio-only speech 03-01)",
+        },
+    )
+    batch_size: int = dataclasses.field(
+        default=128,
+        metadata={"help": "most clips per Ray Data task and Parquet file (not held at once)"},
+    )
 
     def __post_init__(self) -> None:
-        if self.fold_scheme not in FOLD_SCHEMES:
-            raise ValueError(
-                f"fold_scheme={self.fold_scheme!r}: choose one of {sorted(FOLD_SCHEMES)}"
-            )
+        if self.folds not in FOLD_SCHEMES:
+            raise ValueError(f"folds={self.folds!r}: choose one of {sorted(FOLD_SCHEMES)}")
         if self.min_duration_s >= self.max_duration_s:
             raise ValueError("min_duration_s must be below max_duration_s")
 
@@ -176,7 +206,7 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
 
     Clips are featurized and written :data:`WRITE_CHUNK_CLIPS` at a time (one Parquet row
     group each), so a worker holds at most that many waveforms whatever the batch size."""
-    folds = fold_of_actor(config.fold_scheme)
+    folds = fold_of_actor(config.folds)
     path = Path(staging_dir) / f"part-{min(batch.column('index').to_pylist()):06d}.parquet"
     outcomes, writer = [], None
     try:

@@ -192,7 +192,7 @@ def label_vector(df: pd.DataFrame, merge_calm: bool = False) -> np.ndarray:
 
 
 def inner_splits(
-    actors: Iterable[int], scheme: str = "contiguous"
+    actors: Iterable[int], folds: str = "contiguous"
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Actor-grouped inner splits of the training rows: leave one remaining outer fold out.
 
@@ -200,15 +200,17 @@ def inner_splits(
     Returns ``(train_idx, val_idx)`` row indices, one split per fold present, in fold order.
     """
     actors = np.asarray(list(actors), dtype=np.int64)
-    fold_map = fold_of_actor(scheme)
+    fold_map = fold_of_actor(folds)
     unknown = sorted(set(actors.tolist()) - set(fold_map))
     if unknown:
-        raise ValueError(f"actors {unknown} are in no {scheme} fold")
+        raise ValueError(f"actors {unknown} are in no {folds} fold")
     groups = np.array([fold_map[a] for a in actors.tolist()], dtype=np.int64)
-    folds = sorted(set(groups.tolist()))
-    if len(folds) < 2:
-        raise ValueError(f"inner cross-validation needs actors of two folds at least, got {folds}")
-    return [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in folds]
+    present = sorted(set(groups.tolist()))
+    if len(present) < 2:
+        raise ValueError(
+            f"inner cross-validation needs actors of two folds at least, got {present}"
+        )
+    return [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in present]
 
 
 def inner_cv_score(
@@ -235,7 +237,7 @@ def fit_predict(
     actors_train: Sequence[int],
     X_test: np.ndarray,
     num_classes: int,
-    scheme: str = "contiguous",
+    folds: str = "contiguous",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit the chosen config on all training rows; (labels, class probabilities) of the
     test rows.
@@ -245,7 +247,7 @@ def fit_predict(
     (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
     calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
-    model = fit_calibrated_svm(params, X_train, y_train, actors_train, scheme)
+    model = fit_calibrated_svm(params, X_train, y_train, actors_train, folds)
     return predict_labels(model, X_test), class_probabilities(model, X_test, num_classes)
 
 
@@ -254,10 +256,10 @@ def fit_calibrated_svm(
     X_train: np.ndarray,
     y_train: np.ndarray,
     actors_train: Sequence[int],
-    scheme: str = "contiguous",
+    folds: str = "contiguous",
 ) -> CalibratedClassifierCV:
     """The chosen config fit on all training rows, calibrated on the inner actor folds."""
-    model = make_calibrated_svm(params, cv=inner_splits(actors_train, scheme))
+    model = make_calibrated_svm(params, cv=inner_splits(actors_train, folds))
     return model.fit(X_train, y_train)
 
 

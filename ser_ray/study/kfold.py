@@ -48,39 +48,107 @@ TRAINED_ON = {
 }
 
 
+#: TrainConfig fields the study always sets from its own settings (``KFoldConfig.train``);
+#: a ``--params`` file cannot change them.
+STUDY_FIELDS = ("model", "epochs", "batch_size", "merge_calm", "seed", "refit")
+
+
+def study_train_config(**changes: Any) -> TrainConfig:
+    """The study's default wav2vec2 settings: TrainConfig's, but 8 epochs and no model yet
+    (``None``: :meth:`KFoldConfig.resolved_model` decides), with ``changes`` on top."""
+    return TrainConfig(**{"model": None, "epochs": 8, **changes})
+
+
 @dataclasses.dataclass
 class KFoldConfig:
     """Settings of the study (the resolved copy is saved as ``config.json``)."""
 
-    data_dir: str | None = None  # RAVDESS folder/URI; None: the embedded demo corpus
-    model: str | None = None  # hub id, local folder or "demo"; None: demo without data_dir
-    folds: str = "contiguous"  # fold scheme: contiguous | emobox
-    merge_calm: bool = False  # 7 classes (calm merged into neutral) instead of 8
-    variants: tuple[str, ...] = DEFAULT_VARIANTS  # named variants; differences vs the first
-    epochs: int = 8  # wav2vec2 epochs per fold
-    batch_size: int = 8  # clips per micro-batch
-    lr: float | None = None  # peak LR of the encoder (default: TrainConfig's)
-    lr_head: float | None = None  # peak LR of the head (default: TrainConfig's)
-    params: str | None = None  # best.json of jobs/tune_adamw.py --nested (AdamW settings)
-    allow_leaky_params: bool = False  # accept a single-fold sweep's settings for every fold
-    refit: bool = False  # retrain wav2vec2 on fit + validation actors for the best epoch count
-    workers_per_fold: int = 1  # Ray Train workers (DDP) per fold
-    concurrent_folds: int | None = None  # folds trained at once; None: all of them
-    gpus_per_fold: float | None = None  # None: share the cluster's GPUs over the folds
-    cpus_per_worker: float | None = None  # None: share the cluster's CPUs over the folds
-    max_failures: int = 2  # worker restarts per fold before the fold fails
-    svm_search: str = "grid"  # grid | bayes
-    svm_num_samples: int = 20  # Bayesian SVM trials per fold
-    tapt_epochs: int = 0  # per-fold continued pre-training on training actors' audio; 0 = off
-    storage_path: str | None = None  # Tune/Train storage (local or s3://); None: <out>/ray
-    resume: bool = False  # continue an interrupted run in the same --out/--storage-path
-    out: str = "runs/kfold"  # run folder
-    smoke_test: bool = False  # tiny corpus, one epoch, small SVM grid
-    seed: int = 0
+    data_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": "RAVDESS folder or URI (default: the demo corpus)"}
+    )
+    train: TrainConfig = dataclasses.field(
+        default_factory=study_train_config,
+        metadata={
+            "help": "wav2vec2 fine-tuning settings of every fold: TrainConfig defaults < the "
+            "--params file < the study's own (STUDY_FIELDS, and any field changed from its "
+            "default, e.g. --lr)"
+        },
+    )
+    folds: str = folds.folds_field()
+    variants: tuple[str, ...] = dataclasses.field(
+        default=DEFAULT_VARIANTS,
+        metadata={
+            "help": "comma-separated named variants, compared with the first: a family (svm, "
+            "wav2vec2) then +options; svm takes +spknorm (speaker normalisation), +egemaps, "
+            "+mfcc+egemaps (feature sets; default MFCC)"
+        },
+    )
+    params: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "best.json of jobs/tune_adamw.py --nested (per-fold AdamW settings); a "
+            "single-fold sweep's file is refused: its settings saw the other folds' test actors"
+        },
+    )
+    allow_leaky_params: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "accept a single-fold sweep's settings for every fold anyway (summary.md "
+            "says so in bold)"
+        },
+    )
+    workers_per_fold: int = dataclasses.field(
+        default=1, metadata={"help": "Ray Train workers (DDP) per fold"}
+    )
+    concurrent_folds: int | None = dataclasses.field(
+        default=None, metadata={"help": "folds trained at once (default: all six)"}
+    )
+    gpus_per_fold: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "GPUs per fold, fractions allowed (0.16: six folds share one GPU). "
+            "Default: the cluster's GPUs shared over the folds, 0 without GPUs"
+        },
+    )
+    cpus_per_worker: float | None = dataclasses.field(
+        default=None, metadata={"help": "default: a fair share of the CPUs"}
+    )
+    max_failures: int = dataclasses.field(
+        default=2, metadata={"help": "worker restarts per fold before the fold fails"}
+    )
+    svm_search: str = dataclasses.field(
+        default="grid",
+        metadata={"help": "SVM search: grid, or bayes (Optuna TPE)", "choices": ["grid", "bayes"]},
+    )
+    svm_num_samples: int = dataclasses.field(
+        default=20, metadata={"help": "Bayesian SVM trials per fold"}
+    )
+    tapt_epochs: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "task-adaptive pre-training: before fine-tuning, continue each fold's "
+            "self-supervised pre-training for N epochs on its training actors' audio (cached); "
+            "0 = off"
+        },
+    )
+    storage_path: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Tune/Train storage, local or s3:// (default OUT/ray)"},
+    )
+    resume: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "continue an interrupted run in the same --out/--storage-path"},
+    )
+    out: str = dataclasses.field(default="runs/kfold", metadata={"help": "run folder"})
+    smoke_test: bool = dataclasses.field(
+        default=False, metadata={"help": "tiny corpus, one epoch, small SVM grid"}
+    )
 
     def resolved_model(self) -> str:
-        if self.model:
-            return self.model
+        """``train.model``, or by default ``demo`` without ``data_dir`` and
+        ``facebook/wav2vec2-base`` with it."""
+        if self.train.model:
+            return self.train.model
         return "demo" if self.data_dir is None else REAL_MODEL
 
     def __post_init__(self) -> None:
@@ -156,43 +224,44 @@ def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
 
 
 def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
-    """The wav2vec2 training settings: defaults < ``--params`` file < explicit flags.
+    """The wav2vec2 training settings: defaults < ``--params`` file < the study's own.
 
-    A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each outer fold the
-    settings tuned on that fold's own training actors; ``fold`` picks them. A single-fold
-    sweep's file is refused (see :func:`params_provenance`) unless ``allow_leaky_params``.
+    The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
+    ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
+    ``--lr-head``). A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each
+    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them. A
+    single-fold sweep's file is refused (see :func:`params_provenance`) unless
+    ``allow_leaky_params``.
     """
-    values: dict[str, Any] = {}
-    best = _read_params(cfg)
-    if best is not None:
-        params_provenance(cfg)  # raises on leaky settings that were not allowed
-        if "per_fold" in best:
-            if fold is None or str(fold) not in best["per_fold"]:
-                raise ValueError(
-                    f"{cfg.params} holds per-fold settings for folds "
-                    f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
-                    "--nested over every outer fold"
-                )
-            best = best["per_fold"][str(fold)]
-        values.update(best.get("params", best))
-    values.update(
-        model=cfg.resolved_model(),
-        epochs=1 if cfg.smoke_test else cfg.epochs,
-        batch_size=cfg.batch_size,
-        merge_calm=cfg.merge_calm,
-        seed=cfg.seed,
-        refit=cfg.refit,
-    )
-    if cfg.lr is not None:
-        values["lr_encoder"] = cfg.lr
-    if cfg.lr_head is not None:
-        values["lr_head"] = cfg.lr_head
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    tuned = _tuned_params(cfg, fold)
+    unknown = set(tuned) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    return TrainConfig(**values)
+    default = study_train_config()
+    own = {
+        name: value
+        for name, value in cfg.train.to_dict().items()
+        if name in STUDY_FIELDS or value != getattr(default, name)
+    }
+    own.update(model=cfg.resolved_model(), epochs=1 if cfg.smoke_test else cfg.train.epochs)
+    return TrainConfig(**{**cfg.train.to_dict(), **tuned, **own})
+
+
+def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
+    """The TrainConfig values the ``--params`` file gives ``fold`` (``{}`` without one)."""
+    best = _read_params(cfg)
+    if best is None:
+        return {}
+    params_provenance(cfg)  # raises on leaky settings that were not allowed
+    if "per_fold" in best:
+        if fold is None or str(fold) not in best["per_fold"]:
+            raise ValueError(
+                f"{cfg.params} holds per-fold settings for folds "
+                f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
+                "--nested over every outer fold"
+            )
+        best = best["per_fold"][str(fold)]
+    return dict(best.get("params", best))
 
 
 def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
@@ -263,7 +332,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         **train["train_configs"][str(fold)],
         **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
         "fold": fold,
-        "scheme": train["scheme"],
+        "folds": train["folds"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
     trainer = build_fold_trainer(
@@ -301,7 +370,7 @@ def run_wav2vec2_folds(
     log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
     train = {
         "inputs": {str(k): v for k, v in fold_inputs(features_dir, train_cfgs, out).items()},
-        "scheme": cfg.folds,
+        "folds": cfg.folds,
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
         "max_failures": cfg.max_failures,
@@ -399,8 +468,8 @@ def _with_encoders(
             features_dir,
             base,
             list(train_cfgs),
-            scheme=cfg.folds,
-            settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.seed, cfg.smoke_test),
+            folds=cfg.folds,
+            settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
             out_dir=out / "tapt",
             resources=fold_resources(cfg, concurrent),
             max_failures=cfg.max_failures,
@@ -422,9 +491,9 @@ def _svm_results(
         df,
         search=cfg.svm_search,
         num_samples=cfg.svm_num_samples,
-        scheme=cfg.folds,
-        merge_calm=cfg.merge_calm,
-        seed=cfg.seed,
+        folds=cfg.folds,
+        merge_calm=cfg.train.merge_calm,
+        seed=cfg.train.seed,
         storage_path=out / "tune_svm",
         smoke_test=cfg.smoke_test,
         feature_set=variant.feature_set,
@@ -438,20 +507,46 @@ def _svm_results(
 
 
 def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
-    """Run the study into ``cfg.out`` and return the summary (Ray must be initialised)."""
-    from ser_ray.study import summary
+    """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
+    The steps, in order: resolve the settings and save them (``config.json``), check the
+    model can be loaded, prepare the features, run every variant over the folds, write the
+    summary."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage = cfg.storage_path or str(out / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
+    storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
+    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
     train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
-    train_cfg = train_cfgs[1]
     variants = parse_variants(cfg.variants)
-    runs_wav2vec2 = any(v.family == "wav2vec2" for v in variants)
+    _save_run_config(out, cfg, variants, train_cfgs, provenance, storage)
+    if _runs_wav2vec2(variants):
+        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+    features_dir, df = _prepared_features(cfg, out, variants)
+    results = _run_variants(cfg, variants, df, features_dir, train_cfgs, out, storage)
+    return _write_summary(cfg, out, variants, df, results, provenance)
+
+
+def _storage_path(cfg: KFoldConfig, out: Path) -> str:
+    """Where Tune and Train keep their state: ``--storage-path`` (local paths resolved) or
+    ``OUT/ray``."""
+    storage = cfg.storage_path or str(out / "ray")
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def _runs_wav2vec2(variants: tuple[Variant, ...]) -> bool:
+    return any(v.family == "wav2vec2" for v in variants)
+
+
+def _save_run_config(
+    out: Path,
+    cfg: KFoldConfig,
+    variants: tuple[Variant, ...],
+    train_cfgs: dict[int, TrainConfig],
+    provenance: dict[str, Any] | None,
+    storage: str,
+) -> None:
+    """``OUT/config.json``: the study's settings, resolved, before anything runs."""
     config_file.save_config(
         out,
         {
@@ -459,59 +554,106 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             "kfold": cfg,
             "variants": {v.name: v.describe() for v in variants},
             "model": cfg.resolved_model(),
-            "train": train_cfg if cfg.params is None else train_cfgs,
+            "train": train_cfgs[1] if cfg.params is None else train_cfgs,
             "params_provenance": provenance,
             "storage_path": storage,
             "ser_ray_version": _version(),
         },
     )
-    if runs_wav2vec2:
-        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+
+
+def _prepared_features(
+    cfg: KFoldConfig, out: Path, variants: tuple[Variant, ...]
+) -> tuple[Path, pd.DataFrame]:
+    """Features of the corpus (``--data-dir`` or the demo corpus) in ``OUT/prepared``, its
+    rejected clips in ``OUT/rejected.csv``; returns the features folder and the columns the
+    SVM variants need, checked to form the folds."""
     source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
-    prepared = prepare_features(source, out / "prepared", FeatureConfig(fold_scheme=cfg.folds))
+    prepared = prepare_features(source, out / "prepared", FeatureConfig(folds=cfg.folds))
     shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
     columns = {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
     df = load_features(prepared.features_dir, ["path", "actor", "emotion", *sorted(columns)])
     folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
+    return prepared.features_dir, df
 
-    class_names = ravdess.class_names(cfg.merge_calm)
-    fold_rows = {
-        k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
-        for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
-    }
-    predictions = []
-    histories: dict[int, list[dict]] = {}
+
+@dataclasses.dataclass
+class _StudyResults:
+    """What the variants produced: per fold the summary row, the out-of-fold predictions,
+    wav2vec2's per-fold histories, and the fold configs as trained (encoders resolved)."""
+
+    fold_rows: dict[int, dict[str, Any]]
+    predictions: list[pd.DataFrame]
+    histories: dict[int, list[dict]]
+    train_cfgs: dict[int, TrainConfig]
+
+
+def _run_variants(
+    cfg: KFoldConfig,
+    variants: tuple[Variant, ...],
+    df: pd.DataFrame,
+    features_dir: Path,
+    train_cfgs: dict[int, TrainConfig],
+    out: Path,
+    storage: str,
+) -> _StudyResults:
+    """Every variant over the same folds, in order: the SVMs' nested CV, wav2vec2's folds."""
+    results = _StudyResults(
+        fold_rows={
+            k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
+            for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
+        },
+        predictions=[],
+        histories={},
+        train_cfgs=train_cfgs,
+    )
     for variant in variants:
         if variant.family == "svm":
             svm_folds, svm_predictions = _svm_results(df, cfg, out, variant)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
-                fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
-            predictions.append(svm_predictions)
+                results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
+            results.predictions.append(svm_predictions)
             continue
-        train_cfgs = _with_encoders(train_cfgs, prepared.features_dir, cfg, out, storage)
-        for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
+        results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, out, storage)
+        for outcome in run_wav2vec2_folds(features_dir, cfg, results.train_cfgs, out, storage):
             m = outcome["metrics"]
-            fold_rows[outcome["fold"]]["wav2vec2"] = {
+            results.fold_rows[outcome["fold"]]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
                 "uar": m["test/uar"],
                 "macro_f1": m["test/macro_f1"],
                 "best_epoch": int(m["best_epoch"]),
             }
-            histories[outcome["fold"]] = outcome["history"]
-            predictions.append(outcome["predictions"])
-    all_predictions = pd.concat(predictions, ignore_index=True)
+            results.histories[outcome["fold"]] = outcome["history"]
+            results.predictions.append(outcome["predictions"])
+    return results
+
+
+def _write_summary(
+    cfg: KFoldConfig,
+    out: Path,
+    variants: tuple[Variant, ...],
+    df: pd.DataFrame,
+    results: _StudyResults,
+    provenance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``OUT/predictions.csv`` and the summary files
+    (:func:`ser_ray.study.summary.write_summary`)."""
+    from ser_ray.study import summary
+
+    all_predictions = pd.concat(results.predictions, ignore_index=True)
     all_predictions.to_csv(out / "predictions.csv", index=False)
+    histories, train_cfgs = results.histories, results.train_cfgs
     return summary.write_summary(
         out,
-        list(fold_rows.values()),
+        list(results.fold_rows.values()),
         all_predictions,
-        class_names,
+        ravdess.class_names(cfg.train.merge_calm),
         summary.RunInfo(
             model=cfg.resolved_model() + ("+tapt" if cfg.tapt_epochs else "")
-            if runs_wav2vec2
+            if _runs_wav2vec2(variants)
             else None,
-            merge_calm=cfg.merge_calm,
+            merge_calm=cfg.train.merge_calm,
             fold_scheme=cfg.folds,
             config=config_file.to_jsonable(dataclasses.asdict(cfg)),
             params_provenance=provenance,
@@ -550,7 +692,7 @@ def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str
     """Per variant: which actors of each outer fold its reported model was trained on."""
     out: dict[str, Any] = {}
     for variant in parse_variants(cfg.variants):
-        refit = variant.family == "wav2vec2" and cfg.refit
+        refit = variant.family == "wav2vec2" and cfg.train.refit
         per_fold = {}
         for k, train_cfg in train_cfgs.items():
             _, fit, val = folds.fold_split(k, cfg.folds, train_cfg.n_val_actors)

@@ -150,53 +150,71 @@ def params_from_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sweep_train_config(**changes: Any) -> TrainConfig:
+    """The fixed part of every trial's :class:`TrainConfig` by default: TrainConfig's
+    defaults but 8 epochs (as kfold) and no early stopping (ASHA decides when to stop), with
+    ``changes`` on top. The searched fields (:data:`SEARCHED_FIELDS`) are drawn per trial."""
+    return TrainConfig(**{"epochs": 8, "early_stopping_patience": None, **changes})
+
+
 @dataclasses.dataclass
 class SweepConfig:
     """Settings of a sweep (the resolved copy is saved in ``config.json``)."""
 
-    model: str = DEMO_MODEL  # hub id, local folder or "demo"
-    scheme: str = "contiguous"  # fold scheme: contiguous | emobox
-    merge_calm: bool = False  # 7 classes instead of 8
-    num_samples: int = 20  # trials per outer fold
-    epochs: int = 8  # epochs per trial (ASHA's max_t); kfold's default is 8 too
-    batch_size: int = 8  # clips per micro-batch
-    seed: int = 0  # seed of the searcher (TPE) and of every trial's training
-    cpus_per_trial: float = 1.0  # Tune resources of one trial (torch threads = max(1, int))
-    gpus_per_trial: float = 0.0  # > 0: train on CUDA (fractions share a GPU)
-    max_concurrent_trials: int | None = None  # None: cluster CPUs // cpus_per_trial
-    grace_period: int | None = None  # ASHA: epochs before a cut; None: see min_grace_period
-    reduction_factor: int = 2  # ASHA: keep the top 1/rf at each rung
-    space: SearchSpace | None = None  # None: SearchSpace.for_model(model)
+    train: TrainConfig = dataclasses.field(
+        default_factory=sweep_train_config,
+        metadata={
+            "help": "every trial's training settings but the searched ones (model, epochs = "
+            "ASHA's max_t, batch size, merge_calm, seed: also the searcher's)"
+        },
+    )
+    folds: str = folds.folds_field()
+    num_samples: int = dataclasses.field(default=20, metadata={"help": "trials per outer fold"})
+    cpus_per_trial: float = dataclasses.field(
+        default=1.0,
+        metadata={"help": "Tune resources of one trial (torch threads = max(1, int))"},
+    )
+    gpus_per_trial: float = dataclasses.field(
+        default=0.0, metadata={"help": "> 0: train on CUDA (fractions share a GPU)"}
+    )
+    max_concurrent_trials: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "trials at once (default: the cluster's CPUs / --cpus-per-trial)"},
+    )
+    grace_period: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "ASHA: epochs before a trial may be cut (default: min_grace_period)"},
+    )
+    reduction_factor: int = dataclasses.field(
+        default=2, metadata={"help": "ASHA: keep the top 1/reduction_factor at each rung"}
+    )
+    space: SearchSpace | None = dataclasses.field(
+        default=None, metadata={"help": "search ranges (default: SearchSpace.for_model(model))"}
+    )
 
     def __post_init__(self) -> None:
-        folds.fold_sets(self.scheme)  # raises on an unknown scheme
+        folds.fold_sets(self.folds)  # raises on an unknown scheme
+        epochs = self.train.epochs
         if self.space is None:
-            self.space = SearchSpace.for_model(self.model)
-        if self.num_samples < 1 or self.epochs < 1:
+            self.space = SearchSpace.for_model(self.train.model)
+        if self.num_samples < 1 or epochs < 1:
             raise ValueError("num_samples and epochs must be >= 1")
-        least = min_grace_period(self.epochs, self.space)
+        least = min_grace_period(epochs, self.space)
         if self.grace_period is None:
             self.grace_period = least
-        if not least <= self.grace_period <= self.epochs:
+        if not least <= self.grace_period <= epochs:
             raise ValueError(
-                f"grace_period={self.grace_period} with {self.epochs} epochs: ASHA must not cut "
+                f"grace_period={self.grace_period} with {epochs} epochs: ASHA must not cut "
                 f"before epoch {least} (a third of the epochs, and every searched warm-up over: "
                 f"warmup_frac up to {self.space.warmup_frac[1]}), else it favours short "
-                f"warm-ups by construction; use {least}..{self.epochs}"
+                f"warm-ups by construction; use {least}..{epochs}"
             )
         if self.reduction_factor < 2:
             raise ValueError("reduction_factor must be >= 2")
 
     def base_train_config(self) -> TrainConfig:
         """The fixed part of every trial's TrainConfig (searched fields take defaults)."""
-        return TrainConfig(
-            model=self.model,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            merge_calm=self.merge_calm,
-            seed=self.seed,
-            early_stopping_patience=None,  # ASHA decides when to stop
-        )
+        return dataclasses.replace(self.train)
 
 
 def min_grace_period(epochs: int, space: SearchSpace) -> int:
@@ -226,14 +244,14 @@ def make_searcher(space: SearchSpace, seed: int, max_concurrent: int):
 
 
 def make_scheduler(cfg: SweepConfig):
-    """ASHA on ``val/uar`` per epoch (``training_iteration``), up to ``cfg.epochs``."""
+    """ASHA on ``val/uar`` per epoch (``training_iteration``), up to ``cfg.train.epochs``."""
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr=TIME_ATTR,
         metric=METRIC,
         mode="max",
-        max_t=cfg.epochs,
+        max_t=cfg.train.epochs,
         grace_period=cfg.grace_period,
         reduction_factor=cfg.reduction_factor,
     )
@@ -245,7 +263,7 @@ def scheduler_info(cfg: SweepConfig) -> dict[str, Any]:
         "metric": METRIC,
         "mode": "max",
         "time_attr": TIME_ATTR,
-        "max_t": cfg.epochs,
+        "max_t": cfg.train.epochs,
         "grace_period": cfg.grace_period,
         "reduction_factor": cfg.reduction_factor,
         "grace_rule": GRACE_RULE,
@@ -261,7 +279,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
     (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
-    ``scheme``, ``threads``, ``device``. Reports every epoch's ``run_training`` metrics plus,
+    ``folds``, ``threads``, ``device``. Reports every epoch's ``run_training`` metrics plus,
     for auditing, the actors it trained on (``fit_actors``) and validated on
     (``val_actors``), read from the rows it received.
     """
@@ -283,7 +301,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     if kind != "waveform" and cache_key(model, fe, kind) != setup["feature_cache_key"]:
         raise ValueError("the feature cache was not made by this model's frozen part")
     # the test actors of the fold are not even named here: only fit and validation actors
-    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
+    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["folds"], cfg.n_val_actors)
     columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
     train, val = (
         table_from_arrow(
@@ -348,7 +366,7 @@ def tune_fold(
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
     base = cfg.base_train_config()
-    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
+    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
     resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
@@ -363,7 +381,7 @@ def tune_fold(
         "input_kind": source.input_kind,
         "feature_cache_key": source.feature_cache_key,
         "fold": int(fold),
-        "scheme": cfg.scheme,
+        "folds": cfg.folds,
         "threads": max(1, int(cfg.cpus_per_trial)),
         "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
     }
@@ -371,7 +389,7 @@ def tune_fold(
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg.space, cfg.seed, max_concurrent),
+            search_alg=make_searcher(cfg.space, base.seed, max_concurrent),
             scheduler=make_scheduler(cfg),
             num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
             trial_dirname_creator=_trial_dirname,
@@ -398,7 +416,7 @@ def tune_fold(
                 "val_uar": val_uar,
                 "last_val_uar": float(result.metrics[METRIC]),
                 "epochs_run": epochs_run,
-                "stopped_early": epochs_run < cfg.epochs,
+                "stopped_early": epochs_run < base.epochs,
                 "fit_actors": result.metrics["fit_actors"],
                 "val_actors": result.metrics["val_actors"],
                 **params_from_config(result.config),
@@ -425,12 +443,12 @@ def tune_fold(
     )
     search = {
         "fold": int(fold),
-        "scheme": cfg.scheme,
+        "scheme": cfg.folds,  # best.json's key, kept
         "test_actors": [int(a) for a in test_actors],
         "fit_actors": [int(a) for a in fit_actors],
         "val_actors": [int(a) for a in val_actors],
         "objective": f"{METRIC} (max) on the validation actors; searcher told {SEARCH_METRIC}",
-        "searcher": {"type": "OptunaSearch", "sampler": "TPESampler", "seed": cfg.seed},
+        "searcher": {"type": "OptunaSearch", "sampler": "TPESampler", "seed": base.seed},
         "scheduler": scheduler_info(cfg),
         "space": cfg.space.describe(),
         "num_samples": cfg.num_samples,
@@ -486,7 +504,7 @@ def run_sweep(
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    n_folds = len(folds.fold_sets(cfg.scheme))
+    n_folds = len(folds.fold_sets(cfg.folds))
     if nested:
         fold_numbers = sorted(int(k) for k in (outer_folds or range(1, n_folds + 1)))
     else:

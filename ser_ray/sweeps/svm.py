@@ -68,7 +68,7 @@ def svm_trial(
     X: np.ndarray,
     y: np.ndarray,
     actors: np.ndarray,
-    scheme: str,
+    folds: str,
     num_classes: int,
 ) -> None:
     """Tune trainable: one config scored by inner actor-grouped CV on the training rows.
@@ -78,7 +78,7 @@ def svm_trial(
     """
     from ray import tune
 
-    splits = svm.inner_splits(actors, scheme)
+    splits = svm.inner_splits(actors, folds)
     scores = svm.inner_cv_score(config.get("svm", config), X, y, splits, num_classes)
     val_actors = [sorted(set(actors[val].tolist())) for _, val in splits]
     tune.report(
@@ -116,7 +116,7 @@ def tune_fold(
     *,
     search: str,
     num_samples: int,
-    scheme: str,
+    folds: str,
     num_classes: int,
     seed: int,
     storage_path: str | Path,
@@ -146,7 +146,7 @@ def tune_fold(
 
     trainable = tune.with_resources(
         tune.with_parameters(
-            svm_trial, X=X, y=y, actors=np.asarray(actors), scheme=scheme, num_classes=num_classes
+            svm_trial, X=X, y=y, actors=np.asarray(actors), folds=folds, num_classes=num_classes
         ),
         {"cpu": 1},
     )
@@ -214,11 +214,11 @@ def run_nested_svm(
     *,
     search: str = "grid",
     num_samples: int = 20,
-    scheme: str = "contiguous",
+    folds: str = "contiguous",
     merge_calm: bool = False,
     seed: int = 0,
     storage_path: str | Path,
-    folds: Sequence[int] | None = None,
+    outer_folds: Sequence[int] | None = None,
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
     max_concurrent_trials: int | None = None,
@@ -227,10 +227,10 @@ def run_nested_svm(
     variant: str = "svm",
     models_dir: str | Path | None = None,
 ) -> SvmResult:
-    """Nested cross-validation of the SVM over the outer folds of ``scheme``.
+    """Nested cross-validation of the SVM over the outer folds of the fold scheme ``folds``.
 
     ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``);
-    its ``fold`` column is recomputed from ``actor`` under ``scheme``. ``folds`` restricts the
+    its ``fold`` column is recomputed from ``actor`` under ``folds``. ``outer_folds`` restricts the
     outer folds (default: all six, which needs all 24 actors). Tune results go to
     ``storage_path/svm_<search>_fold<k>``. ``grid`` overrides the fixed grid of ``search="grid"``
     (default :func:`ser_ray.models.svm.svm_grid`); ``smoke_test`` picks its small version. Needs a
@@ -247,10 +247,10 @@ def run_nested_svm(
     """
     names = class_names(merge_calm)
     num_classes = len(names)
-    fold_map = fold_of_actor(scheme)
-    if folds is None:
-        check_actors(df["actor"].unique().tolist(), scheme)
-        folds = sorted(set(fold_map.values()))
+    fold_map = fold_of_actor(folds)
+    if outer_folds is None:
+        check_actors(df["actor"].unique().tolist(), folds)
+        outer_folds = sorted(set(fold_map.values()))
     df = df.reset_index(drop=True).copy()
     df["actor"] = df["actor"].astype(int)
     df["fold"] = df["actor"].map(fold_map).astype("int32")
@@ -259,8 +259,8 @@ def run_nested_svm(
     actors = df["actor"].to_numpy()
 
     fold_results, prediction_parts = [], []
-    for k in folds:
-        test_actors, train_actors = test_and_train_actors(k, scheme)
+    for k in outer_folds:
+        test_actors, train_actors = test_and_train_actors(k, folds)
         test_mask = np.isin(actors, test_actors)
         train_mask = np.isin(actors, train_actors)
         check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
@@ -272,7 +272,7 @@ def run_nested_svm(
             actors[train_mask],
             search=search,
             num_samples=num_samples,
-            scheme=scheme,
+            folds=folds,
             num_classes=num_classes,
             seed=seed,
             storage_path=storage_path,
@@ -286,7 +286,7 @@ def run_nested_svm(
             raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
         model = svm.fit_calibrated_svm(
-            found["params"], X[train_mask], y[train_mask], actors[train_mask], scheme
+            found["params"], X[train_mask], y[train_mask], actors[train_mask], folds
         )
         pred = svm.predict_labels(model, X[test_mask])
         proba = svm.class_probabilities(model, X[test_mask], num_classes)
@@ -343,11 +343,11 @@ def run_nested_svm(
         "num_samples": num_samples if search == "bayes" else len(grid_points),
         "grid": grid_points if search == "grid" else None,
         "max_concurrent_trials": max_concurrent_trials,
-        "scheme": scheme,
+        "scheme": folds,  # output key kept (here "folds" lists the outer folds run)
         "merge_calm": merge_calm,
         "class_names": names,
         "seed": seed,
-        "folds": [int(k) for k in folds],
+        "folds": [int(k) for k in outer_folds],
         "smoke_test": smoke_test,
         "inner_cv": "leave one remaining outer fold out (5 x 4 actors), metric UA",
         "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "

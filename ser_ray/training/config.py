@@ -14,19 +14,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from ser_ray.models.ssl import PartwiseClassifier, load_model
-from ser_ray.training.engine import LoopSettings
+from ser_ray.training.settings import LoopSettings
 
 
 @dataclasses.dataclass
 class TrainConfig(LoopSettings):
-    """Settings of one fine-tuning run (one outer fold). Defaults suit a pretrained encoder."""
+    """Settings of one fine-tuning run (one outer fold). Defaults suit a pretrained encoder.
+
+    The optimizer, schedule, batch and runtime fields shared with pre-training come from
+    :class:`ser_ray.training.settings.LoopSettings`; the fields are flat (``to_dict()``).
+    """
 
     # model
-    model: str = dataclasses.field(
+    model: str | None = dataclasses.field(
         default="demo",
         metadata={
-            "help": "hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio "
-            "encoder (facebook/wav2vec2-base, microsoft/wavlm-large, ...), or 'demo'"
+            "help": "hub id or local folder (from_pretrained) of a wav2vec2, HuBERT, WavLM or "
+            "data2vec-audio encoder (facebook/wav2vec2-base, microsoft/wavlm-large, a "
+            "jobs/pretrain.py output, ...), 'demo' (the demo-size encoder pre-trained on the "
+            "package's unlabeled pool, built and cached on first use) or 'demo-random' (the "
+            "same, random weights). None, for a job to decide (jobs/kfold.py: demo without "
+            "--data-dir, facebook/wav2vec2-base with it)"
         },
     )
     probe: bool = dataclasses.field(
@@ -49,59 +57,27 @@ class TrainConfig(LoopSettings):
         default=None,
         metadata={"help": "SpecAugment time-mask probability; None keeps the model config's"},
     )
-    # optimizer (AdamW)
+    # optimizer (AdamW; weight decay, betas, eps, clipping: OptimizerSettings)
     lr_encoder: float = dataclasses.field(
-        default=5e-5, metadata={"help": "peak LR of the encoder (published range 1e-5..1e-4)"}
+        default=5e-5,
+        metadata={
+            "help": "peak LR of the encoder (published range 1e-5..1e-4)",
+            "flag": "--lr",
+        },
     )
     lr_head: float = dataclasses.field(default=1e-3, metadata={"help": "peak LR of the head"})
-    weight_decay: float = dataclasses.field(
-        default=0.01, metadata={"help": "AdamW decoupled weight decay (not on biases/norms)"}
-    )
-    betas: tuple[float, float] = dataclasses.field(
-        default=(0.9, 0.999), metadata={"help": "AdamW (beta1, beta2)"}
-    )
-    eps: float = dataclasses.field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    # schedule (ser_ray.training.schedule)
-    warmup_frac: float = dataclasses.field(
-        default=0.1, metadata={"help": "fraction of steps of linear warm-up"}
-    )
-    decay_start_frac: float = dataclasses.field(
-        default=0.7, metadata={"help": "fraction of steps after which the LR decays"}
-    )
-    final_lr_scale: float = dataclasses.field(
-        default=0.05, metadata={"help": "LR at the last step, as a fraction of the peak"}
-    )
-    decay_shape: str = dataclasses.field(
-        default="linear", metadata={"help": "decay shape: linear, cosine or exponential"}
-    )
-    grad_clip_norm: float | None = dataclasses.field(
-        default=None, metadata={"help": "clip the global grad norm to this value; None = off"}
-    )
-    grad_accum_steps: int = dataclasses.field(
-        default=1, metadata={"help": "micro-batches per optimizer step"}
-    )
-    # data
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "clips per micro-batch"})
+    # data (micro-batches, accumulation, epochs, streaming window: BatchSettings)
     eval_batch_size: int = dataclasses.field(
         default=16, metadata={"help": "clips per batch in evaluation"}
     )
     length_group_factor: int = dataclasses.field(
         default=50, metadata={"help": "sort by length within windows of this many batches"}
     )
-    window_clips: int = dataclasses.field(
-        default=1024,
-        metadata={
-            "help": "clips a Ray Train worker holds at once while it streams its split (batches "
-            "are length-grouped and shuffled within a window); at least the split's size gives "
-            "the same batches as holding the whole split"
-        },
-    )
-    epochs: int = dataclasses.field(default=10, metadata={"help": "maximum number of epochs"})
     early_stopping_patience: int | None = dataclasses.field(
         default=5, metadata={"help": "stop after N epochs without a better val UA; None = off"}
     )
     merge_calm: bool = dataclasses.field(
-        default=False, metadata={"help": "merge calm into neutral (7 classes)"}
+        default=False, metadata={"help": "7 classes: calm merged into neutral (8 otherwise)"}
     )
     n_val_actors: int = dataclasses.field(
         default=4, metadata={"help": "validation actors taken from the training side; 0 = none"}
@@ -113,23 +89,14 @@ class TrainConfig(LoopSettings):
         default=False,
         metadata={
             "help": "after choosing the best epoch on the validation actors, retrain from "
-            "scratch on fit + validation actors for that many epochs and test that model"
+            "scratch on fit + validation actors for that many epochs and test that model "
+            "(as the SVM refits on all training actors)"
         },
     )
-    # runtime
-    amp: str = dataclasses.field(
-        default="auto", metadata={"help": "auto (bf16/fp16 on CUDA, off on CPU), bf16, fp16, off"}
-    )
-    seed: int = dataclasses.field(
-        default=0, metadata={"help": "seed of init and order; rank r's dropout uses seed + r"}
-    )
+    # runtime (amp, seed: RuntimeSettings)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # lists arrive from JSON / Tune
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
-        if min(self.grad_accum_steps, self.batch_size, self.epochs, self.window_clips) < 1:
-            raise ValueError("grad_accum_steps, batch_size, epochs and window_clips must be >= 1")
+        super().__post_init__()
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
         if self.use_feature_cache and not self.freeze_feature_encoder:

@@ -25,13 +25,14 @@ import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ser_ray.training.schedule import build_scheduler
+from ser_ray.training.settings import LoopSettings, ScheduleSettings
 
 log = logging.getLogger(__name__)
 
@@ -154,36 +155,6 @@ def load_weights(module: nn.Module, folder: str | os.PathLike) -> dict[str, torc
     if missing or unexpected:
         raise ValueError(f"{folder} does not fit the model: missing {missing}, extra {unexpected}")
     return weights
-
-
-@dataclasses.dataclass
-class ScheduleSettings:
-    """The tri-stage schedule of :mod:`ser_ray.training.schedule` (see its docstring)."""
-
-    warmup_frac: float = 0.1
-    decay_start_frac: float = 0.7
-    final_lr_scale: float = 0.05
-    decay_shape: str = "linear"
-
-
-class LoopSettings:
-    """What the settings dataclasses of both loops share (``TrainConfig``,
-    ``PretrainConfig``): plain-dict round trips (JSON, Tune) and their schedule fields
-    (``warmup_frac``, ``decay_start_frac``, ``final_lr_scale``, ``decay_shape``)."""
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Self:
-        """Build from a dict, ignoring keys that are not settings (fold, input_kind, ...)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def schedule(self) -> ScheduleSettings:
-        return ScheduleSettings(
-            self.warmup_frac, self.decay_start_frac, self.final_lr_scale, self.decay_shape
-        )
 
 
 class Engine:

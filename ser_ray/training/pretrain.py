@@ -50,6 +50,7 @@ from ser_ray.models.ssl import (
     prepare_waveform,
 )
 from ser_ray.training import engine as eng
+from ser_ray.training import settings
 from ser_ray.training.clip_data import Clips, batches_per_epoch, window_batches
 from ser_ray.training.schedule import gumbel_temperature
 
@@ -71,8 +72,12 @@ DEMO_QUANTIZER = {
 # 1. Settings
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class PretrainConfig(eng.LoopSettings):
-    """Settings of one pre-training run. Defaults: the demo encoder's recipe."""
+class PretrainConfig(settings.LoopSettings):
+    """Settings of one pre-training run. Defaults: the demo encoder's recipe.
+
+    Weight decay, schedule, batches and runtime fields are the shared ones of
+    :mod:`ser_ray.training.settings` (flat, as in ``TrainConfig``).
+    """
 
     model: str = dataclasses.field(
         default=DEMO_MODEL,
@@ -99,48 +104,35 @@ class PretrainConfig(eng.LoopSettings):
     freeze_feature_encoder: bool = dataclasses.field(
         default=False, metadata={"help": "keep the CNN fixed (TAPT: the folds share its cache)"}
     )
-    # optimizer (AdamW) and schedule
-    lr: float = dataclasses.field(default=1e-3, metadata={"help": "peak learning rate"})
-    weight_decay: float = dataclasses.field(default=0.01, metadata={"help": "not on biases/norms"})
-    betas: tuple[float, float] = dataclasses.field(
-        default=(0.9, 0.98), metadata={"help": "AdamW betas (wav2vec 2.0)"}
+    # optimizer (AdamW) and schedule (the rest: ser_ray.training.settings, shared defaults)
+    lr: float = dataclasses.field(
+        default=1e-3, metadata={"help": "peak learning rate of the encoder"}
     )
-    eps: float = dataclasses.field(default=1e-6, metadata={"help": "AdamW epsilon"})
-    warmup_frac: float = dataclasses.field(default=0.1, metadata={"help": "linear warm-up"})
-    decay_start_frac: float = dataclasses.field(default=0.7, metadata={"help": "decay from here"})
-    final_lr_scale: float = dataclasses.field(default=0.05, metadata={"help": "LR at the end"})
-    decay_shape: str = dataclasses.field(default="linear", metadata={"help": "decay shape"})
-    grad_clip_norm: float | None = dataclasses.field(
-        default=1.0, metadata={"help": "global grad-norm clipping; None = off"}
+    betas: tuple[float, float] = settings.default(
+        settings.OptimizerSettings, "betas", (0.9, 0.98), help="AdamW betas (wav2vec 2.0)"
     )
-    grad_accum_steps: int = dataclasses.field(default=1, metadata={"help": "micro-batches/step"})
+    eps: float = settings.default(settings.OptimizerSettings, "eps", 1e-6)
+    grad_clip_norm: float | None = settings.default(
+        settings.OptimizerSettings, "grad_clip_norm", 1.0
+    )
     # data
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "clips per micro-batch"})
     crop_s: float = dataclasses.field(
         default=2.0, metadata={"help": "longest random crop; a batch crops to its shortest clip"}
     )
-    epochs: int = dataclasses.field(default=10, metadata={"help": "passes over the clips"})
-    window_clips: int = dataclasses.field(
-        default=2048,
-        metadata={
-            "help": "clips a Ray Train worker holds at once while it streams the pool (batches "
-            "are length-grouped and shuffled within a window); at least the pool's size (demo "
-            "pool: 320, a RAVDESS fold's training actors: 1200) gives the same batches as "
-            "holding the whole pool"
-        },
+    window_clips: int = settings.default(
+        settings.BatchSettings,
+        "window_clips",
+        2048,
+        help="clips a Ray Train worker holds at once while it streams the pool (batches "
+        "are length-grouped and shuffled within a window); at least the pool's size (demo "
+        "pool: 320, a RAVDESS fold's training actors: 1200) gives the same batches as "
+        "holding the whole pool",
     )
-    # runtime
-    amp: str = dataclasses.field(default="auto", metadata={"help": "auto, bf16, fp16, off"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of init, crops, masks"})
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
+        super().__post_init__()
         if not 0 < self.mask_prob < 1 or self.mask_length < 1 or self.num_negatives < 1:
             raise ValueError("need 0 < mask_prob < 1, mask_length >= 1, num_negatives >= 1")
-        if min(self.batch_size, self.epochs, self.grad_accum_steps, self.window_clips) < 1:
-            raise ValueError("batch_size, epochs, grad_accum_steps and window_clips must be >= 1")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
 
 
 # ----------------------------------------------------------------------------------------
