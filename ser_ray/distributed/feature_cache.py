@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from ser_ray.common.storage import list_column
+from ser_ray.common.storage import count_rows, list_column
 from ser_ray.corpus import ravdess
 from ser_ray.models.ssl import (
     PartwiseClassifier,
@@ -203,7 +202,7 @@ def build_feature_cache(
         **no_cpu,
     )
     ds.write_parquet(str(work / DATA_DIR), ray_remote_args=no_cpu)  # RAY
-    num_clips = pq.ParquetDataset(work / DATA_DIR).read(columns=["actor"]).num_rows
+    num_clips = count_rows(work / DATA_DIR)
     shutil.rmtree(work / "model")
     (work / INFO_FILE).write_text(
         json.dumps({"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}, indent=2)

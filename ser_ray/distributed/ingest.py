@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ser_ray.common.storage import parquet_files
 from ser_ray.training.clip_stream import ClipStream, WindowT
 
 if TYPE_CHECKING:
@@ -81,19 +81,9 @@ def parquet_dataset(
     reserves no CPU, one task at a time, with the actor filter and the columns pushed into
     the read. No progress bars or start-of-execution lines (six folds x epochs x splits of
     them otherwise)."""
-    import pyarrow.fs as pafs
     import ray.data
 
-    text = str(source)
-    if "://" in text:
-        filesystem, folder = pafs.FileSystem.from_uri(text)
-    else:
-        filesystem, folder = pafs.LocalFileSystem(), str(Path(text).resolve())
-    files = sorted(
-        info.path
-        for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-        if info.is_file and info.path.endswith(".parquet") and not _hidden(info.path, folder)
-    )
+    filesystem, files = parquet_files(source)
     if not files:
         raise FileNotFoundError(f"{source}: no Parquet files")
     listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
@@ -111,12 +101,6 @@ def parquet_dataset(
         num_cpus=READ_TASK_CPUS,
         compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY),
     )
-
-
-def _hidden(path: str, folder: str) -> bool:
-    """Whether a file or folder on ``path`` under ``folder`` starts with '.' or '_' (skipped,
-    as pyarrow's datasets skip them when they count rows)."""
-    return any(part[:1] in (".", "_") for part in path[len(folder) :].split("/") if part)
 
 
 def _read_files(

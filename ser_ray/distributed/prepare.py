@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from ser_ray.common.storage import count_rows
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.ravdess import NUM_ACTORS, build_manifest
 from ser_ray.features import audio
@@ -133,7 +133,7 @@ def prepare_features(
     ]
     ok = outcome.filter(outcome.column("reject_reason").is_null())
     n_ok = ok.num_rows
-    written = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.glob("part-*.parquet"))
+    written = count_rows(staging)
     if n_ok + len(rejected) != n_input or written != n_ok:
         raise RuntimeError(
             f"internal error: {n_ok} features ({written} written) + {len(rejected)} rejected "

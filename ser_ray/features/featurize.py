@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ser_ray.common import storage
 from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor
 from ser_ray.corpus.ravdess import (
     RavdessNameError,
@@ -275,13 +276,15 @@ def write_rejected(path: Path, rejected: list[dict]) -> None:
 
 
 def _parquet_files(features_dir: str | Path) -> list[str]:
+    """The Parquet files of finished features, in name order (the ``part-*`` files written
+    by :func:`featurize_batch`); ``FileNotFoundError`` naming the fix when not finished."""
     folder = Path(features_dir)
     if not (folder / "_SUCCESS").exists():
         raise FileNotFoundError(
             f"{folder}: no finished features here; run `python jobs/prepare.py --out "
             f"{folder.parent}` first"
         )
-    return sorted(str(p) for p in folder.glob("part-*.parquet"))
+    return storage.parquet_files(folder)[1]
 
 
 def load_features(features_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
