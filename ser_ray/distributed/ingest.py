@@ -19,15 +19,11 @@ Choices:
   ``streaming_split`` hands blocks to whichever rank asks first, so which clips a rank saw
   would depend on timing, not on the seed.
 - **Resources**: six folds train at once on a small machine, their workers holding nearly
-  all CPUs (:func:`ser_ray.study.kfold.fold_resources`), and ``fit_fold`` or DDP may hold all of
-  them; placement groups a killed trainer left behind may hold them too. A read task that
-  asks for a CPU could then wait for ever (the deadlock that once made workers read Parquet
-  themselves). Ray Data's Parquet readers ask for CPUs before any row is read (the classic
-  one samples files in tasks of one CPU each, the new one, ``use_datasource_v2``, lists
-  files in such a task), so :func:`parquet_dataset` lists the files in the driver and reads
-  each in a map task that reserves none (:data:`READ_TASK_CPUS`), one at a time per
-  dataset (:data:`READ_CONCURRENCY`; a worker reads one split at a time): they always
-  start and take a small share of the cores while they decode.
+  all CPUs, so a read task that asks for a CPU could wait for ever, and Ray Data's Parquet
+  readers ask for CPUs before any row is read. :func:`parquet_dataset` lists the files in
+  the driver and reads each in a map task that reserves none, one at a time per dataset
+  (:data:`ser_ray.distributed.resources.READ_TASK_CPUS` and ``READ_CONCURRENCY``; the
+  reasons are in :mod:`ser_ray.distributed.resources`).
 """
 
 from __future__ import annotations
@@ -41,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ser_ray.common.storage import parquet_files
+from ser_ray.distributed.resources import READ_CONCURRENCY, READ_TASK_CPUS
 from ser_ray.training.clip_stream import ClipStream, WindowT
 
 if TYPE_CHECKING:
@@ -48,8 +45,6 @@ if TYPE_CHECKING:
     import ray.train
 
 SPLITS = ("train", "val", "test")
-READ_TASK_CPUS = 0  # logical CPUs a Parquet read task reserves: none, so it never waits
-READ_CONCURRENCY = 1  # read tasks at once per dataset
 ROWS_PER_READ = 16  # rows per batch handed from Ray Data to the worker's window
 
 

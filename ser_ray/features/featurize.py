@@ -96,9 +96,6 @@ RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field("reject_reason", pa.string()))
 OUTCOME_SCHEMA = pa.schema(
     [("path", pa.string()), ("actor", pa.int32()), ("reject_reason", pa.string())]
 )
-# Tasks per CPU: enough to balance clips of different lengths, few enough to keep the
-# per-task cost small.
-TASKS_PER_CPU = 4
 # Clips featurized and written at a time inside a batch (one Parquet row group each): bounds a
 # worker's memory (~0.25 MB of waveform per RAVDESS clip, a few copies of it while writing).
 WRITE_CHUNK_CLIPS = 16
@@ -200,18 +197,6 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
     # Arrow's allocator keeps freed buffers for reuse: ~90 MB per worker after a 64-clip batch
     pa.default_memory_pool().release_unused()
     return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
-
-
-def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:
-    """(clips per task, number of tasks): about TASKS_PER_CPU tasks per CPU so every CPU has
-    work, no task larger than ``max_batch_size`` clips (fewer, larger tasks cost less; a
-    worker holds :data:`WRITE_CHUNK_CLIPS` of them at a time).
-
-    >>> plan_batches(24, 2, 128), plan_batches(1440, 2, 128), plan_batches(1440, 16, 128)
-    ((3, 8), (128, 12), (23, 63))
-    """
-    per_task = max(1, min(max_batch_size, -(-n_clips // (num_cpus * TASKS_PER_CPU))))
-    return per_task, -(-n_clips // per_task)
 
 
 def fingerprint(inputs: list[dict], config: FeatureConfig) -> str:

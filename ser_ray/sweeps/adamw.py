@@ -33,6 +33,11 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
+from ser_ray.distributed.resources import (
+    adamw_concurrent_trials,
+    adamw_trial_resources,
+    trial_torch_threads,
+)
 from ser_ray.models.ssl import DEMO_MODEL
 from ser_ray.training.config import TrainConfig
 
@@ -351,12 +356,8 @@ def tune_fold(
     test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
-    if cfg.gpus_per_trial:
-        resources["GPU"] = cfg.gpus_per_trial
-    max_concurrent = cfg.max_concurrent_trials or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
-    )
+    resources = adamw_trial_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
+    max_concurrent = cfg.max_concurrent_trials or adamw_concurrent_trials(cfg.cpus_per_trial)
     setup = {
         "train_config": base.to_dict(),
         "source": source.path,
@@ -364,7 +365,7 @@ def tune_fold(
         "feature_cache_key": source.feature_cache_key,
         "fold": int(fold),
         "scheme": cfg.scheme,
-        "threads": max(1, int(cfg.cpus_per_trial)),
+        "threads": trial_torch_threads(cfg.cpus_per_trial),
         "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
     }
     trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
