@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ser_ray.common.storage import parquet_files
+from ser_ray.distributed import console
 from ser_ray.distributed.resources import READ_CONCURRENCY, READ_TASK_CPUS
 from ser_ray.training.clip_stream import ClipStream, WindowT
 
@@ -82,8 +83,7 @@ def parquet_dataset(
     if not files:
         raise FileNotFoundError(f"{source}: no Parquet files")
     listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    listing.context.enable_progress_bars = False  # shared by the datasets made from it
-    listing.context.print_on_execution_start = False
+    console.quiet_dataset(listing)
     return listing.map_batches(
         _read_files,
         fn_kwargs={

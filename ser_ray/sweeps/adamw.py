@@ -33,6 +33,7 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
+from ser_ray.distributed import console
 from ser_ray.distributed.resources import (
     adamw_concurrent_trials,
     adamw_trial_resources,
@@ -379,7 +380,9 @@ def tune_fold(
             reuse_actors=True,  # saves a process start per trial; each trial seeds itself
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            verbose=console.search_verbosity(),
         ),
     )
     start_s = time.perf_counter()

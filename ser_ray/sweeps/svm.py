@@ -33,6 +33,7 @@ from ser_ray.corpus.folds import (
     test_and_train_actors,
 )
 from ser_ray.corpus.ravdess import class_names
+from ser_ray.distributed import console
 from ser_ray.distributed.resources import SVM_TRIAL_RESOURCES, svm_concurrent_trials
 from ser_ray.features import speaker_norm
 from ser_ray.models import svm, svm_model
@@ -172,7 +173,9 @@ def tune_fold(
             search_alg=searcher, num_samples=num_samples, reuse_actors=True
         )
     run_config = tune.RunConfig(
-        name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+        name=name,
+        storage_path=str(Path(storage_path).resolve()),
+        verbose=console.search_verbosity(),
     )
     tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
