@@ -26,7 +26,7 @@ import torch
 from ser_ray import cli
 from ser_ray.corpus import ravdess
 from ser_ray.corpus.folds import fold_split
-from ser_ray.distributed import prepare
+from ser_ray.distributed import console, prepare
 from ser_ray.distributed.feature_cache import clip_features
 from ser_ray.features import featurize
 from ser_ray.training.clip_data import ClipTable, table_from_arrow
@@ -149,10 +149,7 @@ def _time_hf_trainer(cfg: TrainConfig, table: ClipTable, repeats: int, out: Path
 
 def run_train_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Clips/s of our loop vs HF Trainer, and our loop with vs without the feature cache."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    console.quiet_transformers(errors_only=True)
     epochs = 1 if args.smoke_test else args.epochs
     clips = min(args.clips, 32) if args.smoke_test else args.clips
     repeats = 1 if args.smoke_test else args.repeats

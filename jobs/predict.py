@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import transformers
 
 from ser_ray import cli
 from ser_ray.common import config_file
+from ser_ray.distributed import console
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.predict import predict_files, predict_files_svm
 
@@ -105,7 +105,7 @@ def _speakers(args: argparse.Namespace, audio: list[str]) -> dict[str, str] | No
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
-    transformers.utils.logging.disable_progress_bar()
+    console.quiet_transformers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, audio = list(args.models), list(args.audio)

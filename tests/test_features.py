@@ -12,11 +12,11 @@ import soundfile as sf
 
 from ser_ray.corpus.demo_corpus import speech_clip, synthesize
 from ser_ray.distributed.prepare import prepare_features
+from ser_ray.distributed.resources import plan_batches
 from ser_ray.features import audio, featurize
 from ser_ray.features.featurize import (
     FeatureConfig,
     load_features,
-    plan_batches,
     rows_to_table,
     to_hf_dataset,
 )

@@ -5,12 +5,11 @@ import json
 import pandas as pd
 import pytest
 
+from ser_ray.distributed.resources import fold_resources, gpus_per_worker
 from ser_ray.study import summary
 from ser_ray.study.kfold import (
     KFoldConfig,
     check_model_reachable,
-    fold_resources,
-    gpus_per_worker,
     params_provenance,
     study_train_config,
     train_config_for,

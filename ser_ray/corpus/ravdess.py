@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
+from ser_ray.common import storage
+
 log = logging.getLogger(__name__)
 
 #: Emotion codes of the RAVDESS naming scheme.
@@ -174,15 +176,6 @@ class Manifest:
         return sorted({c.actor for c in self.clips})
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """Filesystem, path inside it and the prefix that turns such a path back into a URI."""
-    if "://" in uri:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        scheme = uri.split("://", 1)[0]
-        return fs, root, f"{scheme}://"
-    return pafs.LocalFileSystem(), str(Path(uri).resolve()), ""
-
-
 def build_manifest(data_dir: str, speech_only: bool = True) -> Manifest:
     """Scan a RAVDESS-layout folder (``Actor_XX/*.wav`` or flat; local or ``s3://``).
 
@@ -190,7 +183,8 @@ def build_manifest(data_dir: str, speech_only: bool = True) -> Manifest:
     to be a clip (audio extension, bad name; or another modality/channel with
     ``speech_only``) is listed in ``skipped`` with the reason. Hidden files are ignored.
     """
-    fs, root, prefix = _filesystem(data_dir)
+    fs, root = storage.filesystem_of(data_dir)
+    prefix = storage.uri_prefix(data_dir)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(

@@ -7,6 +7,14 @@ before Ray starts, and Ray workers' output stays in their log files in Ray's ses
 (``/tmp/ray/session_latest/logs``) instead of being copied to the console. What the user
 needs from the workers comes back to the driver: each fold's epoch metrics (one line per
 fold and epoch), and any error, raised with its traceback.
+
+Every console setting of the project is made here: environment variables and logger
+levels (:func:`configure`, :func:`quiet_ray_data`), Ray's and Ray Train's console
+(:func:`ray_init_kwargs`, :func:`train_log_level`), Tune's tables (:func:`tune_verbosity`,
+:func:`search_verbosity`), the readers' datasets (:func:`quiet_dataset`) and Hugging Face's
+progress bars (:func:`quiet_transformers`). One exception, below this layer:
+``ser_ray.models.ssl.load_model`` hides ``transformers``' load report while it loads (its own
+check says it better).
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ray.data
 
 VERBOSE_ENV = "SER_RAY_VERBOSE"  # "1": Ray's own progress output too (set by configure)
 
@@ -34,12 +45,30 @@ def configure(verbose: bool) -> None:
         # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules:  # ...and here, where it may be imported already
-            sys.modules["transformers"].utils.logging.disable_progress_bar()
+            quiet_transformers()
         # "Token authentication is enabled for this Ray cluster": the default of every local
         # instance since Ray 2.52, a notice about Ray rather than about this job
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR
         )
+
+
+def quiet_transformers(errors_only: bool = False) -> None:
+    """No Hugging Face ``transformers`` progress bars in this process; with ``errors_only``,
+    none of its log lines below ERROR either."""
+    import transformers
+
+    if errors_only:
+        transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def quiet_dataset(dataset: ray.data.Dataset) -> None:
+    """No progress bars or start-of-execution lines for ``dataset`` and the datasets made from
+    it (they share its context), ``--verbose`` or not: a reader's, of which six folds x epochs
+    x splits would print otherwise."""
+    dataset.context.enable_progress_bars = False
+    dataset.context.print_on_execution_start = False
 
 
 def is_verbose() -> bool:
@@ -49,6 +78,12 @@ def is_verbose() -> bool:
 def tune_verbosity() -> int:
     """``RunConfig(verbose=...)``: Tune's trial tables only with ``--verbose``."""
     return 2 if is_verbose() else 0
+
+
+def search_verbosity() -> int:
+    """``RunConfig(verbose=...)`` of the SVM and AdamW searches: 0 (no Tune trial tables),
+    ``--verbose`` or not; each search logs its outcome per fold itself."""
+    return 0
 
 
 def ray_init_kwargs() -> dict[str, Any]:

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from ser_ray.common.storage import list_column
+from ser_ray.common.storage import count_rows, list_column
 from ser_ray.corpus import ravdess
+from ser_ray.distributed import resources
 from ser_ray.models.ssl import (
     PartwiseClassifier,
     cnn_norm,
@@ -106,7 +106,7 @@ class ClipFeatureUDF:
     """Ray Data callable class: one model per actor, features per clip (no padding)."""
 
     def __init__(self, model_dir: str, kind: str, use_gpu: bool = False):
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(resources.worker_torch_threads())
         self.kind = kind
         classifier, self.fe = load_model(model_dir)
         self.model = PartwiseClassifier(classifier, self.fe.return_attention_mask).eval()
@@ -188,10 +188,8 @@ def build_feature_cache(
         return _open(final)
     work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
     model_dir = save_model(net.model, fe, work / "model")
-    # RAY. The cache is built before any training starts, but placement groups that a failed
-    # trainer left behind (its controller killed, e.g. for memory) can still hold CPUs: the
-    # reads, the model's actor and the writes reserve none on CPU, so the build always runs.
-    no_cpu = {"num_cpus": 0} if not use_gpu else {}
+    # RAY. The reads, the model's actors and the writes reserve no CPU, so the build runs even
+    # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
     ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
     ds = ds.map_batches(
         ClipFeatureUDF,
@@ -199,11 +197,10 @@ def build_feature_cache(
         batch_format="pyarrow",
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=1 if use_gpu else None,
-        **no_cpu,
+        **resources.feature_cache_actor(use_gpu),
     )
-    ds.write_parquet(str(work / DATA_DIR), ray_remote_args=no_cpu)  # RAY
-    num_clips = pq.ParquetDataset(work / DATA_DIR).read(columns=["actor"]).num_rows
+    ds.write_parquet(str(work / DATA_DIR), ray_remote_args=resources.feature_cache_write(use_gpu))
+    num_clips = count_rows(work / DATA_DIR)
     shutil.rmtree(work / "model")
     (work / INFO_FILE).write_text(
         json.dumps({"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}, indent=2)

@@ -19,28 +19,26 @@ Choices:
   ``streaming_split`` hands blocks to whichever rank asks first, so which clips a rank saw
   would depend on timing, not on the seed.
 - **Resources**: six folds train at once on a small machine, their workers holding nearly
-  all CPUs (:func:`ser_ray.study.kfold.fold_resources`), and ``fit_fold`` or DDP may hold all of
-  them; placement groups a killed trainer left behind may hold them too. A read task that
-  asks for a CPU could then wait for ever (the deadlock that once made workers read Parquet
-  themselves). Ray Data's Parquet readers ask for CPUs before any row is read (the classic
-  one samples files in tasks of one CPU each, the new one, ``use_datasource_v2``, lists
-  files in such a task), so :func:`parquet_dataset` lists the files in the driver and reads
-  each in a map task that reserves none (:data:`READ_TASK_CPUS`), one at a time per
-  dataset (:data:`READ_CONCURRENCY`; a worker reads one split at a time): they always
-  start and take a small share of the cores while they decode.
+  all CPUs, so a read task that asks for a CPU could wait for ever, and Ray Data's Parquet
+  readers ask for CPUs before any row is read. :func:`parquet_dataset` lists the files in
+  the driver and reads each in a map task that reserves none, one at a time per dataset
+  (:data:`ser_ray.distributed.resources.READ_TASK_CPUS` and ``READ_CONCURRENCY``; the
+  reasons are in :mod:`ser_ray.distributed.resources`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ser_ray.common.storage import parquet_files
+from ser_ray.distributed import console
+from ser_ray.distributed.resources import READ_CONCURRENCY, READ_TASK_CPUS
 from ser_ray.training.clip_stream import ClipStream, WindowT
 
 if TYPE_CHECKING:
@@ -48,8 +46,6 @@ if TYPE_CHECKING:
     import ray.train
 
 SPLITS = ("train", "val", "test")
-READ_TASK_CPUS = 0  # logical CPUs a Parquet read task reserves: none, so it never waits
-READ_CONCURRENCY = 1  # read tasks at once per dataset
 ROWS_PER_READ = 16  # rows per batch handed from Ray Data to the worker's window
 
 
@@ -81,24 +77,13 @@ def parquet_dataset(
     reserves no CPU, one task at a time, with the actor filter and the columns pushed into
     the read. No progress bars or start-of-execution lines (six folds x epochs x splits of
     them otherwise)."""
-    import pyarrow.fs as pafs
     import ray.data
 
-    text = str(source)
-    if "://" in text:
-        filesystem, folder = pafs.FileSystem.from_uri(text)
-    else:
-        filesystem, folder = pafs.LocalFileSystem(), str(Path(text).resolve())
-    files = sorted(
-        info.path
-        for info in filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-        if info.is_file and info.path.endswith(".parquet") and not _hidden(info.path, folder)
-    )
+    filesystem, files = parquet_files(source)
     if not files:
         raise FileNotFoundError(f"{source}: no Parquet files")
     listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    listing.context.enable_progress_bars = False  # shared by the datasets made from it
-    listing.context.print_on_execution_start = False
+    console.quiet_dataset(listing)
     return listing.map_batches(
         _read_files,
         fn_kwargs={
@@ -111,12 +96,6 @@ def parquet_dataset(
         num_cpus=READ_TASK_CPUS,
         compute=ray.data.TaskPoolStrategy(size=READ_CONCURRENCY),
     )
-
-
-def _hidden(path: str, folder: str) -> bool:
-    """Whether a file or folder on ``path`` under ``folder`` starts with '.' or '_' (skipped,
-    as pyarrow's datasets skip them when they count rows)."""
-    return any(part[:1] in (".", "_") for part in path[len(folder) :].split("/") if part)
 
 
 def _read_files(

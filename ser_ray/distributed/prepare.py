@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from ser_ray.common.storage import count_rows
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.ravdess import NUM_ACTORS, build_manifest
+from ser_ray.distributed import resources
 from ser_ray.features import audio
 from ser_ray.features.featurize import (
     OUTCOME_SCHEMA,
@@ -33,7 +34,6 @@ from ser_ray.features.featurize import (
     hf_inputs,
     input_table,
     is_hf_dataset,
-    plan_batches,
     write_rejected,
 )
 
@@ -133,7 +133,7 @@ def prepare_features(
     ]
     ok = outcome.filter(outcome.column("reject_reason").is_null())
     n_ok = ok.num_rows
-    written = sum(pq.ParquetFile(f).metadata.num_rows for f in staging.glob("part-*.parquet"))
+    written = count_rows(staging)
     if n_ok + len(rejected) != n_input or written != n_ok:
         raise RuntimeError(
             f"internal error: {n_ok} features ({written} written) + {len(rejected)} rejected "
@@ -179,15 +179,12 @@ def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> 
     """The clips of ``table`` featurized in Ray Data tasks (RAY); their outcome rows, per task."""
     import ray
 
-    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    batch_size, n_tasks = plan_batches(table.num_rows, num_cpus, config.batch_size)
+    batch_size, n_tasks = resources.featurize_tasks(table.num_rows, config.batch_size)
     blocks = [table.slice(i * batch_size, batch_size) for i in range(n_tasks)]
     # from_blocks reads each block's size here; from_arrow runs a 1-CPU task per block for it,
     # which held both CPUs of a fresh 2-CPU instance before the first clip was read
     clips = ray.data.from_blocks(blocks)
-    # Ray Data reserves part of the cluster for each operator; with one operator on 2 CPUs
-    # that kept one CPU idle for most of the run (1440 clips: 3.8 s with, 2.4 s without)
-    clips.context.op_resource_reservation_enabled = False
+    clips.context.op_resource_reservation_enabled = resources.FEATURIZE_OP_RESERVATION
     outcomes = clips.map_batches(
         featurize_batch,
         fn_kwargs={"config": config, "staging_dir": str(staging)},

@@ -23,6 +23,7 @@ from typing import Any
 
 from ser_ray.corpus.folds import check_no_leakage, test_and_train_actors
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
+from ser_ray.distributed.resources import TAPT_TASK_CPUS
 from ser_ray.training.pretrain import RESULT_FILE, PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def run_tapt_folds(
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
             models[fold] = str(fold_dir / "model")
             continue
-        task = ray.remote(num_cpus=0.01)(fit_pretraining)  # RAY: the trainer does the work
+        # RAY: a token CPU, the trainer does the work (ser_ray.distributed.resources)
+        task = ray.remote(num_cpus=TAPT_TASK_CPUS)(fit_pretraining)
         pending[fold] = task.remote(
             features_dir,
             fold_dir,

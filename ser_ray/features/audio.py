@@ -17,10 +17,10 @@ import io
 import struct
 
 import numpy as np
-import pyarrow.fs as pafs
 import soundfile as sf
 import soxr
 
+from ser_ray.common.storage import filesystem_of
 from ser_ray.features import mfcc
 
 TARGET_SR_HZ = 16_000
@@ -50,7 +50,7 @@ def read_bytes(uri: str) -> bytes:
         if "://" not in uri:  # a plain read is 3x cheaper than pyarrow's for a small file
             with open(uri, "rb") as f:
                 return f.read()
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem_of(uri)
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError as err:

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ser_ray.common import storage
 from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor, folds_field
 from ser_ray.corpus.ravdess import (
     RavdessNameError,
@@ -125,9 +126,6 @@ RESULT_SCHEMA = FEATURE_SCHEMA.append(pa.field("reject_reason", pa.string()))
 OUTCOME_SCHEMA = pa.schema(
     [("path", pa.string()), ("actor", pa.int32()), ("reject_reason", pa.string())]
 )
-# Tasks per CPU: enough to balance clips of different lengths, few enough to keep the
-# per-task cost small.
-TASKS_PER_CPU = 4
 # Clips featurized and written at a time inside a batch (one Parquet row group each): bounds a
 # worker's memory (~0.25 MB of waveform per RAVDESS clip, a few copies of it while writing).
 WRITE_CHUNK_CLIPS = 16
@@ -231,18 +229,6 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
     return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
 
 
-def plan_batches(n_clips: int, num_cpus: int, max_batch_size: int) -> tuple[int, int]:
-    """(clips per task, number of tasks): about TASKS_PER_CPU tasks per CPU so every CPU has
-    work, no task larger than ``max_batch_size`` clips (fewer, larger tasks cost less; a
-    worker holds :data:`WRITE_CHUNK_CLIPS` of them at a time).
-
-    >>> plan_batches(24, 2, 128), plan_batches(1440, 2, 128), plan_batches(1440, 16, 128)
-    ((3, 8), (128, 12), (23, 63))
-    """
-    per_task = max(1, min(max_batch_size, -(-n_clips // (num_cpus * TASKS_PER_CPU))))
-    return per_task, -(-n_clips // per_task)
-
-
 def fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
@@ -305,13 +291,15 @@ def write_rejected(path: Path, rejected: list[dict]) -> None:
 
 
 def _parquet_files(features_dir: str | Path) -> list[str]:
+    """The Parquet files of finished features, in name order (the ``part-*`` files written
+    by :func:`featurize_batch`); ``FileNotFoundError`` naming the fix when not finished."""
     folder = Path(features_dir)
     if not (folder / "_SUCCESS").exists():
         raise FileNotFoundError(
             f"{folder}: no finished features here; run `python jobs/prepare.py --out "
             f"{folder.parent}` first"
         )
-    return sorted(str(p) for p in folder.glob("part-*.parquet"))
+    return storage.parquet_files(folder)[1]
 
 
 def load_features(features_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:

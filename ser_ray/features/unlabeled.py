@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ser_ray.common import storage
 from ser_ray.features import audio
 
 log = logging.getLogger(__name__)
@@ -133,23 +134,13 @@ def write_demo_pool(
 def _pool_rows(source: str | os.PathLike, actors: Sequence[int] | None):
     """(pyarrow dataset of a pool or features folder, local or URI; the filter that keeps
     ``actors``' rows, or None for all)."""
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    text = str(source)
-    if "://" in text:
-        fs, path = pafs.FileSystem.from_uri(text)
-    else:
-        fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
-    dataset = pads.dataset(path, format="parquet", filesystem=fs, exclude_invalid_files=True)
+    dataset, keep = storage.actor_rows(source, actors, exclude_invalid_files=True)
     names = set(dataset.schema.names)
     if not set(POOL_COLUMNS) <= names:
         raise ValueError(f"{source}: a pool needs 'path' and 'waveform' columns, has {names}")
-    if actors is None:
-        return dataset, None
-    if "actor" not in names:
+    if actors is not None and "actor" not in names:
         raise ValueError(f"{source}: no 'actor' column, so clips cannot be chosen by actor")
-    return dataset, pads.field("actor").isin([int(a) for a in actors])
+    return dataset, keep
 
 
 def read_pool(source: str | os.PathLike, actors: Sequence[int] | None = None) -> UnlabeledClips:

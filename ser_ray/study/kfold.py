@@ -29,6 +29,7 @@ from ser_ray.corpus import folds, ravdess
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.distributed import console
 from ser_ray.distributed.prepare import prepare_features
+from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, fold_resources
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm
 from ser_ray.study.variants import DEFAULT_VARIANTS, Variant, parse_variants
@@ -264,62 +265,6 @@ def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
     return dict(best.get("params", best))
 
 
-def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
-    """GPUs each Ray Train worker of a fold reserves; correct by construction.
-
-    One worker per fold may take a fraction of a GPU (several folds share a device, each in
-    its own process). DDP ranks (``workers_per_fold > 1``) must each get a whole, distinct
-    GPU: Ray's fractional GPU ids are not unique, so two ranks could land on one device,
-    which NCCL refuses. Raises ``ValueError`` for anything else.
-    """
-    if gpus_per_fold <= 0:
-        return 0.0
-    if workers_per_fold == 1:
-        return float(gpus_per_fold)
-    per_worker = gpus_per_fold / workers_per_fold
-    if per_worker < 1 or per_worker != int(per_worker):
-        raise ValueError(
-            f"--gpus-per-fold {gpus_per_fold} with --workers-per-fold {workers_per_fold}: "
-            "each DDP worker needs whole GPUs of its own (fractional GPUs would put two ranks "
-            f"on one device, which NCCL refuses); use --gpus-per-fold "
-            f"{workers_per_fold} (or a multiple), or --workers-per-fold 1 to share GPUs"
-        )
-    return per_worker
-
-
-def fold_resources(cfg: KFoldConfig, n_folds: int) -> dict[str, Any]:
-    """Per-fold Train resources from the flags or, by default, a fair share of the cluster
-    among ``n_folds`` folds running at once."""
-    import ray
-
-    cluster = ray.cluster_resources()
-    n_cpus, n_gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    gpus_per_fold = cfg.gpus_per_fold
-    if gpus_per_fold is None:  # DDP: one whole GPU per worker; one worker: a fair share
-        share = min(1.0, n_gpus / n_folds) if cfg.workers_per_fold == 1 else cfg.workers_per_fold
-        gpus_per_fold = float(share) if n_gpus else 0.0
-    use_gpu = gpus_per_fold > 0
-    if use_gpu and not n_gpus:
-        raise ValueError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
-    gpus = gpus_per_worker(gpus_per_fold, cfg.workers_per_fold)
-    if gpus > n_gpus:
-        raise ValueError(
-            f"each worker needs {gpus:g} GPU(s) but this Ray cluster has {n_gpus:g}; lower "
-            "--workers-per-fold or --gpus-per-fold"
-        )
-    cpus = cfg.cpus_per_worker
-    if cpus is None:
-        # Keep about one CPU free for the trial actors and the Ray Data tasks that stream each
-        # fold's clips into its workers (ser_ray.distributed.ingest: they reserve no CPU, but use
-        # some).
-        budget = n_cpus - 1 if n_cpus >= 2 else n_cpus / 2
-        cpus = min(4.0, max(0.05, int(100 * budget / (n_folds * cfg.workers_per_fold)) / 100))
-    per_worker: dict[str, float] = {"CPU": cpus}
-    if use_gpu:
-        per_worker["GPU"] = gpus
-    return {"use_gpu": use_gpu, "resources_per_worker": per_worker}
-
-
 def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     """One Tune trial = one outer fold (``config["fold"]``), trained by a TorchTrainer (runs
     on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
@@ -379,7 +324,9 @@ def run_wav2vec2_folds(
         **resources,
     }
     # the param space is the fold number only: Tune's tables and saved state stay small
-    trainable = tune.with_resources(tune.with_parameters(_fold_trial, train=train), {"CPU": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(_fold_trial, train=train), FOLD_TRIAL_RESOURCES
+    )
     experiment = f"{storage.rstrip('/')}/wav2vec2_folds"
     if cfg.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming %s", experiment)

@@ -33,6 +33,12 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
+from ser_ray.distributed import console
+from ser_ray.distributed.resources import (
+    adamw_concurrent_trials,
+    adamw_trial_resources,
+    trial_torch_threads,
+)
 from ser_ray.models.ssl import DEMO_MODEL
 from ser_ray.training.config import TrainConfig
 
@@ -369,12 +375,8 @@ def tune_fold(
     test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
-    if cfg.gpus_per_trial:
-        resources["GPU"] = cfg.gpus_per_trial
-    max_concurrent = cfg.max_concurrent_trials or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
-    )
+    resources = adamw_trial_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
+    max_concurrent = cfg.max_concurrent_trials or adamw_concurrent_trials(cfg.cpus_per_trial)
     setup = {
         "train_config": base.to_dict(),
         "source": source.path,
@@ -382,7 +384,7 @@ def tune_fold(
         "feature_cache_key": source.feature_cache_key,
         "fold": int(fold),
         "folds": cfg.folds,
-        "threads": max(1, int(cfg.cpus_per_trial)),
+        "threads": trial_torch_threads(cfg.cpus_per_trial),
         "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
     }
     trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
@@ -396,7 +398,9 @@ def tune_fold(
             reuse_actors=True,  # saves a process start per trial; each trial seeds itself
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            verbose=console.search_verbosity(),
         ),
     )
     start_s = time.perf_counter()

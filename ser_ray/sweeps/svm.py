@@ -33,6 +33,8 @@ from ser_ray.corpus.folds import (
     test_and_train_actors,
 )
 from ser_ray.corpus.ravdess import class_names
+from ser_ray.distributed import console
+from ser_ray.distributed.resources import SVM_TRIAL_RESOURCES, svm_concurrent_trials
 from ser_ray.features import speaker_norm
 from ser_ray.models import svm, svm_model
 
@@ -142,13 +144,13 @@ def tune_fold(
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the SVM search")
     if max_concurrent_trials is None:
-        max_concurrent_trials = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        max_concurrent_trials = svm_concurrent_trials()
 
     trainable = tune.with_resources(
         tune.with_parameters(
             svm_trial, X=X, y=y, actors=np.asarray(actors), folds=folds, num_classes=num_classes
         ),
-        {"cpu": 1},
+        SVM_TRIAL_RESOURCES,
     )
     if search == "grid":
         grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
@@ -171,7 +173,9 @@ def tune_fold(
             search_alg=searcher, num_samples=num_samples, reuse_actors=True
         )
     run_config = tune.RunConfig(
-        name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+        name=name,
+        storage_path=str(Path(storage_path).resolve()),
+        verbose=console.search_verbosity(),
     )
     tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config

@@ -19,7 +19,6 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -28,6 +27,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from ser_ray.common import storage
 from ser_ray.common.storage import list_column
 from ser_ray.corpus import ravdess
 from ser_ray.models.ssl import pad_waveforms, prepare_waveform
@@ -89,35 +89,19 @@ class Clips(Protocol[WindowT]):
     def windows(self) -> Iterator[WindowT]: ...
 
 
-def _actors_in(source_dir: str | os.PathLike, actors: Sequence[int]):
-    """(pyarrow dataset of a features or feature-cache Parquet folder, local or URI; the
-    filter that keeps ``actors``' rows)."""
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-
-    source = str(source_dir)
-    if "://" in source:
-        fs, path = pafs.FileSystem.from_uri(source)
-    else:
-        fs, path = pafs.LocalFileSystem(), str(Path(source).resolve())
-    dataset = pads.dataset(path, format="parquet", filesystem=fs)
-    return dataset, pads.field("actor").isin([int(a) for a in actors])
-
-
 def read_split(
     source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
 ) -> pa.Table:
     """The rows of ``actors`` from a features or feature-cache Parquet folder, in memory
     (predicate pushdown on ``actor``); the in-process sweep's read (fine-tuning streams)."""
-    dataset, keep = _actors_in(source_dir, actors)
+    dataset, keep = storage.actor_rows(source_dir, actors)
     return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
 
 
 def count_split(source_dir: str | os.PathLike, actors: Sequence[int]) -> int:
     """How many rows of ``actors`` a features or feature-cache folder holds (the actor column
     only is read)."""
-    dataset, keep = _actors_in(source_dir, actors)
-    return dataset.count_rows(filter=keep)
+    return storage.count_rows(source_dir, actors)
 
 
 def table_from_arrow(
