@@ -33,7 +33,7 @@ from ser_ray.corpus import ravdess
 from ser_ray.corpus.folds import fold_split
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
-from ser_ray.distributed.feature_cache import build_feature_cache, cache_key
+from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -67,7 +67,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     class_names = ravdess.class_names(cfg.merge_calm)
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
-    check_feature_cache(model, fe, kind, config.get("feature_cache_key"))
+    FoldInputs.from_config(config).check(model, fe)
     clips = open_fold_clips(config, cfg, kind, class_names, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
@@ -109,20 +109,6 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         result=result, rank=ctx.rank,
     )  # fmt: skip
     edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
-
-
-def check_feature_cache(
-    model: PartwiseClassifier, feature_extractor, kind: str, expected_key: str | None
-) -> None:
-    """With cached inputs, the cache must have been made by this model's frozen part."""
-    if kind == "waveform" or expected_key is None:
-        return
-    have = cache_key(model, feature_extractor, kind)
-    if expected_key != have:
-        raise ValueError(
-            f"the feature cache ({expected_key}) was not made by this model's frozen part "
-            f"({have}); rebuild it or turn use_feature_cache off"
-        )
 
 
 def open_fold_clips(
@@ -296,17 +282,12 @@ def fit_fold(
         **cfg.to_dict(),
         "fold": fold,
         "scheme": scheme,
-        "input_kind": "waveform",
         "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
     }
-    config["source"] = str(Path(features_dir).resolve())
-    if cfg.use_feature_cache:
-        cache = build_feature_cache(
-            features_dir,
-            cache_root=cache_dir or Path(features_dir).resolve().parent / "feature_cache",
-            train_config=cfg,
-        )
-        config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
+    inputs = build_fold_inputs(
+        features_dir, cfg, cache_dir or Path(features_dir).resolve().parent / "feature_cache"
+    )
+    config.update(inputs.to_config())
     trainer = build_fold_trainer(
         config,
         num_workers=num_workers,

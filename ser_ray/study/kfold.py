@@ -291,6 +291,7 @@ def run_wav2vec2_folds(
     """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
     from ray import tune
 
+    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
     from ser_ray.distributed.fold_trainer import PREDICTIONS_FILE
     from ser_ray.training.checkpoints import BEST_MODEL_DIR
 
@@ -299,8 +300,10 @@ def run_wav2vec2_folds(
     concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
     resources = fold_resources(cfg, concurrent)
     log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
+    # before the folds start: building a cache needs CPUs that running folds would hold
+    inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
     train = {
-        "inputs": {str(k): v for k, v in fold_inputs(features_dir, train_cfgs, out).items()},
+        "inputs": {str(k): v.to_config() for k, v in inputs.items()},
         "scheme": cfg.folds,
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
@@ -350,36 +353,6 @@ def run_wav2vec2_folds(
             }
         )
     return outcomes
-
-
-def fold_inputs(
-    features_dir: Path, train_cfgs: dict[int, TrainConfig], out: Path
-) -> dict[int, dict[str, Any]]:
-    """What each fold's workers read: the features, or with ``use_feature_cache`` the cache of
-    the fold's frozen part, built here before the folds start (Ray Data tasks need CPUs the
-    running folds would hold). Folds with the same model share one cache; after TAPT every
-    fold has its own encoder, CNN included, so each gets its own."""
-    from ser_ray.distributed.feature_cache import build_feature_cache
-
-    waveform = {"source": str(features_dir), "input_kind": "waveform", "feature_cache_key": None}
-    caches: dict[tuple[str, bool], dict[str, Any]] = {}
-    inputs = {}
-    for fold, train_cfg in sorted(train_cfgs.items()):
-        if not train_cfg.use_feature_cache:
-            inputs[fold] = waveform
-            continue
-        model = (train_cfg.model, train_cfg.probe)
-        if model not in caches:
-            cache = build_feature_cache(
-                features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
-            )
-            caches[model] = {
-                "source": str(cache.path),
-                "input_kind": cache.kind,
-                "feature_cache_key": cache.key,
-            }
-        inputs[fold] = caches[model]
-    return inputs
 
 
 def _with_encoders(

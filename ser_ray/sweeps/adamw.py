@@ -33,6 +33,7 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
+from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
 from ser_ray.models.ssl import DEMO_MODEL
 from ser_ray.training.config import TrainConfig
 
@@ -268,7 +269,6 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from ser_ray.distributed.feature_cache import cache_key
     from ser_ray.training.clip_data import read_split, table_from_arrow
     from ser_ray.training.config import build_model
     from ser_ray.training.engine import seed_everything
@@ -280,8 +280,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     class_names = ravdess.class_names(cfg.merge_calm)
     seed_everything(cfg.seed)
     model, fe = build_model(cfg, class_names)
-    if kind != "waveform" and cache_key(model, fe, kind) != setup["feature_cache_key"]:
-        raise ValueError("the feature cache was not made by this model's frozen part")
+    FoldInputs.from_config(setup).check(model, fe)
     # the test actors of the fold are not even named here: only fit and validation actors
     _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
     columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
@@ -307,30 +306,8 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     run_training(cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report)
 
 
-@dataclasses.dataclass
-class FeatureSource:
-    """Where trials read their rows: the feature cache (usual) or the features folder."""
-
-    path: str
-    input_kind: str
-    feature_cache_key: str | None
-
-
-def feature_source(
-    features_dir: str | Path, cfg: SweepConfig, cache_root: str | Path
-) -> FeatureSource:
-    """Build (or reuse) the feature cache once, before any trial, as the kfold job does."""
-    base = cfg.base_train_config()
-    if not base.use_feature_cache:
-        return FeatureSource(str(Path(features_dir).resolve()), "waveform", None)
-    from ser_ray.distributed.feature_cache import build_feature_cache
-
-    cache = build_feature_cache(features_dir, cache_root, train_config=base, use_gpu=False)
-    return FeatureSource(str(cache.path), cache.kind, cache.key)
-
-
 def tune_fold(
-    source: FeatureSource,
+    source: FoldInputs,
     fold: int,
     cfg: SweepConfig,
     *,
@@ -359,9 +336,7 @@ def tune_fold(
     )
     setup = {
         "train_config": base.to_dict(),
-        "source": source.path,
-        "input_kind": source.input_kind,
-        "feature_cache_key": source.feature_cache_key,
+        **source.to_config(),  # source, input_kind, feature_cache_key
         "fold": int(fold),
         "scheme": cfg.scheme,
         "threads": max(1, int(cfg.cpus_per_trial)),
@@ -493,7 +468,8 @@ def run_sweep(
         fold_numbers = [int(fold)]
     if not fold_numbers or not set(fold_numbers) <= set(range(1, n_folds + 1)):
         raise ValueError(f"folds {fold_numbers} do not exist; choose from 1..{n_folds}")
-    source = feature_source(features_dir, cfg, out / "feature_cache")
+    # built (or reused) once, before any trial, as the study does
+    source = build_fold_inputs(features_dir, cfg.base_train_config(), out / "feature_cache")
     found, trials = {}, {}
     for k in fold_numbers:
         found[k] = tune_fold(source, k, cfg, storage_path=out / "tune", name=f"adamw_fold{k}")
