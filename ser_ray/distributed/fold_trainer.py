@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
-from ser_ray.training.clip_data import Clips, count_split, predictions_frame, table_from_arrow
+from ser_ray.training.clip_data import (
+    Clips,
+    ClipTable,
+    count_split,
+    predictions_frame,
+    table_from_arrow,
+)
+from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig, build_model
 from ser_ray.training.finetune import TrainOutcome, evaluate, refit, run_training
 
@@ -68,7 +76,12 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
     FoldInputs.from_config(config).check(model, fe)
-    clips = open_fold_clips(config, cfg, kind, class_names, fe)
+    shards = {
+        name: ray_ingest.worker_shard(name)  # RAY
+        for name, n in config["split_clips"].items()
+        if n
+    }
+    clips = open_fold_clips(config, shards, cfg, class_names, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
         cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
@@ -112,25 +125,42 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
 
 
 def open_fold_clips(
-    config: dict[str, Any], cfg: TrainConfig, kind: str, class_names: list[str], feature_extractor
-) -> dict[str, Clips]:
-    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips, streamed from the
-    trainer's datasets of those names; a split without clips is left out."""
+    config: Mapping[str, Any],
+    shards: Mapping[str, Any],
+    cfg: TrainConfig,
+    class_names: list[str],
+    feature_extractor,
+) -> dict[str, ClipStream[ClipTable]]:
+    """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
+    from its Ray Data iterator in ``shards`` (:func:`ser_ray.distributed.ingest.shard_stream`)
+    ``cfg.window_clips`` at a time; a split without clips is left out.
+
+    What a study fold's worker (its ``get_dataset_shard`` iterators) and an AdamW trial
+    (:func:`ser_ray.distributed.ingest.local_shards`) both train on, so that for the same seed
+    their batches are the same. ``config``: ``split_clips`` (clips per split,
+    :func:`count_splits`), ``input_kind``, ``fold`` and ``source`` (for the error message).
+    """
     to_clips = functools.partial(
         table_from_arrow,
-        kind=kind,
+        kind=config.get("input_kind", "waveform"),
         class_names=class_names,
         merge_calm=cfg.merge_calm,
         feature_extractor=feature_extractor,
     )
     clips = {
-        name: ray_ingest.worker_stream(name, n, to_clips, cfg.window_clips)  # RAY
+        name: ray_ingest.shard_stream(shards[name], n, to_clips, cfg.window_clips)  # RAY
         for name, n in config["split_clips"].items()
         if n
     }
     if "train" not in clips:
         raise ValueError(f"fold {config.get('fold')}: no training clips in {config['source']}")
     return clips
+
+
+def count_splits(source: str, split_actors: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Clips per split of ``source``, counted before any worker reads them (a stream's size
+    sets the number of steps of an epoch)."""
+    return {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
 
 
 def train_with_resume(
@@ -223,7 +253,7 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     )
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
     source = config["source"]
-    split_clips = {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
+    split_clips = count_splits(source, split_actors)
     return edge.build_torch_trainer(
         train_fold_per_worker,
         {**config, "split_clips": split_clips},

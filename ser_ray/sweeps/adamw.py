@@ -12,11 +12,15 @@ loop keeps) and the best trial is the one with the highest val UA at any epoch.
 
 Each trial is a plain Tune function trainable (:func:`adamw_trial`) that trains in its own
 process with :func:`ser_ray.training.finetune.run_training` and calls ``tune.report`` once per
-epoch; no ``TorchTrainer`` (its ~20 s start-up per trial would dominate small sweeps). The
-frozen CNN's outputs come from the feature cache, built once before the search.
+epoch; no ``TorchTrainer`` (its ~20 s start-up per trial would dominate small sweeps). Its
+clips stream in through Ray Data exactly as a study fold's workers' do (:func:`trial_clips`),
+so a trial trains on the batches the study would for the same settings. The frozen CNN's
+outputs come from the feature cache, built once before the search
+(:mod:`ser_ray.distributed.fold_inputs`).
 
 Ray touch-points: ``tune.with_parameters`` / ``tune.with_resources`` and ``Tuner`` in
-:func:`tune_fold`, ``tune.report`` in :func:`adamw_trial`, the feature cache (Ray Data).
+:func:`tune_fold`, ``tune.report`` in :func:`adamw_trial`, the clips and the feature cache
+(Ray Data).
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
+from ser_ray.distributed import ingest
 from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
+from ser_ray.distributed.fold_trainer import count_splits, open_fold_clips
 from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.training.clip_data import ClipTable
+from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -262,48 +270,91 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
     (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
-    ``scheme``, ``threads``, ``device``. Reports every epoch's ``run_training`` metrics plus,
-    for auditing, the actors it trained on (``fit_actors``) and validated on
-    (``val_actors``), read from the rows it received.
+    ``scheme``, ``split_actors`` and ``split_clips`` (``train``: the fit actors, ``val``),
+    ``threads``, ``device``. The clips stream in as a study fold's do
+    (:func:`trial_clips`). Reports every epoch's ``run_training`` metrics plus, for
+    auditing, the actors it trained on (``fit_actors``) and validated on (``val_actors``),
+    read from the rows it received.
     """
     import torch
     from ray import tune
 
-    from ser_ray.training.clip_data import read_split, table_from_arrow
     from ser_ray.training.config import build_model
     from ser_ray.training.engine import seed_everything
     from ser_ray.training.finetune import run_training
 
     torch.set_num_threads(int(setup["threads"]))
     cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
-    kind = setup["input_kind"]
     class_names = ravdess.class_names(cfg.merge_calm)
     seed_everything(cfg.seed)
     model, fe = build_model(cfg, class_names)
     FoldInputs.from_config(setup).check(model, fe)
-    # the test actors of the fold are not even named here: only fit and validation actors
-    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["scheme"], cfg.n_val_actors)
-    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
-    train, val = (
-        table_from_arrow(
-            read_split(setup["source"], actors, columns), kind, class_names, cfg.merge_calm, fe
-        )
-        for actors in (fit_actors, val_actors)
-    )
-    if not len(train) or not len(val):
-        raise ValueError(f"fold {setup['fold']}: no training or validation clips")
-    audit = {
-        "fold": int(setup["fold"]),
-        "fit_actors": _actor_string(train.actors),
-        "val_actors": _actor_string(val.actors),
-        "n_train": len(train),
-        "n_val": len(val),
-    }
+    clips = trial_clips(setup, cfg, class_names, fe)
+    seen: dict[str, set[int]] = {"train": set(), "val": set()}
+    train, val = (_recording_actors(clips[name], seen[name]) for name in ("train", "val"))
 
     def report(metrics: dict[str, float], _write_checkpoint) -> None:
+        audit = {  # the first report comes after a whole pass over both splits
+            "fold": int(setup["fold"]),
+            "fit_actors": _actor_string(seen["train"]),
+            "val_actors": _actor_string(seen["val"]),
+            "n_train": len(train),
+            "n_val": len(val),
+        }
         tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
 
     run_training(cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report)
+
+
+def trial_clips(
+    setup: dict[str, Any], cfg: TrainConfig, class_names: list[str], feature_extractor
+) -> dict[str, ClipStream[ClipTable]]:
+    """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
+    workers stream theirs: the same Ray datasets
+    (:func:`ser_ray.distributed.ingest.fold_datasets`), read in the order a Train worker
+    reads them (:func:`ser_ray.distributed.ingest.local_shards`), windowed and converted by
+    :func:`ser_ray.distributed.fold_trainer.open_fold_clips`; so for the same seed, the same
+    batches."""
+    # the test actors of the fold are not even named here: only fit and validation actors
+    datasets = ingest.fold_datasets(setup["source"], setup["split_actors"], setup["input_kind"])
+    clips = open_fold_clips(
+        setup, ingest.local_shards(datasets), cfg, class_names, feature_extractor
+    )
+    if "val" not in clips:
+        raise ValueError(f"fold {setup['fold']}: no validation clips in {setup['source']}")
+    return clips
+
+
+def _recording_actors(stream: ClipStream[ClipTable], seen: set[int]) -> ClipStream[ClipTable]:
+    """``stream``, adding the actors of every window it hands out to ``seen``."""
+
+    def to_clips(rows):
+        table = stream.to_clips(rows)
+        seen.update(int(a) for a in table.actors)
+        return table
+
+    return dataclasses.replace(stream, to_clips=to_clips)
+
+
+def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig) -> dict[str, Any]:
+    """What every trial of the search on outer fold ``fold`` shares (:func:`adamw_trial`'s
+    ``setup``): the base TrainConfig, the inputs, the fit (``train``) and ``val`` actors and
+    their clip counts, threads and device. The fold's test actors are left out."""
+    base = cfg.base_train_config()
+    _, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
+    if not val_actors:
+        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
+    split_actors = {"train": fit_actors, "val": val_actors}
+    return {
+        "train_config": base.to_dict(),
+        **source.to_config(),  # source, input_kind, feature_cache_key
+        "split_actors": split_actors,
+        "split_clips": count_splits(source.source, split_actors),
+        "fold": int(fold),
+        "scheme": cfg.scheme,
+        "threads": max(1, int(cfg.cpus_per_trial)),
+        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+    }
 
 
 def tune_fold(
@@ -325,23 +376,14 @@ def tune_fold(
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
     base = cfg.base_train_config()
+    setup = trial_setup(source, fold, cfg)
     test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
-    if not val_actors:
-        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
     resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
     if cfg.gpus_per_trial:
         resources["GPU"] = cfg.gpus_per_trial
     max_concurrent = cfg.max_concurrent_trials or max(
         1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
     )
-    setup = {
-        "train_config": base.to_dict(),
-        **source.to_config(),  # source, input_kind, feature_cache_key
-        "fold": int(fold),
-        "scheme": cfg.scheme,
-        "threads": max(1, int(cfg.cpus_per_trial)),
-        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
-    }
     trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
     tuner = tune.Tuner(
         trainable,

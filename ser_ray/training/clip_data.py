@@ -108,7 +108,8 @@ def read_split(
     source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
 ) -> pa.Table:
     """The rows of ``actors`` from a features or feature-cache Parquet folder, in memory
-    (predicate pushdown on ``actor``); the in-process sweep's read (fine-tuning streams)."""
+    (predicate pushdown on ``actor``): the reference the benchmarks and tests compare the
+    streamed splits with (training streams, :mod:`ser_ray.distributed.ingest`)."""
     dataset, keep = _actors_in(source_dir, actors)
     return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
 
