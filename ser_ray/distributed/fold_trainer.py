@@ -4,7 +4,8 @@ Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
 ``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
 open the fold's clip streams, train with resume, refit and score the test actors, write the
 fold's result — then :func:`build_fold_trainer` (the ``TorchTrainer`` of a fold, fed its
-splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and the plain driver :func:`fit_fold`.
+splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and
+:func:`fold_result_from_checkpoint` (the fold's outcome from its final checkpoint).
 Ray touch-points are marked ``# RAY`` and go through :mod:`ser_ray.distributed.train_edge`; the loop
 itself (:mod:`ser_ray.training.finetune`) is Ray-free.
 
@@ -34,7 +35,7 @@ from ser_ray.corpus import ravdess
 from ser_ray.corpus.folds import fold_split
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
-from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
+from ser_ray.distributed.fold_inputs import FoldInputs
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -266,88 +267,29 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
 
 
 @dataclasses.dataclass
-class FoldResult:
-    """Outcome of one outer fold."""
+class FoldOutcome:
+    """A finished fold, as read back from its final checkpoint."""
 
     fold: int
-    scheme: str
-    test_actors: list[int]
-    val_actors: list[int]
-    n_test: int
     metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
-    best_epoch: int
-    history: list[dict[str, float]]
-    predictions: pd.DataFrame
-    model_dir: Path  # best-epoch model (HF checkpoint)
-    run_dir: Path
+    history: list[dict[str, float]]  # one row per epoch: train/*, val/*
+    predictions: pd.DataFrame  # the test actors' clips, predictions.csv format
+    model_dir: Path  # the tested weights (best epoch, or refit), an HF checkpoint
 
 
-def fit_fold(
-    features_dir: str | os.PathLike,
-    fold: int,
-    scheme: str = "contiguous",
-    train_config: TrainConfig | None = None,
-    out_dir: str | os.PathLike = "runs/wav2vec2",
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    max_failures: int = 0,
-    log_dir: str | os.PathLike | None = None,
-) -> FoldResult:
-    """Train and score one outer fold with a ``TorchTrainer``; outputs under ``out_dir``.
-
-    ``out_dir/fold_<k>/``: ``model/`` (best-epoch HF checkpoint), ``predictions.csv``,
-    ``result.json``; Ray's run folder (checkpoints) under ``out_dir/ray/``; TensorBoard
-    under ``log_dir`` (default ``out_dir/tensorboard/fold_<k>``). Re-running with the same
-    ``out_dir`` resumes from the latest checkpoint. With ``use_feature_cache`` the frozen
-    part's outputs come from (or go to) ``cache_dir`` (default: next to ``features_dir``).
-    """
-    cfg = train_config or TrainConfig()
-    out = Path(out_dir).resolve()
-    fold_dir = out / f"fold_{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    test_actors, _, val_actors = fold_split(fold, scheme, cfg.n_val_actors)
-    config: dict[str, Any] = {
-        **cfg.to_dict(),
-        "fold": fold,
-        "scheme": scheme,
-        "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
-    }
-    inputs = build_fold_inputs(
-        features_dir, cfg, cache_dir or Path(features_dir).resolve().parent / "feature_cache"
-    )
-    config.update(inputs.to_config())
-    trainer = build_fold_trainer(
-        config,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        storage_path=out / "ray",
-        name=f"fold_{fold}",
-        max_failures=max_failures,
-    )
-    checkpoint = edge.fit(trainer, f"fold {fold}")  # RAY
-    with checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        if (fold_dir / "model").exists():
-            shutil.rmtree(fold_dir / "model")
-        shutil.copytree(ckpt / BEST_MODEL_DIR, fold_dir / "model")
-        for name in (PREDICTIONS_FILE, RESULT_FILE):
-            if (ckpt / name).exists():
-                shutil.copy2(ckpt / name, fold_dir / name)
-    summary = json.loads((fold_dir / RESULT_FILE).read_text())
-    predictions = pd.read_csv(fold_dir / PREDICTIONS_FILE)
-    metrics = summary["metrics"]
-    return FoldResult(
-        fold=fold,
-        scheme=scheme,
-        test_actors=test_actors,
-        val_actors=val_actors,
-        n_test=len(predictions),
-        metrics=metrics,
-        best_epoch=int(metrics["best_epoch"]),
-        history=summary["history"],
-        predictions=predictions,
-        model_dir=fold_dir / "model",
-        run_dir=fold_dir,
+def fold_result_from_checkpoint(checkpoint, fold_dir: str | os.PathLike) -> FoldOutcome:
+    """Copy a fold's final checkpoint (what :func:`write_fold_result` wrote:
+    ``best_model/``, ``predictions.csv``, ``result.json`` and the training state) to
+    ``fold_dir``, replacing what was there, and read the fold's outcome from it (RAY:
+    ``Checkpoint.to_directory``)."""
+    fold_dir = Path(fold_dir)
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    checkpoint.to_directory(str(fold_dir))
+    info = json.loads((fold_dir / RESULT_FILE).read_text())
+    return FoldOutcome(
+        fold=int(info["fold"]),
+        metrics=info["metrics"],
+        history=info["history"],
+        predictions=pd.read_csv(fold_dir / PREDICTIONS_FILE),
+        model_dir=fold_dir / BEST_MODEL_DIR,
     )

@@ -22,7 +22,7 @@ Choices:
   ``streaming_split`` hands blocks to whichever rank asks first, so which clips a rank saw
   would depend on timing, not on the seed.
 - **Resources**: six folds train at once on a small machine, their workers holding nearly
-  all CPUs (:func:`ser_ray.study.kfold.fold_resources`), and ``fit_fold`` or DDP may hold all of
+  all CPUs (:func:`ser_ray.study.kfold.fold_resources`), and a lone fold or DDP may hold all of
   them; placement groups a killed trainer left behind may hold them too. A read task that
   asks for a CPU could then wait for ever (the deadlock that once made workers read Parquet
   themselves). Ray Data's Parquet readers ask for CPUs before any row is read (the classic

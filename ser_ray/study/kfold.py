@@ -28,6 +28,7 @@ from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.distributed import console
+from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import prepare_features
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm
@@ -287,13 +288,13 @@ def run_wav2vec2_folds(
     train_cfgs: dict[int, TrainConfig],
     out: Path,
     storage: str,
-) -> list[dict[str, Any]]:
-    """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
+) -> list[FoldOutcome]:
+    """All folds as concurrent Tune trials; each fold's outcome (metrics, history,
+    predictions, model), its final checkpoint copied to ``out/wav2vec2/fold_<k>/``."""
+    import ray.train
     from ray import tune
 
     from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
-    from ser_ray.distributed.fold_trainer import PREDICTIONS_FILE
-    from ser_ray.training.checkpoints import BEST_MODEL_DIR
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     first = train_cfgs[fold_numbers[0]]
@@ -337,21 +338,8 @@ def run_wav2vec2_folds(
         fold = int(result.config["fold"])
         if result.error is not None:
             raise RuntimeError(f"wav2vec2 fold {fold} failed: {result.error}") from result.error
-        import ray.train
-
-        fold_dir = out / "wav2vec2" / f"fold_{fold}"
-        shutil.rmtree(fold_dir, ignore_errors=True)
-        ray.train.Checkpoint(result.metrics["checkpoint_path"]).to_directory(str(fold_dir))
-        info = json.loads((fold_dir / "result.json").read_text())
-        outcomes.append(
-            {
-                "fold": fold,
-                "metrics": info["metrics"],
-                "history": info["history"],
-                "predictions": pd.read_csv(fold_dir / PREDICTIONS_FILE),
-                "model_dir": str(fold_dir / BEST_MODEL_DIR),
-            }
-        )
+        checkpoint = ray.train.Checkpoint(result.metrics["checkpoint_path"])
+        outcomes.append(fold_result_from_checkpoint(checkpoint, out / "wav2vec2" / f"fold_{fold}"))
     return outcomes
 
 
@@ -464,15 +452,15 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             continue
         train_cfgs = _with_encoders(train_cfgs, prepared.features_dir, cfg, out, storage)
         for outcome in run_wav2vec2_folds(prepared.features_dir, cfg, train_cfgs, out, storage):
-            m = outcome["metrics"]
-            fold_rows[outcome["fold"]]["wav2vec2"] = {
+            m = outcome.metrics
+            fold_rows[outcome.fold]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
                 "uar": m["test/uar"],
                 "macro_f1": m["test/macro_f1"],
                 "best_epoch": int(m["best_epoch"]),
             }
-            histories[outcome["fold"]] = outcome["history"]
-            predictions.append(outcome["predictions"])
+            histories[outcome.fold] = outcome.history
+            predictions.append(outcome.predictions)
     all_predictions = pd.concat(predictions, ignore_index=True)
     all_predictions.to_csv(out / "predictions.csv", index=False)
     return summary.write_summary(
