@@ -371,65 +371,23 @@ def tune_fold(
     searched, how, on which actors, where the results are)}``.
     """
     import ray
-    from ray import tune
 
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
-    base = cfg.base_train_config()
     setup = trial_setup(source, fold, cfg)
-    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.scheme, base.n_val_actors)
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
-    if cfg.gpus_per_trial:
-        resources["GPU"] = cfg.gpus_per_trial
-    max_concurrent = cfg.max_concurrent_trials or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
+    resources, max_concurrent = trial_resources(cfg)
+    grid, search_s = run_trials(
+        setup, cfg, resources, max_concurrent, storage_path=storage_path, name=name
     )
-    trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg.space, cfg.seed, max_concurrent),
-            scheduler=make_scheduler(cfg),
-            num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
-            trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # saves a process start per trial; each trial seeds itself
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
-        ),
+    trials = trial_table(grid, cfg.epochs)
+    test_actors, fit_actors, val_actors = folds.fold_split(
+        fold, cfg.scheme, cfg.base_train_config().n_val_actors
     )
-    start_s = time.perf_counter()
-    grid = tuner.fit()  # RAY
-    search_s = time.perf_counter() - start_s
-    if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
-
-    rows = []
-    for result in grid:
-        history = result.metrics_dataframe
-        val_uar = float(history[METRIC].max())
-        epochs_run = int(history[TIME_ATTR].max())
-        rows.append(
-            {
-                "trial_id": result.metrics["trial_id"],
-                "val_uar": val_uar,
-                "last_val_uar": float(result.metrics[METRIC]),
-                "epochs_run": epochs_run,
-                "stopped_early": epochs_run < cfg.epochs,
-                "fit_actors": result.metrics["fit_actors"],
-                "val_actors": result.metrics["val_actors"],
-                **params_from_config(result.config),
-                "config": dict(result.config),
-            }
-        )
-    trials = pd.DataFrame(rows).sort_values(
-        ["val_uar", "trial_id"], ascending=[False, True], ignore_index=True
-    )
-    best = trials.iloc[0]
     seen = {int(a) for s in [*trials["fit_actors"], *trials["val_actors"]] for a in s.split()}
     leaked = sorted(seen & set(test_actors))
     if leaked:  # cannot happen by construction; a guard for future edits
         raise RuntimeError(f"fold {fold}: test actors {leaked} reached the search")
+    best = trials.iloc[0]
     params = params_from_config(best["config"])
     log.info(
         "fold %d: best val UA %.3f with %s (%d trials, %d stopped early, %.1f s)",
@@ -456,7 +414,7 @@ def tune_fold(
         "n_trials": len(trials),
         "n_stopped_early": int(trials["stopped_early"].sum()),
         "search_s": round(search_s, 2),
-        "fixed": {k: v for k, v in base.to_dict().items() if k not in SEARCHED_FIELDS},
+        "fixed": {k: v for k, v in setup["train_config"].items() if k not in SEARCHED_FIELDS},
         "experiment_path": str(grid.experiment_path),
         "note": HOLDOUT_NOTE.format(
             fold=fold, fit=fit_actors, val=val_actors, test=list(test_actors)
@@ -468,6 +426,82 @@ def tune_fold(
         "trials": trials,
         "search": search,
     }
+
+
+def trial_resources(cfg: SweepConfig) -> tuple[dict[str, float], int]:
+    """What one trial reserves, and how many trials run at once (by default as many as the
+    cluster's CPUs hold)."""
+    import ray
+
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_trial}
+    if cfg.gpus_per_trial:
+        resources["GPU"] = cfg.gpus_per_trial
+    max_concurrent = cfg.max_concurrent_trials or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // max(cfg.cpus_per_trial, 1e-3))
+    )
+    return resources, max_concurrent
+
+
+def run_trials(
+    setup: dict[str, Any],
+    cfg: SweepConfig,
+    resources: dict[str, float],
+    max_concurrent: int,
+    *,
+    storage_path: str | Path,
+    name: str,
+) -> tuple[Any, float]:
+    """Run the search (RAY: ``Tuner.fit``): ``cfg.num_samples`` trials of
+    :func:`adamw_trial` asked from the seeded TPE searcher and cut by ASHA. Returns their
+    results (a ``ResultGrid``) and the seconds the search took; raises when a trial failed."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg.space, cfg.seed, max_concurrent),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
+            trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # saves a process start per trial; each trial seeds itself
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()), verbose=0
+        ),
+    )
+    start_s = time.perf_counter()
+    grid = tuner.fit()  # RAY
+    search_s = time.perf_counter() - start_s
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
+    return grid, search_s
+
+
+def trial_table(grid: Any, epochs: int) -> pd.DataFrame:
+    """One row per trial, best first (highest val UA at any epoch, then trial id): scores,
+    epochs run, whether ASHA stopped it, the actors it saw, its TrainConfig values and its
+    sampled ``config``."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        epochs_run = int(history[TIME_ATTR].max())
+        rows.append(
+            {
+                "trial_id": result.metrics["trial_id"],
+                "val_uar": float(history[METRIC].max()),
+                "last_val_uar": float(result.metrics[METRIC]),
+                "epochs_run": epochs_run,
+                "stopped_early": epochs_run < epochs,
+                "fit_actors": result.metrics["fit_actors"],
+                "val_actors": result.metrics["val_actors"],
+                **params_from_config(result.config),
+                "config": dict(result.config),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(
+        ["val_uar", "trial_id"], ascending=[False, True], ignore_index=True
+    )
 
 
 def _trial_dirname(trial: Any) -> str:
