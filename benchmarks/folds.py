@@ -54,7 +54,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             storage=str(out / f"ray_{mode}"),
         )
         seconds[mode] = time.perf_counter() - start
-        metrics[mode] = {o["fold"]: o["metrics"]["test/uar"] for o in outcomes}
+        metrics[mode] = {o.fold: o.metrics["test/uar"] for o in outcomes}
     return {
         "benchmark": "folds",
         "folds": len(metrics["concurrent"]),

@@ -164,10 +164,9 @@ def _finetune_batches(config: dict[str, Any], fe) -> Iterator[Any]:
 
 def _pretrain_batches(config: dict[str, Any], fe) -> Iterator[Any]:
     """A TAPT worker's micro-batches of its pool, held whole or streamed (RAY)."""
-    from ser_ray.featurize.unlabeled import clips_from_arrow, read_pool
-
     from ser_ray.distributed.ingest import worker_stream
     from ser_ray.distributed.pretrain_trainer import POOL_DATASET
+    from ser_ray.features.unlabeled import clips_from_arrow, read_pool
     from ser_ray.training.pretrain import PretrainConfig, epoch_batches
 
     cfg = PretrainConfig(batch_size=config["batch_size"], window_clips=config["window_clips"])
@@ -181,12 +180,11 @@ def _pretrain_batches(config: dict[str, Any], fe) -> Iterator[Any]:
 def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
     """What a worker of ``training`` reads (actors, columns, clip count) and the trainer's
     dataset of it (RAY), on fold ``fold``'s training side."""
-    from ser_ray.featurize.unlabeled import POOL_COLUMNS
-
     from ser_ray.corpus.folds import fold_split
     from ser_ray.distributed.ingest import parquet_dataset, split_columns
     from ser_ray.distributed.pretrain_trainer import POOL_DATASET
     from ser_ray.distributed.tapt import tapt_actors
+    from ser_ray.features.unlabeled import POOL_COLUMNS
     from ser_ray.training.clip_data import count_split
 
     if training == "pretrain":

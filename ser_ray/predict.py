@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
+from ser_ray.common import predictions
 from ser_ray.models.ssl import SAMPLE_RATE_HZ, inference_batches, load_model, pads_exactly
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,9 @@ def _load_clips(audio_files: Sequence[str]) -> tuple[list[str], list[np.ndarray]
 def _prediction_frame(
     paths: list[str], probs: np.ndarray, class_names: Sequence[str], n_models: int
 ) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "path": paths,
-            "pred_label": [class_names[i] for i in probs.argmax(axis=1)] if len(paths) else [],
-            "n_models": n_models,
-        }
-    )
-    for i, name in enumerate(class_names):
-        frame[f"prob_{name}"] = probs[:, i]
-    return frame
+    columns = {
+        "path": paths,
+        "pred_label": predictions.argmax_labels(probs, class_names),
+        "n_models": n_models,
+    }
+    return predictions.predictions_frame(columns, probs, class_names)

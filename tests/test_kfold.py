@@ -221,25 +221,21 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
 
 
 def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
-    from ser_ray.distributed.fold_trainer import fit_fold
+    from test_train_loop import fit_fold_as_the_study_does
+
     from ser_ray.training.config import TrainConfig
 
     cfg = TrainConfig(model="demo", epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3)
     features = demo_features / "features"
-    reference = fit_fold(features, 2, train_config=cfg, out_dir=tmp_path / "reference",
-                         cache_dir=tmp_path / "cache")  # fmt: skip
+    reference = fit_fold_as_the_study_does(features, 2, cfg, tmp_path / "reference",
+                                           tmp_path / "cache")  # fmt: skip
 
     out = tmp_path / "killed"
     outcome: dict = {}
     thread = threading.Thread(
         target=lambda: outcome.update(
-            result=fit_fold(
-                features,
-                2,
-                train_config=cfg,
-                out_dir=out,
-                cache_dir=tmp_path / "cache",
-                max_failures=2,
+            result=fit_fold_as_the_study_does(
+                features, 2, cfg, out, tmp_path / "cache", max_failures=2
             )  # fmt: skip
         )
     )

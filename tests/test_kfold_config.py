@@ -178,7 +178,7 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     import dataclasses
 
     from ser_ray.distributed import feature_cache
-    from ser_ray.study import kfold
+    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
     from ser_ray.training.config import TrainConfig
 
     built = []
@@ -191,18 +191,18 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     monkeypatch.setattr(feature_cache, "build_feature_cache", fake_cache)
     base = TrainConfig(model="demo")
     tapt = {k: dataclasses.replace(base, model=f"tapt{k}") for k in (1, 2, 3)}
-    inputs = kfold.fold_inputs(tmp_path / "features", tapt, tmp_path)
+    inputs = fold_inputs_per_fold(tmp_path / "features", tapt, tmp_path)
     assert built == ["tapt1", "tapt2", "tapt3"]
-    assert {k: v["feature_cache_key"] for k, v in inputs.items()} == {
+    assert {k: v.feature_cache_key for k, v in inputs.items()} == {
         1: "cnn-tapt1",
         2: "cnn-tapt2",
         3: "cnn-tapt3",
     }
     built.clear()
-    shared = kfold.fold_inputs(tmp_path / "features", dict.fromkeys((1, 2, 3), base), tmp_path)
-    assert built == ["demo"] and len({v["source"] for v in shared.values()}) == 1
+    shared = fold_inputs_per_fold(tmp_path / "features", dict.fromkeys((1, 2, 3), base), tmp_path)
+    assert built == ["demo"] and len({v.source for v in shared.values()}) == 1
     uncached = dataclasses.replace(base, use_feature_cache=False)
-    assert kfold.fold_inputs(tmp_path / "features", {1: uncached}, tmp_path)[1] == {
+    assert fold_inputs_per_fold(tmp_path / "features", {1: uncached}, tmp_path)[1].to_config() == {
         "source": str(tmp_path / "features"),
         "input_kind": "waveform",
         "feature_cache_key": None,

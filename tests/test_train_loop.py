@@ -373,22 +373,44 @@ def _assert_predictions_agree_with_predict_and_pipeline(preds, model_dir, demo_f
         np.testing.assert_allclose([scores[c] for c in CLASSES], row, atol=1e-5, rtol=0)
 
 
+def fit_fold_as_the_study_does(
+    features_dir: Path, fold: int, cfg: TrainConfig, out: Path, cache_dir: Path, **trainer_kwargs
+):
+    """One fold through the study's path without Tune: its inputs (``cache_dir``), its
+    ``TorchTrainer`` (Ray run folder ``out/ray/fold_<k>``, TensorBoard
+    ``out/tensorboard/fold_<k>``), its final checkpoint read back into ``out/fold_<k>``."""
+    from ser_ray.distributed import train_edge
+    from ser_ray.distributed.fold_inputs import build_fold_inputs
+    from ser_ray.distributed.fold_trainer import build_fold_trainer, fold_result_from_checkpoint
+
+    inputs = build_fold_inputs(features_dir, cfg, cache_dir)
+    config = {
+        **cfg.to_dict(),
+        **inputs.to_config(),
+        "fold": fold,
+        "folds": "contiguous",
+        "log_dir": str(out / "tensorboard" / f"fold_{fold}"),
+    }
+    trainer = build_fold_trainer(
+        config, storage_path=out / "ray", name=f"fold_{fold}", **trainer_kwargs
+    )
+    checkpoint = train_edge.fit(trainer, f"fold {fold}")
+    return fold_result_from_checkpoint(checkpoint, out / f"fold_{fold}")
+
+
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
-    from ser_ray.distributed.fold_trainer import fit_fold
+    from ser_ray.corpus.folds import fold_split
 
     cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
-    result = fit_fold(
-        demo_features / "features",
-        fold=2,
-        train_config=cfg,
-        out_dir=tmp_path / "run",
-        cache_dir=tmp_path / "cache",
-    )
-    assert result.test_actors == [5, 6, 7, 8] and len(result.val_actors) == 4
+    run = tmp_path / "run"
+    result = fit_fold_as_the_study_does(demo_features / "features", 2, cfg, run, tmp_path / "cache")
+    test_actors, _, val_actors = fold_split(2, "contiguous", cfg.n_val_actors)
+    assert result.fold == 2
+    assert test_actors == [5, 6, 7, 8] and len(val_actors) == 4
     preds = result.predictions
-    assert result.n_test == 4 * 16 and set(preds["actor"]) == {5, 6, 7, 8}
-    assert not set(preds["actor"]) & set(result.val_actors)
+    assert len(preds) == 4 * 16 and set(preds["actor"]) == {5, 6, 7, 8}
+    assert not set(preds["actor"]) & set(val_actors)
     np.testing.assert_allclose(preds.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
     for key in ("test/accuracy", "test/uar", "test/macro_f1", "best_epoch", "best/val_uar"):
         assert key in result.metrics
@@ -398,18 +420,12 @@ def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     assert {"train/loss", "train/lr", "val/loss", "val/accuracy", "val/uar", "val/macro_f1"} <= set(
         result.history[0]
     )
-    assert 1 <= result.best_epoch <= 2
+    assert 1 <= int(result.metrics["best_epoch"]) <= 2
     _assert_predictions_agree_with_predict_and_pipeline(preds, result.model_dir, demo_features)
     assert list((tmp_path / "cache").glob("cnn-*/cache_info.json"))
     assert list((tmp_path / "run" / "tensorboard" / "fold_2").glob("events.*"))
     # a second call finds the finished run and resumes from its last checkpoint: no retraining
-    again = fit_fold(
-        demo_features / "features",
-        fold=2,
-        train_config=cfg,
-        out_dir=tmp_path / "run",
-        cache_dir=tmp_path / "cache",
-    )
+    again = fit_fold_as_the_study_does(demo_features / "features", 2, cfg, run, tmp_path / "cache")
     assert again.metrics["test/uar"] == pytest.approx(result.metrics["test/uar"])
     assert again.history == result.history
 

@@ -6,12 +6,13 @@ and the scheduler are also checked on their own, without training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from ser_ray.corpus import folds
+from ser_ray.corpus import folds, ravdess
 from ser_ray.corpus.folds import fold_split
 from ser_ray.study.kfold import KFoldConfig, train_config_for
 from ser_ray.sweeps.adamw import (
@@ -208,3 +209,45 @@ def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_feat
             seen = [int(a) for a in f"{fit} {val}".split()]
             assert sorted(seen) == train_actors and not set(seen) & set(test_actors)
         assert len(list((tmp_path / "tune" / f"adamw_fold{k}").glob("*/result.json"))) == 2
+
+
+def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features, tmp_path):
+    """For one fold and seed, an AdamW trial's clips (trial_clips) give, epoch by epoch, the
+    batches (clip paths, in order) that the study fold's Train worker gets from its trainer's
+    datasets (build_fold_trainer) with the same settings, windows smaller than the splits."""
+    from ser_ray.distributed.fold_inputs import build_fold_inputs
+    from ser_ray.distributed.fold_trainer import build_fold_trainer, open_fold_clips
+    from ser_ray.models.ssl import demo_feature_extractor
+    from ser_ray.sweeps.adamw import trial_clips, trial_setup
+    from ser_ray.training.clip_data import window_batches
+
+    cfg = SWEEP
+    train_cfg = dataclasses.replace(cfg.base_train_config(), window_clips=48, seed=3)
+    inputs = build_fold_inputs(demo_features / "features", train_cfg, tmp_path / "cache")
+    setup = {**trial_setup(inputs, FOLD, cfg), "train_config": train_cfg.to_dict()}
+    fe = demo_feature_extractor()
+    classes = ravdess.class_names(train_cfg.merge_calm)
+    trial = trial_clips(setup, train_cfg, classes, fe)
+
+    trainer = build_fold_trainer(
+        {**train_cfg.to_dict(), **inputs.to_config(), "fold": FOLD, "folds": cfg.folds}
+    )
+    shards = trainer.data_config.configure(
+        trainer.datasets, world_size=1, worker_handles=None, worker_node_ids=None
+    )[0]  # what its one worker's get_dataset_shard returns
+    worker = open_fold_clips(trainer.train_loop_config, shards, train_cfg, classes, fe)
+
+    def paths(table, indices):
+        return [table.paths[i] for i in indices]
+
+    _, fit_actors, val_actors = fold_split(FOLD)
+    for split, actors in (("train", fit_actors), ("val", val_actors)):
+        assert len(trial[split]) == len(worker[split]) == 16 * len(actors)
+        for epoch in (0, 1):
+            kw = dict(seed=train_cfg.seed, epoch=epoch)
+            got = list(window_batches(trial[split], paths, train_cfg.batch_size, **kw))
+            want = list(window_batches(worker[split], paths, train_cfg.batch_size, **kw))
+            assert got == want
+            clips = [p for batch in got for p in batch]
+            assert len(clips) == len(set(clips)) == len(trial[split])  # each clip once
+    assert "test" not in trial and "test" in worker

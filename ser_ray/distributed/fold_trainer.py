@@ -4,7 +4,8 @@ Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
 ``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
 open the fold's clip streams, train with resume, refit and score the test actors, write the
 fold's result — then :func:`build_fold_trainer` (the ``TorchTrainer`` of a fold, fed its
-splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and the plain driver :func:`fit_fold`.
+splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and
+:func:`fold_result_from_checkpoint` (the fold's outcome from its final checkpoint).
 Ray touch-points are marked ``# RAY`` and go through :mod:`ser_ray.distributed.train_edge`; the loop
 itself (:mod:`ser_ray.training.finetune`) is Ray-free.
 
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,18 @@ from ser_ray.corpus import ravdess
 from ser_ray.corpus.folds import fold_split
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
-from ser_ray.distributed.feature_cache import build_feature_cache, cache_key
+from ser_ray.distributed.fold_inputs import FoldInputs
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
-from ser_ray.training.clip_data import Clips, count_split, predictions_frame, table_from_arrow
+from ser_ray.training.clip_data import (
+    Clips,
+    ClipTable,
+    count_split,
+    predictions_frame,
+    table_from_arrow,
+)
+from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig, build_model
 from ser_ray.training.finetune import TrainOutcome, evaluate, refit, run_training
 
@@ -67,8 +76,13 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     class_names = ravdess.class_names(cfg.merge_calm)
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
-    check_feature_cache(model, fe, kind, config.get("feature_cache_key"))
-    clips = open_fold_clips(config, cfg, kind, class_names, fe)
+    FoldInputs.from_config(config).check(model, fe)
+    shards = {
+        name: ray_ingest.worker_shard(name)  # RAY
+        for name, n in config["split_clips"].items()
+        if n
+    }
+    clips = open_fold_clips(config, shards, cfg, class_names, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
         cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
@@ -111,40 +125,43 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
 
 
-def check_feature_cache(
-    model: PartwiseClassifier, feature_extractor, kind: str, expected_key: str | None
-) -> None:
-    """With cached inputs, the cache must have been made by this model's frozen part."""
-    if kind == "waveform" or expected_key is None:
-        return
-    have = cache_key(model, feature_extractor, kind)
-    if expected_key != have:
-        raise ValueError(
-            f"the feature cache ({expected_key}) was not made by this model's frozen part "
-            f"({have}); rebuild it or turn use_feature_cache off"
-        )
-
-
 def open_fold_clips(
-    config: dict[str, Any], cfg: TrainConfig, kind: str, class_names: list[str], feature_extractor
-) -> dict[str, Clips]:
-    """The fold's ``train`` (fit actors), ``val`` and ``test`` clips, streamed from the
-    trainer's datasets of those names; a split without clips is left out."""
+    config: Mapping[str, Any],
+    shards: Mapping[str, Any],
+    cfg: TrainConfig,
+    class_names: list[str],
+    feature_extractor,
+) -> dict[str, ClipStream[ClipTable]]:
+    """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
+    from its Ray Data iterator in ``shards`` (:func:`ser_ray.distributed.ingest.shard_stream`)
+    ``cfg.window_clips`` at a time; a split without clips is left out.
+
+    What a study fold's worker (its ``get_dataset_shard`` iterators) and an AdamW trial
+    (:func:`ser_ray.distributed.ingest.local_shards`) both train on, so that for the same seed
+    their batches are the same. ``config``: ``split_clips`` (clips per split,
+    :func:`count_splits`), ``input_kind``, ``fold`` and ``source`` (for the error message).
+    """
     to_clips = functools.partial(
         table_from_arrow,
-        kind=kind,
+        kind=config.get("input_kind", "waveform"),
         class_names=class_names,
         merge_calm=cfg.merge_calm,
         feature_extractor=feature_extractor,
     )
     clips = {
-        name: ray_ingest.worker_stream(name, n, to_clips, cfg.window_clips)  # RAY
+        name: ray_ingest.shard_stream(shards[name], n, to_clips, cfg.window_clips)  # RAY
         for name, n in config["split_clips"].items()
         if n
     }
     if "train" not in clips:
         raise ValueError(f"fold {config.get('fold')}: no training clips in {config['source']}")
     return clips
+
+
+def count_splits(source: str, split_actors: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Clips per split of ``source``, counted before any worker reads them (a stream's size
+    sets the number of steps of an epoch)."""
+    return {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
 
 
 def train_with_resume(
@@ -237,7 +254,7 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     )
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
     source = config["source"]
-    split_clips = {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
+    split_clips = count_splits(source, split_actors)
     return edge.build_torch_trainer(
         train_fold_per_worker,
         {**config, "split_clips": split_clips},
@@ -250,93 +267,29 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
 
 
 @dataclasses.dataclass
-class FoldResult:
-    """Outcome of one outer fold."""
+class FoldOutcome:
+    """A finished fold, as read back from its final checkpoint."""
 
     fold: int
-    folds: str
-    test_actors: list[int]
-    val_actors: list[int]
-    n_test: int
     metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
-    best_epoch: int
-    history: list[dict[str, float]]
-    predictions: pd.DataFrame
-    model_dir: Path  # best-epoch model (HF checkpoint)
-    run_dir: Path
+    history: list[dict[str, float]]  # one row per epoch: train/*, val/*
+    predictions: pd.DataFrame  # the test actors' clips, predictions.csv format
+    model_dir: Path  # the tested weights (best epoch, or refit), an HF checkpoint
 
 
-def fit_fold(
-    features_dir: str | os.PathLike,
-    fold: int,
-    folds: str = "contiguous",
-    train_config: TrainConfig | None = None,
-    out_dir: str | os.PathLike = "runs/wav2vec2",
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    max_failures: int = 0,
-    log_dir: str | os.PathLike | None = None,
-) -> FoldResult:
-    """Train and score one outer fold with a ``TorchTrainer``; outputs under ``out_dir``.
-
-    ``out_dir/fold_<k>/``: ``model/`` (best-epoch HF checkpoint), ``predictions.csv``,
-    ``result.json``; Ray's run folder (checkpoints) under ``out_dir/ray/``; TensorBoard
-    under ``log_dir`` (default ``out_dir/tensorboard/fold_<k>``). Re-running with the same
-    ``out_dir`` resumes from the latest checkpoint. With ``use_feature_cache`` the frozen
-    part's outputs come from (or go to) ``cache_dir`` (default: next to ``features_dir``).
-    """
-    cfg = train_config or TrainConfig()
-    out = Path(out_dir).resolve()
-    fold_dir = out / f"fold_{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    test_actors, _, val_actors = fold_split(fold, folds, cfg.n_val_actors)
-    config: dict[str, Any] = {
-        **cfg.to_dict(),
-        "fold": fold,
-        "folds": folds,
-        "input_kind": "waveform",
-        "log_dir": str(log_dir or out / "tensorboard" / f"fold_{fold}"),
-    }
-    config["source"] = str(Path(features_dir).resolve())
-    if cfg.use_feature_cache:
-        cache = build_feature_cache(
-            features_dir,
-            cache_root=cache_dir or Path(features_dir).resolve().parent / "feature_cache",
-            train_config=cfg,
-        )
-        config.update(source=str(cache.path), input_kind=cache.kind, feature_cache_key=cache.key)
-    trainer = build_fold_trainer(
-        config,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        storage_path=out / "ray",
-        name=f"fold_{fold}",
-        max_failures=max_failures,
-    )
-    checkpoint = edge.fit(trainer, f"fold {fold}")  # RAY
-    with checkpoint.as_directory() as ckpt:
-        ckpt = Path(ckpt)
-        if (fold_dir / "model").exists():
-            shutil.rmtree(fold_dir / "model")
-        shutil.copytree(ckpt / BEST_MODEL_DIR, fold_dir / "model")
-        for name in (PREDICTIONS_FILE, RESULT_FILE):
-            if (ckpt / name).exists():
-                shutil.copy2(ckpt / name, fold_dir / name)
-    summary = json.loads((fold_dir / RESULT_FILE).read_text())
-    predictions = pd.read_csv(fold_dir / PREDICTIONS_FILE)
-    metrics = summary["metrics"]
-    return FoldResult(
-        fold=fold,
-        folds=folds,
-        test_actors=test_actors,
-        val_actors=val_actors,
-        n_test=len(predictions),
-        metrics=metrics,
-        best_epoch=int(metrics["best_epoch"]),
-        history=summary["history"],
-        predictions=predictions,
-        model_dir=fold_dir / "model",
-        run_dir=fold_dir,
+def fold_result_from_checkpoint(checkpoint, fold_dir: str | os.PathLike) -> FoldOutcome:
+    """Copy a fold's final checkpoint (what :func:`write_fold_result` wrote:
+    ``best_model/``, ``predictions.csv``, ``result.json`` and the training state) to
+    ``fold_dir``, replacing what was there, and read the fold's outcome from it (RAY:
+    ``Checkpoint.to_directory``)."""
+    fold_dir = Path(fold_dir)
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    checkpoint.to_directory(str(fold_dir))
+    info = json.loads((fold_dir / RESULT_FILE).read_text())
+    return FoldOutcome(
+        fold=int(info["fold"]),
+        metrics=info["metrics"],
+        history=info["history"],
+        predictions=pd.read_csv(fold_dir / PREDICTIONS_FILE),
+        model_dir=fold_dir / BEST_MODEL_DIR,
     )

@@ -7,8 +7,11 @@ feature-cache folder's rows of the split's actors, only the columns the worker n
 (pre-training's pool is one such dataset,
 :func:`ser_ray.distributed.pretrain_trainer.fit_pretraining`);
 :func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
-``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.training.clip_stream.ClipStream`, so a
-worker holds one window of clips at a time.
+``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.training.clip_stream.ClipStream`
+(:func:`shard_stream`), so a worker holds one window of clips at a time. An AdamW trial, a
+plain Tune function, reads the same datasets itself through :func:`local_shards`, the
+iterators ``data_config`` would give a one-worker trainer, so it gets the same rows in the
+same order.
 
 Choices:
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -124,6 +127,39 @@ def data_config() -> ray.train.DataConfig:
     return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
+def local_shards(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.DataIterator]:
+    """The iterators a Train worker of a one-worker ``TorchTrainer`` gets from
+    :func:`data_config` (RAY), for a process that reads the datasets itself (an AdamW Tune
+    trial): the same rows in the same order, on every pass."""
+    return data_config().configure(
+        datasets, world_size=1, worker_handles=None, worker_node_ids=None
+    )[0]
+
+
+def shard_stream(
+    shard: ray.data.DataIterator,
+    num_clips: int,
+    to_clips: Callable[[pa.Table], WindowT],
+    window_clips: int,
+) -> ClipStream[WindowT]:
+    """A split's clips, ``window_clips`` at a time, from ``shard`` (a worker's
+    ``get_dataset_shard`` or one of :func:`local_shards`), read :data:`ROWS_PER_READ` rows at
+    a time (RAY)."""
+
+    def open_tables():
+        return shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="pyarrow")
+
+    return ClipStream(open_tables, to_clips, num_clips, window_clips)
+
+
+def worker_shard(name: str) -> ray.data.DataIterator:
+    """This Train worker's iterator of the trainer's dataset ``name`` (RAY:
+    ``get_dataset_shard``)."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name)
+
+
 def worker_stream(
     name: str,
     num_clips: int,
@@ -131,11 +167,4 @@ def worker_stream(
     window_clips: int,
 ) -> ClipStream[WindowT]:
     """This worker's stream of split ``name`` (RAY: ``get_dataset_shard``)."""
-    import ray.train
-
-    shard: Any = ray.train.get_dataset_shard(name)
-
-    def open_tables():
-        return shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="pyarrow")
-
-    return ClipStream(open_tables, to_clips, num_clips, window_clips)
+    return shard_stream(worker_shard(name), num_clips, to_clips, window_clips)

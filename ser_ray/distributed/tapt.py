@@ -4,7 +4,7 @@ Before fine-tuning fold k, the encoder continues its self-supervised pre-trainin
 audio of fold k's *training* actors only (never a test actor's clip; labels are never read),
 all folds at once, each a ``TorchTrainer`` of :mod:`ser_ray.training.pretrain` launched from a Ray
 task. The CNN is trained too (see :func:`tapt_config`), so each fold's fine-tuning reads its
-own frozen-CNN feature cache (:func:`ser_ray.study.kfold.fold_inputs`).
+own frozen-CNN feature cache (:func:`ser_ray.distributed.fold_inputs.fold_inputs_per_fold`).
 
 Each fold's result is cached in ``<out>/fold_<k>/<key>/model`` where ``key`` hashes the
 base checkpoint (its weights), the fold, the fold scheme, the features and the settings: a

@@ -28,6 +28,7 @@ from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.distributed import console
+from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import prepare_features
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, fold_resources
 from ser_ray.features.featurize import FeatureConfig, load_features
@@ -301,20 +302,23 @@ def run_wav2vec2_folds(
     train_cfgs: dict[int, TrainConfig],
     out: Path,
     storage: str,
-) -> list[dict[str, Any]]:
-    """All folds as concurrent Tune trials; returns per fold metrics, history, predictions."""
+) -> list[FoldOutcome]:
+    """All folds as concurrent Tune trials; each fold's outcome (metrics, history,
+    predictions, model), its final checkpoint copied to ``out/wav2vec2/fold_<k>/``."""
+    import ray.train
     from ray import tune
 
-    from ser_ray.distributed.fold_trainer import PREDICTIONS_FILE
-    from ser_ray.training.checkpoints import BEST_MODEL_DIR
+    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     first = train_cfgs[fold_numbers[0]]
     concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
     resources = fold_resources(cfg, concurrent)
     log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
+    # before the folds start: building a cache needs CPUs that running folds would hold
+    inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
     train = {
-        "inputs": {str(k): v for k, v in fold_inputs(features_dir, train_cfgs, out).items()},
+        "inputs": {str(k): v.to_config() for k, v in inputs.items()},
         "folds": cfg.folds,
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
@@ -350,52 +354,9 @@ def run_wav2vec2_folds(
         fold = int(result.config["fold"])
         if result.error is not None:
             raise RuntimeError(f"wav2vec2 fold {fold} failed: {result.error}") from result.error
-        import ray.train
-
-        fold_dir = out / "wav2vec2" / f"fold_{fold}"
-        shutil.rmtree(fold_dir, ignore_errors=True)
-        ray.train.Checkpoint(result.metrics["checkpoint_path"]).to_directory(str(fold_dir))
-        info = json.loads((fold_dir / "result.json").read_text())
-        outcomes.append(
-            {
-                "fold": fold,
-                "metrics": info["metrics"],
-                "history": info["history"],
-                "predictions": pd.read_csv(fold_dir / PREDICTIONS_FILE),
-                "model_dir": str(fold_dir / BEST_MODEL_DIR),
-            }
-        )
+        checkpoint = ray.train.Checkpoint(result.metrics["checkpoint_path"])
+        outcomes.append(fold_result_from_checkpoint(checkpoint, out / "wav2vec2" / f"fold_{fold}"))
     return outcomes
-
-
-def fold_inputs(
-    features_dir: Path, train_cfgs: dict[int, TrainConfig], out: Path
-) -> dict[int, dict[str, Any]]:
-    """What each fold's workers read: the features, or with ``use_feature_cache`` the cache of
-    the fold's frozen part, built here before the folds start (Ray Data tasks need CPUs the
-    running folds would hold). Folds with the same model share one cache; after TAPT every
-    fold has its own encoder, CNN included, so each gets its own."""
-    from ser_ray.distributed.feature_cache import build_feature_cache
-
-    waveform = {"source": str(features_dir), "input_kind": "waveform", "feature_cache_key": None}
-    caches: dict[tuple[str, bool], dict[str, Any]] = {}
-    inputs = {}
-    for fold, train_cfg in sorted(train_cfgs.items()):
-        if not train_cfg.use_feature_cache:
-            inputs[fold] = waveform
-            continue
-        model = (train_cfg.model, train_cfg.probe)
-        if model not in caches:
-            cache = build_feature_cache(
-                features_dir, out / "feature_cache", train_config=train_cfg, use_gpu=False
-            )
-            caches[model] = {
-                "source": str(cache.path),
-                "input_kind": cache.kind,
-                "feature_cache_key": cache.key,
-            }
-        inputs[fold] = caches[model]
-    return inputs
 
 
 def _with_encoders(
@@ -564,15 +525,15 @@ def _run_variants(
             continue
         results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, out, storage)
         for outcome in run_wav2vec2_folds(features_dir, cfg, results.train_cfgs, out, storage):
-            m = outcome["metrics"]
-            results.fold_rows[outcome["fold"]]["wav2vec2"] = {
+            m = outcome.metrics
+            results.fold_rows[outcome.fold]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
                 "uar": m["test/uar"],
                 "macro_f1": m["test/macro_f1"],
                 "best_epoch": int(m["best_epoch"]),
             }
-            results.histories[outcome["fold"]] = outcome["history"]
-            results.predictions.append(outcome["predictions"])
+            results.histories[outcome.fold] = outcome.history
+            results.predictions.append(outcome.predictions)
     return results
 
 

@@ -12,11 +12,15 @@ loop keeps) and the best trial is the one with the highest val UA at any epoch.
 
 Each trial is a plain Tune function trainable (:func:`adamw_trial`) that trains in its own
 process with :func:`ser_ray.training.finetune.run_training` and calls ``tune.report`` once per
-epoch; no ``TorchTrainer`` (its ~20 s start-up per trial would dominate small sweeps). The
-frozen CNN's outputs come from the feature cache, built once before the search.
+epoch; no ``TorchTrainer`` (its ~20 s start-up per trial would dominate small sweeps). Its
+clips stream in through Ray Data exactly as a study fold's workers' do (:func:`trial_clips`),
+so a trial trains on the batches the study would for the same settings. The frozen CNN's
+outputs come from the feature cache, built once before the search
+(:mod:`ser_ray.distributed.fold_inputs`).
 
 Ray touch-points: ``tune.with_parameters`` / ``tune.with_resources`` and ``Tuner`` in
-:func:`tune_fold`, ``tune.report`` in :func:`adamw_trial`, the feature cache (Ray Data).
+:func:`tune_fold`, ``tune.report`` in :func:`adamw_trial`, the clips and the feature cache
+(Ray Data).
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
-from ser_ray.distributed import console
+from ser_ray.distributed import console, ingest
+from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
+from ser_ray.distributed.fold_trainer import count_splits, open_fold_clips
 from ser_ray.distributed.resources import (
     adamw_concurrent_trials,
     adamw_trial_resources,
     trial_torch_threads,
 )
 from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.training.clip_data import ClipTable
+from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -285,76 +293,95 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
     (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
-    ``folds``, ``threads``, ``device``. Reports every epoch's ``run_training`` metrics plus,
-    for auditing, the actors it trained on (``fit_actors``) and validated on
-    (``val_actors``), read from the rows it received.
+    ``folds``, ``split_actors`` and ``split_clips`` (``train``: the fit actors, ``val``),
+    ``threads``, ``device``. The clips stream in as a study fold's do
+    (:func:`trial_clips`). Reports every epoch's ``run_training`` metrics plus, for
+    auditing, the actors it trained on (``fit_actors``) and validated on (``val_actors``),
+    read from the rows it received.
     """
     import torch
     from ray import tune
 
-    from ser_ray.distributed.feature_cache import cache_key
-    from ser_ray.training.clip_data import read_split, table_from_arrow
     from ser_ray.training.config import build_model
     from ser_ray.training.engine import seed_everything
     from ser_ray.training.finetune import run_training
 
     torch.set_num_threads(int(setup["threads"]))
     cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
-    kind = setup["input_kind"]
     class_names = ravdess.class_names(cfg.merge_calm)
     seed_everything(cfg.seed)
     model, fe = build_model(cfg, class_names)
-    if kind != "waveform" and cache_key(model, fe, kind) != setup["feature_cache_key"]:
-        raise ValueError("the feature cache was not made by this model's frozen part")
-    # the test actors of the fold are not even named here: only fit and validation actors
-    _, fit_actors, val_actors = folds.fold_split(setup["fold"], setup["folds"], cfg.n_val_actors)
-    columns = ["path", "actor", "emotion", "waveform"] if kind == "waveform" else None
-    train, val = (
-        table_from_arrow(
-            read_split(setup["source"], actors, columns), kind, class_names, cfg.merge_calm, fe
-        )
-        for actors in (fit_actors, val_actors)
-    )
-    if not len(train) or not len(val):
-        raise ValueError(f"fold {setup['fold']}: no training or validation clips")
-    audit = {
-        "fold": int(setup["fold"]),
-        "fit_actors": _actor_string(train.actors),
-        "val_actors": _actor_string(val.actors),
-        "n_train": len(train),
-        "n_val": len(val),
-    }
+    FoldInputs.from_config(setup).check(model, fe)
+    clips = trial_clips(setup, cfg, class_names, fe)
+    seen: dict[str, set[int]] = {"train": set(), "val": set()}
+    train, val = (_recording_actors(clips[name], seen[name]) for name in ("train", "val"))
 
     def report(metrics: dict[str, float], _write_checkpoint) -> None:
+        audit = {  # the first report comes after a whole pass over both splits
+            "fold": int(setup["fold"]),
+            "fit_actors": _actor_string(seen["train"]),
+            "val_actors": _actor_string(seen["val"]),
+            "n_train": len(train),
+            "n_val": len(val),
+        }
         tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
 
     run_training(cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report)
 
 
-@dataclasses.dataclass
-class FeatureSource:
-    """Where trials read their rows: the feature cache (usual) or the features folder."""
+def trial_clips(
+    setup: dict[str, Any], cfg: TrainConfig, class_names: list[str], feature_extractor
+) -> dict[str, ClipStream[ClipTable]]:
+    """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
+    workers stream theirs: the same Ray datasets
+    (:func:`ser_ray.distributed.ingest.fold_datasets`), read in the order a Train worker
+    reads them (:func:`ser_ray.distributed.ingest.local_shards`), windowed and converted by
+    :func:`ser_ray.distributed.fold_trainer.open_fold_clips`; so for the same seed, the same
+    batches."""
+    # the test actors of the fold are not even named here: only fit and validation actors
+    datasets = ingest.fold_datasets(setup["source"], setup["split_actors"], setup["input_kind"])
+    clips = open_fold_clips(
+        setup, ingest.local_shards(datasets), cfg, class_names, feature_extractor
+    )
+    if "val" not in clips:
+        raise ValueError(f"fold {setup['fold']}: no validation clips in {setup['source']}")
+    return clips
 
-    path: str
-    input_kind: str
-    feature_cache_key: str | None
+
+def _recording_actors(stream: ClipStream[ClipTable], seen: set[int]) -> ClipStream[ClipTable]:
+    """``stream``, adding the actors of every window it hands out to ``seen``."""
+
+    def to_clips(rows):
+        table = stream.to_clips(rows)
+        seen.update(int(a) for a in table.actors)
+        return table
+
+    return dataclasses.replace(stream, to_clips=to_clips)
 
 
-def feature_source(
-    features_dir: str | Path, cfg: SweepConfig, cache_root: str | Path
-) -> FeatureSource:
-    """Build (or reuse) the feature cache once, before any trial, as the kfold job does."""
+def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig) -> dict[str, Any]:
+    """What every trial of the search on outer fold ``fold`` shares (:func:`adamw_trial`'s
+    ``setup``): the base TrainConfig, the inputs, the fit (``train``) and ``val`` actors and
+    their clip counts, threads and device. The fold's test actors are left out."""
     base = cfg.base_train_config()
-    if not base.use_feature_cache:
-        return FeatureSource(str(Path(features_dir).resolve()), "waveform", None)
-    from ser_ray.distributed.feature_cache import build_feature_cache
-
-    cache = build_feature_cache(features_dir, cache_root, train_config=base, use_gpu=False)
-    return FeatureSource(str(cache.path), cache.kind, cache.key)
+    _, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
+    if not val_actors:
+        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
+    split_actors = {"train": fit_actors, "val": val_actors}
+    return {
+        "train_config": base.to_dict(),
+        **source.to_config(),  # source, input_kind, feature_cache_key
+        "split_actors": split_actors,
+        "split_clips": count_splits(source.source, split_actors),
+        "fold": int(fold),
+        "folds": cfg.folds,
+        "threads": trial_torch_threads(cfg.cpus_per_trial),
+        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+    }
 
 
 def tune_fold(
-    source: FeatureSource,
+    source: FoldInputs,
     fold: int,
     cfg: SweepConfig,
     *,
@@ -367,74 +394,22 @@ def tune_fold(
     searched, how, on which actors, where the results are)}``.
     """
     import ray
-    from ray import tune
 
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
+    setup = trial_setup(source, fold, cfg)
+    resources, max_concurrent = trial_resources(cfg)
+    grid, search_s = run_trials(
+        setup, cfg, resources, max_concurrent, storage_path=storage_path, name=name
+    )
     base = cfg.base_train_config()
+    trials = trial_table(grid, base.epochs)
     test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
-    if not val_actors:
-        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
-    resources = adamw_trial_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
-    max_concurrent = cfg.max_concurrent_trials or adamw_concurrent_trials(cfg.cpus_per_trial)
-    setup = {
-        "train_config": base.to_dict(),
-        "source": source.path,
-        "input_kind": source.input_kind,
-        "feature_cache_key": source.feature_cache_key,
-        "fold": int(fold),
-        "folds": cfg.folds,
-        "threads": trial_torch_threads(cfg.cpus_per_trial),
-        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
-    }
-    trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(cfg.space, base.seed, max_concurrent),
-            scheduler=make_scheduler(cfg),
-            num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
-            trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # saves a process start per trial; each trial seeds itself
-        ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=str(Path(storage_path).resolve()),
-            verbose=console.search_verbosity(),
-        ),
-    )
-    start_s = time.perf_counter()
-    grid = tuner.fit()  # RAY
-    search_s = time.perf_counter() - start_s
-    if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
-
-    rows = []
-    for result in grid:
-        history = result.metrics_dataframe
-        val_uar = float(history[METRIC].max())
-        epochs_run = int(history[TIME_ATTR].max())
-        rows.append(
-            {
-                "trial_id": result.metrics["trial_id"],
-                "val_uar": val_uar,
-                "last_val_uar": float(result.metrics[METRIC]),
-                "epochs_run": epochs_run,
-                "stopped_early": epochs_run < base.epochs,
-                "fit_actors": result.metrics["fit_actors"],
-                "val_actors": result.metrics["val_actors"],
-                **params_from_config(result.config),
-                "config": dict(result.config),
-            }
-        )
-    trials = pd.DataFrame(rows).sort_values(
-        ["val_uar", "trial_id"], ascending=[False, True], ignore_index=True
-    )
-    best = trials.iloc[0]
     seen = {int(a) for s in [*trials["fit_actors"], *trials["val_actors"]] for a in s.split()}
     leaked = sorted(seen & set(test_actors))
     if leaked:  # cannot happen by construction; a guard for future edits
         raise RuntimeError(f"fold {fold}: test actors {leaked} reached the search")
+    best = trials.iloc[0]
     params = params_from_config(best["config"])
     log.info(
         "fold %d: best val UA %.3f with %s (%d trials, %d stopped early, %.1f s)",
@@ -461,7 +436,7 @@ def tune_fold(
         "n_trials": len(trials),
         "n_stopped_early": int(trials["stopped_early"].sum()),
         "search_s": round(search_s, 2),
-        "fixed": {k: v for k, v in base.to_dict().items() if k not in SEARCHED_FIELDS},
+        "fixed": {k: v for k, v in setup["train_config"].items() if k not in SEARCHED_FIELDS},
         "experiment_path": str(grid.experiment_path),
         "note": HOLDOUT_NOTE.format(
             fold=fold, fit=fit_actors, val=val_actors, test=list(test_actors)
@@ -473,6 +448,78 @@ def tune_fold(
         "trials": trials,
         "search": search,
     }
+
+
+def trial_resources(cfg: SweepConfig) -> tuple[dict[str, float], int]:
+    """What one trial reserves, and how many trials run at once (by default as many as the
+    cluster's CPUs hold)."""
+    resources = adamw_trial_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
+    max_concurrent = cfg.max_concurrent_trials or adamw_concurrent_trials(cfg.cpus_per_trial)
+    return resources, max_concurrent
+
+
+def run_trials(
+    setup: dict[str, Any],
+    cfg: SweepConfig,
+    resources: dict[str, float],
+    max_concurrent: int,
+    *,
+    storage_path: str | Path,
+    name: str,
+) -> tuple[Any, float]:
+    """Run the search (RAY: ``Tuner.fit``): ``cfg.num_samples`` trials of
+    :func:`adamw_trial` asked from the seeded TPE searcher and cut by ASHA. Returns their
+    results (a ``ResultGrid``) and the seconds the search took; raises when a trial failed."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(adamw_trial, setup=setup), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(cfg.space, cfg.train.seed, max_concurrent),
+            scheduler=make_scheduler(cfg),
+            num_samples=cfg.num_samples,  # concurrency: the searcher's ConcurrencyLimiter
+            trial_dirname_creator=_trial_dirname,
+            reuse_actors=True,  # saves a process start per trial; each trial seeds itself
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            verbose=console.search_verbosity(),
+        ),
+    )
+    start_s = time.perf_counter()
+    grid = tuner.fit()  # RAY
+    search_s = time.perf_counter() - start_s
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
+    return grid, search_s
+
+
+def trial_table(grid: Any, epochs: int) -> pd.DataFrame:
+    """One row per trial, best first (highest val UA at any epoch, then trial id): scores,
+    epochs run, whether ASHA stopped it, the actors it saw, its TrainConfig values and its
+    sampled ``config``."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        epochs_run = int(history[TIME_ATTR].max())
+        rows.append(
+            {
+                "trial_id": result.metrics["trial_id"],
+                "val_uar": float(history[METRIC].max()),
+                "last_val_uar": float(result.metrics[METRIC]),
+                "epochs_run": epochs_run,
+                "stopped_early": epochs_run < epochs,
+                "fit_actors": result.metrics["fit_actors"],
+                "val_actors": result.metrics["val_actors"],
+                **params_from_config(result.config),
+                "config": dict(result.config),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(
+        ["val_uar", "trial_id"], ascending=[False, True], ignore_index=True
+    )
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -515,7 +562,8 @@ def run_sweep(
         fold_numbers = [int(fold)]
     if not fold_numbers or not set(fold_numbers) <= set(range(1, n_folds + 1)):
         raise ValueError(f"folds {fold_numbers} do not exist; choose from 1..{n_folds}")
-    source = feature_source(features_dir, cfg, out / "feature_cache")
+    # built (or reused) once, before any trial, as the study does
+    source = build_fold_inputs(features_dir, cfg.base_train_config(), out / "feature_cache")
     found, trials = {}, {}
     for k in fold_numbers:
         found[k] = tune_fold(source, k, cfg, storage_path=out / "tune", name=f"adamw_fold{k}")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ser_ray.common.metrics import classification_metrics
+from ser_ray.common.predictions import predictions_frame
 from ser_ray.corpus.folds import (
     check_actors,
     check_no_leakage,
@@ -329,13 +330,13 @@ def run_nested_svm(
                 },
             }
         )
-        part = df.loc[test_mask, ["path", "actor", "fold"]].copy()
-        part["true_label"] = [names[i] for i in y[test_mask]]
-        part["pred_label"] = [names[i] for i in pred]
-        part["model"] = variant
-        for j, name in enumerate(names):
-            part[f"prob_{name}"] = proba[:, j]
-        prediction_parts.append(part)
+        columns = {
+            **df.loc[test_mask, ["path", "actor", "fold"]].to_dict("series"),
+            "true_label": [names[i] for i in y[test_mask]],
+            "pred_label": [names[i] for i in pred],  # SVC.predict's, not the argmax of proba
+            "model": variant,
+        }
+        prediction_parts.append(predictions_frame(columns, proba, names))
 
     predictions = pd.concat(prediction_parts, ignore_index=True)
     grid_points = (

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ser_ray.common import storage
+from ser_ray.common import predictions, storage
 from ser_ray.common.storage import list_column
 from ser_ray.corpus import ravdess
 from ser_ray.models.ssl import pad_waveforms, prepare_waveform
@@ -93,7 +93,8 @@ def read_split(
     source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
 ) -> pa.Table:
     """The rows of ``actors`` from a features or feature-cache Parquet folder, in memory
-    (predicate pushdown on ``actor``); the in-process sweep's read (fine-tuning streams)."""
+    (predicate pushdown on ``actor``): the reference the benchmarks and tests compare the
+    streamed splits with (training streams, :mod:`ser_ray.distributed.ingest`)."""
     dataset, keep = storage.actor_rows(source_dir, actors)
     return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
 
@@ -295,20 +296,18 @@ def predictions_frame(
     fold: int | None,
     model_name: str = MODEL_NAME,
 ) -> pd.DataFrame:
-    """Per-clip rows in the predictions.csv format (probability columns sum to 1)."""
+    """The clips of ``table`` in the predictions.csv format
+    (:func:`ser_ray.common.predictions.predictions_frame`; probabilities renormalised so that
+    every row sums to 1)."""
     names = list(class_names)
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
-    frame = pd.DataFrame(
-        {
-            "path": table.paths,
-            "actor": table.actors.astype(int),
-            "fold": fold,
-            "true_label": [names[i] for i in table.labels],
-            "pred_label": [names[i] for i in probs.argmax(axis=1)],
-            "model": model_name,
-        }
-    )
-    for i, name in enumerate(names):
-        frame[f"prob_{name}"] = probs[:, i]
-    return frame
+    columns = {
+        "path": table.paths,
+        "actor": table.actors.astype(int),
+        "fold": fold,
+        "true_label": [names[i] for i in table.labels],
+        "pred_label": predictions.argmax_labels(probs, names),
+        "model": model_name,
+    }
+    return predictions.predictions_frame(columns, probs, names)
