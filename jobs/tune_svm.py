@@ -30,7 +30,7 @@ from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 from ser_ray.models import svm
-from ser_ray.sweeps.svm import SEARCHES, run_nested_svm
+from ser_ray.sweeps.svm import SEARCHES, NestedSvmConfig, run_nested_svm
 
 #: Columns the SVM needs besides its features (the waveforms stay on disk).
 META_COLUMNS = ["path", "actor", "emotion"]
@@ -93,19 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.search == "reference"
     result = run_nested_svm(
         df,
-        search="grid" if reference else args.search,
-        grid=[svm.REFERENCE_PARAMS] if reference else None,
-        num_samples=num_samples,
-        scheme=args.folds,
-        merge_calm=args.merge_calm,
-        seed=args.seed,
+        NestedSvmConfig(
+            search="grid" if reference else args.search,
+            grid=[svm.REFERENCE_PARAMS] if reference else None,
+            num_samples=num_samples,
+            scheme=args.folds,
+            merge_calm=args.merge_calm,
+            seed=args.seed,
+            folds=outer,
+            smoke_test=args.smoke_test,
+            max_concurrent_trials=args.max_concurrent_trials,
+            feature_set=args.svm_features,
+            speaker_normalise=args.speaker_norm,
+            variant=variant,
+        ),
         storage_path=out / "tune",
-        folds=outer,
-        smoke_test=args.smoke_test,
-        max_concurrent_trials=args.max_concurrent_trials,
-        feature_set=args.svm_features,
-        speaker_normalise=args.speaker_norm,
-        variant=variant,
         models_dir=out / "svm_models",
     )
 
