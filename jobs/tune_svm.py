@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 from ser_ray.models import svm
+from ser_ray.study.summary import fold_mean_std, format_params, format_table
 from ser_ray.sweeps.svm import SEARCHES, NestedSvmConfig, run_nested_svm
 
 #: Columns the SVM needs besides its features (the waveforms stay on disk).
@@ -111,12 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         models_dir=out / "svm_models",
     )
 
-    summary = result.summary()
+    mean, std = fold_mean_std(result.folds)
     folds_json = out / "svm_folds.json"
     folds_json.write_text(
         json.dumps(
             config_file.to_jsonable(
-                {"folds": result.folds, **summary, "std_note": "sample std over folds (ddof=1)"}
+                {
+                    "folds": result.folds,
+                    "mean": mean[variant],
+                    "std": std[variant],
+                    "std_note": "sample std over folds (ddof=1)",
+                }
             ),
             indent=2,
         )
@@ -138,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.config['normalisation']}\nnested CV ({args.search} search, {args.folds} "
         f"folds, {len(df)} clips)"
     )
-    print(svm.format_fold_table(result.folds, variant))
+    search_columns = {
+        "search s": lambda f: f"{f.get(f'{variant}_search_s', math.nan):.1f}",
+        "params": lambda f: format_params(f.get(f"{variant}_params", {})),
+    }
+    print(format_table({"folds": result.folds, "mean": mean, "std": std}, search_columns))
     print(
         f"\n  folds:       {folds_json}\n  predictions: {predictions_csv}\n  config:      "
         f"{config_json}\n  tune runs:   {out / 'tune'}"

@@ -94,7 +94,7 @@ def test_out_of_fold_predictions(grid_run, demo_df):
 
 
 def test_demo_corpus_ua_well_above_chance(grid_run):
-    mean = grid_run.summary()["mean"]
+    mean = summary.fold_mean_std(grid_run.folds)[0]["svm"]
     assert mean["uar"] >= 2 / 8  # two times chance
     for f in grid_run.folds:
         assert f["svm_params"] in TINY_GRID

@@ -93,16 +93,13 @@ class SvmResult:
     config), ``svm_search_s`` (wall time of the Tune search), ``svm_inner`` (best inner UA,
     number of trials, the actors every trial received and the inner validation folds).
     ``predictions``: one row per clip of the tested folds.
-    ``config``: the resolved settings of the run.
+    ``config``: the resolved settings of the run. Mean and std over folds:
+    :func:`ser_ray.study.summary.fold_mean_std` of ``folds``.
     """
 
     folds: list[dict[str, Any]]
     predictions: pd.DataFrame
     config: dict[str, Any]
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Mean and std of the test metrics over folds."""
-        return svm.summarize_folds(self.folds, self.config["model"])
 
 
 def svm_trial(
