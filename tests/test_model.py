@@ -25,9 +25,9 @@ from ser_ray.models.ssl import (
     PartwiseClassifier,
     demo_config,
     demo_feature_extractor,
-    encoder_batch_inputs,
     inference_batches,
     load_model,
+    pad_waveforms,
     pads_exactly,
     prepare_waveform,
     samples_for_frames,
@@ -37,6 +37,14 @@ from ser_ray.predict import model_probabilities
 
 CLASSES = ["neutral", "happy", "sad"]
 LENGTHS = (16_000, 9_600, 12_960, 12_800)  # 1.0, 0.6, 0.81, 0.8 s
+
+
+def waveform_batch_inputs(waveforms, feature_extractor) -> dict[str, torch.Tensor]:
+    """:class:`PartwiseClassifier` inputs for raw clips as the package batches them
+    (``training.clip_data.collate``): per-clip normalisation, then dynamic padding."""
+    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
+    values, lengths = pad_waveforms(prepared, feature_extractor.padding_value)
+    return {"input_values": values, "lengths": lengths}
 
 
 def _waves(seed: int = 0) -> list[np.ndarray]:
@@ -104,7 +112,7 @@ def test_run_in_parts_equals_the_standard_class(family, encoders):
     reference = _standard_logits(runner.model, fe, waves)
     with torch.no_grad():
         for batch in inference_batches(LENGTHS, 4, exact_length=not runner.pads_exactly):
-            got = runner(**encoder_batch_inputs([waves[i] for i in batch], fe)).logits
+            got = runner(**waveform_batch_inputs([waves[i] for i in batch], fe)).logits
             torch.testing.assert_close(got, reference[batch], atol=1e-5, rtol=0)
         cnn = [torch.from_numpy(clip_features(runner, fe, w, "cnn")) for w in waves]
         if runner.pads_exactly:  # padded cached CNN outputs, one batch
@@ -201,7 +209,7 @@ def test_demo_config_keeps_50_frames_per_second():
 def test_group_norm_cnn_runs_per_clip_on_unpadded_audio():
     model, fe = load_model("demo", CLASSES)
     runner = PartwiseClassifier(model, False).eval()
-    inputs = encoder_batch_inputs(_waves(), fe)
+    inputs = waveform_batch_inputs(_waves(), fe)
     with torch.no_grad():
         feats, frames = runner.cnn_features(inputs["input_values"], inputs["lengths"])
         for i, w in enumerate(_waves()):
@@ -246,7 +254,7 @@ def test_freezing_modes():
 def test_weighted_layer_sum_learns_layer_weights():
     model, fe = load_model("demo", CLASSES, use_weighted_layer_sum=True, seed=0)
     runner = PartwiseClassifier(model, False, head_dropout=0.1).train()
-    out = runner(**encoder_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2, 0]))
+    out = runner(**waveform_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2, 0]))
     out.loss.backward()
     assert model.layer_weights.grad is not None and model.layer_weights.grad.abs().sum() > 0
     assert out.loss.item() == pytest.approx(np.log(3), abs=0.05)  # small head init

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-NUM_FOLDS = 6
-
 FOLD_SCHEMES: dict[str, list[list[int]]] = {
     "contiguous": [list(range(start, start + 4)) for start in range(1, 25, 4)],
     "emobox": [

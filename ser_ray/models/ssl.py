@@ -566,13 +566,3 @@ def pad_waveforms(
     for i, w in enumerate(waveforms):
         batch[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
     return batch, lengths
-
-
-def encoder_batch_inputs(
-    waveforms: Sequence[np.ndarray], feature_extractor: Wav2Vec2FeatureExtractor
-) -> dict[str, torch.Tensor]:
-    """:class:`PartwiseClassifier` inputs for raw clips: per-clip normalisation, then
-    dynamic padding."""
-    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
-    values, lengths = pad_waveforms(prepared, feature_extractor.padding_value)
-    return {"input_values": values, "lengths": lengths}

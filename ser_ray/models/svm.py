@@ -43,8 +43,6 @@ from ser_ray.features.speaker_norm import speaker_normalize
 
 log = logging.getLogger(__name__)
 
-#: The SVC hyperparameters the search may set (anything else in a Tune config is ignored).
-SVM_PARAM_KEYS = ("kernel", "C", "gamma", "class_weight", "degree")
 #: Features column the SVM reads by default (concatenated MFCC means and standard deviations).
 FEATURE_COLUMN = "mfcc_stats"
 #: The SVM's feature sets and the Parquet columns each concatenates (80 MFCC statistics,

@@ -51,7 +51,6 @@ METRICS: tuple[str, ...] = ("uar", "accuracy", "macro_f1")
 MODEL_TITLES = {"svm": "SVM", "wav2vec2": "wav2vec2"}
 METRIC_TITLES = {"uar": "UA", "accuracy": "acc", "macro_f1": "F1"}
 STD_NOTE = "std is the sample standard deviation over folds (ddof=1)"
-PREDICTION_COLUMNS = ("path", "actor", "fold", "true_label", "pred_label", "model")
 
 
 class CoverageError(ValueError):
