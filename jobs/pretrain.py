@@ -20,6 +20,7 @@ from pathlib import Path
 from ser_ray import cli
 from ser_ray.common import config_file
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
     cfg = PretrainConfig(
-        model=args.model or args.config,
+        model=args.model or (RANDOM_DEMO_MODEL if args.config == "demo" else args.config),
         epochs=1 if args.smoke_test else args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -222,9 +222,12 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
 
 def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
     from ser_ray.distributed.fold_trainer import fit_fold
+    from ser_ray.models.ssl import RANDOM_DEMO_MODEL
     from ser_ray.training.config import TrainConfig
 
-    cfg = TrainConfig(model="demo", epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3)
+    cfg = TrainConfig(
+        model=RANDOM_DEMO_MODEL, epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3
+    )
     features = demo_features / "features"
     reference = fit_fold(features, 2, train_config=cfg, out_dir=tmp_path / "reference",
                          cache_dir=tmp_path / "cache")  # fmt: skip

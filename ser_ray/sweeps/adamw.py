@@ -33,7 +33,7 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus import folds, ravdess
-from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class SearchSpace:
     def for_model(cls, model: str, **ranges: tuple[float, float]) -> SearchSpace:
         """Defaults for ``model``: the published encoder-LR range unless it is the demo."""
         if "lr_encoder" not in ranges or ranges["lr_encoder"] is None:
-            ranges["lr_encoder"] = DEMO_LR_ENCODER if model == DEMO_MODEL else PUBLISHED_LR_ENCODER
+            demo = model in (DEMO_MODEL, RANDOM_DEMO_MODEL)  # demo-size, pre-trained or not
+            ranges["lr_encoder"] = DEMO_LR_ENCODER if demo else PUBLISHED_LR_ENCODER
         return cls(**{k: v for k, v in ranges.items() if v is not None})
 
     def define(self, trial: Any) -> None:
@@ -154,7 +155,7 @@ def params_from_config(config: dict[str, Any]) -> dict[str, Any]:
 class SweepConfig:
     """Settings of a sweep (the resolved copy is saved in ``config.json``)."""
 
-    model: str = DEMO_MODEL  # hub id, local folder or "demo"
+    model: str = RANDOM_DEMO_MODEL  # hub id, local folder or "demo-random" (as resolved)
     scheme: str = "contiguous"  # fold scheme: contiguous | emobox
     merge_calm: bool = False  # 7 classes instead of 8
     num_samples: int = 20  # trials per outer fold

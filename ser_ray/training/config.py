@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ser_ray.models.ssl import PartwiseClassifier, load_model
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL, PartwiseClassifier, load_model
 from ser_ray.training.engine import LoopSettings
 
 
@@ -23,10 +23,10 @@ class TrainConfig(LoopSettings):
 
     # model
     model: str = dataclasses.field(
-        default="demo",
+        default=RANDOM_DEMO_MODEL,
         metadata={
             "help": "hub id or local folder of a wav2vec2, HuBERT, WavLM or data2vec-audio "
-            "encoder (facebook/wav2vec2-base, microsoft/wavlm-large, ...), or 'demo'"
+            "encoder (facebook/wav2vec2-base, microsoft/wavlm-large, ...), or 'demo-random'"
         },
     )
     probe: bool = dataclasses.field(

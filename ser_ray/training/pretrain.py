@@ -47,7 +47,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 from ser_ray.features.unlabeled import UnlabeledClips
 from ser_ray.models.ssl import (
     DEMO_ENCODER_SEED,
-    DEMO_MODEL,
+    RANDOM_DEMO_MODEL,
+    check_resolved,
     demo_config,
     demo_feature_extractor,
     prepare_waveform,
@@ -78,10 +79,10 @@ class PretrainConfig(eng.LoopSettings):
     """Settings of one pre-training run. Defaults: the demo encoder's recipe."""
 
     model: str = dataclasses.field(
-        default=DEMO_MODEL,
+        default=RANDOM_DEMO_MODEL,
         metadata={
-            "help": "'demo' (demo-size config from scratch), a config.json (from scratch), "
-            "or a checkpoint folder / hub id to continue (TAPT)"
+            "help": "'demo-random' (demo-size config from scratch), a config.json (from "
+            "scratch), or a checkpoint folder / hub id to continue (TAPT)"
         },
     )
     # objective
@@ -154,14 +155,16 @@ def build_pretraining_model(
 ) -> tuple[Wav2Vec2ForPreTraining, Wav2Vec2FeatureExtractor]:
     """The model to pre-train and its feature extractor.
 
-    ``demo``: the demo-size config (:func:`ser_ray.models.ssl.demo_config`) with a 2 x 64
-    quantizer, initialised with the demo encoder's seed; a ``config.json`` file: that config
-    from scratch (demo feature extractor settings); else ``from_pretrained`` (TAPT).
+    ``demo-random``: the demo-size config (:func:`ser_ray.models.ssl.demo_config`) with a
+    2 x 64 quantizer, initialised with the demo encoder's seed; a ``config.json`` file: that
+    config from scratch (demo feature extractor settings); else ``from_pretrained`` (TAPT;
+    ``demo``, the pre-trained demo encoder, must be resolved to its folder first).
     """
     objective = {"diversity_loss_weight": cfg.diversity_loss_weight}
     name = str(cfg.model)
-    if name == DEMO_MODEL or name.endswith(".json"):
-        if name == DEMO_MODEL:
+    check_resolved(name)
+    if name == RANDOM_DEMO_MODEL or name.endswith(".json"):
+        if name == RANDOM_DEMO_MODEL:
             config = demo_config(**DEMO_QUANTIZER, **objective)
         else:
             config = Wav2Vec2Config.from_json_file(name)
