@@ -46,7 +46,7 @@ def audio_files(tmp_path_factory):
 
 
 def test_predict_files_averages_fold_models(fold_models, audio_files):
-    from ser_ray.featurize.audio import load_audio
+    from ser_ray.features.audio import load_audio
 
     frame, rejected = predict_files(fold_models, audio_files)
     assert frame["path"].tolist() == audio_files[:2]
