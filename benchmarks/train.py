@@ -27,7 +27,7 @@ from ser_ray import cli
 from ser_ray.corpus import ravdess
 from ser_ray.corpus.folds import fold_split
 from ser_ray.distributed import console, prepare
-from ser_ray.distributed.feature_cache import clip_features
+from ser_ray.distributed.feature_cache import frozen_encoder_outputs
 from ser_ray.features import featurize
 from ser_ray.training.clip_data import ClipTable, table_from_arrow
 from ser_ray.training.config import TrainConfig, build_model
@@ -44,7 +44,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="prepared features folder (default: the demo corpus, prepared into OUT/prepared)",
     )
     parser.add_argument("--fold", type=int, default=1, help="outer fold (default: %(default)s)")
-    parser.add_argument("--model", default="demo", help="hub id, local folder or 'demo'")
+    parser.add_argument(
+        "--model", default="demo-random", help="hub id, local folder or 'demo-random'"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop")
     parser.add_argument(
@@ -167,7 +169,7 @@ def run_train_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # the cache: per-clip CNN outputs computed once (timed as a one-off cost)
     model, fe = build_model(cfg, ravdess.class_names())
     t0 = time.perf_counter()
-    cached_inputs = [clip_features(model, fe, x, "cnn") for x in table.inputs]
+    cached_inputs = [frozen_encoder_outputs(model, fe, x, "cnn") for x in table.inputs]
     cache_build_s = time.perf_counter() - t0
     cached = dataclasses.replace(table, kind="cnn", inputs=cached_inputs)
     # interleaved repeats (best of each), so that a busy moment does not favour one loop

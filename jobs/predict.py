@@ -80,9 +80,9 @@ def _smoke_inputs(out: Path) -> tuple[list[str], list[str]]:
     """An untrained demo-size model and two demo clips (48 kHz WAV)."""
     from ser_ray.corpus.demo_corpus import write_demo_corpus
     from ser_ray.corpus.ravdess import class_names
-    from ser_ray.models.ssl import load_model, save_model
+    from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model, save_model
 
-    model, fe = load_model("demo", class_names(), seed=0)
+    model, fe = load_model(RANDOM_DEMO_MODEL, class_names(), seed=0)
     model_dir = save_model(model, fe, out / "smoke_model")
     corpus = write_demo_corpus(out / "smoke_audio", n_actors=1, clips_per_actor=2, speech_scale=0.3)
     return [str(model_dir)], sorted(str(p) for p in corpus.rglob("*.wav"))

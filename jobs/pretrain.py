@@ -20,6 +20,7 @@ from pathlib import Path
 from ser_ray import cli
 from ser_ray.common import config_file
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
 
 #: The PretrainConfig fields the job takes as flags (--model/--config pick ``model``).
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.dataclass_from_args(
         args,
         PretrainConfig,
-        model=args.model or args.config,
+        model=args.model or (RANDOM_DEMO_MODEL if args.config == "demo" else args.config),
         epochs=1 if args.smoke_test else args.epochs,
     )
     out = Path(args.out)

@@ -40,6 +40,7 @@ from ser_ray import cli
 from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
+from ser_ray.models.ssl import DEMO_MODEL
 from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep, sweep_train_config
 from ser_ray.training.config import TrainConfig
 
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--outer-folds",
         help="with --nested: comma-separated subset of outer folds, e.g. 1,2 (default: all)",
     )
-    cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=d.train)
+    # --model demo (the pre-trained demo encoder, resolved in main) by default, as before
+    job_train = dataclasses.replace(d.train, model=DEMO_MODEL)
+    cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=job_train)
     cli.add_dataclass_args(p, SweepConfig, exclude=("grace_period", "space"), defaults=d)
     p.add_argument(
         "--lr-encoder-range",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from ser_ray.common import config_file
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 from ser_ray.models import svm
-from ser_ray.sweeps.svm import SEARCHES, run_nested_svm
+from ser_ray.study.summary import fold_mean_std, format_params, format_table
+from ser_ray.sweeps.svm import SEARCHES, NestedSvmConfig, run_nested_svm
 
 #: Columns the SVM needs besides its features (the waveforms stay on disk).
 META_COLUMNS = ["path", "actor", "emotion"]
@@ -93,28 +95,35 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.search == "reference"
     result = run_nested_svm(
         df,
-        search="grid" if reference else args.search,
-        grid=[svm.REFERENCE_PARAMS] if reference else None,
-        num_samples=num_samples,
-        folds=args.folds,
-        merge_calm=args.merge_calm,
-        seed=args.seed,
+        NestedSvmConfig(
+            search="grid" if reference else args.search,
+            grid=[svm.REFERENCE_PARAMS] if reference else None,
+            num_samples=num_samples,
+            folds=args.folds,
+            merge_calm=args.merge_calm,
+            seed=args.seed,
+            outer_folds=outer,
+            smoke_test=args.smoke_test,
+            max_concurrent_trials=args.max_concurrent_trials,
+            feature_set=args.svm_features,
+            speaker_normalise=args.speaker_norm,
+            variant=variant,
+        ),
         storage_path=out / "tune",
-        outer_folds=outer,
-        smoke_test=args.smoke_test,
-        max_concurrent_trials=args.max_concurrent_trials,
-        feature_set=args.svm_features,
-        speaker_normalise=args.speaker_norm,
-        variant=variant,
         models_dir=out / "svm_models",
     )
 
-    summary = result.summary()
+    mean, std = fold_mean_std(result.folds)
     folds_json = out / "svm_folds.json"
     folds_json.write_text(
         json.dumps(
             config_file.to_jsonable(
-                {"folds": result.folds, **summary, "std_note": "sample std over folds (ddof=1)"}
+                {
+                    "folds": result.folds,
+                    "mean": mean[variant],
+                    "std": std[variant],
+                    "std_note": "sample std over folds (ddof=1)",
+                }
             ),
             indent=2,
         )
@@ -136,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.config['normalisation']}\nnested CV ({args.search} search, {args.folds} "
         f"folds, {len(df)} clips)"
     )
-    print(svm.format_fold_table(result.folds, variant))
+    search_columns = {
+        "search s": lambda f: f"{f.get(f'{variant}_search_s', math.nan):.1f}",
+        "params": lambda f: format_params(f.get(f"{variant}_params", {})),
+    }
+    print(format_table({"folds": result.folds, "mean": mean, "std": std}, search_columns))
     print(
         f"\n  folds:       {folds_json}\n  predictions: {predictions_csv}\n  config:      "
         f"{config_json}\n  tune runs:   {out / 'tune'}"

@@ -139,7 +139,10 @@ def predict_files_svm(
     fold_models = [svm_model.load_fold_model(f) for f in model_files]
     paths, waveforms, rejected = _load_clips(audio_files)
     clips = pd.DataFrame(
-        [{"path": p, **svm_model.clip_features(w)} for p, w in zip(paths, waveforms, strict=True)],
+        [
+            {"path": p, **svm_model.svm_feature_columns(w)}
+            for p, w in zip(paths, waveforms, strict=True)
+        ],
         columns=["path", "mfcc_stats", "egemaps"],
     )
     class_names = fold_models[0].class_names

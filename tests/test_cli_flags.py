@@ -90,14 +90,15 @@ def test_parse_to_dataclass_round_trip():
             a, KFoldConfig, train=cli.dataclass_from_args(a, TrainConfig, study_train_config()))),
         ("tune_adamw", lambda a: cli.dataclass_from_args(
             a, SweepConfig, train=cli.dataclass_from_args(a, TrainConfig, sweep_train_config()))),
-        ("pretrain", lambda a: cli.dataclass_from_args(a, PretrainConfig, model="demo")),
+        ("pretrain", lambda a: cli.dataclass_from_args(a, PretrainConfig, model="demo-random")),
         ("prepare", lambda a: cli.dataclass_from_args(a, FeatureConfig)),
     ],
 )  # fmt: skip
 def test_every_job_without_flags_gives_its_configs_defaults(job, build):
     expected = {
         "kfold": KFoldConfig(),
-        "tune_adamw": SweepConfig(),
+        # the sweep job's --model is the pre-trained demo encoder (resolved before the search)
+        "tune_adamw": SweepConfig(train=sweep_train_config(model="demo")),
         "pretrain": PretrainConfig(),
         "prepare": FeatureConfig(),
     }[job]

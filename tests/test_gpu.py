@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ser_ray.corpus.ravdess import class_names
-from ser_ray.models.ssl import load_model
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model
 from ser_ray.training.engine import resolve_amp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_amp_training_step_on_cuda(amp, dtype):
     device = torch.device("cuda")
     assert resolve_amp(amp, device) == dtype
-    model, _ = load_model("demo", class_names(), seed=0)
+    model, _ = load_model(RANDOM_DEMO_MODEL, class_names(), seed=0)
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -223,9 +223,12 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
 def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
     from test_train_loop import fit_fold_as_the_study_does
 
+    from ser_ray.models.ssl import RANDOM_DEMO_MODEL
     from ser_ray.training.config import TrainConfig
 
-    cfg = TrainConfig(model="demo", epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3)
+    cfg = TrainConfig(
+        model=RANDOM_DEMO_MODEL, epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3
+    )
     features = demo_features / "features"
     reference = fit_fold_as_the_study_does(features, 2, cfg, tmp_path / "reference",
                                            tmp_path / "cache")  # fmt: skip

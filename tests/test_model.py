@@ -20,14 +20,16 @@ from transformers import (
     pipeline,
 )
 
-from ser_ray.distributed.feature_cache import cache_key, clip_features
+from ser_ray.distributed.feature_cache import cache_key, frozen_encoder_outputs
 from ser_ray.models.ssl import (
+    DEMO_MODEL,
+    RANDOM_DEMO_MODEL,
     PartwiseClassifier,
     demo_config,
     demo_feature_extractor,
-    encoder_batch_inputs,
     inference_batches,
     load_model,
+    pad_waveforms,
     pads_exactly,
     prepare_waveform,
     samples_for_frames,
@@ -37,6 +39,14 @@ from ser_ray.predict import model_probabilities
 
 CLASSES = ["neutral", "happy", "sad"]
 LENGTHS = (16_000, 9_600, 12_960, 12_800)  # 1.0, 0.6, 0.81, 0.8 s
+
+
+def waveform_batch_inputs(waveforms, feature_extractor) -> dict[str, torch.Tensor]:
+    """:class:`PartwiseClassifier` inputs for raw clips as the package batches them
+    (``training.clip_data.collate``): per-clip normalisation, then dynamic padding."""
+    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
+    values, lengths = pad_waveforms(prepared, feature_extractor.padding_value)
+    return {"input_values": values, "lengths": lengths}
 
 
 def _waves(seed: int = 0) -> list[np.ndarray]:
@@ -104,9 +114,9 @@ def test_run_in_parts_equals_the_standard_class(family, encoders):
     reference = _standard_logits(runner.model, fe, waves)
     with torch.no_grad():
         for batch in inference_batches(LENGTHS, 4, exact_length=not runner.pads_exactly):
-            got = runner(**encoder_batch_inputs([waves[i] for i in batch], fe)).logits
+            got = runner(**waveform_batch_inputs([waves[i] for i in batch], fe)).logits
             torch.testing.assert_close(got, reference[batch], atol=1e-5, rtol=0)
-        cnn = [torch.from_numpy(clip_features(runner, fe, w, "cnn")) for w in waves]
+        cnn = [torch.from_numpy(frozen_encoder_outputs(runner, fe, w, "cnn")) for w in waves]
         if runner.pads_exactly:  # padded cached CNN outputs, one batch
             feats = torch.nn.utils.rnn.pad_sequence(cnn, batch_first=True)
             frames = torch.tensor([c.shape[0] for c in cnn])
@@ -115,7 +125,7 @@ def test_run_in_parts_equals_the_standard_class(family, encoders):
             cached = torch.cat([runner(cnn_features=c[None]).logits for c in cnn])
         torch.testing.assert_close(cached, reference, atol=1e-5, rtol=0)
         runner.freeze_encoder()  # probe mode: pooled layer states per clip
-        pooled = [torch.from_numpy(clip_features(runner, fe, w, "pooled")) for w in waves]
+        pooled = [torch.from_numpy(frozen_encoder_outputs(runner, fe, w, "pooled")) for w in waves]
         assert pooled[0].shape == (3, 32)
         probe = runner(pooled_layers=torch.stack(pooled)).logits
         torch.testing.assert_close(probe, reference, atol=1e-5, rtol=0)
@@ -145,7 +155,7 @@ def test_padding_rule():
 
 
 def test_samples_for_frames_inverts_the_cnn_length_formula():
-    runner = PartwiseClassifier(load_model("demo", CLASSES)[0], False)
+    runner = PartwiseClassifier(load_model(RANDOM_DEMO_MODEL, CLASSES)[0], False)
     frames = torch.arange(1, 80)
     samples = samples_for_frames(runner.config, frames)
     assert samples[0] == 400  # the receptive field
@@ -182,6 +192,17 @@ def test_weights_that_do_not_load_stop_with_their_names(encoders, tmp_path):
         load_model(partial, CLASSES)
 
 
+def test_demo_means_the_pretrained_encoder_and_must_be_resolved_first():
+    with pytest.raises(ValueError, match="pre-trained demo encoder: resolve it .*resolve_model"):
+        load_model(DEMO_MODEL, CLASSES)
+    # demo-random: the demo-size model, the same random weights every time
+    (a, _), (b, _) = load_model(RANDOM_DEMO_MODEL, CLASSES), load_model(RANDOM_DEMO_MODEL, CLASSES)
+    assert a.config.hidden_size == demo_config().hidden_size
+    assert all(
+        torch.equal(v, b.wav2vec2.state_dict()[k]) for k, v in a.wav2vec2.state_dict().items()
+    )
+
+
 def test_other_model_families_are_refused(tmp_path):
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     demo_feature_extractor().save_pretrained(tmp_path)
@@ -190,7 +211,7 @@ def test_other_model_families_are_refused(tmp_path):
 
 
 def test_demo_config_keeps_50_frames_per_second():
-    model, fe = load_model("demo", CLASSES)
+    model, fe = load_model(RANDOM_DEMO_MODEL, CLASSES)
     runner = PartwiseClassifier(model, fe.return_attention_mask)
     assert np.prod(demo_config().conv_stride) == 320  # 16 kHz / 320 = 50 frames/s
     assert runner.frame_lengths(torch.tensor([16_000, 32_000])).tolist() == [49, 99]
@@ -199,9 +220,9 @@ def test_demo_config_keeps_50_frames_per_second():
 
 
 def test_group_norm_cnn_runs_per_clip_on_unpadded_audio():
-    model, fe = load_model("demo", CLASSES)
+    model, fe = load_model(RANDOM_DEMO_MODEL, CLASSES)
     runner = PartwiseClassifier(model, False).eval()
-    inputs = encoder_batch_inputs(_waves(), fe)
+    inputs = waveform_batch_inputs(_waves(), fe)
     with torch.no_grad():
         feats, frames = runner.cnn_features(inputs["input_values"], inputs["lengths"])
         for i, w in enumerate(_waves()):
@@ -221,7 +242,7 @@ def test_prepare_waveform_normalises_each_clip_alone():
 
 
 def test_freezing_modes():
-    model, _ = load_model("demo", CLASSES)
+    model, _ = load_model(RANDOM_DEMO_MODEL, CLASSES)
     runner = PartwiseClassifier(model, False)
     assert runner.feature_encoder_frozen
     trainable = {n for n, p in runner.named_parameters() if p.requires_grad}
@@ -244,9 +265,9 @@ def test_freezing_modes():
 
 
 def test_weighted_layer_sum_learns_layer_weights():
-    model, fe = load_model("demo", CLASSES, use_weighted_layer_sum=True, seed=0)
+    model, fe = load_model(RANDOM_DEMO_MODEL, CLASSES, use_weighted_layer_sum=True, seed=0)
     runner = PartwiseClassifier(model, False, head_dropout=0.1).train()
-    out = runner(**encoder_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2, 0]))
+    out = runner(**waveform_batch_inputs(_waves(), fe), labels=torch.tensor([0, 1, 2, 0]))
     out.loss.backward()
     assert model.layer_weights.grad is not None and model.layer_weights.grad.abs().sum() > 0
     assert out.loss.item() == pytest.approx(np.log(3), abs=0.05)  # small head init

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from ser_ray.corpus.ravdess import class_names
-from ser_ray.models.ssl import load_model, save_model
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model, save_model
 from ser_ray.predict import load_fold_models, model_probabilities, predict_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def fold_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     dirs = []
     for seed in (0, 1):
-        model, fe = load_model("demo", CLASSES, seed=seed)
+        model, fe = load_model(RANDOM_DEMO_MODEL, CLASSES, seed=seed)
         torch.manual_seed(seed)
         with torch.no_grad():  # a head with visible preferences
             model.classifier.weight.normal_(0, 1.0)
@@ -65,7 +65,7 @@ def test_predict_files_averages_fold_models(fold_models, audio_files):
 
 
 def test_models_with_other_classes_are_refused(fold_models, tmp_path):
-    model, fe = load_model("demo", class_names(merge_calm=True))
+    model, fe = load_model(RANDOM_DEMO_MODEL, class_names(merge_calm=True))
     other = save_model(model, fe, tmp_path / "seven")
     with pytest.raises(ValueError, match="predicts"):
         load_fold_models([fold_models[0], other])

@@ -329,7 +329,7 @@ def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
     table = pq.read_table(pool)
     assert table.column_names == ["path", "waveform"]  # no emotion, no actor
     assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
-    assert resolve_model(RANDOM_DEMO_MODEL) == "demo"  # load_model's random demo init
+    assert resolve_model(RANDOM_DEMO_MODEL) == RANDOM_DEMO_MODEL  # load_model's random init
     assert resolve_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"
 
 

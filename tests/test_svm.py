@@ -14,6 +14,7 @@ from ser_ray.common.metrics import classification_metrics
 from ser_ray.corpus import folds as fold_sets
 from ser_ray.corpus.ravdess import EMOTIONS, class_names
 from ser_ray.models import svm
+from ser_ray.study import summary
 
 
 def synthetic_features(n_per_emotion: int = 2, seed: int = 0, noise: float = 1.5) -> pd.DataFrame:
@@ -218,9 +219,14 @@ def test_fold_table_and_summary():
         }
         for k in (1, 2)
     ]
-    s = svm.summarize_folds(folds)
-    assert s["mean"]["uar"] == pytest.approx(0.55)
-    assert s["std"]["uar"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
-    table = svm.format_fold_table(folds)
-    assert "| 1 | 1,2,3,4 | 64 | 0.500 | 0.600 | 0.300 | 2.0 | kernel=rbf C=1" in table
-    assert "| mean ± std | | 128 | 0.550 ± 0.071 |" in table
+    mean, std = summary.fold_mean_std(folds)
+    assert mean["svm"]["uar"] == pytest.approx(0.55)
+    assert std["svm"]["uar"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
+    columns = {
+        "search s": lambda f: f"{f['svm_search_s']:.1f}",
+        "params": lambda f: summary.format_params(f["svm_params"]),
+    }
+    table = summary.format_table({"folds": folds, "mean": mean, "std": std}, columns)
+    # the same figures as the SVM's own table had, in the summary's percent format
+    assert "| 1 | 1,2,3,4 | 64 | 50.0 | 60.0 | 30.0 | 2.0 | kernel=rbf C=1" in table
+    assert "| mean ± std |  | 128 | 55.0 ± 7.1 |" in table

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ser_ray.corpus import ravdess
-from ser_ray.models.ssl import demo_feature_extractor
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL, demo_feature_extractor
 from ser_ray.training.clip_data import (
     ClipTable,
     collate,
@@ -77,7 +77,7 @@ def synthetic_table(clips_per_class: int = 1, seconds: float = 1.0, seed: int = 
 
 def tiny_config(**kw) -> TrainConfig:
     base = dict(
-        model="demo",
+        model=RANDOM_DEMO_MODEL,
         lr_encoder=1e-3,
         lr_head=3e-3,
         batch_size=4,

@@ -20,7 +20,7 @@ from ser_ray.corpus.ravdess import class_names
 from ser_ray.features import featurize
 from ser_ray.models import svm
 from ser_ray.study import summary
-from ser_ray.sweeps.svm import run_nested_svm
+from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -42,7 +42,9 @@ def demo_df(demo_features) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def grid_run(demo_df, tmp_path_factory):
     storage = tmp_path_factory.mktemp("svm_grid") / "tune"
-    return run_nested_svm(demo_df, search="grid", grid=TINY_GRID, seed=0, storage_path=storage)
+    return run_nested_svm(
+        demo_df, NestedSvmConfig(search="grid", grid=TINY_GRID, seed=0), storage_path=storage
+    )
 
 
 def test_test_actors_never_reach_the_search(grid_run):
@@ -92,7 +94,7 @@ def test_out_of_fold_predictions(grid_run, demo_df):
 
 
 def test_demo_corpus_ua_well_above_chance(grid_run):
-    mean = grid_run.summary()["mean"]
+    mean = summary.fold_mean_std(grid_run.folds)[0]["svm"]
     assert mean["uar"] >= 2 / 8  # two times chance
     for f in grid_run.folds:
         assert f["svm_params"] in TINY_GRID
@@ -102,7 +104,9 @@ def test_demo_corpus_ua_well_above_chance(grid_run):
 
 def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
     again = run_nested_svm(
-        demo_df, search="grid", grid=TINY_GRID, outer_folds=[3], storage_path=tmp_path / "grid"
+        demo_df,
+        NestedSvmConfig(search="grid", grid=TINY_GRID, outer_folds=[3]),
+        storage_path=tmp_path / "grid",
     )
     first = grid_run.folds[2]
     assert again.folds[0]["svm_params"] == first["svm_params"]
@@ -115,10 +119,7 @@ def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
     runs = [
         run_nested_svm(
             demo_df,
-            search="bayes",
-            num_samples=4,
-            seed=7,
-            outer_folds=[1],
+            NestedSvmConfig(search="bayes", num_samples=4, seed=7, outer_folds=[1]),
             storage_path=tmp_path / f"bayes{i}",
         )
         for i in range(2)

@@ -15,8 +15,6 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
-NUM_FOLDS = 6
-
 FOLD_SCHEMES: dict[str, list[list[int]]] = {
     "contiguous": [list(range(start, start + 4)) for start in range(1, 25, 4)],
     "emobox": [

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.features.unlabeled import write_demo_pool
-from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
 
 log = logging.getLogger(__name__)
 
-RANDOM_DEMO_MODEL = "demo-random"
 #: Size of the pool and length of the pre-training; "smoke" is the --smoke-test version.
 DEMO_ENCODER_SIZES = {
     "full": {
@@ -49,7 +48,7 @@ def _settings(size: str) -> dict:
     if size not in DEMO_ENCODER_SIZES:
         raise ValueError(f"demo encoder size must be one of {sorted(DEMO_ENCODER_SIZES)}")
     spec = DEMO_ENCODER_SIZES[size]
-    pretrain = PretrainConfig(model=DEMO_MODEL, **spec["pretrain"])
+    pretrain = PretrainConfig(model=RANDOM_DEMO_MODEL, **spec["pretrain"])  # from scratch
     return {"pool": spec["pool"], "pretrain": dataclasses.asdict(pretrain)}
 
 
@@ -95,10 +94,8 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
 
 def resolve_model(name: str, smoke_test: bool = False, use_gpu: bool = False) -> str:
     """What ``load_model`` gets for a ``--model`` value: ``demo`` -> the pre-trained demo
-    encoder's folder (built on first use), ``demo-random`` -> the random-weight demo model,
-    anything else unchanged."""
+    encoder's folder (built on first use); anything else unchanged (``demo-random`` is
+    ``load_model``'s own name of the random-weight demo-size model)."""
     if name == DEMO_MODEL:
         return str(ensure_demo_encoder("smoke" if smoke_test else "full", use_gpu=use_gpu))
-    if name == RANDOM_DEMO_MODEL:
-        return DEMO_MODEL  # load_model's random demo-size init
     return name

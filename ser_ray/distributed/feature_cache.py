@@ -82,7 +82,7 @@ def cache_key(model: PartwiseClassifier, feature_extractor, kind: str) -> str:
 
 
 @torch.no_grad()
-def clip_features(
+def frozen_encoder_outputs(
     model: PartwiseClassifier, feature_extractor, waveform: np.ndarray, kind: str
 ) -> np.ndarray:
     """The cached value of one clip: (frames, channels) for ``cnn``, (layers, hidden) for
@@ -117,7 +117,7 @@ class ClipFeatureUDF:
         values, rows, dims = [], [], []
         waves = list_column(batch, "waveform")
         for wave in waves:
-            out = clip_features(self.model, self.fe, wave, self.kind)
+            out = frozen_encoder_outputs(self.model, self.fe, wave, self.kind)
             values.append(out.reshape(-1))
             rows.append(out.shape[0])
             dims.append(out.shape[1])

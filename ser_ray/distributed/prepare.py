@@ -64,6 +64,20 @@ class PrepareResult:
     runner: str  # where the clips were featurized: "in-process" or "ray"
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """What a prepare run reads: the clips to featurize and the files skipped on the way."""
+
+    table: pa.Table  # the clips to featurize (featurize.input_table / hf_inputs)
+    items: list[dict]  # one dict per clip (what the fingerprint covers)
+    skipped: list[tuple[str, str]]  # (path, reason): files the manifest left out
+    kind: str  # "folder" or "datasets.save_to_disk"
+
+    @property
+    def n_input(self) -> int:
+        return len(self.items) + len(self.skipped)
+
+
 def prepare_features(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -90,43 +104,103 @@ def prepare_features(
         out / "config.json",
     )
     source = str(data_dir)
-    skipped: list[tuple[str, str]] = []
-    if "://" not in source and is_hf_dataset(Path(source)):
-        table, inputs = hf_inputs(Path(source))
-        input_kind = "datasets.save_to_disk"
-    else:
-        manifest = build_manifest(source, speech_only=config.speech_only)
-        skipped = manifest.skipped
-        inputs = [dataclasses.asdict(c) for c in manifest.clips]
-        table = input_table([item["path"] for item in inputs])
-        input_kind = "folder"
-    n_input = len(inputs) + len(skipped)
-    if n_input == 0:
-        raise FileNotFoundError(
-            f"{source}: no audio files found; expected Actor_XX/*.wav in RAVDESS naming"
-        )
-    key = fingerprint(inputs + [{"path": p} for p, _ in skipped], config)
-    if config_json.exists() and (features_dir / "_SUCCESS").exists():
-        previous = json.loads(config_json.read_text())
-        if previous.get("fingerprint") == key:
-            log.info("features in %s are up to date; reusing them", features_dir)
-            counts = previous["counts"]
-            return PrepareResult(
-                out, features_dir, rejected_csv, counts["input"], counts["ok"],
-                counts["rejected"], True, time.perf_counter() - start,
-                previous.get("runner", "ray"),
-            )  # fmt: skip
+    inputs = _read_inputs(source, config)
+    key = fingerprint(inputs.items + [{"path": p} for p, _ in inputs.skipped], config)
+    previous = _previous_run(config_json, features_dir, key)
+    if previous is not None:
+        log.info("features in %s are up to date; reusing them", features_dir)
+        counts = previous["counts"]
+        return PrepareResult(
+            out, features_dir, rejected_csv, counts["input"], counts["ok"],
+            counts["rejected"], True, time.perf_counter() - start,
+            previous.get("runner", "ray"),
+        )  # fmt: skip
+
     out.mkdir(parents=True, exist_ok=True)
     staging = out / "features.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    runner, outcome = _featurize(inputs.table, config, staging, runner, connect)
+    ok, rejected = _checked_outcome(outcome, inputs, staging)
+
+    counts = {"input": inputs.n_input, "ok": ok.num_rows, "rejected": len(rejected)}
+    record = {
+        "job": "prepare",
+        "data_dir": source,
+        "input_kind": inputs.kind,
+        "runner": runner,
+        "features": dataclasses.asdict(config),
+        "fingerprint": key,
+        "counts": counts,
+    }
+    seconds = _write_outputs(
+        staging, ok, rejected, record, start,
+        features_dir=features_dir, rejected_csv=rejected_csv, config_json=config_json,
+    )  # fmt: skip
+    log.info(
+        "features (%s): %d ok, %d rejected in %.1f s -> %s",
+        runner, ok.num_rows, len(rejected), seconds, out,
+    )  # fmt: skip
+    return PrepareResult(
+        out, features_dir, rejected_csv, inputs.n_input, ok.num_rows, len(rejected), False,
+        seconds, runner,
+    )  # fmt: skip
+
+
+def _read_inputs(source: str, config: FeatureConfig) -> _Inputs:
+    """The clips of ``source``: a ``save_to_disk`` copy, else a folder scanned into a manifest
+    (the files it skips are rejected). Raises when there is no audio file at all."""
+    skipped: list[tuple[str, str]] = []
+    if "://" not in source and is_hf_dataset(Path(source)):
+        table, items = hf_inputs(Path(source))
+        kind = "datasets.save_to_disk"
+    else:
+        manifest = build_manifest(source, speech_only=config.speech_only)
+        skipped = manifest.skipped
+        items = [dataclasses.asdict(c) for c in manifest.clips]
+        table = input_table([item["path"] for item in items])
+        kind = "folder"
+    inputs = _Inputs(table, items, skipped, kind)
+    if inputs.n_input == 0:
+        raise FileNotFoundError(
+            f"{source}: no audio files found; expected Actor_XX/*.wav in RAVDESS naming"
+        )
+    return inputs
+
+
+def _previous_run(config_json: Path, features_dir: Path, key: str) -> dict | None:
+    """The record (``config.json``) of a finished earlier run with the same fingerprint
+    ``key`` (same inputs and settings), whose output can be reused; None if there is none."""
+    if config_json.exists() and (features_dir / "_SUCCESS").exists():
+        previous = json.loads(config_json.read_text())
+        if previous.get("fingerprint") == key:
+            return previous
+    return None
+
+
+def _featurize(
+    table: pa.Table,
+    config: FeatureConfig,
+    staging: Path,
+    runner: str,
+    connect: Callable[[], None],
+) -> tuple[str, pa.Table]:
+    """Featurize the clips of ``table`` into ``staging`` on Ray (``connect`` first) or here, as
+    ``runner`` says; (where it ran, the outcome rows: path, actor, reject reason, ...)."""
     if runner == "ray" or (runner == "auto" and table.num_rows > IN_PROCESS_MAX_CLIPS):
         connect()
         runner, outcomes = "ray", _featurize_on_ray(table, config, staging)
     else:
         runner, outcomes = "in-process", _featurize_in_process(table, config, staging)
-    outcome = pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
-    rejected = [{"path": p, "reason": r} for p, r in skipped]
+    return runner, pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
+
+
+def _checked_outcome(
+    outcome: pa.Table, inputs: _Inputs, staging: Path
+) -> tuple[pa.Table, list[dict[str, str]]]:
+    """(usable rows, rejected files as {path, reason}), checked to add up: every input is one
+    or the other, and the Parquet files in ``staging`` hold exactly the usable rows."""
+    rejected = [{"path": p, "reason": r} for p, r in inputs.skipped]
     bad = outcome.filter(outcome.column("reject_reason").is_valid()).to_pydict()
     rejected += [
         {"path": p, "reason": r} for p, r in zip(bad["path"], bad["reject_reason"], strict=True)
@@ -134,11 +208,28 @@ def prepare_features(
     ok = outcome.filter(outcome.column("reject_reason").is_null())
     n_ok = ok.num_rows
     written = count_rows(staging)
-    if n_ok + len(rejected) != n_input or written != n_ok:
+    if n_ok + len(rejected) != inputs.n_input or written != n_ok:
         raise RuntimeError(
             f"internal error: {n_ok} features ({written} written) + {len(rejected)} rejected "
-            f"!= {n_input} inputs"
+            f"!= {inputs.n_input} inputs"
         )
+    return ok, rejected
+
+
+def _write_outputs(
+    staging: Path,
+    ok: pa.Table,
+    rejected: list[dict[str, str]],
+    record: dict,
+    start: float,
+    *,
+    features_dir: Path,
+    rejected_csv: Path,
+    config_json: Path,
+) -> float:
+    """Publish a checked run: the staged Parquet files become ``features_dir``, then
+    ``rejected.csv``, ``config.json`` (``record`` with the actors found and the seconds since
+    ``start``) and, last, the ``_SUCCESS`` mark a re-run looks for. Returns the seconds."""
     actors = set(ok.column("actor").to_pylist())
     shutil.rmtree(features_dir, ignore_errors=True)
     staging.rename(features_dir)
@@ -147,32 +238,15 @@ def prepare_features(
     if missing:
         log.warning("actors without usable clips: %s (the six folds need all 24)", missing)
     seconds = time.perf_counter() - start
-    counts = {"input": n_input, "ok": n_ok, "rejected": len(rejected)}
-    config_json.write_text(
-        json.dumps(
-            {
-                "job": "prepare",
-                "data_dir": source,
-                "input_kind": input_kind,
-                "runner": runner,
-                "features": dataclasses.asdict(config),
-                "fingerprint": key,
-                "counts": counts,
-                "actors": sorted(actors),
-                "actors_missing": missing,
-                "seconds": round(seconds, 2),
-            },
-            indent=2,
-        )
-    )
-    (features_dir / "_SUCCESS").write_text(key)
-    log.info(
-        "features (%s): %d ok, %d rejected in %.1f s -> %s",
-        runner, n_ok, len(rejected), seconds, out,
-    )  # fmt: skip
-    return PrepareResult(
-        out, features_dir, rejected_csv, n_input, n_ok, len(rejected), False, seconds, runner
-    )
+    record = {
+        **record,
+        "actors": sorted(actors),
+        "actors_missing": missing,
+        "seconds": round(seconds, 2),
+    }
+    config_json.write_text(json.dumps(record, indent=2))
+    (features_dir / "_SUCCESS").write_text(record["fingerprint"])
+    return seconds
 
 
 def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:

@@ -24,8 +24,6 @@ from ser_ray.common.storage import filesystem_of
 from ser_ray.features import mfcc
 
 TARGET_SR_HZ = 16_000
-#: eGeMAPSv02 functionals (Eyben et al. 2016): 88 values per clip, computed by openSMILE.
-EGEMAPS_DIM = 88
 SUPPORTED_FORMATS = "WAV, FLAC, OGG/Vorbis, MP3 (and the rest libsndfile reads)"
 
 

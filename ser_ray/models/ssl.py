@@ -8,9 +8,12 @@ encoder's family (``Wav2Vec2ForSequenceClassification``, ``HubertFor...``, ``Wav
 and ``AutoModelForAudioClassification.from_pretrained`` compute exactly our probabilities.
 
 The encoder comes from ``from_pretrained(name_or_path)`` (hub id or folder of any family in
-:data:`FAMILIES`, base or large, stable-layer-norm or not) or, for ``demo``, from the
-demo-size :func:`demo_config` with a fixed init seed. Loading is strict: encoder weights
-that do not all load stop with an error naming the keys (see :func:`load_model`).
+:data:`FAMILIES`, base or large, stable-layer-norm or not) or, for ``demo-random``
+(:data:`RANDOM_DEMO_MODEL`), from the demo-size :func:`demo_config` with random weights of a
+fixed init seed. ``demo`` (:data:`DEMO_MODEL`, the pre-trained demo encoder) is a ``--model``
+name that :func:`ser_ray.distributed.demo_encoder.resolve_model` turns into its folder first.
+Loading is strict: encoder weights that do not all load stop with an error naming the keys
+(see :func:`load_model`).
 
 :class:`PartwiseClassifier` runs such a model in parts, so that the frozen parts can be
 cached and DDP wraps one ``forward``. It takes one of three inputs:
@@ -63,9 +66,15 @@ from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
+#: ``--model`` name of the pre-trained demo encoder: a folder once resolved
+#: (:func:`ser_ray.distributed.demo_encoder.resolve_model`); :func:`load_model` refuses it.
 DEMO_MODEL = "demo"
+#: The demo-size model with random weights (:func:`demo_config`, init seed
+#: :data:`DEMO_ENCODER_SEED`): what :func:`load_model` builds for this name, and what
+#: pre-training from scratch starts from.
+RANDOM_DEMO_MODEL = "demo-random"
 SAMPLE_RATE_HZ = 16_000
-#: Init seed of the demo encoder: "demo" names one fixed random encoder.
+#: Init seed of the demo-size model: "demo-random" names one fixed random encoder.
 DEMO_ENCODER_SEED = 0
 #: Encoder families (``config.model_type``) whose ``*ForSequenceClassification`` we train.
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
@@ -379,9 +388,22 @@ def label_maps(class_names: Sequence[str]) -> tuple[dict[int, str], dict[str, in
     return id2label, {name: i for i, name in id2label.items()}
 
 
-def load_feature_extractor(name_or_path: str | os.PathLike) -> Wav2Vec2FeatureExtractor:
-    """The feature extractor saved with a model (``demo``: :func:`demo_feature_extractor`)."""
+def check_resolved(name_or_path: str | os.PathLike) -> None:
+    """Refuse ``demo`` (the pre-trained demo encoder, a ``--model`` name): it must be resolved
+    to its folder first; ``demo-random`` names the random-weight demo-size model."""
     if str(name_or_path) == DEMO_MODEL:
+        raise ValueError(
+            f"{DEMO_MODEL!r} names the pre-trained demo encoder: resolve it to its folder first "
+            "(ser_ray.distributed.demo_encoder.resolve_model); for the demo-size model with "
+            f"random weights use {RANDOM_DEMO_MODEL!r}"
+        )
+
+
+def load_feature_extractor(name_or_path: str | os.PathLike) -> Wav2Vec2FeatureExtractor:
+    """The feature extractor saved with a model (``demo-random``:
+    :func:`demo_feature_extractor`)."""
+    check_resolved(name_or_path)
+    if str(name_or_path) == RANDOM_DEMO_MODEL:
         return demo_feature_extractor()
     fe = AutoFeatureExtractor.from_pretrained(str(name_or_path))
     if not isinstance(fe, Wav2Vec2FeatureExtractor):
@@ -477,7 +499,9 @@ def load_model(
     seed: int | None = None,
     **config_overrides,
 ) -> tuple[PreTrainedModel, Wav2Vec2FeatureExtractor]:
-    """The standard audio classifier and its feature extractor (hub id, folder or ``demo``).
+    """The standard audio classifier and its feature extractor (hub id, folder or
+    ``demo-random``: the demo-size model with the demo encoder's init seed; ``demo`` must be
+    resolved first, see :func:`check_resolved`).
 
     ``class_names`` sets ``id2label``/``label2id``: a new head when the checkpoint has none
     (initialised with ``seed``); a checkpoint with a head must have these classes.
@@ -491,7 +515,7 @@ def load_model(
         id2label, label2id = label_maps(class_names)
         overrides.update(num_labels=len(class_names), id2label=id2label, label2id=label2id)
     fe = load_feature_extractor(name_or_path)
-    if str(name_or_path) == DEMO_MODEL:
+    if str(name_or_path) == RANDOM_DEMO_MODEL:
         config, has_head = demo_config(**overrides), False
     else:
         config = AutoConfig.from_pretrained(str(name_or_path))
@@ -509,7 +533,7 @@ def load_model(
     if config.use_weighted_layer_sum and config.layerdrop > 0:
         log.info("LayerDrop %.2f off: the weighted layer sum needs every layer", config.layerdrop)
         config.layerdrop = 0.0
-    if str(name_or_path) == DEMO_MODEL:
+    if str(name_or_path) == RANDOM_DEMO_MODEL:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(DEMO_ENCODER_SEED)
             model = Wav2Vec2ForSequenceClassification(config)
@@ -566,13 +590,3 @@ def pad_waveforms(
     for i, w in enumerate(waveforms):
         batch[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
     return batch, lengths
-
-
-def encoder_batch_inputs(
-    waveforms: Sequence[np.ndarray], feature_extractor: Wav2Vec2FeatureExtractor
-) -> dict[str, torch.Tensor]:
-    """:class:`PartwiseClassifier` inputs for raw clips: per-clip normalisation, then
-    dynamic padding."""
-    prepared = [prepare_waveform(w, feature_extractor) for w in waveforms]
-    values, lengths = pad_waveforms(prepared, feature_extractor.padding_value)
-    return {"input_values": values, "lengths": lengths}

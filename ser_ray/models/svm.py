@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -44,8 +43,6 @@ from ser_ray.features.speaker_norm import speaker_normalize
 
 log = logging.getLogger(__name__)
 
-#: The SVC hyperparameters the search may set (anything else in a Tune config is ignored).
-SVM_PARAM_KEYS = ("kernel", "C", "gamma", "class_weight", "degree")
 #: Features column the SVM reads by default (concatenated MFCC means and standard deviations).
 FEATURE_COLUMN = "mfcc_stats"
 #: The SVM's feature sets and the Parquet columns each concatenates (80 MFCC statistics,
@@ -288,46 +285,3 @@ def best_config(rows: Iterable[tuple[Mapping[str, Any], float]]) -> tuple[dict[s
     if not ranked:
         raise ValueError("no finished trials to choose a config from")
     return ranked[0]
-
-
-def summarize_folds(folds: Sequence[Mapping[str, Any]], model: str = "svm") -> dict[str, dict]:
-    """Mean and sample std (ddof=1, as in summary.py) over folds of each test metric.
-
-    Returns ``{"mean": {metric: value}, "std": {metric: value}}``; std is NaN for one fold.
-    """
-    keys = ("accuracy", "uar", "macro_f1")
-    values = {k: np.array([f[model][k] for f in folds], dtype=float) for k in keys}
-    return {
-        "mean": {k: float(v.mean()) for k, v in values.items()},
-        "std": {k: float(v.std(ddof=1)) if v.size > 1 else math.nan for k, v in values.items()},
-    }
-
-
-def format_fold_table(folds: Sequence[Mapping[str, Any]], model: str = "svm") -> str:
-    """A Markdown table: one row per fold (UA first), then mean ± sample std over folds."""
-
-    def fmt_params(p: Mapping[str, Any]) -> str:
-        parts = []
-        for k, v in p.items():
-            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
-        return " ".join(parts)
-
-    lines = [
-        "| fold | test actors | n_test | UA | accuracy | macro-F1 | search s | params |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for f in folds:
-        m, params = f[model], fmt_params(f.get(f"{model}_params", {}))
-        lines.append(
-            f"| {f['fold']} | {','.join(map(str, f['test_actors']))} | {f['n_test']} "
-            f"| {m['uar']:.3f} | {m['accuracy']:.3f} | {m['macro_f1']:.3f} "
-            f"| {f.get(f'{model}_search_s', math.nan):.1f} | {params} |"
-        )
-    s = summarize_folds(folds, model)
-    mean, std = s["mean"], s["std"]
-    lines.append(
-        f"| mean ± std | | {sum(f['n_test'] for f in folds)} "
-        f"| {mean['uar']:.3f} ± {std['uar']:.3f} | {mean['accuracy']:.3f} ± {std['accuracy']:.3f} "
-        f"| {mean['macro_f1']:.3f} ± {std['macro_f1']:.3f} | | |"
-    )
-    return "\n".join(lines)

@@ -48,7 +48,7 @@ def load_fold_model(path: str | Path) -> FoldModel:
     return FoldModel(**joblib.load(path))
 
 
-def clip_features(y: np.ndarray) -> dict[str, np.ndarray]:
+def svm_feature_columns(y: np.ndarray) -> dict[str, np.ndarray]:
     """The SVM's feature columns of one 16 kHz clip, as :mod:`ser_ray.features.featurize` stores
     them with the default :class:`FeatureConfig`."""
     config = FeatureConfig()

@@ -388,7 +388,7 @@ def _with_encoders(
 def _svm_results(
     df: pd.DataFrame, cfg: KFoldConfig, out: Path, variant: Variant
 ) -> tuple[list[dict], pd.DataFrame]:
-    from ser_ray.sweeps.svm import run_nested_svm
+    from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
 
     done_json = out / f"{variant.name}_folds.json"
     done_csv = out / f"predictions_{variant.name}.csv"
@@ -397,16 +397,18 @@ def _svm_results(
         return json.loads(done_json.read_text()), pd.read_csv(done_csv)
     result = run_nested_svm(
         df,
-        search=cfg.svm_search,
-        num_samples=cfg.svm_num_samples,
-        folds=cfg.folds,
-        merge_calm=cfg.train.merge_calm,
-        seed=cfg.train.seed,
+        NestedSvmConfig(
+            search=cfg.svm_search,
+            num_samples=cfg.svm_num_samples,
+            folds=cfg.folds,
+            merge_calm=cfg.train.merge_calm,
+            seed=cfg.train.seed,
+            smoke_test=cfg.smoke_test,
+            feature_set=variant.feature_set,
+            speaker_normalise=variant.speaker_norm,
+            variant=variant.name,
+        ),
         storage_path=out / "tune_svm",
-        smoke_test=cfg.smoke_test,
-        feature_set=variant.feature_set,
-        speaker_normalise=variant.speaker_norm,
-        variant=variant.name,
         models_dir=out / "svm_models" / variant.name,
     )
     done_json.write_text(json.dumps(config_file.to_jsonable(result.folds), indent=2))

@@ -35,7 +35,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ METRICS: tuple[str, ...] = ("uar", "accuracy", "macro_f1")
 MODEL_TITLES = {"svm": "SVM", "wav2vec2": "wav2vec2"}
 METRIC_TITLES = {"uar": "UA", "accuracy": "acc", "macro_f1": "F1"}
 STD_NOTE = "std is the sample standard deviation over folds (ddof=1)"
-PREDICTION_COLUMNS = ("path", "actor", "fold", "true_label", "pred_label", "model")
 
 
 class CoverageError(ValueError):
@@ -321,12 +320,24 @@ def _pm(mean: float | None, std: float | None) -> str:
     return _pct(mean) if std is None else f"{_pct(mean)} ± {_pct(std)}"
 
 
-def format_table(summary: Mapping[str, Any]) -> str:
+def format_params(params: Mapping[str, Any]) -> str:
+    """Chosen hyperparameters in one table cell: ``kernel=rbf C=10 gamma=scale``."""
+    return " ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def format_table(
+    summary: Mapping[str, Any],
+    fold_columns: Mapping[str, Callable[[Mapping[str, Any]], str]] | None = None,
+) -> str:
     """The per-fold Markdown table with a final ``mean ± std`` row (percent, one decimal).
 
-    Columns: fold, test actors, n, then UA / accuracy / macro-F1 per model that ran, and the
-    best wav2vec2 epoch when known.
+    Columns: fold, test actors, n, then UA / accuracy / macro-F1 per model that ran, the
+    best wav2vec2 epoch when known, and last ``fold_columns``: a title and the cell of each
+    fold's result (empty in the mean row), e.g. the SVM's search time and chosen parameters.
     """
+    fold_columns = fold_columns or {}
     present = list(summary["mean"])
     best_epoch = "wav2vec2" in present and "best_epoch" in summary["mean"]["wav2vec2"]
     header = ["fold", "test actors", "n"]
@@ -334,6 +345,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         header += [f"{_title(m)} {METRIC_TITLES[k]} %" for k in METRICS]
     if best_epoch:
         header.append("best epoch")
+    header += list(fold_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for f in summary["folds"]:
         cells = [str(f["fold"]), ",".join(map(str, f["test_actors"])), str(f["n_test"])]
@@ -342,6 +354,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
         if best_epoch:
             be = f.get("wav2vec2", {}).get("best_epoch")
             cells.append("–" if be is None else str(be))
+        cells += [cell(f) for cell in fold_columns.values()]
         lines.append("| " + " | ".join(cells) + " |")
     n_total = sum(f["n_test"] for f in summary["folds"])
     cells = ["mean ± std", "", str(n_total)]
@@ -353,6 +366,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             summary["std"]["wav2vec2"].get("best_epoch"),
         )
         cells.append(f"{be_mean:.1f}" + ("" if be_std is None else f" ± {be_std:.1f}"))
+    cells += ["" for _ in fold_columns]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

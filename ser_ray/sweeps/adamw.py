@@ -45,7 +45,7 @@ from ser_ray.distributed.resources import (
     adamw_trial_resources,
     trial_torch_threads,
 )
-from ser_ray.models.ssl import DEMO_MODEL
+from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
 from ser_ray.training.clip_data import ClipTable
 from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig
@@ -107,7 +107,8 @@ class SearchSpace:
     def for_model(cls, model: str, **ranges: tuple[float, float]) -> SearchSpace:
         """Defaults for ``model``: the published encoder-LR range unless it is the demo."""
         if "lr_encoder" not in ranges or ranges["lr_encoder"] is None:
-            ranges["lr_encoder"] = DEMO_LR_ENCODER if model == DEMO_MODEL else PUBLISHED_LR_ENCODER
+            demo = model in (DEMO_MODEL, RANDOM_DEMO_MODEL)  # demo-size, pre-trained or not
+            ranges["lr_encoder"] = DEMO_LR_ENCODER if demo else PUBLISHED_LR_ENCODER
         return cls(**{k: v for k, v in ranges.items() if v is not None})
 
     def define(self, trial: Any) -> None:

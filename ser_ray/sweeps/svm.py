@@ -31,6 +31,7 @@ from ser_ray.corpus.folds import (
     check_actors,
     check_no_leakage,
     fold_of_actor,
+    folds_field,
     test_and_train_actors,
 )
 from ser_ray.corpus.ravdess import class_names
@@ -45,6 +46,46 @@ SEARCHES = ("grid", "bayes")
 METRIC = "inner_uar"
 
 
+@dataclasses.dataclass(frozen=True)
+class NestedSvmConfig:
+    """Settings of one nested SVM cross-validation: the search, the folds, the features and
+    the variant name results are filed under. Where its output goes is given apart
+    (``storage_path``, ``models_dir`` of :func:`run_nested_svm`)."""
+
+    search: str = dataclasses.field(
+        default="grid", metadata={"help": "grid (fixed grid) or bayes (Optuna TPE)"}
+    )
+    num_samples: int = dataclasses.field(
+        default=20, metadata={"help": "trials per outer fold of the bayes search"}
+    )
+    folds: str = folds_field()
+    merge_calm: bool = dataclasses.field(
+        default=False, metadata={"help": "7 classes: calm merged into neutral"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the Bayesian searcher"})
+    outer_folds: Sequence[int] | None = dataclasses.field(
+        default=None, metadata={"help": "outer folds to run; None: all six (needs 24 actors)"}
+    )
+    smoke_test: bool = dataclasses.field(
+        default=False, metadata={"help": "the small version of the fixed grid"}
+    )
+    grid: Sequence[dict[str, Any]] | None = dataclasses.field(
+        default=None, metadata={"help": "configs replacing the fixed grid of the grid search"}
+    )
+    max_concurrent_trials: int | None = dataclasses.field(
+        default=None, metadata={"help": "trials at once; None: the cluster's CPUs"}
+    )
+    feature_set: str = dataclasses.field(
+        default="mfcc", metadata={"help": "feature columns (models.svm.FEATURE_SETS)"}
+    )
+    speaker_normalise: bool = dataclasses.field(
+        default=False, metadata={"help": "z-normalise each clip's features over its actor"}
+    )
+    variant: str = dataclasses.field(
+        default="svm", metadata={"help": "name of results, predictions and Tune experiments"}
+    )
+
+
 @dataclasses.dataclass
 class SvmResult:
     """Per-fold results and out-of-fold predictions of the nested SVM cross-validation.
@@ -54,16 +95,13 @@ class SvmResult:
     config), ``svm_search_s`` (wall time of the Tune search), ``svm_inner`` (best inner UA,
     number of trials, the actors every trial received and the inner validation folds).
     ``predictions``: one row per clip of the tested folds.
-    ``config``: the resolved settings of the run.
+    ``config``: the resolved settings of the run. Mean and std over folds:
+    :func:`ser_ray.study.summary.fold_mean_std` of ``folds``.
     """
 
     folds: list[dict[str, Any]]
     predictions: pd.DataFrame
     config: dict[str, Any]
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Mean and std of the test metrics over folds."""
-        return svm.summarize_folds(self.folds, self.config["model"])
 
 
 def svm_trial(
@@ -137,8 +175,6 @@ def tune_fold(
     """
     import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; choose one of {SEARCHES}")
@@ -153,26 +189,9 @@ def tune_fold(
         ),
         SVM_TRIAL_RESOURCES,
     )
-    if search == "grid":
-        grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
-        param_space = {"svm": tune.grid_search([svm.svm_params(c) for c in grid_points])}
-        tune_config = tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
-            num_samples=1,
-            max_concurrent_trials=max_concurrent_trials,
-            reuse_actors=True,
-        )
-    else:
-        searcher = ConcurrencyLimiter(
-            OptunaSearch(space=_optuna_space, metric=METRIC, mode="max", seed=seed),
-            max_concurrent=max_concurrent_trials,
-            batch=True,  # ask only after a whole batch is told: same trials for the same seed
-        )
-        param_space = {}
-        tune_config = tune.TuneConfig(
-            search_alg=searcher, num_samples=num_samples, reuse_actors=True
-        )
+    param_space, tune_config = _search_space(
+        search, num_samples, seed, grid, smoke_test, max_concurrent_trials
+    )
     run_config = tune.RunConfig(
         name=name,
         storage_path=str(Path(storage_path).resolve()),
@@ -186,7 +205,45 @@ def tune_fold(
     search_s = time.perf_counter() - start_s
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+    return _best_of_search(results, search_s, name)
 
+
+def _search_space(
+    search: str,
+    num_samples: int,
+    seed: int,
+    grid: Sequence[dict[str, Any]] | None,
+    smoke_test: bool,
+    max_concurrent_trials: int,
+) -> tuple[dict[str, Any], Any]:
+    """Tune's ``param_space`` and ``TuneConfig`` of ``search``: every grid point once, or
+    ``num_samples`` Optuna TPE trials asked in batches of ``max_concurrent_trials``."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    if search == "grid":
+        grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
+        param_space = {"svm": tune.grid_search([svm.svm_params(c) for c in grid_points])}
+        tune_config = tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=1,
+            max_concurrent_trials=max_concurrent_trials,
+            reuse_actors=True,
+        )
+        return param_space, tune_config
+    searcher = ConcurrencyLimiter(
+        OptunaSearch(space=_optuna_space, metric=METRIC, mode="max", seed=seed),
+        max_concurrent=max_concurrent_trials,
+        batch=True,  # ask only after a whole batch is told: same trials for the same seed
+    )
+    return {}, tune.TuneConfig(search_alg=searcher, num_samples=num_samples, reuse_actors=True)
+
+
+def _best_of_search(results: Any, search_s: float, name: str) -> dict[str, Any]:
+    """The best config of a finished search (a Tune ``ResultGrid``) and what its trials saw:
+    the dict :func:`tune_fold` returns."""
     rows, seen, val_splits = [], set(), set()
     for result in results:
         rows.append((result.config.get("svm", result.config), result.metrics[METRIC]))
@@ -214,154 +271,198 @@ def tune_fold(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The features table as the SVM reads it: one row per clip, in table order."""
+
+    table: pd.DataFrame  # path, actor (int), fold (of the scheme), features...
+    X: np.ndarray  # the feature set's columns side by side (speaker-normalised if asked)
+    y: np.ndarray  # class indices
+    actors: np.ndarray
+    class_names: list[str]
+
+
 def run_nested_svm(
     df: pd.DataFrame,
+    cfg: NestedSvmConfig,
     *,
-    search: str = "grid",
-    num_samples: int = 20,
-    folds: str = "contiguous",
-    merge_calm: bool = False,
-    seed: int = 0,
     storage_path: str | Path,
-    outer_folds: Sequence[int] | None = None,
-    smoke_test: bool = False,
-    grid: Sequence[dict[str, Any]] | None = None,
-    max_concurrent_trials: int | None = None,
-    feature_set: str = "mfcc",
-    speaker_normalise: bool = False,
-    variant: str = "svm",
     models_dir: str | Path | None = None,
 ) -> SvmResult:
-    """Nested cross-validation of the SVM over the outer folds of the fold scheme ``folds``.
+    """Nested cross-validation of the SVM over the outer folds of the fold scheme ``cfg.folds``.
 
     ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``);
-    its ``fold`` column is recomputed from ``actor`` under ``folds``. ``outer_folds`` restricts the
-    outer folds (default: all six, which needs all 24 actors). Tune results go to
-    ``storage_path/svm_<search>_fold<k>``. ``grid`` overrides the fixed grid of ``search="grid"``
-    (default :func:`ser_ray.models.svm.svm_grid`); ``smoke_test`` picks its small version. Needs a
-    running Ray instance (``ray.init``).
+    its ``fold`` column is recomputed from ``actor`` under ``cfg.folds``. ``cfg.outer_folds``
+    restricts the outer folds (default: all six, which needs all 24 actors). Tune results go to
+    ``storage_path/<variant>_<search>_fold<k>``. ``cfg.grid`` overrides the fixed grid of
+    ``search="grid"`` (default :func:`ser_ray.models.svm.svm_grid`); ``cfg.smoke_test`` picks its
+    small version. Needs a running Ray instance (``ray.init``).
 
-    ``feature_set`` picks the columns (:data:`ser_ray.models.svm.FEATURE_SETS`). With
-    ``speaker_normalise`` every clip's features are z-normalised over its own actor's clips
+    ``cfg.feature_set`` picks the columns (:data:`ser_ray.models.svm.FEATURE_SETS`). With
+    ``cfg.speaker_normalise`` every clip's features are z-normalised over its own actor's clips
     (:mod:`ser_ray.features.speaker_norm`) before the pipeline's StandardScaler; since an actor's
     statistics use only that actor's clips, doing it once for all rows is the same as doing
     it inside each outer and inner fold (no statistic crosses actors). Results, predictions
-    and Tune experiments are named after ``variant`` (e.g. ``svm+spknorm``). With
+    and Tune experiments are named after ``cfg.variant`` (e.g. ``svm+spknorm``). With
     ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
     (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``).
     """
-    names = class_names(merge_calm)
-    num_classes = len(names)
-    fold_map = fold_of_actor(folds)
+    rows, outer_folds = _read_rows(df, cfg)
+    fold_results, prediction_parts = [], []
+    for k in outer_folds:
+        fold_result, predictions = _run_outer_fold(k, rows, cfg, storage_path, models_dir)
+        fold_results.append(fold_result)
+        prediction_parts.append(predictions)
+    return SvmResult(
+        folds=fold_results,
+        predictions=pd.concat(prediction_parts, ignore_index=True),
+        config=_resolved_config(cfg, outer_folds, rows.class_names, storage_path),
+    )
+
+
+def _read_rows(df: pd.DataFrame, cfg: NestedSvmConfig) -> tuple[_Rows, Sequence[int]]:
+    """The rows with their outer fold under ``cfg.folds``, and the outer folds to run
+    (``cfg.outer_folds``, or all of the scheme once every actor is checked present)."""
+    fold_map = fold_of_actor(cfg.folds)
+    outer_folds = cfg.outer_folds
     if outer_folds is None:
-        check_actors(df["actor"].unique().tolist(), folds)
+        check_actors(df["actor"].unique().tolist(), cfg.folds)
         outer_folds = sorted(set(fold_map.values()))
     df = df.reset_index(drop=True).copy()
     df["actor"] = df["actor"].astype(int)
     df["fold"] = df["actor"].map(fold_map).astype("int32")
-    X = svm.feature_set_matrix(df, feature_set, speaker_normalise)
-    y = svm.label_vector(df, merge_calm)
-    actors = df["actor"].to_numpy()
-
-    fold_results, prediction_parts = [], []
-    for k in outer_folds:
-        test_actors, train_actors = test_and_train_actors(k, folds)
-        test_mask = np.isin(actors, test_actors)
-        train_mask = np.isin(actors, train_actors)
-        check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
-        if not test_mask.any():
-            raise ValueError(f"fold {k} (actors {test_actors}) has no clips")
-        found = tune_fold(
-            X[train_mask],
-            y[train_mask],
-            actors[train_mask],
-            search=search,
-            num_samples=num_samples,
-            folds=folds,
-            num_classes=num_classes,
-            seed=seed,
-            storage_path=storage_path,
-            name=f"{variant.replace('+', '_')}_{search}_fold{k}",
-            smoke_test=smoke_test,
-            grid=grid,
-            max_concurrent_trials=max_concurrent_trials,
-        )
-        leaked = sorted(set(found["actors_seen"]) & set(test_actors))
-        if leaked:  # cannot happen by construction; a guard for future edits
-            raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
-
-        model = svm.fit_calibrated_svm(
-            found["params"], X[train_mask], y[train_mask], actors[train_mask], folds
-        )
-        pred = svm.predict_labels(model, X[test_mask])
-        proba = svm.class_probabilities(model, X[test_mask], num_classes)
-        if models_dir is not None:
-            svm_model.save_fold_model(
-                Path(models_dir) / f"fold_{k}.joblib",
-                svm_model.FoldModel(
-                    model, variant, feature_set, speaker_normalise, names, int(k), found["params"]
-                ),
-            )
-        metrics = classification_metrics(y[test_mask], pred, num_classes)
-        log.info(
-            "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d trials)",
-            variant,
-            k,
-            metrics["uar"],
-            metrics["accuracy"],
-            found["params"],
-            found["inner_uar"],
-            found["n_trials"],
-        )
-        fold_results.append(
-            {
-                "fold": int(k),
-                "test_actors": [int(a) for a in test_actors],
-                "n_test": int(test_mask.sum()),
-                variant: metrics,
-                f"{variant}_params": found["params"],
-                f"{variant}_search_s": float(found["search_s"]),
-                f"{variant}_inner": {
-                    "best_inner_uar": float(found["inner_uar"]),
-                    "n_trials": int(found["n_trials"]),
-                    "actors_seen": found["actors_seen"],
-                    "inner_val_actors": found["inner_val_actors"],
-                    "experiment_path": str(found["experiment_path"]),
-                },
-            }
-        )
-        columns = {
-            **df.loc[test_mask, ["path", "actor", "fold"]].to_dict("series"),
-            "true_label": [names[i] for i in y[test_mask]],
-            "pred_label": [names[i] for i in pred],  # SVC.predict's, not the argmax of proba
-            "model": variant,
-        }
-        prediction_parts.append(predictions_frame(columns, proba, names))
-
-    predictions = pd.concat(prediction_parts, ignore_index=True)
-    grid_points = (
-        [svm.svm_params(c) for c in grid] if grid is not None else svm.svm_grid(smoke_test)
+    rows = _Rows(
+        table=df,
+        X=svm.feature_set_matrix(df, cfg.feature_set, cfg.speaker_normalise),
+        y=svm.label_vector(df, cfg.merge_calm),
+        actors=df["actor"].to_numpy(),
+        class_names=class_names(cfg.merge_calm),
     )
-    config = {
-        "model": variant,
-        "search": search,
-        "num_samples": num_samples if search == "bayes" else len(grid_points),
-        "grid": grid_points if search == "grid" else None,
-        "max_concurrent_trials": max_concurrent_trials,
-        "scheme": folds,  # output key kept (here "folds" lists the outer folds run)
-        "merge_calm": merge_calm,
+    return rows, outer_folds
+
+
+def _run_outer_fold(
+    k: int,
+    rows: _Rows,
+    cfg: NestedSvmConfig,
+    storage_path: str | Path,
+    models_dir: str | Path | None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Outer fold ``k``: search on its training actors, refit, test once on its test actors,
+    save the model; its result record and its test clips' predictions."""
+    names, num_classes, actors = rows.class_names, len(rows.class_names), rows.actors
+    test_actors, train_actors = test_and_train_actors(k, cfg.folds)
+    test_mask = np.isin(actors, test_actors)
+    train_mask = np.isin(actors, train_actors)
+    check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
+    if not test_mask.any():
+        raise ValueError(f"fold {k} (actors {test_actors}) has no clips")
+    X_train, y_train = rows.X[train_mask], rows.y[train_mask]
+    found = tune_fold(
+        X_train,
+        y_train,
+        actors[train_mask],
+        search=cfg.search,
+        num_samples=cfg.num_samples,
+        folds=cfg.folds,
+        num_classes=num_classes,
+        seed=cfg.seed,
+        storage_path=storage_path,
+        name=f"{cfg.variant.replace('+', '_')}_{cfg.search}_fold{k}",
+        smoke_test=cfg.smoke_test,
+        grid=cfg.grid,
+        max_concurrent_trials=cfg.max_concurrent_trials,
+    )
+    leaked = sorted(set(found["actors_seen"]) & set(test_actors))
+    if leaked:  # cannot happen by construction; a guard for future edits
+        raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
+
+    model = svm.fit_calibrated_svm(found["params"], X_train, y_train, actors[train_mask], cfg.folds)
+    pred = svm.predict_labels(model, rows.X[test_mask])
+    proba = svm.class_probabilities(model, rows.X[test_mask], num_classes)
+    if models_dir is not None:
+        svm_model.save_fold_model(
+            Path(models_dir) / f"fold_{k}.joblib",
+            svm_model.FoldModel(
+                model, cfg.variant, cfg.feature_set, cfg.speaker_normalise, names, int(k),
+                found["params"],
+            ),
+        )  # fmt: skip
+    metrics = classification_metrics(rows.y[test_mask], pred, num_classes)
+    log.info(
+        "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d trials)",
+        cfg.variant,
+        k,
+        metrics["uar"],
+        metrics["accuracy"],
+        found["params"],
+        found["inner_uar"],
+        found["n_trials"],
+    )
+    record = _fold_record(k, test_actors, int(test_mask.sum()), metrics, found, cfg.variant)
+    columns = {
+        **rows.table.loc[test_mask, ["path", "actor", "fold"]].to_dict("series"),
+        "true_label": [names[i] for i in rows.y[test_mask]],
+        "pred_label": [names[i] for i in pred],  # SVC.predict's, not the argmax of proba
+        "model": cfg.variant,
+    }
+    return record, predictions_frame(columns, proba, names)
+
+
+def _fold_record(
+    k: int,
+    test_actors: Sequence[int],
+    n_test: int,
+    metrics: dict[str, float],
+    found: dict[str, Any],
+    variant: str,
+) -> dict[str, Any]:
+    """One outer fold's entry of :attr:`SvmResult.folds`."""
+    return {
+        "fold": int(k),
+        "test_actors": [int(a) for a in test_actors],
+        "n_test": n_test,
+        variant: metrics,
+        f"{variant}_params": found["params"],
+        f"{variant}_search_s": float(found["search_s"]),
+        f"{variant}_inner": {
+            "best_inner_uar": float(found["inner_uar"]),
+            "n_trials": int(found["n_trials"]),
+            "actors_seen": found["actors_seen"],
+            "inner_val_actors": found["inner_val_actors"],
+            "experiment_path": str(found["experiment_path"]),
+        },
+    }
+
+
+def _resolved_config(
+    cfg: NestedSvmConfig, outer_folds: Sequence[int], names: list[str], storage_path: str | Path
+) -> dict[str, Any]:
+    """The resolved settings of the run (:attr:`SvmResult.config`)."""
+    grid_points = (
+        [svm.svm_params(c) for c in cfg.grid]
+        if cfg.grid is not None
+        else svm.svm_grid(cfg.smoke_test)
+    )
+    return {
+        "model": cfg.variant,
+        "search": cfg.search,
+        "num_samples": cfg.num_samples if cfg.search == "bayes" else len(grid_points),
+        "grid": grid_points if cfg.search == "grid" else None,
+        "max_concurrent_trials": cfg.max_concurrent_trials,
+        "scheme": cfg.folds,  # output key kept (here "folds" lists the outer folds run)
+        "merge_calm": cfg.merge_calm,
         "class_names": names,
-        "seed": seed,
+        "seed": cfg.seed,
         "folds": [int(k) for k in outer_folds],
-        "smoke_test": smoke_test,
+        "smoke_test": cfg.smoke_test,
         "inner_cv": "leave one remaining outer fold out (5 x 4 actors), metric UA",
         "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
         "(pred_label, metrics) alike",
         "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "
         "the same SVC; their argmax may differ from pred_label on a few clips",
-        "feature_set": feature_set,
-        "feature_columns": list(svm.FEATURE_SETS[feature_set]),
-        "normalisation": speaker_norm.DESCRIPTION if speaker_normalise else speaker_norm.NONE,
+        "feature_set": cfg.feature_set,
+        "feature_columns": list(svm.FEATURE_SETS[cfg.feature_set]),
+        "normalisation": speaker_norm.DESCRIPTION if cfg.speaker_normalise else speaker_norm.NONE,
         "storage_path": str(Path(storage_path).resolve()),
     }
-    return SvmResult(folds=fold_results, predictions=predictions, config=config)

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ser_ray.models.ssl import PartwiseClassifier, load_model
+from ser_ray.models.ssl import RANDOM_DEMO_MODEL, PartwiseClassifier, load_model
 from ser_ray.training.settings import LoopSettings
 
 
@@ -27,14 +27,14 @@ class TrainConfig(LoopSettings):
 
     # model
     model: str | None = dataclasses.field(
-        default="demo",
+        default=RANDOM_DEMO_MODEL,
         metadata={
             "help": "hub id or local folder (from_pretrained) of a wav2vec2, HuBERT, WavLM or "
             "data2vec-audio encoder (facebook/wav2vec2-base, microsoft/wavlm-large, a "
             "jobs/pretrain.py output, ...), 'demo' (the demo-size encoder pre-trained on the "
-            "package's unlabeled pool, built and cached on first use) or 'demo-random' (the "
-            "same, random weights). None, for a job to decide (jobs/kfold.py: demo without "
-            "--data-dir, facebook/wav2vec2-base with it)"
+            "package's unlabeled pool, built and cached on first use; a job resolves it to that "
+            "folder) or 'demo-random' (the same, random weights). None, for a job to decide "
+            "(jobs/kfold.py: demo without --data-dir, facebook/wav2vec2-base with it)"
         },
     )
     probe: bool = dataclasses.field(

@@ -4,8 +4,9 @@ Read it top to bottom: :func:`build_optimizer` (AdamW, no decay on biases/norms,
 peaks for encoder and head), :func:`train_one_epoch` (one pass of optimizer steps on the
 shared :class:`ser_ray.training.engine.Engine`: AMP, gradient accumulation, optional clipping, NaN
 check; the transformer frozen for the first steps), :func:`evaluate` (loss, accuracy, UA,
-macro-F1 and per-clip probabilities), :func:`run_training` (epochs, best-epoch selection on
-validation UA, early stopping, TensorBoard, checkpoints and exact resume) and
+macro-F1 and per-clip probabilities), :func:`validate_epoch` and :func:`record_epoch` (the
+epoch's validation and its place in the history), :func:`run_training` (epochs, best-epoch
+selection on validation UA, early stopping, TensorBoard, checkpoints and exact resume) and
 :func:`refit` (retrain on fit + validation clips for the best epoch count).
 
 Settings and the model come from :mod:`ser_ray.training.config`, clips and batches from
@@ -208,6 +209,32 @@ def rank0_value(value: float, world_size: int, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def validate_epoch(
+    model: PartwiseClassifier,
+    val_clips: Clips | None,
+    cfg: TrainConfig,
+    engine: eng.Engine,
+    *,
+    epoch: int,
+    world_size: int = 1,
+) -> tuple[dict[str, float], float]:
+    """The epoch's validation metrics (none without validation clips) and the score the best
+    epoch is chosen on: validation UA, else the epoch (the last epoch wins); rank 0's score on
+    every rank, so that every rank takes the same decision."""
+    val_metrics: dict[str, float] = {}
+    if val_clips is not None and len(val_clips):
+        val_metrics, _, _ = evaluate(
+            model,
+            val_clips,
+            batch_size=cfg.eval_batch_size,
+            device=engine.device,
+            num_classes=model.config.num_labels,
+            amp_dtype=engine.amp_dtype,
+        )
+    uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
+    return val_metrics, rank0_value(uar, world_size, engine.device)
+
+
 def record_epoch(
     state: TrainState,
     epoch: int,
@@ -316,18 +343,9 @@ def run_training(
                 step=state.step,
                 on_step=lambda step, values: scalars.add(values, step),
             )
-            val_metrics: dict[str, float] = {}
-            if val_clips is not None and len(val_clips):
-                val_metrics, _, _ = evaluate(
-                    model,
-                    val_clips,
-                    batch_size=cfg.eval_batch_size,
-                    device=device,
-                    num_classes=model.config.num_labels,
-                    amp_dtype=engine.amp_dtype,
-                )
-            uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
-            uar = rank0_value(uar, world_size, device)  # one decision for every rank
+            val_metrics, uar = validate_epoch(
+                model, val_clips, cfg, engine, epoch=epoch, world_size=world_size
+            )
             metrics, improved = record_epoch(state, epoch, uar, cfg, train_metrics, val_metrics)
             if improved:
                 best_weights = {

@@ -11,8 +11,10 @@ over masked frames by the model and divided here by the number of masked frames 
 Read top to bottom: :class:`PretrainConfig`; :func:`build_pretraining_model`
 (from scratch from a config, or continued from a checkpoint: TAPT), :func:`crop_batch` (random
 crops, all to the shortest clip of the batch, so no padding), :func:`epoch_batches` (an
-epoch's micro-batches, window by window), :func:`run_pretraining` (the loop on
-:class:`ser_ray.training.engine.Engine`). The Ray edge (the pool streamed in through Ray Data,
+epoch's micro-batches, window by window), :func:`pretrain_one_epoch` (one pass of optimizer
+steps on :class:`ser_ray.training.engine.Engine`: Gumbel temperature, crops and masks, losses
+per masked frame), :func:`record_epoch` (history and log line), :func:`run_pretraining` (epochs,
+TensorBoard, checkpoints and exact resume). The Ray edge (the pool streamed in through Ray Data,
 a ``TorchTrainer`` per run) is :mod:`ser_ray.distributed.pretrain_trainer`.
 
 The result is a standard HF checkpoint (``Wav2Vec2ForPreTraining`` safetensors + config +
@@ -24,12 +26,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 from ser_ray.features.unlabeled import UnlabeledClips
 from ser_ray.models.ssl import (
     DEMO_ENCODER_SEED,
-    DEMO_MODEL,
+    RANDOM_DEMO_MODEL,
+    check_resolved,
     demo_config,
     demo_feature_extractor,
     prepare_waveform,
@@ -80,10 +84,10 @@ class PretrainConfig(settings.LoopSettings):
     """
 
     model: str = dataclasses.field(
-        default=DEMO_MODEL,
+        default=RANDOM_DEMO_MODEL,
         metadata={
-            "help": "'demo' (demo-size config from scratch), a config.json (from scratch), "
-            "or a checkpoint folder / hub id to continue (TAPT)"
+            "help": "'demo-random' (demo-size config from scratch), a config.json (from "
+            "scratch), or a checkpoint folder / hub id to continue (TAPT)"
         },
     )
     # objective
@@ -143,14 +147,16 @@ def build_pretraining_model(
 ) -> tuple[Wav2Vec2ForPreTraining, Wav2Vec2FeatureExtractor]:
     """The model to pre-train and its feature extractor.
 
-    ``demo``: the demo-size config (:func:`ser_ray.models.ssl.demo_config`) with a 2 x 64
-    quantizer, initialised with the demo encoder's seed; a ``config.json`` file: that config
-    from scratch (demo feature extractor settings); else ``from_pretrained`` (TAPT).
+    ``demo-random``: the demo-size config (:func:`ser_ray.models.ssl.demo_config`) with a
+    2 x 64 quantizer, initialised with the demo encoder's seed; a ``config.json`` file: that
+    config from scratch (demo feature extractor settings); else ``from_pretrained`` (TAPT;
+    ``demo``, the pre-trained demo encoder, must be resolved to its folder first).
     """
     objective = {"diversity_loss_weight": cfg.diversity_loss_weight}
     name = str(cfg.model)
-    if name == DEMO_MODEL or name.endswith(".json"):
-        if name == DEMO_MODEL:
+    check_resolved(name)
+    if name == RANDOM_DEMO_MODEL or name.endswith(".json"):
+        if name == RANDOM_DEMO_MODEL:
             config = demo_config(**DEMO_QUANTIZER, **objective)
         else:
             config = Wav2Vec2Config.from_json_file(name)
@@ -260,6 +266,143 @@ def save_pretrained_model(
     return out
 
 
+def set_gumbel_temperature(
+    model: Wav2Vec2ForPreTraining, step: int, total_steps: int, cfg: PretrainConfig
+) -> float:
+    """Anneal the quantizer's Gumbel-softmax temperature to its value at ``step``; returns it
+    (:func:`ser_ray.training.schedule.gumbel_temperature`)."""
+    temperature = gumbel_temperature(
+        step, total_steps, cfg.max_gumbel_temperature, cfg.min_gumbel_temperature
+    )
+    model.set_gumbel_temperature(temperature)
+    return temperature
+
+
+def masked_micro_batches(
+    model: Wav2Vec2ForPreTraining,
+    micro_batches: list[list[np.ndarray]],
+    cfg: PretrainConfig,
+    *,
+    max_samples: int,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """One optimizer step's micro-batches as model inputs: random crops (:func:`crop_batch`),
+    span masks and negatives (:func:`mask_and_negatives`), and the masked-frame counts the
+    loss is divided by (the micro-batch's own and the whole group's)."""
+    group = []
+    for waveforms in micro_batches:
+        values = crop_batch(waveforms, max_samples, rng)
+        mask, negatives = mask_and_negatives(model, *values.shape, cfg)
+        group.append(
+            {
+                "input_values": values.to(device),
+                "mask_time_indices": mask.to(device),
+                "sampled_negative_indices": negatives.to(device),
+                "num_masked": max(int(mask.sum()), 1),
+            }
+        )
+    group_masked = sum(b["num_masked"] for b in group)
+    for b in group:
+        b["group_masked"] = group_masked
+    return group
+
+
+def step_values(group: list[dict[str, Any]], logs: list[dict[str, float]]) -> dict[str, float]:
+    """The step's logged values: its micro-batches' values weighted by their masked frames."""
+    shares = [b["num_masked"] / b["group_masked"] for b in group]
+    return {
+        k: sum(share * values[k] for share, values in zip(shares, logs, strict=True))
+        for k in logs[0]
+    }
+
+
+def pretrain_one_epoch(
+    engine: eng.Engine,
+    batches: Iterable[list[np.ndarray]],
+    cfg: PretrainConfig,
+    *,
+    epoch: int,
+    step: int,
+    max_samples: int,
+    rng: np.random.Generator,
+    world_size: int = 1,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[int, dict[str, float]]:
+    """One pass over ``batches`` (this rank's micro-batches, e.g. by :func:`epoch_batches`);
+    returns (steps done so far, {pretrain/loss, ...: mean per step, clips/s, seconds}).
+
+    Each optimizer step: the Gumbel temperature of the step, ``cfg.grad_accum_steps``
+    micro-batches cropped (with ``rng``) and masked, one :meth:`Engine.step`;
+    ``on_step(step, values)`` after it.
+    """
+    model = engine.model
+    model.train()
+    sums: dict[str, float] = {}
+    n_steps, n_clips, t0 = 0, 0, time.perf_counter()
+    batches = iter(batches)
+    while micro_batches := list(itertools.islice(batches, cfg.grad_accum_steps)):
+        temperature = set_gumbel_temperature(model, step, engine.total_steps, cfg)
+        group = masked_micro_batches(
+            model, micro_batches, cfg, max_samples=max_samples, rng=rng, device=engine.device
+        )
+        lr = engine.learning_rates()["decay"]
+        logs = engine.step(group, _pretraining_loss, where=f"at epoch {epoch + 1}, step {step + 1}")
+        step += 1
+        values = step_values(group, logs)
+        values.update({"pretrain/lr": lr, "pretrain/gumbel_temperature": temperature})
+        if on_step is not None:
+            on_step(step, values)
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_steps += 1
+        n_clips += sum(len(waveforms) for waveforms in micro_batches)
+    seconds = time.perf_counter() - t0
+    return step, {
+        **{k: v / max(n_steps, 1) for k, v in sums.items()},
+        "pretrain/clips_per_s": n_clips * world_size / seconds if seconds > 0 else 0.0,
+        "pretrain/epoch_s": seconds,
+    }
+
+
+def record_epoch(
+    progress: dict[str, Any], epoch: int, cfg: PretrainConfig, epoch_metrics: dict[str, float]
+) -> dict[str, float]:
+    """Count ``epoch`` (0-based) as done in ``progress``: its metrics (with epoch and step)
+    in the history and the log. Returns the metrics."""
+    metrics = {"epoch": epoch + 1, "step": progress["step"], **epoch_metrics}
+    progress["epoch"] = epoch + 1
+    progress["history"].append(metrics)
+    log.info(
+        "pre-training epoch %d/%d: loss %.4f, perplexity %.1f, %.1f clips/s",
+        epoch + 1,
+        cfg.epochs,
+        metrics["pretrain/loss"],
+        metrics["pretrain/codevector_perplexity"],
+        metrics["pretrain/clips_per_s"],
+    )
+    return metrics
+
+
+def write_pretraining_checkpoint(
+    out_dir: Path,
+    progress: dict[str, Any],
+    *,
+    model: Wav2Vec2ForPreTraining,
+    feature_extractor: Wav2Vec2FeatureExtractor,
+    engine: eng.Engine,
+    cfg: PretrainConfig,
+) -> Path:
+    """The run's state in ``out_dir``: the HF model, the train state (optimizer, schedule,
+    RNGs, ``progress``) and the result (history, settings)."""
+    save_pretrained_model(model, feature_extractor, out_dir / MODEL_DIR)
+    eng.write_train_state(out_dir, engine, progress)
+    (out_dir / RESULT_FILE).write_text(
+        json.dumps({"history": progress["history"], "config": cfg.to_dict()}, indent=2)
+    )
+    return out_dir
+
+
 @dataclasses.dataclass
 class PretrainOutcome:
     history: list[dict[str, float]]
@@ -295,8 +438,7 @@ def run_pretraining(
     wrapped = wrap_model(model) if wrap_model is not None else model
 
     num_batches = batches_per_epoch(clips, cfg.batch_size, world_size=world_size)
-    steps_per_epoch = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps) * cfg.epochs
     engine = eng.build_engine(
         model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
         wrapped=wrapped,
@@ -307,78 +449,26 @@ def run_pretraining(
         progress = eng.load_train_state(resume_from, engine)
         log.info("pre-training resumed at epoch %d, step %d", progress["epoch"], progress["step"])
     scalars = eng.ScalarLog(log_dir, rank, resume_step=progress["step"])
-
-    def write_checkpoint(out_dir: Path, progress: dict[str, Any]) -> Path:
-        save_pretrained_model(model, feature_extractor, out_dir / MODEL_DIR)
-        eng.write_train_state(out_dir, engine, progress)
-        (out_dir / RESULT_FILE).write_text(
-            json.dumps({"history": progress["history"], "config": cfg.to_dict()}, indent=2)
-        )
-        return out_dir
+    write_checkpoint = functools.partial(
+        write_pretraining_checkpoint, model=model, feature_extractor=feature_extractor,
+        engine=engine, cfg=cfg,
+    )  # fmt: skip
 
     try:
         for epoch in range(progress["epoch"], cfg.epochs):
-            model.train()
-            rng = np.random.default_rng([cfg.seed, epoch, rank])  # crops
-            batches = epoch_batches(clips, cfg, feature_extractor, epoch, rank, world_size)
-            sums: dict[str, float] = {}
-            n_clips, t0 = 0, time.perf_counter()
-            while micro_batches := list(itertools.islice(batches, cfg.grad_accum_steps)):
-                step = progress["step"]
-                temperature = gumbel_temperature(
-                    step, total_steps, cfg.max_gumbel_temperature, cfg.min_gumbel_temperature
-                )
-                model.set_gumbel_temperature(temperature)
-                group = []
-                for waveforms in micro_batches:
-                    values = crop_batch(waveforms, max_samples, rng)
-                    mask, negatives = mask_and_negatives(model, *values.shape, cfg)
-                    group.append(
-                        {
-                            "input_values": values.to(device),
-                            "mask_time_indices": mask.to(device),
-                            "sampled_negative_indices": negatives.to(device),
-                            "num_masked": max(int(mask.sum()), 1),
-                        }
-                    )
-                group_masked = sum(b["num_masked"] for b in group)
-                for b in group:
-                    b["group_masked"] = group_masked
-                lr = engine.learning_rates()["decay"]
-                logs = engine.step(
-                    group, _pretraining_loss, where=f"at epoch {epoch + 1}, step {step + 1}"
-                )
-                progress["step"] = step + 1
-                shares = [b["num_masked"] / group_masked for b in group]
-                values_step = {
-                    k: sum(share * values[k] for share, values in zip(shares, logs, strict=True))
-                    for k in logs[0]
-                }
-                values_step.update({"pretrain/lr": lr, "pretrain/gumbel_temperature": temperature})
-                scalars.add(values_step, progress["step"])
-                for k, v in values_step.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_clips += sum(len(waveforms) for waveforms in micro_batches)
-            seconds = time.perf_counter() - t0
-            n_steps = progress["step"] - epoch * steps_per_epoch
-            metrics = {
-                "epoch": epoch + 1,
-                "step": progress["step"],
-                **{k: v / max(n_steps, 1) for k, v in sums.items()},
-                "pretrain/clips_per_s": n_clips * world_size / seconds if seconds > 0 else 0.0,
-                "pretrain/epoch_s": seconds,
-            }
-            progress["epoch"] = epoch + 1
-            progress["history"].append(metrics)
-            scalars.flush()
-            log.info(
-                "pre-training epoch %d/%d: loss %.4f, perplexity %.1f, %.1f clips/s",
-                epoch + 1,
-                cfg.epochs,
-                metrics["pretrain/loss"],
-                metrics["pretrain/codevector_perplexity"],
-                metrics["pretrain/clips_per_s"],
+            progress["step"], epoch_metrics = pretrain_one_epoch(
+                engine,
+                epoch_batches(clips, cfg, feature_extractor, epoch, rank, world_size),
+                cfg,
+                epoch=epoch,
+                step=progress["step"],
+                max_samples=max_samples,
+                rng=np.random.default_rng([cfg.seed, epoch, rank]),  # crops
+                world_size=world_size,
+                on_step=lambda step, values: scalars.add(values, step),
             )
+            metrics = record_epoch(progress, epoch, cfg, epoch_metrics)
+            scalars.flush()
             if on_epoch_end is not None:
                 snapshot = copy.deepcopy(progress)
                 on_epoch_end(metrics, lambda out, p=snapshot: write_checkpoint(out, p))
