@@ -55,7 +55,7 @@ def test_the_search_never_sees_the_test_fold(sweep):
     trials = _reports(out)
     assert len(trials) == SWEEP.num_samples
     for reports in trials:
-        assert 1 <= len(reports) <= SWEEP.epochs
+        assert 1 <= len(reports) <= SWEEP.train.epochs
         for r in reports:  # the actors of the rows the trial actually received
             fit = [int(a) for a in r["fit_actors"].split()]
             val = [int(a) for a in r["val_actors"].split()]
