@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     import ray.data
     import ray.train
 
-SPLITS = ("train", "val", "test")
 ROWS_PER_READ = 16  # rows per batch handed from Ray Data to the worker's window
 
 
