@@ -133,6 +133,13 @@ class KFoldConfig:
             "0 = off"
         },
     )
+    stall_timeout_s: float = dataclasses.field(
+        default=3600.0,
+        metadata={
+            "help": "a wav2vec2 fold without a new epoch result for this many seconds fails "
+            "the run, naming the fold (a stuck trial never hangs the job); 0 = never"
+        },
+    )
     storage_path: str | None = dataclasses.field(
         default=None,
         metadata={"help": "Tune/Train storage, local or s3:// (default OUT/ray)"},
@@ -269,9 +276,8 @@ def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
 def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
     """One Tune trial = one outer fold (``config["fold"]``), trained by a TorchTrainer (runs
     on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from ser_ray.distributed.fold_trainer import build_fold_trainer
+    from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
 
     fold = int(config["fold"])
     loop_config = {
@@ -281,17 +287,18 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         "folds": train["folds"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
-    trainer = build_fold_trainer(
-        loop_config,
-        num_workers=train["workers_per_fold"],
-        use_gpu=train["use_gpu"],
-        resources_per_worker=train["resources_per_worker"],
-        storage_path=train["storage_path"],
-        name=f"fold_{fold}",  # stable: a restarted trial resumes this run's checkpoints
-        max_failures=train["max_failures"],
-        callbacks=[TuneReportCallback()],  # RAY: Train reports -> this Tune trial
+    result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
+        lambda callbacks: build_fold_trainer(
+            loop_config,
+            num_workers=train["workers_per_fold"],
+            use_gpu=train["use_gpu"],
+            resources_per_worker=train["resources_per_worker"],
+            storage_path=train["storage_path"],
+            name=f"fold_{fold}",  # stable: a restarted trial resumes this run's checkpoints
+            max_failures=train["max_failures"],
+            callbacks=callbacks,
+        )
     )
-    result = trainer.fit()
     if result.error is not None:
         raise result.error
 
@@ -309,6 +316,7 @@ def run_wav2vec2_folds(
     from ray import tune
 
     from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
+    from ser_ray.distributed.train_in_tune import stall_watchdog
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     first = train_cfgs[fold_numbers[0]]
@@ -345,7 +353,10 @@ def run_wav2vec2_folds(
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=console.tune_verbosity(),
-                callbacks=[console.fold_progress_callback("wav2vec2", first.epochs)],
+                callbacks=[
+                    console.fold_progress_callback("wav2vec2", first.epochs),
+                    stall_watchdog("wav2vec2", cfg.stall_timeout_s),
+                ],
             ),
         )
     grid = tuner.fit()

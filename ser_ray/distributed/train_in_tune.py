@@ -1,0 +1,128 @@
+"""A Ray Train run inside a Ray Tune trial (one fold of the study), and a watchdog for trials
+that stop making progress.
+
+How the reports reach Tune. A fold's ``TorchTrainer`` reports from its Train controller, an
+actor of its own; Tune reads results from the trial's session. Ray's ``TuneReportCallback``
+puts each report into a one-slot queue that the *trial's main thread* drains and then reports
+itself, blocking until its own result queue has room. When ``trainer.fit()`` returns while the
+last report still waits in that queue, the trial's function thread ends and Tune puts its
+closing result into the result queue first; the main thread then takes the last report and
+waits forever for room that only it would make (Ray 2.60, ``_TrainSession.
+_get_result_from_queues``). Whether the Tune driver asks for the next result before or after
+the Train run ends decides it: a busy driver (six folds on two cores, a submitted job) loses
+the race.
+
+So here the trial's own function thread is the only one that reports to Tune: the Train
+controller's callback (:func:`_forward_reports`) only appends to an unbounded queue, the
+function thread runs ``fit()`` beside it, hands each report on with ``tune.report`` (which
+blocks in the way Tune expects), and returns only once every report has been handed on.
+
+The watchdog (:func:`stall_watchdog`) covers whatever else can stop a fold without an error:
+a running trial without a result for ``timeout_s`` fails the whole Tune run with a message
+naming the fold and the result it waited for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # a report's checkpoint, as Ray's callback names it
+POLL_S = 0.5  # how often the trial's thread looks at the reports and at fit()
+
+
+class FoldStalledError(RuntimeError):
+    """A fold's trial made no progress for longer than the watchdog allows."""
+
+
+def fit_reporting_to_tune(build_trainer: Callable[[list], Any]) -> Any:
+    """Run ``build_trainer(callbacks).fit()`` in this Tune trial, handing every report of the
+    Train run to Tune from this thread (``tune.report``, a checkpoint as its path under
+    ``checkpoint_path``); return the Train ``Result`` once all reports are handed on."""
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    reports = Queue(actor_options={"num_cpus": 0})  # unbounded: the controller never waits
+    trainer = build_trainer([_forward_reports(reports)])
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # raised again in the trial's thread below
+            outcome["error"] = error
+
+    fitting = threading.Thread(target=fit, name="train-fit", daemon=True)
+    fitting.start()
+    while True:
+        # fit() returns only after its controller's last callback has put its report
+        finished = not fitting.is_alive()
+        try:
+            report = reports.get(timeout=POLL_S)
+        except Empty:
+            if finished:
+                break
+            continue
+        tune.report(report)
+    fitting.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _forward_reports(reports):
+    """The Train controller's side: each report (rank 0's metrics, the checkpoint's path)
+    appended to the trial's queue ``reports``."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            report = dict(metrics[0])
+            if checkpoint is not None:
+                report[CHECKPOINT_PATH_KEY] = checkpoint.path
+            reports.put(report)
+
+    return ForwardReports()
+
+
+def stall_watchdog(label: str, timeout_s: float, clock: Callable[[], float] = time.monotonic):
+    """A Tune callback that fails the run when a started trial has had no result for
+    ``timeout_s`` seconds: ``FoldStalledError`` naming ``label``'s fold (``config["fold"]``)
+    and the result it waited for. ``timeout_s <= 0`` turns it off."""
+    from ray import tune
+
+    class StallWatchdog(tune.Callback):
+        def __init__(self) -> None:
+            self.waiting: dict[str, tuple[float, Any, str]] = {}  # trial id -> since, fold, what
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.waiting[trial.trial_id] = (clock(), trial.config.get("fold"), "its first result")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            epoch = result.get("epoch")
+            what = f"the result after epoch {epoch}" if epoch is not None else "its next result"
+            self.waiting[trial.trial_id] = (clock(), trial.config.get("fold"), what)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.waiting.pop(trial.trial_id, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.waiting.pop(trial.trial_id, None)
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            if timeout_s <= 0:
+                return
+            now = clock()
+            for since, fold, what in self.waiting.values():
+                if now - since > timeout_s:
+                    raise FoldStalledError(
+                        f"{label} fold {fold} made no progress for {now - since:.0f} s "
+                        f"(limit {timeout_s:g} s): waiting for {what}. Its trial, Train "
+                        "controller or workers are stuck; the Ray logs of this session say "
+                        "which (/tmp/ray/session_latest/logs). If an epoch really takes that "
+                        "long, raise --stall-timeout-s."
+                    )
+
+    return StallWatchdog()
