@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEMO_ENCODER_SIZES = {
     "full": {
         "pool": {"n_speakers": 40, "clips_per_speaker": 8},  # 320 clips, ~2.5 s each
-        # 1,600 steps of 8 crops of 1.5 s (about 2.5 min on 2 cores). The contrastive loss
+        # 1,600 steps of 8 crops of 1.5 s (430-498 s on 2 cores, 2026-12-02). The contrastive loss
         # sits at ln(1 + 50 negatives) = 3.93 for the first ~300 steps, so a shorter run
         # learns nothing (6 epochs did: fine-tuning from it scored below random weights);
         # 40 epochs bring it to ~3.2, and fine-tuning from it beats random weights.
@@ -69,8 +69,8 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         return model_dir
     settings = _settings(size)
     log.info(
-        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; about "
-        "2.5 minutes on 2 cores), cached in %s",
+        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; 7-8 "
+        "minutes on 2 cores for the full one), cached in %s",
         settings["pool"],
         settings["pretrain"]["epochs"],
         root,
