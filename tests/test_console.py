@@ -11,7 +11,12 @@ def test_one_line_per_fold_and_epoch(capsys):
     trial = SimpleNamespace(config={"fold": 3})
     report = {"epoch": 2, "step": 40, "train/loss": 1.23456, "val/uar": 0.5, "train/lr": 1e-4}
     callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=report)
-    callback.on_trial_result(iteration=2, trials=[trial], trial=trial, result={"done": True})
+    callback.on_trial_result(
+        iteration=2,
+        trials=[trial],
+        trial=trial,
+        result={"epoch": 2, "final": True, "test/uar": 0.4},
+    )
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
     assert capsys.readouterr().out.splitlines() == [
         "wav2vec2 fold 3 epoch 2/4: train/loss 1.235, val/uar 0.5",

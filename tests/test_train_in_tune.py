@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 
-from ser_ray.distributed.train_in_tune import FoldStalledError, stall_watchdog
+from ser_ray.distributed.train_in_tune import FoldStalledError, checked_report, stall_watchdog
 
 # the trial functions below go to Ray workers by value: they cannot import this test module
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -98,6 +98,16 @@ def test_every_report_reaches_tune_and_the_folds_end_with_a_slow_driver(ray_loca
         assert result.metrics["val/uar"] == pytest.approx(REPORTS / 10)
         saved = Path(result.metrics["checkpoint_path"]) / "result.json"
         assert saved.read_text() == f"fold {result.config['fold']}"
+    # each Train run shut its workers down before its trial ended: no CPUs left reserved
+    states = [group["state"] for group in ray.util.placement_group_table().values()]
+    assert states and set(states) == {"REMOVED"}, states
+
+
+def test_a_report_with_a_key_tune_acts_on_is_refused():
+    report = {"epoch": 3, "val/uar": 0.5}
+    assert checked_report(report) is report
+    with pytest.raises(ValueError, match=r"\['done'\].*rename it"):
+        checked_report({"epoch": 3, "done": True})
 
 
 def _stuck_trial(config):

@@ -129,7 +129,7 @@ def fold_progress_callback(label: str, epochs: int):
 
     class FoldProgress(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            if result.get("done") or "epoch" not in result:
+            if result.get("final") or "epoch" not in result:
                 return
             shown = {k: result[k] for k in ("train/loss", "val/uar") if k in result}
             print(

@@ -90,7 +90,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     final: dict[str, Any] = {
         "epoch": outcome.state.epoch,
         "best_epoch": outcome.state.best_epoch,
-        "done": True,
+        "final": True,  # not "done": Tune ends a trial at a result with done=True
     }
     _, fit_actors, val_actors = fold_split(
         config.get("fold"), config.get("folds", "contiguous"), cfg.n_val_actors

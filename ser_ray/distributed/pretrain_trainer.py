@@ -63,7 +63,7 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
             on_epoch_end=lambda metrics, write: edge.report(metrics, write, ctx.rank),
             log_dir=config.get("log_dir"),
         )
-    edge.report({"done": True, "step": outcome.step}, outcome.write_checkpoint, ctx.rank)
+    edge.report({"final": True, "step": outcome.step}, outcome.write_checkpoint, ctx.rank)
 
 
 def fit_pretraining(

@@ -16,6 +16,10 @@ So here the trial's own function thread is the only one that reports to Tune: th
 controller's callback (:func:`_forward_reports`) only appends to an unbounded queue, the
 function thread runs ``fit()`` beside it, hands each report on with ``tune.report`` (which
 blocks in the way Tune expects), and returns only once every report has been handed on.
+A report must not carry a key Tune reads as an order (:data:`TUNE_CONTROL_KEYS`): ``done``
+ends the trial at once, killing the Train controller before it has shut its workers down,
+and their placement group then holds its CPUs for the rest of the job (Train's cleaner of
+such groups asks the State API, which a local Ray started without its dashboard lacks).
 
 The watchdog (:func:`stall_watchdog`) covers whatever else can stop a fold without an error:
 a running trial without a result for ``timeout_s`` fails the whole Tune run with a message
@@ -31,6 +35,7 @@ from typing import Any
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # a report's checkpoint, as Ray's callback names it
 POLL_S = 0.5  # how often the trial's thread looks at the reports and at fit()
+TUNE_CONTROL_KEYS = ("done",)  # a result key Tune acts on (it ends the trial)
 
 
 class FoldStalledError(RuntimeError):
@@ -65,11 +70,24 @@ def fit_reporting_to_tune(build_trainer: Callable[[list], Any]) -> Any:
             if finished:
                 break
             continue
-        tune.report(report)
+        tune.report(checked_report(report))
     fitting.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def checked_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` if Tune can take it as a plain result; ``ValueError`` naming the key
+    otherwise (a ``done`` key would end the trial before its Train run has shut down)."""
+    control = [key for key in TUNE_CONTROL_KEYS if key in report]
+    if control:
+        raise ValueError(
+            f"a Train report carries {control}, a key Ray Tune acts on (it ends the trial "
+            "while Train still runs, leaving its workers' CPUs reserved); rename it in the "
+            "training loop's report"
+        )
+    return report
 
 
 def _forward_reports(reports):
