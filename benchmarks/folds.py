@@ -1,8 +1,11 @@
-"""Benchmark `folds`: the six wav2vec2 folds concurrently vs one after another.
+"""Benchmark `folds`: the resource plan's choice vs six folds at once vs one after another.
 
 Same features, model, settings and feature cache (built once, before the clock starts); the
-only difference is how many folds the Tune run trains at once (and so each fold's share of the
-CPUs). Both runs must give the same per-fold test metrics: the work is the same.
+only difference is how many folds the Tune run trains at once and each worker's CPUs:
+``plan`` (:func:`ser_ray.distributed.resources.plan_folds`, the job's default), ``six`` (all
+folds at once sharing the CPUs, the default before the plan: one CPU kept free, the rest split)
+and ``sequential`` (one fold at a time on whole CPUs). All must give the same per-fold test
+metrics wherever the workers' torch threads are the same: the work is the same.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from ser_ray.distributed import prepare
 from ser_ray.distributed.feature_cache import build_feature_cache
+from ser_ray.distributed.resources import plan_folds
 from ser_ray.study.kfold import (
     KFoldConfig,
     run_wav2vec2_folds,
@@ -44,23 +50,34 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if train_cfg.use_feature_cache:
         build_feature_cache(features_dir, out / "feature_cache", train_config=train_cfg)
     seconds, metrics = {}, {}
-    for mode, concurrent in (("concurrent", None), ("sequential", 1)):
+    n_cpus = ray.cluster_resources().get("CPU", 1)
+    six_share = max(0.05, int(100 * max(n_cpus - 1, n_cpus / 2) / 6) / 100)
+    modes = {
+        "plan": {},
+        "six": {"concurrent_folds": 6, "cpus_per_worker": six_share},
+        "sequential": {"concurrent_folds": 1},
+    }
+    for mode, changes in modes.items():
         start = time.perf_counter()
         outcomes = run_wav2vec2_folds(
             Path(features_dir),
-            dataclasses.replace(cfg, concurrent_folds=concurrent),
+            dataclasses.replace(cfg, **changes),
             train_cfgs,
             out,
             storage=str(out / f"ray_{mode}"),
         )
         seconds[mode] = time.perf_counter() - start
         metrics[mode] = {o.fold: o.metrics["test/uar"] for o in outcomes}
+    plan = plan_folds(cfg, 6)
     return {
         "benchmark": "folds",
-        "folds": len(metrics["concurrent"]),
+        "folds": len(metrics["plan"]),
         "epochs_per_fold": args.epochs,
-        "concurrent_s": seconds["concurrent"],
+        "plan": plan.line(),
+        "plan_s": seconds["plan"],
+        "six_at_once_s": seconds["six"],
         "sequential_s": seconds["sequential"],
-        "concurrent_vs_sequential": seconds["concurrent"] / seconds["sequential"],
-        "same_test_uar_per_fold": metrics["concurrent"] == metrics["sequential"],
+        "plan_vs_six_at_once": seconds["plan"] / seconds["six"],
+        "plan_vs_sequential": seconds["plan"] / seconds["sequential"],
+        "same_test_uar_per_fold": metrics["plan"] == metrics["six"] == metrics["sequential"],
     }

@@ -172,6 +172,13 @@ def test_job_submit_to_token_auth_cluster(submitted_run):
     own = _own_lines(console)
     assert own[-1].startswith("run folder:") and own[-2].startswith("| mean ± std |")
     assert sum(line.startswith("wav2vec2 fold ") for line in own) == 12  # 6 x (1 epoch + done)
+    # the resource plan: one line, and the same in config.json (a 2-CPU cluster)
+    assert [line for line in own if line.startswith("resource plan:")] == [
+        "resource plan: 2 of 6 folds at once, 1 worker(s) per fold, 1 CPU and 1 torch "
+        "thread(s) per worker (cluster: 2 CPUs, 0 GPUs)"
+    ]
+    plan = json.loads((out / "config.json").read_text())["resource_plan"]
+    assert (plan["concurrent_folds"], plan["cpus_per_worker"], plan["torch_threads"]) == (2, 1, 1)
 
 
 def _wav2vec2_done_folds(run: Path) -> set[int]:

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from ser_ray.distributed.resources import fold_resources, gpus_per_worker
+from ser_ray.distributed.resources import gpus_per_worker, plan_folds
 from ser_ray.study import summary
 from ser_ray.study.kfold import (
     KFoldConfig,
@@ -82,16 +82,28 @@ def test_unknown_settings_are_refused(tmp_path):
     )
 
 
-def test_fold_resources_share_the_cluster(ray_local):
-    shared = fold_resources(KFoldConfig(), 6)
-    # 2 CPUs: one stays free for Ray's own tasks, the other is split over six folds
-    assert shared == {"use_gpu": False, "resources_per_worker": {"CPU": 0.16}}
-    assert fold_resources(KFoldConfig(), 1)["resources_per_worker"] == {"CPU": 1.0}
-    assert fold_resources(KFoldConfig(cpus_per_worker=0.5), 6)["resources_per_worker"] == {
-        "CPU": 0.5
-    }
+def test_the_resource_plan_gives_workers_whole_cpus_and_runs_what_fits(ray_local):
+    # this cluster (2 CPUs): two folds at once, one single-threaded worker each
+    plan = plan_folds(KFoldConfig(), 6)
+    assert (plan.concurrent_folds, plan.cpus_per_worker, plan.torch_threads) == (2, 1.0, 1)
+    assert plan.train_resources() == {"use_gpu": False, "resources_per_worker": {"CPU": 1.0}}
+    assert "2 of 6 folds at once" in plan.line() and "1 torch thread" in plan.line()
+    big = plan_folds(KFoldConfig(), 6, {"CPU": 16})
+    assert (big.concurrent_folds, big.cpus_per_worker, big.torch_threads) == (6, 2.0, 2)
+    one = plan_folds(KFoldConfig(), 6, {"CPU": 1})
+    assert (one.concurrent_folds, one.cpus_per_worker) == (1, 1.0)
+    ddp = plan_folds(KFoldConfig(workers_per_fold=2), 6, {"CPU": 8})
+    assert (ddp.concurrent_folds, ddp.cpus_per_worker) == (4, 1.0)
+    gpu = plan_folds(KFoldConfig(), 6, {"CPU": 16, "GPU": 1})
+    assert gpu.gpus_per_worker == pytest.approx(1 / 6) and gpu.concurrent_folds == 6
+    # the flags win
+    given = plan_folds(KFoldConfig(cpus_per_worker=0.5, concurrent_folds=3), 6, {"CPU": 2})
+    assert (given.concurrent_folds, given.cpus_per_worker, given.torch_threads) == (3, 0.5, 1)
+    assert plan_folds(KFoldConfig(concurrent_folds=9), 6, {"CPU": 2}).concurrent_folds == 6
     with pytest.raises(ValueError, match="has no GPU"):
-        fold_resources(KFoldConfig(gpus_per_fold=0.5), 6)
+        plan_folds(KFoldConfig(gpus_per_fold=0.5), 6)
+    with pytest.raises(ValueError, match="--cpus-per-worker 0"):
+        plan_folds(KFoldConfig(cpus_per_worker=0), 6, {"CPU": 2})
 
 
 def _single_fold_sweep(tmp_path, fold=2):

@@ -103,13 +103,19 @@ def test_demo_corpus_ua_well_above_chance(grid_run):
 
 
 def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
+    # the grid in one trial (one at a time) vs the fixture's two trials at once: the same
+    # choice, inner score and test metrics whatever the concurrency
     again = run_nested_svm(
         demo_df,
-        NestedSvmConfig(search="grid", grid=TINY_GRID, outer_folds=[3]),
+        NestedSvmConfig(search="grid", grid=TINY_GRID, outer_folds=[3], max_concurrent_trials=1),
         storage_path=tmp_path / "grid",
     )
     first = grid_run.folds[2]
     assert again.folds[0]["svm_params"] == first["svm_params"]
+    inner = again.folds[0]["svm_inner"]
+    assert inner["best_inner_uar"] == first["svm_inner"]["best_inner_uar"]
+    assert inner["n_trials"] == len(TINY_GRID)  # configs scored
+    assert len(list(Path(inner["experiment_path"]).glob("*/params.json"))) == 1  # one trial
     assert again.folds[0]["svm"] == first["svm"]
     pd.testing.assert_frame_equal(
         again.predictions,

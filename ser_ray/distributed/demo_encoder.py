@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
+from ser_ray.distributed.resources import demo_encoder_resources
 from ser_ray.features.unlabeled import write_demo_pool
 from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
@@ -82,6 +83,7 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         root / "build",
         PretrainConfig.from_dict(settings["pretrain"]),
         use_gpu=use_gpu,
+        resources_per_worker=demo_encoder_resources(),  # alone on the cluster: every CPU
         max_failures=1,
     )
     shutil.copytree(built, root / ".model.tmp", dirs_exist_ok=True)

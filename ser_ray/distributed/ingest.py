@@ -15,6 +15,10 @@ same order.
 
 Choices:
 
+- **Read once or per pass**: a source of at most :data:`HOLD_MAX_BYTES` is read once per fold
+  and held in the object store (:func:`hold_if_small`): a Ray Data execution per epoch and
+  split started new Ray worker processes all through training (50 on a default run). Larger
+  sources are read again on each pass and never held whole.
 - **Order**: ``preserve_order`` makes every pass give the rows in the same order, so batches
   depend on the seed only (windows are cut from the stream, shuffled within).
 - **No split across DDP ranks** (``datasets_to_split=[]``): every rank streams the whole
@@ -49,6 +53,9 @@ if TYPE_CHECKING:
     import ray.train
 
 ROWS_PER_READ = 16  # rows per batch handed from Ray Data to the worker's window
+#: A source of at most this many bytes (uncompressed Parquet) is read once per fold and held
+#: in the object store for every epoch; a larger one is read again on every pass.
+HOLD_MAX_BYTES = 1 << 30
 
 
 def split_columns(kind: str) -> list[str]:
@@ -60,12 +67,42 @@ def split_columns(kind: str) -> list[str]:
 def fold_datasets(
     source: str | os.PathLike, split_actors: dict[str, Sequence[int]], kind: str
 ) -> dict[str, ray.data.Dataset]:
-    """One Ray dataset per split with actors (RAY): the split's rows, the needed columns."""
-    return {
+    """One Ray dataset per split with actors (RAY): the split's rows, the needed columns;
+    read once and held for every epoch when the source is small (:func:`hold_if_small`)."""
+    datasets = {
         name: parquet_dataset(source, split_columns(kind), actors)
         for name, actors in split_actors.items()
         if actors
     }
+    return hold_if_small(datasets, parquet_bytes(source))
+
+
+def parquet_bytes(source: str | os.PathLike) -> int:
+    """Uncompressed size of a Parquet folder's rows, from the files' footers."""
+    filesystem, files = parquet_files(source)
+    total = 0
+    for name in files:
+        meta = pq.ParquetFile(name, filesystem=filesystem).metadata
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
+
+
+def hold_if_small(
+    datasets: dict[str, ray.data.Dataset], source_bytes: int
+) -> dict[str, ray.data.Dataset]:
+    """``datasets`` read now, once, in order, and held in the object store when their source
+    has at most :data:`HOLD_MAX_BYTES` (RAY: ``materialize``): every epoch then iterates
+    the held blocks, and no read task (and no new Ray worker process) starts per epoch. A
+    larger source stays a lazy dataset read again on each pass, so a fold never holds more
+    than the cap; the worker's window (:class:`~ser_ray.training.clip_stream.ClipStream`)
+    bounds its own memory either way."""
+    if source_bytes > HOLD_MAX_BYTES:
+        return datasets
+    held = {}
+    for name, dataset in datasets.items():
+        dataset.context.execution_options.preserve_order = True  # the order of every pass
+        held[name] = dataset.materialize()
+    return held
 
 
 def parquet_dataset(

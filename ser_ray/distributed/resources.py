@@ -6,20 +6,27 @@ placement group that a killed trainer left behind can hold CPUs for a while, so 
 that asks for a CPU at the wrong moment can wait for ever. Every reservation is decided
 here; the other modules ask this one.
 
-- **Fold workers** (:func:`fold_resources`): ``--cpus-per-worker``/``--gpus-per-fold``, or by
-  default a fair share of the cluster among the folds running at once. CPUs: about one CPU
-  is kept free (half the CPUs below 2) for the trial actors and the Ray Data tasks that
-  stream each fold's clips into its workers (they reserve none but use some), the rest
-  split over folds x workers, rounded down to 0.01, at least 0.05 and at most 4 per worker.
-  GPUs (:func:`gpus_per_worker`): one worker per fold takes a fair share of the GPUs (at
-  most one, several folds may share a device); DDP ranks each take whole, distinct GPUs,
-  since Ray's fractional GPU ids are not unique and NCCL refuses two ranks on one device.
-  TAPT's pre-training workers reserve the same as the folds'.
-- **Fold trials** (:data:`FOLD_TRIAL_RESOURCES`): each outer fold's Tune trial reserves a
-  token CPU; the ``TorchTrainer`` it drives reserves the workers in its own placement
-  group, so all folds start at once when the cluster has room and queue otherwise.
+- **Folds** (:func:`plan_folds`, a :class:`FoldPlan`, printed in one line and saved in
+  ``config.json``): how many folds train at once, workers per fold, CPUs and GPUs per worker
+  and torch threads per worker (= its whole CPUs). Without GPUs a worker gets whole CPUs,
+  ``floor(CPUs / (folds x workers))`` and at least one, and as many folds run at once as
+  fit: on 2 cores two folds of one single-threaded worker each, instead of six folds sharing
+  two cores (six at once was no faster than one after another, docs/benchmarks.md, and
+  cost ~7 Ray processes per fold). ``--concurrent-folds``, ``--cpus-per-worker``,
+  ``--gpus-per-fold`` override it. GPUs (:func:`gpus_per_worker`): one worker per fold
+  takes a fair share of the GPUs (at most one, several folds may share a device); DDP ranks
+  each take whole, distinct GPUs, since Ray's fractional GPU ids are not unique and NCCL
+  refuses two ranks on one device. TAPT's pre-training workers reserve the same as the
+  folds'.
+- **Fold trials** (:data:`FOLD_TRIAL_RESOURCES`): each outer fold's Tune trial reserves no
+  CPU, only its process's memory (Tune needs a non-empty request); the ``TorchTrainer`` it
+  drives reserves the workers in its own placement group, so the plan's folds start at once
+  and the others queue.
 - **TAPT tasks** (:data:`TAPT_TASK_CPUS`): the Ray task that launches one fold's
-  pre-training reserves a token CPU, for the same reason: the trainer does the work.
+  pre-training reserves no CPU, for the same reason: the trainer does the work.
+- **The demo encoder's pre-training** (:func:`demo_encoder_resources`): nothing else runs
+  while it is built, so its one worker takes every CPU of the cluster (at most
+  :data:`MAX_PRETRAIN_THREADS`), and torch as many threads.
 - **Parquet read tasks** (:data:`READ_TASK_CPUS`, :data:`READ_CONCURRENCY`): the map tasks
   reading a fold's splits, a pre-training pool or the feature cache's input reserve no CPU,
   one task at a time per dataset (a worker reads one split at a time). Ray Data's own
@@ -49,13 +56,16 @@ here; the other modules ask this one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Protocol
 
-#: Tune resources of the trial that drives one fold's TorchTrainer (a token CPU).
-FOLD_TRIAL_RESOURCES: dict[str, float] = {"CPU": 0.01}
-#: CPUs of the Ray task that launches one fold's TAPT TorchTrainer (a token).
-TAPT_TASK_CPUS = 0.01
+#: Tune resources of the trial that drives one fold's TorchTrainer: no CPU, its memory.
+FOLD_TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 300 * 2**20}
+#: CPUs of the Ray task that launches one fold's TAPT TorchTrainer (none).
+TAPT_TASK_CPUS = 0
+#: At most this many torch threads for the demo encoder's pre-training (a tiny model).
+MAX_PRETRAIN_THREADS = 8
 #: CPUs a Parquet read task reserves: none, so it never waits.
 READ_TASK_CPUS = 0
 #: Parquet read tasks at once per dataset.
@@ -69,11 +79,12 @@ SVM_TRIAL_RESOURCES: dict[str, float] = {"cpu": 1}
 
 
 class FoldSettings(Protocol):
-    """The study settings :func:`fold_resources` reads (``KFoldConfig`` has them)."""
+    """The study settings :func:`plan_folds` reads (``KFoldConfig`` has them)."""
 
     workers_per_fold: int
     gpus_per_fold: float | None
     cpus_per_worker: float | None
+    concurrent_folds: int | None
 
 
 def _cluster_cpus() -> float:
@@ -105,34 +116,91 @@ def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
     return per_worker
 
 
-def fold_resources(cfg: FoldSettings, n_folds: int) -> dict[str, Any]:
-    """Per-fold Train resources (``use_gpu``, ``resources_per_worker``) from the flags or, by
-    default, a fair share of the cluster among ``n_folds`` folds running at once."""
-    import ray
+@dataclasses.dataclass(frozen=True)
+class FoldPlan:
+    """How the wav2vec2 folds use the cluster (:func:`plan_folds`)."""
 
-    cluster = ray.cluster_resources()
+    folds: int
+    concurrent_folds: int
+    workers_per_fold: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    torch_threads: int  # per worker: its whole CPUs, at least one
+    cluster_cpus: float
+    cluster_gpus: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def train_resources(self) -> dict[str, Any]:
+        """``use_gpu`` and ``resources_per_worker`` of each fold's TorchTrainer."""
+        per_worker: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            per_worker["GPU"] = self.gpus_per_worker
+        return {"use_gpu": self.use_gpu, "resources_per_worker": per_worker}
+
+    def line(self) -> str:
+        """The plan in one line, for the console."""
+        gpus = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""
+        return (
+            f"resource plan: {self.concurrent_folds} of {self.folds} folds at once, "
+            f"{self.workers_per_fold} worker(s) per fold, {self.cpus_per_worker:g} CPU{gpus} "
+            f"and {self.torch_threads} torch thread(s) per worker (cluster: "
+            f"{self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
+        )
+
+
+def plan_folds(
+    cfg: FoldSettings, n_folds: int, cluster: dict[str, float] | None = None
+) -> FoldPlan:
+    """The plan for ``n_folds`` folds on ``cluster`` (default: ``ray.cluster_resources()``),
+    from the flags where given (``concurrent_folds``, ``cpus_per_worker``, ``gpus_per_fold``)
+    and the rules of the module doc otherwise (tests/test_kfold_config.py has examples)."""
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
     n_cpus, n_gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    workers = cfg.workers_per_fold
     gpus_per_fold = cfg.gpus_per_fold
     if gpus_per_fold is None:  # DDP: one whole GPU per worker; one worker: a fair share
-        share = min(1.0, n_gpus / n_folds) if cfg.workers_per_fold == 1 else cfg.workers_per_fold
+        share = min(1.0, n_gpus / n_folds) if workers == 1 else workers
         gpus_per_fold = float(share) if n_gpus else 0.0
-    use_gpu = gpus_per_fold > 0
-    if use_gpu and not n_gpus:
+    if gpus_per_fold > 0 and not n_gpus:
         raise ValueError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
-    gpus = gpus_per_worker(gpus_per_fold, cfg.workers_per_fold)
+    gpus = gpus_per_worker(gpus_per_fold, workers)
     if gpus > n_gpus:
         raise ValueError(
             f"each worker needs {gpus:g} GPU(s) but this Ray cluster has {n_gpus:g}; lower "
             "--workers-per-fold or --gpus-per-fold"
         )
     cpus = cfg.cpus_per_worker
-    if cpus is None:  # keep about one CPU free (see the module doc)
-        budget = n_cpus - 1 if n_cpus >= 2 else n_cpus / 2
-        cpus = min(4.0, max(0.05, int(100 * budget / (n_folds * cfg.workers_per_fold)) / 100))
-    per_worker: dict[str, float] = {"CPU": cpus}
-    if use_gpu:
-        per_worker["GPU"] = gpus
-    return {"use_gpu": use_gpu, "resources_per_worker": per_worker}
+    if cpus is None:  # whole CPUs: a worker's threads never share a core with another's
+        cpus = float(max(1, int(n_cpus // (n_folds * workers))))
+    if cpus <= 0:
+        raise ValueError(f"--cpus-per-worker {cpus}: give a positive number of CPUs")
+    concurrent = cfg.concurrent_folds
+    if concurrent is None:
+        concurrent = max(1, int(n_cpus // (workers * cpus)))
+    if concurrent < 1:
+        raise ValueError(f"--concurrent-folds {concurrent}: give at least 1")
+    return FoldPlan(
+        folds=n_folds,
+        concurrent_folds=min(concurrent, n_folds),
+        workers_per_fold=workers,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        torch_threads=max(1, int(cpus)),
+        cluster_cpus=n_cpus,
+        cluster_gpus=n_gpus,
+    )
+
+
+def demo_encoder_resources() -> dict[str, float]:
+    """``resources_per_worker`` of the demo encoder's one pre-training worker: every CPU of
+    the cluster, at most :data:`MAX_PRETRAIN_THREADS`; torch uses as many threads."""
+    return {"CPU": float(max(1, min(MAX_PRETRAIN_THREADS, int(_cluster_cpus()))))}
 
 
 def feature_cache_actor(use_gpu: bool) -> dict[str, float]:

@@ -26,9 +26,15 @@ class WorkerContext:
 
 
 def worker_context() -> WorkerContext:
-    """This worker's rank, world size and device (RAY)."""
+    """This worker's rank, world size and device (RAY); torch runs on as many threads as
+    the worker reserved CPUs (:func:`ser_ray.distributed.resources.worker_torch_threads`)."""
     import ray.train
     import ray.train.torch
+    import torch
+
+    from ser_ray.distributed.resources import worker_torch_threads
+
+    torch.set_num_threads(worker_torch_threads())
 
     context = ray.train.get_context()
     return WorkerContext(

@@ -30,7 +30,7 @@ from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.distributed import console
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import prepare_features
-from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, fold_resources
+from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, FoldPlan, plan_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm
 from ser_ray.study.variants import DEFAULT_VARIANTS, Variant, parse_variants
@@ -103,7 +103,11 @@ class KFoldConfig:
         default=1, metadata={"help": "Ray Train workers (DDP) per fold"}
     )
     concurrent_folds: int | None = dataclasses.field(
-        default=None, metadata={"help": "folds trained at once (default: all six)"}
+        default=None,
+        metadata={
+            "help": "folds trained at once (default: the resource plan's, as many as fit with "
+            "whole CPUs per worker)"
+        },
     )
     gpus_per_fold: float | None = dataclasses.field(
         default=None,
@@ -113,7 +117,11 @@ class KFoldConfig:
         },
     )
     cpus_per_worker: float | None = dataclasses.field(
-        default=None, metadata={"help": "default: a fair share of the CPUs"}
+        default=None,
+        metadata={
+            "help": "CPUs per Ray Train worker, also its torch threads (default: the resource "
+            "plan's, whole CPUs, a fair share over the folds)"
+        },
     )
     max_failures: int = dataclasses.field(
         default=2, metadata={"help": "worker restarts per fold before the fold fails"}
@@ -320,9 +328,7 @@ def run_wav2vec2_folds(
 
     fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
     first = train_cfgs[fold_numbers[0]]
-    concurrent = min(cfg.concurrent_folds or len(fold_numbers), len(fold_numbers))
-    resources = fold_resources(cfg, concurrent)
-    log.info("wav2vec2: %d folds, per worker %s", len(fold_numbers), resources)
+    plan = plan_folds(cfg, len(fold_numbers))
     # before the folds start: building a cache needs CPUs that running folds would hold
     inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
     train = {
@@ -333,7 +339,7 @@ def run_wav2vec2_folds(
         "max_failures": cfg.max_failures,
         "storage_path": storage,
         "tensorboard_dir": str(out / "tensorboard"),
-        **resources,
+        **plan.train_resources(),
     }
     # the param space is the fold number only: Tune's tables and saved state stay small
     trainable = tune.with_resources(
@@ -347,7 +353,7 @@ def run_wav2vec2_folds(
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(fold_numbers)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrent_folds),
             run_config=tune.RunConfig(
                 name="wav2vec2_folds",
                 storage_path=storage,
@@ -382,7 +388,6 @@ def _with_encoders(
     base = resolve_model(cfg.resolved_model(), cfg.smoke_test)
     models = {k: base for k in train_cfgs}
     if cfg.tapt_epochs:
-        concurrent = min(cfg.concurrent_folds or len(train_cfgs), len(train_cfgs))
         models = tapt.run_tapt_folds(
             features_dir,
             base,
@@ -390,7 +395,7 @@ def _with_encoders(
             folds=cfg.folds,
             settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
             out_dir=out / "tapt",
-            resources=fold_resources(cfg, concurrent),
+            resources=plan_folds(cfg, len(train_cfgs)).train_resources(),
             max_failures=cfg.max_failures,
         )
     return {k: dataclasses.replace(c, model=models[k]) for k, c in train_cfgs.items()}
@@ -430,9 +435,9 @@ def _svm_results(
 def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
-    The steps, in order: resolve the settings and save them (``config.json``), check the
-    model can be loaded, prepare the features, run every variant over the folds, write the
-    summary."""
+    The steps, in order: resolve the settings, check the model can be loaded, plan the
+    wav2vec2 folds' resources, save it all (``config.json``), prepare the features, run
+    every variant over the folds, write the summary."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = _storage_path(cfg, out)
@@ -440,9 +445,12 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
     train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
     variants = parse_variants(cfg.variants)
-    _save_run_config(out, cfg, variants, train_cfgs, provenance, storage)
+    plan = None
     if _runs_wav2vec2(variants):
         check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+        plan = plan_folds(cfg, len(fold_numbers))
+        print(plan.line(), flush=True)
+    _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
     features_dir, df = _prepared_features(cfg, out, variants)
     results = _run_variants(cfg, variants, df, features_dir, train_cfgs, out, storage)
     return _write_summary(cfg, out, variants, df, results, provenance)
@@ -466,8 +474,10 @@ def _save_run_config(
     train_cfgs: dict[int, TrainConfig],
     provenance: dict[str, Any] | None,
     storage: str,
+    plan: FoldPlan | None,
 ) -> None:
-    """``OUT/config.json``: the study's settings, resolved, before anything runs."""
+    """``OUT/config.json``: the study's settings, resolved, and the resource plan of the
+    wav2vec2 folds, before anything runs."""
     config_file.save_config(
         out,
         {
@@ -478,6 +488,7 @@ def _save_run_config(
             "train": train_cfgs[1] if cfg.params is None else train_cfgs,
             "params_provenance": provenance,
             "storage_path": storage,
+            "resource_plan": plan,
             "ser_ray_version": _version(),
         },
     )
@@ -490,9 +501,11 @@ def _prepared_features(
     rejected clips in ``OUT/rejected.csv``; returns the features folder and the columns the
     SVM variants need, checked to form the folds."""
     source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
-    prepared = prepare_features(source, out / "prepared", FeatureConfig(folds=cfg.folds))
-    shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
     columns = {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
+    # eGeMAPS (openSMILE, ~5x the MFCC recipe's time) only when a variant uses it
+    features = FeatureConfig(folds=cfg.folds, egemaps="egemaps" in columns)
+    prepared = prepare_features(source, out / "prepared", features)
+    shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
     df = load_features(prepared.features_dir, ["path", "actor", "emotion", *sorted(columns)])
     folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
     return prepared.features_dir, df
