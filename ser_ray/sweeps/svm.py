@@ -411,7 +411,7 @@ def _run_outer_fold(
         )  # fmt: skip
     metrics = classification_metrics(rows.y[test_mask], pred, num_classes)
     log.info(
-        "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d trials)",
+        "%s fold %d: test UA %.3f, accuracy %.3f (%s, inner UA %.3f, %d configs scored)",
         cfg.variant,
         k,
         metrics["uar"],
