@@ -6,6 +6,9 @@ For each precision (``--amp``, default bf16 and fp16) it runs the main job
 speed figure) and every fold asking for ``--gpus-per-fold`` of the GPU, so all six train at
 once. Figures: wall time of the job, training clips/s per fold (last epoch, from each fold's
 history) and in total, and the peak GPU memory of each training process (``nvidia-smi``).
+Beside them, one training step of the same model in this process (frozen CNN, AdamW, a batch
+of ``--batch-size`` clips of ``--seconds`` seconds): ``torch.cuda.max_memory_allocated`` next
+to the estimate of :mod:`ser_ray.training.memory` (SDPA's fused attention on CUDA).
 """
 
 from __future__ import annotations
@@ -32,6 +35,42 @@ def add_gpu_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--amp", default="bf16,fp16", help="precisions to compare")
     parser.add_argument("--model", default="base", help="'base' (random init), 'demo' or a path")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips in the measured step")
+    parser.add_argument("--seconds", type=float, default=6.0, help="clip length of that step")
+
+
+def step_memory(model_dir: str, amp: str, batch_size: int, samples: int) -> tuple[int, int]:
+    """(measured, estimated) peak bytes of one AdamW step of ``model_dir`` on CUDA with the
+    CNN frozen, ``batch_size`` clips of ``samples`` samples, autocast ``amp`` (or float32)."""
+    import torch
+    from transformers import Wav2Vec2ForSequenceClassification
+
+    from ser_ray.training.memory import estimate_for_model
+
+    torch.cuda.empty_cache()
+    model = Wav2Vec2ForSequenceClassification.from_pretrained(model_dir, num_labels=8).cuda()
+    model.freeze_feature_encoder()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    inputs = torch.randn(batch_size, samples, device="cuda")
+    labels = torch.zeros(batch_size, dtype=torch.long, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() - sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )  # the input batch and CUDA's own workspaces, not the model's
+    for _ in range(2):  # the second step has AdamW's state from the first
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated() - base
+    estimate = estimate_for_model(
+        model, batch_size, samples, amp=dtype is not None, fused_attention=True
+    )
+    del model, optimizer
+    return measured, estimate.total
 
 
 def base_size_model(folder: Path) -> Path:
@@ -102,6 +141,12 @@ def run_gpu_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for fold in range(1, FOLDS + 1):
             info = json.loads((run_dir / "wav2vec2" / f"fold_{fold}" / "result.json").read_text())
             per_fold.append(info["history"][-1]["train/clips_per_s"])
+        if args.model != "demo":  # the demo encoder exists only inside the job's run
+            measured, estimated = step_memory(
+                model, amp, args.batch_size, int(args.seconds * 16_000)
+            )
+            figures[f"{amp}_step_peak_mb_measured"] = measured / 2**20
+            figures[f"{amp}_step_peak_mb_estimated"] = estimated / 2**20
         figures.update(
             {
                 f"{amp}_kfold_wall_s": seconds,
