@@ -5,19 +5,23 @@ only difference is how many folds the Tune run trains at once and each worker's 
 ``plan`` (:func:`ser_ray.distributed.resources.plan_folds`, the job's default), ``six`` (all
 folds at once sharing the CPUs, the default before the plan: one CPU kept free, the rest split)
 and ``sequential`` (one fold at a time on whole CPUs). All must give the same per-fold test
-metrics wherever the workers' torch threads are the same: the work is the same.
+metrics wherever the workers' torch threads are the same: the work is the same. Each mode's
+peak memory (PSS summed over the driver's process tree, which holds the local Ray instance)
+and most ``ray::`` processes alive at once are sampled every two seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from benchmarks.process_tree import TreePeak
 from ser_ray.distributed import prepare
 from ser_ray.distributed.feature_cache import build_feature_cache
 from ser_ray.distributed.resources import plan_folds
@@ -49,7 +53,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     train_cfgs = dict.fromkeys(range(1, 7), train_cfg)
     if train_cfg.use_feature_cache:
         build_feature_cache(features_dir, out / "feature_cache", train_config=train_cfg)
-    seconds, metrics = {}, {}
+    seconds, metrics, peaks = {}, {}, {}
     n_cpus = ray.cluster_resources().get("CPU", 1)
     six_share = max(0.05, int(100 * max(n_cpus - 1, n_cpus / 2) / 6) / 100)
     modes = {
@@ -59,14 +63,15 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     for mode, changes in modes.items():
         start = time.perf_counter()
-        outcomes = run_wav2vec2_folds(
-            Path(features_dir),
-            dataclasses.replace(cfg, **changes),
-            train_cfgs,
-            out,
-            storage=str(out / f"ray_{mode}"),
-        )
-        seconds[mode] = time.perf_counter() - start
+        with TreePeak(os.getpid(), interval_s=2.0) as peaks[mode]:
+            outcomes = run_wav2vec2_folds(
+                Path(features_dir),
+                dataclasses.replace(cfg, **changes),
+                train_cfgs,
+                out,
+                storage=str(out / f"ray_{mode}"),
+            )
+            seconds[mode] = time.perf_counter() - start
         metrics[mode] = {o.fold: o.metrics["test/uar"] for o in outcomes}
     plan = plan_folds(cfg, 6)
     return {
@@ -77,6 +82,8 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "plan_s": seconds["plan"],
         "six_at_once_s": seconds["six"],
         "sequential_s": seconds["sequential"],
+        **{f"{mode}_peak_pss_gb": peak.pss / 2**30 for mode, peak in peaks.items()},
+        **{f"{mode}_peak_ray_processes": peak.ray_workers for mode, peak in peaks.items()},
         "plan_vs_six_at_once": seconds["plan"] / seconds["six"],
         "plan_vs_sequential": seconds["plan"] / seconds["sequential"],
         "same_test_uar_per_fold": metrics["plan"] == metrics["six"] == metrics["sequential"],

@@ -24,17 +24,17 @@ shows what they cost on top.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.process_tree import TreePeak
 
 SMALL_CLIPS = 24  # one clip per actor: the fixed cost
 
@@ -79,8 +79,6 @@ def run_tree(command: list[str], sample_memory: bool = True) -> tuple[float, flo
     Sampling reads every process's page tables ten times a second, which takes CPU from the
     command (more with more processes, so more from Ray than from a single process): timed
     runs pass ``sample_memory=False`` and get NaN for the memory figures."""
-    import psutil
-
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if not sample_memory:
@@ -88,33 +86,12 @@ def run_tree(command: list[str], sample_memory: bool = True) -> tuple[float, flo
         if proc.returncode:
             raise RuntimeError(f"{command[:3]} failed:\n{stderr.decode()[-3000:]}")
         return time.perf_counter() - start, float("nan"), float("nan")
-    peak_rss, peak_pss, done = 0, 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_rss, peak_pss
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                break
-            rss = pss = 0
-            for p in tree:
-                with contextlib.suppress(psutil.Error):  # a process that just ended
-                    info = p.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, stderr = proc.communicate()
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with TreePeak(proc.pid) as peak:
+        _, stderr = proc.communicate()
+        seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{command[:3]} failed:\n{stderr.decode()[-3000:]}")
-    return seconds, peak_rss, peak_pss
+    return seconds, peak.rss, peak.pss
 
 
 def _link_corpus(paths: list[str], folder: Path, copies: int = 1) -> Path:
