@@ -23,8 +23,10 @@ import ray
 
 from benchmarks.process_tree import TreePeak
 from ser_ray.distributed import prepare
+from ser_ray.distributed.demo_encoder import resolve_model
 from ser_ray.distributed.feature_cache import build_feature_cache
 from ser_ray.distributed.resources import plan_folds
+from ser_ray.features.featurize import FeatureConfig
 from ser_ray.study.kfold import (
     KFoldConfig,
     run_wav2vec2_folds,
@@ -42,11 +44,12 @@ def add_folds_args(parser: argparse.ArgumentParser) -> None:
 def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve() / "folds"
     features_dir = args.features or prepare.prepare_demo(
-        out / "prepared", smoke_test=args.smoke_test
+        out / "prepared", smoke_test=args.smoke_test, config=FeatureConfig(egemaps=False)
     )
+    model = resolve_model(args.model, args.smoke_test)  # "demo": built once, then cached
     cfg = KFoldConfig(
         variants=("wav2vec2",),
-        train=study_train_config(model=args.model, epochs=args.epochs),
+        train=study_train_config(model=model, epochs=args.epochs),
         out=str(out),
     )
     train_cfg = train_config_for(cfg)
