@@ -343,3 +343,19 @@ def test_tapt_progress_line_reads_the_runs_loss_curve(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"history": history, "config": {}}))
     line = _loss_line(tmp_path / "result.json")
     assert line == "contrastive 3.941 -> 3.210 over 3 epochs, 120 s"
+
+
+def test_the_demo_encoder_runs_on_fixed_threads_whatever_the_cluster(monkeypatch):
+    from ser_ray.distributed import demo_encoder, resources
+
+    threads = resources.DEMO_ENCODER_THREADS
+    for cpus, reserved in ((1, 1.0), (threads, float(threads)), (64, float(threads))):
+        monkeypatch.setattr(resources, "_cluster_cpus", lambda cpus=cpus: cpus)
+        assert resources.demo_encoder_resources() == {"CPU": reserved}
+    # the threads are part of the cached encoder's key: a build on other threads is not reused
+    settings = demo_encoder._settings("full")
+    assert settings["torch_threads"] == threads
+    before = demo_encoder.demo_encoder_dir("full")
+    monkeypatch.setattr(resources, "DEMO_ENCODER_THREADS", threads + 1)
+    monkeypatch.setattr(demo_encoder, "DEMO_ENCODER_THREADS", threads + 1)
+    assert demo_encoder.demo_encoder_dir("full") != before

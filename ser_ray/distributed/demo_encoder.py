@@ -3,9 +3,10 @@
 ``--model demo`` names it: the demo-size config (:func:`ser_ray.models.ssl.demo_config`)
 pre-trained (:mod:`ser_ray.training.pretrain`) on the package's synthetic unlabeled pool, whose
 voices and sentences differ from the demo corpus's and which carries no emotion labels
-(:func:`ser_ray.corpus.demo_corpus.unlabeled_pool_clips`). It is built on first use, deterministic
-(fixed seeds), and cached under ``$SER_RAY_CACHE`` (default ``~/.cache/ser_ray``) in a folder
-named by a hash of its settings. ``--model demo-random`` is the same architecture with
+(:func:`ser_ray.corpus.demo_corpus.unlabeled_pool_clips`). It is built on first use,
+deterministic (fixed seeds, and the same number of torch threads on every machine), and cached
+under ``$SER_RAY_CACHE`` (default ``~/.cache/ser_ray``) in a folder named by a hash of its
+settings. ``--model demo-random`` is the same architecture with
 random weights (the reference the pre-training is measured against).
 """
 
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
-from ser_ray.distributed.resources import demo_encoder_resources
+from ser_ray.distributed.resources import DEMO_ENCODER_THREADS, demo_encoder_resources
 from ser_ray.features.unlabeled import write_demo_pool
 from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
@@ -50,7 +51,11 @@ def _settings(size: str) -> dict:
         raise ValueError(f"demo encoder size must be one of {sorted(DEMO_ENCODER_SIZES)}")
     spec = DEMO_ENCODER_SIZES[size]
     pretrain = PretrainConfig(model=RANDOM_DEMO_MODEL, **spec["pretrain"])  # from scratch
-    return {"pool": spec["pool"], "pretrain": dataclasses.asdict(pretrain)}
+    return {
+        "pool": spec["pool"],
+        "pretrain": dataclasses.asdict(pretrain),
+        "torch_threads": DEMO_ENCODER_THREADS,  # part of the cache key: it changes the weights
+    }
 
 
 def demo_encoder_dir(size: str = "full") -> Path:
@@ -83,8 +88,9 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         root / "build",
         PretrainConfig.from_dict(settings["pretrain"]),
         use_gpu=use_gpu,
-        resources_per_worker=demo_encoder_resources(),  # alone on the cluster: every CPU
+        resources_per_worker=demo_encoder_resources(),
         max_failures=1,
+        torch_threads=settings["torch_threads"],
     )
     shutil.copytree(built, root / ".model.tmp", dirs_exist_ok=True)
     shutil.copy2(root / "build" / "result.json", root / "result.json")

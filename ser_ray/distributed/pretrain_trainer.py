@@ -34,11 +34,12 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker function: pre-train on the trainer's dataset ``pool``.
 
     ``config``: :class:`PretrainConfig` fields plus ``num_clips`` (the pool's size, counted by
-    :func:`fit_pretraining`) and ``log_dir``. The pool streams in ``window_clips`` clips at a
-    time. Reports ``pretrain/*`` every epoch with a checkpoint; resumes from the latest one.
+    :func:`fit_pretraining`), ``log_dir`` and ``torch_threads`` (None: one per reserved CPU).
+    The pool streams in ``window_clips`` clips at a time. Reports ``pretrain/*`` every epoch
+    with a checkpoint; resumes from the latest one.
     """
     cfg = PretrainConfig.from_dict(config)
-    ctx = edge.worker_context()
+    ctx = edge.worker_context(config.get("torch_threads"))
     eng.seed_everything(cfg.seed)
     model, fe = build_pretraining_model(cfg)
     eng.seed_everything(cfg.seed, ctx.rank)  # other masks and negatives per rank
@@ -78,11 +79,13 @@ def fit_pretraining(
     max_failures: int = 2,
     storage_path: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
+    torch_threads: int | None = None,
 ) -> Path:
     """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``actors``, only their clips)
     with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns
     ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
-    settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes."""
+    settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes. Torch runs on
+    ``torch_threads`` threads per worker (default: one per reserved CPU)."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
@@ -94,6 +97,7 @@ def fit_pretraining(
         **cfg.to_dict(),
         "num_clips": len(paths),
         "log_dir": str(log_dir or out / "tensorboard"),
+        "torch_threads": torch_threads,
     }
     trainer = edge.build_torch_trainer(
         pretrain_per_worker,

@@ -25,8 +25,9 @@ here; the other modules ask this one.
 - **TAPT tasks** (:data:`TAPT_TASK_CPUS`): the Ray task that launches one fold's
   pre-training reserves no CPU, for the same reason: the trainer does the work.
 - **The demo encoder's pre-training** (:func:`demo_encoder_resources`): nothing else runs
-  while it is built, so its one worker takes every CPU of the cluster (at most
-  :data:`MAX_PRETRAIN_THREADS`), and torch as many threads.
+  while it is built; its one worker runs torch on :data:`DEMO_ENCODER_THREADS` threads on
+  every machine (float sums depend on the number of threads, so the encoder's weights would
+  otherwise depend on the machine) and reserves that many CPUs, fewer on a smaller cluster.
 - **Parquet read tasks** (:data:`READ_TASK_CPUS`, :data:`READ_CONCURRENCY`): the map tasks
   reading a fold's splits, a pre-training pool or the feature cache's input reserve no CPU,
   one task at a time per dataset (a worker reads one split at a time). Ray Data's own
@@ -64,8 +65,9 @@ from typing import Any, Protocol
 FOLD_TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 300 * 2**20}
 #: CPUs of the Ray task that launches one fold's TAPT TorchTrainer (none).
 TAPT_TASK_CPUS = 0
-#: At most this many torch threads for the demo encoder's pre-training (a tiny model).
-MAX_PRETRAIN_THREADS = 8
+#: Torch threads of the demo encoder's pre-training, on every machine (its weights then do not
+#: depend on the machine's cores); two use the smallest machine the README targets fully.
+DEMO_ENCODER_THREADS = 2
 #: CPUs a Parquet read task reserves: none, so it never waits.
 READ_TASK_CPUS = 0
 #: Parquet read tasks at once per dataset.
@@ -198,9 +200,9 @@ def plan_folds(
 
 
 def demo_encoder_resources() -> dict[str, float]:
-    """``resources_per_worker`` of the demo encoder's one pre-training worker: every CPU of
-    the cluster, at most :data:`MAX_PRETRAIN_THREADS`; torch uses as many threads."""
-    return {"CPU": float(max(1, min(MAX_PRETRAIN_THREADS, int(_cluster_cpus()))))}
+    """``resources_per_worker`` of the demo encoder's one pre-training worker: a CPU per
+    torch thread (:data:`DEMO_ENCODER_THREADS`), at most the cluster's."""
+    return {"CPU": float(max(1, min(DEMO_ENCODER_THREADS, int(_cluster_cpus()))))}
 
 
 def feature_cache_actor(use_gpu: bool) -> dict[str, float]:

@@ -25,16 +25,17 @@ class WorkerContext:
     device: Any  # torch.device
 
 
-def worker_context() -> WorkerContext:
-    """This worker's rank, world size and device (RAY); torch runs on as many threads as
-    the worker reserved CPUs (:func:`ser_ray.distributed.resources.worker_torch_threads`)."""
+def worker_context(torch_threads: int | None = None) -> WorkerContext:
+    """This worker's rank, world size and device (RAY); torch runs on ``torch_threads``
+    threads, by default as many as the worker reserved CPUs
+    (:func:`ser_ray.distributed.resources.worker_torch_threads`)."""
     import ray.train
     import ray.train.torch
     import torch
 
     from ser_ray.distributed.resources import worker_torch_threads
 
-    torch.set_num_threads(worker_torch_threads())
+    torch.set_num_threads(torch_threads or worker_torch_threads())
 
     context = ray.train.get_context()
     return WorkerContext(
