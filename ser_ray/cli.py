@@ -17,6 +17,8 @@ from ser_ray.distributed import console
 from ser_ray.study.variants import Variant
 
 T = TypeVar("T")
+#: Ray Train's switch of its per-run preemption watcher (off on a local instance).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def add_dataclass_args(
@@ -212,7 +214,9 @@ def init_ray(
     address: str | None = None, num_cpus: int | None = None, dashboard: bool = False
 ) -> None:
     """Join ``address`` or ``$RAY_ADDRESS``; otherwise start a fresh local instance (never a
-    stale cluster named in /tmp/ray), with Ray's dashboard only when ``dashboard``."""
+    stale cluster named in /tmp/ray), with Ray's dashboard only when ``dashboard``, and
+    without Ray Train's preemption watcher (an actor per training run that watches for nodes
+    being drained: a local instance has one node, whose loss ends the job anyway)."""
     import ray
 
     if ray.is_initialized():
@@ -221,6 +225,8 @@ def init_ray(
     if address:
         ray.init(address=address, **console.ray_init_kwargs())
     else:
+        # read by Train's controllers, which inherit this process's environment
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(
             address="local",
             num_cpus=num_cpus,
