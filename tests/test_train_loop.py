@@ -547,3 +547,30 @@ def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_featu
     rows = pq.ParquetDataset(cache.path).read(columns=["path", "feature_rows"])
     assert cache.num_clips == rows.num_rows == len(load_features(demo_features / "features"))
     assert min(rows.column("feature_rows").to_pylist()) > 0
+
+
+def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_features, tmp_path):
+    """The cache runs one actor per CPU; its files, read in the order the folds read them,
+    hold the same rows in the same order, bit for bit, as a cache built by one actor (the
+    folds' batches follow that order, and every actor computes on one thread)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ser_ray.common.storage import parquet_files
+    from ser_ray.distributed.feature_cache import build_feature_cache
+    from ser_ray.features.featurize import load_features
+
+    def read(actors: int) -> pa.Table:
+        cache = build_feature_cache(
+            demo_features / "features",
+            tmp_path / f"cache_{actors}",
+            train_config=tiny_config(use_feature_cache=True),
+            num_actors=actors,
+            batch_size=4,  # 12 batches: both actors get work
+        )
+        filesystem, files = parquet_files(cache.path)
+        return pa.concat_tables(pq.read_table(f, filesystem=filesystem) for f in files)
+
+    one, two = read(1), read(2)
+    assert one.num_rows == len(load_features(demo_features / "features")) > 0
+    assert one.equals(two)

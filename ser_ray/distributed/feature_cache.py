@@ -106,7 +106,7 @@ class ClipFeatureUDF:
     """Ray Data callable class: one model per actor, features per clip (no padding)."""
 
     def __init__(self, model_dir: str, kind: str, use_gpu: bool = False):
-        torch.set_num_threads(resources.worker_torch_threads())
+        torch.set_num_threads(resources.CACHE_ACTOR_THREADS)
         self.kind = kind
         classifier, self.fe = load_model(model_dir)
         self.model = PartwiseClassifier(classifier, self.fe.return_attention_mask).eval()
@@ -159,13 +159,16 @@ def build_feature_cache(
     train_config: TrainConfig | None = None,
     model: str | None = None,
     probe: bool | None = None,
-    num_actors: int = 1,
-    use_gpu: bool = False,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
     batch_size: int = 16,
 ) -> FeatureCache:
     """The cache for this model and mode: reused when present, else built with Ray Data.
 
     The model comes from ``train_config`` (``model``, ``probe``), or from ``model``/``probe``.
+    By default on the cluster's GPUs when it has some, else on its CPUs, with
+    :func:`ser_ray.distributed.resources.feature_cache_actors` actors; the rows come out in
+    the features' order whatever the number of actors.
     """
     import ray.data
 
@@ -188,9 +191,14 @@ def build_feature_cache(
         return _open(final)
     work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
     model_dir = save_model(net.model, fe, work / "model")
+    if use_gpu is None:
+        use_gpu = resources.cluster_has_gpu()
+    if num_actors is None:
+        num_actors = resources.feature_cache_actors(use_gpu)
     # RAY. The reads, the model's actors and the writes reserve no CPU, so the build runs even
     # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
     ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
+    ds.context.execution_options.preserve_order = True  # the files' rows in the input's order
     ds = ds.map_batches(
         ClipFeatureUDF,
         fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},

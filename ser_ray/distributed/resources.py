@@ -37,10 +37,13 @@ here; the other modules ask this one.
   made workers read Parquet themselves). Reads that reserve nothing always start and take
   a small share of the cores while they decode (:mod:`ser_ray.distributed.ingest`).
 - **Feature-cache actors and writes** (:func:`feature_cache_actor`,
-  :func:`feature_cache_write`): on CPU they reserve no CPU, so the cache is built even
-  while a failed trainer's placement groups (its controller killed, e.g. for memory) still
-  hold CPUs; on GPU each model actor reserves one GPU. Each actor runs torch on the threads
-  Ray gives it (:func:`worker_torch_threads`).
+  :func:`feature_cache_write`, :func:`feature_cache_actors`): the cache is built alone,
+  before the folds start, on every GPU of the cluster when it has some (one actor per GPU,
+  one GPU each), else on its CPUs: one actor per CPU (at most :data:`MAX_CACHE_ACTORS`, each
+  holds a copy of the model), each on :data:`CACHE_ACTOR_THREADS` torch thread, so a clip's
+  features do not depend on the machine. On CPU they reserve no CPU, so the cache is built
+  even while a failed trainer's placement groups (its controller killed, e.g. for memory)
+  still hold CPUs.
 - **Featurizing tasks** (:func:`featurize_tasks`, :func:`plan_batches`): about
   :data:`TASKS_PER_CPU` tasks per cluster CPU, enough to balance clips of different
   lengths, few enough to keep the per-task cost small, each at most the batch size. Ray
@@ -68,6 +71,10 @@ TAPT_TASK_CPUS = 0
 #: Torch threads of the demo encoder's pre-training, on every machine (its weights then do not
 #: depend on the machine's cores); two use the smallest machine the README targets fully.
 DEMO_ENCODER_THREADS = 2
+#: Torch threads of a feature-cache actor on CPU: one, the same on every machine.
+CACHE_ACTOR_THREADS = 1
+#: At most this many feature-cache actors on CPU (each holds a copy of the model).
+MAX_CACHE_ACTORS = 8
 #: CPUs a Parquet read task reserves: none, so it never waits.
 READ_TASK_CPUS = 0
 #: Parquet read tasks at once per dataset.
@@ -203,6 +210,24 @@ def demo_encoder_resources() -> dict[str, float]:
     """``resources_per_worker`` of the demo encoder's one pre-training worker: a CPU per
     torch thread (:data:`DEMO_ENCODER_THREADS`), at most the cluster's."""
     return {"CPU": float(max(1, min(DEMO_ENCODER_THREADS, int(_cluster_cpus()))))}
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the Ray cluster has a GPU."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def feature_cache_actors(use_gpu: bool) -> int:
+    """Feature-cache model actors at once: one per GPU, or one per CPU (at most
+    :data:`MAX_CACHE_ACTORS`)."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(cluster.get("GPU", 0)))
+    return max(1, min(MAX_CACHE_ACTORS, int(cluster.get("CPU", 1))))
 
 
 def feature_cache_actor(use_gpu: bool) -> dict[str, float]:
