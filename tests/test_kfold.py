@@ -209,7 +209,7 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     finished = _wav2vec2_done_folds(run)
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("fold_*/checkpoint_*")}
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("fold_*/checkpoint_*/")}
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -221,7 +221,7 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
         if fold in finished and path.exists():
             assert path.stat().st_mtime_ns == stamp
     for fold in finished:  # finished folds made no new checkpoint after the restart
-        assert not [p for p in (run / "ray" / f"fold_{fold}").glob("checkpoint_*")
+        assert not [p for p in (run / "ray" / f"fold_{fold}").glob("checkpoint_*/")
                     if p not in stamps]  # fmt: skip
     # same seed and config: the same fold metrics as the uninterrupted submitted run
     assert _fold_metrics(run) == _fold_metrics(submitted_run[0])

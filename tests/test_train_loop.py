@@ -424,10 +424,16 @@ def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     _assert_predictions_agree_with_predict_and_pipeline(preds, result.model_dir, demo_features)
     assert list((tmp_path / "cache").glob("cnn-*/cache_info.json"))
     assert list((tmp_path / "run" / "tensorboard" / "fold_2").glob("events.*"))
-    # a second call finds the finished run and resumes from its last checkpoint: no retraining
+    # a second call finds the ended run and reports its final checkpoint again: no retraining,
+    # no second scoring, no new checkpoint
+    checkpoints = {p: p.stat().st_mtime_ns for p in (run / "ray" / "fold_2").glob("checkpoint_*/")}
+    assert len(checkpoints) >= 2  # the epochs' and the final one
     again = fit_fold_as_the_study_does(demo_features / "features", 2, cfg, run, tmp_path / "cache")
-    assert again.metrics["test/uar"] == pytest.approx(result.metrics["test/uar"])
+    assert again.metrics == result.metrics
     assert again.history == result.history
+    assert {p: p.stat().st_mtime_ns for p in (run / "ray" / "fold_2").glob("checkpoint_*/")} == (
+        checkpoints
+    )
 
 
 def test_transformer_frozen_for_the_first_steps(clips):

@@ -36,6 +36,7 @@ from ser_ray.corpus.folds import fold_split
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.distributed.fold_inputs import FoldInputs
+from ser_ray.distributed.train_in_tune import CHECKPOINT_PATH_KEY
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -68,10 +69,16 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
     checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
     the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from
-    ``ray.train.get_checkpoint()``.
+    ``ray.train.get_checkpoint()``; a run that had ended reports its final result again
+    (:func:`ended_fold_report`).
     """
     cfg = TrainConfig.from_dict(config)
     ctx = edge.worker_context()  # RAY
+    ended = ended_fold_report(edge.latest_checkpoint())  # RAY
+    if ended is not None:
+        log.info("fold %s had ended: its final checkpoint is reported again", config.get("fold"))
+        edge.report(ended)  # RAY
+        return
     kind = config.get("input_kind", "waveform")
     class_names = ravdess.class_names(cfg.merge_calm)
     eng.seed_everything(cfg.seed, ctx.rank)
@@ -123,6 +130,22 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         result=result, rank=ctx.rank,
     )  # fmt: skip
     edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
+
+
+def ended_fold_report(checkpoint) -> dict[str, Any] | None:
+    """The fold's final report again, its checkpoint's path under ``checkpoint_path``, when
+    the run's latest ``checkpoint`` is its final one (it holds ``result.json``); else None.
+
+    A Tune trial restarted after its fold's last report but before Tune recorded the trial's
+    end (a driver killed in between, then ``--resume``) restarts the same Train run; it then
+    ends at once, instead of refitting, scoring the test fold again and writing a second final
+    checkpoint."""
+    if checkpoint is None:
+        return None
+    text = edge.checkpoint_text(checkpoint, RESULT_FILE)  # RAY
+    if text is None:
+        return None
+    return {**json.loads(text)["metrics"], CHECKPOINT_PATH_KEY: checkpoint.path}
 
 
 def open_fold_clips(

@@ -3,7 +3,8 @@
 Everything a per-worker training function needs from Ray Train V2, in one place, so that
 the loops themselves stay Ray-free: :func:`worker_context` (rank, world size, device, the
 checkpoint to resume from), :func:`wrap_ddp`, :func:`report` (metrics + a checkpoint
-written by rank 0) and :func:`build_torch_trainer` (``FailureConfig``, storage, resources).
+written by rank 0), :func:`checkpoint_text` and :func:`build_torch_trainer`
+(``FailureConfig``, storage, resources).
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def latest_checkpoint():
     import ray.train
 
     return ray.train.get_checkpoint()
+
+
+def checkpoint_text(checkpoint, name: str) -> str | None:
+    """The text of the file ``name`` in ``checkpoint``, or None when it has none (RAY: read
+    through the checkpoint's filesystem, local or remote, that file alone)."""
+    import pyarrow.fs
+
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
 
 
 def fit(trainer, what: str):
