@@ -261,6 +261,49 @@ def test_rerun_is_skipped_until_input_or_config_changes(prepared_bad):
     assert len(load_features(deltas.features_dir, ["mfcc_stats"]).mfcc_stats[0]) == 160
 
 
+@pytest.mark.parametrize("runner", ["in-process", "ray"])
+def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path, monkeypatch,
+                                                          runner):  # fmt: skip
+    """A folder prepared without eGeMAPS gains the column (the values computing it at once
+    gives, everything else untouched, no clip featurized again); a run without eGeMAPS then
+    reuses the folder as it is."""
+    from ser_ray.distributed import prepare
+
+    _, corpus = prepared_bad
+    at_once = prepare_features(corpus, tmp_path / "at_once", FeatureConfig(batch_size=4))
+    later, without = tmp_path / "later", FeatureConfig(batch_size=4, egemaps=False)
+    first = prepare_features(corpus, later, without, runner=runner)
+    before = {f.name: pq.read_table(f) for f in first.features_dir.glob("part-*.parquet")}
+    assert all(t.column("egemaps").null_count == t.num_rows for t in before.values())
+
+    def no_featurizing(*args, **kwargs):
+        raise AssertionError("adding eGeMAPS must not featurize the clips again")
+
+    monkeypatch.setattr(prepare, "featurize_batch", no_featurizing)
+    monkeypatch.setattr(prepare, "_featurize_on_ray", no_featurizing)
+    added = prepare_features(corpus, later, FeatureConfig(batch_size=4), runner=runner)
+    assert added.reused and (added.n_ok, added.n_rejected) == (first.n_ok, first.n_rejected)
+    after = {f.name: pq.read_table(f) for f in added.features_dir.glob("part-*.parquet")}
+    assert after.keys() == before.keys()
+    for name, table in after.items():
+        assert table.drop_columns(["egemaps"]).equals(before[name].drop_columns(["egemaps"]))
+        assert table.column("egemaps").null_count == 0
+    whole = load_features(at_once.features_dir, ["path", "egemaps"])
+    gained = load_features(added.features_dir, ["path", "egemaps"])
+    assert list(gained.path) == list(whole.path)
+    np.testing.assert_array_equal(np.stack(gained.egemaps), np.stack(whole.egemaps))
+    record = json.loads((later / "config.json").read_text())
+    assert record["features"]["egemaps"] is True and record["egemaps_added_s"] >= 0
+    assert not list(added.features_dir.glob("*.partial"))
+
+    def must_not_start_ray() -> None:
+        raise AssertionError("a folder with eGeMAPS serves a run without them as it is")
+
+    again = prepare_features(corpus, later, without, must_not_start_ray, runner)
+    assert again.reused
+    assert {f.name: pq.read_table(f) for f in again.features_dir.glob("part-*.parquet")} == after
+
+
 def test_demo_features_load_as_hf_dataset(demo_features):
     ds = to_hf_dataset(demo_features / "features", columns=["path", "actor", "fold", "mfcc_stats"])
     assert ds.num_rows == 24 * 16

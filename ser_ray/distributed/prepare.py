@@ -5,7 +5,9 @@ Clips are featurized (:func:`ser_ray.features.featurize.featurize_batch`) inside
 only (path, reject reason) per clip, so waveforms never pass through the driver and memory stays
 flat in corpus size. Every input file ends up either as a row of ``features/`` or as a row of
 ``rejected.csv`` (``ok + rejected == input``, checked). A re-run on unchanged input and
-configuration reuses the previous output. A corpus too small to pay for starting Ray
+configuration reuses the previous output; a folder prepared without eGeMAPS gains them later
+without redoing the rest (:func:`ser_ray.features.featurize.add_egemaps`), and one prepared
+with them serves runs that do not use them. A corpus too small to pay for starting Ray
 (:data:`IN_PROCESS_MAX_CLIPS`) goes through the same batch function in the calling process.
 """
 
@@ -29,6 +31,7 @@ from ser_ray.features import audio
 from ser_ray.features.featurize import (
     OUTCOME_SCHEMA,
     FeatureConfig,
+    add_egemaps,
     featurize_batch,
     fingerprint,
     hf_inputs,
@@ -108,7 +111,10 @@ def prepare_features(
     key = fingerprint(inputs.items + [{"path": p} for p, _ in inputs.skipped], config)
     previous = _previous_run(config_json, features_dir, key)
     if previous is not None:
-        log.info("features in %s are up to date; reusing them", features_dir)
+        if config.egemaps and not previous["features"]["egemaps"]:
+            previous = _add_egemaps(out, previous, config, runner, connect)
+        else:
+            log.info("features in %s are up to date; reusing them", features_dir)
         counts = previous["counts"]
         return PrepareResult(
             out, features_dir, rejected_csv, counts["input"], counts["ok"],
@@ -187,7 +193,7 @@ def _featurize(
 ) -> tuple[str, pa.Table]:
     """Featurize the clips of ``table`` into ``staging`` on Ray (``connect`` first) or here, as
     ``runner`` says; (where it ran, the outcome rows: path, actor, reject reason, ...)."""
-    if runner == "ray" or (runner == "auto" and table.num_rows > IN_PROCESS_MAX_CLIPS):
+    if _on_ray(runner, table.num_rows):
         connect()
         runner, outcomes = "ray", _featurize_on_ray(table, config, staging)
     else:
@@ -247,6 +253,43 @@ def _write_outputs(
     config_json.write_text(json.dumps(record, indent=2))
     (features_dir / "_SUCCESS").write_text(record["fingerprint"])
     return seconds
+
+
+def _on_ray(runner: str, n_clips: int) -> bool:
+    """Whether ``runner`` (:data:`RUNNERS`) works on Ray for ``n_clips`` clips."""
+    return runner == "ray" or (runner == "auto" and n_clips > IN_PROCESS_MAX_CLIPS)
+
+
+def _add_egemaps(
+    out: Path, record: dict, config: FeatureConfig, runner: str, connect: Callable[[], None]
+) -> dict:
+    """Give the folder ``out`` (prepared without eGeMAPS, ``record`` its ``config.json``)
+    its ``egemaps`` column, file by file in Ray tasks or here (as ``runner`` says), keeping
+    everything else; returns the updated record. The ``_SUCCESS`` mark is off meanwhile, so
+    a run cut short is redone whole next time."""
+    start = time.perf_counter()
+    features_dir = out / "features"
+    files = sorted(str(f) for f in features_dir.glob("part-*.parquet"))
+    (features_dir / "_SUCCESS").unlink()
+    if _on_ray(runner, record["counts"]["ok"]):
+        import ray
+
+        connect()
+        task = ray.remote(add_egemaps).options(**resources.egemaps_task())
+        ray.get([task.remote(f, config.target_sr_hz) for f in files])
+    else:
+        for f in files:
+            add_egemaps(f, config.target_sr_hz)
+    seconds = time.perf_counter() - start
+    record = {
+        **record,
+        "features": dataclasses.asdict(config),
+        "egemaps_added_s": round(seconds, 2),
+    }
+    (out / "config.json").write_text(json.dumps(record, indent=2))
+    (features_dir / "_SUCCESS").write_text(record["fingerprint"])
+    log.info("eGeMAPS added to the %d clips of %s in %.1f s", record["counts"]["ok"], out, seconds)
+    return record
 
 
 def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:

@@ -50,6 +50,8 @@ here; the other modules ask this one.
   Data's per-operator reservation is off (:data:`FEATURIZE_OP_RESERVATION`): with one
   operator on 2 CPUs it kept one CPU idle for most of the run (1440 clips: 3.8 s with,
   2.4 s without).
+- **eGeMAPS added later** (:func:`egemaps_task`): one task per features file, one CPU each
+  (openSMILE runs on one thread).
 - **SVM trials** (:data:`SVM_TRIAL_RESOURCES`, :func:`svm_concurrent_trials`): one CPU
   each, by default as many at once as the cluster has CPUs.
 - **AdamW trials** (:func:`adamw_trial_resources`, :func:`adamw_concurrent_trials`,
@@ -264,6 +266,11 @@ def featurize_tasks(n_clips: int, max_batch_size: int) -> tuple[int, int]:
     (:func:`plan_batches`)."""
     num_cpus = max(1, int(_cluster_cpus()))
     return plan_batches(n_clips, num_cpus, max_batch_size)
+
+
+def egemaps_task() -> dict[str, float]:
+    """``options`` of the task that adds eGeMAPS to one features file: one CPU."""
+    return {"num_cpus": 1}
 
 
 def svm_concurrent_trials() -> int:

@@ -187,15 +187,20 @@ def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     for field in schema:
         values = [row[field.name] for row in rows]
         if pa.types.is_list(field.type) and field.type.value_type == pa.float32():
-            arrays = [np.asarray(v, np.float32).reshape(-1) for v in values if v is not None]
-            lengths = [0 if v is None else len(v) for v in values]
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
-            mask = pa.array([v is None for v in values], pa.bool_())
-            columns.append(pa.ListArray.from_arrays(offsets, flat, field.type, mask=mask))
+            columns.append(float32_lists(values))
         else:
             columns.append(pa.array(values, field.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def float32_lists(values: list) -> pa.ListArray:
+    """A ``list<float32>`` column from one array (or None) per row, in one copy."""
+    arrays = [np.asarray(v, np.float32).reshape(-1) for v in values if v is not None]
+    lengths = [0 if v is None else len(v) for v in values]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.float32)
+    mask = pa.array([v is None for v in values], pa.bool_())
+    return pa.ListArray.from_arrays(offsets, flat, pa.list_(pa.float32()), mask=mask)
 
 
 def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) -> pa.Table:
@@ -216,10 +221,7 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
             if not usable:
                 continue
             if writer is None:
-                # waveforms barely compress; skipping it saves the writer most of its time
-                writer = pq.ParquetWriter(
-                    path, FEATURE_SCHEMA, compression={"waveform": "NONE"}, use_dictionary=False
-                )
+                writer = feature_writer(path)
             writer.write_table(rows_to_table(usable, FEATURE_SCHEMA))
     finally:
         if writer is not None:
@@ -229,9 +231,40 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
     return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
 
 
+def feature_writer(path: str | Path) -> pq.ParquetWriter:
+    """A writer of one features file (:data:`FEATURE_SCHEMA`)."""
+    # waveforms barely compress; skipping it saves the writer most of its time
+    return pq.ParquetWriter(
+        path, FEATURE_SCHEMA, compression={"waveform": "NONE"}, use_dictionary=False
+    )
+
+
+def add_egemaps(path: str, target_sr_hz: int) -> int:
+    """Fill the ``egemaps`` column of the features file ``path`` (prepared without eGeMAPS)
+    from its waveforms and rewrite the file (a new file renamed over it): the values
+    :func:`featurize_clip` computes, from the same signal. Returns the file's rows."""
+    table = pq.read_table(path, schema=FEATURE_SCHEMA)
+    egemaps = float32_lists(
+        [
+            audio.egemaps_functionals(wave.values.to_numpy(), target_sr_hz)
+            for wave in table.column("waveform")
+        ]
+    )
+    table = table.set_column(FEATURE_SCHEMA.get_field_index("egemaps"), "egemaps", egemaps)
+    partial = f"{path}.partial"
+    with feature_writer(partial) as writer:
+        writer.write_table(table, row_group_size=WRITE_CHUNK_CLIPS)
+    Path(partial).replace(path)
+    return table.num_rows
+
+
 def fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
+    """What a prepared folder was made from: the inputs (path, size, time) and the settings
+    but ``egemaps``, which a folder can gain later (:func:`add_egemaps`) and which a run that
+    does not use them need not drop."""
+    settings = {**dataclasses.asdict(config), "egemaps": None}
     digest = hashlib.sha256()
-    digest.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(FEATURE_SCHEMA_VERSION).encode())
     for item in inputs:
         digest.update(
