@@ -98,10 +98,15 @@ class FoldSettings(Protocol):
     concurrent_folds: int | None
 
 
-def _cluster_cpus() -> float:
+def _cluster() -> dict[str, float]:
+    """The Ray cluster's resources (``CPU``, ``GPU``, ...) (RAY)."""
     import ray
 
-    return ray.cluster_resources().get("CPU", 1)
+    return ray.cluster_resources()
+
+
+def _cluster_cpus() -> float:
+    return _cluster().get("CPU", 1)
 
 
 def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
@@ -168,10 +173,7 @@ def plan_folds(
     """The plan for ``n_folds`` folds on ``cluster`` (default: ``ray.cluster_resources()``),
     from the flags where given (``concurrent_folds``, ``cpus_per_worker``, ``gpus_per_fold``)
     and the rules of the module doc otherwise (tests/test_kfold_config.py has examples)."""
-    if cluster is None:
-        import ray
-
-        cluster = ray.cluster_resources()
+    cluster = _cluster() if cluster is None else cluster
     n_cpus, n_gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     workers = cfg.workers_per_fold
     gpus_per_fold = cfg.gpus_per_fold
@@ -216,17 +218,13 @@ def demo_encoder_resources() -> dict[str, float]:
 
 def cluster_has_gpu() -> bool:
     """Whether the Ray cluster has a GPU."""
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return _cluster().get("GPU", 0) > 0
 
 
 def feature_cache_actors(use_gpu: bool) -> int:
     """Feature-cache model actors at once: one per GPU, or one per CPU (at most
     :data:`MAX_CACHE_ACTORS`)."""
-    import ray
-
-    cluster = ray.cluster_resources()
+    cluster = _cluster()
     if use_gpu:
         return max(1, int(cluster.get("GPU", 0)))
     return max(1, min(MAX_CACHE_ACTORS, int(cluster.get("CPU", 1))))
