@@ -12,16 +12,20 @@ Every console setting of the project is made here: environment variables and log
 levels (:func:`configure`, :func:`quiet_ray_data`), Ray's and Ray Train's console
 (:func:`ray_init_kwargs`, :func:`train_log_level`), Tune's tables (:func:`tune_verbosity`,
 :func:`search_verbosity`), the readers' datasets (:func:`quiet_dataset`) and Hugging Face's
-progress bars (:func:`quiet_transformers`). One exception, below this layer:
+progress bars (:func:`quiet_transformers`), Ray Data's deprecation of free remote arguments
+(:func:`remote_args_without_deprecation`). One exception, below this layer:
 ``ser_ray.models.ssl.load_model`` hides ``transformers``' load report while it loads (its own
 check says it better).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -121,6 +125,20 @@ def quiet_ray_data() -> None:
         is_console = isinstance(handler, logging.StreamHandler)
         if is_console and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def remote_args_without_deprecation() -> Iterator[None]:
+    """Around a ``map_batches`` given ``max_restarts``: Ray Data 2.60 warns that remote
+    arguments outside its named parameters are deprecated, but has no named parameter for
+    an actor's restarts (:func:`ser_ray.distributed.resources.feature_cache_actor`)."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`ray_remote_args` is deprecated", category=RayDeprecationWarning
+        )
+        yield
 
 
 def fold_progress_callback(label: str, epochs: int):

@@ -37,7 +37,7 @@ import torch
 
 from ser_ray.common.storage import count_rows, list_column
 from ser_ray.corpus import ravdess
-from ser_ray.distributed import resources
+from ser_ray.distributed import console, resources
 from ser_ray.models.ssl import (
     PartwiseClassifier,
     cnn_norm,
@@ -199,14 +199,15 @@ def build_feature_cache(
     # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
     ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
     ds.context.execution_options.preserve_order = True  # the files' rows in the input's order
-    ds = ds.map_batches(
-        ClipFeatureUDF,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        **resources.feature_cache_actor(use_gpu),
-    )
+    with console.remote_args_without_deprecation():
+        ds = ds.map_batches(
+            ClipFeatureUDF,
+            fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            **resources.feature_cache_actor(use_gpu),
+        )
     ds.write_parquet(str(work / DATA_DIR), ray_remote_args=resources.feature_cache_write(use_gpu))
     num_clips = count_rows(work / DATA_DIR)
     shutil.rmtree(work / "model")

@@ -43,7 +43,11 @@ here; the other modules ask this one.
   holds a copy of the model), each on :data:`CACHE_ACTOR_THREADS` torch thread, so a clip's
   features do not depend on the machine. On CPU they reserve no CPU, so the cache is built
   even while a failed trainer's placement groups (its controller killed, e.g. for memory)
-  still hold CPUs.
+  still hold CPUs. An actor that dies is not restarted (``max_restarts=0``): Ray Data's default
+  restarts it without limit (one that runs out of memory would keep dying), and Ray prints
+  an error-level ``core_worker.cc`` line for every such actor, whose constructor arguments
+  Ray Data keeps in the object store. The build then fails with the
+  actor's error, and ``--resume`` starts it again (it is written whole or not at all).
 - **Featurizing tasks** (:func:`featurize_tasks`, :func:`plan_batches`): about
   :data:`TASKS_PER_CPU` tasks per cluster CPU, enough to balance clips of different
   lengths, few enough to keep the per-task cost small, each at most the batch size. Ray
@@ -231,8 +235,9 @@ def feature_cache_actors(use_gpu: bool) -> int:
 
 
 def feature_cache_actor(use_gpu: bool) -> dict[str, float]:
-    """``map_batches`` resources of one feature-cache model actor: no CPU, or one GPU."""
-    return {"num_gpus": 1} if use_gpu else {"num_cpus": 0}
+    """``map_batches`` resources of one feature-cache model actor: no CPU, or one GPU; never
+    restarted."""
+    return {"num_gpus": 1, "max_restarts": 0} if use_gpu else {"num_cpus": 0, "max_restarts": 0}
 
 
 def feature_cache_write(use_gpu: bool) -> dict[str, float]:
