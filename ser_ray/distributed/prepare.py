@@ -250,9 +250,14 @@ def _write_outputs(
         "actors_missing": missing,
         "seconds": round(seconds, 2),
     }
+    _publish_record(record, config_json, features_dir)
+    return seconds
+
+
+def _publish_record(record: dict, config_json: Path, features_dir: Path) -> None:
+    """``record`` as ``config.json``, then the ``_SUCCESS`` mark a re-run looks for."""
     config_json.write_text(json.dumps(record, indent=2))
     (features_dir / "_SUCCESS").write_text(record["fingerprint"])
-    return seconds
 
 
 def _on_ray(runner: str, n_clips: int) -> bool:
@@ -271,24 +276,28 @@ def _add_egemaps(
     features_dir = out / "features"
     files = sorted(str(f) for f in features_dir.glob("part-*.parquet"))
     (features_dir / "_SUCCESS").unlink()
-    if _on_ray(runner, record["counts"]["ok"]):
+    n_ok = record["counts"]["ok"]
+    if _on_ray(runner, n_ok):
         import ray
 
         connect()
         task = ray.remote(add_egemaps).options(**resources.egemaps_task())
-        ray.get([task.remote(f, config.target_sr_hz) for f in files])
+        rows = ray.get([task.remote(f, config.target_sr_hz) for f in files])
     else:
-        for f in files:
-            add_egemaps(f, config.target_sr_hz)
+        rows = [add_egemaps(f, config.target_sr_hz) for f in files]
+    if sum(rows) != n_ok:
+        raise RuntimeError(
+            f"{features_dir}: {sum(rows)} rows in its files, {n_ok} in config.json; prepare the "
+            "features again (delete the folder)"
+        )
     seconds = time.perf_counter() - start
     record = {
         **record,
         "features": dataclasses.asdict(config),
         "egemaps_added_s": round(seconds, 2),
     }
-    (out / "config.json").write_text(json.dumps(record, indent=2))
-    (features_dir / "_SUCCESS").write_text(record["fingerprint"])
-    log.info("eGeMAPS added to the %d clips of %s in %.1f s", record["counts"]["ok"], out, seconds)
+    _publish_record(record, out / "config.json", features_dir)
+    log.info("eGeMAPS added to the %d clips of %s in %.1f s", n_ok, out, seconds)
     return record
 
 

@@ -46,8 +46,8 @@ here; the other modules ask this one.
   still hold CPUs. An actor that dies is not restarted (``max_restarts=0``): Ray Data's default
   restarts it without limit (one that runs out of memory would keep dying), and Ray prints
   an error-level ``core_worker.cc`` line for every such actor, whose constructor arguments
-  Ray Data keeps in the object store. The build then fails with the
-  actor's error, and ``--resume`` starts it again (it is written whole or not at all).
+  Ray Data keeps in the object store. The build then fails with the actor's error, and
+  ``--resume`` starts it again (it is written whole or not at all).
 - **Featurizing tasks** (:func:`featurize_tasks`, :func:`plan_batches`): about
   :data:`TASKS_PER_CPU` tasks per cluster CPU, enough to balance clips of different
   lengths, few enough to keep the per-task cost small, each at most the batch size. Ray
