@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from benchmarks.process_tree import TreePeak
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
 from ser_ray.distributed.feature_cache import build_feature_cache
@@ -70,6 +71,7 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             outcomes = run_wav2vec2_folds(
                 Path(features_dir),
                 dataclasses.replace(cfg, **changes),
+                ravdess_protocol(),
                 train_cfgs,
                 out,
                 storage=str(out / f"ray_{mode}"),

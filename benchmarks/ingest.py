@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ser_ray.corpus import ravdess
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import prepare
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ def _finetune_batches(config: dict[str, Any], fe) -> Iterator[Any]:
     to_clips = functools.partial(
         table_from_arrow,
         kind="waveform",
-        class_names=ravdess.class_names(),
-        merge_calm=False,
+        label_index=ravdess_protocol().label_index(),
         feature_extractor=fe,
     )
     if config["path"] == "memory":
@@ -180,7 +179,6 @@ def _pretrain_batches(config: dict[str, Any], fe) -> Iterator[Any]:
 def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
     """What a worker of ``training`` reads (actors, columns, clip count) and the trainer's
     dataset of it (RAY), on fold ``fold``'s training side."""
-    from ser_ray.corpus.folds import fold_split
     from ser_ray.distributed.ingest import parquet_dataset, split_columns
     from ser_ray.distributed.pretrain_trainer import POOL_DATASET
     from ser_ray.distributed.tapt import tapt_actors
@@ -188,10 +186,10 @@ def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
     from ser_ray.training.clip_data import count_split
 
     if training == "pretrain":
-        actors, columns, name = tapt_actors(fold, "contiguous"), POOL_COLUMNS, POOL_DATASET
+        actors, columns, name = tapt_actors(fold, ravdess_protocol()), POOL_COLUMNS, POOL_DATASET
     else:
         actors, columns, name = (
-            fold_split(fold, "contiguous", 4)[1],
+            ravdess_protocol().split(fold)[1],
             split_columns("waveform"),
             "train",
         )

@@ -24,8 +24,7 @@ from sklearn.model_selection import GridSearchCV
 
 from ser_ray import cli
 from ser_ray.common.metrics import classification_metrics
-from ser_ray.corpus.folds import test_and_train_actors
-from ser_ray.corpus.ravdess import class_names
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 from ser_ray.models import svm
@@ -80,25 +79,27 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     smoke_test = bool(getattr(args, "smoke_test", False))
     out = Path(getattr(args, "out", None) or "runs/benchmark")
-    scheme, num_classes = args.folds, len(class_names(args.merge_calm))
+    scheme = args.folds
+    protocol = ravdess_protocol(scheme, args.merge_calm)
+    num_classes, fold_map = len(protocol.classes), protocol.fold_of_speaker()
     if args.features:
         features_dir = Path(args.features)
     else:
         egemaps = "egemaps" in svm.FEATURE_SETS[args.svm_features]  # only when searched on
-        config = featurize.FeatureConfig(folds=scheme, egemaps=egemaps)
+        config = featurize.FeatureConfig(egemaps=egemaps)
         features_dir = prepare.prepare_demo(out / "prepared", smoke_test=smoke_test, config=config)
     columns = ["path", "actor", "emotion", *svm.FEATURE_SETS[args.svm_features]]
     df = featurize.load_features(features_dir, columns=columns)
-    test_actors, train_actors = test_and_train_actors(args.fold, scheme)
+    test_actors, train_actors = protocol.test_and_train(args.fold)
     X_all = svm.feature_set_matrix(df, args.svm_features, args.speaker_norm)
-    y_all = svm.label_vector(df, args.merge_calm)
+    y_all = svm.label_vector(df, protocol)
     train_mask = df["actor"].isin(train_actors).to_numpy()
     test_mask = df["actor"].isin(test_actors).to_numpy()
     train = df[train_mask].reset_index(drop=True)
     X, y = X_all[train_mask], y_all[train_mask]
     actors = train["actor"].to_numpy()
     grid = svm.svm_grid(smoke_test)
-    splits = svm.inner_splits(actors, scheme)
+    splits = svm.inner_splits(actors, fold_map)
 
     # Twice: the first Tuner on a fresh cluster also starts the trial workers (cold).
     tune_runs_s = []
@@ -106,7 +107,7 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         start_s = time.perf_counter()
         found = tune_fold(
             X, y, actors,
-            search="grid", num_samples=1, folds=scheme, num_classes=num_classes, seed=0,
+            search="grid", num_samples=1, fold_map=fold_map, num_classes=num_classes, seed=0,
             storage_path=out / "tune", name=f"bench_svm_grid_fold{args.fold}_{run}", grid=grid,
             max_concurrent_trials=getattr(args, "max_concurrent_trials", None),
         )  # fmt: skip
@@ -131,7 +132,7 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sklearn_score = float(search.cv_results_["mean_test_score"][best])
 
     def test_uar(params: dict[str, Any]) -> float:
-        labels, _ = svm.fit_predict(params, X, y, actors, X_all[test_mask], num_classes, scheme)
+        labels, _ = svm.fit_predict(params, X, y, actors, X_all[test_mask], num_classes, fold_map)
         return classification_metrics(y_all[test_mask], labels, num_classes)["uar"]
 
     tuned_test_uar, reference_test_uar = test_uar(found["params"]), test_uar(svm.REFERENCE_PARAMS)

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from ser_ray import cli
+from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_dataclass_args(p, KFoldConfig, exclude=("out", "smoke_test"), defaults=d)
     cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=d.train)
+    cli.add_protocol_args(p, defaults=d.protocol)
     cli.add_common_args(p, default_out=d.out)
     return p
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     train = cli.dataclass_from_args(args, TrainConfig, study_train_config())
-    cfg = cli.dataclass_from_args(args, KFoldConfig, train=train)
+    protocol = cli.dataclass_from_args(args, ProtocolSettings)
+    cfg = cli.dataclass_from_args(args, KFoldConfig, train=train, protocol=protocol)
     try:
         params_provenance(cfg)  # refuse leaky tuned settings before starting anything
     except ValueError as error:

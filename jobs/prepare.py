@@ -21,7 +21,7 @@ from ser_ray.features import featurize
 #: The FeatureConfig fields the job takes as flags (--no-egemaps, --all-modalities: see their
 #: metadata).
 FEATURE_FLAGS = (
-    "folds", "n_mfcc", "mfcc_deltas", "egemaps", "trim_silence", "max_duration_s", "speech_only",
+    "n_mfcc", "mfcc_deltas", "egemaps", "trim_silence", "max_duration_s", "speech_only",
 )  # fmt: skip
 
 
@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data-dir",
-        help="RAVDESS-layout folder (Actor_XX/*.wav or flat; local or s3://…), or a copy "
-        "saved with datasets' save_to_disk. Default: the embedded demo corpus",
+        help="the corpus: a RAVDESS-layout folder (Actor_XX/*.wav or flat; local or s3://…), "
+        "a CREMA-D-named folder, a clip manifest (CSV/JSONL: path, speaker, emotion, ...), "
+        "or a copy saved with datasets' save_to_disk. Default: the embedded demo corpus",
     )
     parser.add_argument(
         "--download",

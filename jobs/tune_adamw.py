@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ser_ray import cli
 from ser_ray.common import config_file
+from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
 from ser_ray.models.ssl import DEMO_MODEL
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_train = dataclasses.replace(d.train, model=DEMO_MODEL)
     cli.add_dataclass_args(p, TrainConfig, only=TRAIN_FLAGS, defaults=job_train)
     cli.add_dataclass_args(p, SweepConfig, exclude=("grace_period", "space"), defaults=d)
+    cli.add_protocol_args(p)
     p.add_argument(
         "--lr-encoder-range",
         type=float,
@@ -119,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.model = resolve_model(args.model, args.smoke_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = prepare.features_for_job(
-        args.features, args.data_dir, args.out, args.smoke_test, args.folds
+    features_dir, protocol = prepare.features_for_job(
+        args.features,
+        args.data_dir,
+        args.out,
+        args.smoke_test,
+        cli.dataclass_from_args(args, ProtocolSettings, n_val_speakers=train.n_val_actors),
     )
     config_json = config_file.save_config(
         out,
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None
     result = run_sweep(
-        features_dir, cfg, out, fold=args.fold, nested=args.nested, outer_folds=outer
+        features_dir, cfg, out, protocol, fold=args.fold, nested=args.nested, outer_folds=outer
     )
 
     per_fold = result.best.get("per_fold") or {str(args.fold): result.best}

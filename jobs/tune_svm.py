@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ser_ray import cli
 from ser_ray.common import config_file
+from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
 from ser_ray.models import svm
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trials per outer fold for --search bayes (grid runs its whole fixed grid); "
         f"default: %(default)s, {SMOKE_NUM_SAMPLES} with --smoke-test",
     )
-    cli.add_dataclass_args(parser, featurize.FeatureConfig, only=("folds",))  # as every job
+    cli.add_protocol_args(parser)
     parser.add_argument(
         "--outer-folds",
         default=None,
@@ -83,11 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    features_dir = prepare.features_for_job(
-        args.features, args.data_dir, args.out, args.smoke_test, args.folds
+    features_dir, protocol = prepare.features_for_job(
+        args.features,
+        args.data_dir,
+        args.out,
+        args.smoke_test,
+        cli.dataclass_from_args(args, ProtocolSettings, n_val_speakers=0),
     )
     columns = META_COLUMNS + list(svm.FEATURE_SETS[args.svm_features])
     df = featurize.load_features(features_dir, columns=columns)
+    df = df[df["emotion"].isin(protocol.kept_labels)]  # the label map may drop some
     num_samples = min(args.num_samples, SMOKE_NUM_SAMPLES) if args.smoke_test else args.num_samples
     outer = [int(k) for k in args.outer_folds.split(",")] if args.outer_folds else None
 
@@ -99,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             search="grid" if reference else args.search,
             grid=[svm.REFERENCE_PARAMS] if reference else None,
             num_samples=num_samples,
-            folds=args.folds,
-            merge_calm=args.merge_calm,
             seed=args.seed,
             outer_folds=outer,
             smoke_test=args.smoke_test,
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             speaker_normalise=args.speaker_norm,
             variant=variant,
         ),
+        protocol,
         storage_path=out / "tune",
         models_dir=out / "svm_models",
     )
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{variant}: {args.svm_features} features, normalisation: "
-        f"{result.config['normalisation']}\nnested CV ({args.search} search, {args.folds} "
+        f"{result.config['normalisation']}\nnested CV ({args.search} search, {protocol.scheme} "
         f"folds, {len(df)} clips)"
     )
     search_columns = {

@@ -170,11 +170,25 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--data-dir",
-        help="RAVDESS-layout folder: prepare its features into OUT/prepared first. "
-        "Default (neither flag): the embedded demo corpus",
+        help="the corpus (RAVDESS or CREMA-D folder, clip manifest CSV/JSONL): prepare its "
+        "features into OUT/prepared first. Default (neither flag): the embedded demo corpus",
     )
     source.add_argument(
         "--features", help="a prepared features folder (the Parquet dataset of jobs/prepare.py)"
+    )
+
+
+def add_protocol_args(parser: argparse.ArgumentParser, defaults: Any = None) -> None:
+    """The protocol's flags (``--folds``, ``--num-folds``, ``--label-map``, ``--protocol``);
+    ``--merge-calm`` and ``--seed`` are the job's own, the validation speakers the training
+    settings'."""
+    from ser_ray.corpus.protocol import ProtocolSettings
+
+    add_dataclass_args(
+        parser,
+        ProtocolSettings,
+        exclude=("merge_calm", "n_val_speakers", "seed"),
+        defaults=defaults,
     )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ser_ray import cli
+from ser_ray.corpus.protocol import SCHEMES, ProtocolSettings
 from ser_ray.features.featurize import FeatureConfig
 from ser_ray.study.kfold import KFoldConfig, study_train_config
 from ser_ray.sweeps.adamw import SweepConfig, sweep_train_config
@@ -111,9 +112,11 @@ def test_kfold_flags_reach_the_study_and_its_training_settings():
          "--variants", "svm,wav2vec2", "--model", "demo-random"]
     )  # fmt: skip
     train = cli.dataclass_from_args(args, TrainConfig, study_train_config())
-    cfg = cli.dataclass_from_args(args, KFoldConfig, train=train)
+    protocol = cli.dataclass_from_args(args, ProtocolSettings)
+    cfg = cli.dataclass_from_args(args, KFoldConfig, train=train, protocol=protocol)
     assert (train.lr_encoder, train.epochs, train.merge_calm, train.refit) == (1e-4, 3, True, True)
-    assert (cfg.folds, cfg.variants, cfg.resolved_model()) == (
+    assert cfg.protocol_settings(4).merge_calm and cfg.protocol_settings(4).n_val_speakers == 4
+    assert (cfg.protocol.folds, cfg.variants, cfg.resolved_model()) == (
         "emobox",
         ("svm", "wav2vec2"),
         "demo-random",
@@ -135,7 +138,10 @@ def test_the_same_flag_means_the_same_on_every_job():
         )
 
     shared = {
-        "--folds": ("kfold", "tune_adamw", "prepare", "tune_svm"),
+        "--folds": ("kfold", "tune_adamw", "tune_svm"),
+        "--num-folds": ("kfold", "tune_adamw", "tune_svm"),
+        "--label-map": ("kfold", "tune_adamw", "tune_svm"),
+        "--protocol": ("kfold", "tune_adamw", "tune_svm"),
         "--epochs": ("kfold", "tune_adamw", "pretrain"),
         "--batch-size": ("kfold", "tune_adamw", "pretrain"),
         "--seed": ("kfold", "tune_adamw", "pretrain"),
@@ -145,7 +151,8 @@ def test_the_same_flag_means_the_same_on_every_job():
     for flag, jobs in shared.items():
         meanings = {job: meaning(parsers[job][flag]) for job in jobs}
         assert len(set(meanings.values())) == 1, (flag, meanings)
-    assert parsers["kfold"]["--folds"].choices == ["contiguous", "emobox"]
+    assert parsers["kfold"]["--folds"].choices == list(SCHEMES)
+    assert "--folds" not in parsers["prepare"]  # features do not depend on the folds
     # the peak learning rate of the encoder, by either loop's name for it
     assert (
         parsers["kfold"]["--lr"].dest == "lr_encoder" and parsers["pretrain"]["--lr"].dest == "lr"

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_train_loop import CLASSES, synthetic_table, tiny_config
+from test_train_loop import CLASSES, LABELS, synthetic_table, tiny_config
 
 from ser_ray.models.ssl import demo_feature_extractor
 from ser_ray.training.clip_data import (
@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 
 
 def to_clips(rows: pa.Table):
-    return table_from_arrow(rows, "waveform", CLASSES, False, FE)
+    return table_from_arrow(rows, "waveform", LABELS, FE)
 
 
 def stream_of(rows: pa.Table, window_clips: int, rows_per_read: int = 3) -> ClipStream:

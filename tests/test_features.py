@@ -5,6 +5,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -102,7 +103,7 @@ def test_every_input_is_accounted_for(prepared_bad):
     assert result.n_ok + result.n_rejected == result.n_input
     config = json.loads((result.out_dir / "config.json").read_text())
     assert config["counts"] == {"input": 13, "ok": 7, "rejected": 6}
-    assert config["actors_missing"] == list(range(3, 25))
+    assert config["actors"] == [1, 2] and config["input_kind"] == "ravdess"
 
 
 def test_feature_rows_hold_16k_audio_and_librosa_mfcc(prepared_bad):
@@ -114,7 +115,8 @@ def test_feature_rows_hold_16k_audio_and_librosa_mfcc(prepared_bad):
     for _, row in df.iterrows():
         assert row.num_samples == len(row.waveform)
         assert row.duration_s == pytest.approx(row.num_samples / 16_000)
-        assert len(row.mfcc_stats) == 80 and row.fold == 1
+        assert len(row.mfcc_stats) == 80 and row.speaker == str(row.actor)
+        assert row.gender == ("male" if row.actor % 2 else "female") and pd.isna(row.fold)
     # length after resampling: 48 kHz PCM -> exactly a third of the samples
     wav = corpus / "Actor_01" / "03-01-07-01-01-01-01.wav"
     assert df.loc[wav.name].num_samples == -(-sf.info(wav).frames // 3)  # ceil, as librosa
@@ -305,11 +307,13 @@ def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path
 
 
 def test_demo_features_load_as_hf_dataset(demo_features):
-    ds = to_hf_dataset(demo_features / "features", columns=["path", "actor", "fold", "mfcc_stats"])
+    ds = to_hf_dataset(
+        demo_features / "features", columns=["path", "actor", "speaker", "mfcc_stats"]
+    )
     assert ds.num_rows == 24 * 16
     assert sorted(set(ds["actor"])) == list(range(1, 25))
     row = ds[0]
-    assert len(row["mfcc_stats"]) == 80 and row["fold"] == (row["actor"] - 1) // 4 + 1
+    assert len(row["mfcc_stats"]) == 80 and row["speaker"] == str(row["actor"])
 
 
 def test_saved_hf_dataset_is_accepted_as_input(ray_local, demo_corpus, demo_features, tmp_path):

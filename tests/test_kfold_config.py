@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed.resources import gpus_per_worker, plan_folds
 from ser_ray.study import summary
 from ser_ray.study.kfold import (
@@ -172,8 +173,8 @@ def test_refit_is_passed_on_and_the_summary_says_what_each_variant_trained_on():
     cfg = KFoldConfig(train=study_train_config(refit=True))
     train_cfgs = {k: train_config_for(cfg, k) for k in range(1, 7)}
     assert train_cfgs[1].refit is True and train_config_for(KFoldConfig(), 1).refit is False
-    refit = trained_on(cfg, train_cfgs)
-    plain = trained_on(KFoldConfig(), train_cfgs)
+    refit = trained_on(cfg, ravdess_protocol())
+    plain = trained_on(KFoldConfig(), ravdess_protocol())
     for k in map(str, range(1, 7)):
         test = set(range(4 * int(k) - 3, 4 * int(k) + 1))
         assert set(refit["svm"]["per_fold"][k]) == set(range(1, 25)) - test

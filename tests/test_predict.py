@@ -12,12 +12,14 @@ import pytest
 import soundfile as sf
 import torch
 
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.corpus.ravdess import class_names
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model, save_model
 from ser_ray.predict import load_fold_models, model_probabilities, predict_files
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = class_names()
+RAVDESS = ravdess_protocol()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,11 @@ def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features,
     X = svm.feature_set_matrix(df, "mfcc+egemaps", speaker_normalise=True)
     train = (df["actor"] > 4).to_numpy()
     model = svm.fit_calibrated_svm(
-        svm.REFERENCE_PARAMS, X[train], svm.label_vector(df)[train], df["actor"][train].tolist()
+        svm.REFERENCE_PARAMS,
+        X[train],
+        svm.label_vector(df, RAVDESS)[train],
+        df["actor"][train].tolist(),
+        RAVDESS.fold_of_speaker(),
     )
     saved = svm_model.save_fold_model(
         tmp_path / "fold_1.joblib",

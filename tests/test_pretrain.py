@@ -270,15 +270,16 @@ def test_pools_from_an_audio_folder_and_by_actor(tmp_path, demo_features):
 def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     ray_local, demo_features, tiny_config_file, tmp_path
 ):
-    from ser_ray.corpus import folds
+    from ser_ray.corpus.protocol import ravdess_protocol
     from ser_ray.distributed.pretrain_trainer import fit_pretraining
     from ser_ray.distributed.tapt import tapt_actors, tapt_key
 
     features = demo_features / "features"
+    protocol = ravdess_protocol()
     for fold in range(1, 7):  # the actors TAPT may read never include a test actor
-        test_actors, _ = folds.test_and_train_actors(fold, "contiguous")
-        assert sorted(tapt_actors(fold, "contiguous") + test_actors) == list(range(1, 25))
-    actors = tapt_actors(2, "contiguous")
+        test_actors, _ = protocol.test_and_train(fold)
+        assert sorted(tapt_actors(fold, protocol) + test_actors) == list(range(1, 25))
+    actors = tapt_actors(2, protocol)
     cfg = tiny_pretrain(tiny_config_file, epochs=1, batch_size=16, freeze_feature_encoder=True)
     model_dir = fit_pretraining(features, tmp_path / "tapt", cfg, actors=actors)
     read = (tmp_path / "tapt" / "clips.csv").read_text().split()
@@ -307,11 +308,11 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     cnn = tapt_model.wav2vec2.feature_extractor.state_dict()
     for name, tensor in start.wav2vec2.feature_extractor.state_dict().items():
         assert torch.equal(cnn[name], tensor), name
-    # the cache key changes with the fold and the settings, not with anything else
-    key = tapt_key(str(model_dir), 2, "contiguous", features, cfg)
-    assert key == tapt_key(str(model_dir), 2, "contiguous", features, cfg)
-    assert key != tapt_key(str(model_dir), 3, "contiguous", features, cfg)
-    assert key != tapt_key(str(model_dir), 2, "contiguous", features, PretrainConfig())
+    # the cache key changes with the speakers read and the settings, not with anything else
+    key = tapt_key(str(model_dir), actors, features, cfg)
+    assert key == tapt_key(str(model_dir), list(reversed(actors)), features, cfg)
+    assert key != tapt_key(str(model_dir), tapt_actors(3, protocol), features, cfg)
+    assert key != tapt_key(str(model_dir), actors, features, PretrainConfig())
 
 
 def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):

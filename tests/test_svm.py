@@ -12,9 +12,13 @@ from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.corpus import folds as fold_sets
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.corpus.ravdess import EMOTIONS, class_names
 from ser_ray.models import svm
 from ser_ray.study import summary
+
+RAVDESS = ravdess_protocol()
+FOLD_MAP = RAVDESS.fold_of_speaker()
 
 
 def synthetic_features(n_per_emotion: int = 2, seed: int = 0, noise: float = 1.5) -> pd.DataFrame:
@@ -67,7 +71,7 @@ def test_metrics_known_arrays():
 def test_inner_splits_never_hold_test_actors(scheme, fold):
     test_actors, train_actors = fold_sets.test_and_train_actors(fold, scheme)
     actors = np.repeat(train_actors, 3)
-    splits = svm.inner_splits(actors, scheme)
+    splits = svm.inner_splits(actors, ravdess_protocol(scheme).fold_of_speaker())
     assert len(splits) == 5
     val_seen = []
     for train_idx, val_idx in splits:
@@ -82,10 +86,11 @@ def test_inner_splits_never_hold_test_actors(scheme, fold):
 
 
 def test_inner_splits_reject_unknown_actors():
-    with pytest.raises(ValueError, match="no contiguous fold"):
-        svm.inner_splits([1, 2, 99], "contiguous")
+    fold_map = ravdess_protocol().fold_of_speaker()
+    with pytest.raises(ValueError, match=r"speakers \[99\] are in no fold"):
+        svm.inner_splits([1, 2, 99], fold_map)
     with pytest.raises(ValueError, match="two folds"):
-        svm.inner_splits([1, 2, 3, 4], "contiguous")
+        svm.inner_splits([1, 2, 3, 4], fold_map)
 
 
 def test_svm_params_are_canonical():
@@ -127,8 +132,12 @@ def test_inner_score_equals_grid_search_cv():
     df = synthetic_features(noise=3.0)
     test_actors, train_actors = fold_sets.test_and_train_actors(1)
     train = df[df.actor.isin(train_actors)].reset_index(drop=True)
-    X, y, actors = svm.feature_matrix(train), svm.label_vector(train), train.actor.to_numpy()
-    splits = svm.inner_splits(actors)
+    X, y, actors = (
+        svm.feature_matrix(train),
+        svm.label_vector(train, RAVDESS),
+        train.actor.to_numpy(),
+    )
+    splits = svm.inner_splits(actors, FOLD_MAP)
     configs = [
         {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None},
         {"kernel": "linear", "C": 0.01, "class_weight": "balanced"},
@@ -152,15 +161,15 @@ def test_calibrated_probabilities_sum_to_one_and_repeat():
     test_actors, train_actors = fold_sets.test_and_train_actors(2)
     train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": "balanced"}
-    args = (svm.feature_matrix(train), svm.label_vector(train), train.actor.to_numpy())
-    labels, proba = svm.fit_predict(params, *args, svm.feature_matrix(test), 8)
-    again = svm.fit_predict(params, *args, svm.feature_matrix(test), 8)
+    args = (svm.feature_matrix(train), svm.label_vector(train, RAVDESS), train.actor.to_numpy())
+    labels, proba = svm.fit_predict(params, *args, svm.feature_matrix(test), 8, FOLD_MAP)
+    again = svm.fit_predict(params, *args, svm.feature_matrix(test), 8, FOLD_MAP)
     assert proba.shape == (len(test), 8)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
     assert (proba >= 0).all()
     np.testing.assert_array_equal(proba, again[1])
     np.testing.assert_array_equal(labels, again[0])
-    ua = classification_metrics(svm.label_vector(test), labels, 8)["uar"]
+    ua = classification_metrics(svm.label_vector(test, RAVDESS), labels, 8)["uar"]
     assert ua > 0.5  # noisy but separable clusters, unseen actors
 
 
@@ -171,8 +180,9 @@ def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
     test_actors, train_actors = fold_sets.test_and_train_actors(3)
     train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None}
-    X, y, X_test = svm.feature_matrix(train), svm.label_vector(train), svm.feature_matrix(test)
-    labels, proba = svm.fit_predict(params, X, y, train.actor.to_numpy(), X_test, 8)
+    X, y = svm.feature_matrix(train), svm.label_vector(train, RAVDESS)
+    X_test = svm.feature_matrix(test)
+    labels, proba = svm.fit_predict(params, X, y, train.actor.to_numpy(), X_test, 8, FOLD_MAP)
     svc_rule = svm.make_svm_pipeline(**svm.svm_params(params)).fit(X, y).predict(X_test)
     np.testing.assert_array_equal(labels, svc_rule)
     assert (proba.argmax(axis=1) != svc_rule).any()  # the two rules do differ here
@@ -182,7 +192,7 @@ def test_probabilities_with_merged_calm_have_seven_columns():
     df = synthetic_features(n_per_emotion=1)
     _, train_actors = fold_sets.test_and_train_actors(1)
     train = df[df.actor.isin(train_actors)]
-    y = svm.label_vector(train, merge_calm=True)
+    y = svm.label_vector(train, ravdess_protocol(merge_calm=True))
     assert set(y.tolist()) == set(range(7)) and len(class_names(True)) == 7
     _, proba = svm.fit_predict(
         {"kernel": "linear", "C": 0.1},
@@ -191,6 +201,7 @@ def test_probabilities_with_merged_calm_have_seven_columns():
         train.actor.to_numpy(),
         svm.feature_matrix(train.head(5)),
         7,
+        FOLD_MAP,
     )
     assert proba.shape == (5, 7)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_loop import CLASSES, synthetic_table, tiny_config
+from test_train_loop import CLASSES, LABELS, synthetic_table, tiny_config
 from torch.nn.parallel import DistributedDataParallel
 
 from ser_ray.models.ssl import demo_feature_extractor
@@ -67,8 +67,8 @@ def _worker(rank: int, port: int, out: str, settings: dict) -> None:
             decay_start_frac=0.5,
         )
         fe = demo_feature_extractor()
-        train = table_from_arrow(synthetic_table(2, seed=1), "waveform", CLASSES, False, fe)
-        val = table_from_arrow(synthetic_table(1, seed=2), "waveform", CLASSES, False, fe)
+        train = table_from_arrow(synthetic_table(2, seed=1), "waveform", LABELS, fe)
+        val = table_from_arrow(synthetic_table(1, seed=2), "waveform", LABELS, fe)
         seed_everything(cfg.seed, rank)
         model, fe = build_model(cfg, CLASSES)
         resume = settings.get("resume_from")

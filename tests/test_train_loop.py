@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ser_ray.corpus import ravdess
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, demo_feature_extractor
 from ser_ray.training.clip_data import (
     ClipTable,
@@ -34,6 +35,7 @@ from ser_ray.training.finetune import (
 )
 
 CLASSES = ravdess.class_names()  # 8 emotions
+LABELS = {name: i for i, name in enumerate(CLASSES)}  # label -> class index
 CPU = torch.device("cpu")
 
 
@@ -94,9 +96,7 @@ def tiny_config(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def clips() -> ClipTable:
-    return table_from_arrow(
-        synthetic_table(2), "waveform", CLASSES, False, demo_feature_extractor()
-    )
+    return table_from_arrow(synthetic_table(2), "waveform", LABELS, demo_feature_extractor())
 
 
 def test_table_from_arrow_sorts_and_normalises(clips):
@@ -104,7 +104,10 @@ def test_table_from_arrow_sorts_and_normalises(clips):
     assert [CLASSES[i] for i in clips.labels] == clips.emotions
     assert all(abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3 for x in clips.inputs)
     merged = table_from_arrow(
-        synthetic_table(1), "waveform", ravdess.class_names(True), True, demo_feature_extractor()
+        synthetic_table(1),
+        "waveform",
+        ravdess_protocol(merge_calm=True).label_index(),
+        demo_feature_extractor(),
     )
     assert merged.labels.tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # calm -> neutral
 
@@ -231,9 +234,7 @@ def test_gradient_accumulation_matches_a_big_batch():
 def test_tiny_model_overfits_a_small_batch():
     """8 clips, one per emotion: the loss must fall from ~ln 8 (chance) below 0.1 ln 8, i.e.
     the model puts > 81% probability on the right class of every clip on average."""
-    table = table_from_arrow(
-        synthetic_table(1), "waveform", CLASSES, False, demo_feature_extractor()
-    )
+    table = table_from_arrow(synthetic_table(1), "waveform", LABELS, demo_feature_extractor())
     cfg = tiny_config(batch_size=8, lr_encoder=1e-3, lr_head=3e-2, weight_decay=0.0)
     torch.manual_seed(0)
     model, _ = build_model(cfg, CLASSES)
@@ -278,11 +279,9 @@ def _weights(model):
 
 def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
     train = table_from_arrow(
-        synthetic_table(1, seed=1), "waveform", CLASSES, False, demo_feature_extractor()
+        synthetic_table(1, seed=1), "waveform", LABELS, demo_feature_extractor()
     )
-    val = table_from_arrow(
-        synthetic_table(1, seed=2), "waveform", CLASSES, False, demo_feature_extractor()
-    )
+    val = table_from_arrow(synthetic_table(1, seed=2), "waveform", LABELS, demo_feature_extractor())
     # dropout and SpecAugment on: the RNG states must be restored too
     cfg = tiny_config(
         epochs=3, head_dropout=0.1, mask_time_prob=0.3, warmup_frac=0.2, decay_start_frac=0.5
@@ -388,7 +387,7 @@ def fit_fold_as_the_study_does(
         **cfg.to_dict(),
         **inputs.to_config(),
         "fold": fold,
-        "folds": "contiguous",
+        "protocol": ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
         "log_dir": str(out / "tensorboard" / f"fold_{fold}"),
     }
     trainer = build_fold_trainer(
@@ -400,12 +399,10 @@ def fit_fold_as_the_study_does(
 
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
-    from ser_ray.corpus.folds import fold_split
-
     cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
     run = tmp_path / "run"
     result = fit_fold_as_the_study_does(demo_features / "features", 2, cfg, run, tmp_path / "cache")
-    test_actors, _, val_actors = fold_split(2, "contiguous", cfg.n_val_actors)
+    test_actors, _, val_actors = ravdess_protocol().split(2)
     assert result.fold == 2
     assert test_actors == [5, 6, 7, 8] and len(val_actors) == 4
     preds = result.predictions
@@ -461,18 +458,18 @@ def test_transformer_frozen_for_the_first_steps(clips):
 
 def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():
     fe = demo_feature_extractor()
-    fit = table_from_arrow(synthetic_table(1, seed=1), "waveform", CLASSES, False, fe)
-    val = table_from_arrow(synthetic_table(1, seed=2), "waveform", CLASSES, False, fe)
+    fit = table_from_arrow(synthetic_table(1, seed=1), "waveform", LABELS, fe)
+    val = table_from_arrow(synthetic_table(1, seed=2), "waveform", LABELS, fe)
     val.actors[:] = 24  # validation actors of their own
     cfg = tiny_config(epochs=5, refit=True, early_stopping_patience=2)
-    model, table = refit(cfg, 2, fit, val)
+    model, table = refit(cfg, 2, fit, val, CLASSES)
     assert len(table) == len(fit) + len(val) and table.paths == sorted(table.paths)
     assert set(table.actors.tolist()) == set(fit.actors.tolist()) | {24}
     assert sorted(zip(table.paths, table.labels.tolist(), strict=True)) == sorted(
         zip(fit.paths + val.paths, [*fit.labels.tolist(), *val.labels.tolist()], strict=True)
     )
     # the same as training from scratch on all clips for the chosen 2 epochs, seeded
-    again, _ = refit(cfg, 2, fit, val)
+    again, _ = refit(cfg, 2, fit, val, CLASSES)
     fresh_cfg = dataclasses.replace(cfg, epochs=2, early_stopping_patience=None)
     seed_everything(cfg.seed)
     fresh, fresh_fe = build_model(fresh_cfg, CLASSES)
@@ -494,7 +491,7 @@ def test_a_wavlm_encoder_trains_and_saves_a_wavlm_checkpoint(encoders, tmp_path)
     cfg = tiny_config(model=str(folder), epochs=1)
     model, fe = build_model(cfg, CLASSES)
     assert fe.return_attention_mask and model.use_attention_mask
-    table = table_from_arrow(synthetic_table(1), "waveform", CLASSES, False, fe)
+    table = table_from_arrow(synthetic_table(1), "waveform", LABELS, fe)
     run_training(cfg, model, fe, table, None)
     save_model(model.model, fe, tmp_path / "best_model")
     saved = load_file(str(tmp_path / "best_model" / "model.safetensors"))

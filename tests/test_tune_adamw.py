@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ser_ray.corpus import folds, ravdess
-from ser_ray.corpus.folds import fold_split
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.study.kfold import KFoldConfig, train_config_for
 from ser_ray.sweeps.adamw import (
     GRACE_RULE,
@@ -31,13 +30,14 @@ from ser_ray.sweeps.adamw import (
 from ser_ray.training.config import TrainConfig
 
 FOLD = 2
+RAVDESS = ravdess_protocol()
 SWEEP = SweepConfig(num_samples=4, train=sweep_train_config(epochs=2, seed=0))
 
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, demo_features, tmp_path_factory):
     out = tmp_path_factory.mktemp("adamw")
-    result = run_sweep(demo_features / "features", SWEEP, out, fold=FOLD)
+    result = run_sweep(demo_features / "features", SWEEP, out, RAVDESS, fold=FOLD)
     return out, result
 
 
@@ -49,8 +49,8 @@ def _reports(out: Path) -> list[list[dict]]:
 
 def test_the_search_never_sees_the_test_fold(sweep):
     out, _ = sweep
-    test_actors, train_actors = folds.test_and_train_actors(FOLD)
-    _, fit_actors, val_actors = fold_split(FOLD)
+    test_actors, train_actors = RAVDESS.test_and_train(FOLD)
+    _, fit_actors, val_actors = RAVDESS.split(FOLD)
     assert test_actors == [5, 6, 7, 8]
     trials = _reports(out)
     assert len(trials) == SWEEP.num_samples
@@ -195,12 +195,14 @@ def test_search_space_defaults_follow_the_model():
 def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_features, tmp_path):
     outer = [3, 6]
     cfg = SweepConfig(num_samples=2, train=sweep_train_config(epochs=1, seed=0))
-    result = run_sweep(demo_features / "features", cfg, tmp_path, nested=True, outer_folds=outer)
+    result = run_sweep(
+        demo_features / "features", cfg, tmp_path, RAVDESS, nested=True, outer_folds=outer
+    )
     best = json.loads((tmp_path / "best.json").read_text())
     assert set(best) == {"per_fold", "note"} and list(best["per_fold"]) == ["3", "6"]
     for k in outer:
         found = best["per_fold"][str(k)]
-        test_actors, train_actors = folds.test_and_train_actors(k)
+        test_actors, train_actors = RAVDESS.test_and_train(k)
         assert found["search"]["test_actors"] == test_actors
         assert SearchSpace().contains(found["params"]) and 0.0 <= found["val_uar"] <= 1.0
         trials = result.trials[k]
@@ -224,23 +226,27 @@ def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features,
     cfg = SWEEP
     train_cfg = dataclasses.replace(cfg.base_train_config(), window_clips=48, seed=3)
     inputs = build_fold_inputs(demo_features / "features", train_cfg, tmp_path / "cache")
-    setup = {**trial_setup(inputs, FOLD, cfg), "train_config": train_cfg.to_dict()}
+    setup = {**trial_setup(inputs, FOLD, cfg, RAVDESS), "train_config": train_cfg.to_dict()}
     fe = demo_feature_extractor()
-    classes = ravdess.class_names(train_cfg.merge_calm)
-    trial = trial_clips(setup, train_cfg, classes, fe)
+    trial = trial_clips(setup, train_cfg, RAVDESS, fe)
 
     trainer = build_fold_trainer(
-        {**train_cfg.to_dict(), **inputs.to_config(), "fold": FOLD, "folds": cfg.folds}
+        {
+            **train_cfg.to_dict(),
+            **inputs.to_config(),
+            "fold": FOLD,
+            "protocol": RAVDESS.to_dict(),
+        }
     )
     shards = trainer.data_config.configure(
         trainer.datasets, world_size=1, worker_handles=None, worker_node_ids=None
     )[0]  # what its one worker's get_dataset_shard returns
-    worker = open_fold_clips(trainer.train_loop_config, shards, train_cfg, classes, fe)
+    worker = open_fold_clips(trainer.train_loop_config, shards, train_cfg, RAVDESS, fe)
 
     def paths(table, indices):
         return [table.paths[i] for i in indices]
 
-    _, fit_actors, val_actors = fold_split(FOLD)
+    _, fit_actors, val_actors = RAVDESS.split(FOLD)
     for split, actors in (("train", fit_actors), ("val", val_actors)):
         assert len(trial[split]) == len(worker[split]) == 16 * len(actors)
         for epoch in (0, 1):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from ser_ray.common.metrics import classification_metrics
-from ser_ray.corpus import folds as fold_sets
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.corpus.ravdess import class_names
 from ser_ray.features import featurize
 from ser_ray.models import svm
@@ -29,6 +29,7 @@ TINY_GRID = [
     {"kernel": "linear", "C": 0.01, "class_weight": "balanced"},
 ]
 NAMES = class_names()
+RAVDESS = ravdess_protocol()
 PROB_COLUMNS = [f"prob_{n}" for n in NAMES]
 
 
@@ -43,14 +44,17 @@ def demo_df(demo_features) -> pd.DataFrame:
 def grid_run(demo_df, tmp_path_factory):
     storage = tmp_path_factory.mktemp("svm_grid") / "tune"
     return run_nested_svm(
-        demo_df, NestedSvmConfig(search="grid", grid=TINY_GRID, seed=0), storage_path=storage
+        demo_df,
+        NestedSvmConfig(search="grid", grid=TINY_GRID, seed=0),
+        RAVDESS,
+        storage_path=storage,
     )
 
 
 def test_test_actors_never_reach_the_search(grid_run):
     assert [f["fold"] for f in grid_run.folds] == [1, 2, 3, 4, 5, 6]
     for f in grid_run.folds:
-        test_actors, train_actors = fold_sets.test_and_train_actors(f["fold"])
+        test_actors, train_actors = RAVDESS.test_and_train(f["fold"])
         assert f["test_actors"] == test_actors
         inner = f["svm_inner"]
         # what the trials reported they received: the training actors, nothing else
@@ -108,6 +112,7 @@ def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
     again = run_nested_svm(
         demo_df,
         NestedSvmConfig(search="grid", grid=TINY_GRID, outer_folds=[3], max_concurrent_trials=1),
+        RAVDESS,
         storage_path=tmp_path / "grid",
     )
     first = grid_run.folds[2]
@@ -126,6 +131,7 @@ def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
         run_nested_svm(
             demo_df,
             NestedSvmConfig(search="bayes", num_samples=4, seed=7, outer_folds=[1]),
+            RAVDESS,
             storage_path=tmp_path / f"bayes{i}",
         )
         for i in range(2)
@@ -167,7 +173,8 @@ def test_job_writes_its_outputs(demo_features, tmp_path, capsys):
     assert [c for c in pred.columns if c.startswith("prob_")] == merged  # 7 classes
     assert "calm" not in set(pred["true_label"])
     config = json.loads((out / "config.json").read_text())
-    assert config["search"] == "bayes" and config["merge_calm"] is True
+    assert config["search"] == "bayes" and config["label_map"]["calm"] == "neutral"
+    assert config["scheme"] == "contiguous" and "calm" not in config["class_names"]
     assert config["num_samples"] == 2 and config["folds"] == [2]
     assert list((out / "tune").glob("svm_bayes_fold2/*/result.json"))
     printed = capsys.readouterr().out

@@ -61,26 +61,36 @@ def actor_rows(
     folder: str | os.PathLike,
     actors: Sequence[int] | None,
     *,
+    labels: Sequence[str] | None = None,
     exclude_invalid_files: bool = False,
 ) -> tuple[pads.Dataset, pads.Expression | None]:
-    """(pyarrow dataset of a Parquet folder, local or URI; the filter that keeps ``actors``'
-    rows, or None for all rows). ``exclude_invalid_files`` skips files that are not Parquet
-    (e.g. a pool's ``rejected.csv``), at the cost of opening every file."""
+    """(pyarrow dataset of a Parquet folder, local or URI; the filter that keeps the rows of
+    ``actors`` and of ``labels`` (the ``emotion`` column), each None for all, or None for all
+    rows). ``exclude_invalid_files`` skips files that are not Parquet (e.g. a pool's
+    ``rejected.csv``), at the cost of opening every file."""
     import pyarrow.dataset as pads
 
     filesystem, path = filesystem_of(folder)
     dataset = pads.dataset(
         path, format="parquet", filesystem=filesystem, exclude_invalid_files=exclude_invalid_files
     )
-    if actors is None:
-        return dataset, None
-    return dataset, pads.field("actor").isin([int(a) for a in actors])
+    keep = None
+    if actors is not None:
+        keep = pads.field("actor").isin([int(a) for a in actors])
+    if labels is not None:
+        of_labels = pads.field("emotion").isin([str(label) for label in labels])
+        keep = of_labels if keep is None else keep & of_labels
+    return dataset, keep
 
 
-def count_rows(folder: str | os.PathLike, actors: Sequence[int] | None = None) -> int:
-    """How many rows (of ``actors``; all when None) a Parquet folder holds (from the files'
-    metadata, or the actor column only)."""
-    dataset, keep = actor_rows(folder, actors)
+def count_rows(
+    folder: str | os.PathLike,
+    actors: Sequence[int] | None = None,
+    labels: Sequence[str] | None = None,
+) -> int:
+    """How many rows (of ``actors`` and ``labels``; all when None) a Parquet folder holds
+    (from the files' metadata, or those columns only)."""
+    dataset, keep = actor_rows(folder, actors, labels=labels)
     return dataset.count_rows(filter=keep)
 
 

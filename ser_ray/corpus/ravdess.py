@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from ser_ray.common import storage
+from ser_ray.corpus.clips import ClipTable, clip_frame
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ STATEMENTS = {1: "Kids are talking by the door", 2: "Dogs are sitting by the doo
 NUM_ACTORS = 24
 CLIPS_PER_ACTOR = 60  # audio-only speech
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+#: What a RAVDESS name tells beyond speaker and emotion: extra columns of its clip table.
+RAVDESS_COLUMNS = ("emotion_code", "intensity", "statement", "repetition")
 
 ZENODO_URL = "https://zenodo.org/records/1188976/files/Audio_Speech_Actors_01-24.zip"
 ZIP_SIZE_BYTES = 208_468_073
@@ -332,3 +335,29 @@ def safe_extract(zip_path: str | os.PathLike, dest_dir: str | os.PathLike) -> No
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+
+
+def read_folder(data_dir: str, speech_only: bool = True) -> ClipTable:
+    """A RAVDESS-layout folder as a clip table (:func:`build_manifest`'s clips; speaker = the
+    actor number, gender from its parity, the name's other fields as extra columns)."""
+    manifest = build_manifest(data_dir, speech_only=speech_only)
+    return clip_table(manifest.clips, manifest.skipped)
+
+
+def clip_table(clips: list[Clip], skipped: list[tuple[str, str]]) -> ClipTable:
+    """RAVDESS clips (and the files left out) as a :class:`ClipTable` in RAVDESS's class
+    order."""
+    rows = [
+        {
+            "path": c.path,
+            "speaker": str(c.actor),
+            "emotion": c.emotion,
+            "gender": c.gender,
+            "size_bytes": c.size_bytes,
+            "mtime_ns": c.mtime_ns,
+            **{key: getattr(c, key) for key in RAVDESS_COLUMNS},
+        }
+        for c in clips
+    ]
+    frame = clip_frame(rows) if rows else clip_frame([]).assign(**dict.fromkeys(RAVDESS_COLUMNS))
+    return ClipTable(frame, list(skipped), "ravdess", tuple(EMOTIONS.values()))

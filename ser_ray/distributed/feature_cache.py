@@ -36,7 +36,6 @@ import pyarrow as pa
 import torch
 
 from ser_ray.common.storage import count_rows, list_column
-from ser_ray.corpus import ravdess
 from ser_ray.distributed import console, resources
 from ser_ray.models.ssl import (
     PartwiseClassifier,
@@ -52,6 +51,8 @@ log = logging.getLogger(__name__)
 CACHE_KINDS = ("cnn", "pooled")
 INFO_FILE = "cache_info.json"
 DATA_DIR = "data"
+#: Labels of the head of the model a cache is computed with: the head is not part of it.
+HEAD_CLASSES = ("class_0", "class_1")
 
 
 def cache_kind(probe: bool) -> str:
@@ -182,7 +183,7 @@ def build_feature_cache(
             probe=probe if probe is not None else cfg.probe,
         )
     kind = cache_kind(cfg.probe)
-    net, fe = build_model(cfg, ravdess.class_names(cfg.merge_calm))
+    net, fe = build_model(cfg, HEAD_CLASSES)  # the head is not cached: any two classes
     key = cache_key(net, fe, kind)
     root = Path(cache_root).resolve()
     final = root / key

@@ -10,7 +10,7 @@ Ray touch-points are marked ``# RAY`` and go through :mod:`ser_ray.distributed.t
 itself (:mod:`ser_ray.training.finetune`) is Ray-free.
 
 Validation actors come from the training side of the outer fold
-(:func:`ser_ray.corpus.folds.fold_split`); the test fold is only scored once, with the
+(:meth:`ser_ray.corpus.protocol.Protocol.split`); the test fold is only scored once, with the
 best-epoch weights, at the end.
 """
 
@@ -31,8 +31,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from ser_ray.corpus import ravdess
-from ser_ray.corpus.folds import fold_split
+from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.distributed.fold_inputs import FoldInputs
@@ -63,7 +62,8 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
     ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
     (clips per split, counted by :func:`build_fold_trainer`; each split streams in from the
-    trainer's dataset of that name), ``fold`` (int), ``folds`` (fold scheme),
+    trainer's dataset of that name), ``fold`` (int), ``protocol`` (the study's
+    :class:`~ser_ray.corpus.protocol.Protocol` as a dict: splits and classes),
     ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
     ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
@@ -80,7 +80,8 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         edge.report(ended)  # RAY
         return
     kind = config.get("input_kind", "waveform")
-    class_names = ravdess.class_names(cfg.merge_calm)
+    protocol = Protocol.from_dict(config["protocol"])
+    class_names = list(protocol.classes)
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
     FoldInputs.from_config(config).check(model, fe)
@@ -89,7 +90,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         for name, n in config["split_clips"].items()
         if n
     }
-    clips = open_fold_clips(config, shards, cfg, class_names, fe)
+    clips = open_fold_clips(config, shards, cfg, protocol, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
         cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
@@ -99,13 +100,12 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         "best_epoch": outcome.state.best_epoch,
         "final": True,  # not "done": Tune ends a trial at a result with done=True
     }
-    _, fit_actors, val_actors = fold_split(
-        config.get("fold"), config.get("folds", "contiguous"), cfg.n_val_actors
-    )
+    _, fit_actors, val_actors = fold_splits(config, cfg)
     trained_on = fit_actors
     if cfg.refit and "val" in clips:
         model, _ = refit(
-            cfg, outcome.state.best_epoch, clips["train"], clips["val"], device=ctx.device,
+            cfg, outcome.state.best_epoch, clips["train"], clips["val"], class_names,
+            device=ctx.device,
             rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
         )  # fmt: skip
         final["refit_epochs"] = outcome.state.best_epoch
@@ -152,7 +152,7 @@ def open_fold_clips(
     config: Mapping[str, Any],
     shards: Mapping[str, Any],
     cfg: TrainConfig,
-    class_names: list[str],
+    protocol: Protocol,
     feature_extractor,
 ) -> dict[str, ClipStream[ClipTable]]:
     """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
@@ -167,8 +167,7 @@ def open_fold_clips(
     to_clips = functools.partial(
         table_from_arrow,
         kind=config.get("input_kind", "waveform"),
-        class_names=class_names,
-        merge_calm=cfg.merge_calm,
+        label_index=protocol.label_index(),
         feature_extractor=feature_extractor,
     )
     clips = {
@@ -181,10 +180,28 @@ def open_fold_clips(
     return clips
 
 
-def count_splits(source: str, split_actors: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Clips per split of ``source``, counted before any worker reads them (a stream's size
-    sets the number of steps of an epoch)."""
-    return {name: count_split(source, a) if a else 0 for name, a in split_actors.items()}
+def count_splits(
+    source: str, split_actors: Mapping[str, Sequence[int]], labels: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Clips per split of ``source`` (of ``labels`` only, unless None), counted before any
+    worker reads them (a stream's size sets the number of steps of an epoch)."""
+    return {name: count_split(source, a, labels) if a else 0 for name, a in split_actors.items()}
+
+
+def fold_splits(
+    config: Mapping[str, Any], cfg: TrainConfig
+) -> tuple[list[int], list[int], list[int]]:
+    """(test, fit, validation) speakers of ``config["fold"]`` under ``config["protocol"]``,
+    checked against the validation speakers ``cfg`` asks for."""
+    protocol = Protocol.from_dict(config["protocol"])
+    test, fit, val = protocol.split(int(config["fold"]))
+    if len(val) != cfg.n_val_actors:
+        raise ValueError(
+            f"fold {config['fold']}: the protocol holds {len(val)} validation speakers, the "
+            f"training settings ask for n_val_actors={cfg.n_val_actors}; resolve the protocol "
+            "with the same number"
+        )
+    return test, fit, val
 
 
 def train_with_resume(
@@ -265,24 +282,26 @@ def write_fold_result(
     return out
 
 
+def kept_labels(protocol: Protocol) -> list[str] | None:
+    """The labels whose clips a fold reads: None (all) unless the label map drops some."""
+    return protocol.kept_labels if protocol.dropped_labels else None
+
+
 def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
     fold's train/val/test clips of ``config["source"]`` as Ray datasets
     (:mod:`ser_ray.distributed.ingest`); ``trainer_kwargs`` go to
     :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
-    test_actors, fit_actors, val_actors = fold_split(
-        config["fold"],
-        config.get("folds", "contiguous"),
-        TrainConfig.from_dict(config).n_val_actors,
-    )
+    test_actors, fit_actors, val_actors = fold_splits(config, TrainConfig.from_dict(config))
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
     source = config["source"]
-    split_clips = count_splits(source, split_actors)
+    labels = kept_labels(Protocol.from_dict(config["protocol"]))
+    split_clips = count_splits(source, split_actors, labels)
     return edge.build_torch_trainer(
         train_fold_per_worker,
         {**config, "split_clips": split_clips},
         datasets=ray_ingest.fold_datasets(  # RAY
-            source, split_actors, config.get("input_kind", "waveform")
+            source, split_actors, config.get("input_kind", "waveform"), labels
         ),
         dataset_config=ray_ingest.data_config(),
         **trainer_kwargs,

@@ -65,12 +65,16 @@ def split_columns(kind: str) -> list[str]:
 
 
 def fold_datasets(
-    source: str | os.PathLike, split_actors: dict[str, Sequence[int]], kind: str
+    source: str | os.PathLike,
+    split_actors: dict[str, Sequence[int]],
+    kind: str,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """One Ray dataset per split with actors (RAY): the split's rows, the needed columns;
-    read once and held for every epoch when the source is small (:func:`hold_if_small`)."""
+    """One Ray dataset per split with actors (RAY): the split's rows (of ``labels`` only,
+    unless None), the needed columns; read once and held for every epoch when the source is
+    small (:func:`hold_if_small`)."""
     datasets = {
-        name: parquet_dataset(source, split_columns(kind), actors)
+        name: parquet_dataset(source, split_columns(kind), actors, labels)
         for name, actors in split_actors.items()
         if actors
     }
@@ -106,11 +110,15 @@ def hold_if_small(
 
 
 def parquet_dataset(
-    source: str | os.PathLike, columns: Sequence[str], actors: Sequence[int] | None = None
+    source: str | os.PathLike,
+    columns: Sequence[str],
+    actors: Sequence[int] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> ray.data.Dataset:
-    """The rows of ``actors`` (all rows when None) of a Parquet folder (local or URI), only
-    ``columns``, as a Ray dataset that starts even when every CPU is held (RAY; fine-tuning's
-    splits, pre-training's pool, the feature cache's input; see the module doc).
+    """The rows of ``actors`` and ``labels`` (all when None) of a Parquet folder (local or
+    URI), only ``columns``, as a Ray dataset that starts even when every CPU is held (RAY;
+    fine-tuning's splits, pre-training's pool, the feature cache's input; see the module
+    doc).
 
     The files are listed here, in the driver, in name order; each is read by a map task that
     reserves no CPU, one task at a time, with the actor filter and the columns pushed into
@@ -129,6 +137,7 @@ def parquet_dataset(
             "filesystem": filesystem,
             "columns": list(columns),
             "actors": None if actors is None else [int(a) for a in actors],
+            "labels": None if labels is None else [str(label) for label in labels],
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -138,17 +147,23 @@ def parquet_dataset(
 
 
 def _read_files(
-    batch: pa.Table, filesystem, columns: list[str], actors: list[int] | None
+    batch: pa.Table,
+    filesystem,
+    columns: list[str],
+    actors: list[int] | None,
+    labels: list[str] | None = None,
 ) -> Iterator[pa.Table]:
-    """The rows of ``actors`` in the files of ``batch``, ``columns`` only, a few rows at a
-    time (a task holds one Parquet row group, not a whole file)."""
-    read = columns if actors is None else sorted({*columns, "actor"})
+    """The rows of ``actors`` and ``labels`` in the files of ``batch``, ``columns`` only, a
+    few rows at a time (a task holds one Parquet row group, not a whole file)."""
+    read = sorted({*columns, *(["actor"] if actors else []), *(["emotion"] if labels else [])})
     for name in batch.column("file").to_pylist():
         parquet = pq.ParquetFile(name, filesystem=filesystem)
         for rows in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=read):
             table = pa.Table.from_batches([rows])
             if actors is not None:
                 table = table.filter(pc.is_in(table.column("actor"), pa.array(actors)))
+            if labels is not None:
+                table = table.filter(pc.is_in(table.column("emotion"), pa.array(labels)))
             if table.num_rows:
                 yield table.select(columns)
 

@@ -24,14 +24,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from ser_ray.common.storage import count_rows
+from ser_ray.corpus import sources
+from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
-from ser_ray.corpus.ravdess import NUM_ACTORS, build_manifest
+from ser_ray.corpus.protocol import Protocol, ProtocolSettings, resolve_protocol
 from ser_ray.distributed import resources
 from ser_ray.features import audio
 from ser_ray.features.featurize import (
     OUTCOME_SCHEMA,
     FeatureConfig,
     add_egemaps,
+    clips_of_features,
     featurize_batch,
     fingerprint,
     hf_inputs,
@@ -68,17 +71,42 @@ class PrepareResult:
 
 
 @dataclasses.dataclass
-class _Inputs:
-    """What a prepare run reads: the clips to featurize and the files skipped on the way."""
+class CorpusInputs:
+    """What a prepare run reads: the corpus's clip table and the rows the featurizing
+    batches get (:func:`ser_ray.features.featurize.input_table`, with the audio bytes of a
+    ``save_to_disk`` copy)."""
 
-    table: pa.Table  # the clips to featurize (featurize.input_table / hf_inputs)
-    items: list[dict]  # one dict per clip (what the fingerprint covers)
-    skipped: list[tuple[str, str]]  # (path, reason): files the manifest left out
-    kind: str  # "folder" or "datasets.save_to_disk"
+    corpus: ClipTable
+    table: pa.Table
 
     @property
     def n_input(self) -> int:
-        return len(self.items) + len(self.skipped)
+        return len(self.corpus.frame) + len(self.corpus.skipped)
+
+
+def read_corpus_inputs(
+    source: str, config: FeatureConfig = DEFAULT_FEATURES, speaker_regex: str | None = None
+) -> CorpusInputs:
+    """The clips of ``source`` (:func:`ser_ray.corpus.sources.read_corpus`, ``speaker_regex``
+    for an EmoBox file; or a ``save_to_disk`` copy). Raises when there is no audio file at
+    all."""
+    if "://" not in source and is_hf_dataset(Path(source)):
+        corpus, blobs = hf_inputs(Path(source))
+    else:
+        corpus = sources.read_corpus(
+            source, speech_only=config.speech_only, speaker_regex=speaker_regex
+        )
+        blobs = None
+    table = input_table(corpus)
+    if blobs is not None:
+        table = table.append_column("audio_bytes", blobs)
+    inputs = CorpusInputs(corpus, table)
+    if inputs.n_input == 0:
+        raise FileNotFoundError(
+            f"{source}: no audio files found; expected a RAVDESS or CREMA-D folder, a clip "
+            "manifest (CSV/JSONL) or a datasets save_to_disk copy"
+        )
+    return inputs
 
 
 def prepare_features(
@@ -87,6 +115,7 @@ def prepare_features(
     config: FeatureConfig = DEFAULT_FEATURES,
     connect: Callable[[], None] = lambda: None,
     runner: str = "auto",
+    inputs: CorpusInputs | None = None,
 ) -> PrepareResult:
     """Turn a RAVDESS-layout folder (local or URI) or a ``save_to_disk`` copy into
     ``out_dir/features/`` (Parquet), ``out_dir/rejected.csv`` and ``out_dir/config.json``.
@@ -94,7 +123,8 @@ def prepare_features(
     ``runner``: ``"ray"`` featurizes in Ray Data tasks, ``"in-process"`` here, one batch after
     the other (same batches, same files' content), ``"auto"`` in-process for corpora of at
     most :data:`IN_PROCESS_MAX_CLIPS` clips. ``connect`` starts or joins Ray; it runs only when
-    Ray does the work, so a re-run on unchanged input returns before Ray starts."""
+    Ray does the work, so a re-run on unchanged input returns before Ray starts. ``inputs``:
+    the corpus already read (:func:`read_corpus_inputs` of ``data_dir``)."""
     if runner not in RUNNERS:
         raise ValueError(f"runner={runner!r}: choose one of {', '.join(RUNNERS)}")
     start = time.perf_counter()
@@ -107,8 +137,8 @@ def prepare_features(
         out / "config.json",
     )
     source = str(data_dir)
-    inputs = _read_inputs(source, config)
-    key = fingerprint(inputs.items + [{"path": p} for p, _ in inputs.skipped], config)
+    inputs = inputs or read_corpus_inputs(source, config)
+    key = fingerprint(inputs.corpus, config)
     previous = _previous_run(config_json, features_dir, key)
     if previous is not None:
         if config.egemaps and not previous["features"]["egemaps"]:
@@ -133,7 +163,8 @@ def prepare_features(
     record = {
         "job": "prepare",
         "data_dir": source,
-        "input_kind": inputs.kind,
+        "input_kind": inputs.corpus.kind,
+        "label_order": inputs.corpus.label_order,
         "runner": runner,
         "features": dataclasses.asdict(config),
         "fingerprint": key,
@@ -151,27 +182,6 @@ def prepare_features(
         out, features_dir, rejected_csv, inputs.n_input, ok.num_rows, len(rejected), False,
         seconds, runner,
     )  # fmt: skip
-
-
-def _read_inputs(source: str, config: FeatureConfig) -> _Inputs:
-    """The clips of ``source``: a ``save_to_disk`` copy, else a folder scanned into a manifest
-    (the files it skips are rejected). Raises when there is no audio file at all."""
-    skipped: list[tuple[str, str]] = []
-    if "://" not in source and is_hf_dataset(Path(source)):
-        table, items = hf_inputs(Path(source))
-        kind = "datasets.save_to_disk"
-    else:
-        manifest = build_manifest(source, speech_only=config.speech_only)
-        skipped = manifest.skipped
-        items = [dataclasses.asdict(c) for c in manifest.clips]
-        table = input_table([item["path"] for item in items])
-        kind = "folder"
-    inputs = _Inputs(table, items, skipped, kind)
-    if inputs.n_input == 0:
-        raise FileNotFoundError(
-            f"{source}: no audio files found; expected Actor_XX/*.wav in RAVDESS naming"
-        )
-    return inputs
 
 
 def _previous_run(config_json: Path, features_dir: Path, key: str) -> dict | None:
@@ -202,11 +212,11 @@ def _featurize(
 
 
 def _checked_outcome(
-    outcome: pa.Table, inputs: _Inputs, staging: Path
+    outcome: pa.Table, inputs: CorpusInputs, staging: Path
 ) -> tuple[pa.Table, list[dict[str, str]]]:
     """(usable rows, rejected files as {path, reason}), checked to add up: every input is one
     or the other, and the Parquet files in ``staging`` hold exactly the usable rows."""
-    rejected = [{"path": p, "reason": r} for p, r in inputs.skipped]
+    rejected = [{"path": p, "reason": r} for p, r in inputs.corpus.skipped]
     bad = outcome.filter(outcome.column("reject_reason").is_valid()).to_pydict()
     rejected += [
         {"path": p, "reason": r} for p, r in zip(bad["path"], bad["reject_reason"], strict=True)
@@ -240,16 +250,8 @@ def _write_outputs(
     shutil.rmtree(features_dir, ignore_errors=True)
     staging.rename(features_dir)
     write_rejected(rejected_csv, rejected)
-    missing = sorted(set(range(1, NUM_ACTORS + 1)) - actors)
-    if missing:
-        log.warning("actors without usable clips: %s (the six folds need all 24)", missing)
     seconds = time.perf_counter() - start
-    record = {
-        **record,
-        "actors": sorted(actors),
-        "actors_missing": missing,
-        "seconds": round(seconds, 2),
-    }
+    record = {**record, "actors": sorted(actors), "seconds": round(seconds, 2)}
     _publish_record(record, config_json, features_dir)
     return seconds
 
@@ -342,14 +344,12 @@ def features_for_job(
     data_dir: str | None,
     out_dir: str | Path,
     smoke_test: bool = False,
-    folds: str = "contiguous",
-) -> Path:
-    """A job's features folder: ``--features`` as given, else prepared (or reused) from
-    ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
-    if features_dir:
-        return Path(features_dir)
-    config = FeatureConfig(folds=folds)
-    prepared = Path(out_dir) / "prepared"
-    if data_dir:
-        return prepare_features(data_dir, prepared, config).features_dir
-    return prepare_demo(prepared, smoke_test=smoke_test, config=config)
+    protocol: ProtocolSettings | None = None,
+) -> tuple[Path, Protocol]:
+    """A job's features folder and the protocol of its clips: ``--features`` as given, else
+    prepared (or reused) from ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
+    if not features_dir:
+        source = data_dir or str(demo_source(smoke_test))
+        features_dir = prepare_features(source, Path(out_dir) / "prepared").features_dir
+    settings = protocol or ProtocolSettings()
+    return Path(features_dir), resolve_protocol(clips_of_features(features_dir), settings)

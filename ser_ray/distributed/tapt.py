@@ -21,7 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ser_ray.corpus.folds import check_no_leakage, test_and_train_actors
+from ser_ray.corpus.folds import check_no_leakage
+from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.distributed.resources import TAPT_TASK_CPUS
 from ser_ray.training.pretrain import RESULT_FILE, PretrainConfig
@@ -50,13 +51,14 @@ def _fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def tapt_key(base_model: str, fold: int, folds: str, features_dir, cfg: PretrainConfig) -> str:
+def tapt_key(base_model: str, actors: list[int], features_dir, cfg: PretrainConfig) -> str:
+    """What a fold's TAPT encoder depends on: the base model, the speakers it reads, the
+    features and the settings."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
     text = json.dumps(
         {
             "model": _fingerprint(base_model),
-            "fold": fold,
-            "folds": folds,
+            "actors": sorted(int(a) for a in actors),
             "features": _fingerprint(features_dir),
             "settings": settings,
         },
@@ -65,9 +67,9 @@ def tapt_key(base_model: str, fold: int, folds: str, features_dir, cfg: Pretrain
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tapt_actors(fold: int, folds: str) -> list[int]:
-    """The actors whose audio TAPT for ``fold`` may read: the fold's training side."""
-    test_actors, train_actors = test_and_train_actors(fold, folds)
+def tapt_actors(fold: int, protocol: Protocol) -> list[int]:
+    """The speakers whose audio TAPT for ``fold`` may read: the fold's training side."""
+    test_actors, train_actors = protocol.test_and_train(fold)
     check_no_leakage(train_actors, test_actors)
     return train_actors
 
@@ -77,7 +79,7 @@ def run_tapt_folds(
     base_model: str,
     fold_numbers: list[int],
     *,
-    folds: str,
+    protocol: Protocol,
     settings: PretrainConfig,
     out_dir: str | os.PathLike,
     resources: dict[str, Any],
@@ -89,7 +91,8 @@ def run_tapt_folds(
     models: dict[int, str] = {}
     pending = {}
     for fold in fold_numbers:
-        key = tapt_key(base_model, fold, folds, features_dir, settings)
+        actors = tapt_actors(fold, protocol)
+        key = tapt_key(base_model, actors, features_dir, settings)
         fold_dir = Path(out_dir).resolve() / f"fold_{fold}" / key
         if (fold_dir / "model" / "model.safetensors").exists():
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
@@ -101,7 +104,7 @@ def run_tapt_folds(
             features_dir,
             fold_dir,
             settings,
-            actors=tapt_actors(fold, folds),
+            actors=actors,
             use_gpu=resources["use_gpu"],
             resources_per_worker=resources["resources_per_worker"],
             max_failures=max_failures,

@@ -23,17 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ser_ray.common import storage
-from ser_ray.corpus.folds import FOLD_SCHEMES, fold_of_actor, folds_field
-from ser_ray.corpus.ravdess import (
-    RavdessNameError,
-    clip_from_name,
-    parse_name,
-)
+from ser_ray.corpus import ravdess
+from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
 from ser_ray.features import audio
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCHEMA_VERSION = 2  # 2: the egemaps column
+FEATURE_SCHEMA_VERSION = 3  # 2: the egemaps column; 3: clip-table columns, no scheme fold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +67,6 @@ class FeatureConfig:
     max_duration_s: float = dataclasses.field(
         default=60.0, metadata={"help": "reject longer clips (RAVDESS clips are 2.9-5.3 s)"}
     )
-    folds: str = folds_field()  # the fold scheme the `fold` column follows
     speech_only: bool = dataclasses.field(
         default=True,
         metadata={
@@ -86,8 +81,6 @@ class FeatureConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.folds not in FOLD_SCHEMES:
-            raise ValueError(f"folds={self.folds!r}: choose one of {sorted(FOLD_SCHEMES)}")
         if self.min_duration_s >= self.max_duration_s:
             raise ValueError("min_duration_s must be below max_duration_s")
 
@@ -96,17 +89,25 @@ class FeatureConfig:
         return audio.MfccConfig(n_mfcc=self.n_mfcc, deltas=self.mfcc_deltas)
 
 
+# A clip's row of the corpus's clip table (ser_ray.corpus.clips): ``actor`` is the speaker's
+# number (clips.speaker_numbers), ``speaker`` its name, ``emotion`` the corpus's own label
+# (before any label map); the RAVDESS name fields are null for other corpora.
 META_FIELDS = [
     ("path", pa.string()),
     ("actor", pa.int32()),
+    ("speaker", pa.string()),
     ("gender", pa.string()),
     ("emotion", pa.string()),
     ("emotion_code", pa.int32()),
     ("intensity", pa.int32()),
     ("statement", pa.int32()),
     ("repetition", pa.int32()),
-    ("fold", pa.int32()),
+    ("session", pa.string()),
+    ("fold", pa.string()),
+    ("split", pa.string()),
+    ("corpus", pa.string()),
 ]
+META_NAMES = [name for name, _ in META_FIELDS]
 FEATURE_SCHEMA = pa.schema(
     META_FIELDS
     + [
@@ -131,18 +132,11 @@ OUTCOME_SCHEMA = pa.schema(
 WRITE_CHUNK_CLIPS = 16
 
 
-def featurize_clip(row: dict, config: FeatureConfig, folds: dict[int, int]) -> dict:
-    """One clip -> one result row (features, or a reject reason). Pure except for reading."""
+def featurize_clip(row: dict, config: FeatureConfig) -> dict:
+    """One clip (a row of :func:`input_table`) -> one result row (features, or a reject
+    reason). Pure except for reading."""
     out = {name: None for name in RESULT_SCHEMA.names}
-    out["path"] = row["path"]
-    try:
-        name = parse_name(row["path"])
-    except RavdessNameError as err:
-        out["reject_reason"] = str(err).split(": ", 1)[-1]
-        return out
-    clip = clip_from_name(row["path"], name)
-    out.update({key: getattr(clip, key) for key, _ in META_FIELDS if key not in ("fold",)})
-    out["fold"] = folds.get(clip.actor)
+    out.update({key: row.get(key) for key in META_NAMES})
     try:
         data = row.get("audio_bytes") or audio.read_bytes(row["path"])
         samples, sr_hz = audio.decode(data)
@@ -209,13 +203,12 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
 
     Clips are featurized and written :data:`WRITE_CHUNK_CLIPS` at a time (one Parquet row
     group each), so a worker holds at most that many waveforms whatever the batch size."""
-    folds = fold_of_actor(config.folds)
     path = Path(staging_dir) / f"part-{min(batch.column('index').to_pylist()):06d}.parquet"
     outcomes, writer = [], None
     try:
         for start in range(0, batch.num_rows, WRITE_CHUNK_CLIPS):
             chunk = batch.slice(start, WRITE_CHUNK_CLIPS).to_pylist()
-            rows = [featurize_clip(row, config, folds) for row in chunk]
+            rows = [featurize_clip(row, config) for row in chunk]
             outcomes.append(rows_to_table(rows, OUTCOME_SCHEMA))
             usable = [row for row in rows if row["reject_reason"] is None]
             if not usable:
@@ -258,62 +251,111 @@ def add_egemaps(path: str, target_sr_hz: int) -> int:
     return table.num_rows
 
 
-def fingerprint(inputs: list[dict], config: FeatureConfig) -> str:
-    """What a prepared folder was made from: the inputs (path, size, time) and the settings
-    but ``egemaps``, which a folder can gain later (:func:`add_egemaps`) and which a run that
-    does not use them need not drop."""
+def fingerprint(corpus: ClipTable, config: FeatureConfig) -> str:
+    """What a prepared folder was made from: each clip's row of the clip table (path, size,
+    time, speaker, label, ...), the files left out, and the settings but ``egemaps``, which
+    a folder can gain later (:func:`add_egemaps`) and which a run that does not use them
+    need not drop."""
     settings = {**dataclasses.asdict(config), "egemaps": None}
     digest = hashlib.sha256()
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(FEATURE_SCHEMA_VERSION).encode())
-    for item in inputs:
-        digest.update(
-            json.dumps([item["path"], item.get("size_bytes"), item.get("mtime_ns")]).encode()
-        )
+    keys = ["path", "size_bytes", "mtime_ns", "speaker", "emotion", "gender", "session"]
+    keys += ["fold", "split", "corpus"]
+    for row in corpus.frame[keys].itertuples(index=False):
+        digest.update(json.dumps([None if pd.isna(v) else v for v in row], default=str).encode())
+    for path, _ in corpus.skipped:
+        digest.update(json.dumps([path]).encode())
     return digest.hexdigest()
 
 
-def input_table(paths: list[str]) -> pa.Table:
-    """What the featurizing batches read: (index in input order, path) per clip."""
-    return pa.table(
-        {"index": pa.array(range(len(paths)), pa.int64()), "path": pa.array(paths, pa.string())}
-    )
+def input_table(corpus: ClipTable) -> pa.Table:
+    """What the featurizing batches read: per clip its index in input order and its
+    :data:`META_FIELDS` (``actor``: the speaker's number)."""
+    frame = corpus.frame
+    numbers = speaker_numbers(frame["speaker"])
+    columns = {"index": pa.array(range(len(frame)), pa.int64())}
+    for name, kind in META_FIELDS:
+        if name == "actor":
+            values = [numbers[s] for s in frame["speaker"]]
+        elif name in frame.columns:
+            values = [None if pd.isna(v) else v for v in frame[name]]
+            if pa.types.is_string(kind):
+                values = [None if v is None else str(v) for v in values]
+        else:
+            values = [None] * len(frame)
+        columns[name] = pa.array(values, kind)
+    return pa.table(columns)
 
 
 def is_hf_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def hf_inputs(path: Path) -> tuple[pa.Table, list[dict]]:
-    """A RAVDESS copy saved with ``datasets.save_to_disk`` -> table of (index, path, bytes)."""
+def hf_inputs(path: Path) -> tuple[ClipTable, pa.Array | None]:
+    """A corpus saved with ``datasets.save_to_disk`` -> (its clip table, the audio bytes of
+    each of its clips, in table order, or None when the dataset holds paths only).
+
+    Speaker and label come from ``speaker`` (or ``speaker_id``/``actor``) and ``emotion`` (or
+    ``label``; class labels by name) columns; without them, from RAVDESS file names (names
+    that do not parse are left out, with the reason)."""
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.concatenate_datasets(list(loaded.values()))
+    paths, blobs = _hf_audio(loaded, path)
+    speaker = _first_column(loaded, ("speaker", "speaker_id", "actor"))
+    label = _first_column(loaded, ("emotion", "label"))
+    if speaker and label:
+        emotions = loaded[label]
+        feature = loaded.features[label]
+        if isinstance(feature, datasets.ClassLabel):
+            emotions = [feature.int2str(int(e)) for e in emotions]
+        frame = clip_frame(
+            {"path": p, "speaker": str(s), "emotion": str(e)}
+            for p, s, e in zip(paths, loaded[speaker], emotions, strict=True)
+        )
+        return ClipTable(frame, [], "datasets.save_to_disk"), blobs
+    clips, skipped, keep = [], [], []
+    for i, name in enumerate(paths):
+        try:
+            clips.append(ravdess.clip_from_name(name, ravdess.parse_name(name)))
+            keep.append(i)
+        except ravdess.RavdessNameError as err:
+            skipped.append((name, str(err).split(": ", 1)[-1]))
+    table = ravdess.clip_table(clips, skipped)
+    table.kind = "datasets.save_to_disk"
+    return table, None if blobs is None else blobs.take(pa.array(keep, pa.int64()))
+
+
+def _hf_audio(loaded, path: Path) -> tuple[list[str], pa.Array | None]:
+    """(file name of each row, its audio bytes or None) of a saved dataset."""
+    import datasets
+
     audio_cols = [n for n, f in loaded.features.items() if isinstance(f, datasets.Audio)]
     if audio_cols:
         column = audio_cols[0]
         loaded = loaded.cast_column(column, datasets.Audio(decode=False))
         table = loaded.select_columns([column]).with_format("arrow")[:]
         paths = table.column(column).combine_chunks().field("path").to_pylist()
-        blobs = table.column(column).combine_chunks().field("bytes")
+        blobs = table.column(column).combine_chunks().field("bytes").cast(pa.binary())
     else:
-        names = [n for n in ("path", "file", "filename") if n in loaded.column_names]
-        if not names:
+        name = _first_column(loaded, ("path", "file", "filename"))
+        if not name:
             raise ValueError(
                 f"{path}: the saved dataset has no Audio column and no path/file column; "
                 f"columns are {loaded.column_names}"
             )
-        paths, blobs = loaded[names[0]], None
+        paths, blobs = loaded[name], None
     bad = [i for i, p in enumerate(paths) if not p]
     if bad:
         raise ValueError(f"{path}: rows {bad[:10]} of the saved dataset have no file name")
-    inputs = [{"path": p, "size_bytes": None, "mtime_ns": None} for p in paths]
-    table = input_table(paths)
-    if blobs is not None:
-        table = table.append_column("audio_bytes", blobs.cast(pa.binary()))
-    return table, inputs
+    return paths, blobs
+
+
+def _first_column(loaded, names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if n in loaded.column_names), None)
 
 
 def write_rejected(path: Path, rejected: list[dict]) -> None:
@@ -321,6 +363,22 @@ def write_rejected(path: Path, rejected: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=["path", "reason"])
         writer.writeheader()
         writer.writerows(sorted(rejected, key=lambda r: r["path"]))
+
+
+def clips_of_features(features_dir: str | Path) -> ClipTable:
+    """The clip table of the usable clips of a prepared features folder (its meta columns;
+    the corpus's kind and class order from the ``config.json`` beside it), for jobs that
+    start from ``--features``."""
+    frame = load_features(features_dir, META_NAMES).drop(columns=["actor"])
+    record_file = Path(features_dir).parent / "config.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    order = record.get("label_order")
+    return ClipTable(
+        clip_frame(frame.to_dict("records")),
+        [],
+        record.get("input_kind", "ravdess"),
+        tuple(order) if order else None,
+    )
 
 
 def _parquet_files(features_dir: str | Path) -> list[str]:

@@ -37,8 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from ser_ray.common.metrics import classification_metrics
-from ser_ray.corpus.folds import fold_of_actor
-from ser_ray.corpus.ravdess import label_index
+from ser_ray.corpus.protocol import Protocol
 from ser_ray.features.speaker_norm import speaker_normalize
 
 log = logging.getLogger(__name__)
@@ -183,24 +182,24 @@ def feature_set_matrix(
     return X
 
 
-def label_vector(df: pd.DataFrame, merge_calm: bool = False) -> np.ndarray:
-    """Class indices of ``df["emotion"]`` under the chosen label set."""
-    return np.array([label_index(e, merge_calm) for e in df["emotion"]], dtype=np.int64)
+def label_vector(df: pd.DataFrame, protocol: Protocol) -> np.ndarray:
+    """Class indices of ``df["emotion"]`` under the protocol's label map and classes."""
+    return np.array(protocol.class_indices(df["emotion"]), dtype=np.int64)
 
 
 def inner_splits(
-    actors: Iterable[int], folds: str = "contiguous"
+    actors: Iterable[int], fold_map: Mapping[int, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Actor-grouped inner splits of the training rows: leave one remaining outer fold out.
+    """Speaker-grouped inner splits of the training rows: leave one remaining outer fold out.
 
-    ``actors`` is the actor of each training row (the test fold's actors must be absent).
-    Returns ``(train_idx, val_idx)`` row indices, one split per fold present, in fold order.
+    ``actors`` is the speaker of each training row (the test fold's must be absent),
+    ``fold_map`` each speaker's outer fold (:meth:`Protocol.fold_of_speaker`). Returns
+    ``(train_idx, val_idx)`` row indices, one split per fold present, in fold order.
     """
     actors = np.asarray(list(actors), dtype=np.int64)
-    fold_map = fold_of_actor(folds)
     unknown = sorted(set(actors.tolist()) - set(fold_map))
     if unknown:
-        raise ValueError(f"actors {unknown} are in no {folds} fold")
+        raise ValueError(f"speakers {unknown} are in no fold of the protocol")
     groups = np.array([fold_map[a] for a in actors.tolist()], dtype=np.int64)
     present = sorted(set(groups.tolist()))
     if len(present) < 2:
@@ -234,7 +233,7 @@ def fit_predict(
     actors_train: Sequence[int],
     X_test: np.ndarray,
     num_classes: int,
-    folds: str = "contiguous",
+    fold_map: Mapping[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Refit the chosen config on all training rows; (labels, class probabilities) of the
     test rows.
@@ -244,7 +243,7 @@ def fit_predict(
     (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
     calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
-    model = fit_calibrated_svm(params, X_train, y_train, actors_train, folds)
+    model = fit_calibrated_svm(params, X_train, y_train, actors_train, fold_map)
     return predict_labels(model, X_test), class_probabilities(model, X_test, num_classes)
 
 
@@ -253,10 +252,10 @@ def fit_calibrated_svm(
     X_train: np.ndarray,
     y_train: np.ndarray,
     actors_train: Sequence[int],
-    folds: str = "contiguous",
+    fold_map: Mapping[int, int],
 ) -> CalibratedClassifierCV:
-    """The chosen config fit on all training rows, calibrated on the inner actor folds."""
-    model = make_calibrated_svm(params, cv=inner_splits(actors_train, folds))
+    """The chosen config fit on all training rows, calibrated on the inner speaker folds."""
+    model = make_calibrated_svm(params, cv=inner_splits(actors_train, fold_map))
     return model.fit(X_train, y_train)
 
 

@@ -18,18 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ser_ray.common import config_file
-from ser_ray.corpus import folds, ravdess
 from ser_ray.corpus.demo_corpus import demo_source
+from ser_ray.corpus.protocol import Protocol, ProtocolSettings, check_protocol, resolve_protocol
 from ser_ray.distributed import console
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
-from ser_ray.distributed.prepare import prepare_features
+from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, FoldPlan, plan_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm
@@ -66,7 +65,20 @@ class KFoldConfig:
     """Settings of the study (the resolved copy is saved as ``config.json``)."""
 
     data_dir: str | None = dataclasses.field(
-        default=None, metadata={"help": "RAVDESS folder or URI (default: the demo corpus)"}
+        default=None,
+        metadata={
+            "help": "the corpus: a RAVDESS or CREMA-D-named folder (local or URI), a clip "
+            "manifest (CSV/JSONL: path, speaker, emotion, ...), or a datasets save_to_disk "
+            "copy (default: the demo corpus)"
+        },
+    )
+    manifest: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a clip manifest, CSV or JSONL: path, speaker, emotion (or label); "
+            "optional gender, session, fold, split, corpus; paths relative to the file "
+            "allowed (the same as --data-dir FILE)"
+        },
     )
     train: TrainConfig = dataclasses.field(
         default_factory=study_train_config,
@@ -76,7 +88,21 @@ class KFoldConfig:
             "default, e.g. --lr)"
         },
     )
-    folds: str = folds.folds_field()
+    speaker_regex: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "an EmoBox data file names no speaker: this regular expression finds it "
+            "in each key (or wav path), its first group"
+        },
+    )
+    protocol: ProtocolSettings = dataclasses.field(
+        default_factory=ProtocolSettings,
+        metadata={
+            "help": "how folds, validation speakers and classes are resolved (saved as "
+            "protocol.json); --merge-calm, the validation speakers (n_val_actors) and the "
+            "seed come from the training settings"
+        },
+    )
     variants: tuple[str, ...] = dataclasses.field(
         default=DEFAULT_VARIANTS,
         metadata={
@@ -162,17 +188,34 @@ class KFoldConfig:
     )
 
     def resolved_model(self) -> str:
-        """``train.model``, or by default ``demo`` without ``data_dir`` and
-        ``facebook/wav2vec2-base`` with it."""
+        """``train.model``, or by default ``demo`` without a corpus and
+        ``facebook/wav2vec2-base`` with one."""
         if self.train.model:
             return self.train.model
-        return "demo" if self.data_dir is None else REAL_MODEL
+        return "demo" if self.source is None else REAL_MODEL
+
+    @property
+    def source(self) -> str | None:
+        """The corpus given (``--data-dir`` or ``--manifest``), None for the demo corpus."""
+        return self.manifest or self.data_dir
+
+    def protocol_settings(self, n_val_speakers: int) -> ProtocolSettings:
+        """``protocol`` with the study's own calm merge and seed, and ``n_val_speakers``."""
+        return dataclasses.replace(
+            self.protocol,
+            merge_calm=self.train.merge_calm,
+            seed=self.train.seed,
+            n_val_speakers=n_val_speakers,
+        )
 
     def __post_init__(self) -> None:
         self.variants = tuple(v.name for v in parse_variants(self.variants))  # raises
         if self.svm_search not in ("grid", "bayes"):
             raise ValueError(f"svm_search={self.svm_search!r}: choose grid or bayes")
-        folds.fold_sets(self.folds)  # raises on an unknown scheme
+        if self.manifest and self.data_dir:
+            raise ValueError(
+                f"--manifest {self.manifest} and --data-dir {self.data_dir}: give one corpus"
+            )
         if self.tapt_epochs < 0:
             raise ValueError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
 
@@ -292,7 +335,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         **train["train_configs"][str(fold)],
         **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
         "fold": fold,
-        "folds": train["folds"],
+        "protocol": train["protocol"],
         "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
     }
     result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
@@ -314,6 +357,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
 def run_wav2vec2_folds(
     features_dir: Path,
     cfg: KFoldConfig,
+    protocol: Protocol,
     train_cfgs: dict[int, TrainConfig],
     out: Path,
     storage: str,
@@ -326,14 +370,14 @@ def run_wav2vec2_folds(
     from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
     from ser_ray.distributed.train_in_tune import stall_watchdog
 
-    fold_numbers = list(range(1, len(folds.fold_sets(cfg.folds)) + 1))
+    fold_numbers = protocol.fold_numbers
     first = train_cfgs[fold_numbers[0]]
     plan = plan_folds(cfg, len(fold_numbers))
     # before the folds start: building a cache needs CPUs that running folds would hold
     inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
     train = {
         "inputs": {str(k): v.to_config() for k, v in inputs.items()},
-        "folds": cfg.folds,
+        "protocol": protocol.to_dict(),
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
         "max_failures": cfg.max_failures,
@@ -377,7 +421,11 @@ def run_wav2vec2_folds(
 
 
 def _with_encoders(
-    train_cfgs: dict[int, TrainConfig], features_dir: Path, cfg: KFoldConfig, out: Path, storage
+    train_cfgs: dict[int, TrainConfig],
+    features_dir: Path,
+    cfg: KFoldConfig,
+    protocol: Protocol,
+    out: Path,
 ) -> dict[int, TrainConfig]:
     """The fold configs with the encoder each fold fine-tunes: ``--model`` resolved (``demo``:
     the pre-trained demo encoder, built on first use) and, with ``--tapt-epochs``, each
@@ -392,7 +440,7 @@ def _with_encoders(
             features_dir,
             base,
             list(train_cfgs),
-            folds=cfg.folds,
+            protocol=protocol,
             settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
             out_dir=out / "tapt",
             resources=plan_folds(cfg, len(train_cfgs)).train_resources(),
@@ -402,7 +450,7 @@ def _with_encoders(
 
 
 def _svm_results(
-    df: pd.DataFrame, cfg: KFoldConfig, out: Path, variant: Variant
+    df: pd.DataFrame, cfg: KFoldConfig, protocol: Protocol, out: Path, variant: Variant
 ) -> tuple[list[dict], pd.DataFrame]:
     from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
 
@@ -416,14 +464,13 @@ def _svm_results(
         NestedSvmConfig(
             search=cfg.svm_search,
             num_samples=cfg.svm_num_samples,
-            folds=cfg.folds,
-            merge_calm=cfg.train.merge_calm,
             seed=cfg.train.seed,
             smoke_test=cfg.smoke_test,
             feature_set=variant.feature_set,
             speaker_normalise=variant.speaker_norm,
             variant=variant.name,
         ),
+        protocol,
         storage_path=out / "tune_svm",
         models_dir=out / "svm_models" / variant.name,
     )
@@ -435,25 +482,61 @@ def _svm_results(
 def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
-    The steps, in order: resolve the settings, check the model can be loaded, plan the
-    wav2vec2 folds' resources, save it all (``config.json``), prepare the features, run
-    every variant over the folds, write the summary."""
+    The steps, in order: resolve the settings, read the corpus and resolve its protocol
+    (``protocol.json``), check the model can be loaded, plan the wav2vec2 folds' resources,
+    save it all (``config.json``), prepare the features, run every variant over the folds,
+    write the summary."""
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
-    fold_numbers = range(1, len(folds.fold_sets(cfg.folds)) + 1)
-    train_cfgs = {k: train_config_for(cfg, k) for k in fold_numbers}
     variants = parse_variants(cfg.variants)
+    features = _feature_config(variants)
+    source = cfg.source or str(demo_source(cfg.smoke_test))
+    inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
+    protocol = _resolved_protocol(cfg, inputs, out)
+    train_cfgs = {k: train_config_for(cfg, k) for k in protocol.fold_numbers}
     plan = None
     if _runs_wav2vec2(variants):
         check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
-        plan = plan_folds(cfg, len(fold_numbers))
+        plan = plan_folds(cfg, len(protocol.folds))
         print(plan.line(), flush=True)
     _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
-    features_dir, df = _prepared_features(cfg, out, variants)
-    results = _run_variants(cfg, variants, df, features_dir, train_cfgs, out, storage)
-    return _write_summary(cfg, out, variants, df, results, provenance)
+    features_dir, df = _prepared_features(source, out, variants, inputs, features, protocol)
+    results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, storage)
+    return _write_summary(cfg, protocol, out, variants, df, results, provenance)
+
+
+def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
+    """What the features hold: eGeMAPS (openSMILE, ~5x the MFCC recipe's time) only when a
+    variant uses them."""
+    return FeatureConfig(egemaps="egemaps" in _svm_columns(variants))
+
+
+def _svm_columns(variants: tuple[Variant, ...]) -> set[str]:
+    return {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
+
+
+def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Protocol:
+    """The protocol of the corpus (``--protocol`` file or resolved from the clips), saved as
+    ``OUT/protocol.json``; every stage gets this one object."""
+    n_val = {train_config_for(cfg, k).n_val_actors for k in _param_folds(cfg)}
+    if len(n_val) != 1:
+        raise ValueError(
+            f"{cfg.params}: the folds' settings ask for different numbers of validation "
+            f"speakers {sorted(n_val)}; one protocol needs one number"
+        )
+    protocol = resolve_protocol(inputs.corpus, cfg.protocol_settings(n_val.pop()))
+    protocol.save(out / "protocol.json")
+    return protocol
+
+
+def _param_folds(cfg: KFoldConfig) -> list[int | None]:
+    """The folds a ``--params`` file gives settings for (``[None]``: the same for all)."""
+    best = _read_params(cfg)
+    if best and "per_fold" in best:
+        return sorted(int(k) for k in best["per_fold"])
+    return [None]
 
 
 def _storage_path(cfg: KFoldConfig, out: Path) -> str:
@@ -495,19 +578,26 @@ def _save_run_config(
 
 
 def _prepared_features(
-    cfg: KFoldConfig, out: Path, variants: tuple[Variant, ...]
+    source: str,
+    out: Path,
+    variants: tuple[Variant, ...],
+    inputs: CorpusInputs,
+    features: FeatureConfig,
+    protocol: Protocol,
 ) -> tuple[Path, pd.DataFrame]:
-    """Features of the corpus (``--data-dir`` or the demo corpus) in ``OUT/prepared``, its
-    rejected clips in ``OUT/rejected.csv``; returns the features folder and the columns the
-    SVM variants need, checked to form the folds."""
-    source = cfg.data_dir or str(demo_source(smoke_test=cfg.smoke_test))
-    columns = {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
-    # eGeMAPS (openSMILE, ~5x the MFCC recipe's time) only when a variant uses it
-    features = FeatureConfig(folds=cfg.folds, egemaps="egemaps" in columns)
-    prepared = prepare_features(source, out / "prepared", features)
-    shutil.copy2(prepared.rejected_csv, out / "rejected.csv")
-    df = load_features(prepared.features_dir, ["path", "actor", "emotion", *sorted(columns)])
-    folds.check_actors(df["actor"].unique().tolist(), cfg.folds)
+    """Features of the corpus in ``OUT/prepared``; ``OUT/rejected.csv`` lists its unusable
+    files and the clips the label map drops. Returns the features folder and the columns the
+    SVM variants need of the clips that take part, checked against the protocol."""
+    prepared = prepare_features(source, out / "prepared", features, inputs=inputs)
+    columns = ["path", "actor", "emotion", *sorted(_svm_columns(variants))]
+    df = load_features(prepared.features_dir, columns)
+    dropped = df["emotion"].isin(protocol.dropped_labels)
+    rejected = pd.read_csv(prepared.rejected_csv)
+    reasons = "label " + df.loc[dropped, "emotion"] + " left out by the label map"
+    extra = pd.DataFrame({"path": df.loc[dropped, "path"], "reason": reasons})
+    pd.concat([rejected, extra], ignore_index=True).to_csv(out / "rejected.csv", index=False)
+    df = df[~dropped].reset_index(drop=True)
+    check_protocol(protocol, df)
     return prepared.features_dir, df
 
 
@@ -524,6 +614,7 @@ class _StudyResults:
 
 def _run_variants(
     cfg: KFoldConfig,
+    protocol: Protocol,
     variants: tuple[Variant, ...],
     df: pd.DataFrame,
     features_dir: Path,
@@ -535,7 +626,7 @@ def _run_variants(
     results = _StudyResults(
         fold_rows={
             k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
-            for k, actors in enumerate(folds.fold_sets(cfg.folds), 1)
+            for k, actors in enumerate(map(list, protocol.folds), 1)
         },
         predictions=[],
         histories={},
@@ -543,14 +634,15 @@ def _run_variants(
     )
     for variant in variants:
         if variant.family == "svm":
-            svm_folds, svm_predictions = _svm_results(df, cfg, out, variant)
+            svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
             results.predictions.append(svm_predictions)
             continue
-        results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, out, storage)
-        for outcome in run_wav2vec2_folds(features_dir, cfg, results.train_cfgs, out, storage):
+        results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, protocol, out)
+        outcomes = run_wav2vec2_folds(features_dir, cfg, protocol, results.train_cfgs, out, storage)
+        for outcome in outcomes:
             m = outcome.metrics
             results.fold_rows[outcome.fold]["wav2vec2"] = {
                 "accuracy": m["test/accuracy"],
@@ -565,6 +657,7 @@ def _run_variants(
 
 def _write_summary(
     cfg: KFoldConfig,
+    protocol: Protocol,
     out: Path,
     variants: tuple[Variant, ...],
     df: pd.DataFrame,
@@ -582,16 +675,16 @@ def _write_summary(
         out,
         list(results.fold_rows.values()),
         all_predictions,
-        ravdess.class_names(cfg.train.merge_calm),
+        list(protocol.classes),
         summary.RunInfo(
             model=cfg.resolved_model() + ("+tapt" if cfg.tapt_epochs else "")
             if _runs_wav2vec2(variants)
             else None,
             merge_calm=cfg.train.merge_calm,
-            fold_scheme=cfg.folds,
+            fold_scheme=protocol.scheme,
             config=config_file.to_jsonable(dataclasses.asdict(cfg)),
             params_provenance=provenance,
-            trained_on=trained_on(cfg, train_cfgs),
+            trained_on=trained_on(cfg, protocol),
             variants={v.name: v.describe() for v in variants},
         ),
         histories=histories or None,
@@ -622,14 +715,14 @@ def check_model_reachable(model: str) -> None:
         ) from err
 
 
-def trained_on(cfg: KFoldConfig, train_cfgs: dict[int, TrainConfig]) -> dict[str, Any]:
+def trained_on(cfg: KFoldConfig, protocol: Protocol) -> dict[str, Any]:
     """Per variant: which actors of each outer fold its reported model was trained on."""
     out: dict[str, Any] = {}
     for variant in parse_variants(cfg.variants):
         refit = variant.family == "wav2vec2" and cfg.train.refit
         per_fold = {}
-        for k, train_cfg in train_cfgs.items():
-            _, fit, val = folds.fold_split(k, cfg.folds, train_cfg.n_val_actors)
+        for k in protocol.fold_numbers:
+            _, fit, val = protocol.split(k)
             per_fold[str(k)] = sorted(fit + val) if variant.family == "svm" or refit else fit
         out[variant.name] = {"description": TRAINED_ON[variant.family, refit], "per_fold": per_fold}
     return out

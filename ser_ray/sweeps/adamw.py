@@ -36,10 +36,10 @@ from typing import Any
 import pandas as pd
 
 from ser_ray.common import config_file
-from ser_ray.corpus import folds, ravdess
+from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console, ingest
 from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
-from ser_ray.distributed.fold_trainer import count_splits, open_fold_clips
+from ser_ray.distributed.fold_trainer import count_splits, kept_labels, open_fold_clips
 from ser_ray.distributed.resources import (
     adamw_concurrent_trials,
     adamw_trial_resources,
@@ -183,7 +183,6 @@ class SweepConfig:
             "ASHA's max_t, batch size, merge_calm, seed: also the searcher's)"
         },
     )
-    folds: str = folds.folds_field()
     num_samples: int = dataclasses.field(default=20, metadata={"help": "trials per outer fold"})
     cpus_per_trial: float = dataclasses.field(
         default=1.0,
@@ -208,7 +207,6 @@ class SweepConfig:
     )
 
     def __post_init__(self) -> None:
-        folds.fold_sets(self.folds)  # raises on an unknown scheme
         epochs = self.train.epochs
         if self.space is None:
             self.space = SearchSpace.for_model(self.train.model)
@@ -309,11 +307,11 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     torch.set_num_threads(int(setup["threads"]))
     cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
-    class_names = ravdess.class_names(cfg.merge_calm)
+    protocol = Protocol.from_dict(setup["protocol"])
     seed_everything(cfg.seed)
-    model, fe = build_model(cfg, class_names)
+    model, fe = build_model(cfg, list(protocol.classes))
     FoldInputs.from_config(setup).check(model, fe)
-    clips = trial_clips(setup, cfg, class_names, fe)
+    clips = trial_clips(setup, cfg, protocol, fe)
     seen: dict[str, set[int]] = {"train": set(), "val": set()}
     train, val = (_recording_actors(clips[name], seen[name]) for name in ("train", "val"))
 
@@ -331,7 +329,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 
 def trial_clips(
-    setup: dict[str, Any], cfg: TrainConfig, class_names: list[str], feature_extractor
+    setup: dict[str, Any], cfg: TrainConfig, protocol: Protocol, feature_extractor
 ) -> dict[str, ClipStream[ClipTable]]:
     """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
     workers stream theirs: the same Ray datasets
@@ -340,10 +338,10 @@ def trial_clips(
     :func:`ser_ray.distributed.fold_trainer.open_fold_clips`; so for the same seed, the same
     batches."""
     # the test actors of the fold are not even named here: only fit and validation actors
-    datasets = ingest.fold_datasets(setup["source"], setup["split_actors"], setup["input_kind"])
-    clips = open_fold_clips(
-        setup, ingest.local_shards(datasets), cfg, class_names, feature_extractor
+    datasets = ingest.fold_datasets(
+        setup["source"], setup["split_actors"], setup["input_kind"], kept_labels(protocol)
     )
+    clips = open_fold_clips(setup, ingest.local_shards(datasets), cfg, protocol, feature_extractor)
     if "val" not in clips:
         raise ValueError(f"fold {setup['fold']}: no validation clips in {setup['source']}")
     return clips
@@ -360,12 +358,15 @@ def _recording_actors(stream: ClipStream[ClipTable], seen: set[int]) -> ClipStre
     return dataclasses.replace(stream, to_clips=to_clips)
 
 
-def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig) -> dict[str, Any]:
+def trial_setup(
+    source: FoldInputs, fold: int, cfg: SweepConfig, protocol: Protocol
+) -> dict[str, Any]:
     """What every trial of the search on outer fold ``fold`` shares (:func:`adamw_trial`'s
-    ``setup``): the base TrainConfig, the inputs, the fit (``train``) and ``val`` actors and
-    their clip counts, threads and device. The fold's test actors are left out."""
+    ``setup``): the base TrainConfig, the inputs, the protocol, the fit (``train``) and
+    ``val`` actors and their clip counts, threads and device. The fold's test actors are left
+    out."""
     base = cfg.base_train_config()
-    _, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
+    _, fit_actors, val_actors = protocol.split(fold)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
     split_actors = {"train": fit_actors, "val": val_actors}
@@ -373,9 +374,9 @@ def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig) -> dict[str, An
         "train_config": base.to_dict(),
         **source.to_config(),  # source, input_kind, feature_cache_key
         "split_actors": split_actors,
-        "split_clips": count_splits(source.source, split_actors),
+        "split_clips": count_splits(source.source, split_actors, kept_labels(protocol)),
         "fold": int(fold),
-        "folds": cfg.folds,
+        "protocol": protocol.to_dict(),
         "threads": trial_torch_threads(cfg.cpus_per_trial),
         "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
     }
@@ -385,6 +386,7 @@ def tune_fold(
     source: FoldInputs,
     fold: int,
     cfg: SweepConfig,
+    protocol: Protocol,
     *,
     storage_path: str | Path,
     name: str,
@@ -398,14 +400,14 @@ def tune_fold(
 
     if not ray.is_initialized():
         raise RuntimeError("connect to a Ray cluster (ray.init) before the sweep")
-    setup = trial_setup(source, fold, cfg)
+    setup = trial_setup(source, fold, cfg, protocol)
     resources, max_concurrent = trial_resources(cfg)
     grid, search_s = run_trials(
         setup, cfg, resources, max_concurrent, storage_path=storage_path, name=name
     )
     base = cfg.base_train_config()
     trials = trial_table(grid, base.epochs)
-    test_actors, fit_actors, val_actors = folds.fold_split(fold, cfg.folds, base.n_val_actors)
+    test_actors, fit_actors, val_actors = protocol.split(fold)
     seen = {int(a) for s in [*trials["fit_actors"], *trials["val_actors"]] for a in s.split()}
     leaked = sorted(seen & set(test_actors))
     if leaked:  # cannot happen by construction; a guard for future edits
@@ -423,7 +425,7 @@ def tune_fold(
     )
     search = {
         "fold": int(fold),
-        "scheme": cfg.folds,  # best.json's key, kept
+        "scheme": protocol.scheme,
         "test_actors": [int(a) for a in test_actors],
         "fit_actors": [int(a) for a in fit_actors],
         "val_actors": [int(a) for a in val_actors],
@@ -539,6 +541,7 @@ def run_sweep(
     features_dir: str | Path,
     cfg: SweepConfig,
     out: str | Path,
+    protocol: Protocol,
     *,
     fold: int = 1,
     nested: bool = False,
@@ -556,7 +559,7 @@ def run_sweep(
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    n_folds = len(folds.fold_sets(cfg.folds))
+    n_folds = len(protocol.folds)
     if nested:
         fold_numbers = sorted(int(k) for k in (outer_folds or range(1, n_folds + 1)))
     else:
@@ -567,7 +570,9 @@ def run_sweep(
     source = build_fold_inputs(features_dir, cfg.base_train_config(), out / "feature_cache")
     found, trials = {}, {}
     for k in fold_numbers:
-        found[k] = tune_fold(source, k, cfg, storage_path=out / "tune", name=f"adamw_fold{k}")
+        found[k] = tune_fold(
+            source, k, cfg, protocol, storage_path=out / "tune", name=f"adamw_fold{k}"
+        )
         trials[k] = found[k].pop("trials")
         trials[k].drop(columns=["config"]).to_csv(out / f"trials_fold{k}.csv", index=False)
     if nested:

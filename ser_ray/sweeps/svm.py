@@ -28,14 +28,8 @@ import pandas as pd
 
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.common.predictions import predictions_frame
-from ser_ray.corpus.folds import (
-    check_actors,
-    check_no_leakage,
-    fold_of_actor,
-    folds_field,
-    test_and_train_actors,
-)
-from ser_ray.corpus.ravdess import class_names
+from ser_ray.corpus.folds import check_no_leakage
+from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console
 from ser_ray.distributed.resources import SVM_TRIAL_RESOURCES, svm_concurrent_trials
 from ser_ray.features import speaker_norm
@@ -59,13 +53,9 @@ class NestedSvmConfig:
     num_samples: int = dataclasses.field(
         default=20, metadata={"help": "trials per outer fold of the bayes search"}
     )
-    folds: str = folds_field()
-    merge_calm: bool = dataclasses.field(
-        default=False, metadata={"help": "7 classes: calm merged into neutral"}
-    )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the Bayesian searcher"})
     outer_folds: Sequence[int] | None = dataclasses.field(
-        default=None, metadata={"help": "outer folds to run; None: all six (needs 24 actors)"}
+        default=None, metadata={"help": "outer folds to run; None: all of the protocol"}
     )
     smoke_test: bool = dataclasses.field(
         default=False, metadata={"help": "the small version of the fixed grid"}
@@ -110,7 +100,7 @@ def svm_trial(
     X: np.ndarray,
     y: np.ndarray,
     actors: np.ndarray,
-    folds: str,
+    fold_map: dict[int, int],
     num_classes: int,
 ) -> None:
     """Tune trainable: each config of ``config["svm"]`` (one config, or a batch of the grid)
@@ -125,7 +115,7 @@ def svm_trial(
 
     batch = config.get("svm", config)
     batch = batch if isinstance(batch, list) else [batch]
-    splits = svm.inner_splits(actors, folds)
+    splits = svm.inner_splits(actors, fold_map)
     scores = []
     for params in batch:
         s = svm.inner_cv_score(params, X, y, splits, num_classes)
@@ -176,7 +166,7 @@ def tune_fold(
     *,
     search: str,
     num_samples: int,
-    folds: str,
+    fold_map: dict[int, int],
     num_classes: int,
     seed: int,
     storage_path: str | Path,
@@ -204,7 +194,12 @@ def tune_fold(
 
     trainable = tune.with_resources(
         tune.with_parameters(
-            svm_trial, X=X, y=y, actors=np.asarray(actors), folds=folds, num_classes=num_classes
+            svm_trial,
+            X=X,
+            y=y,
+            actors=np.asarray(actors),
+            fold_map=fold_map,
+            num_classes=num_classes,
         ),
         SVM_TRIAL_RESOURCES,
     )
@@ -296,25 +291,29 @@ def _best_of_search(results: Any, search_s: float, name: str) -> dict[str, Any]:
 class _Rows:
     """The features table as the SVM reads it: one row per clip, in table order."""
 
-    table: pd.DataFrame  # path, actor (int), fold (of the scheme), features...
+    table: pd.DataFrame  # path, actor (int), fold (of the protocol), features...
     X: np.ndarray  # the feature set's columns side by side (speaker-normalised if asked)
     y: np.ndarray  # class indices
     actors: np.ndarray
     class_names: list[str]
+    fold_map: dict[int, int]  # speaker -> outer fold
+    protocol: Protocol
 
 
 def run_nested_svm(
     df: pd.DataFrame,
     cfg: NestedSvmConfig,
+    protocol: Protocol,
     *,
     storage_path: str | Path,
     models_dir: str | Path | None = None,
 ) -> SvmResult:
-    """Nested cross-validation of the SVM over the outer folds of the fold scheme ``cfg.folds``.
+    """Nested cross-validation of the SVM over the outer folds of ``protocol``.
 
-    ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``);
-    its ``fold`` column is recomputed from ``actor`` under ``cfg.folds``. ``cfg.outer_folds``
-    restricts the outer folds (default: all six, which needs all 24 actors). Tune results go to
+    ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``),
+    clips of labels the protocol drops already left out; its ``fold`` column is the
+    protocol's fold of ``actor``. ``cfg.outer_folds`` restricts the outer folds (default: all
+    of the protocol). Tune results go to
     ``storage_path/<variant>_<search>_fold<k>``. ``cfg.grid`` overrides the fixed grid of
     ``search="grid"`` (default :func:`ser_ray.models.svm.svm_grid`); ``cfg.smoke_test`` picks its
     small version. Needs a running Ray instance (``ray.init``).
@@ -328,7 +327,7 @@ def run_nested_svm(
     ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
     (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``).
     """
-    rows, outer_folds = _read_rows(df, cfg)
+    rows, outer_folds = _read_rows(df, cfg, protocol)
     fold_results, prediction_parts = [], []
     for k in outer_folds:
         fold_result, predictions = _run_outer_fold(k, rows, cfg, storage_path, models_dir)
@@ -337,27 +336,31 @@ def run_nested_svm(
     return SvmResult(
         folds=fold_results,
         predictions=pd.concat(prediction_parts, ignore_index=True),
-        config=_resolved_config(cfg, outer_folds, rows.class_names, storage_path),
+        config=_resolved_config(cfg, protocol, outer_folds, storage_path),
     )
 
 
-def _read_rows(df: pd.DataFrame, cfg: NestedSvmConfig) -> tuple[_Rows, Sequence[int]]:
-    """The rows with their outer fold under ``cfg.folds``, and the outer folds to run
-    (``cfg.outer_folds``, or all of the scheme once every actor is checked present)."""
-    fold_map = fold_of_actor(cfg.folds)
-    outer_folds = cfg.outer_folds
-    if outer_folds is None:
-        check_actors(df["actor"].unique().tolist(), cfg.folds)
-        outer_folds = sorted(set(fold_map.values()))
+def _read_rows(
+    df: pd.DataFrame, cfg: NestedSvmConfig, protocol: Protocol
+) -> tuple[_Rows, Sequence[int]]:
+    """The rows with their outer fold under ``protocol``, and the outer folds to run
+    (``cfg.outer_folds``, or all of the protocol)."""
+    fold_map = protocol.fold_of_speaker()
+    outer_folds = cfg.outer_folds if cfg.outer_folds is not None else protocol.fold_numbers
     df = df.reset_index(drop=True).copy()
     df["actor"] = df["actor"].astype(int)
+    unknown = sorted(set(df["actor"]) - set(fold_map))
+    if unknown:
+        raise ValueError(f"speakers {unknown} have clips but no fold of the protocol")
     df["fold"] = df["actor"].map(fold_map).astype("int32")
     rows = _Rows(
         table=df,
         X=svm.feature_set_matrix(df, cfg.feature_set, cfg.speaker_normalise),
-        y=svm.label_vector(df, cfg.merge_calm),
+        y=svm.label_vector(df, protocol),
         actors=df["actor"].to_numpy(),
-        class_names=class_names(cfg.merge_calm),
+        class_names=list(protocol.classes),
+        fold_map=fold_map,
+        protocol=protocol,
     )
     return rows, outer_folds
 
@@ -372,7 +375,7 @@ def _run_outer_fold(
     """Outer fold ``k``: search on its training actors, refit, test once on its test actors,
     save the model; its result record and its test clips' predictions."""
     names, num_classes, actors = rows.class_names, len(rows.class_names), rows.actors
-    test_actors, train_actors = test_and_train_actors(k, cfg.folds)
+    test_actors, train_actors = rows.protocol.test_and_train(k)
     test_mask = np.isin(actors, test_actors)
     train_mask = np.isin(actors, train_actors)
     check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
@@ -385,7 +388,7 @@ def _run_outer_fold(
         actors[train_mask],
         search=cfg.search,
         num_samples=cfg.num_samples,
-        folds=cfg.folds,
+        fold_map=rows.fold_map,
         num_classes=num_classes,
         seed=cfg.seed,
         storage_path=storage_path,
@@ -398,7 +401,9 @@ def _run_outer_fold(
     if leaked:  # cannot happen by construction; a guard for future edits
         raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
-    model = svm.fit_calibrated_svm(found["params"], X_train, y_train, actors[train_mask], cfg.folds)
+    model = svm.fit_calibrated_svm(
+        found["params"], X_train, y_train, actors[train_mask], rows.fold_map
+    )
     pred = svm.predict_labels(model, rows.X[test_mask])
     proba = svm.class_probabilities(model, rows.X[test_mask], num_classes)
     if models_dir is not None:
@@ -457,7 +462,7 @@ def _fold_record(
 
 
 def _resolved_config(
-    cfg: NestedSvmConfig, outer_folds: Sequence[int], names: list[str], storage_path: str | Path
+    cfg: NestedSvmConfig, protocol: Protocol, outer_folds: Sequence[int], storage_path: str | Path
 ) -> dict[str, Any]:
     """The resolved settings of the run (:attr:`SvmResult.config`)."""
     grid_points = (
@@ -471,13 +476,13 @@ def _resolved_config(
         "num_samples": cfg.num_samples if cfg.search == "bayes" else len(grid_points),
         "grid": grid_points if cfg.search == "grid" else None,
         "max_concurrent_trials": cfg.max_concurrent_trials,
-        "scheme": cfg.folds,  # output key kept (here "folds" lists the outer folds run)
-        "merge_calm": cfg.merge_calm,
-        "class_names": names,
+        "scheme": protocol.scheme,  # here "folds" lists the outer folds run
+        "label_map": dict(protocol.label_map),
+        "class_names": list(protocol.classes),
         "seed": cfg.seed,
         "folds": [int(k) for k in outer_folds],
         "smoke_test": cfg.smoke_test,
-        "inner_cv": "leave one remaining outer fold out (5 x 4 actors), metric UA",
+        "inner_cv": "leave one remaining outer fold out (speakers of the other folds), metric UA",
         "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
         "(pred_label, metrics) alike",
         "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "

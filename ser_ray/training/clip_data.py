@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -29,7 +29,6 @@ from torch import nn
 
 from ser_ray.common import predictions, storage
 from ser_ray.common.storage import list_column
-from ser_ray.corpus import ravdess
 from ser_ray.models.ssl import pad_waveforms, prepare_waveform
 
 #: What a worker holds per clip: a waveform, the frozen CNN's output, or pooled layers.
@@ -90,29 +89,36 @@ class Clips(Protocol[WindowT]):
 
 
 def read_split(
-    source_dir: str | os.PathLike, actors: Sequence[int], columns: Sequence[str] | None = None
+    source_dir: str | os.PathLike,
+    actors: Sequence[int],
+    columns: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> pa.Table:
-    """The rows of ``actors`` from a features or feature-cache Parquet folder, in memory
-    (predicate pushdown on ``actor``): the reference the benchmarks and tests compare the
-    streamed splits with (training streams, :mod:`ser_ray.distributed.ingest`)."""
-    dataset, keep = storage.actor_rows(source_dir, actors)
+    """The rows of ``actors`` (and of ``labels``, unless None) from a features or
+    feature-cache Parquet folder, in memory (predicate pushdown on ``actor``): the reference
+    the benchmarks and tests compare the streamed splits with (training streams,
+    :mod:`ser_ray.distributed.ingest`)."""
+    dataset, keep = storage.actor_rows(source_dir, actors, labels=labels)
     return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
 
 
-def count_split(source_dir: str | os.PathLike, actors: Sequence[int]) -> int:
-    """How many rows of ``actors`` a features or feature-cache folder holds (the actor column
-    only is read)."""
-    return storage.count_rows(source_dir, actors)
+def count_split(
+    source_dir: str | os.PathLike, actors: Sequence[int], labels: Sequence[str] | None = None
+) -> int:
+    """How many rows of ``actors`` (and ``labels``, unless None) a features or feature-cache
+    folder holds (those columns only are read)."""
+    return storage.count_rows(source_dir, actors, labels)
 
 
 def table_from_arrow(
     table: pa.Table,
     kind: str,
-    class_names: Sequence[str],
-    merge_calm: bool,
+    label_index: Mapping[str, int],
     feature_extractor=None,
 ) -> ClipTable:
-    """Clips from a features table (``waveform`` column) or a feature cache (``features``).
+    """Clips from a features table (``waveform`` column) or a feature cache (``features``),
+    labelled by ``label_index`` (corpus label -> class index:
+    :meth:`ser_ray.corpus.protocol.Protocol.label_index`).
 
     Waveforms are prepared per clip (feature extractor's normalisation) once, here.
     """
@@ -135,10 +141,10 @@ def table_from_arrow(
             x.reshape(int(r), int(d))
             for x, r, d in zip(list_column(table, "features"), rows, dims, strict=True)
         ]
-    names = list(class_names)
-    labels = np.array([ravdess.label_index(e, merge_calm) for e in emotions], dtype=np.int64)
-    if len(names) != len(ravdess.class_names(merge_calm)):
-        raise ValueError(f"class names {names} do not match merge_calm={merge_calm}")
+    unknown = sorted(set(emotions) - set(label_index))
+    if unknown:
+        raise ValueError(f"labels {unknown} have no class; known: {sorted(label_index)}")
+    labels = np.array([label_index[e] for e in emotions], dtype=np.int64)
     return ClipTable(
         kind=kind,
         paths=paths,

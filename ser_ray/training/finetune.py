@@ -24,7 +24,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from ser_ray.common.metrics import classification_metrics
-from ser_ray.corpus import ravdess
 from ser_ray.models.ssl import PartwiseClassifier, inference_batches
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import TrainState, load_checkpoint, write_checkpoint
@@ -367,6 +366,7 @@ def refit(
     epochs: int,
     fit_clips: Clips,
     val_clips: Clips,
+    class_names: Sequence[str],
     *,
     device: torch.device | str = "cpu",
     rank: int = 0,
@@ -374,14 +374,15 @@ def refit(
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[PartwiseClassifier, Clips]:
     """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
-    epoch count found with the validation actors held out), its schedule spread over them.
+    epoch count found with the validation actors held out), its schedule spread over them,
+    a new head for ``class_names``.
 
     Returns the model (last-epoch weights: there is nothing left to select on) and the clips
     it trained on. No checkpoints: a restart repeats the refit, seeded, to the same weights.
     """
     refit_cfg = dataclasses.replace(cfg, epochs=max(1, epochs), early_stopping_patience=None)
     eng.seed_everything(cfg.seed, rank)
-    model, fe = build_model(refit_cfg, ravdess.class_names(cfg.merge_calm))
+    model, fe = build_model(refit_cfg, class_names)
     if isinstance(fit_clips, ClipTable):
         clips = merge_tables(fit_clips, val_clips)
     else:

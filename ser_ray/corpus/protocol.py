@@ -1,0 +1,399 @@
+"""The protocol of a study, resolved once: speaker-disjoint folds, each fold's validation
+speakers and the class set (pure, no Ray).
+
+:func:`resolve_protocol` turns a corpus (:class:`ser_ray.corpus.clips.ClipTable`) and the
+:class:`ProtocolSettings` into a :class:`Protocol`; the study saves it as ``protocol.json`` and
+hands the same object to every stage (features, SVMs, fine-tuning, TAPT, summary), which never
+re-derive folds or classes from loose flags. A saved ``protocol.json`` given back
+(``--protocol FILE``) makes two runs, or two tools, compare on the same folds.
+
+Schemes (``--folds``):
+
+- ``contiguous`` / ``emobox``: RAVDESS's six folds of four actors (blocks 1-4, 5-8, ...; or
+  EmoBox's sets), for a corpus whose speakers are actors 1-24;
+- ``speaker-kfold``: ``--num-folds`` speaker groups balanced by gender and clip count,
+  deterministic by seed;
+- ``session``: leave one session out (the manifest's ``session`` column, IEMOCAP style);
+- ``predefined``: the manifest's ``fold`` (or ``split``) column;
+- ``auto`` (default): ``contiguous`` for a RAVDESS corpus, ``speaker-kfold`` otherwise.
+
+Speakers are numbers inside (the features' ``actor`` column, see
+:func:`ser_ray.corpus.clips.speaker_numbers`); ``protocol.json`` gives their names too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ser_ray.corpus import folds as ravdess_folds
+from ser_ray.corpus import ravdess, speaker_folds
+from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
+from ser_ray.corpus.folds import FoldError
+
+SCHEMES = ("auto", "contiguous", "emobox", "speaker-kfold", "session", "predefined")
+RAVDESS_SCHEMES = tuple(ravdess_folds.FOLD_SCHEMES)
+DROP = "-"  # a label map's target that drops the label's clips
+PROTOCOL_VERSION = 1
+
+
+def parse_label_map(text: str | None, merge_calm: bool = False) -> dict[str, str | None]:
+    """``"calm=neutral,surprised=-"`` -> ``{"calm": "neutral", "surprised": None}`` (None:
+    the label's clips are left out of the study). ``merge_calm`` adds ``calm=neutral``.
+
+    >>> parse_label_map("calm=neutral, surprised=-")
+    {'calm': 'neutral', 'surprised': None}
+    """
+    mapping: dict[str, str | None] = {"calm": "neutral"} if merge_calm else {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        source, sep, target = (part.strip() for part in item.partition("="))
+        if not sep or not source or not target:
+            raise ValueError(
+                f"--label-map item {item.strip()!r}: write LABEL=CLASS (rename or merge) or "
+                f"LABEL={DROP} (leave the label's clips out), comma-separated"
+            )
+        mapping[source] = None if target == DROP else target
+    return mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolSettings:
+    """How the protocol is resolved from a corpus (the study's flags)."""
+
+    folds: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "fold scheme: auto (contiguous for RAVDESS, speaker-kfold otherwise), "
+            "contiguous (RAVDESS actors 1-4, 5-8, ...), emobox (EmoBox's RAVDESS fold sets), "
+            "speaker-kfold (--num-folds speaker groups balanced by gender and clips), session "
+            "(leave one session out), predefined (the manifest's fold/split column)",
+            "choices": list(SCHEMES),
+        },
+    )
+    num_folds: int = dataclasses.field(
+        default=6, metadata={"help": "folds of the speaker-kfold scheme"}
+    )
+    label_map: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "rename, merge or drop labels: 'calm=neutral,surprised=-' (- drops the "
+            "label's clips; they are listed in rejected.csv)"
+        },
+    )
+    merge_calm: bool = dataclasses.field(
+        default=False, metadata={"help": "shorthand for --label-map calm=neutral"}
+    )
+    n_val_speakers: int = dataclasses.field(
+        default=4,
+        metadata={"help": "validation speakers per fold, taken from its training speakers"},
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of speaker-kfold"})
+    protocol_file: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a saved protocol.json: use its folds, validation speakers and classes",
+            "flag": "--protocol",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.folds not in SCHEMES:
+            raise ValueError(f"folds={self.folds!r}: choose one of {', '.join(SCHEMES)}")
+        parse_label_map(self.label_map)  # raises on a malformed map
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Folds (test speakers), each fold's validation speakers, and the classes, of one study.
+
+    ``folds[k - 1]`` are fold k's test speakers (numbers); its training speakers are all the
+    others; ``validation[k - 1]`` are taken from those. ``label_map`` sends every label of the
+    corpus to its class (None: its clips are left out); ``classes`` are in index order.
+    """
+
+    scheme: str
+    folds: tuple[tuple[int, ...], ...]
+    validation: tuple[tuple[int, ...], ...]
+    classes: tuple[str, ...]
+    label_map: Mapping[str, str | None]
+    speakers: Mapping[int, str]  # number -> the corpus's name
+    fold_names: tuple[str, ...] = ()  # session or predefined fold names; () for numbered ones
+
+    # -- folds ------------------------------------------------------------------------------
+    @property
+    def fold_numbers(self) -> list[int]:
+        return list(range(1, len(self.folds) + 1))
+
+    def fold_of_speaker(self) -> dict[int, int]:
+        """Speaker number -> fold number (1-based)."""
+        return {s: k for k, test in enumerate(self.folds, 1) for s in test}
+
+    def test_and_train(self, fold: int) -> tuple[list[int], list[int]]:
+        """(test speakers, training speakers) of one fold."""
+        self._check_fold(fold)
+        test = list(self.folds[fold - 1])
+        train = sorted(s for k, group in enumerate(self.folds, 1) if k != fold for s in group)
+        return test, train
+
+    def split(self, fold: int) -> tuple[list[int], list[int], list[int]]:
+        """(test speakers, training speakers without validation, validation speakers)."""
+        test, train = self.test_and_train(fold)
+        val = list(self.validation[fold - 1])
+        fit = [s for s in train if s not in val]
+        ravdess_folds.check_no_leakage(fit + val, test)
+        return test, fit, val
+
+    def _check_fold(self, fold: int) -> None:
+        if not 1 <= fold <= len(self.folds):
+            raise FoldError(f"fold {fold} does not exist; folds are 1..{len(self.folds)}")
+
+    # -- labels -----------------------------------------------------------------------------
+    def class_of(self, label: str) -> str | None:
+        """The class of a corpus label (None: left out by the label map)."""
+        if label not in self.label_map:
+            raise ValueError(
+                f"label {label!r} is not one of the protocol's labels "
+                f"{sorted(self.label_map)}; add it to --label-map"
+            )
+        return self.label_map[label]
+
+    def class_indices(self, labels: Iterable[str]) -> list[int]:
+        """Class index of each label (raises for a label the map leaves out)."""
+        index = self.label_index()
+        out = []
+        for label in labels:
+            if self.class_of(label) is None:
+                raise ValueError(f"label {label!r} is left out by the label map; filter first")
+            out.append(index[label])
+        return out
+
+    def label_index(self) -> dict[str, int]:
+        """Corpus label -> class index, for every label the map keeps."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return {label: index[t] for label, t in self.label_map.items() if t is not None}
+
+    @property
+    def kept_labels(self) -> list[str]:
+        """The corpus labels whose clips take part (not dropped by the label map)."""
+        return sorted(label for label, target in self.label_map.items() if target is not None)
+
+    @property
+    def dropped_labels(self) -> list[str]:
+        return sorted(label for label, target in self.label_map.items() if target is None)
+
+    # -- files ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``protocol.json``): speakers by name and number, per fold its test,
+        training and validation speakers."""
+        names = self.speakers
+        return {
+            "version": PROTOCOL_VERSION,
+            "scheme": self.scheme,
+            "classes": list(self.classes),
+            "label_map": dict(self.label_map),
+            "speakers": {str(n): names[n] for n in sorted(names)},
+            "folds": [
+                {
+                    "fold": k,
+                    "name": self.fold_names[k - 1] if self.fold_names else str(k),
+                    "test_speakers": [names[s] for s in self.split(k)[0]],
+                    "validation_speakers": [names[s] for s in self.split(k)[2]],
+                    "fit_speakers": [names[s] for s in self.split(k)[1]],
+                }
+                for k in self.fold_numbers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Protocol:
+        if data.get("version") != PROTOCOL_VERSION:
+            raise ValueError(
+                f"protocol version {data.get('version')!r} is not {PROTOCOL_VERSION}; resolve "
+                "the protocol again (run without --protocol)"
+            )
+        number = {name: int(n) for n, name in data["speakers"].items()}
+        folds = data["folds"]
+        named = any(f["name"] != str(f["fold"]) for f in folds)
+        return cls(
+            scheme=data["scheme"],
+            folds=tuple(tuple(sorted(number[s] for s in f["test_speakers"])) for f in folds),
+            validation=tuple(
+                tuple(sorted(number[s] for s in f["validation_speakers"])) for f in folds
+            ),
+            classes=tuple(data["classes"]),
+            label_map=dict(data["label_map"]),
+            speakers={n: name for name, n in number.items()},
+            fold_names=tuple(f["name"] for f in folds) if named else (),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Protocol:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:
+    """The protocol of ``corpus`` under ``settings`` (or ``settings.protocol_file``, checked
+    against the corpus). Raises ``FoldError``/``ValueError`` naming what is wrong and the fix
+    before any heavy work: too few speakers, a fold whose training side lacks a class, a label
+    map naming labels the corpus lacks."""
+    frame = corpus.frame
+    if settings.protocol_file:
+        protocol = Protocol.load(settings.protocol_file)
+        _check_file_protocol(protocol, frame, settings.protocol_file)
+        return protocol
+    label_map = _full_label_map(corpus, parse_label_map(settings.label_map, settings.merge_calm))
+    kept = frame[frame["emotion"].map(label_map).notna()]
+    numbers = speaker_numbers(frame["speaker"])
+    scheme = _scheme(settings.folds, corpus.kind)
+    names, test_sets = _test_sets(scheme, kept, settings, numbers)
+    folds = tuple(tuple(sorted(numbers[s] for s in test)) for test in test_sets)
+    genders = speaker_folds.speaker_genders(kept)
+    validation = []
+    for k in range(len(test_sets)):
+        train = [s for j, other in enumerate(test_sets) if j != k for s in other]
+        val = speaker_folds.validation_speakers(train, genders, numbers, settings.n_val_speakers)
+        validation.append(tuple(sorted(numbers[s] for s in val)))
+    classes = tuple(dict.fromkeys(t for t in map(label_map.get, corpus.labels) if t is not None))
+    protocol = Protocol(
+        scheme=scheme,
+        folds=folds,
+        validation=tuple(validation),
+        classes=classes,
+        label_map=label_map,
+        speakers={n: s for s, n in numbers.items() if s in set(kept["speaker"])},
+        fold_names=tuple(names),
+    )
+    check_protocol(protocol, kept.assign(actor=kept["speaker"].map(numbers)))
+    return protocol
+
+
+def _scheme(folds: str, kind: str) -> str:
+    if folds == "auto":
+        return "contiguous" if kind == "ravdess" else "speaker-kfold"
+    return folds
+
+
+def _full_label_map(corpus: ClipTable, given: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Every label of the corpus -> its class (itself unless ``given`` maps it)."""
+    labels = corpus.labels
+    unknown = sorted(set(given) - set(labels) - {"calm"})  # merge_calm's calm may be absent
+    if unknown:
+        raise ValueError(
+            f"--label-map names labels {unknown} that the corpus does not have; its labels "
+            f"are {labels}"
+        )
+    mapping = {label: given.get(label, label) for label in labels}
+    if len({t for t in mapping.values() if t is not None}) < 2:
+        raise ValueError(
+            f"the label map leaves fewer than two classes ({mapping}); a classifier needs two"
+        )
+    return mapping
+
+
+def _test_sets(
+    scheme: str, frame: pd.DataFrame, settings: ProtocolSettings, numbers: Mapping[str, int]
+) -> tuple[list[str], list[list[str]]]:
+    """(fold names or [], test speakers of each fold by name) under ``scheme``."""
+    if scheme in RAVDESS_SCHEMES:
+        speakers = sorted({numbers[s] for s in frame["speaker"]})
+        ravdess_folds.check_actors(speakers, scheme)
+        by_number = {n: s for s, n in numbers.items()}
+        sets = ravdess_folds.fold_sets(scheme)
+        return [], [[by_number[a] for a in actors] for actors in sets]
+    if scheme == "speaker-kfold":
+        return [], speaker_folds.speaker_kfold(frame, settings.num_folds, settings.seed)
+    if scheme == "session":
+        return speaker_folds.session_folds(frame)
+    return speaker_folds.predefined_folds(frame)
+
+
+def check_protocol(protocol: Protocol, clips: pd.DataFrame) -> None:
+    """Raise ``FoldError`` unless the protocol fits the clips (``actor`` = speaker number,
+    ``emotion``; clips of dropped labels already left out): every speaker in one fold, no
+    speaker on two sides, each fold's training side holding every class, every fold with
+    test clips."""
+    speaker_folds.check_disjoint(
+        [[str(s) for s in f] for f in protocol.folds],
+        [[str(s) for s in v] for v in protocol.validation],
+    )
+    have = set(clips["actor"].astype(int))
+    placed = {s for f in protocol.folds for s in f}
+    names = protocol.speakers
+    if have - placed:
+        raise FoldError(
+            f"speakers {sorted(names.get(s, str(s)) for s in have - placed)} have clips but no "
+            "fold; resolve the protocol again (without --protocol) or add them to the file"
+        )
+    classes_of = clips.assign(cls=clips["emotion"].map(protocol.label_map))
+    for k in protocol.fold_numbers:
+        test, train = protocol.test_and_train(k)
+        if not clips["actor"].isin(test).any():
+            raise FoldError(f"fold {k} (speakers {[names[s] for s in test]}) has no clips")
+        missing = sorted(
+            set(protocol.classes) - set(classes_of[classes_of["actor"].isin(train)]["cls"])
+        )
+        if missing:
+            raise FoldError(
+                f"fold {k}: its training speakers have no clips of class(es) {missing}; merge "
+                "or drop them with --label-map, or choose other folds"
+            )
+
+
+def _check_file_protocol(protocol: Protocol, frame: pd.DataFrame, path: str) -> None:
+    """A protocol read from ``path`` must name exactly the corpus's speakers and labels."""
+    names = set(protocol.speakers.values())
+    have = set(frame["speaker"])
+    kept = frame[frame["emotion"].map(lambda e: protocol.label_map.get(e)).notna()]
+    problems = []
+    if have - names and set(kept["speaker"]) - names:
+        problems.append(f"speakers not in it: {sorted(set(kept['speaker']) - names)[:10]}")
+    if names - have:
+        problems.append(f"speakers the corpus lacks: {sorted(names - have)[:10]}")
+    unknown = sorted(set(frame["emotion"]) - set(protocol.label_map))
+    if unknown:
+        problems.append(f"labels not in its label map: {unknown}")
+    numbers = speaker_numbers(frame["speaker"])
+    if protocol.speakers != {n: s for s, n in numbers.items() if s in names}:
+        problems.append("speaker numbers differ from this corpus's")
+    if problems:
+        raise FoldError(
+            f"--protocol {path} does not fit this corpus ({'; '.join(problems)}); resolve the "
+            "protocol again without --protocol"
+        )
+    check_protocol(protocol, kept.assign(actor=kept["speaker"].map(numbers)))
+
+
+def ravdess_protocol(
+    scheme: str = "contiguous", merge_calm: bool = False, n_val_speakers: int = 4
+) -> Protocol:
+    """The RAVDESS protocol without reading a corpus (24 actors, 8 emotions): for jobs and
+    tests that start from a prepared features folder of the full corpus."""
+    labels = list(ravdess.EMOTIONS.values())
+    rows = [
+        {"speaker": str(a), "emotion": e, "gender": "male" if a % 2 else "female"}
+        for a in range(1, ravdess.NUM_ACTORS + 1)
+        for e in labels
+    ]
+    corpus = ClipTable(
+        clip_frame({"path": f"{r['speaker']}/{r['emotion']}", **r} for r in rows),
+        [],
+        "ravdess",
+        tuple(labels),
+    )
+    settings = ProtocolSettings(folds=scheme, merge_calm=merge_calm, n_val_speakers=n_val_speakers)
+    return resolve_protocol(corpus, settings)
+
+
+def speakers_of(protocol: Protocol, numbers: Sequence[int]) -> list[str]:
+    """The names of speaker numbers (for messages and summaries)."""
+    return [protocol.speakers.get(int(n), str(n)) for n in numbers]

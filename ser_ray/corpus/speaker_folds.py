@@ -1,0 +1,277 @@
+"""Speaker-disjoint folds of any corpus, and the validation speakers of a fold (pure, no Ray).
+
+Each fold builder reads a clip frame (:attr:`ser_ray.corpus.clips.ClipTable.frame`) and
+returns the folds as lists of TEST speakers (speaker names in natural order, so ``"2"``
+comes before ``"10"``); every speaker of the frame is in exactly one fold, and a fold trains
+on the speakers of all the others.
+
+- :func:`speaker_kfold`: k folds balanced by gender and clip count, from a seed.
+- :func:`session_folds`: leave-one-session-out (IEMOCAP style), from the ``session`` column.
+- :func:`predefined_folds`: the manifest's own folds, from the ``fold`` (else ``split``) column.
+
+:func:`validation_speakers` picks a fold's validation speakers from its training speakers
+(as :func:`ser_ray.corpus.folds.validation_actors` does for RAVDESS) and
+:func:`check_disjoint` checks that no speaker is on two sides. Every error is a
+:class:`~ser_ray.corpus.folds.FoldError` naming the numbers and the fix.
+
+>>> natural_key("Session10") > natural_key("Session2")
+True
+>>> validation_speakers(["1", "2", "3", "4"], {"1": "male", "2": "female"}, {"1": 1, "2": 2,
+...     "3": 3, "4": 4}, 3)
+['1', '2', '4']
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from itertools import chain, zip_longest
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ser_ray.corpus.clips import GENDERS
+from ser_ray.corpus.folds import FoldError
+
+Folds = list[list[str]]
+
+#: Gender groups :func:`speaker_kfold` balances, in the order it fills them.
+GENDER_GROUPS: tuple[str | None, ...] = (*GENDERS, None)
+#: ``split`` values that name a training or validation side, not a group to test on.
+NOT_TEST_SPLITS = frozenset({"train", "training", "dev", "val", "valid", "validation"})
+#: How many offending speakers or clips an error message lists.
+SHOWN = 5
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key that orders the digit runs of ``name`` by value (``"s2"`` before ``"s10"``);
+    the name itself breaks ties, so that the order is total."""
+    parts = re.split(r"([0-9]+)", name)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
+
+
+def speaker_genders(frame: pd.DataFrame) -> dict[str, str | None]:
+    """Speaker -> ``male``, ``female`` or None: the one gender the speaker's clips give;
+    None when they give none, or disagree."""
+    known = defaultdict(set)
+    for speaker, gender in zip(frame["speaker"].astype(str), frame["gender"], strict=True):
+        known[speaker].update({gender} & set(GENDERS))
+    return {speaker: _only(genders) for speaker, genders in known.items()}
+
+
+# --- k speaker-disjoint folds ------------------------------------------------------------
+
+
+def speaker_kfold(frame: pd.DataFrame, k: int, seed: int = 0) -> Folds:
+    """``k`` speaker-disjoint folds (test speakers of each), balanced by gender and clips.
+
+    The speakers are shuffled with ``seed``; then, one gender group at a time (male, female,
+    unknown), from the speaker with the most clips down (ties in shuffled order), each goes
+    to the fold with the fewest speakers of that gender, then the fewest clips, then the
+    lowest index. So fold sizes differ by at most one speaker per gender group, clip counts
+    stay close, and no fold is empty. The same frame (in any row order), ``k`` and ``seed``
+    give the same folds.
+    """
+    speakers = _speakers(frame)
+    _check_k(len(speakers), k)
+    clips = Counter(frame["speaker"].astype(str))
+    genders = speaker_genders(frame)
+    shuffled = [speakers[i] for i in np.random.default_rng(seed).permutation(len(speakers))]
+    folds: Folds = [[] for _ in range(k)]
+    fold_clips = [0] * k
+    for gender in GENDER_GROUPS:
+        taken = [0] * k  # speakers of this gender in each fold
+        group = [s for s in shuffled if genders[s] == gender]
+        for speaker in sorted(group, key=lambda s: -clips[s]):  # stable: ties stay shuffled
+            fold = min(range(k), key=lambda f: (taken[f], fold_clips[f], f))
+            folds[fold].append(speaker)
+            taken[fold] += 1
+            fold_clips[fold] += clips[speaker]
+    return [sorted(fold, key=natural_key) for fold in folds]
+
+
+def _check_k(num_speakers: int, k: int) -> None:
+    if k < 2:
+        raise FoldError(
+            f"speaker k-fold needs at least 2 folds, not {k}; set --num-folds to 2 or more"
+        )
+    if num_speakers < k:
+        raise FoldError(
+            f"{num_speakers} speakers cannot form {k} speaker-disjoint folds; "
+            f"lower --num-folds to at most {num_speakers}"
+        )
+
+
+# --- folds the corpus names: sessions, the manifest's folds ------------------------------
+
+
+def session_folds(frame: pd.DataFrame) -> tuple[list[str], Folds]:
+    """Leave-one-session-out: (session names in natural order, the speakers of each).
+
+    Every clip needs a ``session`` and every speaker must be in one session only.
+    """
+    fix = "or use speaker k-fold folds (--num-folds) instead"
+    sessions = frame["session"].map(_text)
+    _check_labelled(frame, sessions, "session", f"give every clip a session, {fix}")
+    names, folds = _group_speakers(frame, sessions, "session", fix)
+    _check_at_least_two(names, "session", fix)
+    return names, folds
+
+
+def predefined_folds(frame: pd.DataFrame) -> tuple[list[str], Folds]:
+    """The manifest's own folds: (fold names in natural order, the speakers of each).
+
+    Read from the ``fold`` column, or, when no clip has a fold, from the ``split`` column,
+    each distinct value being one fold of test speakers (a split that names a training or
+    validation side, as ``train``/``test``, is not a set of folds). Every clip needs a value
+    and every speaker must be in one fold only.
+    """
+    fix = "or use speaker k-fold folds (--num-folds) instead"
+    column = _fold_column(frame, fix)
+    values = frame[column].map(_text)
+    if column == "split":
+        _check_test_like(values, fix)
+    _check_labelled(frame, values, column, f"give every clip a {column}, {fix}")
+    names, folds = _group_speakers(frame, values, column, fix)
+    _check_at_least_two(names, column, fix)
+    return names, folds
+
+
+def _fold_column(frame: pd.DataFrame, fix: str) -> str:
+    for column in ("fold", "split"):
+        if frame[column].map(_text).notna().any():
+            return column
+    raise FoldError(f"no clip has a fold or a split; give the manifest a fold column, {fix}")
+
+
+def _check_test_like(splits: pd.Series, fix: str) -> None:
+    sides = sorted({s for s in splits.dropna() if s.lower() in NOT_TEST_SPLITS})
+    if sides:
+        raise FoldError(
+            f"the split column names training or validation sides ({', '.join(sides)}), not "
+            f"folds of test speakers; put each clip's fold in a fold column, {fix}"
+        )
+
+
+def _check_labelled(frame: pd.DataFrame, values: pd.Series, what: str, fix: str) -> None:
+    missing = frame["path"][values.isna()].astype(str).tolist()
+    if missing:
+        raise FoldError(
+            f"{len(missing)} of {len(frame)} clips have no {what} "
+            f"(first: {', '.join(missing[:SHOWN])}); {fix}"
+        )
+
+
+def _group_speakers(
+    frame: pd.DataFrame, values: pd.Series, what: str, fix: str
+) -> tuple[list[str], Folds]:
+    """(the distinct values in natural order, the speakers of each); every speaker must
+    have one value."""
+    found = defaultdict(set)
+    for speaker, value in zip(frame["speaker"].astype(str), values, strict=True):
+        found[speaker].add(value)
+    split = {s: sorted(v, key=natural_key) for s, v in found.items() if len(v) > 1}
+    if split:
+        shown = [f"{s} ({', '.join(split[s])})" for s in sorted(split, key=natural_key)]
+        raise FoldError(
+            f"{len(split)} speakers are in more than one {what}: {'; '.join(shown[:SHOWN])}; "
+            f"speaker-disjoint folds need each speaker in one {what}: fix the {what} "
+            f"column, {fix}"
+        )
+    names = sorted({_only(v) for v in found.values()}, key=natural_key)
+    folds = [
+        sorted((s for s, v in found.items() if v == {name}), key=natural_key) for name in names
+    ]
+    return names, folds
+
+
+def _check_at_least_two(names: list[str], what: str, fix: str) -> None:
+    if len(names) < 2:
+        raise FoldError(
+            f"{len(names)} distinct {what} value ({', '.join(names)}) cannot form "
+            f"speaker-disjoint folds: at least 2 are needed, {fix}"
+        )
+
+
+# --- validation speakers and checks ------------------------------------------------------
+
+
+def validation_speakers(
+    train: list[str], genders: dict[str, str | None], order: dict[str, int], n_val: int
+) -> list[str]:
+    """``n_val`` validation speakers taken from the training speakers ``train`` only.
+
+    Walks ``train`` from the highest ``order`` (speaker number) down, alternating male then
+    female (one group going on alone once the other runs dry); speakers of unknown gender
+    (missing from ``genders``, or None) come after both. With RAVDESS's genders this is
+    :func:`ser_ray.corpus.folds.validation_actors`; with no gender known, the last ``n_val``.
+    Returned in ``order``.
+    """
+    if not 0 <= n_val < len(train):
+        raise FoldError(
+            f"cannot hold out {n_val} validation speakers from {len(train)} training "
+            f"speakers; use 0 to {len(train) - 1} validation speakers"
+        )
+    walk = sorted(train, key=order.__getitem__, reverse=True)
+    males = [s for s in walk if genders.get(s) == "male"]
+    females = [s for s in walk if genders.get(s) == "female"]
+    unknown = [s for s in walk if genders.get(s) not in GENDERS]
+    alternating = [s for s in chain(*zip_longest(males, females)) if s is not None]
+    return sorted((alternating + unknown)[:n_val], key=order.__getitem__)
+
+
+def check_disjoint(folds: Folds, validation: Folds | None = None) -> None:
+    """Raise :class:`FoldError` if a speaker is in two folds, or if a fold's validation
+    speakers (``validation[k]`` for ``folds[k]``) are its test speakers or not among its
+    training speakers (the speakers of the other folds)."""
+    where = defaultdict(list)
+    for k, fold in enumerate(folds, 1):
+        for speaker in fold:
+            where[speaker].append(k)
+    repeated = [f"{s} (folds {_numbers(ks)})" for s, ks in where.items() if len(ks) > 1]
+    if repeated:
+        raise FoldError(f"speakers in more than one fold: {'; '.join(repeated[:SHOWN])}")
+    if validation is None:
+        return
+    if len(validation) != len(folds):
+        raise FoldError(f"{len(validation)} validation sets for {len(folds)} folds")
+    for k, (test, val) in enumerate(zip(folds, validation, strict=True), 1):
+        _check_validation(k, set(test), set(where) - set(test), val)
+
+
+def _check_validation(k: int, test: set[str], train: set[str], val: list[str]) -> None:
+    in_test = sorted(set(val) & test, key=natural_key)
+    if in_test:
+        raise FoldError(f"fold {k}'s validation speakers {in_test} are its test speakers")
+    outside = sorted(set(val) - train, key=natural_key)
+    if outside:
+        raise FoldError(
+            f"fold {k}'s validation speakers {outside} are not among its training speakers"
+        )
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def _speakers(frame: pd.DataFrame) -> list[str]:
+    return sorted(set(frame["speaker"].astype(str)), key=natural_key)
+
+
+def _text(value: Any) -> str | None:
+    """A fold, split or session value as text; None for a missing or blank one (a whole
+    float, as pandas reads an integer column with gaps, loses its ``.0``)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip() or None
+
+
+def _only(values: set[Any]) -> Any:
+    """The one element of ``values``; None when there is none or more than one."""
+    return next(iter(values)) if len(values) == 1 else None
+
+
+def _numbers(ks: list[int]) -> str:
+    return ", ".join(str(k) for k in ks)
