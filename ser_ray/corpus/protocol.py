@@ -263,7 +263,7 @@ def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:
         train = [s for j, other in enumerate(test_sets) if j != k for s in other]
         val = speaker_folds.validation_speakers(train, genders, numbers, settings.n_val_speakers)
         validation.append(tuple(sorted(numbers[s] for s in val)))
-    classes = tuple(dict.fromkeys(t for t in map(label_map.get, corpus.labels) if t is not None))
+    classes = _classes(corpus, label_map)
     protocol = Protocol(
         scheme=scheme,
         folds=folds,
@@ -275,6 +275,13 @@ def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:
     )
     check_protocol(protocol, kept.assign(actor=kept["speaker"].map(numbers)))
     return protocol
+
+
+def _classes(corpus: ClipTable, label_map: Mapping[str, str | None]) -> tuple[str, ...]:
+    """The classes in index order: in the corpus's own label order where it has one (a merged
+    label takes its target's place), else sorted by name."""
+    targets = [label_map[label] for label in corpus.labels if label_map[label] is not None]
+    return tuple(dict.fromkeys(targets)) if corpus.label_order else tuple(sorted(set(targets)))
 
 
 def _scheme(folds: str, kind: str) -> str:

@@ -278,10 +278,11 @@ def input_table(corpus: ClipTable) -> pa.Table:
     for name, kind in META_FIELDS:
         if name == "actor":
             values = [numbers[s] for s in frame["speaker"]]
-        elif name in frame.columns:
-            values = [None if pd.isna(v) else v for v in frame[name]]
-            if pa.types.is_string(kind):
-                values = [None if v is None else str(v) for v in values]
+        elif name in frame.columns and pa.types.is_string(kind):
+            values = [None if pd.isna(v) else str(v) for v in frame[name]]
+        elif name in frame.columns:  # RAVDESS name fields; a manifest's text ones -> null
+            numbers = pd.to_numeric(frame[name], errors="coerce")
+            values = [None if pd.isna(v) else int(v) for v in numbers]
         else:
             values = [None] * len(frame)
         columns[name] = pa.array(values, kind)

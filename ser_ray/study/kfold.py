@@ -25,7 +25,13 @@ import pandas as pd
 
 from ser_ray.common import config_file
 from ser_ray.corpus.demo_corpus import demo_source
-from ser_ray.corpus.protocol import Protocol, ProtocolSettings, check_protocol, resolve_protocol
+from ser_ray.corpus.protocol import (
+    Protocol,
+    ProtocolSettings,
+    check_protocol,
+    resolve_protocol,
+    speakers_of,
+)
 from ser_ray.distributed import console
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
@@ -491,6 +497,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     variants = parse_variants(cfg.variants)
+    if _runs_wav2vec2(variants):
+        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
     features = _feature_config(variants)
     source = cfg.source or str(demo_source(cfg.smoke_test))
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
@@ -498,7 +506,6 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     train_cfgs = {k: train_config_for(cfg, k) for k in protocol.fold_numbers}
     plan = None
     if _runs_wav2vec2(variants):
-        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
         plan = plan_folds(cfg, len(protocol.folds))
         print(plan.line(), flush=True)
     _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
@@ -624,10 +631,7 @@ def _run_variants(
 ) -> _StudyResults:
     """Every variant over the same folds, in order: the SVMs' nested CV, wav2vec2's folds."""
     results = _StudyResults(
-        fold_rows={
-            k: {"fold": k, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
-            for k, actors in enumerate(map(list, protocol.folds), 1)
-        },
+        fold_rows={k: _fold_row(protocol, k, df) for k in protocol.fold_numbers},
         predictions=[],
         histories={},
         train_cfgs=train_cfgs,
@@ -653,6 +657,17 @@ def _run_variants(
             results.histories[outcome.fold] = outcome.history
             results.predictions.append(outcome.predictions)
     return results
+
+
+def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]:
+    """A fold's summary row before any variant ran: its test speakers (numbers; names too
+    where they are not the numbers themselves) and clips."""
+    actors = list(protocol.folds[fold - 1])
+    row = {"fold": fold, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
+    names = speakers_of(protocol, actors)
+    if names != [str(a) for a in actors]:
+        row["test_speakers"] = names
+    return row
 
 
 def _write_summary(
@@ -682,6 +697,7 @@ def _write_summary(
             else None,
             merge_calm=cfg.train.merge_calm,
             fold_scheme=protocol.scheme,
+            label_map=_changed_label_map(protocol),
             config=config_file.to_jsonable(dataclasses.asdict(cfg)),
             params_provenance=provenance,
             trained_on=trained_on(cfg, protocol),
@@ -693,6 +709,13 @@ def _write_summary(
         else None,
         expected_paths=df["path"].tolist(),
     )
+
+
+def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
+    """The protocol's label map if it changes any label (None when every label is its own
+    class)."""
+    changed = any(label != target for label, target in protocol.label_map.items())
+    return dict(protocol.label_map) if changed else None
 
 
 def check_model_reachable(model: str) -> None:

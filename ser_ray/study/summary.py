@@ -71,6 +71,8 @@ class RunInfo:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Where tuned wav2vec2 settings came from (``kfold.params_provenance``); None: defaults.
     params_provenance: dict[str, Any] | None = None
+    #: The label map when it renames, merges or drops labels (corpus label -> class or None).
+    label_map: dict[str, str | None] | None = None
     #: Per model: ``{"description", "per_fold": {fold: actors}}`` it was trained on.
     trained_on: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: What each variant is (features, which normalisation ran): ``Variant.describe()``.
@@ -262,6 +264,8 @@ def build_summary(
             "test_actors": [int(a) for a in r["test_actors"]],
             "n_test": int(r["n_test"]),
         }
+        if "test_speakers" in r:  # names, where they are not the numbers themselves
+            row["test_speakers"] = [str(s) for s in r["test_speakers"]]
         for model in present:
             if r.get(model):
                 row[model] = {k: r[model][k] for k in (*METRICS, "best_epoch") if k in r[model]}
@@ -272,6 +276,7 @@ def build_summary(
         "variants": {v: info.variants.get(v, {}) for v in present},
         "merge_calm": bool(info.merge_calm),
         "fold_scheme": info.fold_scheme,
+        **({"label_map": info.label_map} if info.label_map else {}),
         "classes": list(class_names),
         "std_kind": STD_NOTE,
         "folds": folds,
@@ -340,7 +345,8 @@ def format_table(
     fold_columns = fold_columns or {}
     present = list(summary["mean"])
     best_epoch = "wav2vec2" in present and "best_epoch" in summary["mean"]["wav2vec2"]
-    header = ["fold", "test actors", "n"]
+    named = any("test_speakers" in f for f in summary["folds"])
+    header = ["fold", "test speakers" if named else "test actors", "n"]
     for m in present:
         header += [f"{_title(m)} {METRIC_TITLES[k]} %" for k in METRICS]
     if best_epoch:
@@ -348,7 +354,8 @@ def format_table(
     header += list(fold_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for f in summary["folds"]:
-        cells = [str(f["fold"]), ",".join(map(str, f["test_actors"])), str(f["n_test"])]
+        speakers = f.get("test_speakers", f["test_actors"])
+        cells = [str(f["fold"]), ",".join(map(str, speakers)), str(f["n_test"])]
         for m in present:
             cells += [_pct(f[m][k]) if m in f else "–" for k in METRICS]
         if best_epoch:
@@ -371,6 +378,18 @@ def format_table(
     return "\n".join(lines)
 
 
+def _label_map_lines(label_map: Mapping[str, str | None] | None) -> list[str]:
+    """The summary line of a label map that renames, merges or drops labels."""
+    if not label_map:
+        return []
+    changed = [
+        f"{label} -> {target if target is not None else 'left out'}"
+        for label, target in label_map.items()
+        if target != label
+    ]
+    return [f"- label map: {', '.join(changed)}"]
+
+
 def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``summary.md``: run facts, fold table, paired difference, recalls, confusions."""
     classes = summary["classes"]
@@ -391,7 +410,8 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         f"- calm merged into neutral: {'yes' if summary['merge_calm'] else 'no'} "
         f"({len(classes)} classes: {', '.join(classes)})",
         f"- fold scheme: {summary['fold_scheme']} ({len(summary['folds'])} folds, "
-        "speaker-independent)",
+        "speaker-independent; every fold's speakers in protocol.json)",
+        *_label_map_lines(summary.get("label_map")),
         f"- figures in percent; {STD_NOTE}",
         *(_provenance_lines(summary.get("params_provenance")) if "wav2vec2" in ran else []),
         *(
@@ -469,7 +489,7 @@ def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any
     for f in summary["folds"]:
         row: dict[str, Any] = {
             "fold": f["fold"],
-            "test_actors": " ".join(map(str, f["test_actors"])),
+            "test_actors": " ".join(map(str, f.get("test_speakers", f["test_actors"]))),
             "n_test": f["n_test"],
         }
         for m in present:

@@ -1,0 +1,146 @@
+"""The study on corpora that are not RAVDESS-shaped: a CSV manifest of espeak-ng speech and a
+CREMA-D-named folder, end to end (features, protocol, SVMs, wav2vec2, summary)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ser_ray.corpus.protocol import Protocol, ProtocolSettings
+from ser_ray.corpus.ravdess import parse_name
+from ser_ray.study.kfold import KFoldConfig, run_kfold, study_train_config
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+#: RAVDESS emotion -> CREMA-D code (calm and surprised have none).
+CREMAD_CODES = {
+    "neutral": "NEU",
+    "happy": "HAP",
+    "sad": "SAD",
+    "angry": "ANG",
+    "fearful": "FEA",
+    "disgust": "DIS",
+}
+SENTENCES = ["DFA", "IEO", "IOM", "ITH", "ITS", "IWL", "IWW", "MTI", "TAI", "TIE", "TSI", "WSI"]
+
+
+def _espeak_manifest(tts_corpus: Path, out: Path) -> Path:
+    """A CSV manifest (relative paths) of 10 espeak-ng voices named ``voice-XX``, 5 labels."""
+    keep = {"neutral", "calm", "happy", "sad", "angry"}
+    rows = []
+    for wav in sorted(tts_corpus.glob("Actor_*/*.wav")):
+        name = parse_name(wav.name)
+        if name.actor <= 10 and name.emotion in keep:
+            rows.append(
+                {
+                    "path": os.path.relpath(wav, out.parent),
+                    "speaker": f"voice-{name.actor:02d}",
+                    "emotion": name.emotion,
+                    "gender": "M" if name.actor % 2 else "F",
+                    "statement": name.statement,
+                }
+            )
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_a_csv_manifest_of_espeak_speech_with_its_own_labels(tts_corpus, tmp_path):
+    """10 speakers, 4 classes (calm dropped by the label map), 5 speaker-disjoint folds."""
+    manifest = _espeak_manifest(tts_corpus, tmp_path / "corpus" / "clips.csv")
+    run = tmp_path / "run"
+    cfg = KFoldConfig(
+        manifest=str(manifest),
+        variants=("svm", "svm+spknorm"),
+        protocol=ProtocolSettings(num_folds=5, label_map="calm=-"),
+        train=study_train_config(n_val_actors=2),
+        smoke_test=True,
+        out=str(run),
+    )
+    summary = run_kfold(cfg)
+
+    assert summary["classes"] == ["angry", "happy", "neutral", "sad"]
+    assert summary["fold_scheme"] == "speaker-kfold" and len(summary["folds"]) == 5
+    assert summary["label_map"]["calm"] is None
+    protocol = Protocol.load(run / "protocol.json")
+    doc = json.loads((run / "protocol.json").read_text())
+    test_speakers = [s for fold in doc["folds"] for s in fold["test_speakers"]]
+    assert sorted(test_speakers) == [f"voice-{a:02d}" for a in range(1, 11)]  # each once
+    for fold, row in zip(doc["folds"], summary["folds"], strict=True):
+        assert row["test_speakers"] == fold["test_speakers"]
+        # one male (odd voice) and one female (even voice) per fold
+        assert sorted(int(s[-2:]) % 2 for s in fold["test_speakers"]) == [0, 1]
+        assert not set(fold["test_speakers"]) & set(
+            fold["fit_speakers"] + fold["validation_speakers"]
+        )
+        assert row["n_test"] == 2 * 28  # 4 neutral + 3 x 8 clips per speaker
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert [c for c in predictions.columns if c.startswith("prob_")] == [
+        f"prob_{c}" for c in summary["classes"]
+    ]
+    assert len(predictions) == 2 * 280 and "calm" not in set(predictions["true_label"])
+    for _, row in predictions.iterrows():  # out of fold: the model never saw the speaker
+        assert row["actor"] in protocol.folds[row["fold"] - 1]
+    rejected = pd.read_csv(run / "rejected.csv")
+    assert len(rejected) == 10 * 8  # every calm clip, with the reason
+    assert (rejected["reason"] == "label calm left out by the label map").all()
+    assert summary["mean"]["svm+spknorm"]["uar"] > 0.4  # chance: 0.25
+    assert "| fold | test speakers | n |" in (run / "summary.md").read_text()
+    assert "label map: calm -> left out" in (run / "summary.md").read_text()
+
+
+def _cremad_corpus(demo_corpus: Path, out: Path) -> Path:
+    """The demo corpus's first 8 actors renamed CREMA-D style (speakers 1001-1008, 6
+    emotions), plus a file whose name does not parse."""
+    out.mkdir(parents=True)
+    counts: dict[tuple[int, str], int] = {}
+    for wav in sorted(demo_corpus.glob("Actor_*/*.wav")):
+        name = parse_name(wav.name)
+        if name.actor > 8 or name.emotion not in CREMAD_CODES:
+            continue
+        n = counts[name.actor, name.emotion] = counts.get((name.actor, name.emotion), -1) + 1
+        new = f"{1000 + name.actor}_{SENTENCES[n]}_{CREMAD_CODES[name.emotion]}_XX.wav"
+        shutil.copy(wav, out / new)
+    (out / "1009_XXX_ANG.wav").write_bytes(b"")  # not a CREMA-D name: rejected, with why
+    return out
+
+
+def test_a_cremad_named_folder_through_svm_and_wav2vec2(demo_corpus, tmp_path):
+    corpus = _cremad_corpus(demo_corpus, tmp_path / "cremad")
+    run = tmp_path / "run"
+    cfg = KFoldConfig(
+        data_dir=str(corpus),
+        variants=("svm", "wav2vec2"),
+        protocol=ProtocolSettings(num_folds=4),
+        train=study_train_config(model="demo-random", n_val_actors=1, batch_size=8),
+        smoke_test=True,
+        out=str(run),
+    )
+    summary = run_kfold(cfg)
+
+    assert summary["classes"] == ["angry", "disgust", "fearful", "happy", "neutral", "sad"]
+    assert summary["models_run"] == ["svm", "wav2vec2"] and len(summary["folds"]) == 4
+    protocol = Protocol.load(run / "protocol.json")
+    assert protocol.speakers == {a: str(a) for a in range(1001, 1009)}
+    for row in summary["folds"]:
+        test, fit, val = protocol.split(row["fold"])
+        assert row["test_actors"] == test and "test_speakers" not in row  # names = numbers
+        assert len(test) == 2 and len(val) == 1 and not set(test) & set(fit + val)
+        assert row["n_test"] == 2 * 12 and 0.0 <= row["wav2vec2"]["uar"] <= 1.0
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert set(predictions["model"]) == {"svm", "wav2vec2"}
+    assert predictions.groupby("model")["path"].nunique().to_dict() == {"svm": 96, "wav2vec2": 96}
+    trained = summary["trained_on"]["wav2vec2"]["per_fold"]
+    for k, speakers in trained.items():
+        assert sorted(speakers) == protocol.split(int(k))[1]  # fit speakers only
+    rejected = pd.read_csv(run / "rejected.csv")
+    assert rejected["path"].map(lambda p: Path(p).name).tolist() == ["1009_XXX_ANG.wav"]
+    assert "SSSS_SEN_EMO_LVL" in rejected["reason"].iloc[0]
