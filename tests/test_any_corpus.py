@@ -33,6 +33,7 @@ SENTENCES = ["DFA", "IEO", "IOM", "ITH", "ITS", "IWL", "IWW", "MTI", "TAI", "TIE
 def _espeak_manifest(tts_corpus: Path, out: Path) -> Path:
     """A CSV manifest (relative paths) of 10 espeak-ng voices named ``voice-XX``, 5 labels."""
     keep = {"neutral", "calm", "happy", "sad", "angry"}
+    out.parent.mkdir(parents=True)
     rows = []
     for wav in sorted(tts_corpus.glob("Actor_*/*.wav")):
         name = parse_name(wav.name)

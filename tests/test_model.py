@@ -29,13 +29,13 @@ from ser_ray.models.ssl import (
     demo_feature_extractor,
     inference_batches,
     load_model,
+    model_probabilities,
     pad_waveforms,
     pads_exactly,
     prepare_waveform,
     samples_for_frames,
     save_model,
 )
-from ser_ray.predict import model_probabilities
 
 CLASSES = ["neutral", "happy", "sad"]
 LENGTHS = (16_000, 9_600, 12_960, 12_800)  # 1.0, 0.6, 0.81, 0.8 s

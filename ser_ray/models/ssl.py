@@ -590,3 +590,36 @@ def pad_waveforms(
     for i, w in enumerate(waveforms):
         batch[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
     return batch, lengths
+
+
+def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU or off."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def model_probabilities(
+    model: PreTrainedModel,
+    feature_extractor,
+    waveforms: Sequence[np.ndarray],
+    batch_size: int = 8,
+    amp: bool = True,
+) -> np.ndarray:
+    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms)."""
+    device = model.device
+    dtype = amp_dtype(device, amp)
+    exact_length = not pads_exactly(model.config, feature_extractor.return_attention_mask)
+    probs = np.zeros((len(waveforms), model.config.num_labels), dtype=np.float64)
+    for idx in inference_batches([len(w) for w in waveforms], batch_size, exact_length):
+        inputs = feature_extractor(
+            [np.asarray(waveforms[i], dtype=np.float32) for i in idx],
+            sampling_rate=SAMPLE_RATE_HZ,
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(**inputs).logits
+        probs[idx] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+    return probs
