@@ -109,7 +109,7 @@ def _comma_list(item_type: Callable[[str], Any]) -> Callable[[str], tuple]:
     """An argparse ``type``: ``"a,b"`` -> ``(item_type("a"), item_type("b"))``."""
 
     def parse(text: str) -> tuple:
-        return tuple(item_type(part) for part in text.split(","))
+        return tuple(item_type(part) for part in text.split(",")) if text else ()
 
     parse.__name__ = f"comma-separated {getattr(item_type, '__name__', 'value')}s"
     return parse

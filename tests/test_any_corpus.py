@@ -98,50 +98,105 @@ def test_a_csv_manifest_of_espeak_speech_with_its_own_labels(tts_corpus, tmp_pat
     assert "label map: calm -> left out" in (run / "summary.md").read_text()
 
 
-def _cremad_corpus(demo_corpus: Path, out: Path) -> Path:
-    """The demo corpus's first 8 actors renamed CREMA-D style (speakers 1001-1008, 6
-    emotions), plus a file whose name does not parse."""
+def _cremad_corpus(demo_corpus: Path, out: Path, actors: range) -> Path:
+    """Some of the demo corpus's actors renamed CREMA-D style (actor a -> speaker 1000 + a,
+    6 emotions), plus a file whose name does not parse."""
     out.mkdir(parents=True)
     counts: dict[tuple[int, str], int] = {}
     for wav in sorted(demo_corpus.glob("Actor_*/*.wav")):
         name = parse_name(wav.name)
-        if name.actor > 8 or name.emotion not in CREMAD_CODES:
+        if name.actor not in actors or name.emotion not in CREMAD_CODES:
             continue
         n = counts[name.actor, name.emotion] = counts.get((name.actor, name.emotion), -1) + 1
         new = f"{1000 + name.actor}_{SENTENCES[n]}_{CREMAD_CODES[name.emotion]}_XX.wav"
         shutil.copy(wav, out / new)
-    (out / "1009_XXX_ANG.wav").write_bytes(b"")  # not a CREMA-D name: rejected, with why
+    (out / "1999_XXX_ANG.wav").write_bytes(b"")  # not a CREMA-D name: rejected, with why
     return out
 
 
-def test_a_cremad_named_folder_through_svm_and_wav2vec2(demo_corpus, tmp_path):
-    corpus = _cremad_corpus(demo_corpus, tmp_path / "cremad")
+def test_a_cremad_named_folder(demo_corpus, tmp_path):
+    corpus = _cremad_corpus(demo_corpus, tmp_path / "cremad", actors=range(1, 9))
     run = tmp_path / "run"
     cfg = KFoldConfig(
         data_dir=str(corpus),
-        variants=("svm", "wav2vec2"),
-        protocol=ProtocolSettings(num_folds=4),
-        train=study_train_config(model="demo-random", n_val_actors=1, batch_size=8),
+        variants=("svm",),
+        protocol=ProtocolSettings(num_folds=4, n_val_speakers=1),
+        train=study_train_config(n_val_actors=1),
         smoke_test=True,
         out=str(run),
     )
     summary = run_kfold(cfg)
 
     assert summary["classes"] == ["angry", "disgust", "fearful", "happy", "neutral", "sad"]
-    assert summary["models_run"] == ["svm", "wav2vec2"] and len(summary["folds"]) == 4
+    assert summary["fold_scheme"] == "speaker-kfold" and len(summary["folds"]) == 4
     protocol = Protocol.load(run / "protocol.json")
     assert protocol.speakers == {a: str(a) for a in range(1001, 1009)}
     for row in summary["folds"]:
         test, fit, val = protocol.split(row["fold"])
         assert row["test_actors"] == test and "test_speakers" not in row  # names = numbers
         assert len(test) == 2 and len(val) == 1 and not set(test) & set(fit + val)
-        assert row["n_test"] == 2 * 12 and 0.0 <= row["wav2vec2"]["uar"] <= 1.0
+        assert row["n_test"] == 2 * 12
     predictions = pd.read_csv(run / "predictions.csv")
-    assert set(predictions["model"]) == {"svm", "wav2vec2"}
-    assert predictions.groupby("model")["path"].nunique().to_dict() == {"svm": 96, "wav2vec2": 96}
-    trained = summary["trained_on"]["wav2vec2"]["per_fold"]
-    for k, speakers in trained.items():
-        assert sorted(speakers) == protocol.split(int(k))[1]  # fit speakers only
+    assert predictions["path"].nunique() == len(predictions) == 96
     rejected = pd.read_csv(run / "rejected.csv")
-    assert rejected["path"].map(lambda p: Path(p).name).tolist() == ["1009_XXX_ANG.wav"]
+    assert rejected["path"].map(lambda p: Path(p).name).tolist() == ["1999_XXX_ANG.wav"]
     assert "SSSS_SEN_EMO_LVL" in rejected["reason"].iloc[0]
+
+
+def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
+    """Trained on 8 RAVDESS-named actors (4 classes kept), each fold model of the SVM and of
+    wav2vec2 is tested on 8 other speakers named CREMA-D style (6 labels, 4 shared)."""
+    study = tmp_path / "ravdess"
+    for wav in demo_corpus.glob("Actor_0[1-8]/*.wav"):
+        (study / wav.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(wav, study / wav.parent.name / wav.name)
+    test = _cremad_corpus(demo_corpus, tmp_path / "cremad", actors=range(9, 17))
+    run = tmp_path / "run"
+    cfg = KFoldConfig(
+        data_dir=str(study),
+        test_data_dir=(str(test),),
+        variants=("svm", "wav2vec2"),
+        protocol=ProtocolSettings(
+            folds="speaker-kfold", num_folds=4, label_map="calm=-,fearful=-,disgust=-,surprised=-"
+        ),
+        train=study_train_config(model="demo-random", n_val_actors=1, batch_size=8),
+        smoke_test=True,
+        out=str(run),
+    )
+    summary = run_kfold(cfg)
+
+    assert summary["classes"] == ["neutral", "happy", "sad", "angry"]  # RAVDESS's order
+    (cross,) = summary["cross_corpus"]
+    assert cross["test_corpus"] == "cremad" and cross["classes"] == summary["classes"]
+    assert cross["left_out_labels"] == {"disgust": 16, "fearful": 16}  # 8 speakers x 2
+    assert cross["n_clips"] == 8 * 8 and cross["n_speakers"] == 8
+    for variant in ("svm", "wav2vec2"):
+        folds = cross["per_fold"][variant]
+        assert [f["fold"] for f in folds] == [1, 2, 3, 4]
+        assert cross["mean"][variant]["uar"] == pytest.approx(sum(f["uar"] for f in folds) / 4)
+    predictions = pd.read_csv(run / "cross_corpus" / "cremad" / "predictions.csv")
+    assert len(predictions) == 64 * 4 * 2  # every clip, by every fold model of both variants
+    probs = predictions.filter(like="prob_")
+    assert list(probs.columns) == [f"prob_{c}" for c in summary["classes"]]
+    assert ((probs.sum(axis=1) - 1).abs() < 1e-9).all()
+    assert set(predictions["pred_label"]) <= set(summary["classes"])
+    assert not set(predictions["speaker"]) & {str(a) for a in range(1, 9)}
+    assert "## Cross-corpus" in (run / "summary.md").read_text()
+
+
+def test_a_test_corpus_holding_study_files_is_refused_before_any_work(demo_corpus, tmp_path):
+    from ser_ray.study import kfold
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were prepared before the test corpora were checked")
+
+    cfg = KFoldConfig(
+        data_dir=str(demo_corpus),
+        test_data_dir=(str(demo_corpus),),
+        variants=("svm",),
+        out=str(tmp_path / "run"),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kfold, "prepare_features", no_features)
+        with pytest.raises(ValueError, match="holds 384 files of the study corpus"):
+            run_kfold(cfg)

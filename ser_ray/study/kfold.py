@@ -38,6 +38,11 @@ from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_cor
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, FoldPlan, plan_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm
+from ser_ray.study.cross_corpus import (
+    CrossCorpusSettings,
+    evaluate_cross_corpus,
+    read_test_corpora,
+)
 from ser_ray.study.variants import DEFAULT_VARIANTS, Variant, parse_variants
 from ser_ray.training.config import TrainConfig
 
@@ -93,6 +98,17 @@ class KFoldConfig:
             "--params file < the study's own (STUDY_FIELDS, and any field changed from its "
             "default, e.g. --lr)"
         },
+    )
+    test_data_dir: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={
+            "help": "cross-corpus: comma-separated corpora (folders, as --data-dir) each fold "
+            "model of every variant is tested on, over the classes shared with the study"
+        },
+    )
+    test_manifest: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={"help": "cross-corpus: comma-separated clip manifests, as --test-data-dir"},
     )
     speaker_regex: str | None = dataclasses.field(
         default=None,
@@ -503,6 +519,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     source = cfg.source or str(demo_source(cfg.smoke_test))
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
     protocol = _resolved_protocol(cfg, inputs, out)
+    cross = _cross_corpus_settings(cfg, features)
+    test_corpora = read_test_corpora(cross, protocol, inputs.corpus) if cross.sources else []
     train_cfgs = {k: train_config_for(cfg, k) for k in protocol.fold_numbers}
     plan = None
     if _runs_wav2vec2(variants):
@@ -511,7 +529,18 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
     features_dir, df = _prepared_features(source, out, variants, inputs, features, protocol)
     results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, storage)
-    return _write_summary(cfg, protocol, out, variants, df, results, provenance)
+    tested = evaluate_cross_corpus(test_corpora, cross, protocol, variants, out)
+    return _write_summary(cfg, protocol, out, variants, df, results, provenance, tested)
+
+
+def _cross_corpus_settings(cfg: KFoldConfig, features: FeatureConfig) -> CrossCorpusSettings:
+    return CrossCorpusSettings(
+        sources=(*cfg.test_data_dir, *cfg.test_manifest),
+        label_map=cfg.protocol.label_map,
+        merge_calm=cfg.train.merge_calm,
+        speaker_regex=cfg.speaker_regex,
+        features=features,
+    )
 
 
 def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
@@ -678,6 +707,7 @@ def _write_summary(
     df: pd.DataFrame,
     results: _StudyResults,
     provenance: dict[str, Any] | None,
+    cross_corpus: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``OUT/predictions.csv`` and the summary files
     (:func:`ser_ray.study.summary.write_summary`)."""
@@ -702,6 +732,7 @@ def _write_summary(
             params_provenance=provenance,
             trained_on=trained_on(cfg, protocol),
             variants={v.name: v.describe() for v in variants},
+            cross_corpus=cross_corpus,
         ),
         histories=histories or None,
         lr_schedule=encoder_lr_schedule(train_cfgs[min(histories)], histories[min(histories)])

@@ -77,6 +77,8 @@ class RunInfo:
     trained_on: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: What each variant is (features, which normalisation ran): ``Variant.describe()``.
     variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: The fold models tested on other corpora (``ser_ray.study.cross_corpus``); None: none.
+    cross_corpus: list[dict[str, Any]] | None = None
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -288,6 +290,7 @@ def build_summary(
         "pooled": {m: s["pooled"] for m, s in stats.items()},
         "params_provenance": info.params_provenance,
         "trained_on": info.trained_on,
+        **({"cross_corpus": info.cross_corpus} if info.cross_corpus else {}),
         "config": info.config,
     }
     return _finite_or_none(summary)
@@ -390,6 +393,29 @@ def _label_map_lines(label_map: Mapping[str, str | None] | None) -> list[str]:
     return [f"- label map: {', '.join(changed)}"]
 
 
+def _cross_corpus_lines(results: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """The summary section of the cross-corpus tests: per test corpus and variant, UA, WA and
+    macro-F1 (mean ± std over the fold models)."""
+    if not results:
+        return []
+    lines = ["## Cross-corpus", "", f"{results[0]['what_ran']}.", ""]
+    header = ["test corpus", "variant", "n", *(f"{METRIC_TITLES[k]} %" for k in METRICS)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for result in results:
+        for variant, mean in result["mean"].items():
+            std = result["std"][variant]
+            cells = [result["test_corpus"], _title(variant), str(result["n_clips"])]
+            cells += [_pm(mean.get(k), std.get(k)) for k in METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+    for result in results:
+        left = ", ".join(f"{k} ({n})" for k, n in result["left_out_labels"].items()) or "none"
+        lines.append(
+            f"- {result['test_corpus']}: classes {', '.join(result['classes'])}; clips left "
+            f"out (label without a class of the study): {left}"
+        )
+    return [*lines, ""]
+
+
 def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The whole ``summary.md``: run facts, fold table, paired difference, recalls, confusions."""
     classes = summary["classes"]
@@ -438,6 +464,7 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
                 f"{len(diff['per_fold'])} folds ({per_fold})"
             )
         lines.append("")
+    lines += _cross_corpus_lines(summary.get("cross_corpus"))
     recalls = summary.get("per_class_recall", {})
     if recalls:
         models = list(recalls)
