@@ -334,6 +334,37 @@ def test_saved_hf_dataset_is_accepted_as_input(ray_local, demo_corpus, demo_feat
         )
 
 
+def test_saved_hf_dataset_with_speaker_and_label_columns(demo_corpus, tmp_path):
+    """A corpus saved with datasets: speaker and emotion from its columns (a ClassLabel by
+    name), not from file names."""
+    import datasets
+
+    files = sorted(demo_corpus.glob("Actor_0[12]/*.wav"))[:4]
+    hf = (
+        datasets.Dataset.from_dict(
+            {
+                "audio": [
+                    {"bytes": f.read_bytes(), "path": f"clip{i}.wav"} for i, f in enumerate(files)
+                ],
+                "speaker_id": ["ann", "ann", "bob", "bob"],
+                "label": [0, 1, 1, 0],
+            }
+        )
+        .cast_column("audio", datasets.Audio(decode=False))
+        .cast_column("label", datasets.ClassLabel(names=["calm", "joy"]))
+    )
+    hf.save_to_disk(tmp_path / "hf_copy")
+    result = prepare_features(tmp_path / "hf_copy", tmp_path / "out")
+    assert (result.n_input, result.n_ok, result.n_rejected) == (4, 4, 0)
+    got = load_features(result.features_dir, ["path", "actor", "speaker", "emotion"])
+    assert got.sort_values("path").values.tolist() == [
+        ["clip0.wav", 1, "ann", "calm"],
+        ["clip1.wav", 1, "ann", "joy"],
+        ["clip2.wav", 2, "bob", "joy"],
+        ["clip3.wav", 2, "bob", "calm"],
+    ]
+
+
 def test_uri_input(ray_local, demo_corpus, tmp_path):
     sub = tmp_path / "corpus" / "Actor_03"
     sub.mkdir(parents=True)

@@ -18,6 +18,7 @@ from ser_ray.corpus.sources import (
     CREMAD_EMOTIONS,
     is_cremad_name,
     looks_like_cremad,
+    read_corpus,
     read_cremad_folder,
     read_emobox_jsonl,
     read_manifest,
@@ -411,3 +412,29 @@ def test_emobox_missing_audio(emobox):
         CorpusError, match=r"cafe\.jsonl: no such file: row 1 \(.*08-P-2-1\.wav'\).*audio_root"
     ):
         read_emobox_jsonl(jsonl, speaker_regex=r"^cafe-(\d+)-")  # wavs not beside the jsonl
+
+
+# --- any source -------------------------------------------------------------------------------
+
+
+def test_read_corpus_picks_the_reader_from_what_it_is_given(corpus, cremad, emobox, tmp_path):
+    root, _, rows = corpus
+    manifest = write_csv(root / "clips.csv", HEADER, rows)
+    assert read_corpus(str(manifest)).kind == "manifest"
+    cremad_root, _ = cremad
+    assert read_corpus(str(cremad_root)).kind == "cremad"
+    checkout, jsonl = emobox
+    jsonl = write_jsonl(checkout / "cafe.jsonl", json_lines(jsonl))  # wav paths relative to it
+    found = read_corpus(str(jsonl), speaker_regex=r"^cafe-(\d+)-")
+    assert found.kind == "emobox" and values(found.frame["speaker"]) == ["08", "10", "10"]
+    with pytest.raises(CorpusError, match="EmoBox files name no speaker"):
+        read_corpus(str(jsonl))
+    ravdess = tmp_path / "ravdess" / "Actor_12"
+    touch(ravdess / "03-01-05-02-01-01-12.wav")
+    table = read_corpus(str(ravdess.parent))
+    assert table.kind == "ravdess" and values(table.frame["speaker"]) == ["12"]
+    assert values(table.frame["gender"]) == ["female"] and table.label_order[0] == "neutral"
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
