@@ -5,6 +5,9 @@ Examples:
   python jobs/kfold.py                                  # svm, svm+spknorm, wav2vec2 on the demo
   python jobs/kfold.py --variants svm+egemaps,svm+mfcc+egemaps+spknorm   # SVM variants only
   python jobs/kfold.py --data-dir ~/data/ravdess --model facebook/wav2vec2-base --epochs 10
+  python jobs/kfold.py --manifest clips.csv --num-folds 5 --label-map calm=-   # your corpus
+  python jobs/kfold.py --data-dir ~/data/ravdess --test-data-dir ~/data/CREMA-D/AudioWAV \
+      --label-map calm=-,surprised=-                    # cross-corpus, 6 shared classes
   ray job submit --working-dir . -- python jobs/kfold.py --smoke-test
   python jobs/tune_adamw.py --nested --out runs/adamw   # per-fold AdamW settings, then:
   python jobs/kfold.py --params runs/adamw/best.json
