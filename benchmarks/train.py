@@ -25,7 +25,7 @@ import torch
 
 from ser_ray import cli
 from ser_ray.corpus import ravdess
-from ser_ray.corpus.folds import fold_split
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import console, prepare
 from ser_ray.distributed.feature_cache import frozen_encoder_outputs
 from ser_ray.features import featurize
@@ -61,12 +61,12 @@ def _training_clips(args: argparse.Namespace, fe) -> ClipTable:
         cli.init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
         out = Path(args.out or "runs/benchmark") / "prepared"
         features_dir = prepare.prepare_demo(out, smoke_test=args.smoke_test)
-    _, fit_actors, _ = fold_split(args.fold, "contiguous", 4)
+    _, fit_actors, _ = ravdess_protocol().split(args.fold)
     frame = featurize.load_features(features_dir, ["path", "actor", "emotion", "waveform"])
     frame = frame[frame["actor"].isin(fit_actors)].sort_values("path")
     frame = frame.iloc[np.random.default_rng(0).permutation(len(frame))[: args.clips]]
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    return table_from_arrow(table, "waveform", ravdess.class_names(), False, fe)
+    return table_from_arrow(table, "waveform", ravdess_protocol().label_index(), fe)
 
 
 def _time_ours(cfg: TrainConfig, table: ClipTable, repeats: int) -> float:

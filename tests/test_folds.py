@@ -2,6 +2,7 @@ import pytest
 
 from ser_ray.corpus import folds
 from ser_ray.corpus.folds import FoldError
+from ser_ray.corpus.protocol import ravdess_protocol
 
 
 @pytest.mark.parametrize("scheme", ["contiguous", "emobox"])
@@ -10,9 +11,10 @@ def test_six_disjoint_folds_cover_24_actors(scheme):
     assert len(sets) == 6 and all(len(s) == 4 for s in sets)
     flat = [a for s in sets for a in s]
     assert sorted(flat) == list(range(1, 25))
+    protocol = ravdess_protocol(scheme)
     for k in range(1, 7):
-        test, train = folds.test_and_train_actors(k, scheme)
-        assert not set(test) & set(train) and len(train) == 20
+        test, train = protocol.test_and_train(k)
+        assert test == sets[k - 1] and not set(test) & set(train) and len(train) == 20
         folds.check_no_leakage(train, test)
 
 
@@ -24,7 +26,7 @@ def test_contiguous_blocks_are_gender_balanced():
 
 def test_emobox_sets():
     assert folds.fold_sets("emobox")[5] == [6, 13, 17, 22]
-    assert folds.fold_of_actor("emobox")[21] == 1
+    assert ravdess_protocol("emobox").fold_of_speaker()[21] == 1
 
 
 def test_missing_actors_are_named():
@@ -42,12 +44,11 @@ def test_unknown_scheme_and_fold():
     with pytest.raises(FoldError, match="unknown fold scheme 'random'"):
         folds.fold_sets("random")
     with pytest.raises(FoldError, match="fold 7 does not exist"):
-        folds.test_and_train_actors(7)
+        ravdess_protocol().test_and_train(7)
 
 
 def test_validation_actors_from_training_side():
-    test, train = folds.test_and_train_actors(6)
-    val = folds.validation_actors(train, 4)
-    assert val == [17, 18, 19, 20] and set(val) <= set(train)
-    assert sum(a % 2 for a in val) == 2
-    assert folds.validation_actors(train, 4) == val  # deterministic
+    test, fit, val = ravdess_protocol().split(6)
+    assert val == [17, 18, 19, 20] and not set(val) & set(fit + test)
+    assert sum(a % 2 for a in val) == 2 and len(fit) == 16
+    assert ravdess_protocol().split(6) == (test, fit, val)  # deterministic

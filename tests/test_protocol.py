@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_speaker_folds import RAVDESS_VALIDATION
 
 from ser_ray.corpus import folds
 from ser_ray.corpus.clips import ClipTable, clip_frame
@@ -45,10 +46,13 @@ def manifest_corpus(n_speakers=10, labels=("angry", "happy", "neutral", "sad"), 
 def test_ravdess_protocol_is_the_ravdess_folds(scheme, merge_calm):
     protocol = ravdess_protocol(scheme, merge_calm)
     assert protocol.scheme == scheme and protocol.classes == tuple(class_names(merge_calm))
-    assert [list(f) for f in protocol.folds] == folds.fold_sets(scheme)
+    sets = folds.fold_sets(scheme)
+    assert [list(f) for f in protocol.folds] == sets
     for k in range(1, 7):
-        assert protocol.split(k) == folds.fold_split(k, scheme, 4)
-    assert protocol.fold_of_speaker() == folds.fold_of_actor(scheme)
+        test, fit, val = protocol.split(k)
+        assert test == sets[k - 1] and val == RAVDESS_VALIDATION[scheme][k - 1]
+        assert sorted(test + fit + val) == list(range(1, 25))
+    assert protocol.fold_of_speaker() == {a: k for k, s in enumerate(sets, 1) for a in s}
     again = Protocol.from_dict(protocol.to_dict())
     assert again == protocol
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ser_ray.corpus import ravdess
+from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.corpus.ravdess import RavdessNameError, build_manifest, parse_name
 
 
@@ -51,11 +52,10 @@ def test_label_maps():
         "neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"
     ]  # fmt: skip
     assert len(ravdess.class_names(merge_calm=True)) == 7
-    assert ravdess.label_index("calm") == 1
-    assert ravdess.label_index("calm", merge_calm=True) == ravdess.label_index("neutral", True) == 0
-    assert ravdess.label_index("surprised", merge_calm=True) == 6
-    with pytest.raises(ValueError, match="unknown emotion 'bored'"):
-        ravdess.label_index("bored")
+    protocol = ravdess_protocol(merge_calm=True)
+    assert protocol.class_indices(["calm", "neutral", "surprised"]) == [0, 0, 6]
+    with pytest.raises(ValueError, match="label 'bored' is not one of the protocol's labels"):
+        protocol.class_indices(["bored"])
 
 
 def _touch(path: Path, data: bytes = b"x") -> None:

@@ -206,15 +206,34 @@ def test_predefined_fold_errors():
 # --- validation_speakers and check_disjoint ----------------------------------------------
 
 
+#: RAVDESS's validation actors per fold with 4 validation actors (the rule the study always
+#: used: from the end of the training actors, alternating male (odd) and female (even)).
+RAVDESS_VALIDATION = {
+    "contiguous": [[21, 22, 23, 24]] * 5 + [[17, 18, 19, 20]],
+    "emobox": [
+        [19, 22, 23, 24],
+        [21, 22, 23, 24],
+        [17, 21, 22, 24],
+        [20, 21, 22, 23],
+        [21, 22, 23, 24],
+        [20, 21, 23, 24],
+    ],
+}
+
+
 @pytest.mark.parametrize("scheme", ["contiguous", "emobox"])
-def test_validation_speakers_match_ravdess_validation_actors(scheme):
+def test_validation_speakers_keep_ravdess_validation_actors(scheme):
     genders = {str(a): "male" if a % 2 else "female" for a in range(1, 25)}
     order = {str(a): a for a in range(1, 25)}
-    for fold in range(1, 7):
-        _, train = folds.test_and_train_actors(fold, scheme)
-        for n_val in range(1, 7):
-            got = validation_speakers([str(a) for a in train], genders, order, n_val)
-            assert got == [str(a) for a in folds.validation_actors(train, n_val)]
+    sets = folds.fold_sets(scheme)
+    for fold, expected in enumerate(RAVDESS_VALIDATION[scheme]):
+        train = [str(a) for k, actors in enumerate(sets) if k != fold for a in actors]
+        got = validation_speakers(train, genders, order, 4)
+        assert got == [str(a) for a in expected]
+    train = [str(a) for a in range(5, 25)]  # contiguous fold 1, fewer or more of them
+    picks = {1: [23], 2: [23, 24], 3: [21, 23, 24], 6: [19, 20, 21, 22, 23, 24]}
+    for n_val, expected in picks.items():
+        assert validation_speakers(train, genders, order, n_val) == [str(a) for a in expected]
 
 
 def test_validation_unknown_gender_after_the_gendered_groups():

@@ -11,7 +11,6 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, m
 from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
 
 from ser_ray.common.metrics import classification_metrics
-from ser_ray.corpus import folds as fold_sets
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.corpus.ravdess import EMOTIONS, class_names
 from ser_ray.models import svm
@@ -69,7 +68,7 @@ def test_metrics_known_arrays():
 @pytest.mark.parametrize("scheme", ["contiguous", "emobox"])
 @pytest.mark.parametrize("fold", range(1, 7))
 def test_inner_splits_never_hold_test_actors(scheme, fold):
-    test_actors, train_actors = fold_sets.test_and_train_actors(fold, scheme)
+    test_actors, train_actors = ravdess_protocol(scheme).test_and_train(fold)
     actors = np.repeat(train_actors, 3)
     splits = svm.inner_splits(actors, ravdess_protocol(scheme).fold_of_speaker())
     assert len(splits) == 5
@@ -80,7 +79,7 @@ def test_inner_splits_never_hold_test_actors(scheme, fold):
         assert not (train_a | val_a) & set(test_actors)
         assert len(val_a) == 4 and len(train_a) == 16
         # each inner validation fold is one of the remaining outer folds
-        assert len({fold_sets.fold_of_actor(scheme)[a] for a in val_a}) == 1
+        assert len({ravdess_protocol(scheme).fold_of_speaker()[a] for a in val_a}) == 1
         val_seen.extend(val_idx.tolist())
     assert sorted(val_seen) == list(range(len(actors)))  # a partition of the training rows
 
@@ -130,7 +129,7 @@ def test_best_config_breaks_ties_deterministically():
 
 def test_inner_score_equals_grid_search_cv():
     df = synthetic_features(noise=3.0)
-    test_actors, train_actors = fold_sets.test_and_train_actors(1)
+    test_actors, train_actors = RAVDESS.test_and_train(1)
     train = df[df.actor.isin(train_actors)].reset_index(drop=True)
     X, y, actors = (
         svm.feature_matrix(train),
@@ -143,7 +142,7 @@ def test_inner_score_equals_grid_search_cv():
         {"kernel": "linear", "C": 0.01, "class_weight": "balanced"},
     ]
     ours = [svm.inner_cv_score(c, X, y, splits, 8)["uar"] for c in configs]
-    groups = np.array([fold_sets.fold_of_actor()[a] for a in actors])
+    groups = np.array([FOLD_MAP[a] for a in actors])
     search = GridSearchCV(
         svm.make_svm_pipeline(),
         [{f"svc__{k}": [v] for k, v in c.items()} for c in configs],
@@ -158,7 +157,7 @@ def test_inner_score_equals_grid_search_cv():
 
 def test_calibrated_probabilities_sum_to_one_and_repeat():
     df = synthetic_features(noise=3.0)
-    test_actors, train_actors = fold_sets.test_and_train_actors(2)
+    test_actors, train_actors = RAVDESS.test_and_train(2)
     train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": "balanced"}
     args = (svm.feature_matrix(train), svm.label_vector(train, RAVDESS), train.actor.to_numpy())
@@ -177,7 +176,7 @@ def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
     """Selection (inner CV) scores SVC.predict; the reported labels must be SVC.predict too,
     not the argmax of the calibrated probabilities (they differ on overlapping classes)."""
     df = synthetic_features(noise=6.0)
-    test_actors, train_actors = fold_sets.test_and_train_actors(3)
+    test_actors, train_actors = RAVDESS.test_and_train(3)
     train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None}
     X, y = svm.feature_matrix(train), svm.label_vector(train, RAVDESS)
@@ -190,7 +189,7 @@ def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
 
 def test_probabilities_with_merged_calm_have_seven_columns():
     df = synthetic_features(n_per_emotion=1)
-    _, train_actors = fold_sets.test_and_train_actors(1)
+    _, train_actors = RAVDESS.test_and_train(1)
     train = df[df.actor.isin(train_actors)]
     y = svm.label_vector(train, ravdess_protocol(merge_calm=True))
     assert set(y.tolist()) == set(range(7)) and len(class_names(True)) == 7

@@ -143,16 +143,6 @@ def class_names(merge_calm: bool = False) -> list[str]:
     return [n for n in names if n != "calm"] if merge_calm else names
 
 
-def label_index(emotion: str, merge_calm: bool = False) -> int:
-    """Class index of an emotion name under the chosen label set."""
-    if merge_calm and emotion == "calm":
-        emotion = "neutral"
-    names = class_names(merge_calm)
-    if emotion not in names:
-        raise ValueError(f"unknown emotion {emotion!r}; expected one of {names}")
-    return names.index(emotion)
-
-
 @dataclasses.dataclass(frozen=True)
 class Clip:
     """One manifest row: where a clip is and what its name says."""

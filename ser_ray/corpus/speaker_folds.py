@@ -10,7 +10,7 @@ on the speakers of all the others.
 - :func:`predefined_folds`: the manifest's own folds, from the ``fold`` (else ``split``) column.
 
 :func:`validation_speakers` picks a fold's validation speakers from its training speakers
-(as :func:`ser_ray.corpus.folds.validation_actors` does for RAVDESS) and
+(the rule the study has always used for RAVDESS, odd actors male) and
 :func:`check_disjoint` checks that no speaker is on two sides. Every error is a
 :class:`~ser_ray.corpus.folds.FoldError` naming the numbers and the fix.
 
@@ -205,7 +205,7 @@ def validation_speakers(
     Walks ``train`` from the highest ``order`` (speaker number) down, alternating male then
     female (one group going on alone once the other runs dry); speakers of unknown gender
     (missing from ``genders``, or None) come after both. With RAVDESS's genders this is
-    :func:`ser_ray.corpus.folds.validation_actors`; with no gender known, the last ``n_val``.
+    RAVDESS's validation actors; with no gender known, the last ``n_val``.
     Returned in ``order``.
     """
     if not 0 <= n_val < len(train):

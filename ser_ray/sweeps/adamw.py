@@ -5,7 +5,7 @@ decay, AdamW's beta2, the warm-up and decay-start fractions of the schedule, and
 clipping (off, or on at a searched norm). Everything else is a fixed :class:`TrainConfig`.
 
 What is scored: validation UA (``val/uar``) on validation actors taken from the *training
-side* of one outer fold (:func:`ser_ray.corpus.folds.fold_split`); the fold's test actors are
+side* of one outer fold (:meth:`ser_ray.corpus.protocol.Protocol.split`); the fold's test actors are
 never read. ASHA (``ASHAScheduler`` on ``val/uar`` per epoch) stops weak trials early; the
 searcher learns from ``best/val_uar`` (the best epoch's val UA, the epoch whose weights the
 loop keeps) and the best trial is the one with the highest val UA at any epoch.
