@@ -1,10 +1,11 @@
-"""Corpus -> manifest -> Ray Data features (Parquet) + rejected.csv + config.json.
+"""Corpus -> clip table -> Ray Data features (Parquet) + rejected.csv + config.json.
 
 Examples:
   python jobs/prepare.py                                  # the embedded demo corpus
   python jobs/prepare.py --data-dir ~/data/ravdess --out runs/features
   python jobs/prepare.py --download --out runs/features   # fetch RAVDESS from Zenodo first
   python jobs/prepare.py --data-dir few_clips --runner ray  # Ray even for a tiny corpus
+  python jobs/prepare.py --data-dir clips.csv --out runs/mine   # a clip manifest (CSV/JSONL)
 """
 
 from __future__ import annotations

@@ -200,3 +200,31 @@ def test_a_test_corpus_holding_study_files_is_refused_before_any_work(demo_corpu
         patch.setattr(kfold, "prepare_features", no_features)
         with pytest.raises(ValueError, match="holds 384 files of the study corpus"):
             run_kfold(cfg)
+
+
+def test_a_single_clip_speaker_stops_speaker_normalised_variants_before_any_work(tmp_path):
+    from ser_ray.features.speaker_norm import SpeakerNormError
+    from ser_ray.study import kfold
+
+    rows = [["path", "speaker", "emotion"]]
+    for s in range(6):
+        for i, label in enumerate(["angry", "happy", "angry", "happy"][: 1 if s == 5 else 4]):
+            (tmp_path / f"s{s}_{i}.wav").touch()
+            rows.append([f"s{s}_{i}.wav", f"spk{s}", label])
+    manifest = tmp_path / "clips.csv"
+    manifest.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    cfg = KFoldConfig(
+        manifest=str(manifest),
+        variants=("svm", "svm+spknorm"),
+        protocol=ProtocolSettings(num_folds=3),
+        train=study_train_config(n_val_actors=1),
+        out=str(tmp_path / "run"),
+    )
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were prepared before the speakers were checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kfold, "prepare_features", no_features)
+        with pytest.raises(SpeakerNormError, match=r"speakers \['spk5'\] have a single clip"):
+            run_kfold(cfg)

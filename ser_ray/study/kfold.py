@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ser_ray.common import config_file
+from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.protocol import (
     Protocol,
@@ -37,6 +38,7 @@ from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_check
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, FoldPlan, plan_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
+from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models import svm
 from ser_ray.study.cross_corpus import (
     CrossCorpusSettings,
@@ -519,6 +521,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     source = cfg.source or str(demo_source(cfg.smoke_test))
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
     protocol = _resolved_protocol(cfg, inputs, out)
+    _check_speaker_norm(variants, inputs.corpus, protocol)
     cross = _cross_corpus_settings(cfg, features)
     test_corpora = read_test_corpora(cross, protocol, inputs.corpus) if cross.sources else []
     train_cfgs = {k: train_config_for(cfg, k) for k in protocol.fold_numbers}
@@ -565,6 +568,23 @@ def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Pro
     protocol = resolve_protocol(inputs.corpus, cfg.protocol_settings(n_val.pop()))
     protocol.save(out / "protocol.json")
     return protocol
+
+
+def _check_speaker_norm(
+    variants: tuple[Variant, ...], corpus: ClipTable, protocol: Protocol
+) -> None:
+    """Speaker-normalised variants need two clips of every speaker at least: refused here,
+    before any work, naming the speakers (a single clip has no spread to scale by)."""
+    if not any(v.speaker_norm for v in variants):
+        return
+    kept = corpus.frame[corpus.frame["emotion"].isin(protocol.kept_labels)]
+    counts = kept["speaker"].value_counts()
+    single = sorted(counts[counts < 2].index)
+    if single:
+        raise SpeakerNormError(
+            f"speakers {single[:10]} have a single clip: speaker normalisation cannot estimate "
+            "their statistics; give more clips of them, or run without +spknorm variants"
+        )
 
 
 def _param_folds(cfg: KFoldConfig) -> list[int | None]:
