@@ -35,7 +35,6 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.distributed.fold_inputs import FoldInputs
-from ser_ray.distributed.train_in_tune import CHECKPOINT_PATH_KEY
 from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -145,7 +144,7 @@ def ended_fold_report(checkpoint) -> dict[str, Any] | None:
     text = edge.checkpoint_text(checkpoint, RESULT_FILE)  # RAY
     if text is None:
         return None
-    return {**json.loads(text)["metrics"], CHECKPOINT_PATH_KEY: checkpoint.path}
+    return {**json.loads(text)["metrics"], edge.CHECKPOINT_PATH_KEY: checkpoint.path}
 
 
 def open_fold_clips(

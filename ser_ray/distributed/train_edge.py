@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ class WorkerContext:
     rank: int
     world_size: int
     device: Any  # torch.device
+
+
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # a report's checkpoint, as Ray's callback names it
+REPORT_POLL_S = 0.5  # how often fit_with_reports looks at the reports and at fit()
 
 
 def worker_context(torch_threads: int | None = None) -> WorkerContext:
@@ -98,12 +103,70 @@ def checkpoint_text(checkpoint, name: str) -> str | None:
 
 def fit(trainer, what: str):
     """Run ``trainer`` to the end (RAY); its final checkpoint, or the run's error."""
-    result = trainer.fit()
+    return final_checkpoint(trainer.fit(), what)
+
+
+def final_checkpoint(result, what: str):
+    """A finished run's final checkpoint, or its error (RAY: a Train ``Result``)."""
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"{what}: the run left no checkpoint")
     return result.checkpoint
+
+
+def fit_with_reports(
+    build_trainer: Callable[[list], Any], on_report: Callable[[dict[str, Any]], None]
+) -> Any:
+    """Run ``build_trainer(callbacks).fit()`` beside this thread, which calls
+    ``on_report(report)`` for every report of the run, in order (rank 0's metrics, a
+    checkpoint as its path under ``checkpoint_path``); return the Train ``Result`` once every
+    report has been handed on (RAY). The Train controller, an actor of its own, only appends
+    to an unbounded queue, so it never waits on ``on_report``."""
+    from ray.util.queue import Empty, Queue
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer([forward_reports(reports)])
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # raised again in the calling thread below
+            outcome["error"] = error
+
+    fitting = threading.Thread(target=run, name="train-fit", daemon=True)
+    fitting.start()
+    while True:
+        # fit() returns only after its controller's last callback has put its report
+        finished = not fitting.is_alive()
+        try:
+            report = reports.get(timeout=REPORT_POLL_S)
+        except Empty:
+            if finished:
+                break
+            continue
+        on_report(report)
+    fitting.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def forward_reports(reports):
+    """The Train controller's side of :func:`fit_with_reports`: each report (rank 0's
+    metrics, the checkpoint's path) appended to the queue ``reports`` (RAY: a Train
+    ``UserCallback``)."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            report = dict(metrics[0])
+            if checkpoint is not None:
+                report[CHECKPOINT_PATH_KEY] = checkpoint.path
+            reports.put(report)
+
+    return ForwardReports()
 
 
 def build_torch_trainer(

@@ -12,10 +12,11 @@ _get_result_from_queues``). Whether the Tune driver asks for the next result bef
 the Train run ends decides it: a busy driver (six folds on two cores, a submitted job) loses
 the race.
 
-So here the trial's own function thread is the only one that reports to Tune: the Train
-controller's callback (:func:`_forward_reports`) only appends to an unbounded queue, the
-function thread runs ``fit()`` beside it, hands each report on with ``tune.report`` (which
-blocks in the way Tune expects), and returns only once every report has been handed on.
+So here the trial's own function thread is the only one that reports to Tune
+(:func:`ser_ray.distributed.train_edge.fit_with_reports`): the Train controller's callback
+only appends to an unbounded queue, the function thread runs ``fit()`` beside it, hands each
+report on with ``tune.report`` (which blocks in the way Tune expects), and returns only once
+every report has been handed on.
 A report must not carry a key Tune reads as an order (:data:`TUNE_CONTROL_KEYS`): ``done``
 ends the trial at once, killing the Train controller before it has shut its workers down,
 and their placement group then holds its CPUs for the rest of the job (Train's cleaner of
@@ -28,13 +29,12 @@ naming the fold and the result it waited for.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # a report's checkpoint, as Ray's callback names it
-POLL_S = 0.5  # how often the trial's thread looks at the reports and at fit()
+from ser_ray.distributed import train_edge as edge
+
 TUNE_CONTROL_KEYS = ("done",)  # a result key Tune acts on (it ends the trial)
 
 
@@ -47,34 +47,8 @@ def fit_reporting_to_tune(build_trainer: Callable[[list], Any]) -> Any:
     Train run to Tune from this thread (``tune.report``, a checkpoint as its path under
     ``checkpoint_path``); return the Train ``Result`` once all reports are handed on."""
     from ray import tune
-    from ray.util.queue import Empty, Queue
 
-    reports = Queue(actor_options={"num_cpus": 0})  # unbounded: the controller never waits
-    trainer = build_trainer([_forward_reports(reports)])
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # raised again in the trial's thread below
-            outcome["error"] = error
-
-    fitting = threading.Thread(target=fit, name="train-fit", daemon=True)
-    fitting.start()
-    while True:
-        # fit() returns only after its controller's last callback has put its report
-        finished = not fitting.is_alive()
-        try:
-            report = reports.get(timeout=POLL_S)
-        except Empty:
-            if finished:
-                break
-            continue
-        tune.report(checked_report(report))
-    fitting.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return edge.fit_with_reports(build_trainer, lambda report: tune.report(checked_report(report)))
 
 
 def checked_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -88,21 +62,6 @@ def checked_report(report: dict[str, Any]) -> dict[str, Any]:
             "training loop's report"
         )
     return report
-
-
-def _forward_reports(reports):
-    """The Train controller's side: each report (rank 0's metrics, the checkpoint's path)
-    appended to the trial's queue ``reports``."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class ForwardReports(UserCallback):
-        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            report = dict(metrics[0])
-            if checkpoint is not None:
-                report[CHECKPOINT_PATH_KEY] = checkpoint.path
-            reports.put(report)
-
-    return ForwardReports()
 
 
 def stall_watchdog(label: str, timeout_s: float, clock: Callable[[], float] = time.monotonic):
