@@ -24,6 +24,23 @@ def test_one_line_per_fold_and_epoch(capsys):
     ]
 
 
+def test_pretraining_prints_a_loss_line_at_least_every_30_s():
+    """The demo encoder's and TAPT's progress: the first epoch, then a line whenever 30 s have
+    passed, and the last epoch; the closing report prints nothing."""
+    now, lines = [0.0], []
+    on_report = console.pretrain_progress(
+        "demo encoder", 40, every_s=30, clock=lambda: now[0], emit=lines.append
+    )
+    for epoch in range(1, 41):  # 10 s per epoch
+        now[0] = 10.0 * epoch
+        on_report({"epoch": epoch, "pretrain/contrastive": 4.0 - epoch / 100, "pretrain/loss": 4.5})
+    on_report({"final": True, "step": 1600})
+    assert lines[0] == "demo encoder: epoch 1/40, contrastive 3.990, loss 4.500 (10 s)"
+    shown = [int(line.split()[3].split("/")[0]) for line in lines]
+    assert shown == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40]
+    assert lines[-1].endswith("(400 s)")
+
+
 def test_ray_output_follows_verbose(monkeypatch):
     for name in ("RAY_AIR_NEW_OUTPUT", "RAY_LOGGER_LEVEL", "TUNE_WARN_THRESHOLD_S"):
         monkeypatch.delenv(name, raising=False)  # restored after the test

@@ -281,7 +281,13 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
         assert sorted(tapt_actors(fold, protocol) + test_actors) == list(range(1, 25))
     actors = tapt_actors(2, protocol)
     cfg = tiny_pretrain(tiny_config_file, epochs=1, batch_size=16, freeze_feature_encoder=True)
-    model_dir = fit_pretraining(features, tmp_path / "tapt", cfg, actors=actors)
+    reports = []
+    model_dir = fit_pretraining(
+        features, tmp_path / "tapt", cfg, actors=actors, on_report=reports.append
+    )
+    # every report reached this process as it came: the epoch's, then the closing one
+    assert [r.get("epoch") for r in reports] == [1, None] and reports[-1]["final"]
+    assert reports[0]["pretrain/loss"] > 0 and "checkpoint_path" in reports[0]
     read = (tmp_path / "tapt" / "clips.csv").read_text().split()
     read_actors = {int(Path(p).stem.split("-")[-1]) for p in read}
     assert read_actors == set(actors) and not read_actors & {5, 6, 7, 8}

@@ -24,8 +24,9 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -163,3 +164,34 @@ def fold_progress_callback(label: str, epochs: int):
             print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
 
     return FoldProgress()
+
+
+def pretrain_progress(
+    label: str,
+    epochs: int,
+    every_s: float = 30.0,
+    clock: Callable[[], float] = time.monotonic,
+    emit: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Callable[[dict[str, Any]], None]:
+    """A pre-training run's report handler (:func:`ser_ray.distributed.train_edge.
+    fit_with_reports`): one line for the first epoch, then at most one every ``every_s``
+    seconds and one for the last epoch — ``demo encoder: epoch 12/40, contrastive 3.712,
+    loss 3.95 (118 s)``. The run's closing report (``final``) prints nothing."""
+    start = clock()
+    last: list[float] = []
+
+    def on_report(report: dict[str, Any]) -> None:
+        if report.get("final") or "epoch" not in report:
+            return
+        now, epoch = clock(), int(report["epoch"])
+        if last and now - last[-1] < every_s and epoch < epochs:
+            return
+        last.append(now)
+        shown = [
+            f"{name} {report[key]:.3f}"
+            for key, name in (("pretrain/contrastive", "contrastive"), ("pretrain/loss", "loss"))
+            if key in report
+        ]
+        emit(f"{label}: epoch {epoch}/{epochs}, {', '.join(shown)} ({now - start:.0f} s)")
+
+    return on_report

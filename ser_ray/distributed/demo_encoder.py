@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ser_ray.distributed import console
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.distributed.resources import DEMO_ENCODER_THREADS, demo_encoder_resources
 from ser_ray.features.unlabeled import write_demo_pool
@@ -91,6 +92,7 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         resources_per_worker=demo_encoder_resources(),
         max_failures=1,
         torch_threads=settings["torch_threads"],
+        on_report=console.pretrain_progress("demo encoder", settings["pretrain"]["epochs"]),
     )
     shutil.copytree(built, root / ".model.tmp", dirs_exist_ok=True)
     shutil.copy2(root / "build" / "result.json", root / "result.json")

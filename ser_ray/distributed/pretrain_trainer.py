@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +81,15 @@ def fit_pretraining(
     storage_path: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
     torch_threads: int | None = None,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``actors``, only their clips)
     with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns
     ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
     settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes. Torch runs on
-    ``torch_threads`` threads per worker (default: one per reserved CPU)."""
+    ``torch_threads`` threads per worker (default: one per reserved CPU). ``on_report`` gets
+    every epoch's report (``epoch``, ``pretrain/*``) in the calling process as it comes
+    (:func:`ser_ray.distributed.train_edge.fit_with_reports`), e.g. to print progress."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
@@ -99,19 +103,27 @@ def fit_pretraining(
         "log_dir": str(log_dir or out / "tensorboard"),
         "torch_threads": torch_threads,
     }
-    trainer = edge.build_torch_trainer(
-        pretrain_per_worker,
-        config,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        resources_per_worker=resources_per_worker,
-        storage_path=storage_path or out / "ray",
-        name="pretrain",
-        max_failures=max_failures,
-        datasets={POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
-        dataset_config=ray_ingest.data_config(),
-    )
-    checkpoint = edge.fit(trainer, f"pre-training into {out}")  # RAY
+
+    def build(callbacks: list):
+        return edge.build_torch_trainer(
+            pretrain_per_worker,
+            config,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources_per_worker,
+            storage_path=storage_path or out / "ray",
+            name="pretrain",
+            max_failures=max_failures,
+            callbacks=callbacks,
+            datasets={POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
+            dataset_config=ray_ingest.data_config(),
+        )
+
+    what = f"pre-training into {out}"
+    if on_report is None:
+        checkpoint = edge.fit(build([]), what)  # RAY
+    else:
+        checkpoint = edge.final_checkpoint(edge.fit_with_reports(build, on_report), what)
     with checkpoint.as_directory() as ckpt:
         shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
         shutil.copytree(Path(ckpt) / MODEL_DIR, out / MODEL_DIR)

@@ -14,6 +14,7 @@ re-run with the same inputs skips the pre-training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,11 +24,14 @@ from typing import Any
 
 from ser_ray.corpus.folds import check_no_leakage
 from ser_ray.corpus.protocol import Protocol
+from ser_ray.distributed import console
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.distributed.resources import TAPT_TASK_CPUS
 from ser_ray.training.pretrain import RESULT_FILE, PretrainConfig
 
 log = logging.getLogger(__name__)
+
+PROGRESS_POLL_S = 1.0  # how often the driver prints the folds' new epoch reports
 
 
 def tapt_config(base_model: str, epochs: int, seed: int, smoke_test: bool) -> PretrainConfig:
@@ -87,9 +91,10 @@ def run_tapt_folds(
 ) -> dict[int, str]:
     """TAPT for every fold, concurrently; returns fold -> its encoder's checkpoint folder."""
     import ray
+    from ray.util.queue import Queue
 
     models: dict[int, str] = {}
-    pending = {}
+    to_train: dict[int, tuple[Path, list[int]]] = {}
     for fold in fold_numbers:
         actors = tapt_actors(fold, protocol)
         key = tapt_key(base_model, actors, features_dir, settings)
@@ -97,10 +102,15 @@ def run_tapt_folds(
         if (fold_dir / "model" / "model.safetensors").exists():
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
             models[fold] = str(fold_dir / "model")
-            continue
-        # RAY: a token CPU, the trainer does the work (ser_ray.distributed.resources)
-        task = ray.remote(num_cpus=TAPT_TASK_CPUS)(fit_pretraining)
-        pending[fold] = task.remote(
+        else:
+            to_train[fold] = (fold_dir, actors)
+    if not to_train:
+        return models
+    progress = Queue(actor_options={"num_cpus": 0})  # the folds' epoch reports, to print
+    # RAY: a token CPU, the trainer does the work (ser_ray.distributed.resources)
+    task = ray.remote(num_cpus=TAPT_TASK_CPUS)(fit_pretraining)
+    pending = {
+        fold: task.remote(
             features_dir,
             fold_dir,
             settings,
@@ -108,17 +118,32 @@ def run_tapt_folds(
             use_gpu=resources["use_gpu"],
             resources_per_worker=resources["resources_per_worker"],
             max_failures=max_failures,
+            on_report=functools.partial(_put_tagged, progress, fold),
         )
-    if pending:
-        log.info("TAPT: folds %s pre-training concurrently", sorted(pending))
+        for fold, (fold_dir, actors) in to_train.items()
+    }
+    log.info("TAPT: folds %s pre-training concurrently", sorted(pending))
     fold_of = {ref: fold for fold, ref in pending.items()}
+    printers = {
+        fold: console.pretrain_progress(f"TAPT fold {fold}", settings.epochs) for fold in pending
+    }
     waiting = list(fold_of)
-    while waiting:  # a line per fold as it finishes: TAPT can take a while
-        (ref,), waiting = ray.wait(waiting, num_returns=1)
-        model_dir = Path(ray.get(ref))
-        models[fold_of[ref]] = str(model_dir)
-        log.info("TAPT fold %d: %s", fold_of[ref], _loss_line(model_dir.parent / RESULT_FILE))
+    while waiting:  # progress lines while the folds run, a line per fold as it finishes
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=PROGRESS_POLL_S)
+        while not progress.empty():
+            fold, report = progress.get_nowait()
+            printers[fold](report)
+        for ref in done:
+            model_dir = Path(ray.get(ref))
+            models[fold_of[ref]] = str(model_dir)
+            log.info("TAPT fold %d: %s", fold_of[ref], _loss_line(model_dir.parent / RESULT_FILE))
+    ray.kill(progress.actor)
     return models
+
+
+def _put_tagged(queue, fold: int, report: dict[str, Any]) -> None:
+    """A TAPT task's report handler: the fold's report onto the driver's queue (RAY)."""
+    queue.put((fold, report))
 
 
 def _loss_line(result_json: Path) -> str:
