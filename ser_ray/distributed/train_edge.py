@@ -15,9 +15,10 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch only where it runs: a process that hands reports on never loads it
+    from torch import nn
 
 
 @dataclasses.dataclass
