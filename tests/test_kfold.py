@@ -256,7 +256,7 @@ def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features,
     while thread.is_alive() and killed is None:
         if list((out / "ray" / "fold_2").glob("checkpoint_*")):
             workers = [p for p in psutil.Process().children(recursive=True)
-                       if "RayTrainWorker" in " ".join(p.cmdline())]  # fmt: skip
+                       if "RayTrainWorker" in _cmdline(p)]  # fmt: skip
             if workers:
                 killed = workers[0].pid
                 workers[0].kill()
@@ -268,3 +268,11 @@ def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features,
     assert result.metrics["test/uar"] == reference.metrics["test/uar"]
     assert result.metrics["test/accuracy"] == reference.metrics["test/accuracy"]
     pd.testing.assert_frame_equal(result.predictions, reference.predictions)
+
+
+def _cmdline(process: psutil.Process) -> str:
+    """A process's command line; "" for one that ended (or is a zombie) meanwhile."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
