@@ -193,6 +193,11 @@ class Protocol:
         """The JSON form (``protocol.json``): speakers by name and number, per fold its test,
         training and validation speakers."""
         names = self.speakers
+
+        def named(speakers: list[int]) -> list[str]:
+            return [names[s] for s in speakers]
+
+        splits = {k: self.split(k) for k in self.fold_numbers}
         return {
             "version": PROTOCOL_VERSION,
             "scheme": self.scheme,
@@ -203,11 +208,11 @@ class Protocol:
                 {
                     "fold": k,
                     "name": self.fold_names[k - 1] if self.fold_names else str(k),
-                    "test_speakers": [names[s] for s in self.split(k)[0]],
-                    "validation_speakers": [names[s] for s in self.split(k)[2]],
-                    "fit_speakers": [names[s] for s in self.split(k)[1]],
+                    "test_speakers": named(test),
+                    "validation_speakers": named(val),
+                    "fit_speakers": named(fit),
                 }
-                for k in self.fold_numbers
+                for k, (test, fit, val) in splits.items()
             ],
         }
 

@@ -99,7 +99,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         "best_epoch": outcome.state.best_epoch,
         "final": True,  # not "done": Tune ends a trial at a result with done=True
     }
-    _, fit_actors, val_actors = fold_splits(config, cfg)
+    _, fit_actors, val_actors = fold_splits(protocol, config["fold"], cfg)
     trained_on = fit_actors
     if cfg.refit and "val" in clips:
         model, _ = refit(
@@ -188,15 +188,14 @@ def count_splits(
 
 
 def fold_splits(
-    config: Mapping[str, Any], cfg: TrainConfig
+    protocol: Protocol, fold: int, cfg: TrainConfig
 ) -> tuple[list[int], list[int], list[int]]:
-    """(test, fit, validation) speakers of ``config["fold"]`` under ``config["protocol"]``,
-    checked against the validation speakers ``cfg`` asks for."""
-    protocol = Protocol.from_dict(config["protocol"])
-    test, fit, val = protocol.split(int(config["fold"]))
+    """(test, fit, validation) speakers of ``fold`` under ``protocol``, checked against the
+    validation speakers ``cfg`` asks for."""
+    test, fit, val = protocol.split(int(fold))
     if len(val) != cfg.n_val_actors:
         raise ValueError(
-            f"fold {config['fold']}: the protocol holds {len(val)} validation speakers, the "
+            f"fold {fold}: the protocol holds {len(val)} validation speakers, the "
             f"training settings ask for n_val_actors={cfg.n_val_actors}; resolve the protocol "
             "with the same number"
         )
@@ -291,10 +290,13 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     fold's train/val/test clips of ``config["source"]`` as Ray datasets
     (:mod:`ser_ray.distributed.ingest`); ``trainer_kwargs`` go to
     :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
-    test_actors, fit_actors, val_actors = fold_splits(config, TrainConfig.from_dict(config))
+    protocol = Protocol.from_dict(config["protocol"])
+    test_actors, fit_actors, val_actors = fold_splits(
+        protocol, config["fold"], TrainConfig.from_dict(config)
+    )
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
     source = config["source"]
-    labels = kept_labels(Protocol.from_dict(config["protocol"]))
+    labels = kept_labels(protocol)
     split_clips = count_splits(source, split_actors, labels)
     return edge.build_torch_trainer(
         train_fold_per_worker,
