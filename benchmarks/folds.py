@@ -30,10 +30,11 @@ from ser_ray.distributed.resources import plan_folds
 from ser_ray.features.featurize import FeatureConfig
 from ser_ray.study.kfold import (
     KFoldConfig,
-    run_wav2vec2_folds,
+    run_ssl_folds,
     study_train_config,
     train_config_for,
 )
+from ser_ray.study.variants import parse_variant
 
 
 def add_folds_args(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +69,8 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for mode, changes in modes.items():
         start = time.perf_counter()
         with TreePeak(os.getpid(), interval_s=2.0) as peaks[mode]:
-            outcomes = run_wav2vec2_folds(
+            outcomes = run_ssl_folds(
+                parse_variant("wav2vec2"),
                 Path(features_dir),
                 dataclasses.replace(cfg, **changes),
                 ravdess_protocol(),

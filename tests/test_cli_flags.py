@@ -116,7 +116,7 @@ def test_kfold_flags_reach_the_study_and_its_training_settings():
     cfg = cli.dataclass_from_args(args, KFoldConfig, train=train, protocol=protocol)
     assert (train.lr_encoder, train.epochs, train.merge_calm, train.refit) == (1e-4, 3, True, True)
     assert cfg.protocol_settings(4).merge_calm and cfg.protocol_settings(4).n_val_speakers == 4
-    assert (cfg.protocol.folds, cfg.variants, cfg.resolved_model()) == (
+    assert (cfg.protocol.folds, cfg.variants, cfg.model_for("wav2vec2")) == (
         "emobox",
         ("svm", "wav2vec2"),
         "demo-random",

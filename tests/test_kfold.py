@@ -38,7 +38,7 @@ def _fold_metrics(run: Path) -> dict[int, dict]:
 def _check_run_folder(run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]
-    assert summary["model"] == "demo" and summary["merge_calm"] is False
+    assert summary["models"] == {"wav2vec2": "demo"} and summary["merge_calm"] is False
     for fold in summary["folds"]:
         for model in VARIANTS:
             assert set(fold[model]) >= {"accuracy", "uar", "macro_f1"}
@@ -211,7 +211,7 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     finished = _wav2vec2_done_folds(run)
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("fold_*/checkpoint_*/")}
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("wav2vec2_fold_*/checkpoint_*/")}
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -219,11 +219,11 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     assert _own_lines(resumed.stdout.splitlines())[-1].startswith("run folder:")
     _check_run_folder(run)
     for path, stamp in stamps.items():  # checkpoints written before the kill are untouched
-        fold = int(path.parent.name.split("_")[1])
+        fold = int(path.parent.name.split("_")[-1])
         if fold in finished and path.exists():
             assert path.stat().st_mtime_ns == stamp
     for fold in finished:  # finished folds made no new checkpoint after the restart
-        assert not [p for p in (run / "ray" / f"fold_{fold}").glob("checkpoint_*/")
+        assert not [p for p in (run / "ray" / f"wav2vec2_fold_{fold}").glob("checkpoint_*/")
                     if p not in stamps]  # fmt: skip
     # same seed and config: the same fold metrics as the uninterrupted submitted run
     assert _fold_metrics(run) == _fold_metrics(submitted_run[0])

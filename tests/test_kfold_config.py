@@ -16,15 +16,34 @@ from ser_ray.study.kfold import (
     train_config_for,
     trained_on,
 )
+from ser_ray.study.variants import parse_variant
 
 
-def test_model_default_depends_on_data():
-    assert KFoldConfig().resolved_model() == "demo"
-    assert KFoldConfig(data_dir="/data").resolved_model() == "facebook/wav2vec2-base"
-    assert (
-        KFoldConfig(data_dir="/data", train=study_train_config(model="./local")).resolved_model()
-        == "./local"
+def test_model_default_depends_on_data_and_family():
+    assert KFoldConfig().model_for("wav2vec2") == "demo"
+    assert KFoldConfig(data_dir="/data").model_for("wav2vec2") == "facebook/wav2vec2-base"
+    assert KFoldConfig(data_dir="/data").model_for("wavlm") == "microsoft/wavlm-base-plus"
+    local = KFoldConfig(data_dir="/data", train=study_train_config(model="./local"))
+    assert local.model_for("wav2vec2") == local.model_for("hubert") == "./local"
+    per_family = KFoldConfig(
+        variants=("wav2vec2", "wavlm+probe"),
+        train=study_train_config(model="demo,wavlm=/models/wavlm-large"),
     )
+    assert per_family.model_for("wav2vec2") == "demo"
+    assert per_family.model_for("wavlm") == "/models/wavlm-large"
+    probe = train_config_for(per_family, 1, parse_variant("wavlm+probe"))
+    assert (probe.model, probe.probe) == ("/models/wavlm-large", True)
+    assert train_config_for(per_family, 1).probe is False
+    with pytest.raises(ValueError, match="'wavelm' is not an SSL family"):
+        KFoldConfig(train=study_train_config(model="wavelm=x"))
+    with pytest.raises(ValueError, match="twice"):
+        KFoldConfig(train=study_train_config(model="wavlm=x,wavlm=y"))
+
+
+def test_a_variant_runs_an_encoder_of_its_own_family_only(encoders):
+    check_model_reachable(str(encoders["wavlm-base-plus"]), "wavlm")
+    with pytest.raises(ValueError, match="a wav2vec2 encoder: name a wavlm encoder"):
+        check_model_reachable("demo", "wavlm")
 
 
 def test_an_unreachable_model_stops_the_job_before_any_work(tmp_path, monkeypatch):
@@ -135,11 +154,11 @@ def test_single_fold_sweep_params_are_refused(tmp_path):
         pd.DataFrame([{"path": "a.wav", "actor": 1, "fold": 1, "true_label": "calm",
                        "pred_label": "calm", "model": "wav2vec2"}]),
         ["neutral", "calm"],
-        summary.RunInfo(model="demo", params_provenance=provenance),
+        summary.RunInfo(models={"wav2vec2": "demo"}, params_provenance=provenance),
     )  # fmt: skip
     assert doc["params_provenance"] == provenance
     markdown = summary.format_markdown(doc)
-    assert f"- **wav2vec2 settings from {best.resolve()}: LEAKY" in markdown
+    assert f"- **SSL training settings from {best.resolve()}: LEAKY" in markdown
 
 
 def test_nested_params_provenance_names_the_actors_per_fold(tmp_path):

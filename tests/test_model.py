@@ -132,6 +132,28 @@ def test_run_in_parts_equals_the_standard_class(family, encoders):
     assert cache_key(runner, fe, "cnn") != cache_key(runner, fe, "pooled")
 
 
+def test_head_standardisation_folds_into_the_standard_projector(family, encoders):
+    """Trained on standardised inputs, the head is saved as a plain projector that gives the
+    same logits (the standard class alone computes them)."""
+    runner, fe = _trained_like(encoders[family])
+    waves = _waves(4)
+    hidden = runner.config.hidden_size
+    generator = torch.Generator().manual_seed(5)
+    mean = torch.randn(hidden, generator=generator)
+    std = torch.rand(hidden, generator=generator) + 0.05
+    std[0] = 0.0  # a constant feature: shifted, not scaled
+    runner.standardize_head_inputs(mean, std)
+    assert runner.head_scale[0] == 1.0
+    with torch.no_grad():
+        standardised = torch.cat([runner(**waveform_batch_inputs([w], fe)).logits for w in waves])
+        assert not torch.allclose(standardised, _standard_logits(runner.model, fe, waves))
+        standard = runner.standard_model()
+    torch.testing.assert_close(_standard_logits(standard, fe, waves), standardised)
+    assert torch.equal(runner.head_shift, torch.zeros(hidden))
+    assert torch.equal(runner.head_scale, torch.ones(hidden))
+    assert "head_shift" not in runner.state_dict()  # never part of a checkpoint
+
+
 def test_pipeline_gives_our_probabilities(family, encoders, tmp_path):
     runner, fe = _trained_like(encoders[family])
     folder = save_model(runner.model, fe, tmp_path / "m")

@@ -62,7 +62,7 @@ def predictions(models=("svm", "wav2vec2")) -> pd.DataFrame:
 
 
 RUN = summary.RunInfo(
-    model="demo", merge_calm=False, fold_scheme="contiguous", config={"epochs": 3}
+    models={"wav2vec2": "demo"}, merge_calm=False, fold_scheme="contiguous", config={"epochs": 3}
 )
 
 
@@ -109,15 +109,16 @@ def test_write_summary_files(tmp_path):
     }
     lr = [(s, 1e-4 * min(1.0, (s + 1) / 10)) for s in range(100)]
     result = summary.write_summary(
-        tmp_path, fold_results(), predictions(), CLASSES, RUN, histories=histories, lr_schedule=lr
-    )
+        tmp_path, fold_results(), predictions(), CLASSES, RUN,
+        histories={"wav2vec2": histories}, lr_schedules={"wav2vec2": lr},
+    )  # fmt: skip
 
     doc = json.loads((tmp_path / "summary.json").read_text())
     for key in (
         "folds",
         "mean",
         "std",
-        "model",
+        "models",
         "merge_calm",
         "fold_scheme",
         "classes",
@@ -126,7 +127,7 @@ def test_write_summary_files(tmp_path):
         "paired_differences",
     ):
         assert key in doc
-    assert doc["model"] == "demo" and doc["merge_calm"] is False
+    assert doc["models"] == {"wav2vec2": "demo"} and doc["merge_calm"] is False
     assert doc["folds"][0] == {
         "fold": 1,
         "test_actors": [1, 2, 3, 4],
@@ -161,8 +162,8 @@ def test_write_summary_files(tmp_path):
         "confusion_svm.png",
         "confusion_wav2vec2.png",
         "folds_uar.png",
-        "learning_curves.png",
-        "lr_schedule.png",
+        "learning_curves_wav2vec2.png",
+        "lr_schedule_wav2vec2.png",
     }
     assert set(doc["plots"]) == names
     for name in names:
@@ -181,7 +182,7 @@ def test_format_table_lines():
 
 
 def test_svm_only_summary(tmp_path):
-    run = {"model": None, "merge_calm": True, "fold_scheme": "emobox", "config": {}}
+    run = {"merge_calm": True, "fold_scheme": "emobox", "config": {}}
     seven = class_names(merge_calm=True)
     preds = predictions(("svm",))
     preds["true_label"] = preds["true_label"].replace("calm", "neutral")
@@ -193,7 +194,7 @@ def test_svm_only_summary(tmp_path):
     assert doc["models_run"] == ["svm"] and doc["merge_calm"] is True
     assert doc["classes"] == seven and np.array(doc["confusion"]["svm"]).shape == (7, 7)
     md = (tmp_path / "summary.md").read_text()
-    assert "wav2vec2 model: not run" in md and "calm merged into neutral: yes" in md
+    assert " model: " not in md and "calm merged into neutral: yes" in md
     assert "wav2vec2" not in md.split("## Per fold")[1].splitlines()[2]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["confusion_svm.png", "folds_uar.png"]
 

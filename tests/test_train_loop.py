@@ -31,6 +31,7 @@ from ser_ray.training.finetune import (
     evaluate,
     refit,
     run_training,
+    standardize_head,
     train_one_epoch,
 )
 
@@ -454,6 +455,77 @@ def test_transformer_frozen_for_the_first_steps(clips):
         not torch.equal(a[1], b[1]) for a, b in zip(snapshots, snapshots[1:], strict=False)
     ]
     assert enc_moved == [False, False, True, True] and all(head_moved)
+
+
+def test_the_head_input_is_standardised_with_the_training_clips_statistics(clips):
+    cfg = tiny_config()
+    model, _ = build_model(cfg, CLASSES)
+    model.train()
+    standardize_head(model, clips, batch_size=3, device=CPU)
+    assert model.training  # left as it was
+    with torch.no_grad():  # the layer sum of every clip alone, the encoder in eval mode
+        model.eval()
+        inputs = [collate(clips, [i]) for i in range(len(clips))]
+        x = torch.cat(
+            [
+                model.layer_sum(
+                    model.pooled_inputs(**{k: v for k, v in one.items() if k != "labels"})
+                )
+                for one in inputs
+            ]
+        ).double()
+    torch.testing.assert_close(model.head_shift.double(), x.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model.head_scale.double(), x.std(0, correction=0), atol=1e-5, rtol=1e-4
+    )
+
+
+CLASSES_4 = ["neutral", "happy", "sad", "angry"]
+
+
+def pooled_clips(per_class: int, seed: int) -> tuple[ClipTable, np.ndarray]:
+    """Pooled layer states (3 layers x 64) as a frozen encoder gives them: one large offset
+    per feature, and a class signal small next to it (spread ~0.05 around offsets ~0.3),
+    the same in every layer; plus the (clips x 192) matrix of the same values."""
+    layout = np.random.default_rng(0)
+    offsets = layout.normal(0.3, 0.3, (3, 64))
+    class_means = layout.standard_normal((4, 1, 64))
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), per_class)
+    noise = rng.standard_normal((len(labels), 3, 64))
+    x = (offsets + 0.05 * (0.15 * class_means[labels] + noise)).astype(np.float32)
+    table = ClipTable(
+        "pooled", [f"/c/{seed}/{i:04d}.wav" for i in range(len(labels))],
+        np.arange(len(labels)) % 8 + 1, [CLASSES_4[c] for c in labels], labels, list(x),
+    )  # fmt: skip
+    return table, x.reshape(len(x), -1)
+
+
+def test_a_probe_head_trained_by_our_loop_matches_logistic_regression():
+    """The head our loop trains on frozen pooled features (the default settings, probe mode)
+    is no worse than a plain LogisticRegression on the same features: it cannot underfit
+    them unnoticed (issue 23: before the head's input was standardised it scored 36 points
+    below)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (train, x_train), (val, _), (test, x_test) = (
+        pooled_clips(60, 1),
+        pooled_clips(15, 2),
+        pooled_clips(60, 3),
+    )
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    reference.fit(x_train, train.labels)
+    reference_ua = balanced_accuracy_score(test.labels, reference.predict(x_test))
+    cfg = TrainConfig(model=RANDOM_DEMO_MODEL, probe=True)
+    seed_everything(cfg.seed)
+    model, fe = build_model(cfg, CLASSES_4)
+    run_training(cfg, model, fe, train, val)
+    metrics, _, _ = evaluate(model, test, batch_size=64, device=CPU, num_classes=4)
+    assert 0.5 < reference_ua < 0.9  # a task the features hold, not a trivial one
+    assert metrics["val/uar"] >= reference_ua - 0.05
 
 
 def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():

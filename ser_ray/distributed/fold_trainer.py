@@ -39,6 +39,7 @@ from ser_ray.models.ssl import PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
 from ser_ray.training.clip_data import (
+    MODEL_NAME,
     Clips,
     ClipTable,
     count_split,
@@ -255,7 +256,8 @@ def score_test(
         amp_dtype=eng.resolve_amp(cfg.amp, ctx.device),
         prefix="test",
     )
-    return metrics, predictions_frame(scored, probs, class_names, config.get("fold"))
+    variant = config.get("variant", MODEL_NAME)  # the predictions' model column
+    return metrics, predictions_frame(scored, probs, class_names, config.get("fold"), variant)
 
 
 def write_fold_result(
@@ -273,7 +275,8 @@ def write_fold_result(
     outcome.write_checkpoint(out)
     if rank != 0:
         return out
-    save_model(model.model, feature_extractor, out / BEST_MODEL_DIR)  # best-epoch (or refit)
+    # best-epoch (or refit) weights, the head's input standardisation folded in
+    save_model(model.standard_model(), feature_extractor, out / BEST_MODEL_DIR)
     if frame is not None:
         frame.to_csv(out / PREDICTIONS_FILE, index=False)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))

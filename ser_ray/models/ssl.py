@@ -219,6 +219,11 @@ class PartwiseClassifier(nn.Module):
         self.head_dropout = nn.Dropout(head_dropout)
         self.num_layer_states = model.config.num_hidden_layers + 1
         self._encoder_frozen = False
+        # the head's input standardised while training (standardize_head_inputs), folded
+        # into the projector before the model is saved (standard_model); identity otherwise
+        hidden = model.config.hidden_size
+        self.register_buffer("head_shift", torch.zeros(hidden), persistent=False)
+        self.register_buffer("head_scale", torch.ones(hidden), persistent=False)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -338,19 +343,72 @@ class PartwiseClassifier(nn.Module):
         states, frame_mask = self.layer_states(cnn_features, frame_lengths, all_layers)
         return torch.stack([masked_mean(h, frame_mask) for h in states], dim=1)
 
+    def layer_sum(self, pooled_layers: torch.Tensor) -> torch.Tensor:
+        """The head's input (B, H) from pooled states (B, K, H): their softmax-weighted sum
+        (K = num_layers + 1), or the last layer's without the weighted layer sum."""
+        if not self.config.use_weighted_layer_sum:
+            return pooled_layers[:, -1]
+        if pooled_layers.shape[1] != self.num_layer_states:
+            raise ValueError(
+                f"the weighted layer sum needs {self.num_layer_states} layer states, "
+                f"got {pooled_layers.shape[1]}"
+            )
+        weights = torch.softmax(self.model.layer_weights, dim=-1).to(pooled_layers.dtype)
+        return (pooled_layers * weights.view(1, -1, 1)).sum(dim=1)
+
     def head(self, pooled_layers: torch.Tensor) -> torch.Tensor:
         """Logits from pooled states (B, K, H); K = num_layers + 1 for the weighted sum."""
-        if self.config.use_weighted_layer_sum:
-            if pooled_layers.shape[1] != self.num_layer_states:
-                raise ValueError(
-                    f"the weighted layer sum needs {self.num_layer_states} layer states, "
-                    f"got {pooled_layers.shape[1]}"
-                )
-            weights = torch.softmax(self.model.layer_weights, dim=-1).to(pooled_layers.dtype)
-            pooled = (pooled_layers * weights.view(1, -1, 1)).sum(dim=1)
-        else:
-            pooled = pooled_layers[:, -1]
+        pooled = (self.layer_sum(pooled_layers) - self.head_shift) / self.head_scale
         return self.model.classifier(self.head_dropout(self.model.projector(pooled)))
+
+    # -- the head's input standardisation -------------------------------------------------
+    @torch.no_grad()
+    def standardize_head_inputs(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Train the head on ``(x - mean) / std`` of its input ``x`` (:meth:`layer_sum`); a
+        constant feature (std 0) is only shifted.
+
+        Mean-pooled hidden states vary little from clip to clip next to their offsets (the
+        demo encoder: a spread of ~0.06 against means of ~0.3), so a head trained on them
+        as they are underfits; standardised, the same steps reach a linear probe's fit."""
+        self.head_shift.copy_(mean)
+        self.head_scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    @torch.no_grad()
+    def standard_model(self) -> PreTrainedModel:
+        """``self.model`` with the head's input standardisation folded into its projector
+        (``W / scale`` and ``b - W mean / scale``: the same logits up to rounding), so that
+        the standard class computes them alone; the standardisation is then the identity."""
+        projector = self.model.projector
+        weight = projector.weight / self.head_scale.to(projector.weight.dtype)
+        projector.bias.sub_(weight @ self.head_shift.to(weight.dtype))
+        projector.weight.copy_(weight)
+        self.head_shift.zero_()
+        self.head_scale.fill_(1.0)
+        return self.model
+
+    def pooled_inputs(
+        self,
+        input_values: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        cnn_features: torch.Tensor | None = None,
+        frame_lengths: torch.Tensor | None = None,
+        pooled_layers: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled states (B, K, H) from one input kind (what :meth:`head` takes)."""
+        given = [x is not None for x in (input_values, cnn_features, pooled_layers)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of input_values, cnn_features, pooled_layers")
+        if pooled_layers is not None:
+            return pooled_layers
+        if cnn_features is None:
+            cnn_features, frame_lengths = self.cnn_features(input_values, lengths)
+        elif frame_lengths is None:
+            frame_lengths = torch.full(
+                (cnn_features.shape[0],), cnn_features.shape[1], device=cnn_features.device
+            )
+        return self.pooled_layer_states(
+            cnn_features, frame_lengths, all_layers=self.config.use_weighted_layer_sum
+        )
 
     def forward(
         self,
@@ -362,19 +420,9 @@ class PartwiseClassifier(nn.Module):
         pooled_layers: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput:
         """Logits (and the cross-entropy loss when ``labels`` are given) from one input kind."""
-        given = [x is not None for x in (input_values, cnn_features, pooled_layers)]
-        if sum(given) != 1:
-            raise ValueError("pass exactly one of input_values, cnn_features, pooled_layers")
-        if pooled_layers is None:
-            if cnn_features is None:
-                cnn_features, frame_lengths = self.cnn_features(input_values, lengths)
-            elif frame_lengths is None:
-                frame_lengths = torch.full(
-                    (cnn_features.shape[0],), cnn_features.shape[1], device=cnn_features.device
-                )
-            pooled_layers = self.pooled_layer_states(
-                cnn_features, frame_lengths, all_layers=self.config.use_weighted_layer_sum
-            )
+        pooled_layers = self.pooled_inputs(
+            input_values, lengths, cnn_features, frame_lengths, pooled_layers
+        )
         logits = self.head(pooled_layers)
         loss = None
         if labels is not None:

@@ -97,7 +97,7 @@ def evaluate_cross_corpus(
     variants: Sequence[Variant],
     out: Path,
 ) -> list[dict[str, Any]]:
-    """Test the fold models in ``out`` (``svm_models/<variant>/``, ``wav2vec2/fold_<k>/``) on
+    """Test the fold models in ``out`` (``svm_models/<variant>/``, ``<SSL variant>/fold_<k>/``) on
     each test corpus; one result per corpus (for the summary) and
     ``out/cross_corpus/<name>/predictions.csv``."""
     results = []
@@ -160,8 +160,8 @@ def _test_clips(
 
 def _columns(variants: Sequence[Variant]) -> list[str]:
     """The feature columns the variants' models read."""
-    columns = {c for v in variants if v.family == "svm" for c in FEATURE_SETS[v.feature_set]}
-    if any(v.family == "wav2vec2" for v in variants):
+    columns = {c for v in variants if not v.is_ssl for c in FEATURE_SETS[v.feature_set]}
+    if any(v.is_ssl for v in variants):
         columns.add("waveform")
     return sorted(columns)
 
@@ -169,11 +169,11 @@ def _columns(variants: Sequence[Variant]) -> list[str]:
 def _fold_probabilities(variant: Variant, fold: int, clips: pd.DataFrame, out: Path) -> np.ndarray:
     """Fold ``fold``'s model of ``variant`` on the clips: probabilities over the study's
     classes (speaker-normalised SVMs normalise each test speaker over its own clips)."""
-    if variant.family == "svm":
+    if not variant.is_ssl:
         model = svm_model.load_fold_model(out / "svm_models" / variant.name / f"fold_{fold}.joblib")
         speakers = dict(zip(clips["path"], clips["actor"], strict=True))
         return svm_model.predict_svm([model], clips, speakers)
-    model, fe = load_model(out / "wav2vec2" / f"fold_{fold}" / BEST_MODEL_DIR)
+    model, fe = load_model(out / variant.name / f"fold_{fold}" / BEST_MODEL_DIR)
     return model_probabilities(model.eval(), fe, list(clips["waveform"]))
 
 

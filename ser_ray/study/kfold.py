@@ -1,7 +1,8 @@
-"""The main study: features -> SVM variants' nested CV -> wav2vec2 on six folds concurrently
--> one summary with the named variants side by side (:mod:`ser_ray.study.variants`).
+"""The main study: features -> SVM variants' nested CV -> each SSL variant (wav2vec2,
+WavLM, ... fine-tuned or probed) on six folds concurrently -> one summary with the named
+variants side by side (:mod:`ser_ray.study.variants`).
 
-Each outer fold of wav2vec2 is one Ray Tune trial, and each trial drives a Ray Train
+Each outer fold of an SSL variant is one Ray Tune trial, and each trial drives a Ray Train
 ``TorchTrainer`` running :func:`ser_ray.distributed.fold_trainer.train_fold_per_worker` (Ray Train
 V2 + Tune interop). The trial itself only reserves a token CPU; the trainer reserves its workers
 (CPUs, fractional GPUs) in its own placement group, so all six folds run at once when the
@@ -50,14 +51,20 @@ from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-REAL_MODEL = "facebook/wav2vec2-base"
-#: Which actors of an outer fold each variant's reported model trained on, by (family, refit).
+#: The encoder of each SSL family on a real corpus when --model does not name one.
+DEFAULT_MODELS = {
+    "wav2vec2": "facebook/wav2vec2-base",
+    "hubert": "facebook/hubert-base-ls960",
+    "wavlm": "microsoft/wavlm-base-plus",
+    "data2vec-audio": "facebook/data2vec-audio-base",
+}
+#: Which actors of an outer fold each variant's reported model trained on, by (SSL, refit).
 TRAINED_ON = {
-    ("svm", False): "all 20 training actors (settings chosen by inner CV over them, then refit "
+    (False, False): "all 20 training actors (settings chosen by inner CV over them, then refit "
     "on all of them)",
-    ("wav2vec2", False): "the fit actors only: the validation actors (taken from the training "
+    (True, False): "the fit actors only: the validation actors (taken from the training "
     "side) choose the best epoch and are never trained on (--refit trains on all of them)",
-    ("wav2vec2", True): "all training actors (--refit: retrained on fit + validation actors "
+    (True, True): "all training actors (--refit: retrained on fit + validation actors "
     "for the best epoch count found with the validation actors held out)",
 }
 
@@ -68,8 +75,8 @@ STUDY_FIELDS = ("model", "epochs", "batch_size", "merge_calm", "seed", "refit")
 
 
 def study_train_config(**changes: Any) -> TrainConfig:
-    """The study's default wav2vec2 settings: TrainConfig's, but 8 epochs and no model yet
-    (``None``: :meth:`KFoldConfig.resolved_model` decides), with ``changes`` on top."""
+    """The study's default SSL training settings: TrainConfig's, but 8 epochs and no model yet
+    (``None``: :meth:`KFoldConfig.model_for` decides), with ``changes`` on top."""
     return TrainConfig(**{"model": None, "epochs": 8, **changes})
 
 
@@ -96,7 +103,7 @@ class KFoldConfig:
     train: TrainConfig = dataclasses.field(
         default_factory=study_train_config,
         metadata={
-            "help": "wav2vec2 fine-tuning settings of every fold: TrainConfig defaults < the "
+            "help": "SSL training settings of every fold: TrainConfig defaults < the "
             "--params file < the study's own (STUDY_FIELDS, and any field changed from its "
             "default, e.g. --lr)"
         },
@@ -131,8 +138,10 @@ class KFoldConfig:
         default=DEFAULT_VARIANTS,
         metadata={
             "help": "comma-separated named variants, compared with the first: a family (svm, "
-            "wav2vec2) then +options; svm takes +spknorm (speaker normalisation), +egemaps, "
-            "+mfcc+egemaps (feature sets; default MFCC)"
+            "wav2vec2, hubert, wavlm, data2vec-audio) then +options; svm takes +spknorm "
+            "(speaker normalisation), +egemaps, +mfcc+egemaps (feature sets; default MFCC); "
+            "an SSL family is fine-tuned, or with +probe its frozen encoder's pooled layers "
+            "feed a trained head (+probe+spknorm: normalised per speaker first)"
         },
     )
     params: str | None = dataclasses.field(
@@ -194,7 +203,7 @@ class KFoldConfig:
     stall_timeout_s: float = dataclasses.field(
         default=3600.0,
         metadata={
-            "help": "a wav2vec2 fold without a new epoch result for this many seconds fails "
+            "help": "an SSL fold without a new epoch result for this many seconds fails "
             "the run, naming the fold (a stuck trial never hangs the job); 0 = never"
         },
     )
@@ -211,12 +220,18 @@ class KFoldConfig:
         default=False, metadata={"help": "tiny corpus, one epoch, small SVM grid"}
     )
 
-    def resolved_model(self) -> str:
-        """``train.model``, or by default ``demo`` without a corpus and
-        ``facebook/wav2vec2-base`` with one."""
-        if self.train.model:
-            return self.train.model
-        return "demo" if self.source is None else REAL_MODEL
+    def model_for(self, family: str = "wav2vec2") -> str:
+        """The encoder of the SSL ``family``: its ``family=X`` entry of ``--model``, else a
+        plain ``--model X``, else ``demo`` (wav2vec2 on the demo corpus) or
+        :data:`DEFAULT_MODELS`."""
+        given = model_entries(self.train.model)
+        if family in given:
+            return given[family]
+        if None in given:
+            return given[None]
+        if family == "wav2vec2" and self.source is None:
+            return "demo"
+        return DEFAULT_MODELS[family]
 
     @property
     def source(self) -> str | None:
@@ -242,6 +257,30 @@ class KFoldConfig:
             )
         if self.tapt_epochs < 0:
             raise ValueError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
+        model_entries(self.train.model)  # raises
+
+
+def model_entries(text: str | None) -> dict[str | None, str]:
+    """``--model`` as ``{family: model}``; a plain entry (no ``family=``) under ``None``.
+
+    >>> model_entries("demo,wavlm=microsoft/wavlm-large")
+    {None: 'demo', 'wavlm': 'microsoft/wavlm-large'}
+    """
+    entries: dict[str | None, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        family, _, model = part.partition("=") if "=" in part else (None, "", part)
+        family = family.strip() if family is not None else None
+        if family is not None and family not in DEFAULT_MODELS:
+            raise ValueError(
+                f"--model {text!r}: {family!r} is not an SSL family; name one of "
+                f"{list(DEFAULT_MODELS)} (e.g. wavlm=microsoft/wavlm-large)"
+            )
+        if family in entries:
+            raise ValueError(f"--model {text!r} names the encoder of {family or 'all'} twice")
+        entries[family] = model.strip()
+    return entries
 
 
 def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
@@ -307,8 +346,11 @@ def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
     }
 
 
-def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
-    """The wav2vec2 training settings: defaults < ``--params`` file < the study's own.
+def train_config_for(
+    cfg: KFoldConfig, fold: int | None = None, variant: Variant | None = None
+) -> TrainConfig:
+    """An SSL variant's training settings (``variant``'s encoder and mode; by default the
+    fine-tuned wav2vec2's): defaults < ``--params`` file < the study's own.
 
     The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
     ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
@@ -327,7 +369,11 @@ def train_config_for(cfg: KFoldConfig, fold: int | None = None) -> TrainConfig:
         for name, value in cfg.train.to_dict().items()
         if name in STUDY_FIELDS or value != getattr(default, name)
     }
-    own.update(model=cfg.resolved_model(), epochs=1 if cfg.smoke_test else cfg.train.epochs)
+    own.update(
+        model=cfg.model_for(variant.family if variant else "wav2vec2"),
+        probe=bool(variant and variant.probe),
+        epochs=1 if cfg.smoke_test else cfg.train.epochs,
+    )
     return TrainConfig(**{**cfg.train.to_dict(), **tuned, **own})
 
 
@@ -349,8 +395,9 @@ def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
 
 
 def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
-    """One Tune trial = one outer fold (``config["fold"]``), trained by a TorchTrainer (runs
-    on the cluster); ``train`` holds what every fold shares (``tune.with_parameters``)."""
+    """One Tune trial = one outer fold (``config["fold"]``) of an SSL variant, trained by a
+    TorchTrainer (runs on the cluster); ``train`` holds what every fold shares
+    (``tune.with_parameters``)."""
     from ser_ray.distributed.fold_trainer import build_fold_trainer
     from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
 
@@ -359,8 +406,9 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         **train["train_configs"][str(fold)],
         **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
         "fold": fold,
+        "variant": train["variant"],
         "protocol": train["protocol"],
-        "log_dir": str(Path(train["tensorboard_dir"]) / f"fold_{fold}"),
+        "log_dir": str(Path(train["tensorboard_dir"]) / train["variant"] / f"fold_{fold}"),
     }
     result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
         lambda callbacks: build_fold_trainer(
@@ -369,7 +417,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
             use_gpu=train["use_gpu"],
             resources_per_worker=train["resources_per_worker"],
             storage_path=train["storage_path"],
-            name=f"fold_{fold}",  # stable: a restarted trial resumes this run's checkpoints
+            name=f"{train['variant']}_fold_{fold}",  # stable: a restart resumes its checkpoints
             max_failures=train["max_failures"],
             callbacks=callbacks,
         )
@@ -378,7 +426,8 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         raise result.error
 
 
-def run_wav2vec2_folds(
+def run_ssl_folds(
+    variant: Variant,
     features_dir: Path,
     cfg: KFoldConfig,
     protocol: Protocol,
@@ -386,8 +435,9 @@ def run_wav2vec2_folds(
     out: Path,
     storage: str,
 ) -> list[FoldOutcome]:
-    """All folds as concurrent Tune trials; each fold's outcome (metrics, history,
-    predictions, model), its final checkpoint copied to ``out/wav2vec2/fold_<k>/``."""
+    """All folds of an SSL variant as concurrent Tune trials; each fold's outcome (metrics,
+    history, predictions, model), its final checkpoint copied to
+    ``out/<variant>/fold_<k>/``."""
     import ray.train
     from ray import tune
 
@@ -400,6 +450,7 @@ def run_wav2vec2_folds(
     # before the folds start: building a cache needs CPUs that running folds would hold
     inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
     train = {
+        "variant": variant.name,
         "inputs": {str(k): v.to_config() for k, v in inputs.items()},
         "protocol": protocol.to_dict(),
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
@@ -413,7 +464,7 @@ def run_wav2vec2_folds(
     trainable = tune.with_resources(
         tune.with_parameters(_fold_trial, train=train), FOLD_TRIAL_RESOURCES
     )
-    experiment = f"{storage.rstrip('/')}/wav2vec2_folds"
+    experiment = f"{storage.rstrip('/')}/{variant.name}_folds"
     if cfg.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
@@ -423,13 +474,13 @@ def run_wav2vec2_folds(
             param_space={"fold": tune.grid_search(fold_numbers)},
             tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrent_folds),
             run_config=tune.RunConfig(
-                name="wav2vec2_folds",
+                name=f"{variant.name}_folds",
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=1),
                 verbose=console.tune_verbosity(),
                 callbacks=[
-                    console.fold_progress_callback("wav2vec2", first.epochs),
-                    stall_watchdog("wav2vec2", cfg.stall_timeout_s),
+                    console.fold_progress_callback(variant.name, first.epochs),
+                    stall_watchdog(variant.name, cfg.stall_timeout_s),
                 ],
             ),
         )
@@ -438,9 +489,13 @@ def run_wav2vec2_folds(
     for result in sorted(grid, key=lambda r: r.config["fold"]):
         fold = int(result.config["fold"])
         if result.error is not None:
-            raise RuntimeError(f"wav2vec2 fold {fold} failed: {result.error}") from result.error
+            raise RuntimeError(
+                f"{variant.name} fold {fold} failed: {result.error}"
+            ) from result.error
         checkpoint = ray.train.Checkpoint(result.metrics["checkpoint_path"])
-        outcomes.append(fold_result_from_checkpoint(checkpoint, out / "wav2vec2" / f"fold_{fold}"))
+        outcomes.append(
+            fold_result_from_checkpoint(checkpoint, out / variant.name / f"fold_{fold}")
+        )
     return outcomes
 
 
@@ -451,13 +506,14 @@ def _with_encoders(
     protocol: Protocol,
     out: Path,
 ) -> dict[int, TrainConfig]:
-    """The fold configs with the encoder each fold fine-tunes: ``--model`` resolved (``demo``:
+    """The fold configs with the encoder each fold trains: their model resolved (``demo``:
     the pre-trained demo encoder, built on first use) and, with ``--tapt-epochs``, each
     fold's own continued pre-training on its training actors."""
     from ser_ray.distributed import tapt
     from ser_ray.distributed.demo_encoder import resolve_model
 
-    base = resolve_model(cfg.resolved_model(), cfg.smoke_test)
+    (model,) = {c.model for c in train_cfgs.values()}
+    base = resolve_model(model, cfg.smoke_test)
     models = {k: base for k in train_cfgs}
     if cfg.tapt_epochs:
         models = tapt.run_tapt_folds(
@@ -507,7 +563,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
     The steps, in order: resolve the settings, read the corpus and resolve its protocol
-    (``protocol.json``), check the model can be loaded, plan the wav2vec2 folds' resources,
+    (``protocol.json``), check the encoders can be loaded, plan the SSL folds' resources,
     save it all (``config.json``), prepare the features, run every variant over the folds,
     write the summary."""
     out = Path(cfg.out).resolve()
@@ -515,8 +571,8 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     variants = parse_variants(cfg.variants)
-    if _runs_wav2vec2(variants):
-        check_model_reachable(cfg.resolved_model())  # before minutes of features and SVMs
+    for variant in _ssl_variants(variants):  # before minutes of features and SVMs
+        check_model_reachable(cfg.model_for(variant.family), variant.family)
     features = _feature_config(variants)
     source = cfg.source or str(demo_source(cfg.smoke_test))
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
@@ -524,9 +580,12 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     _check_speaker_norm(variants, inputs.corpus, protocol)
     cross = _cross_corpus_settings(cfg, features)
     test_corpora = read_test_corpora(cross, protocol, inputs.corpus) if cross.sources else []
-    train_cfgs = {k: train_config_for(cfg, k) for k in protocol.fold_numbers}
+    train_cfgs = {
+        v.name: {k: train_config_for(cfg, k, v) for k in protocol.fold_numbers}
+        for v in _ssl_variants(variants)
+    }
     plan = None
-    if _runs_wav2vec2(variants):
+    if train_cfgs:
         plan = plan_folds(cfg, len(protocol.folds))
         print(plan.line(), flush=True)
     _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
@@ -602,29 +661,32 @@ def _storage_path(cfg: KFoldConfig, out: Path) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def _runs_wav2vec2(variants: tuple[Variant, ...]) -> bool:
-    return any(v.family == "wav2vec2" for v in variants)
+def _ssl_variants(variants: tuple[Variant, ...]) -> list[Variant]:
+    return [v for v in variants if v.is_ssl]
 
 
 def _save_run_config(
     out: Path,
     cfg: KFoldConfig,
     variants: tuple[Variant, ...],
-    train_cfgs: dict[int, TrainConfig],
+    train_cfgs: dict[str, dict[int, TrainConfig]],
     provenance: dict[str, Any] | None,
     storage: str,
     plan: FoldPlan | None,
 ) -> None:
-    """``OUT/config.json``: the study's settings, resolved, and the resource plan of the
-    wav2vec2 folds, before anything runs."""
+    """``OUT/config.json``: the study's settings, resolved (per SSL variant its training
+    settings: one set, or per fold with a ``--params`` file), and the resource plan of the
+    SSL folds, before anything runs."""
     config_file.save_config(
         out,
         {
             "job": "kfold",
             "kfold": cfg,
             "variants": {v.name: v.describe() for v in variants},
-            "model": cfg.resolved_model(),
-            "train": train_cfgs[1] if cfg.params is None else train_cfgs,
+            "train": {
+                name: per_fold[min(per_fold)] if cfg.params is None else per_fold
+                for name, per_fold in train_cfgs.items()
+            },
             "params_provenance": provenance,
             "storage_path": storage,
             "resource_plan": plan,
@@ -659,13 +721,13 @@ def _prepared_features(
 
 @dataclasses.dataclass
 class _StudyResults:
-    """What the variants produced: per fold the summary row, the out-of-fold predictions,
-    wav2vec2's per-fold histories, and the fold configs as trained (encoders resolved)."""
+    """What the variants produced: per fold the summary row, the out-of-fold predictions, and
+    per SSL variant its per-fold histories and fold configs as trained (encoders resolved)."""
 
     fold_rows: dict[int, dict[str, Any]]
     predictions: list[pd.DataFrame]
-    histories: dict[int, list[dict]]
-    train_cfgs: dict[int, TrainConfig]
+    histories: dict[str, dict[int, list[dict]]]
+    train_cfgs: dict[str, dict[int, TrainConfig]]
 
 
 def _run_variants(
@@ -674,36 +736,39 @@ def _run_variants(
     variants: tuple[Variant, ...],
     df: pd.DataFrame,
     features_dir: Path,
-    train_cfgs: dict[int, TrainConfig],
+    train_cfgs: dict[str, dict[int, TrainConfig]],
     out: Path,
     storage: str,
 ) -> _StudyResults:
-    """Every variant over the same folds, in order: the SVMs' nested CV, wav2vec2's folds."""
+    """Every variant over the same folds, in order: an SVM's nested CV, an SSL variant's
+    folds."""
     results = _StudyResults(
         fold_rows={k: _fold_row(protocol, k, df) for k in protocol.fold_numbers},
         predictions=[],
         histories={},
-        train_cfgs=train_cfgs,
+        train_cfgs=dict(train_cfgs),
     )
     for variant in variants:
-        if variant.family == "svm":
+        if not variant.is_ssl:
             svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
             results.predictions.append(svm_predictions)
             continue
-        results.train_cfgs = _with_encoders(results.train_cfgs, features_dir, cfg, protocol, out)
-        outcomes = run_wav2vec2_folds(features_dir, cfg, protocol, results.train_cfgs, out, storage)
+        fold_cfgs = _with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
+        results.train_cfgs[variant.name] = fold_cfgs
+        outcomes = run_ssl_folds(variant, features_dir, cfg, protocol, fold_cfgs, out, storage)
+        results.histories[variant.name] = {}
         for outcome in outcomes:
             m = outcome.metrics
-            results.fold_rows[outcome.fold]["wav2vec2"] = {
+            results.fold_rows[outcome.fold][variant.name] = {
                 "accuracy": m["test/accuracy"],
                 "uar": m["test/uar"],
                 "macro_f1": m["test/macro_f1"],
                 "best_epoch": int(m["best_epoch"]),
             }
-            results.histories[outcome.fold] = outcome.history
+            results.histories[variant.name][outcome.fold] = outcome.history
             results.predictions.append(outcome.predictions)
     return results
 
@@ -736,15 +801,16 @@ def _write_summary(
     all_predictions = pd.concat(results.predictions, ignore_index=True)
     all_predictions.to_csv(out / "predictions.csv", index=False)
     histories, train_cfgs = results.histories, results.train_cfgs
+    ssl = _ssl_variants(variants)
     return summary.write_summary(
         out,
         list(results.fold_rows.values()),
         all_predictions,
         list(protocol.classes),
         summary.RunInfo(
-            model=cfg.resolved_model() + ("+tapt" if cfg.tapt_epochs else "")
-            if _runs_wav2vec2(variants)
-            else None,
+            models={
+                v.name: cfg.model_for(v.family) + ("+tapt" if cfg.tapt_epochs else "") for v in ssl
+            },
             merge_calm=cfg.train.merge_calm,
             fold_scheme=protocol.scheme,
             label_map=_changed_label_map(protocol),
@@ -754,10 +820,15 @@ def _write_summary(
             variants={v.name: v.describe() for v in variants},
             cross_corpus=cross_corpus,
         ),
-        histories=histories or None,
-        lr_schedule=encoder_lr_schedule(train_cfgs[min(histories)], histories[min(histories)])
-        if histories
-        else None,
+        histories=histories,
+        lr_schedules={  # the encoder's; a probe's stays frozen
+            v.name: encoder_lr_schedule(
+                train_cfgs[v.name][min(histories[v.name])],
+                histories[v.name][min(histories[v.name])],
+            )
+            for v in ssl
+            if not v.probe
+        },
         expected_paths=df["path"].tolist(),
     )
 
@@ -769,36 +840,47 @@ def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
     return dict(protocol.label_map) if changed else None
 
 
-def check_model_reachable(model: str) -> None:
+def check_model_reachable(model: str, family: str = "wav2vec2") -> None:
     """Stop at once when ``--model`` names neither a demo encoder, nor a folder, nor a hub
-    id whose config can be fetched (offline, a hub id fails here, not after the features)."""
+    id whose config can be fetched (offline, a hub id fails here, not after the features),
+    or an encoder of another family than the variant's (the demo encoders are wav2vec2)."""
     from transformers import AutoConfig
 
     from ser_ray.distributed.demo_encoder import RANDOM_DEMO_MODEL
     from ser_ray.models.ssl import DEMO_MODEL
 
     if model in (DEMO_MODEL, RANDOM_DEMO_MODEL):
-        return
-    try:
-        AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as err:
+        model_type = "wav2vec2"
+    else:
+        try:
+            model_type = AutoConfig.from_pretrained(model).model_type
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"--model {model!r}: no local folder and the hub cannot give its config "
+                f"({err}). Point --model at a downloaded copy (a folder with config.json), or "
+                "use --model demo offline"
+            ) from err
+    if model_type != family:
         raise ValueError(
-            f"--model {model!r}: no local folder and the hub cannot give its config ({err}). "
-            "Point --model at a downloaded copy (a folder with config.json), or use "
-            "--model demo offline"
-        ) from err
+            f"the {family} variants would run {model!r}, a {model_type} encoder: name a "
+            f"{family} encoder with --model {family}=<hub id or folder>, or name the variants "
+            f"by the family that runs ({model_type}, {model_type}+probe, ...)"
+        )
 
 
 def trained_on(cfg: KFoldConfig, protocol: Protocol) -> dict[str, Any]:
     """Per variant: which actors of each outer fold its reported model was trained on."""
     out: dict[str, Any] = {}
     for variant in parse_variants(cfg.variants):
-        refit = variant.family == "wav2vec2" and cfg.train.refit
+        refit = variant.is_ssl and cfg.train.refit
         per_fold = {}
         for k in protocol.fold_numbers:
             _, fit, val = protocol.split(k)
-            per_fold[str(k)] = sorted(fit + val) if variant.family == "svm" or refit else fit
-        out[variant.name] = {"description": TRAINED_ON[variant.family, refit], "per_fold": per_fold}
+            per_fold[str(k)] = sorted(fit + val) if not variant.is_ssl or refit else fit
+        out[variant.name] = {
+            "description": TRAINED_ON[variant.is_ssl, refit],
+            "per_fold": per_fold,
+        }
     return out
 
 

@@ -12,8 +12,8 @@ Inputs are what the k-fold job gathers:
   absent (or ``None``).
 - ``predictions``: the out-of-fold predictions (``predictions.csv``): columns ``path, actor,
   fold, true_label, pred_label, model`` and ``prob_<class>``; labels are class names or indices.
-- ``class_names`` and a :class:`RunInfo` (which wav2vec2 model ran, calm merged or not, fold
-  scheme, resolved config).
+- ``class_names`` and a :class:`RunInfo` (which encoder each SSL variant ran, calm merged or
+  not, fold scheme, resolved config).
 
 Spread over folds is the **sample** standard deviation (``ddof=1``); the files say so.
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: Headline metrics per model; UA (``uar``) first, as RAVDESS reports it.
 METRICS: tuple[str, ...] = ("uar", "accuracy", "macro_f1")
-MODEL_TITLES = {"svm": "SVM", "wav2vec2": "wav2vec2"}
+MODEL_TITLES = {"svm": "SVM"}
 METRIC_TITLES = {"uar": "UA", "accuracy": "acc", "macro_f1": "F1"}
 STD_NOTE = "std is the sample standard deviation over folds (ddof=1)"
 
@@ -61,8 +61,9 @@ class CoverageError(ValueError):
 class RunInfo:
     """What ran: goes into every summary file."""
 
-    #: wav2vec2 model that ran (hub id, local folder or ``"demo"``); None if it did not run.
-    model: str | None = None
+    #: The encoder each SSL variant ran (hub id, local folder or ``"demo"``; ``+tapt`` when
+    #: continued per fold), by variant name; empty when none ran.
+    models: dict[str, str] = dataclasses.field(default_factory=dict)
     #: True when calm was merged into neutral (7 classes).
     merge_calm: bool = False
     #: Fold scheme: ``"contiguous"`` or ``"emobox"``.
@@ -273,7 +274,7 @@ def build_summary(
                 row[model] = {k: r[model][k] for k in (*METRICS, "best_epoch") if k in r[model]}
         folds.append(row)
     summary = {
-        "model": info.model,
+        "models": {v: m for v, m in info.models.items() if v in present},
         "models_run": present,
         "variants": {v: info.variants.get(v, {}) for v in present},
         "merge_calm": bool(info.merge_calm),
@@ -342,18 +343,20 @@ def format_table(
     """The per-fold Markdown table with a final ``mean ± std`` row (percent, one decimal).
 
     Columns: fold, test actors, n, then UA / accuracy / macro-F1 per model that ran, the
-    best wav2vec2 epoch when known, and last ``fold_columns``: a title and the cell of each
-    fold's result (empty in the mean row), e.g. the SVM's search time and chosen parameters.
+    best epoch of each SSL variant when known, and last ``fold_columns``: a title and the cell
+    of each fold's result (empty in the mean row), e.g. the SVM's search time and chosen
+    parameters.
     """
     fold_columns = fold_columns or {}
     present = list(summary["mean"])
-    best_epoch = "wav2vec2" in present and "best_epoch" in summary["mean"]["wav2vec2"]
+    epochs_of = [m for m in present if "best_epoch" in summary["mean"][m]]
     named = any("test_speakers" in f for f in summary["folds"])
     header = ["fold", "test speakers" if named else "test actors", "n"]
     for m in present:
         header += [f"{_title(m)} {METRIC_TITLES[k]} %" for k in METRICS]
-    if best_epoch:
-        header.append("best epoch")
+    header += [
+        "best epoch" if len(epochs_of) == 1 else f"{_title(m)} best epoch" for m in epochs_of
+    ]
     header += list(fold_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for f in summary["folds"]:
@@ -361,8 +364,8 @@ def format_table(
         cells = [str(f["fold"]), ",".join(map(str, speakers)), str(f["n_test"])]
         for m in present:
             cells += [_pct(f[m][k]) if m in f else "–" for k in METRICS]
-        if best_epoch:
-            be = f.get("wav2vec2", {}).get("best_epoch")
+        for m in epochs_of:
+            be = f.get(m, {}).get("best_epoch")
             cells.append("–" if be is None else str(be))
         cells += [cell(f) for cell in fold_columns.values()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -370,11 +373,8 @@ def format_table(
     cells = ["mean ± std", "", str(n_total)]
     for m in present:
         cells += [_pm(summary["mean"][m].get(k), summary["std"][m].get(k)) for k in METRICS]
-    if best_epoch:
-        be_mean, be_std = (
-            summary["mean"]["wav2vec2"]["best_epoch"],
-            summary["std"]["wav2vec2"].get("best_epoch"),
-        )
+    for m in epochs_of:
+        be_mean, be_std = summary["mean"][m]["best_epoch"], summary["std"][m].get("best_epoch")
         cells.append(f"{be_mean:.1f}" + ("" if be_std is None else f" ± {be_std:.1f}"))
     cells += ["" for _ in fold_columns]
     lines.append("| " + " | ".join(cells) + " |")
@@ -424,10 +424,12 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         "# ser_ray cross-validation summary",
         "",
         f"- variants run: {', '.join(ran) if ran else 'none'}",
-        f"- wav2vec2 model: {summary['model'] if 'wav2vec2' in ran else 'not run'}",
+        *(f"- {variant} model: {model}" for variant, model in summary["models"].items()),
     ]
     for variant, about in summary.get("variants", {}).items():
-        if "normalisation" in about:
+        if "mode" in about:
+            lines.append(f"- {variant}: {about['mode']}; normalisation: {about['normalisation']}")
+        elif "normalisation" in about:
             lines.append(
                 f"- {variant}: {about['features']} features, normalisation: "
                 f"{about['normalisation']}"
@@ -439,7 +441,7 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         "speaker-independent; every fold's speakers in protocol.json)",
         *_label_map_lines(summary.get("label_map")),
         f"- figures in percent; {STD_NOTE}",
-        *(_provenance_lines(summary.get("params_provenance")) if "wav2vec2" in ran else []),
+        *(_provenance_lines(summary.get("params_provenance")) if summary["models"] else []),
         *(
             f"- {MODEL_TITLES.get(m, m)} trained on: {t['description']}"
             for m, t in summary.get("trained_on", {}).items()
@@ -491,8 +493,8 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
 
 def _provenance_lines(provenance: Mapping[str, Any] | None) -> list[str]:
     if provenance is None:
-        return ["- wav2vec2 settings: defaults and flags (no --params file)"]
-    line = f"wav2vec2 settings from {provenance['file']}: {provenance['note']}"
+        return ["- SSL training settings: defaults and flags (no --params file)"]
+    line = f"SSL training settings from {provenance['file']}: {provenance['note']}"
     return [f"- **{line}**" if provenance["leaky"] else f"- {line}"]
 
 
@@ -545,20 +547,21 @@ def write_summary(
     predictions: pd.DataFrame,
     class_names: Sequence[str],
     run_info: RunInfo | Mapping[str, Any],
-    histories: Mapping[int, Sequence[Mapping[str, float]]] | None = None,
-    lr_schedule: Sequence[tuple[int, float]] | None = None,
+    histories: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]] | None = None,
+    lr_schedules: Mapping[str, Sequence[tuple[int, float]]] | None = None,
     expected_paths: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``summary.json``, ``summary.csv``, ``summary.md`` and the PNG plots to ``out_dir``.
 
-    ``histories`` maps fold -> per-epoch dicts (``{"epoch": 1, "train/loss": .., "val/uar": ..}``)
-    for learning curves; ``lr_schedule`` is the ``(step, lr)`` sequence actually used.
+    ``histories`` maps variant -> fold -> per-epoch dicts (``{"epoch": 1, "train/loss": ..,
+    "val/uar": ..}``) for learning curves; ``lr_schedules`` maps variant -> the ``(step, lr)``
+    sequence its encoder actually used.
     Returns the summary dict with ``"files"`` (name -> path) added.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = build_summary(fold_results, predictions, class_names, run_info, expected_paths)
-    plots = write_plots(out, summary, histories=histories, lr_schedule=lr_schedule)
+    plots = write_plots(out, summary, histories=histories, lr_schedules=lr_schedules)
     summary["plots"] = [p.name for p in plots]
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -699,18 +702,20 @@ def plot_lr_schedule(lr_schedule: Sequence[tuple[int, float]], path: str | Path)
 def write_plots(
     out_dir: str | Path,
     summary: Mapping[str, Any],
-    histories: Mapping[int, Sequence[Mapping[str, float]]] | None = None,
-    lr_schedule: Sequence[tuple[int, float]] | None = None,
+    histories: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]] | None = None,
+    lr_schedules: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> list[Path]:
-    """All PNGs for a summary: confusion per model, UA per fold, learning curves, LR schedule."""
+    """All PNGs for a summary: confusion per model, UA per fold, and per SSL variant its
+    learning curves and encoder LR schedule."""
     out = Path(out_dir)
     paths = []
     for model, cm in summary["confusion"].items():
         title = f"{_title(model)} confusion (out-of-fold)"
         paths.append(plot_confusion(cm, summary["classes"], out / f"confusion_{model}.png", title))
     paths.append(plot_fold_bars(summary, out / "folds_uar.png"))
-    if histories:
-        paths.append(plot_learning_curves(histories, out / "learning_curves.png"))
-    if lr_schedule:
-        paths.append(plot_lr_schedule(lr_schedule, out / "lr_schedule.png"))
+    for variant, per_fold in (histories or {}).items():
+        paths.append(plot_learning_curves(per_fold, out / f"learning_curves_{variant}.png"))
+    for variant, schedule in (lr_schedules or {}).items():
+        if schedule:
+            paths.append(plot_lr_schedule(schedule, out / f"lr_schedule_{variant}.png"))
     return paths

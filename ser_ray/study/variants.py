@@ -1,12 +1,18 @@
 """Named model variants of the study: ``family`` then ``+option`` suffixes (pure, no Ray).
 
-``svm`` (MFCC statistics), ``svm+spknorm`` (speaker-normalised), ``svm+egemaps`` (eGeMAPSv02
-functionals), ``svm+mfcc+egemaps+spknorm`` (both feature sets, speaker-normalised) and
-``wav2vec2`` (the fine-tuned encoder of ``--model``). Names are canonical: options in a fixed
-order, so that one variant has one name.
+SVMs: ``svm`` (MFCC statistics), ``svm+spknorm`` (speaker-normalised), ``svm+egemaps``
+(eGeMAPSv02 functionals), ``svm+mfcc+egemaps+spknorm`` (both feature sets,
+speaker-normalised). SSL encoders, named by their family (``wav2vec2``, ``hubert``,
+``wavlm``, ``data2vec-audio``; the encoder of ``--model`` must be of that family):
+``wav2vec2`` (fine-tuned), ``wav2vec2+probe`` (frozen encoder, a head trained on its pooled
+layers: the EmoBox / SUPERB protocol) and ``wav2vec2+probe+spknorm`` (the pooled layers
+z-normalised per speaker first). Names are canonical: options in a fixed order, so that one
+variant has one name.
 
 >>> parse_variant("svm+spknorm+egemaps").name
 'svm+egemaps+spknorm'
+>>> parse_variant("wavlm+spknorm+probe").name
+'wavlm+probe+spknorm'
 >>> [v.name for v in parse_variants("svm, svm+spknorm,wav2vec2")]
 ['svm', 'svm+spknorm', 'wav2vec2']
 """
@@ -17,35 +23,43 @@ import dataclasses
 from typing import Any
 
 from ser_ray.features import speaker_norm
+from ser_ray.models.ssl import FAMILIES as SSL_FAMILIES
 
-FAMILIES = ("svm", "wav2vec2")
+SVM = "svm"
+FAMILIES = (SVM, *SSL_FAMILIES)
 #: Options each family takes; feature-set options of the SVM name the Parquet columns it uses.
-OPTIONS = {"svm": ("mfcc", "egemaps", "spknorm"), "wav2vec2": ()}
+OPTIONS = {SVM: ("mfcc", "egemaps", "spknorm"), **{f: ("probe", "spknorm") for f in SSL_FAMILIES}}
 DEFAULT_VARIANTS = ("svm", "svm+spknorm", "wav2vec2")
+PROBE = "probe: frozen encoder, a head trained on its mean-pooled hidden layers"
+FINE_TUNED = "fine-tuned: the encoder (its CNN frozen) and the head trained together"
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    family: str  # svm | wav2vec2
+    family: str  # svm, or an SSL family (wav2vec2, hubert, wavlm, data2vec-audio)
     feature_set: str = "mfcc"  # the SVM's features: mfcc | egemaps | mfcc+egemaps
-    speaker_norm: bool = False  # per-actor z-normalisation of the SVM's features
+    speaker_norm: bool = False  # per-speaker z-normalisation of the features
+    probe: bool = False  # SSL: frozen encoder, head only
+
+    @property
+    def is_ssl(self) -> bool:
+        return self.family != SVM
 
     @property
     def name(self) -> str:
-        if self.family != "svm":
-            return self.family
+        spknorm = "+spknorm" if self.speaker_norm else ""
+        if self.is_ssl:
+            return f"{self.family}{'+probe' if self.probe else ''}{spknorm}"
         features = "" if self.feature_set == "mfcc" else f"+{self.feature_set}"
-        return f"svm{features}{'+spknorm' if self.speaker_norm else ''}"
+        return f"svm{features}{spknorm}"
 
     def describe(self) -> dict[str, Any]:
         """What the variant is, for summary.json / config.json."""
-        if self.family != "svm":
-            return {"family": self.family}
-        return {
-            "family": self.family,
-            "features": self.feature_set,
-            "normalisation": speaker_norm.DESCRIPTION if self.speaker_norm else speaker_norm.NONE,
-        }
+        normalisation = speaker_norm.DESCRIPTION if self.speaker_norm else speaker_norm.NONE
+        if self.is_ssl:
+            mode = PROBE if self.probe else FINE_TUNED
+            return {"family": self.family, "mode": mode, "normalisation": normalisation}
+        return {"family": self.family, "features": self.feature_set, "normalisation": normalisation}
 
 
 def parse_variant(name: str) -> Variant:
@@ -57,10 +71,15 @@ def parse_variant(name: str) -> Variant:
     if unknown:
         raise ValueError(
             f"variant {name!r}: unknown option(s) {unknown} for {family}; it takes "
-            f"{list(OPTIONS[family]) or 'none'}"
+            f"{list(OPTIONS[family])}"
         )
-    if family != "svm":
-        return Variant(family)
+    if family != SVM:
+        if "spknorm" in options and "probe" not in options:
+            raise ValueError(
+                f"variant {name!r}: +spknorm of an SSL encoder normalises its frozen pooled "
+                f"layers, so it needs +probe ({family}+probe+spknorm)"
+            )
+        return Variant(family, speaker_norm="spknorm" in options, probe="probe" in options)
     feature_set = "+".join(f for f in ("mfcc", "egemaps") if f in options) or "mfcc"
     return Variant(family, feature_set=feature_set, speaker_norm="spknorm" in options)
 
@@ -75,6 +94,4 @@ def parse_variants(text: str | tuple[str, ...] | list[str]) -> tuple[Variant, ..
     repeated = sorted({n for n in seen if seen.count(n) > 1})
     if repeated:
         raise ValueError(f"variants {repeated} are given twice")
-    if sum(v.family == "wav2vec2" for v in variants) > 1:
-        raise ValueError("at most one wav2vec2 variant per run")
     return variants

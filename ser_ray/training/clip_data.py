@@ -33,7 +33,7 @@ from ser_ray.models.ssl import pad_waveforms, prepare_waveform
 
 #: What a worker holds per clip: a waveform, the frozen CNN's output, or pooled layers.
 INPUT_KINDS = ("waveform", "cnn", "pooled")
-MODEL_NAME = "wav2vec2"  # the model column of predictions.csv
+MODEL_NAME = "wav2vec2"  # the model column of predictions.csv when no variant names it
 
 
 @dataclasses.dataclass

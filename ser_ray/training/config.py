@@ -34,7 +34,8 @@ class TrainConfig(LoopSettings):
             "jobs/pretrain.py output, ...), 'demo' (the demo-size encoder pre-trained on the "
             "package's unlabeled pool, built and cached on first use; a job resolves it to that "
             "folder) or 'demo-random' (the same, random weights). None, for a job to decide "
-            "(jobs/kfold.py: demo without --data-dir, facebook/wav2vec2-base with it)"
+            "(jobs/kfold.py: demo without --data-dir, facebook/wav2vec2-base with it; there "
+            "also one per family: wav2vec2=X,wavlm=Y)"
         },
     )
     probe: bool = dataclasses.field(
@@ -42,6 +43,15 @@ class TrainConfig(LoopSettings):
     )
     use_weighted_layer_sum: bool = dataclasses.field(
         default=True, metadata={"help": "learnable softmax-weighted sum of all hidden layers"}
+    )
+    standardize_head_inputs: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "z-normalise the head's input (pooled, layer-summed hidden states) with "
+            "its mean and std over the training clips under the initial encoder; folded into "
+            "the projector when the model is saved (a standard checkpoint). Without it the "
+            "head underfits: pooled states vary little between clips"
+        },
     )
     head_dropout: float = dataclasses.field(
         default=0.1,

@@ -165,10 +165,7 @@ def evaluate(
     total_loss = 0.0
     for table in clips.windows():
         probs = np.zeros((len(table), num_classes), dtype=np.float64)
-        # the padding rule of jobs/predict.py: padded batches only where padding changes nothing
-        exact_length = table.kind != "pooled" and not core.pads_exactly
-        for indices in inference_batches(table.lengths, batch_size, exact_length):
-            inputs = collate(table, indices, device)
+        for indices, inputs in _inference_inputs(core, table, batch_size, device):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
             logits = logits.float()
@@ -191,6 +188,50 @@ def evaluate(
     metrics = {f"{prefix}/loss": total_loss / len(table)}
     metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
     return metrics, probs, table
+
+
+def _inference_inputs(
+    core: PartwiseClassifier, table: ClipTable, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """A window's clips in inference batches (indices into the window, collated inputs),
+    padded only where padding changes nothing (the rule of jobs/predict.py)."""
+    exact_length = table.kind != "pooled" and not core.pads_exactly
+    for indices in inference_batches(table.lengths, batch_size, exact_length):
+        yield indices, collate(table, indices, device)
+
+
+@torch.no_grad()
+def standardize_head(
+    model: PartwiseClassifier,
+    clips: Clips,
+    *,
+    batch_size: int,
+    device: torch.device,
+    world_size: int = 1,
+) -> None:
+    """Standardise the head's input with its mean and std over ``clips`` (the training
+    clips, all ranks' together) under the model as it is (in eval mode): see
+    :meth:`ser_ray.models.ssl.PartwiseClassifier.standardize_head_inputs`."""
+    was_training = model.training
+    model.eval()
+    hidden = model.config.hidden_size
+    sums = torch.zeros(1 + 2 * hidden, dtype=torch.float64, device=device)  # n, sum, sum sq
+    for table in clips.windows():
+        for _, inputs in _inference_inputs(model, table, batch_size, device):
+            inputs.pop("labels")
+            x = model.layer_sum(model.pooled_inputs(**inputs)).double()
+            sums += torch.cat([x.new_tensor([len(x)]), x.sum(0), (x * x).sum(0)])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums)
+    model.train(was_training)
+    count = float(sums[0])
+    if count < 2:
+        raise ValueError(f"{int(count)} training clips: the head's input needs 2 to standardise")
+    mean = sums[1 : 1 + hidden] / count
+    var = (sums[1 + hidden :] / count - mean * mean).clamp_min(0.0)
+    model.standardize_head_inputs(mean.float(), var.sqrt().float())
 
 
 def rank0_value(value: float, world_size: int, device: torch.device) -> float:
@@ -306,6 +347,11 @@ def run_training(
     """
     device = torch.device(device)
     model.to(device)
+    if cfg.standardize_head_inputs:  # from the initial encoder, on a resumed run too
+        standardize_head(
+            model, train_clips, batch_size=cfg.eval_batch_size, device=device,
+            world_size=world_size,
+        )  # fmt: skip
     wrapped = wrap_model(model) if wrap_model is not None else model
     num_batches = batches_per_epoch(
         train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
