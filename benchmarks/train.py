@@ -27,8 +27,8 @@ from ser_ray import cli
 from ser_ray.corpus import ravdess
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import console, prepare
-from ser_ray.distributed.feature_cache import frozen_encoder_outputs
 from ser_ray.features import featurize
+from ser_ray.models.ssl import frozen_encoder_outputs
 from ser_ray.training.clip_data import ClipTable, table_from_arrow
 from ser_ray.training.config import TrainConfig, build_model
 from ser_ray.training.finetune import run_training

@@ -20,13 +20,14 @@ from transformers import (
     pipeline,
 )
 
-from ser_ray.distributed.feature_cache import cache_key, frozen_encoder_outputs
+from ser_ray.distributed.feature_cache import cache_key
 from ser_ray.models.ssl import (
     DEMO_MODEL,
     RANDOM_DEMO_MODEL,
     PartwiseClassifier,
     demo_config,
     demo_feature_extractor,
+    frozen_encoder_outputs,
     inference_batches,
     load_model,
     model_probabilities,

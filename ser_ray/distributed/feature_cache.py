@@ -38,17 +38,17 @@ import torch
 from ser_ray.common.storage import count_rows, list_column
 from ser_ray.distributed import console, resources
 from ser_ray.models.ssl import (
+    CACHE_KINDS,
     PartwiseClassifier,
     cnn_norm,
+    frozen_encoder_outputs,
     load_model,
-    prepare_waveform,
     save_model,
 )
 from ser_ray.training.config import TrainConfig, build_model
 
 log = logging.getLogger(__name__)
 
-CACHE_KINDS = ("cnn", "pooled")
 INFO_FILE = "cache_info.json"
 DATA_DIR = "data"
 #: Labels of the head of the model a cache is computed with: the head is not part of it.
@@ -80,27 +80,6 @@ def cache_key(model: PartwiseClassifier, feature_extractor, kind: str) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return f"{kind}-{digest.hexdigest()[:16]}"
-
-
-@torch.no_grad()
-def frozen_encoder_outputs(
-    model: PartwiseClassifier, feature_extractor, waveform: np.ndarray, kind: str
-) -> np.ndarray:
-    """The cached value of one clip: (frames, channels) for ``cnn``, (layers, hidden) for
-    ``pooled``; computed on the unpadded, normalised clip with the model in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x = torch.from_numpy(prepare_waveform(waveform, feature_extractor)).to(device)[None]
-    feats, frames = model.cnn_features(x)
-    if kind == "cnn":
-        out = feats[0]
-    elif kind == "pooled":
-        out = model.pooled_layer_states(feats, frames, all_layers=True)[0]
-    else:
-        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
-    model.train(was_training)
-    return out.float().cpu().numpy()
 
 
 class ClipFeatureUDF:

@@ -430,6 +430,31 @@ class PartwiseClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+#: What a feature cache holds per clip: the CNN's output, or every layer mean-pooled.
+CACHE_KINDS = ("cnn", "pooled")
+
+
+@torch.no_grad()
+def frozen_encoder_outputs(
+    model: PartwiseClassifier, feature_extractor, waveform: np.ndarray, kind: str
+) -> np.ndarray:
+    """The cached value of one clip: (frames, channels) for ``cnn``, (layers, hidden) for
+    ``pooled``; computed on the unpadded, normalised clip with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.from_numpy(prepare_waveform(waveform, feature_extractor)).to(device)[None]
+    feats, frames = model.cnn_features(x)
+    if kind == "cnn":
+        out = feats[0]
+    elif kind == "pooled":
+        out = model.pooled_layer_states(feats, frames, all_layers=True)[0]
+    else:
+        raise ValueError(f"kind must be one of {CACHE_KINDS}, got {kind!r}")
+    model.train(was_training)
+    return out.float().cpu().numpy()
+
+
 # -- loading, saving, inputs ------------------------------------------------------------------
 def label_maps(class_names: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
     id2label = dict(enumerate(class_names))
