@@ -5,10 +5,11 @@ Hugging Face checkpoint folders) or SVM (``--svm-models <run>/svm_models/<varian
 with several, the probabilities are the mean over the models. Audio in any format libsndfile
 reads (WAV, FLAC, OGG, MP3), any sample rate, mono or stereo.
 
-A speaker-normalised SVM (``svm+spknorm``) normalises each clip over its speaker's clips, so
-it needs the speaker of every clip (``--speaker-of CSV`` with columns path,speaker, or
-``--one-speaker`` when all given files are one speaker) and two clips per speaker at least;
-a clip without a speaker, or a speaker with a single clip, is refused.
+A speaker-normalised model (``svm+spknorm``, ``wav2vec2+probe+spknorm``) normalises each
+clip over its speaker's clips, so it needs the speaker of every clip (``--speaker-of CSV``
+with columns path,speaker, or ``--one-speaker`` when all given files are one speaker) and two
+clips per speaker at least; a clip without a speaker, or a speaker with a single clip, is
+refused.
 
 Examples:
   python jobs/predict.py --models runs/kfold/wav2vec2/fold_*/best_model --out runs/predict \
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.add_argument(
         "--speaker-of",
         help="CSV with columns path,speaker: the speaker of each audio file (for "
-        "speaker-normalised SVMs); paths match as given or by file name",
+        "speaker-normalised models); paths match as given or by file name",
     )
     speakers.add_argument(
         "--one-speaker", action="store_true", help="all given audio files are one speaker"
@@ -115,16 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(
             "give --models or --svm-models (one kind) and at least one audio file (or --smoke-test)"
         )
-    if models:
-        predictions, rejected = predict_files(models, audio, args.batch_size, args.device, args.amp)
-    else:
-        try:
+    try:
+        if models:
+            predictions, rejected = predict_files(
+                models, audio, args.batch_size, args.device, args.amp, _speakers(args, audio)
+            )
+        else:
             predictions, rejected = predict_files_svm(
                 args.svm_models, audio, _speakers(args, audio)
             )
-        except SpeakerNormError as err:
-            build_parser().error(str(err))
-        models = list(args.svm_models)
+            models = list(args.svm_models)
+    except SpeakerNormError as err:
+        build_parser().error(str(err))
     predictions.to_csv(out / "predictions.csv", index=False)
     rejected.to_csv(out / "rejected.csv", index=False)
     config_file.save_config(out, {**vars(args), "models": models, "audio": audio})

@@ -5,7 +5,8 @@ loop (``fold_<k>/model``): a standard ``AutoModelForAudioClassification`` model 
 supported family, run here through its own ``forward`` with its feature extractor, exactly as
 ``pipeline("audio-classification")`` does. Each SVM fold model is a ``fold_<k>.joblib`` of
 :mod:`ser_ray.models.svm_model`. With several models the probabilities are averaged.
-Speaker-normalised SVMs need the speaker of every clip and at least two clips per speaker.
+Speaker-normalised models (SVMs and SSL probes, ``+spknorm``) need the speaker of every clip
+and at least two clips per speaker.
 
 Clips are batched by :func:`ser_ray.models.ssl.inference_batches` under the rule the training
 loop evaluates with (:func:`ser_ray.models.ssl.pads_exactly`): padded batches only where padding
@@ -61,10 +62,13 @@ def ensemble_probabilities(
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
     amp: bool = True,
+    speakers: Sequence[object] | None = None,
 ) -> np.ndarray:
-    """Mean of the models' softmax probabilities (clips x classes); rows sum to 1."""
+    """Mean of the models' softmax probabilities (clips x classes); rows sum to 1.
+    ``speakers`` (one per clip) for speaker-normalised probes."""
     probs = np.mean(
-        [model_probabilities(m, fe, waveforms, batch_size, amp) for m, fe in models], axis=0
+        [model_probabilities(m, fe, waveforms, batch_size, amp, speakers) for m, fe in models],
+        axis=0,
     )
     return probs / probs.sum(axis=1, keepdims=True)
 
@@ -75,17 +79,20 @@ def predict_files(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     amp: bool = True,
+    speakers: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(predictions, rejected) for audio files of any supported format and sample rate.
 
-    ``device``: None picks CUDA when present; ``amp`` autocasts on CUDA only.
+    ``device``: None picks CUDA when present; ``amp`` autocasts on CUDA only; ``speakers``
+    maps each audio path to its speaker (needed, for every clip, by speaker-normalised probes).
 
     predictions: ``path, pred_label, n_models, prob_<class>...``; rejected: ``path, reason``.
     """
     models, class_names = load_fold_models(model_dirs, device or default_device())
     paths, waveforms, rejected = _load_clips(audio_files)
+    by_clip = [speakers.get(p) for p in paths] if speakers is not None else None
     probs = (
-        ensemble_probabilities(models, waveforms, batch_size, amp)
+        ensemble_probabilities(models, waveforms, batch_size, amp, by_clip)
         if waveforms
         else np.zeros((0, len(class_names)))
     )

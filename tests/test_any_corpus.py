@@ -14,6 +14,9 @@ import pytest
 
 from ser_ray.corpus.protocol import Protocol, ProtocolSettings
 from ser_ray.corpus.ravdess import parse_name
+from ser_ray.features.speaker_norm import SpeakerNormError
+from ser_ray.models.ssl import load_model, takes_speaker_normalised_layers
+from ser_ray.predict import predict_files
 from ser_ray.study.kfold import KFoldConfig, run_kfold, study_train_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -27,6 +30,8 @@ CREMAD_CODES = {
     "fearful": "FEA",
     "disgust": "DIS",
 }
+#: The cross-corpus test's variants: an SVM, a fine-tuned and a speaker-normalised probe.
+VARIANTS_ACROSS = ("svm", "wav2vec2", "wav2vec2+probe+spknorm")
 SENTENCES = ["DFA", "IEO", "IOM", "ITH", "ITS", "IWL", "IWW", "MTI", "TAI", "TIE", "TSI", "WSI"]
 
 
@@ -144,8 +149,9 @@ def test_a_cremad_named_folder(demo_corpus, tmp_path):
 
 
 def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
-    """Trained on 8 RAVDESS-named actors (4 classes kept), each fold model of the SVM and of
-    wav2vec2 is tested on 8 other speakers named CREMA-D style (6 labels, 4 shared)."""
+    """Trained on 8 RAVDESS-named actors (4 classes kept), each fold model of the SVM, of
+    wav2vec2 and of its speaker-normalised probe is tested on 8 other speakers named CREMA-D
+    style (6 labels, 4 shared)."""
     study = tmp_path / "ravdess"
     for wav in demo_corpus.glob("Actor_0[1-8]/*.wav"):
         (study / wav.parent.name).mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,7 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
     cfg = KFoldConfig(
         data_dir=str(study),
         test_data_dir=(str(test),),
-        variants=("svm", "wav2vec2"),
+        variants=VARIANTS_ACROSS,
         protocol=ProtocolSettings(
             folds="speaker-kfold", num_folds=4, label_map="calm=-,fearful=-,disgust=-,surprised=-"
         ),
@@ -170,18 +176,34 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
     assert cross["test_corpus"] == "cremad" and cross["classes"] == summary["classes"]
     assert cross["left_out_labels"] == {"disgust": 16, "fearful": 16}  # 8 speakers x 2
     assert cross["n_clips"] == 8 * 8 and cross["n_speakers"] == 8
-    for variant in ("svm", "wav2vec2"):
+    for variant in VARIANTS_ACROSS:
         folds = cross["per_fold"][variant]
         assert [f["fold"] for f in folds] == [1, 2, 3, 4]
         assert cross["mean"][variant]["uar"] == pytest.approx(sum(f["uar"] for f in folds) / 4)
     predictions = pd.read_csv(run / "cross_corpus" / "cremad" / "predictions.csv")
-    assert len(predictions) == 64 * 4 * 2  # every clip, by every fold model of both variants
+    assert len(predictions) == 64 * 4 * 3  # every clip, by every fold model of each variant
     probs = predictions.filter(like="prob_")
     assert list(probs.columns) == [f"prob_{c}" for c in summary["classes"]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-9).all()
     assert set(predictions["pred_label"]) <= set(summary["classes"])
     assert not set(predictions["speaker"]) & {str(a) for a in range(1, 9)}
     assert "## Cross-corpus" in (run / "summary.md").read_text()
+    # the probe's fold models say they take speaker-normalised layers; predict needs speakers
+    probe_dir = run / "wav2vec2+probe+spknorm" / "fold_1" / "best_model"
+    assert takes_speaker_normalised_layers(load_model(probe_dir)[0])
+    assert not takes_speaker_normalised_layers(load_model(run / "wav2vec2/fold_1/best_model")[0])
+    clips = sorted(str(p) for p in test.glob("1009_*.wav"))
+    with pytest.raises(SpeakerNormError, match="give the speaker of every clip"):
+        predict_files([probe_dir], clips)
+    alone, _ = predict_files([probe_dir], clips, speakers=dict.fromkeys(clips, "1009"))
+    others = sorted(str(p) for p in test.glob("1010_*.wav"))
+    both, _ = predict_files(
+        [probe_dir], clips + others,
+        speakers={**dict.fromkeys(clips, "1009"), **dict.fromkeys(others, "1010")},
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(alone, both.iloc[: len(clips)])  # its own clips' statistics
+    with pytest.raises(SpeakerNormError, match="single clip"):
+        predict_files([probe_dir], clips, speakers={**dict.fromkeys(clips, "a"), clips[0]: "b"})
 
 
 def test_a_test_corpus_holding_study_files_is_refused_before_any_work(demo_corpus, tmp_path):

@@ -80,3 +80,59 @@ def test_single_clips_and_missing_speakers_are_refused():
         speaker_normalize(X, ["a", None, "a"], names=["a.wav", "b.wav", "c.wav"])
     with pytest.raises(SpeakerNormError, match="3 clips but 2 speaker labels"):
         speaker_normalize(X, ["a", "a"])
+
+
+def _pooled_cache(root, values: np.ndarray, actors: list[int]):
+    """A finished pooled-layers feature cache (2 layers x 3) of ``values`` in ``root``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ser_ray.distributed.feature_cache import DATA_DIR, INFO_FILE, FeatureCache
+
+    data = root / "pooled-k" / DATA_DIR
+    data.mkdir(parents=True)
+    flat = pa.array(values.astype(np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, len(flat) + 1, 6, dtype=np.int32))
+    table = pa.table({
+        "path": [f"/c/{i:02d}.wav" for i in range(len(actors))],
+        "actor": pa.array(actors, pa.int32()),
+        "emotion": ["happy"] * len(actors),
+        "num_samples": pa.array([16000] * len(actors), pa.int64()),
+        "feature_rows": pa.array([2] * len(actors), pa.int32()),
+        "feature_dim": pa.array([3] * len(actors), pa.int32()),
+        "features": pa.ListArray.from_arrays(offsets, flat),
+    })  # fmt: skip
+    pq.write_table(table, data / "part-0.parquet")
+    (root / "pooled-k" / INFO_FILE).write_text('{"key": "pooled-k", "kind": "pooled"}')
+    return FeatureCache(data, "pooled", "pooled-k", len(actors))
+
+
+def _normalised_rows(tmp_path, values, actors) -> dict[str, np.ndarray]:
+    import pyarrow.dataset as pds
+
+    from ser_ray.common.storage import list_column
+    from ser_ray.distributed.feature_cache import speaker_normalised_cache
+
+    cache = speaker_normalised_cache(_pooled_cache(tmp_path, values, actors))
+    assert cache.key == "pooled-k" and cache.path.parent.name == "pooled-k-spknorm"
+    table = pds.dataset(str(cache.path)).to_table()
+    return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
+
+
+def test_ssl_speaker_statistics_of_a_speaker_come_from_its_own_clips_only(tmp_path):
+    """The speaker-normalised pooled layers of a probe: each speaker's rows z-normalised
+    over that speaker's own clips; another speaker's clips change nothing of them."""
+    rng = np.random.default_rng(0)
+    actors = [1] * 4 + [2] * 5 + [3] * 3
+    values = rng.normal(0.3, 0.05, (12, 6))
+    rows = _normalised_rows(tmp_path / "a", values, actors)
+    own = values[:4]
+    expected = (own - own.mean(axis=0)) / own.std(axis=0)
+    for i in range(4):
+        np.testing.assert_allclose(rows[f"/c/{i:02d}.wav"], expected[i], rtol=1e-5, atol=1e-5)
+    changed = values.copy()
+    changed[4:] = rng.normal(5.0, 2.0, (8, 6))  # speakers 2 and 3 sound very different
+    again = _normalised_rows(tmp_path / "b", changed, actors)
+    for i in range(4):
+        np.testing.assert_array_equal(again[f"/c/{i:02d}.wav"], rows[f"/c/{i:02d}.wav"])
+    assert not np.allclose(again["/c/05.wav"], rows["/c/05.wav"])

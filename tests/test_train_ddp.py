@@ -62,7 +62,9 @@ def _worker(rank: int, port: int, out: str, settings: dict) -> None:
             epochs=settings["epochs"],
             early_stopping_patience=settings["patience"],
             head_dropout=0.1,
+            spec_augment=True,
             mask_time_prob=0.3,
+            encoder_dropout=0.1,
             warmup_frac=0.2,
             decay_start_frac=0.5,
         )

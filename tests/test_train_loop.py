@@ -285,7 +285,13 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
     val = table_from_arrow(synthetic_table(1, seed=2), "waveform", LABELS, demo_feature_extractor())
     # dropout and SpecAugment on: the RNG states must be restored too
     cfg = tiny_config(
-        epochs=3, head_dropout=0.1, mask_time_prob=0.3, warmup_frac=0.2, decay_start_frac=0.5
+        epochs=3,
+        head_dropout=0.1,
+        spec_augment=True,
+        mask_time_prob=0.3,
+        encoder_dropout=0.1,
+        warmup_frac=0.2,
+        decay_start_frac=0.5,
     )
 
     def fresh():

@@ -25,12 +25,14 @@ from ser_ray.training.config import TrainConfig
 @dataclasses.dataclass(frozen=True)
 class FoldInputs:
     """Where a fold's clips come from: ``source`` (a features or feature-cache Parquet
-    folder, local or URI), its ``input_kind`` (``waveform``, ``cnn`` or ``pooled``) and, for
-    a cache, the key of the frozen part that made it."""
+    folder, local or URI), its ``input_kind`` (``waveform``, ``cnn`` or ``pooled``), for
+    a cache the key of the frozen part that made it, and whether its pooled layers are
+    z-normalised per speaker."""
 
     source: str
     input_kind: str
     feature_cache_key: str | None
+    speaker_norm: bool = False
 
     def to_config(self) -> dict[str, Any]:
         """The fields as the keys of a per-worker (or per-trial) config."""
@@ -43,6 +45,7 @@ class FoldInputs:
             str(config["source"]),
             config.get("input_kind", "waveform"),
             config.get("feature_cache_key"),
+            bool(config.get("speaker_norm", False)),
         )
 
     def check(self, model: PartwiseClassifier, feature_extractor) -> None:
@@ -64,21 +67,28 @@ def build_fold_inputs(
     cache_root: str | os.PathLike,
     *,
     use_gpu: bool = False,
+    speaker_norm: bool = False,
 ) -> FoldInputs:
     """The features folder itself or, with ``train_config.use_feature_cache``, the cache of
-    its model's frozen part under ``cache_root`` (built here unless already there)."""
+    its model's frozen part under ``cache_root`` (built here unless already there); with
+    ``speaker_norm`` (a probe's) its pooled layers z-normalised per speaker."""
+    if speaker_norm and not (train_config.probe and train_config.use_feature_cache):
+        raise ValueError("speaker-normalised SSL inputs are a probe's cached pooled layers")
     if not train_config.use_feature_cache:
         return FoldInputs(_resolved(features_dir), "waveform", None)
     cache = feature_cache.build_feature_cache(
         features_dir, cache_root, train_config=train_config, use_gpu=use_gpu
     )
-    return FoldInputs(str(cache.path), cache.kind, cache.key)
+    if speaker_norm:
+        cache = feature_cache.speaker_normalised_cache(cache)
+    return FoldInputs(str(cache.path), cache.kind, cache.key, speaker_norm)
 
 
 def fold_inputs_per_fold(
     features_dir: str | os.PathLike,
     train_cfgs: Mapping[int, TrainConfig],
     cache_root: str | os.PathLike,
+    speaker_norm: bool = False,
 ) -> dict[int, FoldInputs]:
     """:func:`build_fold_inputs` of every fold. Folds with the same model share one cache;
     after TAPT every fold has its own encoder, CNN included, so each gets its own."""
@@ -87,7 +97,9 @@ def fold_inputs_per_fold(
     for fold, train_cfg in sorted(train_cfgs.items()):
         model = (train_cfg.model, train_cfg.probe, train_cfg.use_feature_cache)
         if model not in by_model:
-            by_model[model] = build_fold_inputs(features_dir, train_cfg, cache_root)
+            by_model[model] = build_fold_inputs(
+                features_dir, train_cfg, cache_root, speaker_norm=speaker_norm
+            )
         inputs[fold] = by_model[model]
     return inputs
 

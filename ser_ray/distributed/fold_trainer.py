@@ -35,7 +35,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.distributed.fold_inputs import FoldInputs
-from ser_ray.models.ssl import PartwiseClassifier, save_model
+from ser_ray.models.ssl import SPEAKER_NORM_ATTR, PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
 from ser_ray.training.clip_data import (
@@ -65,7 +65,8 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     trainer's dataset of that name), ``fold`` (int), ``protocol`` (the study's
     :class:`~ser_ray.corpus.protocol.Protocol` as a dict: splits and classes),
     ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
-    ``feature_cache_key`` (with a cache: checked against the model), ``log_dir``
+    ``feature_cache_key`` (with a cache: checked against the model), ``speaker_norm`` (the
+    cache's pooled layers are z-normalised per speaker: said in the saved model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
     checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
     the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from
@@ -84,7 +85,8 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     class_names = list(protocol.classes)
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
-    FoldInputs.from_config(config).check(model, fe)
+    inputs = FoldInputs.from_config(config)
+    inputs.check(model, fe)
     shards = {
         name: ray_ingest.worker_shard(name)  # RAY
         for name, n in config["split_clips"].items()
@@ -127,7 +129,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     }
     write = functools.partial(
         write_fold_result, outcome=outcome, model=model, feature_extractor=fe, frame=frame,
-        result=result, rank=ctx.rank,
+        result=result, rank=ctx.rank, speaker_norm=inputs.speaker_norm,
     )  # fmt: skip
     edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
 
@@ -269,14 +271,19 @@ def write_fold_result(
     frame: pd.DataFrame | None,
     result: dict[str, Any],
     rank: int,
+    speaker_norm: bool = False,
 ) -> Path:
     """The final checkpoint: the training state (a restart after the end resumes to here)
-    and, from rank 0, the tested weights, ``predictions.csv`` and ``result.json``."""
+    and, from rank 0, the tested weights (a model trained on speaker-normalised pooled
+    layers says so in its config), ``predictions.csv`` and ``result.json``."""
     outcome.write_checkpoint(out)
     if rank != 0:
         return out
     # best-epoch (or refit) weights, the head's input standardisation folded in
-    save_model(model.standard_model(), feature_extractor, out / BEST_MODEL_DIR)
+    standard = model.standard_model()
+    if speaker_norm:
+        setattr(standard.config, SPEAKER_NORM_ATTR, True)
+    save_model(standard, feature_extractor, out / BEST_MODEL_DIR)
     if frame is not None:
         frame.to_csv(out / PREDICTIONS_FILE, index=False)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float))

@@ -64,6 +64,8 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
+from ser_ray.features.speaker_norm import SpeakerNormError, speaker_normalize
+
 log = logging.getLogger(__name__)
 
 #: ``--model`` name of the pre-trained demo encoder: a folder once resolved
@@ -672,6 +674,16 @@ def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+#: Config attribute of a probe whose head takes pooled layers z-normalised per speaker.
+SPEAKER_NORM_ATTR = "speaker_normalised_layers"
+
+
+def takes_speaker_normalised_layers(model: PreTrainedModel) -> bool:
+    """Whether ``model``'s head was trained on pooled layers z-normalised per speaker (a
+    ``+probe+spknorm`` fold model): it needs every clip's speaker."""
+    return bool(getattr(model.config, SPEAKER_NORM_ATTR, False))
+
+
 @torch.no_grad()
 def model_probabilities(
     model: PreTrainedModel,
@@ -679,8 +691,15 @@ def model_probabilities(
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
     amp: bool = True,
+    speakers: Sequence[object] | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms)."""
+    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms).
+
+    A speaker-normalised probe (:func:`takes_speaker_normalised_layers`) needs ``speakers``
+    (one per clip): its pooled layers are z-normalised over each speaker's clips first.
+    """
+    if takes_speaker_normalised_layers(model):
+        return _speaker_normalised_probabilities(model, feature_extractor, waveforms, speakers)
     device = model.device
     dtype = amp_dtype(device, amp)
     exact_length = not pads_exactly(model.config, feature_extractor.return_attention_mask)
@@ -696,3 +715,27 @@ def model_probabilities(
             logits = model(**inputs).logits
         probs[idx] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
     return probs
+
+
+def _speaker_normalised_probabilities(
+    model: PreTrainedModel,
+    feature_extractor,
+    waveforms: Sequence[np.ndarray],
+    speakers: Sequence[object] | None,
+) -> np.ndarray:
+    """A speaker-normalised probe's probabilities: every clip's pooled layers (one clip at a
+    time, as the cache computed them), z-normalised over its speaker's clips, into the head.
+    Raises :class:`ser_ray.features.speaker_norm.SpeakerNormError` without a speaker per clip
+    or for a speaker with a single clip."""
+    if speakers is None:
+        raise SpeakerNormError(
+            "this model (a +probe+spknorm fold model) takes pooled layers normalised over "
+            "each speaker's clips: give the speaker of every clip"
+        )
+    runner = PartwiseClassifier(model, feature_extractor.return_attention_mask).eval()
+    pooled = np.stack([frozen_encoder_outputs(runner, feature_extractor, w, "pooled")
+                       for w in waveforms])  # fmt: skip
+    flat = speaker_normalize(pooled.reshape(len(pooled), -1), speakers)
+    layers = torch.from_numpy(flat.reshape(pooled.shape).astype(np.float32)).to(model.device)
+    logits = runner(pooled_layers=layers).logits
+    return torch.softmax(logits.double(), dim=-1).cpu().numpy()

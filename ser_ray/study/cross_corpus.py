@@ -174,7 +174,8 @@ def _fold_probabilities(variant: Variant, fold: int, clips: pd.DataFrame, out: P
         speakers = dict(zip(clips["path"], clips["actor"], strict=True))
         return svm_model.predict_svm([model], clips, speakers)
     model, fe = load_model(out / variant.name / f"fold_{fold}" / BEST_MODEL_DIR)
-    return model_probabilities(model.eval(), fe, list(clips["waveform"]))
+    speakers = clips["speaker"].tolist()  # a +probe+spknorm model normalises over each's clips
+    return model_probabilities(model.eval(), fe, list(clips["waveform"]), speakers=speakers)
 
 
 def _scored(

@@ -448,7 +448,9 @@ def run_ssl_folds(
     first = train_cfgs[fold_numbers[0]]
     plan = plan_folds(cfg, len(fold_numbers))
     # before the folds start: building a cache needs CPUs that running folds would hold
-    inputs = fold_inputs_per_fold(features_dir, train_cfgs, out / "feature_cache")
+    inputs = fold_inputs_per_fold(
+        features_dir, train_cfgs, out / "feature_cache", speaker_norm=variant.speaker_norm
+    )
     train = {
         "variant": variant.name,
         "inputs": {str(k): v.to_config() for k, v in inputs.items()},

@@ -16,6 +16,14 @@ from typing import Any
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, PartwiseClassifier, load_model
 from ser_ray.training.settings import LoopSettings
 
+#: The encoder configs' dropout probabilities (every supported family names them so).
+ENCODER_DROPOUTS = (
+    "hidden_dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "feat_proj_dropout",
+)
+
 
 @dataclasses.dataclass
 class TrainConfig(LoopSettings):
@@ -63,9 +71,29 @@ class TrainConfig(LoopSettings):
     freeze_encoder_steps: int = dataclasses.field(
         default=0, metadata={"help": "train only the head for the first N optimizer steps"}
     )
+    spec_augment: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "SpecAugment masking of the encoder's frames while fine-tuning (the model "
+            "config's mask_time_prob, or --mask-time-prob). Off by default: on the demo corpus "
+            "it cost 6 to 16 UA points per fold (docs/ssl_recipe.md)"
+        },
+    )
     mask_time_prob: float | None = dataclasses.field(
         default=None,
-        metadata={"help": "SpecAugment time-mask probability; None keeps the model config's"},
+        metadata={
+            "help": "SpecAugment time-mask probability with spec_augment; None keeps the model "
+            "config's"
+        },
+    )
+    encoder_dropout: float | None = dataclasses.field(
+        default=0.0,
+        metadata={
+            "help": "dropout inside the encoder (hidden, attention, activation, feature "
+            "projection) while fine-tuning; None keeps the model config's (0.1 for "
+            "wav2vec2-base). 0 by default: it buries the small clip-to-clip spread of pooled "
+            "states (docs/ssl_recipe.md)"
+        },
     )
     # optimizer (AdamW; weight decay, betas, eps, clipping: OptimizerSettings)
     lr_encoder: float = dataclasses.field(
@@ -116,9 +144,11 @@ class TrainConfig(LoopSettings):
 def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseClassifier, Any]:
     """The classifier (a standard HF audio classifier, run in parts) and feature extractor
     a run of ``cfg`` trains (seeded head)."""
-    overrides = {}
+    overrides: dict[str, Any] = {"apply_spec_augment": cfg.spec_augment}
     if cfg.mask_time_prob is not None:
         overrides["mask_time_prob"] = cfg.mask_time_prob
+    if cfg.encoder_dropout is not None:
+        overrides.update(dict.fromkeys(ENCODER_DROPOUTS, cfg.encoder_dropout))
     model, fe = load_model(
         cfg.model,
         class_names,
