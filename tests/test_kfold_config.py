@@ -16,7 +16,7 @@ from ser_ray.study.kfold import (
     train_config_for,
     trained_on,
 )
-from ser_ray.study.variants import parse_variant
+from ser_ray.study.variants import parse_variant, parse_variants
 
 
 def test_model_default_depends_on_data_and_family():
@@ -239,3 +239,24 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
         "input_kind": "waveform",
         "feature_cache_key": None,
     }
+
+
+def test_variant_names_of_ssl_families():
+    names = "svm, wav2vec2,wavlm+spknorm+probe, hubert+probe"
+    variants = parse_variants(names)
+    assert [v.name for v in variants] == ["svm", "wav2vec2", "wavlm+probe+spknorm", "hubert+probe"]
+    assert [(v.is_ssl, v.probe, v.speaker_norm) for v in variants] == [
+        (False, False, False), (True, False, False), (True, True, True), (True, True, False)
+    ]  # fmt: skip
+    assert variants[2].describe()["mode"].startswith("probe: frozen encoder")
+    assert variants[1].describe() == {
+        "family": "wav2vec2",
+        "mode": "fine-tuned: the encoder (its CNN frozen) and the head trained together",
+        "normalisation": "none",
+    }
+    with pytest.raises(ValueError, match=r"needs \+probe \(wav2vec2\+probe\+spknorm\)"):
+        parse_variant("wav2vec2+spknorm")
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_variant("wavlm+egemaps")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_variants("wavlm+probe,wavlm+probe")
