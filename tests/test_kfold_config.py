@@ -238,6 +238,7 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
         "source": str(tmp_path / "features"),
         "input_kind": "waveform",
         "feature_cache_key": None,
+        "speaker_norm": False,
     }
 
 
