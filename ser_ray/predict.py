@@ -119,6 +119,7 @@ def predict_files_svm(
         ],
         columns=["path", "mfcc_stats", "egemaps"],
     )
+    clips = svm_model.with_encoder_features(clips, waveforms, fold_models)  # svm+ssl's
     class_names = fold_models[0].class_names
     probs = (
         svm_model.predict_svm(fold_models, clips, speakers)

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,7 +17,7 @@ from ser_ray.corpus.protocol import Protocol, ProtocolSettings
 from ser_ray.corpus.ravdess import parse_name
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models.ssl import load_model, takes_speaker_normalised_layers
-from ser_ray.predict import predict_files
+from ser_ray.predict import predict_files, predict_files_svm
 from ser_ray.study.kfold import KFoldConfig, run_kfold, study_train_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -30,8 +31,9 @@ CREMAD_CODES = {
     "fearful": "FEA",
     "disgust": "DIS",
 }
-#: The cross-corpus test's variants: an SVM, a fine-tuned and a speaker-normalised probe.
-VARIANTS_ACROSS = ("svm", "wav2vec2", "wav2vec2+probe+spknorm")
+#: The cross-corpus test's variants: an SVM, a fine-tuned and a speaker-normalised probe, an
+#: SVM on the same encoder's speaker-normalised pooled layers.
+VARIANTS_ACROSS = ("svm", "wav2vec2", "wav2vec2+probe+spknorm", "svm+ssl+spknorm")
 SENTENCES = ["DFA", "IEO", "IOM", "ITH", "ITS", "IWL", "IWW", "MTI", "TAI", "TIE", "TSI", "WSI"]
 
 
@@ -150,8 +152,8 @@ def test_a_cremad_named_folder(demo_corpus, tmp_path):
 
 def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
     """Trained on 8 RAVDESS-named actors (4 classes kept), each fold model of the SVM, of
-    wav2vec2 and of its speaker-normalised probe is tested on 8 other speakers named CREMA-D
-    style (6 labels, 4 shared)."""
+    wav2vec2, of its speaker-normalised probe and of the SVM on its speaker-normalised pooled
+    layers is tested on 8 other speakers named CREMA-D style (6 labels, 4 shared)."""
     study = tmp_path / "ravdess"
     for wav in demo_corpus.glob("Actor_0[1-8]/*.wav"):
         (study / wav.parent.name).mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,7 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
         assert [f["fold"] for f in folds] == [1, 2, 3, 4]
         assert cross["mean"][variant]["uar"] == pytest.approx(sum(f["uar"] for f in folds) / 4)
     predictions = pd.read_csv(run / "cross_corpus" / "cremad" / "predictions.csv")
-    assert len(predictions) == 64 * 4 * 3  # every clip, by every fold model of each variant
+    assert len(predictions) == 64 * 4 * 4  # every clip, by every fold model of each variant
     probs = predictions.filter(like="prob_")
     assert list(probs.columns) == [f"prob_{c}" for c in summary["classes"]]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-9).all()
@@ -204,6 +206,17 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
     pd.testing.assert_frame_equal(alone, both.iloc[: len(clips)])  # its own clips' statistics
     with pytest.raises(SpeakerNormError, match="single clip"):
         predict_files([probe_dir], clips, speakers={**dict.fromkeys(clips, "a"), clips[0]: "b"})
+    # svm+ssl's fold models take the pooled layers of the study's encoder: predict computes
+    # them from the audio, and gives a test fold's clips what the study gave them
+    svm_ssl = run / "svm_models" / "svm+ssl+spknorm" / "fold_1.joblib"
+    oof = pd.read_csv(run / "predictions.csv").query("model == 'svm+ssl+spknorm' and fold == 1")
+    speakers = dict(zip(oof["path"], oof["actor"].astype(str), strict=True))
+    again, _ = predict_files_svm([svm_ssl], oof["path"].tolist(), speakers=speakers)
+    np.testing.assert_allclose(
+        again.filter(like="prob_").to_numpy(), oof.filter(like="prob_").to_numpy(), atol=1e-5
+    )
+    with pytest.raises(SpeakerNormError):
+        predict_files_svm([svm_ssl], clips)
 
 
 def test_a_test_corpus_holding_study_files_is_refused_before_any_work(demo_corpus, tmp_path):

@@ -261,3 +261,24 @@ def test_variant_names_of_ssl_families():
         parse_variant("wavlm+egemaps")
     with pytest.raises(ValueError, match="given twice"):
         parse_variants("wavlm+probe,wavlm+probe")
+
+
+def test_an_svm_on_ssl_features_takes_wav2vec2s_encoder_or_a_plain_models_of_any_family(
+    encoders,
+):
+    from ser_ray.study.kfold import _encoder_of
+
+    ssl, spknorm = parse_variants("svm+ssl,svm+spknorm+ssl")
+    assert (ssl.feature_set, ssl.is_ssl, ssl.uses_encoder, ssl.speaker_norm) == (
+        "ssl", False, True, False
+    )  # fmt: skip
+    assert spknorm.name == "svm+ssl+spknorm" and spknorm.speaker_norm
+    assert not parse_variant("svm+spknorm").uses_encoder
+    with pytest.raises(ValueError, match=r"\+ssl takes the encoder's pooled layers alone"):
+        parse_variant("svm+mfcc+ssl")
+    assert _encoder_of(KFoldConfig(), ssl) == "demo"
+    assert _encoder_of(KFoldConfig(data_dir="/d"), ssl) == "facebook/wav2vec2-base"
+    wavlm = str(encoders["wavlm-base-plus"])
+    given = KFoldConfig(train=study_train_config(model=f"{wavlm},hubert=h"))
+    assert _encoder_of(given, ssl) == wavlm
+    check_model_reachable(wavlm, None)  # an SVM takes an encoder of any SSL family

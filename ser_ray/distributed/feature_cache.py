@@ -203,6 +203,16 @@ def build_feature_cache(
     return _open(final)
 
 
+def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
+    """Every clip's cached values, flat (row-major ``feature_rows x feature_dim``), by path:
+    for a ``pooled`` cache the SVM's ``ssl`` features (:data:`ser_ray.models.svm.SSL_COLUMN`).
+    """
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(str(cache.path)).to_table(columns=["path", "features"])
+    return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
+
+
 def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
     """``cache`` (pooled layers) with every clip's values z-normalised over its speaker's
     clips (:func:`ser_ray.features.speaker_norm.speaker_normalize`: each speaker's own

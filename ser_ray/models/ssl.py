@@ -457,6 +457,17 @@ def frozen_encoder_outputs(
     return out.float().cpu().numpy()
 
 
+def pooled_layer_features(
+    encoder: str | os.PathLike, waveforms: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """Every 16 kHz clip's mean-pooled hidden layers under the frozen ``encoder`` (a folder or
+    hub id), concatenated: ((layers + 1) x hidden) floats each, the SVM's ``ssl`` features.
+    The same values as the study's ``pooled`` feature cache (:func:`frozen_encoder_outputs`)."""
+    model, fe = load_model(encoder, ("class_0", "class_1"))  # the head is not used
+    runner = PartwiseClassifier(model, fe.return_attention_mask)
+    return [frozen_encoder_outputs(runner, fe, w, "pooled").reshape(-1) for w in waveforms]
+
+
 # -- loading, saving, inputs ------------------------------------------------------------------
 def label_maps(class_names: Sequence[str]) -> tuple[dict[int, str], dict[str, int]]:
     id2label = dict(enumerate(class_names))

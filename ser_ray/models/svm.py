@@ -1,11 +1,12 @@
 """SVM baseline: the scikit-learn core of the nested cross-validation (no Ray).
 
 The model is a :class:`~sklearn.pipeline.Pipeline` of a ``StandardScaler`` and an ``SVC`` on
-a feature set of the features table (:data:`FEATURE_SETS`: MFCC statistics, eGeMAPS or
-both), optionally speaker-normalised first (:func:`feature_set_matrix`). Hyperparameters are
-chosen by the UA (unweighted average recall) of an inner, actor-grouped cross-validation on
-the training actors only: the inner folds are the outer folds of the same scheme that remain
-once the test fold is set aside (five folds of four actors). The chosen model is refit on
+a feature set of the features table (:data:`FEATURE_SETS`: MFCC statistics, eGeMAPS, both,
+or a frozen SSL encoder's pooled layers), optionally speaker-normalised first
+(:func:`feature_set_matrix`). Hyperparameters are chosen by the UA (unweighted average
+recall) of an inner, actor-grouped cross-validation on the training actors only: the inner
+folds are the outer folds of the same scheme that remain once the test fold is set aside
+(five folds of four actors). The chosen model is refit on
 all the training actors and wrapped in a sigmoid calibration, whose own splits are the same
 inner actor folds, so that every prediction comes with class probabilities that sum to 1.
 The reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
@@ -44,12 +45,17 @@ log = logging.getLogger(__name__)
 
 #: Features column the SVM reads by default (concatenated MFCC means and standard deviations).
 FEATURE_COLUMN = "mfcc_stats"
-#: The SVM's feature sets and the Parquet columns each concatenates (80 MFCC statistics,
-#: 88 eGeMAPSv02 functionals).
+#: Column of a frozen SSL encoder's mean-pooled hidden layers, concatenated ((layers + 1) x
+#: hidden values); not in the features Parquet: computed from the encoder
+#: (:func:`ser_ray.models.ssl.pooled_layer_features`, or the study's feature cache).
+SSL_COLUMN = "ssl_layers"
+#: The SVM's feature sets and the columns each concatenates (80 MFCC statistics, 88 eGeMAPSv02
+#: functionals, the encoder's pooled layers).
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "mfcc": (FEATURE_COLUMN,),
     "egemaps": ("egemaps",),
     "mfcc+egemaps": (FEATURE_COLUMN, "egemaps"),
+    "ssl": (SSL_COLUMN,),
 }
 #: The untuned reference the tuned SVM must beat: StandardScaler + SVC(C=10), RBF, gamma scale.
 REFERENCE_PARAMS: dict[str, Any] = {"kernel": "rbf", "C": 10.0, "gamma": "scale"}

@@ -2,9 +2,11 @@
 
 A fold model is the calibrated SVM pipeline that scored one outer fold, stored with what it
 needs to score new clips the same way: its variant name, feature set, whether its features
-were speaker-normalised, and the class names. New clips get the features of
-:mod:`ser_ray.features.audio` (MFCC statistics, eGeMAPS) with the default :class:`FeatureConfig`; a
-model trained on other feature options is refused by its feature count.
+were speaker-normalised, the class names, and for ``svm+ssl`` the frozen encoder whose pooled
+layers it takes. New clips get the features of :mod:`ser_ray.features.audio` (MFCC statistics,
+eGeMAPS) with the default :class:`FeatureConfig`, or that encoder's pooled layers
+(:func:`with_encoder_features`); a model trained on other feature options is refused by its
+feature count.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class FoldModel:
     class_names: list[str]
     fold: int
     params: dict[str, Any]
+    encoder: str | None = None  # svm+ssl: the frozen encoder (folder or hub id) of its features
 
 
 def save_fold_model(path: str | Path, fold_model: FoldModel) -> Path:
@@ -58,13 +61,38 @@ def svm_feature_columns(y: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def with_encoder_features(
+    clips: pd.DataFrame, waveforms: Sequence[np.ndarray], fold_models: Sequence[FoldModel]
+) -> pd.DataFrame:
+    """``clips`` (one row per waveform) with the pooled layers of the fold models' encoder
+    (:data:`ser_ray.models.svm.SSL_COLUMN`) when they take them; unchanged otherwise."""
+    encoders = sorted({m.encoder or "" for m in fold_models if m.feature_set == "ssl"})
+    if not encoders:
+        return clips
+    if len(encoders) > 1 or not encoders[0]:
+        raise ValueError(
+            f"the svm+ssl fold models name the encoders {encoders}: give the models of one run"
+        )
+    from ser_ray.models.ssl import pooled_layer_features
+
+    try:
+        column = pooled_layer_features(encoders[0], waveforms)
+    except OSError as err:
+        raise ValueError(
+            f"the svm+ssl fold models take the pooled layers of {encoders[0]}, which cannot be "
+            f"loaded ({err}); put that encoder back (a demo encoder: run the study again)"
+        ) from err
+    return clips.assign(**{svm.SSL_COLUMN: column})
+
+
 def predict_svm(
     fold_models: Sequence[FoldModel],
     clips: pd.DataFrame,
     speakers: Mapping[str, str] | None,
 ) -> np.ndarray:
-    """Mean class probabilities of ``fold_models`` for ``clips`` (``path``, ``mfcc_stats``,
-    ``egemaps``); ``speakers`` maps path -> speaker (needed by speaker-normalised models).
+    """Mean class probabilities of ``fold_models`` for ``clips`` (``path`` and the columns of
+    their feature set: ``mfcc_stats``, ``egemaps``, ``ssl_layers``); ``speakers`` maps path
+    -> speaker (needed by speaker-normalised models).
 
     Raises :class:`ser_ray.features.speaker_norm.SpeakerNormError` when a speaker-normalised model
     gets a clip without a speaker or a speaker with a single clip.

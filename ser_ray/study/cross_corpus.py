@@ -31,7 +31,7 @@ from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_cor
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm_model
 from ser_ray.models.ssl import load_model, model_probabilities
-from ser_ray.models.svm import FEATURE_SETS
+from ser_ray.models.svm import FEATURE_SETS, SSL_COLUMN
 from ser_ray.study.summary import fold_mean_std
 from ser_ray.study.variants import Variant
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -108,8 +108,9 @@ def evaluate_cross_corpus(
         per_fold: dict[str, list[dict[str, Any]]] = {}
         frames = []
         for variant in variants:
+            variant_clips = _with_encoder_features(variant, clips, out, protocol.fold_numbers[0])
             for k in protocol.fold_numbers:
-                probs = _fold_probabilities(variant, k, clips, out)
+                probs = _fold_probabilities(variant, k, variant_clips, out)
                 metrics, frame = _scored(probs, clips, protocol.classes, shared)
                 per_fold.setdefault(variant.name, []).append({"fold": k, **metrics})
                 frames.append(frame.assign(fold=k, model=variant.name))
@@ -161,16 +162,31 @@ def _test_clips(
 def _columns(variants: Sequence[Variant]) -> list[str]:
     """The feature columns the variants' models read."""
     columns = {c for v in variants if not v.is_ssl for c in FEATURE_SETS[v.feature_set]}
-    if any(v.is_ssl for v in variants):
+    if any(v.uses_encoder for v in variants):
         columns.add("waveform")
-    return sorted(columns)
+    return sorted(columns - {SSL_COLUMN})
+
+
+def _svm_model_file(out: Path, variant: Variant, fold: int) -> Path:
+    return out / "svm_models" / variant.name / f"fold_{fold}.joblib"
+
+
+def _with_encoder_features(
+    variant: Variant, clips: pd.DataFrame, out: Path, fold: int
+) -> pd.DataFrame:
+    """The clips with the pooled layers ``svm+ssl`` takes (all its fold models name the one
+    encoder of the study; ``fold``'s says which); unchanged for other variants."""
+    if variant.feature_set != "ssl":
+        return clips
+    model = svm_model.load_fold_model(_svm_model_file(out, variant, fold))
+    return svm_model.with_encoder_features(clips, list(clips["waveform"]), [model])
 
 
 def _fold_probabilities(variant: Variant, fold: int, clips: pd.DataFrame, out: Path) -> np.ndarray:
     """Fold ``fold``'s model of ``variant`` on the clips: probabilities over the study's
     classes (speaker-normalised SVMs normalise each test speaker over its own clips)."""
     if not variant.is_ssl:
-        model = svm_model.load_fold_model(out / "svm_models" / variant.name / f"fold_{fold}.joblib")
+        model = svm_model.load_fold_model(_svm_model_file(out, variant, fold))
         speakers = dict(zip(clips["path"], clips["actor"], strict=True))
         return svm_model.predict_svm([model], clips, speakers)
     model, fe = load_model(out / variant.name / f"fold_{fold}" / BEST_MODEL_DIR)

@@ -531,8 +531,36 @@ def _with_encoders(
     return {k: dataclasses.replace(c, model=models[k]) for k, c in train_cfgs.items()}
 
 
+def _encoder_of(cfg: KFoldConfig, variant: Variant) -> str:
+    """The ``--model`` value of a variant that runs an encoder: its family's; ``svm+ssl``
+    takes wav2vec2's (a plain ``--model X``: X, of any family)."""
+    return cfg.model_for(variant.family if variant.is_ssl else "wav2vec2")
+
+
+def _with_ssl_features(
+    df: pd.DataFrame, features_dir: Path, cfg: KFoldConfig, out: Path, variant: Variant
+) -> tuple[pd.DataFrame, str]:
+    """``df`` with every clip's pooled layers under the frozen encoder of ``svm+ssl``
+    (the probes' feature cache in ``OUT/feature_cache``, built here unless there), and that
+    encoder resolved (``demo``: the demo encoder's folder)."""
+    from ser_ray.distributed import feature_cache
+    from ser_ray.distributed.demo_encoder import resolve_model
+
+    encoder = resolve_model(_encoder_of(cfg, variant), cfg.smoke_test)
+    cache = feature_cache.build_feature_cache(
+        features_dir, out / "feature_cache", model=encoder, probe=True
+    )
+    values = feature_cache.cached_values(cache)
+    return df.assign(**{svm.SSL_COLUMN: [values[p] for p in df["path"]]}), encoder
+
+
 def _svm_results(
-    df: pd.DataFrame, cfg: KFoldConfig, protocol: Protocol, out: Path, variant: Variant
+    df: pd.DataFrame,
+    cfg: KFoldConfig,
+    protocol: Protocol,
+    out: Path,
+    variant: Variant,
+    features_dir: Path,
 ) -> tuple[list[dict], pd.DataFrame]:
     from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
 
@@ -541,6 +569,9 @@ def _svm_results(
     if cfg.resume and done_json.exists() and done_csv.exists():
         log.info("%s folds already done in %s; reusing them", variant.name, done_json)
         return json.loads(done_json.read_text()), pd.read_csv(done_csv)
+    encoder = None
+    if variant.feature_set == "ssl":
+        df, encoder = _with_ssl_features(df, features_dir, cfg, out, variant)
     result = run_nested_svm(
         df,
         NestedSvmConfig(
@@ -551,6 +582,7 @@ def _svm_results(
             feature_set=variant.feature_set,
             speaker_normalise=variant.speaker_norm,
             variant=variant.name,
+            encoder=encoder,
         ),
         protocol,
         storage_path=out / "tune_svm",
@@ -573,8 +605,10 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     variants = parse_variants(cfg.variants)
-    for variant in _ssl_variants(variants):  # before minutes of features and SVMs
-        check_model_reachable(cfg.model_for(variant.family), variant.family)
+    for variant in variants:  # before minutes of features and SVMs
+        if variant.uses_encoder:
+            family = variant.family if variant.is_ssl else None  # an SVM takes any family's
+            check_model_reachable(_encoder_of(cfg, variant), family)
     features = _feature_config(variants)
     source = cfg.source or str(demo_source(cfg.smoke_test))
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
@@ -614,7 +648,10 @@ def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
 
 
 def _svm_columns(variants: tuple[Variant, ...]) -> set[str]:
-    return {c for v in variants if v.family == "svm" for c in svm.FEATURE_SETS[v.feature_set]}
+    """The features Parquet's columns the SVM variants read (``svm+ssl``'s come from the
+    encoder)."""
+    columns = {c for v in variants if not v.is_ssl for c in svm.FEATURE_SETS[v.feature_set]}
+    return columns - {svm.SSL_COLUMN}
 
 
 def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Protocol:
@@ -752,7 +789,7 @@ def _run_variants(
     )
     for variant in variants:
         if not variant.is_ssl:
-            svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant)
+            svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant, features_dir)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
@@ -811,7 +848,11 @@ def _write_summary(
         list(protocol.classes),
         summary.RunInfo(
             models={
-                v.name: cfg.model_for(v.family) + ("+tapt" if cfg.tapt_epochs else "") for v in ssl
+                v.name: _encoder_of(cfg, v)
+                + ("+tapt" if v.is_ssl and cfg.tapt_epochs else "")
+                + ("" if v.is_ssl else " (frozen; its pooled layers are the SVM's features)")
+                for v in variants
+                if v.uses_encoder
             },
             merge_calm=cfg.train.merge_calm,
             fold_scheme=protocol.scheme,
@@ -842,10 +883,11 @@ def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
     return dict(protocol.label_map) if changed else None
 
 
-def check_model_reachable(model: str, family: str = "wav2vec2") -> None:
+def check_model_reachable(model: str, family: str | None = "wav2vec2") -> None:
     """Stop at once when ``--model`` names neither a demo encoder, nor a folder, nor a hub
     id whose config can be fetched (offline, a hub id fails here, not after the features),
-    or an encoder of another family than the variant's (the demo encoders are wav2vec2)."""
+    or an encoder of another family than the variant's (the demo encoders are wav2vec2;
+    ``family`` None: any SSL family)."""
     from transformers import AutoConfig
 
     from ser_ray.distributed.demo_encoder import RANDOM_DEMO_MODEL
@@ -862,7 +904,12 @@ def check_model_reachable(model: str, family: str = "wav2vec2") -> None:
                 f"({err}). Point --model at a downloaded copy (a folder with config.json), or "
                 "use --model demo offline"
             ) from err
-    if model_type != family:
+    if family is None and model_type not in DEFAULT_MODELS:
+        raise ValueError(
+            f"svm+ssl would take the pooled layers of {model!r}, a {model_type} model: name "
+            f"an encoder of one of {list(DEFAULT_MODELS)} with --model"
+        )
+    if family is not None and model_type != family:
         raise ValueError(
             f"the {family} variants would run {model!r}, a {model_type} encoder: name a "
             f"{family} encoder with --model {family}=<hub id or folder>, or name the variants "

@@ -441,7 +441,7 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         "speaker-independent; every fold's speakers in protocol.json)",
         *_label_map_lines(summary.get("label_map")),
         f"- figures in percent; {STD_NOTE}",
-        *(_provenance_lines(summary.get("params_provenance")) if summary["models"] else []),
+        *(_provenance_lines(summary.get("params_provenance")) if _trains_ssl(summary) else []),
         *(
             f"- {MODEL_TITLES.get(m, m)} trained on: {t['description']}"
             for m, t in summary.get("trained_on", {}).items()
@@ -489,6 +489,11 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     if plots:
         lines += ["## Plots", ""] + [f"- ![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _trains_ssl(summary: Mapping[str, Any]) -> bool:
+    """Whether an SSL variant (fine-tuned or probe: it has a mode) trained in the run."""
+    return any("mode" in about for about in summary.get("variants", {}).values())
 
 
 def _provenance_lines(provenance: Mapping[str, Any] | None) -> list[str]:

@@ -2,8 +2,10 @@
 
 SVMs: ``svm`` (MFCC statistics), ``svm+spknorm`` (speaker-normalised), ``svm+egemaps``
 (eGeMAPSv02 functionals), ``svm+mfcc+egemaps+spknorm`` (both feature sets,
-speaker-normalised). SSL encoders, named by their family (``wav2vec2``, ``hubert``,
-``wavlm``, ``data2vec-audio``; the encoder of ``--model`` must be of that family):
+speaker-normalised), ``svm+ssl[+spknorm]`` (a frozen SSL encoder's mean-pooled hidden layers,
+concatenated: wav2vec2's encoder of ``--model``, or a plain ``--model``'s of any family). SSL
+encoders, named by their family (``wav2vec2``, ``hubert``, ``wavlm``, ``data2vec-audio``; the
+encoder of ``--model`` must be of that family):
 ``wav2vec2`` (fine-tuned), ``wav2vec2+probe`` (frozen encoder, a head trained on its pooled
 layers: the EmoBox / SUPERB protocol) and ``wav2vec2+probe+spknorm`` (the pooled layers
 z-normalised per speaker first). Names are canonical: options in a fixed order, so that one
@@ -13,6 +15,8 @@ variant has one name.
 'svm+egemaps+spknorm'
 >>> parse_variant("wavlm+spknorm+probe").name
 'wavlm+probe+spknorm'
+>>> parse_variant("svm+spknorm+ssl").name
+'svm+ssl+spknorm'
 >>> [v.name for v in parse_variants("svm, svm+spknorm,wav2vec2")]
 ['svm', 'svm+spknorm', 'wav2vec2']
 """
@@ -28,7 +32,10 @@ from ser_ray.models.ssl import FAMILIES as SSL_FAMILIES
 SVM = "svm"
 FAMILIES = (SVM, *SSL_FAMILIES)
 #: Options each family takes; feature-set options of the SVM name the Parquet columns it uses.
-OPTIONS = {SVM: ("mfcc", "egemaps", "spknorm"), **{f: ("probe", "spknorm") for f in SSL_FAMILIES}}
+OPTIONS = {
+    SVM: ("mfcc", "egemaps", "ssl", "spknorm"),
+    **{f: ("probe", "spknorm") for f in SSL_FAMILIES},
+}
 DEFAULT_VARIANTS = ("svm", "svm+spknorm", "wav2vec2")
 PROBE = "probe: frozen encoder, a head trained on its mean-pooled hidden layers"
 FINE_TUNED = "fine-tuned: the encoder (its CNN frozen) and the head trained together"
@@ -37,13 +44,18 @@ FINE_TUNED = "fine-tuned: the encoder (its CNN frozen) and the head trained toge
 @dataclasses.dataclass(frozen=True)
 class Variant:
     family: str  # svm, or an SSL family (wav2vec2, hubert, wavlm, data2vec-audio)
-    feature_set: str = "mfcc"  # the SVM's features: mfcc | egemaps | mfcc+egemaps
+    feature_set: str = "mfcc"  # the SVM's features: mfcc | egemaps | mfcc+egemaps | ssl
     speaker_norm: bool = False  # per-speaker z-normalisation of the features
     probe: bool = False  # SSL: frozen encoder, head only
 
     @property
     def is_ssl(self) -> bool:
         return self.family != SVM
+
+    @property
+    def uses_encoder(self) -> bool:
+        """Whether the variant runs an SSL encoder (fine-tuned, probed, or as SVM features)."""
+        return self.is_ssl or self.feature_set == "ssl"
 
     @property
     def name(self) -> str:
@@ -80,7 +92,12 @@ def parse_variant(name: str) -> Variant:
                 f"layers, so it needs +probe ({family}+probe+spknorm)"
             )
         return Variant(family, speaker_norm="spknorm" in options, probe="probe" in options)
-    feature_set = "+".join(f for f in ("mfcc", "egemaps") if f in options) or "mfcc"
+    if "ssl" in options and {"mfcc", "egemaps"} & set(options):
+        raise ValueError(
+            f"variant {name!r}: +ssl takes the encoder's pooled layers alone; run "
+            "svm+ssl and the MFCC/eGeMAPS variants side by side"
+        )
+    feature_set = "+".join(f for f in ("mfcc", "egemaps", "ssl") if f in options) or "mfcc"
     return Variant(family, feature_set=feature_set, speaker_norm="spknorm" in options)
 
 

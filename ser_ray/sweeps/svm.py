@@ -75,6 +75,10 @@ class NestedSvmConfig:
     variant: str = dataclasses.field(
         default="svm", metadata={"help": "name of results, predictions and Tune experiments"}
     )
+    encoder: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "feature set ssl: the frozen encoder whose pooled layers df holds"},
+    )
 
 
 @dataclasses.dataclass
@@ -411,7 +415,7 @@ def _run_outer_fold(
             Path(models_dir) / f"fold_{k}.joblib",
             svm_model.FoldModel(
                 model, cfg.variant, cfg.feature_set, cfg.speaker_normalise, names, int(k),
-                found["params"],
+                found["params"], cfg.encoder,
             ),
         )  # fmt: skip
     metrics = classification_metrics(rows.y[test_mask], pred, num_classes)
@@ -489,6 +493,7 @@ def _resolved_config(
         "the same SVC; their argmax may differ from pred_label on a few clips",
         "feature_set": cfg.feature_set,
         "feature_columns": list(svm.FEATURE_SETS[cfg.feature_set]),
+        "encoder": cfg.encoder,
         "normalisation": speaker_norm.DESCRIPTION if cfg.speaker_normalise else speaker_norm.NONE,
         "storage_path": str(Path(storage_path).resolve()),
     }
