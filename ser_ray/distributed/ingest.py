@@ -16,9 +16,9 @@ same order.
 Choices:
 
 - **Read once or per pass**: a source of at most :data:`HOLD_MAX_BYTES` is read once per fold
-  and held in the object store (:func:`hold_if_small`): a Ray Data execution per epoch and
-  split started new Ray worker processes all through training (50 on a default run). Larger
-  sources are read again on each pass and never held whole.
+  (or pre-training run) and held in the object store (:func:`hold_if_small`): a Ray Data
+  execution per epoch and split started new Ray worker processes all through training (50 on
+  a default run). Larger sources are read again on each pass and never held whole.
 - **Order**: ``preserve_order`` makes every pass give the rows in the same order, so batches
   depend on the seed only (windows are cut from the stream, shuffled within).
 - **No split across DDP ranks** (``datasets_to_split=[]``): every rank streams the whole

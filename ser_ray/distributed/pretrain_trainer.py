@@ -1,7 +1,8 @@
 """The Ray Train edge of self-supervised pre-training: a ``TorchTrainer`` over a pool.
 
 :func:`pretrain_per_worker` is the per-worker function: the pool streams in through Ray Data,
-``window_clips`` clips at a time (:mod:`ser_ray.distributed.ingest`), and the Ray-free loop
+``window_clips`` clips at a time (:mod:`ser_ray.distributed.ingest`; a small pool is read once
+and held in the object store for every epoch), and the Ray-free loop
 :func:`ser_ray.training.pretrain.run_pretraining` trains on it; :func:`fit_pretraining` is the
 driver that builds the trainer, fits it and copies the checkpoint out.
 """
@@ -97,6 +98,12 @@ def fit_pretraining(
     if not paths:
         chosen = "all actors" if actors is None else f"actors {list(actors)}"
         raise ValueError(f"{source}: no clips to pre-train on ({chosen})")
+    # RAY. Read once and held for every epoch when small (the demo pool: 40 epochs), so no
+    # read task, and no new Ray worker process, starts per epoch.
+    pool = ray_ingest.hold_if_small(
+        {POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
+        ray_ingest.parquet_bytes(source),
+    )
     config = {
         **cfg.to_dict(),
         "num_clips": len(paths),
@@ -115,7 +122,7 @@ def fit_pretraining(
             name="pretrain",
             max_failures=max_failures,
             callbacks=callbacks,
-            datasets={POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
+            datasets=pool,
             dataset_config=ray_ingest.data_config(),
         )
 
