@@ -492,8 +492,9 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
 
 
 def _trains_ssl(summary: Mapping[str, Any]) -> bool:
-    """Whether an SSL variant (fine-tuned or probe: it has a mode) trained in the run."""
-    return any("mode" in about for about in summary.get("variants", {}).values())
+    """Whether an SSL variant (fine-tuned or probe) trained in the run: an encoder ran for a
+    variant of another family than the SVM's (``svm+ssl`` only reads a frozen one)."""
+    return any(name.split("+")[0] != "svm" for name in summary["models"])
 
 
 def _provenance_lines(provenance: Mapping[str, Any] | None) -> list[str]:
