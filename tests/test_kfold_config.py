@@ -34,6 +34,19 @@ def test_model_default_depends_on_data_and_family():
     probe = train_config_for(per_family, 1, parse_variant("wavlm+probe"))
     assert (probe.model, probe.probe) == ("/models/wavlm-large", True)
     assert train_config_for(per_family, 1).probe is False
+
+
+def test_a_probe_trains_its_head_longer_and_faster_unless_the_flags_say_otherwise():
+    probe, tuned = parse_variant("wav2vec2+probe"), parse_variant("wav2vec2")
+    default = KFoldConfig(variants=("wav2vec2", "wav2vec2+probe"))
+    assert [
+        (c.epochs, c.lr_head, c.head_dropout)
+        for c in (train_config_for(default, 1, tuned), train_config_for(default, 1, probe))
+    ] == [(8, 1e-3, 0.1), (20, 3e-3, 0.0)]
+    flags = KFoldConfig(train=study_train_config(epochs=5, lr_head=1e-2))
+    given = train_config_for(flags, 1, probe)
+    assert (given.epochs, given.lr_head, given.head_dropout) == (5, 1e-2, 0.0)
+    assert train_config_for(KFoldConfig(smoke_test=True), 1, probe).epochs == 1
     with pytest.raises(ValueError, match="'wavelm' is not an SSL family"):
         KFoldConfig(train=study_train_config(model="wavelm=x"))
     with pytest.raises(ValueError, match="twice"):
