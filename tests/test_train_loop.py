@@ -655,3 +655,23 @@ def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_featur
     one, two = read(1), read(2)
     assert one.num_rows == len(load_features(demo_features / "features")) > 0
     assert one.equals(two)
+
+
+def test_a_feature_cache_is_never_reused_for_other_clips(demo_features, tmp_path):
+    """A run folder's cache is named by the encoder and by the clips: another corpus prepared
+    into the same folder (or other clips in a folder without a fingerprint) gets its own."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ser_ray.distributed.feature_cache import clips_digest
+
+    features = demo_features / "features"
+    fingerprint = json.loads((demo_features / "config.json").read_text())["fingerprint"]
+    assert clips_digest(features) == fingerprint[:12]
+    table = pq.ParquetDataset(features).read(columns=["path", "actor"])
+    for name, rows in (("all", table), ("again", table), ("fewer", table.slice(1))):
+        (tmp_path / name).mkdir()
+        pq.write_table(rows, tmp_path / name / "part-0.parquet")
+    digests = {name: clips_digest(tmp_path / name) for name in ("all", "again", "fewer")}
+    assert digests["all"] == digests["again"] != digests["fewer"]

@@ -12,9 +12,11 @@ every epoch, fold and trial is waste. :func:`build_feature_cache` runs a Ray Dat
 Per-clip computation is the reference: wav2vec2-base's CNN normalises over time (group
 norm), so zero padding would change its output.
 
-The cache lives in ``<cache_root>/<key>/`` where ``key`` hashes the frozen weights, the
-normalisation and the kind, so a different model can never read a stale cache; it is
-written to a temporary folder and renamed when complete (concurrent builders are safe).
+The cache lives in ``<cache_root>/<key>-<clips>/`` where ``key`` hashes the frozen weights,
+the normalisation and the kind, and ``clips`` the clips it was computed from
+(:func:`clips_digest`), so neither a different model nor another corpus prepared into the same
+run folder can read a stale cache; it is written to a temporary folder and renamed when
+complete (concurrent builders are safe).
 
 Columns: path, actor, emotion, num_samples, feature_rows (int32), feature_dim (int32),
 features (list<float32>, row-major ``feature_rows x feature_dim``).
@@ -33,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from ser_ray.common.storage import count_rows, list_column
+from ser_ray.common.storage import count_rows, list_column, parquet_files
 from ser_ray.distributed import console, resources
 from ser_ray.features.speaker_norm import speaker_normalize
 from ser_ray.models.ssl import (
@@ -59,6 +62,25 @@ HEAD_CLASSES = ("class_0", "class_1")
 def cache_kind(probe: bool) -> str:
     """``pooled`` in probe mode, else ``cnn``."""
     return "pooled" if probe else "cnn"
+
+
+def clips_digest(features_dir: str | os.PathLike) -> str:
+    """What the clips of a features folder are: the fingerprint ``jobs/prepare.py`` saved
+    beside it (each clip's path, size and time, the settings), else a hash of the clips'
+    paths in order (a folder without one, e.g. a URI). 12 hex digits."""
+    text = str(features_dir)
+    if "://" not in text:
+        prepared = Path(text).parent / "config.json"
+        if prepared.exists():
+            fingerprint = json.loads(prepared.read_text()).get("fingerprint")
+            if fingerprint:
+                return str(fingerprint)[:12]
+    digest = hashlib.sha256()
+    filesystem, files = parquet_files(text)
+    for name in files:
+        paths = pq.read_table(name, columns=["path"], filesystem=filesystem).column("path")
+        digest.update("\n".join(paths.to_pylist()).encode())
+    return digest.hexdigest()[:12]
 
 
 def cache_key(model: PartwiseClassifier, feature_extractor, kind: str) -> str:
@@ -166,7 +188,7 @@ def build_feature_cache(
     net, fe = build_model(cfg, HEAD_CLASSES)  # the head is not cached: any two classes
     key = cache_key(net, fe, kind)
     root = Path(cache_root).resolve()
-    final = root / key
+    final = root / f"{key}-{clips_digest(features_dir)}"  # another corpus: another cache
     if (final / INFO_FILE).exists():
         log.info("feature cache %s already built; reusing it", final)
         return _open(final)
@@ -216,17 +238,16 @@ def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
 def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
     """``cache`` (pooled layers) with every clip's values z-normalised over its speaker's
     clips (:func:`ser_ray.features.speaker_norm.speaker_normalize`: each speaker's own
-    statistics, from audio, never labels), beside it in ``<key>-spknorm/``; reused when
-    there. It keeps the cache's key: the same frozen encoder made it.
+    statistics, from audio, never labels), beside it in ``<its folder>-spknorm/``; reused
+    when there. It keeps the cache's key: the same frozen encoder made it.
 
     One table in the driver's memory (clips x layers x hidden floats, 0.4 GB for 10,000
     clips of a base-size encoder)."""
     import pyarrow.dataset as pds
-    import pyarrow.parquet as pq
 
     if cache.kind != "pooled":
         raise ValueError(f"speaker normalisation needs pooled layers, not a {cache.kind} cache")
-    final = cache.path.parent.parent / f"{cache.key}-spknorm"
+    final = cache.path.parent.parent / f"{cache.path.parent.name}-spknorm"
     if (final / INFO_FILE).exists():
         return _open(final)
     table = pds.dataset(str(cache.path)).to_table()
