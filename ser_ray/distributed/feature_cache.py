@@ -43,6 +43,7 @@ from ser_ray.distributed import console, resources
 from ser_ray.features.speaker_norm import speaker_normalize
 from ser_ray.models.ssl import (
     CACHE_KINDS,
+    HEAD_CLASSES,
     PartwiseClassifier,
     cnn_norm,
     frozen_encoder_outputs,
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
 DATA_DIR = "data"
-#: Labels of the head of the model a cache is computed with: the head is not part of it.
-HEAD_CLASSES = ("class_0", "class_1")
 
 
 def cache_kind(probe: bool) -> str:

@@ -80,6 +80,8 @@ SAMPLE_RATE_HZ = 16_000
 DEMO_ENCODER_SEED = 0
 #: Encoder families (``config.model_type``) whose ``*ForSequenceClassification`` we train.
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+#: Labels of a head that is never used (a frozen encoder's cached or pooled outputs): any two.
+HEAD_CLASSES = ("class_0", "class_1")
 #: Parameter names of the standard classification head.
 HEAD_PARAMETERS = ("projector.", "classifier.", "layer_weights")
 
@@ -463,7 +465,7 @@ def pooled_layer_features(
     """Every 16 kHz clip's mean-pooled hidden layers under the frozen ``encoder`` (a folder or
     hub id), concatenated: ((layers + 1) x hidden) floats each, the SVM's ``ssl`` features.
     The same values as the study's ``pooled`` feature cache (:func:`frozen_encoder_outputs`)."""
-    model, fe = load_model(encoder, ("class_0", "class_1"))  # the head is not used
+    model, fe = load_model(encoder, HEAD_CLASSES)
     runner = PartwiseClassifier(model, fe.return_attention_mask)
     return [frozen_encoder_outputs(runner, fe, w, "pooled").reshape(-1) for w in waveforms]
 

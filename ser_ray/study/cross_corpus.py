@@ -31,9 +31,8 @@ from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_cor
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.models import svm_model
 from ser_ray.models.ssl import load_model, model_probabilities
-from ser_ray.models.svm import FEATURE_SETS, SSL_COLUMN
 from ser_ray.study.summary import fold_mean_std
-from ser_ray.study.variants import Variant
+from ser_ray.study.variants import Variant, svm_parquet_columns
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
 
 log = logging.getLogger(__name__)
@@ -161,10 +160,10 @@ def _test_clips(
 
 def _columns(variants: Sequence[Variant]) -> list[str]:
     """The feature columns the variants' models read."""
-    columns = {c for v in variants if not v.is_ssl for c in FEATURE_SETS[v.feature_set]}
+    columns = svm_parquet_columns(variants)
     if any(v.uses_encoder for v in variants):
         columns.add("waveform")
-    return sorted(columns - {SSL_COLUMN})
+    return sorted(columns)
 
 
 def _svm_model_file(out: Path, variant: Variant, fold: int) -> Path:

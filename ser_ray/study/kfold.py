@@ -46,7 +46,12 @@ from ser_ray.study.cross_corpus import (
     evaluate_cross_corpus,
     read_test_corpora,
 )
-from ser_ray.study.variants import DEFAULT_VARIANTS, Variant, parse_variants
+from ser_ray.study.variants import (
+    DEFAULT_VARIANTS,
+    Variant,
+    parse_variants,
+    svm_parquet_columns,
+)
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -656,14 +661,7 @@ def _cross_corpus_settings(cfg: KFoldConfig, features: FeatureConfig) -> CrossCo
 def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
     """What the features hold: eGeMAPS (openSMILE, ~5x the MFCC recipe's time) only when a
     variant uses them."""
-    return FeatureConfig(egemaps="egemaps" in _svm_columns(variants))
-
-
-def _svm_columns(variants: tuple[Variant, ...]) -> set[str]:
-    """The features Parquet's columns the SVM variants read (``svm+ssl``'s come from the
-    encoder)."""
-    columns = {c for v in variants if not v.is_ssl for c in svm.FEATURE_SETS[v.feature_set]}
-    return columns - {svm.SSL_COLUMN}
+    return FeatureConfig(egemaps="egemaps" in svm_parquet_columns(variants))
 
 
 def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Protocol:
@@ -758,7 +756,7 @@ def _prepared_features(
     files and the clips the label map drops. Returns the features folder and the columns the
     SVM variants need of the clips that take part, checked against the protocol."""
     prepared = prepare_features(source, out / "prepared", features, inputs=inputs)
-    columns = ["path", "actor", "emotion", *sorted(_svm_columns(variants))]
+    columns = ["path", "actor", "emotion", *sorted(svm_parquet_columns(variants))]
     df = load_features(prepared.features_dir, columns)
     dropped = df["emotion"].isin(protocol.dropped_labels)
     rejected = pd.read_csv(prepared.rejected_csv)

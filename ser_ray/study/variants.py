@@ -24,10 +24,12 @@ variant has one name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from ser_ray.features import speaker_norm
 from ser_ray.models.ssl import FAMILIES as SSL_FAMILIES
+from ser_ray.models.svm import FEATURE_SETS, SSL_COLUMN
 
 SVM = "svm"
 FAMILIES = (SVM, *SSL_FAMILIES)
@@ -112,3 +114,10 @@ def parse_variants(text: str | tuple[str, ...] | list[str]) -> tuple[Variant, ..
     if repeated:
         raise ValueError(f"variants {repeated} are given twice")
     return variants
+
+
+def svm_parquet_columns(variants: Sequence[Variant]) -> set[str]:
+    """The features Parquet's columns the SVM variants read (``svm+ssl``'s pooled layers
+    come from the encoder, not from the Parquet)."""
+    columns = {c for v in variants if not v.is_ssl for c in FEATURE_SETS[v.feature_set]}
+    return columns - {SSL_COLUMN}
