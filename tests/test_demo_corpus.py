@@ -31,6 +31,23 @@ def test_layout_format_and_determinism(tmp_path):
     assert again != root
 
 
+def test_a_process_pool_writes_the_same_clips_as_one_process(tmp_path, monkeypatch):
+    serial = write_demo_corpus(tmp_path / "serial", n_actors=2, clips_per_actor=5, seed=3)
+    pool = demo_corpus.unlabeled_pool_clips(2, 3, speech_scale=0.3)
+    monkeypatch.setattr(demo_corpus, "PARALLEL_MIN_CLIPS", 0)
+    monkeypatch.setattr(demo_corpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    parallel = write_demo_corpus(tmp_path / "parallel", n_actors=2, clips_per_actor=5, seed=3)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*.wav"))
+    assert len(files) == 10
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.wav"))
+    for name in files:
+        assert (serial / name).read_bytes() == (parallel / name).read_bytes()
+    pool_again = demo_corpus.unlabeled_pool_clips(2, 3, speech_scale=0.3)
+    assert [n for n, _ in pool_again] == [n for n, _ in pool] and len(pool) == 6
+    for (_, a), (_, b) in zip(pool, pool_again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_clips_have_silence_at_both_ends_and_ravdess_length():
     y = synthesize(speech_clip(5, 2, 1, 1, 3))
     assert 2.9 <= y.size / 48_000 <= 5.3

@@ -15,10 +15,15 @@ not trivial, and speaker-independent folds matter.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import logging
+import multiprocessing
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -29,6 +34,9 @@ from ser_ray.corpus.ravdess import CLIPS_PER_ACTOR, NUM_ACTORS, RavdessName
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE_HZ = 48_000
+#: Fewer clips than this are synthesised in this process: a process pool's start (a fresh
+#: interpreter per core, numpy and scipy imported) costs more than it saves.
+PARALLEL_MIN_CLIPS = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +211,10 @@ def write_demo_corpus(
     if marker.exists() and marker.read_text() == stamp:
         return root
     specs = clip_specs(n_actors, clips_per_actor)
-    for spec in specs:
-        path = root / f"Actor_{spec.actor:02d}" / spec.file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(path, synthesize(spec, seed, speech_scale), SAMPLE_RATE_HZ, subtype="PCM_16")
+    for actor in sorted({spec.actor for spec in specs}):
+        (root / f"Actor_{actor:02d}").mkdir(parents=True, exist_ok=True)
+    write = functools.partial(_write_clip, root=root, seed=seed, speech_scale=speech_scale)
+    map_on_cores(write, specs)
     marker.write_text(stamp)
     log.info("demo corpus: %d clips of %d actors in %s", len(specs), n_actors, root)
     return root
@@ -228,7 +236,7 @@ def unlabeled_pool_clips(
     """
     if seed == 0:
         raise ValueError("seed 0 makes the demo corpus's voices; the pool needs other speakers")
-    clips = []
+    drawn = []  # (name, the draw's spec, vowels)
     for speaker in range(1, n_speakers + 1):
         rng = np.random.default_rng([seed, speaker, 11])
         for i in range(clips_per_speaker):
@@ -241,8 +249,40 @@ def unlabeled_pool_clips(
             # a RavdessName only carries the draw into synthesize(); it is not stored
             spec = RavdessName(3, 1, emotion, intensity, 1 + i % 2, 1 + (i // 2) % 2, speaker)
             name = f"pool_{seed}_speaker{speaker:03d}_{i:04d}"
-            clips.append((name, synthesize(spec, seed, speech_scale, vowels=vowels)))
-    return clips
+            drawn.append((name, spec, vowels))
+    waveforms = map_on_cores(
+        functools.partial(_pool_clip, seed=seed, speech_scale=speech_scale),
+        [(spec, vowels) for _, spec, vowels in drawn],
+    )
+    return [(name, y) for (name, _, _), y in zip(drawn, waveforms, strict=True)]
+
+
+def _write_clip(spec: RavdessName, root: Path, seed: int, speech_scale: float) -> None:
+    """Synthesise one corpus clip and write it to its RAVDESS path under ``root``."""
+    path = root / f"Actor_{spec.actor:02d}" / spec.file_name
+    sf.write(path, synthesize(spec, seed, speech_scale), SAMPLE_RATE_HZ, subtype="PCM_16")
+
+
+def _pool_clip(job: tuple[RavdessName, str], seed: int, speech_scale: float) -> np.ndarray:
+    spec, vowels = job
+    return synthesize(spec, seed, speech_scale, vowels=vowels)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_on_cores(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]``, in order, spread over a process pool of this machine's
+    cores when there are at least :data:`PARALLEL_MIN_CLIPS` items (each clip is synthesised
+    from its own seed, so the results do not depend on the pool). ``spawn``ed processes: the
+    caller may hold threads (a Ray driver) that a fork would copy half-way."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2 or len(items) < PARALLEL_MIN_CLIPS:
+        return [fn(x) for x in items]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(cores, mp_context=context) as pool:
+        return list(pool.map(fn, items, chunksize=max(1, len(items) // (8 * cores))))
 
 
 #: Demo corpus sizes: the full RAVDESS-sized set and the small one behind --smoke-test.
