@@ -146,19 +146,26 @@ def test_a_stream_that_changed_under_training_is_an_error():
 
 def test_fold_datasets_stream_the_rows_read_split_reads(demo_features):
     """The Ray datasets a TorchTrainer gets hold exactly the split's rows and columns, in
-    the same order on every pass."""
-    from ser_ray.distributed.ingest import data_config, fold_datasets, split_columns
+    the same order on every pass; a small source's are read at once and held, with the same
+    rows in the same order as Ray Data's reads of a large one."""
+    from ray.data.dataset import MaterializedDataset
+
+    from ser_ray.distributed.ingest import data_config, fold_datasets, source_dataset, split_columns
 
     source = demo_features / "features"
     datasets = fold_datasets(source, {"train": [3, 9], "val": []}, "waveform")
     assert set(datasets) == {"train"}
     ds = datasets["train"]
-    ds.context.execution_options = data_config()._resolve_execution_options("train")
-    passes = [
-        pa.concat_tables(ds.iter_batches(batch_size=16, batch_format="pyarrow")) for _ in (0, 1)
-    ]
+    assert isinstance(ds, MaterializedDataset)  # held: no read task per pass
+    lazy = source_dataset(source, split_columns("waveform"), [3, 9], hold=False)
+    assert not isinstance(lazy, MaterializedDataset)
+    passes = []
+    for dataset in (ds, ds, lazy):
+        dataset.context.execution_options = data_config()._resolve_execution_options("train")
+        batches = dataset.iter_batches(batch_size=16, batch_format="pyarrow")
+        passes.append(pa.concat_tables(batches))
     assert passes[0].column_names == split_columns("waveform")
-    assert passes[0].equals(passes[1])
+    assert passes[0].equals(passes[1]) and passes[0].equals(passes[2])
     direct = read_split(source, [3, 9], split_columns("waveform"))
     assert passes[0].num_rows == direct.num_rows == count_split(source, [3, 9]) == 32
     key = "path"

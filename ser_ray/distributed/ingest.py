@@ -15,10 +15,13 @@ same order.
 
 Choices:
 
-- **Read once or per pass**: a source of at most :data:`HOLD_MAX_BYTES` is read once per fold
-  (or pre-training run) and held in the object store (:func:`hold_if_small`): a Ray Data
-  execution per epoch and split started new Ray worker processes all through training (50 on
-  a default run). Larger sources are read again on each pass and never held whole.
+- **Read once or per pass**: a source of at most :data:`HOLD_MAX_BYTES` is read once, in
+  the process that builds the trainer (a fold's Tune trial, the pre-training driver), and
+  held in the object store (:func:`source_dataset`): no read task and no new Ray worker
+  process starts for it, at the start or in any epoch (a Ray Data execution per epoch and
+  split started 50 new processes on a default run; one per fold to read the held splits
+  still raised the raylet's worker-count warnings). Larger sources are read by Ray Data
+  again on each pass (:func:`parquet_dataset`) and never held whole.
 - **Order**: ``preserve_order`` makes every pass give the rows in the same order, so batches
   depend on the seed only (windows are cut from the stream, shuffled within).
 - **No split across DDP ranks** (``datasets_to_split=[]``): every rank streams the whole
@@ -71,14 +74,13 @@ def fold_datasets(
     labels: Sequence[str] | None = None,
 ) -> dict[str, ray.data.Dataset]:
     """One Ray dataset per split with actors (RAY): the split's rows (of ``labels`` only,
-    unless None), the needed columns; read once and held for every epoch when the source is
-    small (:func:`hold_if_small`)."""
-    datasets = {
-        name: parquet_dataset(source, split_columns(kind), actors, labels)
+    unless None), the needed columns; held when the source is small (:func:`source_dataset`)."""
+    hold = parquet_bytes(source) <= HOLD_MAX_BYTES
+    return {
+        name: source_dataset(source, split_columns(kind), actors, labels, hold=hold)
         for name, actors in split_actors.items()
         if actors
     }
-    return hold_if_small(datasets, parquet_bytes(source))
 
 
 def parquet_bytes(source: str | os.PathLike) -> int:
@@ -91,22 +93,37 @@ def parquet_bytes(source: str | os.PathLike) -> int:
     return total
 
 
-def hold_if_small(
-    datasets: dict[str, ray.data.Dataset], source_bytes: int
-) -> dict[str, ray.data.Dataset]:
-    """``datasets`` read now, once, in order, and held in the object store when their source
-    has at most :data:`HOLD_MAX_BYTES` (RAY: ``materialize``): every epoch then iterates
-    the held blocks, and no read task (and no new Ray worker process) starts per epoch. A
-    larger source stays a lazy dataset read again on each pass, so a fold never holds more
-    than the cap; the worker's window (:class:`~ser_ray.training.clip_stream.ClipStream`)
-    bounds its own memory either way."""
-    if source_bytes > HOLD_MAX_BYTES:
-        return datasets
-    held = {}
-    for name, dataset in datasets.items():
-        dataset.context.execution_options.preserve_order = True  # the order of every pass
-        held[name] = dataset.materialize()
-    return held
+def source_dataset(
+    source: str | os.PathLike,
+    columns: Sequence[str],
+    actors: Sequence[int] | None = None,
+    labels: Sequence[str] | None = None,
+    *,
+    hold: bool | None = None,
+) -> ray.data.Dataset:
+    """The rows of ``actors`` and ``labels`` (all when None) of a Parquet folder, ``columns``
+    only, as a Ray dataset (RAY). ``hold`` (default: the source has at most
+    :data:`HOLD_MAX_BYTES`): read here, now, and held in the object store as one block
+    (``ray.data.from_blocks``), so every pass iterates the held rows and no read task starts;
+    else :func:`parquet_dataset`, read again on each pass. The same rows in the same order
+    either way (files in name order, rows in file order)."""
+    if hold is None:
+        hold = parquet_bytes(source) <= HOLD_MAX_BYTES
+    actors = None if actors is None else [int(a) for a in actors]
+    labels = None if labels is None else [str(label) for label in labels]
+    if not hold:
+        return parquet_dataset(source, columns, actors, labels)
+    import ray.data
+
+    filesystem, files = parquet_files(source)
+    if not files:
+        raise FileNotFoundError(f"{source}: no Parquet files")
+    tables = list(_read_files(pa.table({"file": files}), filesystem, list(columns), actors, labels))
+    if not tables:  # nothing to hold: the lazy dataset reads the same (no) rows
+        return parquet_dataset(source, columns, actors, labels)
+    # one block, its metadata taken here: from_arrow would start a task (in a new Ray worker
+    # process) for each block's metadata
+    return ray.data.from_blocks([pa.concat_tables(tables)])
 
 
 def parquet_dataset(

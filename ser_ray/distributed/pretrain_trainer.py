@@ -98,12 +98,9 @@ def fit_pretraining(
     if not paths:
         chosen = "all actors" if actors is None else f"actors {list(actors)}"
         raise ValueError(f"{source}: no clips to pre-train on ({chosen})")
-    # RAY. Read once and held for every epoch when small (the demo pool: 40 epochs), so no
-    # read task, and no new Ray worker process, starts per epoch.
-    pool = ray_ingest.hold_if_small(
-        {POOL_DATASET: ray_ingest.parquet_dataset(source, POOL_COLUMNS, actors)},
-        ray_ingest.parquet_bytes(source),
-    )
+    # RAY. Read here and held for every epoch when small (the demo pool: 40 epochs), so no
+    # read task, and no new Ray worker process, starts for it.
+    pool = {POOL_DATASET: ray_ingest.source_dataset(source, POOL_COLUMNS, actors)}
     config = {
         **cfg.to_dict(),
         "num_clips": len(paths),

@@ -138,17 +138,20 @@ def fit_with_reports(
 
     fitting = threading.Thread(target=run, name="train-fit", daemon=True)
     fitting.start()
-    while True:
-        # fit() returns only after its controller's last callback has put its report
-        finished = not fitting.is_alive()
-        try:
-            report = reports.get(timeout=REPORT_POLL_S)
-        except Empty:
-            if finished:
-                break
-            continue
-        on_report(report)
-    fitting.join()
+    try:
+        while True:
+            # fit() returns only after its controller's last callback has put its report
+            finished = not fitting.is_alive()
+            try:
+                report = reports.get(timeout=REPORT_POLL_S)
+            except Empty:
+                if finished:
+                    break
+                continue
+            on_report(report)
+        fitting.join()
+    finally:
+        reports.shutdown(force=True)  # its process ends now, not when a handle is collected
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -491,7 +491,10 @@ def run_ssl_folds(
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(fold_numbers)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrent_folds),
+            # a finished fold's trial process takes the next fold: no new process, no imports
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=plan.concurrent_folds, reuse_actors=True
+            ),
             run_config=tune.RunConfig(
                 name=f"{variant.name}_folds",
                 storage_path=storage,
