@@ -7,6 +7,7 @@
   python jobs/benchmark.py gpu                        # six folds sharing one GPU, bf16/fp16
   python jobs/benchmark.py pretrain                   # our pre-training loop vs HF Trainer
   python jobs/benchmark.py ingest [--copies 1 4]      # worker memory: in-memory vs streamed clips
+  python jobs/benchmark.py run [--cold]               # the main job: stages, memory, processes, CPU
   python jobs/benchmark.py all                        # everything, one Markdown table
 
 Each writes OUT/benchmark_<name>.json; `all` also writes OUT/benchmarks.md.
@@ -23,6 +24,7 @@ from pathlib import Path
 # the benchmarks live beside jobs/, outside the installed package; Ray's workers get this path too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.default_run import add_run_args, run_default_job
 from benchmarks.folds import add_folds_args, run_folds_benchmark
 from benchmarks.gpu import add_gpu_args, run_gpu_benchmark
 from benchmarks.ingest import add_ingest_args, run_ingest_benchmark
@@ -50,6 +52,7 @@ BENCHMARKS = {
     "gpu": (add_gpu_args, run_gpu_benchmark, False, _format_figures),
     "pretrain": (add_pretrain_args, run_pretrain_benchmark, False, _format_figures),
     "ingest": (add_ingest_args, run_ingest_benchmark, True, _format_figures),
+    "run": (add_run_args, run_default_job, False, _format_figures),
 }
 # the headline figures of each benchmark and their targets, for the `all` table
 HEADLINES = {
@@ -74,6 +77,16 @@ HEADLINES = {
         ("memory_growth_x4_over_x1", "in-memory worker peak memory, 4x corpus / 1x", "-"),
         ("pretrain_stream_growth_x4_over_x1", "streamed TAPT worker peak memory, 4x / 1x", "~1"),
         ("pretrain_memory_growth_x4_over_x1", "in-memory TAPT worker peak memory, 4x / 1x", "-"),
+    ],
+    "run": [
+        ("wall_s", "python jobs/kfold.py, whole process, seconds", "<= 600 (cold cache)"),
+        ("peak_pss_gb", "its process tree's peak PSS, GB", "<= 6"),
+        ("peak_ray_processes", "most ray:: processes alive at once", "~12"),
+        (
+            "train_workers_cpu_share_in_folds",
+            "training workers' CPU share, folds",
+            ">= 0.8",
+        ),
     ],
 }
 
