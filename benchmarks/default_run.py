@@ -9,9 +9,9 @@ PSS summed over the tree, ``ray::`` processes alive, CPU seconds of each process
 Figures: wall time; when each stage ended (seconds from the start, from the console lines that
 close them); peak PSS; most ``ray::`` processes at once; the training workers' share of the
 tree's CPU time while the folds train (from the feature cache's line to the last fold's
-``done``) and the tree's use of the machine's cores over the whole run; how many raylet
-worker-count warnings and ``core_worker.cc`` error lines reached the console; each variant's
-mean test UA from ``summary.json``.
+``done``; the busiest kinds of process listed) and the tree's use of the machine's cores over
+the whole run; how many raylet worker-count warnings and ``core_worker.cc`` error lines reached
+the console; each variant's mean test UA from ``summary.json``.
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ def run_default_job(args: argparse.Namespace) -> dict[str, Any]:
             "core_worker_error_lines": errors,
         }
     )
+    busiest = sorted(folds.items(), key=lambda item: -item[1])[:8]
+    figures["folds_cpu_s_by_process"] = ", ".join(f"{name} {sec:.0f}" for name, sec in busiest)
     for variant, means in summary["mean"].items():
         figures[f"mean_uar_{variant}"] = means["uar"]
     return figures
