@@ -29,7 +29,8 @@ here; the other modules ask this one.
   every machine (float sums depend on the number of threads, so the encoder's weights would
   otherwise depend on the machine) and reserves that many CPUs, fewer on a smaller cluster.
 - **Parquet read tasks** (:data:`READ_TASK_CPUS`, :data:`READ_CONCURRENCY`): the map tasks
-  reading a fold's splits, a pre-training pool or the feature cache's input reserve no CPU,
+  reading a fold's splits or a pre-training pool (a source over 1 GiB; a smaller one is read
+  by the process that builds the trainer, no task) or the feature cache's input reserve no CPU,
   one task at a time per dataset (a worker reads one split at a time). Ray Data's own
   Parquet readers ask for CPUs before any row is read (the classic one samples files in
   tasks of one CPU each, ``use_datasource_v2`` lists files in such a task): with the
