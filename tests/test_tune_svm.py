@@ -53,6 +53,8 @@ def grid_run(demo_df, tmp_path_factory):
 
 def test_test_actors_never_reach_the_search(grid_run):
     assert [f["fold"] for f in grid_run.folds] == [1, 2, 3, 4, 5, 6]
+    # the grid of every fold in one Tune run (its start and trial processes paid once)
+    assert len({f["svm_inner"]["experiment_path"] for f in grid_run.folds}) == 1
     for f in grid_run.folds:
         test_actors, train_actors = RAVDESS.test_and_train(f["fold"])
         assert f["test_actors"] == test_actors
@@ -64,10 +66,13 @@ def test_test_actors_never_reach_the_search(grid_run):
         assert len(val_folds) == 5
         assert sorted(a for v in val_folds for a in v) == train_actors
         assert not {a for v in val_folds for a in v} & set(test_actors)
-        # and the same from the Tune results on disk (one result.json per trial)
-        results = sorted(Path(inner["experiment_path"]).glob("*/result.json"))
+        # and the same from the Tune results on disk (one result.json per trial): the fold's
+        # trials, in the one Tune run that searched every fold's grid
+        results = [Path(trial) / "result.json" for trial in inner["trial_paths"]]
         assert len(results) == len(TINY_GRID)
         for path in results:
+            assert path.parent.parent == Path(inner["experiment_path"])
+            assert json.loads((path.parent / "params.json").read_text())["fold"] == f["fold"]
             reported = json.loads(path.read_text().splitlines()[-1])
             seen = {int(a) for a in reported["actors_seen"].split()}
             assert seen == set(train_actors) and not seen & set(test_actors)
@@ -120,7 +125,8 @@ def test_grid_and_bayes_repeat_with_a_fixed_seed(grid_run, demo_df, tmp_path):
     inner = again.folds[0]["svm_inner"]
     assert inner["best_inner_uar"] == first["svm_inner"]["best_inner_uar"]
     assert inner["n_trials"] == len(TINY_GRID)  # configs scored
-    assert len(list(Path(inner["experiment_path"]).glob("*/params.json"))) == 1  # one trial
+    assert len(inner["trial_paths"]) == 1  # one trial
+    assert len(list(Path(inner["experiment_path"]).glob("*/params.json"))) == 1
     assert again.folds[0]["svm"] == first["svm"]
     pd.testing.assert_frame_equal(
         again.predictions,

@@ -1,14 +1,17 @@
 """Nested cross-validation of the MFCC + SVM baseline on Ray Tune (the Ray edge of svm.py).
 
 For each outer fold k, the training actors (the other five folds) go — and only they go —
-to a Tune search. Each trial scores one config by the inner actor-grouped cross-validation
+to a Tune search. Each trial scores configs by the inner actor-grouped cross-validation
 of :func:`ser_ray.models.svm.inner_cv_score` (UA, mean over the five remaining folds). The best
-config is refit on all training actors and scores fold k once. Outer folds run one after
-the other; within a fold the trials run in parallel, one CPU each.
+config is refit on all training actors and scores fold k once. The trials run in parallel,
+one CPU each.
 
-Ray touch-points: ``ray.tune.with_parameters`` (puts the training rows of one fold in the
-object store; the test rows are never passed), ``tune.report`` in :func:`svm_trial`, and the
-``Tuner`` in :func:`tune_fold`. Searchers: ``grid`` (``tune.grid_search`` over
+Ray touch-points: the ``Tuner`` of :func:`tune_folds_grid` (the grid search: one Tune run
+for every outer fold, its trials (fold, batch of the grid); Tune's start and its trial
+processes are paid once, not once per fold) and of :func:`tune_fold` (the Bayesian search, one
+run per fold: each fold has its own searcher); ``ray.put`` of each fold's training rows, which
+a trial fetches for its own fold only (the test rows are never passed);
+``tune.report`` in :func:`svm_trial`. Searchers: ``grid`` (``tune.grid_search`` over
 :func:`ser_ray.models.svm.svm_grid`) and ``bayes`` (Optuna TPE, seeded, asked in batches of
 ``max_concurrent_trials`` so that a fixed seed gives the same trials on every run).
 """
@@ -87,8 +90,10 @@ class SvmResult:
 
     ``folds``: one dict per outer fold: ``fold``, ``test_actors``, ``n_test``,
     ``svm`` ({"accuracy", "uar", "macro_f1"} on the test fold), ``svm_params`` (chosen
-    config), ``svm_search_s`` (wall time of the Tune search), ``svm_inner`` (best inner UA,
-    number of trials, the actors every trial received and the inner validation folds).
+    config), ``svm_search_s`` (wall time of the Tune run that searched it: with the grid, one
+    run searched every fold), ``svm_inner`` (best inner UA, number of configs scored, the
+    actors every trial received, the inner validation folds, the Tune run's folder and the
+    fold's trials' folders).
     ``predictions``: one row per clip of the tested folds.
     ``config``: the resolved settings of the run. Mean and std over folds:
     :func:`ser_ray.study.summary.fold_mean_std` of ``folds``.
@@ -134,6 +139,21 @@ def svm_trial(
             "inner_val_actors": "|".join(" ".join(map(str, a)) for a in val_actors),
         }
     )
+
+
+def svm_fold_trial(
+    config: dict[str, Any],
+    fold_rows: dict[int, Any],
+    fold_map: dict[int, int],
+    num_classes: int,
+) -> None:
+    """Tune trainable of :func:`tune_folds_grid`: :func:`svm_trial` on the training rows of
+    outer fold ``config["fold"]``, fetched here from the object store (``fold_rows``: one
+    reference per fold to its ``(X, y, actors)``; no other fold's rows are fetched)."""
+    import ray
+
+    X, y, actors = ray.get(fold_rows[int(config["fold"])])
+    svm_trial(config, X, y, actors, fold_map, num_classes)
 
 
 def grid_batches(grid_points: Sequence[dict[str, Any]], n_batches: int) -> list[list[dict]]:
@@ -223,7 +243,74 @@ def tune_fold(
     search_s = time.perf_counter() - start_s
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
-    return _best_of_search(results, search_s, name)
+    return _best_of_search(list(results), search_s, name, results.experiment_path)
+
+
+def tune_folds_grid(
+    train_rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    fold_map: dict[int, int],
+    num_classes: int,
+    storage_path: str | Path,
+    name: str,
+    smoke_test: bool = False,
+    grid: Sequence[dict[str, Any]] | None = None,
+    max_concurrent_trials: int | None = None,
+) -> dict[int, dict[str, Any]]:
+    """The grid search of every outer fold in one Tune run: ``train_rows`` maps each outer
+    fold to its training rows ``(X, y, actors)``; a trial scores one batch of the grid on one
+    fold's rows. Returns, per fold, what :func:`tune_fold` returns for it (``search_s``: the
+    whole run's wall time, every fold's search together; ``trial_paths``: the fold's trials)."""
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        raise RuntimeError("connect to a Ray cluster (ray.init) before the SVM search")
+    if max_concurrent_trials is None:
+        max_concurrent_trials = svm_concurrent_trials()
+    grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
+    points = [svm.svm_params(c) for c in grid_points]
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            svm_fold_trial,
+            fold_rows={k: ray.put(rows) for k, rows in train_rows.items()},
+            fold_map=fold_map,
+            num_classes=num_classes,
+        ),
+        SVM_TRIAL_RESOURCES,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "fold": tune.grid_search([int(k) for k in train_rows]),
+            "svm": tune.grid_search(grid_batches(points, max_concurrent_trials)),
+        },
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            max_concurrent_trials=max_concurrent_trials,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve()),
+            verbose=console.search_verbosity(),
+        ),
+    )
+    start_s = time.perf_counter()
+    results = tuner.fit()
+    search_s = time.perf_counter() - start_s
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+    return {
+        k: _best_of_search(
+            [r for r in results if int(r.config["fold"]) == k],
+            search_s,
+            f"{name} fold {k}",
+            results.experiment_path,
+        )
+        for k in train_rows
+    }
 
 
 def _search_space(
@@ -260,8 +347,10 @@ def _search_space(
     return {}, tune.TuneConfig(search_alg=searcher, num_samples=num_samples, reuse_actors=True)
 
 
-def _best_of_search(results: Any, search_s: float, name: str) -> dict[str, Any]:
-    """The best config of a finished search (a Tune ``ResultGrid``; ties broken by
+def _best_of_search(
+    results: Sequence[Any], search_s: float, name: str, experiment_path: str
+) -> dict[str, Any]:
+    """The best config of a finished search (its Tune ``Result``s; ties broken by
     :func:`ser_ray.models.svm.best_config`'s fixed rule, never by completion order) and what
     its trials saw: the dict :func:`tune_fold` returns (``n_trials``: configs scored)."""
     rows, seen, val_splits = [], set(), set()
@@ -287,7 +376,8 @@ def _best_of_search(results: Any, search_s: float, name: str) -> dict[str, Any]:
         "inner_val_actors": [
             [[int(a) for a in part.split()] for part in s.split("|")] for s in sorted(val_splits)
         ],
-        "experiment_path": results.experiment_path,
+        "experiment_path": experiment_path,
+        "trial_paths": sorted(str(result.path) for result in results),
     }
 
 
@@ -317,10 +407,11 @@ def run_nested_svm(
     ``df`` is the features table (columns ``path``, ``actor``, ``emotion``, ``mfcc_stats``),
     clips of labels the protocol drops already left out; its ``fold`` column is the
     protocol's fold of ``actor``. ``cfg.outer_folds`` restricts the outer folds (default: all
-    of the protocol). Tune results go to
-    ``storage_path/<variant>_<search>_fold<k>``. ``cfg.grid`` overrides the fixed grid of
-    ``search="grid"`` (default :func:`ser_ray.models.svm.svm_grid`); ``cfg.smoke_test`` picks its
-    small version. Needs a running Ray instance (``ray.init``).
+    of the protocol). Tune results go to ``storage_path/<variant>_grid`` (every fold's
+    grid search, one Tune run) or ``storage_path/<variant>_bayes_fold<k>``. ``cfg.grid``
+    overrides the fixed grid of ``search="grid"`` (default
+    :func:`ser_ray.models.svm.svm_grid`); ``cfg.smoke_test`` picks its small version. Needs a
+    running Ray instance (``ray.init``).
 
     ``cfg.feature_set`` picks the columns (:data:`ser_ray.models.svm.FEATURE_SETS`). With
     ``cfg.speaker_normalise`` every clip's features are z-normalised over its own actor's clips
@@ -332,9 +423,10 @@ def run_nested_svm(
     (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``).
     """
     rows, outer_folds = _read_rows(df, cfg, protocol)
+    found = _search_folds(rows, outer_folds, cfg, storage_path)
     fold_results, prediction_parts = [], []
     for k in outer_folds:
-        fold_result, predictions = _run_outer_fold(k, rows, cfg, storage_path, models_dir)
+        fold_result, predictions = _run_outer_fold(k, rows, cfg, found[k], models_dir)
         fold_results.append(fold_result)
         prediction_parts.append(predictions)
     return SvmResult(
@@ -369,38 +461,54 @@ def _read_rows(
     return rows, outer_folds
 
 
-def _run_outer_fold(
-    k: int,
-    rows: _Rows,
-    cfg: NestedSvmConfig,
-    storage_path: str | Path,
-    models_dir: str | Path | None,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Outer fold ``k``: search on its training actors, refit, test once on its test actors,
-    save the model; its result record and its test clips' predictions."""
-    names, num_classes, actors = rows.class_names, len(rows.class_names), rows.actors
+def _fold_masks(rows: _Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test rows, training rows) of outer fold ``k``, checked: no actor on both sides, some
+    test clips."""
+    actors = rows.actors
     test_actors, train_actors = rows.protocol.test_and_train(k)
     test_mask = np.isin(actors, test_actors)
     train_mask = np.isin(actors, train_actors)
     check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
     if not test_mask.any():
         raise ValueError(f"fold {k} (actors {test_actors}) has no clips")
+    return test_mask, train_mask
+
+
+def _search_folds(
+    rows: _Rows, outer_folds: Sequence[int], cfg: NestedSvmConfig, storage_path: str | Path
+) -> dict[int, dict[str, Any]]:
+    """Each outer fold's search on its training rows: the grid of every fold in one Tune run,
+    the Bayesian search in one run per fold."""
+    train_rows = {}
+    for k in outer_folds:
+        _, train_mask = _fold_masks(rows, k)
+        train_rows[int(k)] = (rows.X[train_mask], rows.y[train_mask], rows.actors[train_mask])
+    variant = cfg.variant.replace("+", "_")
+    common = {"fold_map": rows.fold_map, "num_classes": len(rows.class_names),
+              "storage_path": storage_path, "smoke_test": cfg.smoke_test, "grid": cfg.grid,
+              "max_concurrent_trials": cfg.max_concurrent_trials}  # fmt: skip
+    if cfg.search == "grid":
+        return tune_folds_grid(train_rows, name=f"{variant}_grid", **common)
+    return {
+        k: tune_fold(*train_rows[k], search=cfg.search, num_samples=cfg.num_samples,
+                     seed=cfg.seed, name=f"{variant}_{cfg.search}_fold{k}", **common)
+        for k in train_rows
+    }  # fmt: skip
+
+
+def _run_outer_fold(
+    k: int,
+    rows: _Rows,
+    cfg: NestedSvmConfig,
+    found: dict[str, Any],
+    models_dir: str | Path | None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Outer fold ``k`` after its search (``found``): refit, test once on its test actors,
+    save the model; its result record and its test clips' predictions."""
+    names, num_classes, actors = rows.class_names, len(rows.class_names), rows.actors
+    test_actors, _ = rows.protocol.test_and_train(k)
+    test_mask, train_mask = _fold_masks(rows, k)
     X_train, y_train = rows.X[train_mask], rows.y[train_mask]
-    found = tune_fold(
-        X_train,
-        y_train,
-        actors[train_mask],
-        search=cfg.search,
-        num_samples=cfg.num_samples,
-        fold_map=rows.fold_map,
-        num_classes=num_classes,
-        seed=cfg.seed,
-        storage_path=storage_path,
-        name=f"{cfg.variant.replace('+', '_')}_{cfg.search}_fold{k}",
-        smoke_test=cfg.smoke_test,
-        grid=cfg.grid,
-        max_concurrent_trials=cfg.max_concurrent_trials,
-    )
     leaked = sorted(set(found["actors_seen"]) & set(test_actors))
     if leaked:  # cannot happen by construction; a guard for future edits
         raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
@@ -461,6 +569,7 @@ def _fold_record(
             "actors_seen": found["actors_seen"],
             "inner_val_actors": found["inner_val_actors"],
             "experiment_path": str(found["experiment_path"]),
+            "trial_paths": found["trial_paths"],
         },
     }
 
