@@ -238,11 +238,7 @@ def tune_fold(
     tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
     )
-    start_s = time.perf_counter()
-    results = tuner.fit()
-    search_s = time.perf_counter() - start_s
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+    results, search_s = _fit(tuner)
     return _best_of_search(list(results), search_s, name, results.experiment_path)
 
 
@@ -297,11 +293,7 @@ def tune_folds_grid(
             verbose=console.search_verbosity(),
         ),
     )
-    start_s = time.perf_counter()
-    results = tuner.fit()
-    search_s = time.perf_counter() - start_s
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+    results, search_s = _fit(tuner)
     return {
         k: _best_of_search(
             [r for r in results if int(r.config["fold"]) == k],
@@ -311,6 +303,17 @@ def tune_folds_grid(
         )
         for k in train_rows
     }
+
+
+def _fit(tuner: Any) -> tuple[Any, float]:
+    """Run a ``Tuner`` (RAY); its ``ResultGrid`` and wall seconds, or an error naming how many
+    trials failed and the first one's error."""
+    start_s = time.perf_counter()
+    results = tuner.fit()
+    search_s = time.perf_counter() - start_s
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+    return results, search_s
 
 
 def _search_space(
