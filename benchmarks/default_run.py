@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-TRAIN_WORKER = "ray::RayTrainWorker"
+#: the processes that train the folds: a fold's own Tune trial when it trains in it (one
+#: worker per fold, the default), or its TorchTrainer's workers (DDP)
+TRAINING_PROCESSES = ("ray::ImplicitFunc", "ray::RayTrainWorker")
 #: stage -> the console line that ends it (the last such line, for stages of several lines)
 STAGE_ENDS = {
     "demo_corpus": r"demo corpus: \d+ clips",
@@ -155,7 +157,9 @@ def run_default_job(args: argparse.Namespace) -> dict[str, Any]:
         {
             "peak_pss_gb": max(s[1] for s in samples) / 2**30,
             "peak_ray_processes": max(s[2] for s in samples),
-            "train_workers_cpu_share_in_folds": folds.get(TRAIN_WORKER, 0.0)
+            "train_workers_cpu_share_in_folds": sum(
+                seconds for name, seconds in folds.items() if name.startswith(TRAINING_PROCESSES)
+            )
             / max(sum(folds.values()), 1e-9),
             "tree_cpu_use_of_cores": sum(whole.values()) / (wall_s * figures["cores"]),
             "raylet_worker_warnings": warnings,

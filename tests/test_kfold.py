@@ -1,5 +1,5 @@
 """The main job end to end: submitted to a real `ray start` cluster, killed and resumed,
-deterministic, and a training worker killed mid-fold."""
+deterministic, and a fold's training process killed mid-fold."""
 
 from __future__ import annotations
 
@@ -176,11 +176,14 @@ def test_job_submit_to_token_auth_cluster(submitted_run):
     assert sum(line.startswith("wav2vec2 fold ") for line in own) == 12  # 6 x (1 epoch + done)
     # the resource plan: one line, and the same in config.json (a 2-CPU cluster)
     assert [line for line in own if line.startswith("resource plan:")] == [
-        "resource plan: 2 of 6 folds at once, 1 worker(s) per fold, 1 CPU and 1 torch "
-        "thread(s) per worker (cluster: 2 CPUs, 0 GPUs)"
+        "resource plan: 2 of 6 folds at once, each in its Tune trial's process, 1 CPU and 1 "
+        "torch thread(s) per worker (cluster: 2 CPUs, 0 GPUs)"
     ]
     plan = json.loads((out / "config.json").read_text())["resource_plan"]
     assert (plan["concurrent_folds"], plan["cpus_per_worker"], plan["torch_threads"]) == (2, 1, 1)
+    assert plan["in_trial"] is True
+    # no fold ran a TorchTrainer: no Train run folder beside the folds' Tune experiment
+    assert sorted(p.name for p in (out / "ray").iterdir()) == ["wav2vec2_folds"]
 
 
 def _wav2vec2_done_folds(run: Path) -> set[int]:
@@ -192,6 +195,16 @@ def _wav2vec2_done_folds(run: Path) -> set[int]:
             if "test/uar" in row:
                 done.add(row["config"]["fold"])
     return done
+
+
+def _fold_checkpoints(run: Path) -> list[Path]:
+    """The wav2vec2 folds' checkpoints: each fold trains in its Tune trial (one worker)."""
+    return list((run / "ray" / "wav2vec2_folds").glob("*_fold=*/checkpoint_*/"))
+
+
+def _fold_of_trial_dir(trial_dir: Path) -> int:
+    """A fold trial's fold, from its folder's name (Tune's ``..._fold=<k>_<date>``)."""
+    return int(re.search(r"_fold=(\d+)_", trial_dir.name).group(1))
 
 
 def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, tmp_path):
@@ -211,27 +224,61 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
     driver.wait()
     finished = _wav2vec2_done_folds(run)
-    stamps = {p: p.stat().st_mtime_ns for p in (run / "ray").glob("wav2vec2_fold_*/checkpoint_*/")}
+    stamps = {p: p.stat().st_mtime_ns for p in _fold_checkpoints(run)}
     resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     # the table, then where it went
     assert _own_lines(resumed.stdout.splitlines())[-1].startswith("run folder:")
     _check_run_folder(run)
+    assert stamps, "no fold checkpoint before the kill"
     for path, stamp in stamps.items():  # checkpoints written before the kill are untouched
-        fold = int(path.parent.name.split("_")[-1])
-        if fold in finished and path.exists():
+        if _fold_of_trial_dir(path.parent) in finished and path.exists():
             assert path.stat().st_mtime_ns == stamp
-    for fold in finished:  # finished folds made no new checkpoint after the restart
-        assert not [p for p in (run / "ray" / f"wav2vec2_fold_{fold}").glob("checkpoint_*/")
-                    if p not in stamps]  # fmt: skip
+    for path in _fold_checkpoints(run):  # finished folds made no new checkpoint after the restart
+        assert path in stamps or _fold_of_trial_dir(path.parent) not in finished
     # same seed and config: the same fold metrics as the uninterrupted submitted run
     assert _fold_metrics(run) == _fold_metrics(submitted_run[0])
 
 
-def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
-    from test_train_loop import fit_fold_as_the_study_does
+def _fit_fold_in_its_trial(features_dir: Path, fold: int, cfg, out: Path, cache_dir: Path,
+                           max_failures: int = 0):  # fmt: skip
+    """One fold as the study trains it by default: the study's fold trial
+    (``kfold._fold_trial``, the plan of one worker per fold: training in the trial, one CPU)
+    in a Tune run of that trial alone (``out/ray/fold``), restarted by Tune up to
+    ``max_failures`` times; its outcome read back from the trial's final checkpoint."""
+    from ray import tune
 
+    from ser_ray.corpus.protocol import ravdess_protocol
+    from ser_ray.distributed.fold_inputs import build_fold_inputs
+    from ser_ray.distributed.fold_trainer import fold_result_from_checkpoint
+    from ser_ray.study.kfold import _fold_trial
+
+    train = {
+        "variant": "wav2vec2",
+        "inputs": {str(fold): build_fold_inputs(features_dir, cfg, cache_dir).to_config()},
+        "protocol": ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
+        "train_configs": {str(fold): cfg.to_dict()},
+        "tensorboard_dir": str(out / "tensorboard"),
+        **{"in_trial": True, "use_gpu": False, "torch_threads": 1},
+    }
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_fold_trial, train=train), {"CPU": 1}),
+        param_space={"fold": fold},
+        run_config=tune.RunConfig(
+            name="fold", storage_path=str(out / "ray"), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )  # fmt: skip
+    (result,) = tuner.fit()
+    assert result.error is None, result.error
+    return fold_result_from_checkpoint(result.checkpoint, out / f"fold_{fold}")
+
+
+def test_killed_fold_process_is_restored_from_its_checkpoint(ray_local, demo_features, tmp_path):
+    """The process that trains a fold (its Tune trial) killed after an epoch: Tune restarts
+    the trial, which resumes from its last checkpoint and ends as an unbroken run does."""
     from ser_ray.models.ssl import RANDOM_DEMO_MODEL
     from ser_ray.training.config import TrainConfig
 
@@ -239,14 +286,14 @@ def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features,
         model=RANDOM_DEMO_MODEL, epochs=4, batch_size=8, lr_encoder=5e-4, lr_head=2e-3
     )
     features = demo_features / "features"
-    reference = fit_fold_as_the_study_does(features, 2, cfg, tmp_path / "reference",
-                                           tmp_path / "cache")  # fmt: skip
+    reference = _fit_fold_in_its_trial(features, 2, cfg, tmp_path / "reference",
+                                       tmp_path / "cache")  # fmt: skip
 
     out = tmp_path / "killed"
     outcome: dict = {}
     thread = threading.Thread(
         target=lambda: outcome.update(
-            result=fit_fold_as_the_study_does(
+            result=_fit_fold_in_its_trial(
                 features, 2, cfg, out, tmp_path / "cache", max_failures=2
             )  # fmt: skip
         )
@@ -254,15 +301,15 @@ def test_killed_worker_is_restored_from_its_checkpoint(ray_local, demo_features,
     thread.start()
     killed = None
     while thread.is_alive() and killed is None:
-        if list((out / "ray" / "fold_2").glob("checkpoint_*")):
-            workers = [p for p in psutil.Process().children(recursive=True)
-                       if "RayTrainWorker" in _cmdline(p)]  # fmt: skip
-            if workers:
-                killed = workers[0].pid
-                workers[0].kill()
+        if list((out / "ray" / "fold").glob("*/checkpoint_*")):
+            trials = [p for p in psutil.Process().children(recursive=True)
+                      if "ImplicitFunc" in _cmdline(p)]  # fmt: skip
+            if trials:
+                killed = trials[0].pid
+                trials[0].kill()
         time.sleep(0.05)
     thread.join()
-    assert killed is not None, "training ended before a worker could be killed"
+    assert killed is not None, "training ended before its process could be killed"
     result = outcome["result"]
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert result.metrics["test/uar"] == reference.metrics["test/uar"]

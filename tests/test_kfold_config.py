@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ser_ray.corpus.protocol import ravdess_protocol
-from ser_ray.distributed.resources import gpus_per_worker, plan_folds
+from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker, plan_folds
 from ser_ray.study import summary
 from ser_ray.study.kfold import (
     KFoldConfig,
@@ -121,14 +121,21 @@ def test_the_resource_plan_gives_workers_whole_cpus_and_runs_what_fits(ray_local
     assert (plan.concurrent_folds, plan.cpus_per_worker, plan.torch_threads) == (2, 1.0, 1)
     assert plan.train_resources() == {"use_gpu": False, "resources_per_worker": {"CPU": 1.0}}
     assert "2 of 6 folds at once" in plan.line() and "1 torch thread" in plan.line()
+    # one worker per fold: the fold trains in its trial, which reserves the worker's CPU
+    assert plan.in_trial and plan.trial_resources() == {"CPU": 1.0}
+    assert "each in its Tune trial's process" in plan.line()
     big = plan_folds(KFoldConfig(), 6, {"CPU": 16})
     assert (big.concurrent_folds, big.cpus_per_worker, big.torch_threads) == (6, 2.0, 2)
     one = plan_folds(KFoldConfig(), 6, {"CPU": 1})
     assert (one.concurrent_folds, one.cpus_per_worker) == (1, 1.0)
     ddp = plan_folds(KFoldConfig(workers_per_fold=2), 6, {"CPU": 8})
     assert (ddp.concurrent_folds, ddp.cpus_per_worker) == (4, 1.0)
+    # DDP: a TorchTrainer per fold reserves the workers; its trial only its memory
+    assert not ddp.in_trial and ddp.trial_resources() == FOLD_TRIAL_RESOURCES
+    assert "2 TorchTrainer workers per fold" in ddp.line()
     gpu = plan_folds(KFoldConfig(), 6, {"CPU": 16, "GPU": 1})
     assert gpu.gpus_per_worker == pytest.approx(1 / 6) and gpu.concurrent_folds == 6
+    assert gpu.trial_resources() == {"CPU": 2.0, "GPU": pytest.approx(1 / 6)}
     # the flags win
     given = plan_folds(KFoldConfig(cpus_per_worker=0.5, concurrent_folds=3), 6, {"CPU": 2})
     assert (given.concurrent_folds, given.cpus_per_worker, given.torch_threads) == (3, 0.5, 1)

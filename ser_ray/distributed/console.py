@@ -45,6 +45,11 @@ def configure(verbose: bool) -> None:
         # Tune's "The `on_step_begin` operation took 0.8 s, which may be a performance
         # bottleneck": on a busy 2-core machine a few per run, about the machine, not the job
         os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
+        # Tune's "Experiment state snapshotting has been triggered multiple times": it saves
+        # the experiment's state whenever a fold trial has written num_to_keep checkpoints
+        # (so a resume never points at a deleted one), every few seconds in a smoke run; the
+        # state of six trials whose only parameter is the fold number is a few kB
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...

@@ -1,13 +1,17 @@
-"""The Ray Train edge of fine-tuning: one outer fold as a ``TorchTrainer``.
+"""The Ray edge of fine-tuning: one outer fold, trained in its Tune trial or by a
+``TorchTrainer``.
 
-Read top to bottom: :func:`train_fold_per_worker` (the per-worker function of a
-``TorchTrainer``; also what a Tune trial runs) in named steps — check the feature cache,
-open the fold's clip streams, train with resume, refit and score the test actors, write the
-fold's result — then :func:`build_fold_trainer` (the ``TorchTrainer`` of a fold, fed its
-splits as Ray datasets, :mod:`ser_ray.distributed.ingest`) and
-:func:`fold_result_from_checkpoint` (the fold's outcome from its final checkpoint).
-Ray touch-points are marked ``# RAY`` and go through :mod:`ser_ray.distributed.train_edge`; the loop
-itself (:mod:`ser_ray.training.finetune`) is Ray-free.
+Read top to bottom: the two ways in — :func:`train_fold_per_worker` (the per-worker function
+of a fold's ``TorchTrainer``, DDP) and :func:`train_fold_in_trial` (a fold of one worker, in
+its Tune trial's own process) — then :func:`train_fold`, what both run, in named steps: check
+the feature cache, open the fold's clip streams, train with resume, refit and score the test
+actors, write the fold's result. Then :func:`fold_data` (the fold's splits as Ray datasets,
+:mod:`ser_ray.distributed.ingest`), :func:`build_fold_trainer` (the ``TorchTrainer`` of a
+fold) and :func:`fold_result_from_checkpoint` (the fold's outcome from its final
+checkpoint). Ray touch-points are marked ``# RAY`` and go through the session
+(:class:`ser_ray.distributed.train_edge.WorkerSession` or
+:class:`ser_ray.distributed.train_in_tune.TrialSession`); the loop itself
+(:mod:`ser_ray.training.finetune`) is Ray-free.
 
 Validation actors come from the training side of the outer fold
 (:meth:`ser_ray.corpus.protocol.Protocol.split`); the test fold is only scored once, with the
@@ -57,7 +61,27 @@ RESULT_FILE = "result.json"
 
 
 def train_fold_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker function: train on ``train``, select on ``val``, score ``test``.
+    """Ray Train per-worker function of a fold's ``TorchTrainer``: :func:`train_fold` on this
+    worker (RAY)."""
+    train_fold(config, edge.WorkerSession())
+
+
+def train_fold_in_trial(config: dict[str, Any], *, device: str, torch_threads: int) -> None:
+    """One fold trained in this Tune trial's process (RAY; a fold of one worker, no
+    ``TorchTrainer``): :func:`train_fold` on the fold's splits of ``config["source"]`` as Ray
+    datasets (the ones :func:`build_fold_trainer` would give its trainer), on ``device`` with
+    ``torch_threads`` threads, reporting to Tune."""
+    from ser_ray.distributed.train_in_tune import TrialSession
+
+    config, datasets = fold_data(config)
+    train_fold(config, TrialSession(datasets, device, torch_threads))
+
+
+def train_fold(config: dict[str, Any], session) -> None:
+    """One fold in the process ``session`` describes (a Train worker's
+    :class:`~ser_ray.distributed.train_edge.WorkerSession` or a Tune trial's
+    :class:`~ser_ray.distributed.train_in_tune.TrialSession`): train on ``train``, select on
+    ``val``, score ``test``.
 
     ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
     ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
@@ -69,16 +93,16 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     cache's pooled layers are z-normalised per speaker: said in the saved model), ``log_dir``
     (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
     checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
-    the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from
-    ``ray.train.get_checkpoint()``; a run that had ended reports its final result again
+    the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from the
+    session's latest checkpoint; a run that had ended reports its final result again
     (:func:`ended_fold_report`).
     """
     cfg = TrainConfig.from_dict(config)
-    ctx = edge.worker_context()  # RAY
-    ended = ended_fold_report(edge.latest_checkpoint())  # RAY
+    ctx = session.context
+    ended = ended_fold_report(session.latest_checkpoint())  # RAY
     if ended is not None:
         log.info("fold %s had ended: its final checkpoint is reported again", config.get("fold"))
-        edge.report(ended)  # RAY
+        session.report(ended)  # RAY
         return
     kind = config.get("input_kind", "waveform")
     protocol = Protocol.from_dict(config["protocol"])
@@ -87,16 +111,13 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
     model, fe = build_model(cfg, class_names)
     inputs = FoldInputs.from_config(config)
     inputs.check(model, fe)
-    shards = {
-        name: ray_ingest.worker_shard(name)  # RAY
-        for name, n in config["split_clips"].items()
-        if n
-    }
+    shards = {name: session.dataset(name) for name, n in config["split_clips"].items() if n}
     clips = open_fold_clips(config, shards, cfg, protocol, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
     outcome = train_with_resume(
-        cfg, model, fe, clips, ctx, wrap, log_dir=config.get("log_dir") if ctx.rank == 0 else None
-    )
+        cfg, model, fe, clips, session, wrap,
+        log_dir=config.get("log_dir") if ctx.rank == 0 else None,
+    )  # fmt: skip
     final: dict[str, Any] = {
         "epoch": outcome.state.epoch,
         "best_epoch": outcome.state.best_epoch,
@@ -131,7 +152,7 @@ def train_fold_per_worker(config: dict[str, Any]) -> None:
         write_fold_result, outcome=outcome, model=model, feature_extractor=fe, frame=frame,
         result=result, rank=ctx.rank, speaker_norm=inputs.speaker_norm,
     )  # fmt: skip
-    edge.report(final, write, ctx.rank, every_rank_writes=True)  # RAY
+    session.report(final, write)  # RAY
 
 
 def ended_fold_report(checkpoint) -> dict[str, Any] | None:
@@ -210,13 +231,14 @@ def train_with_resume(
     model: PartwiseClassifier,
     feature_extractor,
     clips: dict[str, Clips],
-    ctx: edge.WorkerContext,
+    session,
     wrap,
     log_dir: str | None,
 ) -> TrainOutcome:
-    """:func:`run_training` on this worker, reporting every epoch with a checkpoint and
-    resuming from Ray Train's latest one (after a failure or a restart)."""
-    checkpoint = edge.latest_checkpoint()  # RAY
+    """:func:`run_training` in ``session``'s process, reporting every epoch with a checkpoint
+    and resuming from the session's latest one (after a failure or a restart)."""
+    ctx = session.context
+    checkpoint = session.latest_checkpoint()  # RAY
     with contextlib.ExitStack() as stack:
         resume_dir = None
         if checkpoint is not None:
@@ -233,9 +255,7 @@ def train_with_resume(
             world_size=ctx.world_size,
             wrap_model=wrap,
             resume_from=resume_dir,
-            on_epoch_end=lambda metrics, write: edge.report(  # RAY
-                metrics, write, ctx.rank, every_rank_writes=True
-            ),
+            on_epoch_end=session.report,  # RAY
             log_dir=log_dir,
         )
 
@@ -295,11 +315,10 @@ def kept_labels(protocol: Protocol) -> list[str] | None:
     return protocol.kept_labels if protocol.dropped_labels else None
 
 
-def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
-    """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
-    fold's train/val/test clips of ``config["source"]`` as Ray datasets
-    (:mod:`ser_ray.distributed.ingest`); ``trainer_kwargs`` go to
-    :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
+def fold_data(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config`` with ``split_clips`` (clips per split, counted before any row is read), and
+    the fold's train/val/test clips of ``config["source"]`` as Ray datasets by split
+    (:mod:`ser_ray.distributed.ingest`)."""
     protocol = Protocol.from_dict(config["protocol"])
     test_actors, fit_actors, val_actors = fold_splits(
         protocol, config["fold"], TrainConfig.from_dict(config)
@@ -307,13 +326,21 @@ def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
     split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
     source = config["source"]
     labels = kept_labels(protocol)
-    split_clips = count_splits(source, split_actors, labels)
+    datasets = ray_ingest.fold_datasets(  # RAY
+        source, split_actors, config.get("input_kind", "waveform"), labels
+    )
+    return {**config, "split_clips": count_splits(source, split_actors, labels)}, datasets
+
+
+def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
+    """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
+    fold's datasets (:func:`fold_data`); ``trainer_kwargs`` go to
+    :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
+    config, datasets = fold_data(config)
     return edge.build_torch_trainer(
         train_fold_per_worker,
-        {**config, "split_clips": split_clips},
-        datasets=ray_ingest.fold_datasets(  # RAY
-            source, split_actors, config.get("input_kind", "waveform"), labels
-        ),
+        config,
+        datasets=datasets,
         dataset_config=ray_ingest.data_config(),
         **trainer_kwargs,
     )

@@ -18,10 +18,16 @@ here; the other modules ask this one.
   each take whole, distinct GPUs, since Ray's fractional GPU ids are not unique and NCCL
   refuses two ranks on one device. TAPT's pre-training workers reserve the same as the
   folds'.
-- **Fold trials** (:data:`FOLD_TRIAL_RESOURCES`): each outer fold's Tune trial reserves no
-  CPU, only its process's memory (Tune needs a non-empty request); the ``TorchTrainer`` it
-  drives reserves the workers in its own placement group, so the plan's folds start at once
-  and the others queue.
+- **Where a fold trains** (:attr:`FoldPlan.in_trial`, :meth:`FoldPlan.trial_resources`): a
+  fold of one worker trains in its Tune trial's own process, which reserves the worker's CPUs
+  and GPUs. A ``TorchTrainer`` would add six Ray processes per fold (its controller, worker,
+  placement-group cleaner, synchronization actor, dataset manager, and the queue that hands
+  its reports to Tune) and their CPU time, for one worker that the trial's process can be
+  (default run on 2 cores: 19 ``ray::`` processes at most at once, the workers ~72% of the
+  CPU while the folds train). Folds of several workers (DDP) run a ``TorchTrainer``; their
+  trial reserves no CPU, only its process's memory (:data:`FOLD_TRIAL_RESOURCES`, Tune
+  needs a non-empty request), and the trainer reserves the workers in its own placement
+  group, so the plan's folds start at once and the others queue.
 - **TAPT tasks** (:data:`TAPT_TASK_CPUS`): the Ray task that launches one fold's
   pre-training reserves no CPU, for the same reason: the trainer does the work.
 - **The demo encoder's pre-training** (:func:`demo_encoder_resources`): nothing else runs
@@ -149,10 +155,18 @@ class FoldPlan:
     torch_threads: int  # per worker: its whole CPUs, at least one
     cluster_cpus: float
     cluster_gpus: float
+    in_trial: bool  # a fold trains in its Tune trial's process (one worker), not a TorchTrainer
 
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    def trial_resources(self) -> dict[str, float]:
+        """Tune resources of a fold's trial: the worker's when the fold trains in it, else
+        :data:`FOLD_TRIAL_RESOURCES` (its ``TorchTrainer`` reserves the workers)."""
+        if not self.in_trial:
+            return dict(FOLD_TRIAL_RESOURCES)
+        return dict(self.train_resources()["resources_per_worker"])
 
     def train_resources(self) -> dict[str, Any]:
         """``use_gpu`` and ``resources_per_worker`` of each fold's TorchTrainer."""
@@ -164,11 +178,15 @@ class FoldPlan:
     def line(self) -> str:
         """The plan in one line, for the console."""
         gpus = f" + {self.gpus_per_worker:g} GPU" if self.use_gpu else ""
+        where = (
+            "each in its Tune trial's process"
+            if self.in_trial
+            else f"{self.workers_per_fold} TorchTrainer workers per fold"
+        )
         return (
-            f"resource plan: {self.concurrent_folds} of {self.folds} folds at once, "
-            f"{self.workers_per_fold} worker(s) per fold, {self.cpus_per_worker:g} CPU{gpus} "
-            f"and {self.torch_threads} torch thread(s) per worker (cluster: "
-            f"{self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
+            f"resource plan: {self.concurrent_folds} of {self.folds} folds at once, {where}, "
+            f"{self.cpus_per_worker:g} CPU{gpus} and {self.torch_threads} torch thread(s) per "
+            f"worker (cluster: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs)"
         )
 
 
@@ -212,6 +230,7 @@ def plan_folds(
         torch_threads=max(1, int(cpus)),
         cluster_cpus=n_cpus,
         cluster_gpus=n_gpus,
+        in_trial=workers == 1,
     )
 
 

@@ -4,7 +4,9 @@ Everything a per-worker training function needs from Ray Train V2, in one place,
 the loops themselves stay Ray-free: :func:`worker_context` (rank, world size, device, the
 checkpoint to resume from), :func:`wrap_ddp`, :func:`report` (metrics + a checkpoint
 written by rank 0), :func:`checkpoint_text` and :func:`build_torch_trainer`
-(``FailureConfig``, storage, resources).
+(``FailureConfig``, storage, resources). :class:`WorkerSession` gathers what a fold's
+training function asks of its process; a fold that trains in its Tune trial instead gets a
+:class:`ser_ray.distributed.train_in_tune.TrialSession`, the same four things from Tune.
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ def worker_context(torch_threads: int | None = None) -> WorkerContext:
     return WorkerContext(
         context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
     )
+
+
+class WorkerSession:
+    """What a fold's training function asks of the process it runs in, here a Ray Train
+    worker (RAY): its :class:`WorkerContext`, the checkpoint to resume from, reports (metrics
+    and a checkpoint that ``write`` fills; every rank writes its own files) and the trainer's
+    datasets by name."""
+
+    def __init__(self) -> None:
+        self.context = worker_context()
+
+    def latest_checkpoint(self):
+        return latest_checkpoint()
+
+    def report(self, metrics: dict[str, Any], write: Callable[[Path], Any] | None = None) -> None:
+        report(metrics, write, self.context.rank, every_rank_writes=True)
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
 
 def wrap_ddp(model: nn.Module, world_size: int, find_unused_parameters: bool = True) -> nn.Module:

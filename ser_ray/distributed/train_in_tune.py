@@ -22,6 +22,12 @@ ends the trial at once, killing the Train controller before it has shut its work
 and their placement group then holds its CPUs for the rest of the job (Train's cleaner of
 such groups asks the State API, which a local Ray started without its dashboard lacks).
 
+A fold of one worker needs none of this: it trains in the trial's own process
+(:class:`TrialSession`, what :class:`ser_ray.distributed.train_edge.WorkerSession` gives a
+Train worker, from Tune: the trial's checkpoint to resume from, ``tune.report`` with a
+checkpoint, the fold's datasets read as a one-worker trainer's worker reads them), and Tune
+restores a failed trial from its latest checkpoint.
+
 The watchdog (:func:`stall_watchdog`) covers whatever else can stop a fold without an error:
 a running trial without a result for ``timeout_s`` fails the whole Tune run with a message
 naming the fold and the result it waited for.
@@ -29,10 +35,13 @@ naming the fold and the result it waited for.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from ser_ray.distributed import ingest
 from ser_ray.distributed import train_edge as edge
 
 TUNE_CONTROL_KEYS = ("done",)  # a result key Tune acts on (it ends the trial)
@@ -49,6 +58,39 @@ def fit_reporting_to_tune(build_trainer: Callable[[list], Any]) -> Any:
     from ray import tune
 
     return edge.fit_with_reports(build_trainer, lambda report: tune.report(checked_report(report)))
+
+
+class TrialSession:
+    """What a fold's training function asks of its process, when that is the fold's Tune
+    trial (RAY): rank 0 of one, on ``device`` with ``torch_threads`` threads; the trial's
+    checkpoint to resume from (``tune.get_checkpoint``); reports to Tune with a checkpoint
+    that ``write`` fills; ``datasets`` read as a one-worker ``TorchTrainer``'s worker reads
+    them (:func:`ser_ray.distributed.ingest.local_shards`: same rows, same order)."""
+
+    def __init__(self, datasets: dict[str, Any], device: str, torch_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.context = edge.WorkerContext(rank=0, world_size=1, device=torch.device(device))
+        self._shards = ingest.local_shards(datasets)
+
+    def latest_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], write: Callable[[Path], Any] | None = None) -> None:
+        from ray import tune
+
+        with tempfile.TemporaryDirectory() as tmp:  # Tune copies it to the trial's storage
+            checkpoint = None
+            if write is not None:
+                write(Path(tmp))
+                checkpoint = tune.Checkpoint.from_directory(tmp)
+            tune.report(checked_report(metrics), checkpoint=checkpoint)
+
+    def dataset(self, name: str):
+        return self._shards[name]
 
 
 def checked_report(report: dict[str, Any]) -> dict[str, Any]:

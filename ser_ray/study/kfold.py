@@ -2,14 +2,17 @@
 WavLM, ... fine-tuned or probed) on six folds concurrently -> one summary with the named
 variants side by side (:mod:`ser_ray.study.variants`).
 
-Each outer fold of an SSL variant is one Ray Tune trial, and each trial drives a Ray Train
-``TorchTrainer`` running :func:`ser_ray.distributed.fold_trainer.train_fold_per_worker` (Ray Train
-V2 + Tune interop). The trial itself only reserves a token CPU; the trainer reserves its workers
-(CPUs, fractional GPUs) in its own placement group, so all six folds run at once when the
-cluster has room and queue otherwise. Two layers of fault tolerance:
+Each outer fold of an SSL variant is one Ray Tune trial. A fold of one worker (the default)
+trains in the trial's own process
+(:func:`ser_ray.distributed.fold_trainer.train_fold_in_trial`), which reserves the worker's
+CPUs and GPUs; a fold of several workers (DDP) drives a Ray Train ``TorchTrainer`` running
+:func:`ser_ray.distributed.fold_trainer.train_fold_per_worker` (Ray Train V2 + Tune interop),
+whose workers reserve their CPUs and GPUs in its own placement group. The resource plan
+(:mod:`ser_ray.distributed.resources`) says which, and how many folds run at once. Two
+layers of fault tolerance:
 
-- a training worker that dies is restarted by Ray Train (``FailureConfig``) from the fold's
-  last epoch checkpoint;
+- a fold whose process dies is restarted from its last epoch checkpoint (by Tune,
+  ``FailureConfig``, for a fold in its trial; by Ray Train for a trainer's worker);
 - a driver that dies is continued with ``resume=True`` (``Tuner.restore``): finished folds
   are not re-run, unfinished ones resume from their checkpoints.
 """
@@ -37,7 +40,8 @@ from ser_ray.corpus.protocol import (
 from ser_ray.distributed import console
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
-from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, FoldPlan, plan_folds
+from ser_ray.distributed.resources import FoldPlan, plan_folds
+from ser_ray.distributed.train_edge import CHECKPOINT_PATH_KEY
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models import svm
@@ -194,7 +198,11 @@ class KFoldConfig:
         },
     )
     max_failures: int = dataclasses.field(
-        default=2, metadata={"help": "worker restarts per fold before the fold fails"}
+        default=2,
+        metadata={
+            "help": "restarts of a fold's training process (its Tune trial, or a TorchTrainer "
+            "worker) before the fold fails"
+        },
     )
     svm_search: str = dataclasses.field(
         default="grid",
@@ -412,10 +420,10 @@ def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
 
 
 def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
-    """One Tune trial = one outer fold (``config["fold"]``) of an SSL variant, trained by a
-    TorchTrainer (runs on the cluster); ``train`` holds what every fold shares
-    (``tune.with_parameters``)."""
-    from ser_ray.distributed.fold_trainer import build_fold_trainer
+    """One Tune trial = one outer fold (``config["fold"]``) of an SSL variant, trained in this
+    process (one worker) or by a TorchTrainer (DDP), as the resource plan says; ``train``
+    holds what every fold shares (``tune.with_parameters``)."""
+    from ser_ray.distributed.fold_trainer import build_fold_trainer, train_fold_in_trial
     from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
 
     fold = int(config["fold"])
@@ -427,6 +435,10 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         "protocol": train["protocol"],
         "log_dir": str(Path(train["tensorboard_dir"]) / train["variant"] / f"fold_{fold}"),
     }
+    if train["in_trial"]:
+        device = "cuda" if train["use_gpu"] else "cpu"
+        train_fold_in_trial(loop_config, device=device, torch_threads=train["torch_threads"])
+        return
     result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
         lambda callbacks: build_fold_trainer(
             loop_config,
@@ -474,6 +486,8 @@ def run_ssl_folds(
         "protocol": protocol.to_dict(),
         "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
         "workers_per_fold": cfg.workers_per_fold,
+        "in_trial": plan.in_trial,
+        "torch_threads": plan.torch_threads,
         "max_failures": cfg.max_failures,
         "storage_path": storage,
         "tensorboard_dir": str(out / "tensorboard"),
@@ -481,7 +495,7 @@ def run_ssl_folds(
     }
     # the param space is the fold number only: Tune's tables and saved state stay small
     trainable = tune.with_resources(
-        tune.with_parameters(_fold_trial, train=train), FOLD_TRIAL_RESOURCES
+        tune.with_parameters(_fold_trial, train=train), plan.trial_resources()
     )
     experiment = f"{storage.rstrip('/')}/{variant.name}_folds"
     if cfg.resume and tune.Tuner.can_restore(experiment):
@@ -498,7 +512,12 @@ def run_ssl_folds(
             run_config=tune.RunConfig(
                 name=f"{variant.name}_folds",
                 storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=1),
+                # a fold in its trial restarts as a Train worker would; a TorchTrainer's
+                # trial once more after the trainer's own restarts
+                failure_config=tune.FailureConfig(
+                    max_failures=cfg.max_failures if plan.in_trial else 1
+                ),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=console.tune_verbosity(),
                 callbacks=[
                     console.fold_progress_callback(variant.name, first.epochs),
@@ -514,7 +533,9 @@ def run_ssl_folds(
             raise RuntimeError(
                 f"{variant.name} fold {fold} failed: {result.error}"
             ) from result.error
-        checkpoint = ray.train.Checkpoint(result.metrics["checkpoint_path"])
+        # a TorchTrainer's final checkpoint is in its run folder, a trial's in Tune's
+        path = result.metrics.get(CHECKPOINT_PATH_KEY)
+        checkpoint = ray.train.Checkpoint(path) if path else result.checkpoint
         outcomes.append(
             fold_result_from_checkpoint(checkpoint, out / variant.name / f"fold_{fold}")
         )
