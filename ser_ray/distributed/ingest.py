@@ -8,10 +8,10 @@ feature-cache folder's rows of the split's actors, only the columns the worker n
 :func:`ser_ray.distributed.pretrain_trainer.fit_pretraining`);
 :func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
 ``ray.train.get_dataset_shard(name)`` in a :class:`~ser_ray.training.clip_stream.ClipStream`
-(:func:`shard_stream`), so a worker holds one window of clips at a time. An AdamW trial, a
-plain Tune function, reads the same datasets itself through :func:`local_shards`, the
-iterators ``data_config`` would give a one-worker trainer, so it gets the same rows in the
-same order.
+(:func:`shard_stream`), so a worker holds one window of clips at a time. A fold that trains
+in its Tune trial, and an AdamW trial, read the same datasets themselves through
+:func:`local_shards`, the iterators ``data_config`` would give a one-worker trainer, so they
+get the same rows in the same order.
 
 Choices:
 
@@ -197,8 +197,8 @@ def data_config() -> ray.train.DataConfig:
 
 def local_shards(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.DataIterator]:
     """The iterators a Train worker of a one-worker ``TorchTrainer`` gets from
-    :func:`data_config` (RAY), for a process that reads the datasets itself (an AdamW Tune
-    trial): the same rows in the same order, on every pass."""
+    :func:`data_config` (RAY), for a process that reads the datasets itself (a fold's or an
+    AdamW sweep's Tune trial): the same rows in the same order, on every pass."""
     return data_config().configure(
         datasets, world_size=1, worker_handles=None, worker_node_ids=None
     )[0]
