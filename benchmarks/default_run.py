@@ -9,9 +9,10 @@ PSS summed over the tree, ``ray::`` processes alive, CPU seconds of each process
 Figures: wall time; when each stage ended (seconds from the start, from the console lines that
 close them); peak PSS; most ``ray::`` processes at once; the training workers' share of the
 tree's CPU time while the folds train (from the feature cache's line to the last fold's
-``done``; the busiest kinds of process listed) and the tree's use of the machine's cores over
-the whole run; how many raylet worker-count warnings and ``core_worker.cc`` error lines reached
-the console; each variant's mean test UA from ``summary.json``.
+``done``; the busiest kinds of process listed), the tree's use of the machine's cores over
+the whole run and while the demo encoder is built (cold cache); how many raylet worker-count
+warnings and ``core_worker.cc`` error lines reached the console; each variant's mean test UA
+from ``summary.json``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def run_default_job(args: argparse.Namespace) -> dict[str, Any]:
     samples = sampler.samples
     folds_from = stage_end.get("feature_cache", stage_end.get("demo_encoder", 0.0))
     folds = cpu_seconds(samples, folds_from, stage_end.get("ssl_folds", wall_s))
+    encoder_from, encoder_to = stage_end.get("svm_sweeps", 0.0), stage_end.get("demo_encoder")
     whole = cpu_seconds(samples, 0.0, wall_s)
     summary = json.loads((out / "summary.json").read_text())
     figures: dict[str, Any] = {
@@ -162,6 +164,13 @@ def run_default_job(args: argparse.Namespace) -> dict[str, Any]:
             )
             / max(sum(folds.values()), 1e-9),
             "tree_cpu_use_of_cores": sum(whole.values()) / (wall_s * figures["cores"]),
+            # the demo encoder's pool and pre-training (cold cache only; nothing else runs)
+            "demo_encoder_cpu_use_of_cores": sum(
+                cpu_seconds(samples, encoder_from, encoder_to).values()
+            )
+            / ((encoder_to - encoder_from) * figures["cores"])
+            if encoder_to
+            else None,
             "raylet_worker_warnings": warnings,
             "core_worker_error_lines": errors,
         }

@@ -76,7 +76,7 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
         return model_dir
     settings = _settings(size)
     log.info(
-        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; up to 8 "
+        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; 3 to 7 "
         "minutes on 2 cores for the full one), cached in %s",
         settings["pool"],
         settings["pretrain"]["epochs"],
