@@ -68,9 +68,9 @@ class WorkerSession:
         report(metrics, write, self.context.rank, every_rank_writes=True)
 
     def dataset(self, name: str):
-        import ray.train
+        from ser_ray.distributed.ingest import worker_shard
 
-        return ray.train.get_dataset_shard(name)
+        return worker_shard(name)
 
 
 def wrap_ddp(model: nn.Module, world_size: int, find_unused_parameters: bool = True) -> nn.Module:
