@@ -1,5 +1,5 @@
 """The main job end to end: submitted to a real `ray start` cluster, killed and resumed,
-deterministic, and a fold's training process killed mid-fold."""
+deterministic, a fold's training process killed mid-fold, and DDP folds on TorchTrainers."""
 
 from __future__ import annotations
 
@@ -323,3 +323,24 @@ def _cmdline(process: psutil.Process) -> str:
         return " ".join(process.cmdline())
     except psutil.Error:
         return ""
+
+
+def test_ddp_folds_each_run_a_torch_trainer(tmp_path):
+    """--workers-per-fold 2: the plan gives each fold a TorchTrainer of two DDP workers (the
+    path a default run no longer takes); its final checkpoint reaches the run folder."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "jobs/kfold.py", "--smoke-test", "--variants", "wav2vec2",
+           "--workers-per-fold", "2", "--num-cpus", "2", "--out", str(run)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "1 of 6 folds at once, 2 TorchTrainer workers per fold" in done.stdout
+    assert json.loads((run / "config.json").read_text())["resource_plan"]["in_trial"] is False
+    summary = json.loads((run / "summary.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]
+    assert all(0 <= f["wav2vec2"]["uar"] <= 1 for f in summary["folds"])
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert len(predictions) == 192 and (predictions.fold == (predictions.actor - 1) // 4 + 1).all()
+    for fold in range(1, 7):  # each fold's Train run kept its checkpoints; the copy holds the model
+        assert list((run / "ray" / f"wav2vec2_fold_{fold}").glob("checkpoint_*"))
+        assert (run / "wav2vec2" / f"fold_{fold}" / "best_model" / "config.json").exists()
