@@ -25,10 +25,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.process_tree import TreeThread
 
 #: the processes that train the folds: a fold's own Tune trial when it trains in it (one
 #: worker per fold, the default), or its TorchTrainer's workers (DDP)
@@ -55,45 +56,29 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval-s", type=float, default=5.0, help="sampling period")
 
 
-class TreeSampler:
-    """Samples a process tree in a thread: ``samples`` = [(seconds, pss bytes, ray::
-    processes, {pid: (name, cpu seconds)})]."""
+class TreeSampler(TreeThread):
+    """Samples a process tree in a thread: ``samples`` = [(seconds since ``start``, pss
+    bytes, ray:: processes, {pid: (name, cpu seconds)})]."""
 
     def __init__(self, pid: int, start: float, interval_s: float) -> None:
-        self.pid, self.start, self.interval_s = pid, start, interval_s
+        super().__init__(pid, interval_s)
+        self.start = start
         self.samples: list[tuple[float, int, int, dict[int, tuple[str, float]]]] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _run(self) -> None:
+    def take(self, processes: list) -> None:
         import psutil
 
-        while not self._done.is_set():
+        pss, ray_processes, cpu = 0, 0, {}
+        for process in processes:
             try:
-                processes = [psutil.Process(self.pid)]
-                processes += processes[0].children(recursive=True)
-            except psutil.Error:
-                return
-            pss, ray_processes, cpu = 0, 0, {}
-            for process in processes:
-                try:
-                    pss += process.memory_full_info().pss
-                    name = process.name()
-                    times = process.cpu_times()
-                except psutil.Error:  # it just ended
-                    continue
-                ray_processes += name.startswith("ray::")
-                cpu[process.pid] = (name, times.user + times.system)
-            self.samples.append((time.perf_counter() - self.start, pss, ray_processes, cpu))
-            self._done.wait(self.interval_s)
+                pss += process.memory_full_info().pss
+                name = process.name()
+                times = process.cpu_times()
+            except psutil.Error:  # it just ended
+                continue
+            ray_processes += name.startswith("ray::")
+            cpu[process.pid] = (name, times.user + times.system)
+        self.samples.append((time.perf_counter() - self.start, pss, ray_processes, cpu))
 
 
 def cpu_seconds(samples, since_s: float, until_s: float) -> dict[str, float]:

@@ -12,18 +12,17 @@ import contextlib
 import threading
 
 
-class TreePeak:
-    """``with TreePeak(pid, interval_s) as peak: ...``, then ``peak.rss``, ``peak.pss`` (bytes,
-    summed over the tree; PSS counts shared pages such as libraries and Ray's object store
-    once) and ``peak.ray_workers`` (most ``ray::`` processes alive at once)."""
+class TreeThread:
+    """``with Subclass(pid, interval_s) as sampler: ...``: every ``interval_s`` seconds, in a
+    background thread, :meth:`take` gets the processes of ``pid``'s tree (the root first)
+    until the block ends or the root does."""
 
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+    def __init__(self, pid: int, interval_s: float) -> None:
         self.pid, self.interval_s = pid, interval_s
-        self.rss = self.pss = self.ray_workers = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> TreePeak:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -37,12 +36,30 @@ class TreePeak:
         with contextlib.suppress(psutil.Error):  # the root ended
             root = psutil.Process(self.pid)
             while not self._done.is_set():
-                rss = pss = workers = 0
-                for process in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):  # a process that just ended
-                        info = process.memory_full_info()
-                        rss, pss = rss + info.rss, pss + info.pss
-                        workers += process.name().startswith("ray::")
-                self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
-                self.ray_workers = max(self.ray_workers, workers)
+                self.take([root, *root.children(recursive=True)])
                 self._done.wait(self.interval_s)
+
+    def take(self, processes: list) -> None:
+        raise NotImplementedError
+
+
+class TreePeak(TreeThread):
+    """``with TreePeak(pid, interval_s) as peak: ...``, then ``peak.rss``, ``peak.pss`` (bytes,
+    summed over the tree; PSS counts shared pages such as libraries and Ray's object store
+    once) and ``peak.ray_workers`` (most ``ray::`` processes alive at once)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        super().__init__(pid, interval_s)
+        self.rss = self.pss = self.ray_workers = 0
+
+    def take(self, processes: list) -> None:
+        import psutil
+
+        rss = pss = workers = 0
+        for process in processes:
+            with contextlib.suppress(psutil.Error):  # a process that just ended
+                info = process.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+                workers += process.name().startswith("ray::")
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+        self.ray_workers = max(self.ray_workers, workers)
