@@ -352,17 +352,56 @@ def test_tapt_progress_line_reads_the_runs_loss_curve(tmp_path):
     assert line == "contrastive 3.941 -> 3.210 over 3 epochs, 120 s"
 
 
-def test_the_demo_encoder_runs_on_fixed_threads_whatever_the_cluster(monkeypatch):
+def test_the_demo_encoder_is_keyed_by_its_fixed_threads(monkeypatch):
     from ser_ray.distributed import demo_encoder, resources
 
     threads = resources.DEMO_ENCODER_THREADS
-    for cpus, reserved in ((1, 1.0), (threads, float(threads)), (64, float(threads))):
-        monkeypatch.setattr(resources, "_cluster_cpus", lambda cpus=cpus: cpus)
-        assert resources.demo_encoder_resources() == {"CPU": reserved}
     # the threads are part of the cached encoder's key: a build on other threads is not reused
     settings = demo_encoder._settings("full")
     assert settings["torch_threads"] == threads
     before = demo_encoder.demo_encoder_dir("full")
-    monkeypatch.setattr(resources, "DEMO_ENCODER_THREADS", threads + 1)
     monkeypatch.setattr(demo_encoder, "DEMO_ENCODER_THREADS", threads + 1)
     assert demo_encoder.demo_encoder_dir("full") != before
+
+
+def test_the_demo_encoder_builds_here_on_its_threads_and_resumes_a_cut_off_build(tmp_path):
+    import torch
+
+    from ser_ray.distributed.demo_encoder import pretrain_here
+    from ser_ray.features.unlabeled import write_demo_pool
+    from ser_ray.training.engine import read_safetensors
+
+    pool = write_demo_pool(tmp_path / "pool", n_speakers=2, clips_per_speaker=4)
+    cfg = PretrainConfig(epochs=2, batch_size=4, crop_s=1.0)  # demo-random, from scratch
+    threads, reported = [], []
+
+    def on_report(metrics):
+        reported.append(metrics["epoch"])
+        threads.append(torch.get_num_threads())
+
+    callers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = pretrain_here(pool, tmp_path / "whole", cfg, torch_threads=2, on_report=on_report)
+        assert torch.get_num_threads() == 1  # the caller's threads are given back
+    finally:
+        torch.set_num_threads(callers)
+    assert threads == [2, 2] and reported == [1, 2]
+    assert whole == tmp_path / "whole" / "epoch_2"
+    assert sorted(p.name for p in whole.parent.glob("epoch_*")) == ["epoch_2"]  # older removed
+
+    class CutOff(Exception):
+        pass
+
+    def cut_after_epoch_1(metrics):
+        raise CutOff
+
+    with pytest.raises(CutOff):
+        pretrain_here(pool, tmp_path / "cut", cfg, torch_threads=2, on_report=cut_after_epoch_1)
+    reported.clear()
+    resumed = pretrain_here(pool, tmp_path / "cut", cfg, torch_threads=2, on_report=on_report)
+    assert reported == [2]  # epoch 1 came from its checkpoint
+    expected = read_safetensors(whole / MODEL_DIR)
+    got = read_safetensors(resumed / MODEL_DIR)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

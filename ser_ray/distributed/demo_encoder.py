@@ -8,6 +8,12 @@ deterministic (fixed seeds, and the same number of torch threads on every machin
 under ``$SER_RAY_CACHE`` (default ``~/.cache/ser_ray``) in a folder named by a hash of its
 settings. ``--model demo-random`` is the same architecture with
 random weights (the reference the pre-training is measured against).
+
+The build runs in the calling process (the job's driver), not in a ``TorchTrainer``: the model
+is tiny, one process trains it, and nothing else runs meanwhile; a trainer of one worker
+cost ~12 s to start and ~0.9 s an epoch of reports and checkpoint copies, a quarter of the
+build on 2 cores (docs/benchmarks.md). It still checkpoints every epoch: a build cut off
+resumes from its last epoch the next time it is asked for.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ser_ray.distributed import console
-from ser_ray.distributed.pretrain_trainer import fit_pretraining
-from ser_ray.distributed.resources import DEMO_ENCODER_THREADS, demo_encoder_resources
-from ser_ray.features.unlabeled import write_demo_pool
+from ser_ray.distributed.resources import DEMO_ENCODER_THREADS
+from ser_ray.features.unlabeled import read_pool, write_demo_pool
 from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
-from ser_ray.training.pretrain import PretrainConfig
+from ser_ray.training.pretrain import MODEL_DIR, RESULT_FILE, PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +74,15 @@ def demo_encoder_dir(size: str = "full") -> Path:
     return cache / f"demo_encoder_{size}_{key}"
 
 
-def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
-    """The demo encoder's HF checkpoint folder; pre-trains it first if it is not cached
-    (Ray must be initialised)."""
+def ensure_demo_encoder(size: str = "full") -> Path:
+    """The demo encoder's HF checkpoint folder; pre-trains it here first if it is not cached."""
     root = demo_encoder_dir(size)
     model_dir = root / "model"
     if (model_dir / "model.safetensors").exists():
         return model_dir
     settings = _settings(size)
     log.info(
-        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; 3 to 7 "
+        "--model demo: pre-training the demo encoder once (%s pool, %d epochs; 2 to 5 "
         "minutes on 2 cores for the full one), cached in %s",
         settings["pool"],
         settings["pretrain"]["epochs"],
@@ -84,28 +90,75 @@ def ensure_demo_encoder(size: str = "full", use_gpu: bool = False) -> Path:
     )
     t0 = time.perf_counter()
     pool = write_demo_pool(root / "pool", **settings["pool"])
-    built = fit_pretraining(
+    built = pretrain_here(
         pool,
         root / "build",
         PretrainConfig.from_dict(settings["pretrain"]),
-        use_gpu=use_gpu,
-        resources_per_worker=demo_encoder_resources(),
-        max_failures=1,
         torch_threads=settings["torch_threads"],
         on_report=console.pretrain_progress("demo encoder", settings["pretrain"]["epochs"]),
     )
-    shutil.copytree(built, root / ".model.tmp", dirs_exist_ok=True)
-    shutil.copy2(root / "build" / "result.json", root / "result.json")
+    shutil.copytree(built / MODEL_DIR, root / ".model.tmp", dirs_exist_ok=True)
+    shutil.copy2(built / RESULT_FILE, root / "result.json")
     (root / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     os.replace(root / ".model.tmp", model_dir)  # complete or absent
+    shutil.rmtree(root / "build", ignore_errors=True)
     log.info("demo encoder ready in %.0f s: %s", time.perf_counter() - t0, model_dir)
     return model_dir
 
 
-def resolve_model(name: str, smoke_test: bool = False, use_gpu: bool = False) -> str:
+def pretrain_here(
+    pool: Path,
+    build_dir: Path,
+    cfg: PretrainConfig,
+    *,
+    torch_threads: int,
+    on_report: Callable[[dict[str, Any]], None],
+) -> Path:
+    """Pre-train on ``pool`` in this process, on the CPU with ``torch_threads`` torch threads
+    (the caller's count is restored after); returns the last epoch's checkpoint folder
+    (``model/``, ``result.json``, train state).
+
+    Every epoch's checkpoint goes to ``build_dir/epoch_<n>`` (complete once its
+    ``result.json`` is written, the older one removed after); a build cut off resumes from
+    the newest complete one, to the same weights. ``on_report`` gets every epoch's metrics.
+    """
+    import torch
+
+    from ser_ray.training import engine as eng
+    from ser_ray.training.pretrain import build_pretraining_model, run_pretraining
+
+    def complete() -> list[Path]:
+        done = [p for p in build_dir.glob("epoch_*") if (p / RESULT_FILE).exists()]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def on_epoch_end(metrics: dict[str, Any], write: Callable[[Path], Path]) -> None:
+        previous = complete()
+        write(build_dir / f"epoch_{metrics['epoch']}")
+        for old in previous:
+            shutil.rmtree(old, ignore_errors=True)
+        on_report(metrics)
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    resume = complete()[-1] if complete() else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        eng.seed_everything(cfg.seed)
+        model, fe = build_pretraining_model(cfg)
+        eng.seed_everything(cfg.seed, 0)
+        run_pretraining(
+            cfg, model, fe, read_pool(pool), resume_from=resume, on_epoch_end=on_epoch_end,
+            log_dir=build_dir / "tensorboard",
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return complete()[-1]
+
+
+def resolve_model(name: str, smoke_test: bool = False) -> str:
     """What ``load_model`` gets for a ``--model`` value: ``demo`` -> the pre-trained demo
     encoder's folder (built on first use); anything else unchanged (``demo-random`` is
     ``load_model``'s own name of the random-weight demo-size model)."""
     if name == DEMO_MODEL:
-        return str(ensure_demo_encoder("smoke" if smoke_test else "full", use_gpu=use_gpu))
+        return str(ensure_demo_encoder("smoke" if smoke_test else "full"))
     return name

@@ -30,10 +30,10 @@ here; the other modules ask this one.
   group, so the plan's folds start at once and the others queue.
 - **TAPT tasks** (:data:`TAPT_TASK_CPUS`): the Ray task that launches one fold's
   pre-training reserves no CPU, for the same reason: the trainer does the work.
-- **The demo encoder's pre-training** (:func:`demo_encoder_resources`): nothing else runs
-  while it is built; its one worker runs torch on :data:`DEMO_ENCODER_THREADS` threads on
-  every machine (float sums depend on the number of threads, so the encoder's weights would
-  otherwise depend on the machine) and reserves that many CPUs, fewer on a smaller cluster.
+- **The demo encoder's pre-training** runs in the job's driver, not on Ray
+  (:mod:`ser_ray.distributed.demo_encoder`): nothing else runs while it is built; torch runs
+  on :data:`DEMO_ENCODER_THREADS` threads on every machine (float sums depend on the number
+  of threads, so the encoder's weights would otherwise depend on the machine).
 - **Parquet read tasks** (:data:`READ_TASK_CPUS`, :data:`READ_CONCURRENCY`): the map tasks
   reading a fold's splits or a pre-training pool (a source over 1 GiB; a smaller one is read
   by the process that builds the trainer, no task) or the feature cache's input reserve no CPU,
@@ -232,12 +232,6 @@ def plan_folds(
         cluster_gpus=n_gpus,
         in_trial=workers == 1,
     )
-
-
-def demo_encoder_resources() -> dict[str, float]:
-    """``resources_per_worker`` of the demo encoder's one pre-training worker: a CPU per
-    torch thread (:data:`DEMO_ENCODER_THREADS`), at most the cluster's."""
-    return {"CPU": float(max(1, min(DEMO_ENCODER_THREADS, int(_cluster_cpus()))))}
 
 
 def cluster_has_gpu() -> bool:
