@@ -33,6 +33,7 @@ from ser_ray.training.finetune import (
     run_training,
     standardize_head,
     train_one_epoch,
+    warm_up_head,
 )
 
 CLASSES = ravdess.class_names()  # 8 emotions
@@ -532,6 +533,80 @@ def test_a_probe_head_trained_by_our_loop_matches_logistic_regression():
     metrics, _, _ = evaluate(model, test, batch_size=64, device=CPU, num_classes=4)
     assert 0.5 < reference_ua < 0.9  # a task the features hold, not a trivial one
     assert metrics["val/uar"] >= reference_ua - 0.05
+
+
+def test_the_head_warm_up_trains_the_head_alone_to_a_linear_probes_fit():
+    """LP-FT's first stage: on the training clips' pooled states under the initial encoder,
+    the head alone reaches what LogisticRegression reaches on them, the encoder is untouched,
+    and the fine-tuning's random stream is left as it was (the warm-up draws its own)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (train, x_train), (test, x_test) = pooled_clips(60, 1), pooled_clips(60, 3)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+    reference_ua = balanced_accuracy_score(
+        test.labels, reference.fit(x_train, train.labels).predict(x_test)
+    )
+    cfg = TrainConfig(model=RANDOM_DEMO_MODEL, head_warmup_epochs=20)
+    seed_everything(cfg.seed)
+    model, _ = build_model(cfg, CLASSES_4)
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    pooled, labels = standardize_head(model, train, batch_size=64, device=CPU, keep_pooled=True)
+    assert pooled.shape == (240, 3, 64) and labels.tolist() == train.labels.tolist()
+    before = metrics_of(model, test)
+    rng = torch.get_rng_state()
+    losses = warm_up_head(model, pooled, labels, cfg, CPU)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert losses["head_warmup/last_loss"] < 0.5 * losses["head_warmup/first_loss"]
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
+    after = metrics_of(model, test)
+    assert 0.5 < reference_ua < 0.9 and before["val/uar"] < 0.4  # random head: near chance
+    assert after["val/uar"] >= reference_ua - 0.05
+
+
+def metrics_of(model, clips) -> dict[str, float]:
+    metrics, _, _ = evaluate(model, clips, batch_size=64, device=CPU, num_classes=4)
+    return metrics
+
+
+def test_fine_tuning_starts_from_the_warmed_up_head_and_a_resumed_run_keeps_it(
+    clips, tmp_path, monkeypatch
+):
+    """run_training with head_warmup_epochs: the head is warmed up before the first step
+    (only the head moves), and a run resumed from a checkpoint does not warm it up again
+    (its head is in the checkpoint): it ends with the weights of an unbroken run."""
+    cfg = tiny_config(epochs=2, head_warmup_epochs=3)
+    seed_everything(cfg.seed)
+    model, fe = build_model(cfg, CLASSES)
+    q = model.encoder.encoder.layers[0].attention.q_proj.weight.detach().clone()
+    head = model.model.classifier.weight.detach().clone()
+    first: dict[str, torch.Tensor] = {}
+
+    def at_first_epoch(metrics, write):
+        if metrics["epoch"] == 1:
+            write(tmp_path / "epoch_1")
+
+    import ser_ray.training.finetune as finetune
+
+    real_step = finetune.train_one_epoch
+
+    def spy(engine, batches, cfg_, **kw):
+        if not first:  # the weights fine-tuning starts from
+            first["q"] = engine.model.encoder.encoder.layers[0].attention.q_proj.weight.clone()
+            first["head"] = engine.model.model.classifier.weight.detach().clone()
+        return real_step(engine, batches, cfg_, **kw)
+
+    monkeypatch.setattr(finetune, "train_one_epoch", spy)
+    run_training(cfg, model, fe, clips, None, on_epoch_end=at_first_epoch)
+    monkeypatch.undo()
+    assert torch.equal(first["q"], q) and not torch.equal(first["head"], head)
+    seed_everything(cfg.seed)
+    resumed, fe2 = build_model(cfg, CLASSES)
+    run_training(cfg, resumed, fe2, clips, None, resume_from=tmp_path / "epoch_1")
+    for name, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
 
 
 def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():

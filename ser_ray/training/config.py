@@ -71,6 +71,20 @@ class TrainConfig(LoopSettings):
     freeze_encoder_steps: int = dataclasses.field(
         default=0, metadata={"help": "train only the head for the first N optimizer steps"}
     )
+    head_warmup_epochs: int = dataclasses.field(
+        default=20,
+        metadata={
+            "help": "linear probing before fine-tuning (LP-FT, Kumar et al. 2022): train the "
+            "head alone for N epochs on the training clips' pooled layer states under the "
+            "initial encoder (computed once, held in memory: clips x layers x hidden floats), "
+            "then fine-tune from that head; 0 = off (the head starts from random). A probe "
+            "trains its head anyway and skips it. On the demo corpus 20 epochs moved every "
+            "fold up (docs/ssl_recipe.md)"
+        },
+    )
+    head_warmup_lr: float = dataclasses.field(
+        default=3e-3, metadata={"help": "peak LR of the head warm-up (head_warmup_epochs)"}
+    )
     spec_augment: bool = dataclasses.field(
         default=False,
         metadata={
@@ -139,6 +153,11 @@ class TrainConfig(LoopSettings):
             raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
         if self.use_feature_cache and not self.freeze_feature_encoder:
             raise ValueError("the feature cache needs a frozen CNN (freeze_feature_encoder=True)")
+        if self.head_warmup_epochs < 0 or self.head_warmup_lr <= 0:
+            raise ValueError(
+                f"head_warmup_epochs must be >= 0 and head_warmup_lr > 0, got "
+                f"{self.head_warmup_epochs} and {self.head_warmup_lr}"
+            )
 
 
 def build_model(cfg: TrainConfig, class_names: Sequence[str]) -> tuple[PartwiseClassifier, Any]:

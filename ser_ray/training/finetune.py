@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -201,6 +202,23 @@ def _inference_inputs(
 
 
 @torch.no_grad()
+def pooled_batches(
+    model: PartwiseClassifier, clips: Clips, *, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(pooled layer states (B, K, H), labels (B,)) of ``clips`` batch by batch, under the
+    model as it is, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for table in clips.windows():
+            for _, inputs in _inference_inputs(model, table, batch_size, device):
+                labels = inputs.pop("labels")
+                yield model.pooled_inputs(**inputs), labels
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def standardize_head(
     model: PartwiseClassifier,
     clips: Clips,
@@ -208,30 +226,110 @@ def standardize_head(
     batch_size: int,
     device: torch.device,
     world_size: int = 1,
-) -> None:
+    keep_pooled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Standardise the head's input with its mean and std over ``clips`` (the training
     clips, all ranks' together) under the model as it is (in eval mode): see
-    :meth:`ser_ray.models.ssl.PartwiseClassifier.standardize_head_inputs`."""
-    was_training = model.training
-    model.eval()
+    :meth:`ser_ray.models.ssl.PartwiseClassifier.standardize_head_inputs`.
+
+    With ``keep_pooled``, returns this rank's clips' pooled layer states and labels on the
+    CPU (what :func:`warm_up_head` trains on); else None."""
     hidden = model.config.hidden_size
     sums = torch.zeros(1 + 2 * hidden, dtype=torch.float64, device=device)  # n, sum, sum sq
-    for table in clips.windows():
-        for _, inputs in _inference_inputs(model, table, batch_size, device):
-            inputs.pop("labels")
-            x = model.layer_sum(model.pooled_inputs(**inputs)).double()
-            sums += torch.cat([x.new_tensor([len(x)]), x.sum(0), (x * x).sum(0)])
+    kept = []
+    for states, labels in pooled_batches(model, clips, batch_size=batch_size, device=device):
+        if keep_pooled:
+            kept.append((states.float().cpu(), labels.cpu()))
+        x = model.layer_sum(states).double()
+        sums += torch.cat([x.new_tensor([len(x)]), x.sum(0), (x * x).sum(0)])
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(sums)
-    model.train(was_training)
     count = float(sums[0])
     if count < 2:
         raise ValueError(f"{int(count)} training clips: the head's input needs 2 to standardise")
     mean = sums[1 : 1 + hidden] / count
     var = (sums[1 + hidden :] / count - mean * mean).clamp_min(0.0)
     model.standardize_head_inputs(mean.float(), var.sqrt().float())
+    return _concat(kept) if keep_pooled else None
+
+
+def _concat(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([p for p, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def gather_ranks(pooled: torch.Tensor, labels: torch.Tensor, world_size: int):
+    """Every rank's (pooled states, labels) concatenated in rank order, on every rank."""
+    if world_size == 1:
+        return pooled, labels
+    import torch.distributed as dist
+
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, (pooled, labels))
+    return _concat(parts)
+
+
+def warm_up_head(
+    model: PartwiseClassifier,
+    pooled: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Linear probing before fine-tuning (LP-FT): train the head alone (layer weights,
+    projector, classifier; no dropout) for ``cfg.head_warmup_epochs`` epochs on the training
+    clips' pooled layer states under the initial encoder, with AdamW at
+    ``cfg.head_warmup_lr`` on the loop's schedule; batches of ``cfg.batch_size`` clips drawn
+    by a generator of its own (the fine-tuning's batches and seeds stay as they are).
+
+    A fine-tuning that starts from a random head first spends the encoder's updates
+    correcting the head's errors; starting from a trained head it keeps what the frozen
+    encoder already separates (Kumar et al. 2022). Returns the first and last epoch's loss."""
+    head = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if p.requires_grad and not model.is_encoder_parameter(name)
+    ]
+    groups: dict[bool, list[nn.Parameter]] = {}
+    for name, p in head:
+        groups.setdefault(eng.no_weight_decay(name, p), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": 0.0 if skip else cfg.weight_decay}
+            for skip, params in sorted(groups.items())
+        ],
+        lr=cfg.head_warmup_lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+    )
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    engine = eng.build_engine(
+        model, optimizer, cfg, total_steps=steps_per_epoch * cfg.head_warmup_epochs,
+        device=device,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()  # no dropout; the encoder is not run
+    losses = []
+    for _ in range(cfg.head_warmup_epochs):
+        total = 0.0
+        for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
+            batch = {"pooled_layers": pooled[idx], "labels": labels[idx]}
+            logs = engine.step(
+                [batch],
+                functools.partial(_micro_batch_loss, device=device, group_clips=len(idx)),
+                where="in the head warm-up",
+            )
+            total += logs[0]["loss_sum"]
+        losses.append(total / n)
+    model.train(was_training)
+    log.info(
+        "head warm-up: %d epochs on %d clips' pooled layer states, loss %.4f -> %.4f",
+        cfg.head_warmup_epochs, n, losses[0], losses[-1],
+    )  # fmt: skip
+    return {"head_warmup/first_loss": losses[0], "head_warmup/last_loss": losses[-1]}
 
 
 def rank0_value(value: float, world_size: int, device: torch.device) -> float:
@@ -347,11 +445,20 @@ def run_training(
     """
     device = torch.device(device)
     model.to(device)
+    warm_up = cfg.head_warmup_epochs > 0 and not cfg.probe and resume_from is None
+    kept = None
     if cfg.standardize_head_inputs:  # from the initial encoder, on a resumed run too
-        standardize_head(
+        kept = standardize_head(
             model, train_clips, batch_size=cfg.eval_batch_size, device=device,
-            world_size=world_size,
+            world_size=world_size, keep_pooled=warm_up,
         )  # fmt: skip
+    if warm_up:  # a resumed run has its trained head in the checkpoint
+        if kept is None:
+            batches = pooled_batches(
+                model, train_clips, batch_size=cfg.eval_batch_size, device=device
+            )
+            kept = _concat([(p.float().cpu(), y.cpu()) for p, y in batches])
+        warm_up_head(model, *gather_ranks(*kept, world_size), cfg, device)
     wrapped = wrap_model(model) if wrap_model is not None else model
     num_batches = batches_per_epoch(
         train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
