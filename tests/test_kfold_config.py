@@ -15,6 +15,7 @@ from ser_ray.study.kfold import (
     study_train_config,
     train_config_for,
     trained_on,
+    warn_study_fields_in_params,
 )
 from ser_ray.study.variants import parse_variant, parse_variants
 
@@ -88,6 +89,22 @@ def test_flags_override_params_file(tmp_path):
         == 1e-4
     )
     assert train_config_for(KFoldConfig(smoke_test=True)).epochs == 1
+
+
+def test_a_params_file_setting_a_study_flag_is_warned_about(tmp_path, caplog):
+    """``refit``, ``epochs``, ... are the study's own (its flags decide them): a file that sets
+    them otherwise is not silently overruled."""
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"refit": True, "epochs": 8, "head_warmup_epochs": 0}))
+    cfg = KFoldConfig(params=str(best), train=study_train_config())
+    with caplog.at_level("WARNING"):
+        assert warn_study_fields_in_params(cfg) == ["refit"]  # epochs 8 is the study's
+    assert "sets refit" in caplog.text and "give --refit instead" in caplog.text
+    resolved = train_config_for(cfg)
+    assert resolved.refit is False and resolved.head_warmup_epochs == 0
+    flagged = KFoldConfig(params=str(best), train=study_train_config(refit=True))
+    assert warn_study_fields_in_params(flagged) == []
+    assert warn_study_fields_in_params(KFoldConfig()) == []
 
 
 def test_nested_params_per_fold(tmp_path):

@@ -306,6 +306,31 @@ def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
     return json.loads(Path(cfg.params).read_text()) if cfg.params else None
 
 
+def warn_study_fields_in_params(cfg: KFoldConfig) -> list[str]:
+    """Warn (once, before anything runs) about :data:`STUDY_FIELDS` a ``--params`` file sets to
+    other values than the study's: its flags decide those (:func:`train_config_for`), so the
+    file's values are not used. Returns the fields warned about."""
+    best = _read_params(cfg)
+    if best is None:
+        return []
+    sets = (
+        [v.get("params", v) for v in best["per_fold"].values()]
+        if "per_fold" in best
+        else [best.get("params", best)]
+    )
+    study = cfg.train.to_dict()
+    ignored = sorted(
+        {k for params in sets for k, v in params.items() if k in STUDY_FIELDS and study[k] != v}
+    )
+    for name in ignored:
+        log.warning(
+            "%s sets %s, one of the study's own settings, which its flags decide (%s=%r here): "
+            "the file's value is not used; give --%s instead",
+            cfg.params, name, name, study[name], name.replace("_", "-"),
+        )  # fmt: skip
+    return ignored
+
+
 def _is_sweep_result(best: dict[str, Any]) -> bool:
     """A one-set-for-all-folds file written by a sweep (not settings chosen by hand)."""
     return "per_fold" not in best and bool({"fold", "search", "val_uar"} & set(best))
@@ -645,6 +670,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
+    warn_study_fields_in_params(cfg)
     variants = parse_variants(cfg.variants)
     for variant in variants:  # before minutes of features and SVMs
         if variant.uses_encoder:
