@@ -102,8 +102,10 @@ def build_adamw(
     eps: float,
     part_of: Callable[[str], str] | None = None,
     no_decay: Callable[[str, nn.Parameter], bool] = no_weight_decay,
+    keep: Callable[[str], bool] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, one param group per (part, decay or not).
+    """AdamW over the trainable parameters (those ``keep(name)`` accepts, if given), one
+    param group per (part, decay or not).
 
     ``part_of(name)`` names each parameter's part (e.g. ``encoder`` or ``head``) and ``lr``
     maps parts to their peak LR; without parts, ``lr`` is one float. Groups are named
@@ -112,7 +114,7 @@ def build_adamw(
     """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in unwrap(model).named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (keep is None or keep(name)):
             part = part_of(name) if part_of is not None else ""
             groups.setdefault((part, no_decay(name, p)), []).append(p)
     if not groups:

@@ -286,22 +286,13 @@ def warm_up_head(
     A fine-tuning that starts from a random head first spends the encoder's updates
     correcting the head's errors; starting from a trained head it keeps what the frozen
     encoder already separates (Kumar et al. 2022). Returns the first and last epoch's loss."""
-    head = [
-        (name, p)
-        for name, p in model.named_parameters()
-        if p.requires_grad and not model.is_encoder_parameter(name)
-    ]
-    groups: dict[bool, list[nn.Parameter]] = {}
-    for name, p in head:
-        groups.setdefault(eng.no_weight_decay(name, p), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": params, "weight_decay": 0.0 if skip else cfg.weight_decay}
-            for skip, params in sorted(groups.items())
-        ],
+    optimizer = eng.build_adamw(
+        model,
         lr=cfg.head_warmup_lr,
+        weight_decay=cfg.weight_decay,
         betas=cfg.betas,
         eps=cfg.eps,
+        keep=lambda name: not model.is_encoder_parameter(name),
     )
     n = len(labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
