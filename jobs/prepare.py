@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ser_ray import cli
+from ser_ray.common import storage
 from ser_ray.corpus import demo_corpus, ravdess
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result.n_input} input files: {result.n_ok} with features, {result.n_rejected} "
         f"rejected ({state})\n  features: {result.features_dir}\n  rejected: "
-        f"{result.rejected_csv}\n  config:   {Path(args.out) / 'config.json'}"
+        f"{result.rejected_csv}\n  config:   {storage.join(result.out_dir, 'config.json')}"
     )
     return 0
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ser_ray import cli
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.distributed.pretrain_trainer import fit_pretraining
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL
 from ser_ray.training.pretrain import PretrainConfig
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model or (RANDOM_DEMO_MODEL if args.config == "demo" else args.config),
         epochs=1 if args.smoke_test else args.epochs,
     )
-    out = Path(args.out)
+    out = storage.absolute(args.out)
     cli.init_ray(args.address, args.num_cpus)
     pool = _pool(args.data_dir, out, args.smoke_test)
     config_file.save_config(
@@ -71,20 +70,26 @@ def main(argv: list[str] | None = None) -> int:
         pool, out, cfg, num_workers=args.workers, use_gpu=args.use_gpu,
         max_failures=args.max_failures,
     )  # fmt: skip
-    print(f"pre-trained model: {model_dir} (use it as --model); TensorBoard: {out / 'tensorboard'}")
+    tensorboard = storage.join(out, "tensorboard")
+    print(f"pre-trained model: {model_dir} (use it as --model); TensorBoard: {tensorboard}")
     return 0
 
 
-def _pool(data: str | None, out: Path, smoke_test: bool) -> str | Path:
+def _pool(data: str | None, out: str, smoke_test: bool) -> str:
+    """The pool to pre-train on, in the run location (``OUT/pool``) unless ``data`` is one."""
     from ser_ray.distributed.demo_encoder import DEMO_ENCODER_SIZES
     from ser_ray.features.unlabeled import is_pool, pool_from_audio_folder, write_demo_pool
 
-    if data is None:
-        size = "smoke" if smoke_test else "full"
-        return write_demo_pool(out / "pool", **DEMO_ENCODER_SIZES[size]["pool"])
-    if "://" in data or is_pool(data):
+    if data is not None and ("://" in data or is_pool(data)):
         return data
-    return pool_from_audio_folder(data, out / "pool")
+    location = storage.join(out, "pool")
+    with storage.staged(location) as local:  # on a URI: written here, then uploaded
+        if data is None:
+            size = "smoke" if smoke_test else "full"
+            write_demo_pool(local, **DEMO_ENCODER_SIZES[size]["pool"])
+        else:
+            pool_from_audio_folder(data, local)
+    return location
 
 
 if __name__ == "__main__":

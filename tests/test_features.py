@@ -101,7 +101,7 @@ def test_every_input_is_accounted_for(prepared_bad):
     for name, reason in EXPECTED_REJECTIONS.items():
         assert reason in rejected[name], (name, rejected[name])
     assert result.n_ok + result.n_rejected == result.n_input
-    config = json.loads((result.out_dir / "config.json").read_text())
+    config = json.loads((Path(result.out_dir) / "config.json").read_text())
     assert config["counts"] == {"input": 13, "ok": 7, "rejected": 6}
     assert config["actors"] == [1, 2] and config["input_kind"] == "ravdess"
 
@@ -149,7 +149,7 @@ def test_egemaps_equal_opensmiles_own_output(prepared_bad):
 
 def test_features_without_egemaps_are_refused_not_silently_empty(prepared_bad, tmp_path):
     result, _ = prepared_bad
-    table = pq.read_table(sorted(result.features_dir.glob("part-*.parquet"))[0])
+    table = pq.read_table(sorted(Path(result.features_dir).glob("part-*.parquet"))[0])
     old = tmp_path / "old" / "features"  # as an earlier version wrote it: no egemaps column
     old.mkdir(parents=True)
     pq.write_table(table.drop_columns(["egemaps"]), old / "part-00000.parquet")
@@ -169,7 +169,7 @@ def test_features_without_egemaps_are_refused_not_silently_empty(prepared_bad, t
 
 def test_feature_files_are_written_by_the_tasks_in_input_order(prepared_bad):
     result, _ = prepared_bad
-    files = sorted(result.features_dir.glob("part-*.parquet"))
+    files = sorted(Path(result.features_dir).glob("part-*.parquet"))
     # 13 inputs, 6 rejected before or in the tasks; batch_size=4 caps each task's file
     assert len(files) >= 2 and all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in files)
     paths = list(load_features(result.features_dir, ["path"]).path)
@@ -187,7 +187,7 @@ def test_in_process_runner_writes_what_ray_writes(prepared_bad, tmp_path):
     assert local.runner == "in-process" and result.runner == "ray"
     assert json.loads((tmp_path / "config.json").read_text())["runner"] == "in-process"
     tables = [
-        pa.concat_tables(pq.read_table(f) for f in sorted(r.features_dir.glob("part-*.parquet")))
+        pa.concat_tables(pq.read_table(f) for f in sorted(Path(r.features_dir).glob("part-*.parquet")))
         for r in (local, result)
     ]
     assert tables[0].num_rows == len(EXPECTED_OK)
@@ -199,7 +199,7 @@ def test_in_process_runner_writes_what_ray_writes(prepared_bad, tmp_path):
             np.stack(tables[1].column(name).to_numpy(zero_copy_only=False)),
             rtol=1e-5, atol=1e-4,
         )  # fmt: skip
-    assert local.rejected_csv.read_text() == result.rejected_csv.read_text()
+    assert Path(local.rejected_csv).read_text() == Path(result.rejected_csv).read_text()
     with pytest.raises(ValueError, match="runner='threads': choose one of auto, in-process, ray"):
         prepare_features(corpus, tmp_path / "x", runner="threads")
 
@@ -211,12 +211,12 @@ def test_a_batch_is_written_a_few_clips_at_a_time(prepared_bad, tmp_path, monkey
     whole = prepare_features(corpus, tmp_path / "whole", FeatureConfig(batch_size=13))
     monkeypatch.setattr(featurize, "WRITE_CHUNK_CLIPS", 3)
     chunked = prepare_features(corpus, tmp_path / "chunked", FeatureConfig(batch_size=13))
-    (file,) = sorted(chunked.features_dir.glob("part-*.parquet"))
+    (file,) = sorted(Path(chunked.features_dir).glob("part-*.parquet"))
     groups = [pq.ParquetFile(file).metadata.row_group(i).num_rows
               for i in range(pq.ParquetFile(file).metadata.num_row_groups)]  # fmt: skip
     assert sum(groups) == len(EXPECTED_OK) and len(groups) > 1 and max(groups) <= 3
-    assert pq.read_table(file).equals(pq.read_table(whole.features_dir / file.name))
-    assert chunked.rejected_csv.read_text() == whole.rejected_csv.read_text()
+    assert pq.read_table(file).equals(pq.read_table(Path(whole.features_dir) / file.name))
+    assert Path(chunked.rejected_csv).read_text() == Path(whole.rejected_csv).read_text()
 
 
 def test_rows_to_table_equals_pyarrows_row_conversion():
@@ -275,7 +275,7 @@ def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path
     at_once = prepare_features(corpus, tmp_path / "at_once", FeatureConfig(batch_size=4))
     later, without = tmp_path / "later", FeatureConfig(batch_size=4, egemaps=False)
     first = prepare_features(corpus, later, without, runner=runner)
-    before = {f.name: pq.read_table(f) for f in first.features_dir.glob("part-*.parquet")}
+    before = {f.name: pq.read_table(f) for f in Path(first.features_dir).glob("part-*.parquet")}
     assert all(t.column("egemaps").null_count == t.num_rows for t in before.values())
 
     def no_featurizing(*args, **kwargs):
@@ -285,7 +285,7 @@ def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path
     monkeypatch.setattr(prepare, "_featurize_on_ray", no_featurizing)
     added = prepare_features(corpus, later, FeatureConfig(batch_size=4), runner=runner)
     assert added.reused and (added.n_ok, added.n_rejected) == (first.n_ok, first.n_rejected)
-    after = {f.name: pq.read_table(f) for f in added.features_dir.glob("part-*.parquet")}
+    after = {f.name: pq.read_table(f) for f in Path(added.features_dir).glob("part-*.parquet")}
     assert after.keys() == before.keys()
     for name, table in after.items():
         assert table.drop_columns(["egemaps"]).equals(before[name].drop_columns(["egemaps"]))
@@ -296,14 +296,14 @@ def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path
     np.testing.assert_array_equal(np.stack(gained.egemaps), np.stack(whole.egemaps))
     record = json.loads((later / "config.json").read_text())
     assert record["features"]["egemaps"] is True and record["egemaps_added_s"] >= 0
-    assert not list(added.features_dir.glob("*.partial"))
+    assert not list(Path(added.features_dir).glob("*.partial"))
 
     def must_not_start_ray() -> None:
         raise AssertionError("a folder with eGeMAPS serves a run without them as it is")
 
     again = prepare_features(corpus, later, without, must_not_start_ray, runner)
     assert again.reused
-    assert {f.name: pq.read_table(f) for f in again.features_dir.glob("part-*.parquet")} == after
+    assert {f.name: pq.read_table(f) for f in Path(again.features_dir).glob("part-*.parquet")} == after
 
 
 def test_demo_features_load_as_hf_dataset(demo_features):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -114,7 +116,7 @@ def _normalised_rows(tmp_path, values, actors) -> dict[str, np.ndarray]:
     from ser_ray.distributed.feature_cache import speaker_normalised_cache
 
     cache = speaker_normalised_cache(_pooled_cache(tmp_path, values, actors))
-    assert cache.key == "pooled-k" and cache.path.parent.name == "pooled-k-spknorm"
+    assert cache.key == "pooled-k" and Path(cache.path).parent.name == "pooled-k-spknorm"
     table = pds.dataset(str(cache.path)).to_table()
     return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from ser_ray.common import storage
 from ser_ray.corpus import folds as ravdess_folds
 from ser_ray.corpus import ravdess, speaker_folds
 from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
@@ -239,11 +240,12 @@ class Protocol:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """``protocol.json`` at ``path``, a local path or a URI."""
+        storage.write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> Protocol:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(storage.read_text(path)))
 
 
 def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:

@@ -29,15 +29,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ser_ray.common import storage
 from ser_ray.common.storage import count_rows, list_column, parquet_files
 from ser_ray.distributed import console, resources
 from ser_ray.features.speaker_norm import speaker_normalize
@@ -68,12 +67,11 @@ def clips_digest(features_dir: str | os.PathLike) -> str:
     beside it (each clip's path, size and time, the settings), else a hash of the clips'
     paths in order (a folder without one, e.g. a URI). 12 hex digits."""
     text = str(features_dir)
-    if "://" not in text:
-        prepared = Path(text).parent / "config.json"
-        if prepared.exists():
-            fingerprint = json.loads(prepared.read_text()).get("fingerprint")
-            if fingerprint:
-                return str(fingerprint)[:12]
+    prepared = storage.join(storage.parent(text), "config.json")
+    if storage.exists(prepared):
+        fingerprint = json.loads(storage.read_text(prepared)).get("fingerprint")
+        if fingerprint:
+            return str(fingerprint)[:12]
     digest = hashlib.sha256()
     filesystem, files = parquet_files(text)
     for name in files:
@@ -143,15 +141,17 @@ class ClipFeatureUDF:
 class FeatureCache:
     """A finished cache: its Parquet folder, kind and key."""
 
-    path: Path
+    path: str  # a location (ser_ray.common.storage)
     kind: str
     key: str
     num_clips: int
 
 
-def _open(cache_dir: Path) -> FeatureCache:
-    info = json.loads((cache_dir / INFO_FILE).read_text())
-    return FeatureCache(cache_dir / DATA_DIR, info["kind"], info["key"], info["num_clips"])
+def _open(cache_dir: str) -> FeatureCache:
+    info = json.loads(storage.read_text(storage.join(cache_dir, INFO_FILE)))
+    return FeatureCache(
+        storage.join(cache_dir, DATA_DIR), info["kind"], info["key"], info["num_clips"]
+    )
 
 
 def build_feature_cache(
@@ -186,13 +186,16 @@ def build_feature_cache(
     kind = cache_kind(cfg.probe)
     net, fe = build_model(cfg, HEAD_CLASSES)  # the head is not cached: any two classes
     key = cache_key(net, fe, kind)
-    root = Path(cache_root).resolve()
-    final = root / f"{key}-{clips_digest(features_dir)}"  # another corpus: another cache
-    if (final / INFO_FILE).exists():
+    root = storage.absolute(cache_root)
+    # another corpus (or another model): another cache
+    final = storage.join(root, f"{key}-{clips_digest(features_dir)}")
+    if storage.exists(storage.join(final, INFO_FILE)):
         log.info("feature cache %s already built; reusing it", final)
         return _open(final)
-    work = root / f".building-{key}-{uuid.uuid4().hex[:8]}"
-    model_dir = save_model(net.model, fe, work / "model")
+    work = storage.join(root, f".building-{key}-{uuid.uuid4().hex[:8]}")
+    model_dir = storage.join(work, "model")  # where the actors, on any node, load it from
+    with storage.staged(model_dir) as local:
+        save_model(net.model, fe, local)
     if use_gpu is None:
         use_gpu = resources.cluster_has_gpu()
     if num_actors is None:
@@ -210,16 +213,14 @@ def build_feature_cache(
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             **resources.feature_cache_actor(use_gpu),
         )
-    ds.write_parquet(str(work / DATA_DIR), ray_remote_args=resources.feature_cache_write(use_gpu))
-    num_clips = count_rows(work / DATA_DIR)
-    shutil.rmtree(work / "model")
-    (work / INFO_FILE).write_text(
-        json.dumps({"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}, indent=2)
+    ds.write_parquet(
+        storage.join(work, DATA_DIR), ray_remote_args=resources.feature_cache_write(use_gpu)
     )
-    try:
-        os.replace(work, final)
-    except OSError:  # another builder finished first; theirs is identical
-        shutil.rmtree(work, ignore_errors=True)
+    num_clips = count_rows(storage.join(work, DATA_DIR))
+    storage.delete(model_dir)
+    info = {"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}
+    storage.write_text(storage.join(work, INFO_FILE), json.dumps(info, indent=2))
+    storage.replace_dir(work, final)
     log.info("feature cache %s: %d clips (%s)", final, num_clips, kind)
     return _open(final)
 
@@ -228,9 +229,9 @@ def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
     """Every clip's cached values, flat (row-major ``feature_rows x feature_dim``), by path:
     for a ``pooled`` cache the SVM's ``ssl`` features (:data:`ser_ray.models.svm.SSL_COLUMN`).
     """
-    import pyarrow.dataset as pds
 
-    table = pds.dataset(str(cache.path)).to_table(columns=["path", "features"])
+    dataset, _ = storage.actor_rows(cache.path, None)
+    table = dataset.to_table(columns=["path", "features"])
     return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
 
 
@@ -242,14 +243,14 @@ def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
 
     One table in the driver's memory (clips x layers x hidden floats, 0.4 GB for 10,000
     clips of a base-size encoder)."""
-    import pyarrow.dataset as pds
-
     if cache.kind != "pooled":
         raise ValueError(f"speaker normalisation needs pooled layers, not a {cache.kind} cache")
-    final = cache.path.parent.parent / f"{cache.path.parent.name}-spknorm"
-    if (final / INFO_FILE).exists():
+    root = storage.parent(storage.parent(cache.path))
+    name = f"{storage.base_name(storage.parent(cache.path))}-spknorm"
+    final = storage.join(root, name)
+    if storage.exists(storage.join(final, INFO_FILE)):
         return _open(final)
-    table = pds.dataset(str(cache.path)).to_table()
+    table = storage.actor_rows(cache.path, None)[0].to_table()
     values = np.stack(list_column(table, "features"))
     paths = table.column("path").to_pylist()
     normalised = speaker_normalize(values, table.column("actor").to_pylist(), paths)
@@ -257,15 +258,13 @@ def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
     offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[1], dtype=np.int32))
     column = table.schema.get_field_index("features")
     table = table.set_column(column, "features", pa.ListArray.from_arrays(offsets, flat))
-    work = final.parent / f".building-{final.name}-{uuid.uuid4().hex[:8]}"
-    (work / DATA_DIR).mkdir(parents=True)
-    pq.write_table(table, work / DATA_DIR / "part-0.parquet")
+    work = storage.join(root, f".building-{name}-{uuid.uuid4().hex[:8]}")
+    storage.make_dirs(storage.join(work, DATA_DIR))
+    filesystem, part = storage.filesystem_of(storage.join(work, DATA_DIR, "part-0.parquet"))
+    pq.write_table(table, part, filesystem=filesystem)
     info = {"key": cache.key, "kind": cache.kind, "num_clips": table.num_rows,
             "speaker_norm": True}  # fmt: skip
-    (work / INFO_FILE).write_text(json.dumps(info, indent=2))
-    try:
-        os.replace(work, final)
-    except OSError:  # another builder finished first; theirs is identical
-        shutil.rmtree(work, ignore_errors=True)
+    storage.write_text(storage.join(work, INFO_FILE), json.dumps(info, indent=2))
+    storage.replace_dir(work, final)
     log.info("speaker-normalised feature cache %s: %d clips", final, table.num_rows)
     return _open(final)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from ser_ray.common import storage
 from ser_ray.distributed import feature_cache
 from ser_ray.models.ssl import PartwiseClassifier
 from ser_ray.training.config import TrainConfig
@@ -75,7 +75,7 @@ def build_fold_inputs(
     if speaker_norm and not (train_config.probe and train_config.use_feature_cache):
         raise ValueError("speaker-normalised SSL inputs are a probe's cached pooled layers")
     if not train_config.use_feature_cache:
-        return FoldInputs(_resolved(features_dir), "waveform", None)
+        return FoldInputs(storage.absolute(features_dir), "waveform", None)
     cache = feature_cache.build_feature_cache(
         features_dir, cache_root, train_config=train_config, use_gpu=use_gpu
     )
@@ -102,9 +102,3 @@ def fold_inputs_per_fold(
             )
         inputs[fold] = by_model[model]
     return inputs
-
-
-def _resolved(folder: str | os.PathLike) -> str:
-    """An absolute local path, or the URI as given."""
-    text = str(folder)
-    return text if "://" in text else str(Path(text).resolve())

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from ser_ray.common import storage
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
@@ -236,10 +236,14 @@ def train_with_resume(
     log_dir: str | None,
 ) -> TrainOutcome:
     """:func:`run_training` in ``session``'s process, reporting every epoch with a checkpoint
-    and resuming from the session's latest one (after a failure or a restart)."""
+    and resuming from the session's latest one (after a failure or a restart). TensorBoard
+    events go to ``log_dir`` in the run location (on a URI: written on this node, uploaded
+    when the fold ends)."""
     ctx = session.context
     checkpoint = session.latest_checkpoint()  # RAY
     with contextlib.ExitStack() as stack:
+        if log_dir is not None:
+            log_dir = str(stack.enter_context(storage.staged(log_dir)))
         resume_dir = None
         if checkpoint is not None:
             resume_dir = Path(stack.enter_context(checkpoint.as_directory()))
@@ -354,22 +358,24 @@ class FoldOutcome:
     metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
     history: list[dict[str, float]]  # one row per epoch: train/*, val/*
     predictions: pd.DataFrame  # the test actors' clips, predictions.csv format
-    model_dir: Path  # the tested weights (best epoch, or refit), an HF checkpoint
+    model_dir: str  # the tested weights (best epoch, or refit), an HF checkpoint's location
 
 
 def fold_result_from_checkpoint(checkpoint, fold_dir: str | os.PathLike) -> FoldOutcome:
     """Copy a fold's final checkpoint (what :func:`write_fold_result` wrote:
-    ``best_model/``, ``predictions.csv``, ``result.json`` and the training state) to
-    ``fold_dir``, replacing what was there, and read the fold's outcome from it (RAY:
-    ``Checkpoint.to_directory``)."""
-    fold_dir = Path(fold_dir)
-    shutil.rmtree(fold_dir, ignore_errors=True)
-    checkpoint.to_directory(str(fold_dir))
-    info = json.loads((fold_dir / RESULT_FILE).read_text())
+    ``best_model/``, ``predictions.csv``, ``result.json`` and the training state) to the
+    location ``fold_dir``, replacing what was there, and read the fold's outcome from it
+    (RAY: ``Checkpoint.to_directory``)."""
+    fold_dir = storage.absolute(fold_dir)
+    storage.delete(fold_dir)
+    with storage.staged(fold_dir) as local:
+        checkpoint.to_directory(str(local))
+        info = json.loads((local / RESULT_FILE).read_text())
+        predictions = pd.read_csv(local / PREDICTIONS_FILE)
     return FoldOutcome(
         fold=int(info["fold"]),
         metrics=info["metrics"],
         history=info["history"],
-        predictions=pd.read_csv(fold_dir / PREDICTIONS_FILE),
-        model_dir=fold_dir / BEST_MODEL_DIR,
+        predictions=predictions,
+        model_dir=storage.join(fold_dir, BEST_MODEL_DIR),
     )

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 
+from ser_ray.common import storage
 from ser_ray.common.storage import count_rows
 from ser_ray.corpus import sources
 from ser_ray.corpus.clips import ClipTable
@@ -59,9 +59,9 @@ RUNNERS = ("auto", "in-process", "ray")
 
 @dataclasses.dataclass
 class PrepareResult:
-    out_dir: Path
-    features_dir: Path
-    rejected_csv: Path
+    out_dir: str  # a location: local folder or URI (ser_ray.common.storage)
+    features_dir: str
+    rejected_csv: str
     n_input: int
     n_ok: int
     n_rejected: int
@@ -130,11 +130,11 @@ def prepare_features(
     start = time.perf_counter()
     if config.egemaps:
         audio.check_opensmile()  # fail here, before any work, where openSMILE cannot run
-    out = Path(out_dir)
+    out = storage.absolute(out_dir)
     features_dir, rejected_csv, config_json = (
-        out / "features",
-        out / "rejected.csv",
-        out / "config.json",
+        storage.join(out, "features"),
+        storage.join(out, "rejected.csv"),
+        storage.join(out, "config.json"),
     )
     source = str(data_dir)
     inputs = inputs or read_corpus_inputs(source, config)
@@ -152,12 +152,12 @@ def prepare_features(
             previous.get("runner", "ray"),
         )  # fmt: skip
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / "features.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    runner, outcome = _featurize(inputs.table, config, staging, runner, connect)
-    ok, rejected = _checked_outcome(outcome, inputs, staging)
+    # written in place: its _SUCCESS mark, written last, says the folder is complete (an
+    # object store has no folder rename to publish a staged one with)
+    storage.delete(features_dir)
+    storage.make_dirs(features_dir)
+    runner, outcome = _featurize(inputs.table, config, features_dir, runner, connect)
+    ok, rejected = _checked_outcome(outcome, inputs, features_dir)
 
     counts = {"input": inputs.n_input, "ok": ok.num_rows, "rejected": len(rejected)}
     record = {
@@ -171,7 +171,7 @@ def prepare_features(
         "counts": counts,
     }
     seconds = _write_outputs(
-        staging, ok, rejected, record, start,
+        ok, rejected, record, start,
         features_dir=features_dir, rejected_csv=rejected_csv, config_json=config_json,
     )  # fmt: skip
     log.info(
@@ -184,11 +184,11 @@ def prepare_features(
     )  # fmt: skip
 
 
-def _previous_run(config_json: Path, features_dir: Path, key: str) -> dict | None:
+def _previous_run(config_json: str, features_dir: str, key: str) -> dict | None:
     """The record (``config.json``) of a finished earlier run with the same fingerprint
     ``key`` (same inputs and settings), whose output can be reused; None if there is none."""
-    if config_json.exists() and (features_dir / "_SUCCESS").exists():
-        previous = json.loads(config_json.read_text())
+    if storage.exists(config_json) and storage.exists(storage.join(features_dir, "_SUCCESS")):
+        previous = json.loads(storage.read_text(config_json))
         if previous.get("fingerprint") == key:
             return previous
     return None
@@ -197,12 +197,13 @@ def _previous_run(config_json: Path, features_dir: Path, key: str) -> dict | Non
 def _featurize(
     table: pa.Table,
     config: FeatureConfig,
-    staging: Path,
+    staging: str,
     runner: str,
     connect: Callable[[], None],
 ) -> tuple[str, pa.Table]:
-    """Featurize the clips of ``table`` into ``staging`` on Ray (``connect`` first) or here, as
-    ``runner`` says; (where it ran, the outcome rows: path, actor, reject reason, ...)."""
+    """Featurize the clips of ``table`` into the folder ``staging`` on Ray (``connect``
+    first) or here, as ``runner`` says; (where it ran, the outcome rows: path, actor,
+    reject reason, ...)."""
     if _on_ray(runner, table.num_rows):
         connect()
         runner, outcomes = "ray", _featurize_on_ray(table, config, staging)
@@ -212,7 +213,7 @@ def _featurize(
 
 
 def _checked_outcome(
-    outcome: pa.Table, inputs: CorpusInputs, staging: Path
+    outcome: pa.Table, inputs: CorpusInputs, staging: str
 ) -> tuple[pa.Table, list[dict[str, str]]]:
     """(usable rows, rejected files as {path, reason}), checked to add up: every input is one
     or the other, and the Parquet files in ``staging`` hold exactly the usable rows."""
@@ -233,22 +234,19 @@ def _checked_outcome(
 
 
 def _write_outputs(
-    staging: Path,
     ok: pa.Table,
     rejected: list[dict[str, str]],
     record: dict,
     start: float,
     *,
-    features_dir: Path,
-    rejected_csv: Path,
-    config_json: Path,
+    features_dir: str,
+    rejected_csv: str,
+    config_json: str,
 ) -> float:
-    """Publish a checked run: the staged Parquet files become ``features_dir``, then
+    """Publish a checked run (its Parquet files already in ``features_dir``):
     ``rejected.csv``, ``config.json`` (``record`` with the actors found and the seconds since
     ``start``) and, last, the ``_SUCCESS`` mark a re-run looks for. Returns the seconds."""
     actors = set(ok.column("actor").to_pylist())
-    shutil.rmtree(features_dir, ignore_errors=True)
-    staging.rename(features_dir)
     write_rejected(rejected_csv, rejected)
     seconds = time.perf_counter() - start
     record = {**record, "actors": sorted(actors), "seconds": round(seconds, 2)}
@@ -256,10 +254,10 @@ def _write_outputs(
     return seconds
 
 
-def _publish_record(record: dict, config_json: Path, features_dir: Path) -> None:
+def _publish_record(record: dict, config_json: str, features_dir: str) -> None:
     """``record`` as ``config.json``, then the ``_SUCCESS`` mark a re-run looks for."""
-    config_json.write_text(json.dumps(record, indent=2))
-    (features_dir / "_SUCCESS").write_text(record["fingerprint"])
+    storage.write_text(config_json, json.dumps(record, indent=2))
+    storage.write_text(storage.join(features_dir, "_SUCCESS"), record["fingerprint"])
 
 
 def _on_ray(runner: str, n_clips: int) -> bool:
@@ -268,16 +266,17 @@ def _on_ray(runner: str, n_clips: int) -> bool:
 
 
 def _add_egemaps(
-    out: Path, record: dict, config: FeatureConfig, runner: str, connect: Callable[[], None]
+    out: str, record: dict, config: FeatureConfig, runner: str, connect: Callable[[], None]
 ) -> dict:
     """Give the folder ``out`` (prepared without eGeMAPS, ``record`` its ``config.json``)
     its ``egemaps`` column, file by file in Ray tasks or here (as ``runner`` says), keeping
     everything else; returns the updated record. The ``_SUCCESS`` mark is off meanwhile, so
     a run cut short is redone whole next time."""
     start = time.perf_counter()
-    features_dir = out / "features"
-    files = sorted(str(f) for f in features_dir.glob("part-*.parquet"))
-    (features_dir / "_SUCCESS").unlink()
+    features_dir = storage.join(out, "features")
+    prefix = storage.uri_prefix(features_dir)
+    files = [prefix + f for f in storage.parquet_files(features_dir)[1]]
+    storage.delete(storage.join(features_dir, "_SUCCESS"))
     n_ok = record["counts"]["ok"]
     if _on_ray(runner, n_ok):
         import ray
@@ -298,12 +297,12 @@ def _add_egemaps(
         "features": dataclasses.asdict(config),
         "egemaps_added_s": round(seconds, 2),
     }
-    _publish_record(record, out / "config.json", features_dir)
+    _publish_record(record, storage.join(out, "config.json"), features_dir)
     log.info("eGeMAPS added to the %d clips of %s in %.1f s", n_ok, out, seconds)
     return record
 
 
-def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:
+def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: str) -> list[pa.Table]:
     """The clips of ``table`` featurized in Ray Data tasks (RAY); their outcome rows, per task."""
     import ray
 
@@ -322,7 +321,7 @@ def _featurize_on_ray(table: pa.Table, config: FeatureConfig, staging: Path) -> 
     return ray.get(outcomes)
 
 
-def _featurize_in_process(table: pa.Table, config: FeatureConfig, staging: Path) -> list[pa.Table]:
+def _featurize_in_process(table: pa.Table, config: FeatureConfig, staging: str) -> list[pa.Table]:
     """The clips of ``table`` featurized here, ``config.batch_size`` at a time; their outcome
     rows, per batch."""
     step = config.batch_size
@@ -334,7 +333,7 @@ def _featurize_in_process(table: pa.Table, config: FeatureConfig, staging: Path)
 
 def prepare_demo(
     out_dir: str | Path, smoke_test: bool = False, config: FeatureConfig = DEFAULT_FEATURES
-) -> Path:
+) -> str:
     """Prepare the demo corpus's features into ``out_dir`` and return the features folder."""
     return prepare_features(demo_source(smoke_test), out_dir, config).features_dir
 
@@ -345,11 +344,11 @@ def features_for_job(
     out_dir: str | Path,
     smoke_test: bool = False,
     protocol: ProtocolSettings | None = None,
-) -> tuple[Path, Protocol]:
+) -> tuple[str, Protocol]:
     """A job's features folder and the protocol of its clips: ``--features`` as given, else
     prepared (or reused) from ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
     if not features_dir:
         source = data_dir or str(demo_source(smoke_test))
-        features_dir = prepare_features(source, Path(out_dir) / "prepared").features_dir
+        features_dir = prepare_features(source, storage.join(out_dir, "prepared")).features_dir
     settings = protocol or ProtocolSettings()
-    return Path(features_dir), resolve_protocol(clips_of_features(features_dir), settings)
+    return str(features_dir), resolve_protocol(clips_of_features(features_dir), settings)

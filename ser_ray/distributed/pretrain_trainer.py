@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ser_ray.common import storage
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.features.unlabeled import POOL_COLUMNS, clips_from_arrow, pool_paths
@@ -50,6 +50,9 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
     )
     checkpoint = edge.latest_checkpoint()
     with contextlib.ExitStack() as stack:
+        log_dir = config.get("log_dir")
+        if log_dir is not None and ctx.rank == 0:  # on a URI: uploaded when the run ends
+            log_dir = str(stack.enter_context(storage.staged(log_dir)))
         resume_dir = None
         if checkpoint is not None:
             resume_dir = stack.enter_context(checkpoint.as_directory())
@@ -64,7 +67,7 @@ def pretrain_per_worker(config: dict[str, Any]) -> None:
             wrap_model=lambda m: edge.wrap_ddp(m, ctx.world_size),
             resume_from=resume_dir,
             on_epoch_end=lambda metrics, write: edge.report(metrics, write, ctx.rank),
-            log_dir=config.get("log_dir"),
+            log_dir=log_dir,
         )
     edge.report({"final": True, "step": outcome.step}, outcome.write_checkpoint, ctx.rank)
 
@@ -83,17 +86,17 @@ def fit_pretraining(
     log_dir: str | os.PathLike | None = None,
     torch_threads: int | None = None,
     on_report: Callable[[dict[str, Any]], None] | None = None,
-) -> Path:
+) -> str:
     """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``actors``, only their clips)
-    with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns
-    ``out_dir/model`` (the HF checkpoint). ``out_dir`` also gets ``result.json`` (history,
+    with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns the
+    location ``out_dir/model`` (the HF checkpoint; ``out_dir`` local or a URI). ``out_dir``
+    also gets ``result.json`` (history,
     settings) and ``clips.csv``. Re-running with the same ``out_dir`` resumes. Torch runs on
     ``torch_threads`` threads per worker (default: one per reserved CPU). ``on_report`` gets
     every epoch's report (``epoch``, ``pretrain/*``) in the calling process as it comes
     (:func:`ser_ray.distributed.train_edge.fit_with_reports`), e.g. to print progress."""
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    source = str(Path(source).resolve()) if "://" not in str(source) else str(source)
+    out = storage.absolute(out_dir)
+    source = storage.absolute(source)
     paths = pool_paths(source, actors)  # the pool's size sets the steps of an epoch
     if not paths:
         chosen = "all actors" if actors is None else f"actors {list(actors)}"
@@ -104,7 +107,7 @@ def fit_pretraining(
     config = {
         **cfg.to_dict(),
         "num_clips": len(paths),
-        "log_dir": str(log_dir or out / "tensorboard"),
+        "log_dir": str(log_dir or storage.join(out, "tensorboard")),
         "torch_threads": torch_threads,
     }
 
@@ -115,7 +118,7 @@ def fit_pretraining(
             num_workers=num_workers,
             use_gpu=use_gpu,
             resources_per_worker=resources_per_worker,
-            storage_path=storage_path or out / "ray",
+            storage_path=storage_path or storage.join(out, "ray"),
             name="pretrain",
             max_failures=max_failures,
             callbacks=callbacks,
@@ -128,9 +131,10 @@ def fit_pretraining(
         checkpoint = edge.fit(build([]), what)  # RAY
     else:
         checkpoint = edge.final_checkpoint(edge.fit_with_reports(build, on_report), what)
+    model_dir = storage.join(out, MODEL_DIR)
+    storage.delete(model_dir)
     with checkpoint.as_directory() as ckpt:
-        shutil.rmtree(out / MODEL_DIR, ignore_errors=True)
-        shutil.copytree(Path(ckpt) / MODEL_DIR, out / MODEL_DIR)
-        shutil.copy2(Path(ckpt) / RESULT_FILE, out / RESULT_FILE)
-    (out / CLIPS_FILE).write_text("".join(f"{p}\n" for p in paths))
-    return out / MODEL_DIR
+        storage.upload(Path(ckpt) / MODEL_DIR, model_dir)
+        storage.write_bytes(storage.join(out, RESULT_FILE), (Path(ckpt) / RESULT_FILE).read_bytes())
+    storage.write_text(storage.join(out, CLIPS_FILE), "".join(f"{p}\n" for p in paths))
+    return model_dir

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ser_ray.common import storage
 from ser_ray.corpus.folds import check_no_leakage
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console
@@ -44,15 +45,22 @@ def tapt_config(base_model: str, epochs: int, seed: int, smoke_test: bool) -> Pr
 
 
 def _fingerprint(path: str | os.PathLike) -> str:
-    """Content hash of a checkpoint's weights or a features folder's config; the name for
-    a hub id."""
-    folder = Path(path)
+    """Content hash of a checkpoint's weights or a features folder's config (local or on a
+    URI); the name for a hub id."""
     digest = hashlib.sha256(str(path).encode())
-    if folder.is_dir():
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.parent.glob("config.json"))
-        for f in files:
-            digest.update(f.read_bytes())
+    names = storage.list_names(path) if _is_folder(path) else []
+    files = [storage.join(path, n) for n in names if n.endswith(".safetensors")]
+    if names and not files:
+        files = [storage.join(storage.parent(path), "config.json")]
+    for f in files:
+        if storage.exists(f):
+            digest.update(storage.read_bytes(f))
     return digest.hexdigest()[:16]
+
+
+def _is_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a folder (a hub id names none; a hub id is not a URI)."""
+    return storage.is_uri(path) or Path(path).is_dir()
 
 
 def tapt_key(base_model: str, actors: list[int], features_dir, cfg: PretrainConfig) -> str:
@@ -94,14 +102,14 @@ def run_tapt_folds(
     from ray.util.queue import Queue
 
     models: dict[int, str] = {}
-    to_train: dict[int, tuple[Path, list[int]]] = {}
+    to_train: dict[int, tuple[str, list[int]]] = {}
     for fold in fold_numbers:
         actors = tapt_actors(fold, protocol)
         key = tapt_key(base_model, actors, features_dir, settings)
-        fold_dir = Path(out_dir).resolve() / f"fold_{fold}" / key
-        if (fold_dir / "model" / "model.safetensors").exists():
+        fold_dir = storage.join(storage.absolute(out_dir), f"fold_{fold}", key)
+        if storage.exists(storage.join(fold_dir, "model", "model.safetensors")):
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
-            models[fold] = str(fold_dir / "model")
+            models[fold] = storage.join(fold_dir, "model")
         else:
             to_train[fold] = (fold_dir, actors)
     if not to_train:
@@ -134,9 +142,10 @@ def run_tapt_folds(
             fold, report = progress.get_nowait()
             printers[fold](report)
         for ref in done:
-            model_dir = Path(ray.get(ref))
-            models[fold_of[ref]] = str(model_dir)
-            log.info("TAPT fold %d: %s", fold_of[ref], _loss_line(model_dir.parent / RESULT_FILE))
+            model_dir = ray.get(ref)
+            models[fold_of[ref]] = model_dir
+            result_json = storage.join(storage.parent(model_dir), RESULT_FILE)
+            log.info("TAPT fold %d: %s", fold_of[ref], _loss_line(result_json))
     ray.kill(progress.actor)
     return models
 
@@ -146,9 +155,9 @@ def _put_tagged(queue, fold: int, report: dict[str, Any]) -> None:
     queue.put((fold, report))
 
 
-def _loss_line(result_json: Path) -> str:
+def _loss_line(result_json: str) -> str:
     """'contrastive 3.94 -> 3.21 over 10 epochs, 412 s' from a pre-training run's history."""
-    history = json.loads(result_json.read_text())["history"]
+    history = json.loads(storage.read_text(result_json))["history"]
     first, last = history[0], history[-1]
     seconds = sum(row.get("pretrain/epoch_s", 0.0) for row in history)
     return (

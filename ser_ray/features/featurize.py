@@ -13,13 +13,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ser_ray.common import storage
@@ -203,7 +206,7 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
 
     Clips are featurized and written :data:`WRITE_CHUNK_CLIPS` at a time (one Parquet row
     group each), so a worker holds at most that many waveforms whatever the batch size."""
-    path = Path(staging_dir) / f"part-{min(batch.column('index').to_pylist()):06d}.parquet"
+    path = storage.join(staging_dir, f"part-{min(batch.column('index').to_pylist()):06d}.parquet")
     outcomes, writer = [], None
     try:
         for start in range(0, batch.num_rows, WRITE_CHUNK_CLIPS):
@@ -224,19 +227,26 @@ def featurize_batch(batch: pa.Table, config: FeatureConfig, staging_dir: str) ->
     return pa.concat_tables(outcomes) if outcomes else OUTCOME_SCHEMA.empty_table()
 
 
-def feature_writer(path: str | Path) -> pq.ParquetWriter:
-    """A writer of one features file (:data:`FEATURE_SCHEMA`)."""
+def feature_writer(location: str | Path) -> pq.ParquetWriter:
+    """A writer of one features file (:data:`FEATURE_SCHEMA`), local or on a URI."""
+    filesystem, path = storage.filesystem_of(location)
     # waveforms barely compress; skipping it saves the writer most of its time
     return pq.ParquetWriter(
-        path, FEATURE_SCHEMA, compression={"waveform": "NONE"}, use_dictionary=False
+        path,
+        FEATURE_SCHEMA,
+        filesystem=filesystem,
+        compression={"waveform": "NONE"},
+        use_dictionary=False,
     )
 
 
 def add_egemaps(path: str, target_sr_hz: int) -> int:
     """Fill the ``egemaps`` column of the features file ``path`` (prepared without eGeMAPS)
-    from its waveforms and rewrite the file (a new file renamed over it): the values
-    :func:`featurize_clip` computes, from the same signal. Returns the file's rows."""
-    table = pq.read_table(path, schema=FEATURE_SCHEMA)
+    from its waveforms and rewrite the file (locally a new file renamed over it; an object
+    store replaces an object in one put): the values :func:`featurize_clip` computes, from
+    the same signal. Returns the file's rows."""
+    filesystem, inside = storage.filesystem_of(path)
+    table = pq.read_table(inside, schema=FEATURE_SCHEMA, filesystem=filesystem)
     egemaps = float32_lists(
         [
             audio.egemaps_functionals(wave.values.to_numpy(), target_sr_hz)
@@ -244,10 +254,11 @@ def add_egemaps(path: str, target_sr_hz: int) -> int:
         ]
     )
     table = table.set_column(FEATURE_SCHEMA.get_field_index("egemaps"), "egemaps", egemaps)
-    partial = f"{path}.partial"
+    partial = path if storage.is_uri(path) else f"{path}.partial"
     with feature_writer(partial) as writer:
         writer.write_table(table, row_group_size=WRITE_CHUNK_CLIPS)
-    Path(partial).replace(path)
+    if partial != path:
+        os.replace(partial, path)
     return table.num_rows
 
 
@@ -359,11 +370,13 @@ def _first_column(loaded, names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in loaded.column_names), None)
 
 
-def write_rejected(path: Path, rejected: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "reason"])
-        writer.writeheader()
-        writer.writerows(sorted(rejected, key=lambda r: r["path"]))
+def write_rejected(location: str | Path, rejected: list[dict]) -> None:
+    """``rejected.csv``: path, reason of each unusable file, by path."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["path", "reason"])
+    writer.writeheader()
+    writer.writerows(sorted(rejected, key=lambda r: r["path"]))
+    storage.write_text(location, text.getvalue())
 
 
 def clips_of_features(features_dir: str | Path) -> ClipTable:
@@ -371,8 +384,8 @@ def clips_of_features(features_dir: str | Path) -> ClipTable:
     the corpus's kind and class order from the ``config.json`` beside it), for jobs that
     start from ``--features``."""
     frame = load_features(features_dir, META_NAMES).drop(columns=["actor"])
-    record_file = Path(features_dir).parent / "config.json"
-    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    record_file = storage.join(storage.parent(features_dir), "config.json")
+    record = json.loads(storage.read_text(record_file)) if storage.exists(record_file) else {}
     order = record.get("label_order")
     return ClipTable(
         clip_frame(frame.to_dict("records")),
@@ -382,16 +395,16 @@ def clips_of_features(features_dir: str | Path) -> ClipTable:
     )
 
 
-def _parquet_files(features_dir: str | Path) -> list[str]:
-    """The Parquet files of finished features, in name order (the ``part-*`` files written
-    by :func:`featurize_batch`); ``FileNotFoundError`` naming the fix when not finished."""
-    folder = Path(features_dir)
-    if not (folder / "_SUCCESS").exists():
+def _parquet_files(features_dir: str | Path) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, the Parquet files of finished features in name order: the ``part-*``
+    files written by :func:`featurize_batch`); ``FileNotFoundError`` naming the fix when not
+    finished."""
+    if not storage.exists(storage.join(features_dir, "_SUCCESS")):
         raise FileNotFoundError(
-            f"{folder}: no finished features here; run `python jobs/prepare.py --out "
-            f"{folder.parent}` first"
+            f"{features_dir}: no finished features here; run `python jobs/prepare.py --out "
+            f"{storage.parent(features_dir)}` first"
         )
-    return storage.parquet_files(folder)[1]
+    return storage.parquet_files(features_dir)
 
 
 def load_features(features_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -401,11 +414,14 @@ def load_features(features_dir: str | Path, columns: list[str] | None = None) ->
     by an older version) or was left empty (``egemaps`` of features prepared with
     ``egemaps=False``), naming the fix.
     """
-    files = _parquet_files(features_dir)
+    filesystem, files = _parquet_files(features_dir)
     if not files:
         return FEATURE_SCHEMA.empty_table().to_pandas()[columns or FEATURE_SCHEMA.names]
-    _check_columns(features_dir, files[0], columns or FEATURE_SCHEMA.names)
-    frame = pq.read_table(files, columns=columns, schema=FEATURE_SCHEMA).to_pandas()
+    have = set(pq.read_schema(files[0], filesystem=filesystem).names)
+    _check_columns(features_dir, have, columns or FEATURE_SCHEMA.names)
+    frame = pq.read_table(
+        files, columns=columns, schema=FEATURE_SCHEMA, filesystem=filesystem
+    ).to_pandas()
     if "egemaps" in frame.columns and frame["egemaps"].isna().any():
         raise ValueError(
             f"{features_dir}: prepared without eGeMAPS (egemaps=false); prepare again with "
@@ -414,8 +430,7 @@ def load_features(features_dir: str | Path, columns: list[str] | None = None) ->
     return frame
 
 
-def _check_columns(features_dir: str | Path, first_file: str, columns: list[str]) -> None:
-    have = set(pq.read_schema(first_file).names)
+def _check_columns(features_dir: str | Path, have: set[str], columns: list[str]) -> None:
     missing = [c for c in columns if c not in have]
     if missing:
         raise ValueError(
@@ -428,10 +443,11 @@ def to_hf_dataset(features_dir: str | Path, columns: list[str] | None = None):
     """The features as a Hugging Face ``datasets.Dataset`` (memory-mapped Arrow)."""
     import datasets
 
+    filesystem, files = _parquet_files(features_dir)
     table = pa.concat_tables(
         [
-            pq.read_table(f, columns=columns, schema=FEATURE_SCHEMA)
-            for f in _parquet_files(features_dir)
+            pq.read_table(f, columns=columns, schema=FEATURE_SCHEMA, filesystem=filesystem)
+            for f in files
         ]
     )
     return datasets.Dataset(table)

@@ -64,6 +64,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as hf_logging
 
+from ser_ray.common import storage
 from ser_ray.features.speaker_norm import SpeakerNormError, speaker_normalize
 
 log = logging.getLogger(__name__)
@@ -493,7 +494,7 @@ def load_feature_extractor(name_or_path: str | os.PathLike) -> Wav2Vec2FeatureEx
     check_resolved(name_or_path)
     if str(name_or_path) == RANDOM_DEMO_MODEL:
         return demo_feature_extractor()
-    fe = AutoFeatureExtractor.from_pretrained(str(name_or_path))
+    fe = AutoFeatureExtractor.from_pretrained(storage.node_local(name_or_path))
     if not isinstance(fe, Wav2Vec2FeatureExtractor):
         raise ValueError(
             f"{name_or_path}: expected a raw-waveform feature extractor "
@@ -594,8 +595,10 @@ def load_model(
     ``class_names`` sets ``id2label``/``label2id``: a new head when the checkpoint has none
     (initialised with ``seed``); a checkpoint with a head must have these classes.
     ``config_overrides`` go to the config (e.g. ``mask_time_prob``). With the weighted
-    layer sum LayerDrop is turned off (a skipped layer has no hidden state to weigh).
+    layer sum LayerDrop is turned off (a skipped layer has no hidden state to weigh). A
+    folder on a URI (a model published to the run location) is read from this node's copy.
     """
+    name_or_path = storage.node_local(name_or_path)
     overrides = dict(config_overrides)
     if use_weighted_layer_sum is not None:
         overrides["use_weighted_layer_sum"] = use_weighted_layer_sum

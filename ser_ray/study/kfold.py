@@ -20,6 +20,7 @@ layers of fault tolerance:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.protocol import (
@@ -228,13 +229,22 @@ class KFoldConfig:
     )
     storage_path: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "Tune/Train storage, local or s3:// (default OUT/ray)"},
+        metadata={
+            "help": "deprecated: Tune/Train state, which lives in the run location (OUT/ray) "
+            "by default; give --out on a shared folder or a URI instead"
+        },
     )
     resume: bool = dataclasses.field(
         default=False,
-        metadata={"help": "continue an interrupted run in the same --out/--storage-path"},
+        metadata={"help": "continue an interrupted run in the same --out"},
     )
-    out: str = dataclasses.field(default="runs/kfold", metadata={"help": "run folder"})
+    out: str = dataclasses.field(
+        default="runs/kfold",
+        metadata={
+            "help": "the run location: a local folder (one machine), a folder every node "
+            "mounts, or a URI (s3://bucket/run, gs://...) on a cluster"
+        },
+    )
     smoke_test: bool = dataclasses.field(
         default=False, metadata={"help": "tiny corpus, one epoch, small SVM grid"}
     )
@@ -458,7 +468,7 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
         "fold": fold,
         "variant": train["variant"],
         "protocol": train["protocol"],
-        "log_dir": str(Path(train["tensorboard_dir"]) / train["variant"] / f"fold_{fold}"),
+        "log_dir": storage.join(train["tensorboard_dir"], train["variant"], f"fold_{fold}"),
     }
     if train["in_trial"]:
         device = "cuda" if train["use_gpu"] else "cpu"
@@ -482,12 +492,12 @@ def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
 
 def run_ssl_folds(
     variant: Variant,
-    features_dir: Path,
+    features_dir: str,
     cfg: KFoldConfig,
     protocol: Protocol,
     train_cfgs: dict[int, TrainConfig],
-    out: Path,
-    storage: str,
+    out: str,
+    ray_storage: str,
 ) -> list[FoldOutcome]:
     """All folds of an SSL variant as concurrent Tune trials; each fold's outcome (metrics,
     history, predictions, model), its final checkpoint copied to
@@ -503,7 +513,10 @@ def run_ssl_folds(
     plan = plan_folds(cfg, len(fold_numbers))
     # before the folds start: building a cache needs CPUs that running folds would hold
     inputs = fold_inputs_per_fold(
-        features_dir, train_cfgs, out / "feature_cache", speaker_norm=variant.speaker_norm
+        features_dir,
+        train_cfgs,
+        storage.join(out, "feature_cache"),
+        speaker_norm=variant.speaker_norm,
     )
     train = {
         "variant": variant.name,
@@ -514,15 +527,15 @@ def run_ssl_folds(
         "in_trial": plan.in_trial,
         "torch_threads": plan.torch_threads,
         "max_failures": cfg.max_failures,
-        "storage_path": storage,
-        "tensorboard_dir": str(out / "tensorboard"),
+        "storage_path": ray_storage,
+        "tensorboard_dir": storage.join(out, "tensorboard"),
         **plan.train_resources(),
     }
     # the param space is the fold number only: Tune's tables and saved state stay small
     trainable = tune.with_resources(
         tune.with_parameters(_fold_trial, train=train), plan.trial_resources()
     )
-    experiment = f"{storage.rstrip('/')}/{variant.name}_folds"
+    experiment = storage.join(ray_storage, f"{variant.name}_folds")
     if cfg.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
@@ -536,7 +549,7 @@ def run_ssl_folds(
             ),
             run_config=tune.RunConfig(
                 name=f"{variant.name}_folds",
-                storage_path=storage,
+                storage_path=ray_storage,
                 # a fold in its trial restarts as a Train worker would; a TorchTrainer's
                 # trial once more after the trainer's own restarts
                 failure_config=tune.FailureConfig(
@@ -562,26 +575,26 @@ def run_ssl_folds(
         path = result.metrics.get(CHECKPOINT_PATH_KEY)
         checkpoint = ray.train.Checkpoint(path) if path else result.checkpoint
         outcomes.append(
-            fold_result_from_checkpoint(checkpoint, out / variant.name / f"fold_{fold}")
+            fold_result_from_checkpoint(checkpoint, storage.join(out, variant.name, f"fold_{fold}"))
         )
     return outcomes
 
 
 def _with_encoders(
     train_cfgs: dict[int, TrainConfig],
-    features_dir: Path,
+    features_dir: str,
     cfg: KFoldConfig,
     protocol: Protocol,
-    out: Path,
+    out: str,
 ) -> dict[int, TrainConfig]:
     """The fold configs with the encoder each fold trains: their model resolved (``demo``:
-    the pre-trained demo encoder, built on first use) and, with ``--tapt-epochs``, each
-    fold's own continued pre-training on its training actors."""
+    the pre-trained demo encoder, built on first use; on a cluster, published where every
+    node reads it) and, with ``--tapt-epochs``, each fold's own continued pre-training on its
+    training actors."""
     from ser_ray.distributed import tapt
-    from ser_ray.distributed.demo_encoder import resolve_model
 
     (model,) = {c.model for c in train_cfgs.values()}
-    base = resolve_model(model, cfg.smoke_test)
+    base = _encoder_for_every_node(model, cfg, out)
     models = {k: base for k in train_cfgs}
     if cfg.tapt_epochs:
         models = tapt.run_tapt_folds(
@@ -590,7 +603,7 @@ def _with_encoders(
             list(train_cfgs),
             protocol=protocol,
             settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
-            out_dir=out / "tapt",
+            out_dir=storage.join(out, "tapt"),
             resources=plan_folds(cfg, len(train_cfgs)).train_resources(),
             max_failures=cfg.max_failures,
         )
@@ -603,18 +616,26 @@ def _encoder_of(cfg: KFoldConfig, variant: Variant) -> str:
     return cfg.model_for(variant.family if variant.is_ssl else "wav2vec2")
 
 
+def _encoder_for_every_node(model: str, cfg: KFoldConfig, out: str) -> str:
+    """``model`` resolved (``demo``: the demo encoder's folder, built here on first use) and,
+    on a cluster that spans nodes, published to the run location for every node."""
+    from ser_ray.distributed.demo_encoder import resolve_model
+    from ser_ray.distributed.shared_models import shared_model
+
+    return shared_model(resolve_model(model, cfg.smoke_test), out)
+
+
 def _with_ssl_features(
-    df: pd.DataFrame, features_dir: Path, cfg: KFoldConfig, out: Path, variant: Variant
+    df: pd.DataFrame, features_dir: str, cfg: KFoldConfig, out: str, variant: Variant
 ) -> tuple[pd.DataFrame, str]:
     """``df`` with every clip's pooled layers under the frozen encoder of ``svm+ssl``
     (the probes' feature cache in ``OUT/feature_cache``, built here unless there), and that
     encoder resolved (``demo``: the demo encoder's folder)."""
     from ser_ray.distributed import feature_cache
-    from ser_ray.distributed.demo_encoder import resolve_model
 
-    encoder = resolve_model(_encoder_of(cfg, variant), cfg.smoke_test)
+    encoder = _encoder_for_every_node(_encoder_of(cfg, variant), cfg, out)
     cache = feature_cache.build_feature_cache(
-        features_dir, out / "feature_cache", model=encoder, probe=True
+        features_dir, storage.join(out, "feature_cache"), model=encoder, probe=True
     )
     values = feature_cache.cached_values(cache)
     return df.assign(**{svm.SSL_COLUMN: [values[p] for p in df["path"]]}), encoder
@@ -624,17 +645,17 @@ def _svm_results(
     df: pd.DataFrame,
     cfg: KFoldConfig,
     protocol: Protocol,
-    out: Path,
+    out: str,
     variant: Variant,
-    features_dir: Path,
+    features_dir: str,
 ) -> tuple[list[dict], pd.DataFrame]:
     from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
 
-    done_json = out / f"{variant.name}_folds.json"
-    done_csv = out / f"predictions_{variant.name}.csv"
-    if cfg.resume and done_json.exists() and done_csv.exists():
+    done_json = storage.join(out, f"{variant.name}_folds.json")
+    done_csv = storage.join(out, f"predictions_{variant.name}.csv")
+    if cfg.resume and storage.exists(done_json) and storage.exists(done_csv):
         log.info("%s folds already done in %s; reusing them", variant.name, done_json)
-        return json.loads(done_json.read_text()), pd.read_csv(done_csv)
+        return json.loads(storage.read_text(done_json)), _read_csv(done_csv)
     encoder = None
     if variant.feature_set == "ssl":
         df, encoder = _with_ssl_features(df, features_dir, cfg, out, variant)
@@ -651,12 +672,16 @@ def _svm_results(
             encoder=encoder,
         ),
         protocol,
-        storage_path=out / "tune_svm",
-        models_dir=out / "svm_models" / variant.name,
+        storage_path=storage.join(out, "tune_svm"),
+        models_dir=storage.join(out, "svm_models", variant.name),
     )
-    done_json.write_text(json.dumps(config_file.to_jsonable(result.folds), indent=2))
-    result.predictions.to_csv(done_csv, index=False)
+    storage.write_text(done_json, json.dumps(config_file.to_jsonable(result.folds), indent=2))
+    storage.write_text(done_csv, result.predictions.to_csv(index=False))
     return result.folds, result.predictions
+
+
+def _read_csv(location: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(location)))
 
 
 def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
@@ -666,9 +691,9 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     (``protocol.json``), check the encoders can be loaded, plan the SSL folds' resources,
     save it all (``config.json``), prepare the features, run every variant over the folds,
     write the summary."""
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    storage = _storage_path(cfg, out)
+    out = storage.absolute(cfg.out)
+    storage.make_dirs(out)
+    ray_storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     warn_study_fields_in_params(cfg)
     variants = parse_variants(cfg.variants)
@@ -691,9 +716,9 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     if train_cfgs:
         plan = plan_folds(cfg, len(protocol.folds))
         print(plan.line(), flush=True)
-    _save_run_config(out, cfg, variants, train_cfgs, provenance, storage, plan)
+    _save_run_config(out, cfg, variants, train_cfgs, provenance, ray_storage, plan)
     features_dir, df = _prepared_features(source, out, variants, inputs, features, protocol)
-    results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, storage)
+    results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, ray_storage)
     tested = evaluate_cross_corpus(test_corpora, cross, protocol, variants, out)
     return _write_summary(cfg, protocol, out, variants, df, results, provenance, tested)
 
@@ -714,7 +739,7 @@ def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
     return FeatureConfig(egemaps="egemaps" in svm_parquet_columns(variants))
 
 
-def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Protocol:
+def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: str) -> Protocol:
     """The protocol of the corpus (``--protocol`` file or resolved from the clips), saved as
     ``OUT/protocol.json``; every stage gets this one object."""
     n_val = {train_config_for(cfg, k).n_val_actors for k in _param_folds(cfg)}
@@ -724,7 +749,7 @@ def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: Path) -> Pro
             f"speakers {sorted(n_val)}; one protocol needs one number"
         )
     protocol = resolve_protocol(inputs.corpus, cfg.protocol_settings(n_val.pop()))
-    protocol.save(out / "protocol.json")
+    protocol.save(storage.join(out, "protocol.json"))
     return protocol
 
 
@@ -753,11 +778,16 @@ def _param_folds(cfg: KFoldConfig) -> list[int | None]:
     return [None]
 
 
-def _storage_path(cfg: KFoldConfig, out: Path) -> str:
-    """Where Tune and Train keep their state: ``--storage-path`` (local paths resolved) or
-    ``OUT/ray``."""
-    storage = cfg.storage_path or str(out / "ray")
-    return storage if "://" in storage else str(Path(storage).resolve())
+def _storage_path(cfg: KFoldConfig, out: str) -> str:
+    """Where Tune and Train keep their state: ``OUT/ray``, in the run location, or the
+    deprecated ``--storage-path``."""
+    if cfg.storage_path is None:
+        return storage.join(out, "ray")
+    log.warning(
+        "--storage-path is deprecated: Tune/Train state belongs in the run location (OUT/ray); "
+        "put --out on a folder every node mounts or on a URI instead"
+    )
+    return storage.absolute(cfg.storage_path)
 
 
 def _ssl_variants(variants: tuple[Variant, ...]) -> list[Variant]:
@@ -765,7 +795,7 @@ def _ssl_variants(variants: tuple[Variant, ...]) -> list[Variant]:
 
 
 def _save_run_config(
-    out: Path,
+    out: str,
     cfg: KFoldConfig,
     variants: tuple[Variant, ...],
     train_cfgs: dict[str, dict[int, TrainConfig]],
@@ -796,23 +826,24 @@ def _save_run_config(
 
 def _prepared_features(
     source: str,
-    out: Path,
+    out: str,
     variants: tuple[Variant, ...],
     inputs: CorpusInputs,
     features: FeatureConfig,
     protocol: Protocol,
-) -> tuple[Path, pd.DataFrame]:
+) -> tuple[str, pd.DataFrame]:
     """Features of the corpus in ``OUT/prepared``; ``OUT/rejected.csv`` lists its unusable
     files and the clips the label map drops. Returns the features folder and the columns the
     SVM variants need of the clips that take part, checked against the protocol."""
-    prepared = prepare_features(source, out / "prepared", features, inputs=inputs)
+    prepared = prepare_features(source, storage.join(out, "prepared"), features, inputs=inputs)
     columns = ["path", "actor", "emotion", *sorted(svm_parquet_columns(variants))]
     df = load_features(prepared.features_dir, columns)
     dropped = df["emotion"].isin(protocol.dropped_labels)
-    rejected = pd.read_csv(prepared.rejected_csv)
+    rejected = _read_csv(prepared.rejected_csv)
     reasons = "label " + df.loc[dropped, "emotion"] + " left out by the label map"
     extra = pd.DataFrame({"path": df.loc[dropped, "path"], "reason": reasons})
-    pd.concat([rejected, extra], ignore_index=True).to_csv(out / "rejected.csv", index=False)
+    listed = pd.concat([rejected, extra], ignore_index=True)
+    storage.write_text(storage.join(out, "rejected.csv"), listed.to_csv(index=False))
     df = df[~dropped].reset_index(drop=True)
     check_protocol(protocol, df)
     return prepared.features_dir, df
@@ -834,10 +865,10 @@ def _run_variants(
     protocol: Protocol,
     variants: tuple[Variant, ...],
     df: pd.DataFrame,
-    features_dir: Path,
+    features_dir: str,
     train_cfgs: dict[str, dict[int, TrainConfig]],
-    out: Path,
-    storage: str,
+    out: str,
+    ray_storage: str,
 ) -> _StudyResults:
     """Every variant over the same folds, in order: an SVM's nested CV, an SSL variant's
     folds."""
@@ -857,7 +888,7 @@ def _run_variants(
             continue
         fold_cfgs = _with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
         results.train_cfgs[variant.name] = fold_cfgs
-        outcomes = run_ssl_folds(variant, features_dir, cfg, protocol, fold_cfgs, out, storage)
+        outcomes = run_ssl_folds(variant, features_dir, cfg, protocol, fold_cfgs, out, ray_storage)
         results.histories[variant.name] = {}
         for outcome in outcomes:
             m = outcome.metrics
@@ -886,7 +917,7 @@ def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]
 def _write_summary(
     cfg: KFoldConfig,
     protocol: Protocol,
-    out: Path,
+    out: str,
     variants: tuple[Variant, ...],
     df: pd.DataFrame,
     results: _StudyResults,
@@ -894,46 +925,47 @@ def _write_summary(
     cross_corpus: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``OUT/predictions.csv`` and the summary files
-    (:func:`ser_ray.study.summary.write_summary`)."""
+    (:func:`ser_ray.study.summary.write_summary`; on a URI written here, then uploaded)."""
     from ser_ray.study import summary
 
     all_predictions = pd.concat(results.predictions, ignore_index=True)
-    all_predictions.to_csv(out / "predictions.csv", index=False)
+    storage.write_text(storage.join(out, "predictions.csv"), all_predictions.to_csv(index=False))
     histories, train_cfgs = results.histories, results.train_cfgs
     ssl = _ssl_variants(variants)
-    return summary.write_summary(
-        out,
-        list(results.fold_rows.values()),
-        all_predictions,
-        list(protocol.classes),
-        summary.RunInfo(
-            models={
-                v.name: _encoder_of(cfg, v)
-                + ("+tapt" if v.is_ssl and cfg.tapt_epochs else "")
-                + ("" if v.is_ssl else " (frozen; its pooled layers are the SVM's features)")
-                for v in variants
-                if v.uses_encoder
+    with storage.staged(out) as local:
+        return summary.write_summary(
+            local,
+            list(results.fold_rows.values()),
+            all_predictions,
+            list(protocol.classes),
+            summary.RunInfo(
+                models={
+                    v.name: _encoder_of(cfg, v)
+                    + ("+tapt" if v.is_ssl and cfg.tapt_epochs else "")
+                    + ("" if v.is_ssl else " (frozen; its pooled layers are the SVM's features)")
+                    for v in variants
+                    if v.uses_encoder
+                },
+                merge_calm=cfg.train.merge_calm,
+                fold_scheme=protocol.scheme,
+                label_map=_changed_label_map(protocol),
+                config=config_file.to_jsonable(dataclasses.asdict(cfg)),
+                params_provenance=provenance,
+                trained_on=trained_on(cfg, protocol),
+                variants={v.name: v.describe() for v in variants},
+                cross_corpus=cross_corpus,
+            ),
+            histories=histories,
+            lr_schedules={  # the encoder's; a probe's stays frozen
+                v.name: encoder_lr_schedule(
+                    train_cfgs[v.name][min(histories[v.name])],
+                    histories[v.name][min(histories[v.name])],
+                )
+                for v in ssl
+                if not v.probe
             },
-            merge_calm=cfg.train.merge_calm,
-            fold_scheme=protocol.scheme,
-            label_map=_changed_label_map(protocol),
-            config=config_file.to_jsonable(dataclasses.asdict(cfg)),
-            params_provenance=provenance,
-            trained_on=trained_on(cfg, protocol),
-            variants={v.name: v.describe() for v in variants},
-            cross_corpus=cross_corpus,
-        ),
-        histories=histories,
-        lr_schedules={  # the encoder's; a probe's stays frozen
-            v.name: encoder_lr_schedule(
-                train_cfgs[v.name][min(histories[v.name])],
-                histories[v.name][min(histories[v.name])],
-            )
-            for v in ssl
-            if not v.probe
-        },
-        expected_paths=df["path"].tolist(),
-    )
+            expected_paths=df["path"].tolist(),
+        )
 
 
 def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:

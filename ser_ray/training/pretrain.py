@@ -44,6 +44,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
     _sample_negative_indices,
 )
 
+from ser_ray.common import storage
 from ser_ray.features.unlabeled import UnlabeledClips
 from ser_ray.models.ssl import (
     DEMO_ENCODER_SEED,
@@ -166,6 +167,7 @@ def build_pretraining_model(
             model = Wav2Vec2ForPreTraining(config)
         fe = demo_feature_extractor()
     else:
+        name = storage.node_local(name)  # a model published to the run location: this node's copy
         config = Wav2Vec2Config.from_pretrained(name)
         config.update(objective)
         model = Wav2Vec2ForPreTraining.from_pretrained(name, config=config)
