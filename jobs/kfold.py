@@ -21,6 +21,7 @@ import sys
 
 from ser_ray import cli
 from ser_ray.corpus.protocol import ProtocolSettings
+from ser_ray.distributed.cluster import ClusterTooSmallError, RunLocationError
 from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    summary = run_kfold(cfg)
+    try:
+        summary = run_kfold(cfg)
+    except (RunLocationError, ClusterTooSmallError) as error:  # where files live, cluster size
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_table(summary))
     print(
         f"\nrun folder: {cfg.out} (summary.md, summary.json, predictions.csv, plots, tensorboard)"

@@ -451,10 +451,11 @@ def wait_for_resources(
     """``ray.cluster_resources()`` once it has at least ``cpus`` CPUs and ``gpus`` GPUs: at
     once when it has; else after asking the autoscaler for them (``bundles``, default
     :func:`unit_bundles`) and polling every ``poll_s`` for up to ``timeout_s`` seconds, with
-    one line before and one after. The request is withdrawn either way (Ray keeps it until
-    overridden, even after the job ends; the run's own pending work keeps the nodes busy).
-    Raises :class:`ClusterTooSmallError` when they do not come (``reason``: why the run
-    needs them; ``wait_flag``: the flag that sets ``timeout_s``)."""
+    one line before and one after. The request stays while the run goes on (nodes that idle
+    through the SVM stages would otherwise be removed before the folds start): the run
+    withdraws it when it ends (:func:`release_requested_resources`), and it is withdrawn here
+    when the nodes do not come: :class:`ClusterTooSmallError` (``reason``: why the run needs
+    them; ``wait_flag``: the flag that sets ``timeout_s``)."""
     import ray
 
     have = ray.cluster_resources()
@@ -466,18 +467,22 @@ def wait_for_resources(
     _request(bundles if bundles is not None else unit_bundles(cpus, gpus))
     print_fn(f"waiting up to {timeout_s:g} s for the cluster to add {missing} ({reason})…")
     start = time.monotonic()
-    try:
-        while True:
-            left = timeout_s - (time.monotonic() - start)
-            if left <= 0:
-                raise too_small_error(
-                    cpus, gpus, have, waited_s=timeout_s, reason=reason, wait_flag=wait_flag
-                )
-            time.sleep(min(poll_s, left))
-            have = ray.cluster_resources()
-            if _has(have, cpus, gpus):
-                there = _amounts(have.get("CPU", 0.0), have.get("GPU", 0.0))
-                print_fn(f"cluster now has {there}")
-                return have
-    finally:
-        _request([])
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            release_requested_resources()
+            raise too_small_error(
+                cpus, gpus, have, waited_s=timeout_s, reason=reason, wait_flag=wait_flag
+            )
+        time.sleep(min(poll_s, left))
+        have = ray.cluster_resources()
+        if _has(have, cpus, gpus):
+            there = _amounts(have.get("CPU", 0.0), have.get("GPU", 0.0))
+            print_fn(f"cluster now has {there}")
+            return have
+
+
+def release_requested_resources() -> None:
+    """Withdraw this run's autoscaler request (Ray keeps one until it is overridden, even
+    after the job ends, which would keep an autoscaled cluster large)."""
+    _request([])

@@ -234,6 +234,18 @@ def plan_folds(
     )
 
 
+def asked_resources(cfg: FoldSettings, n_folds: int) -> tuple[float, float]:
+    """(CPUs, GPUs) the flags explicitly ask of the cluster for the folds: ``concurrent_folds``
+    folds (all ``n_folds`` when only ``gpus_per_fold`` is given) of ``workers_per_fold``
+    workers, each ``cpus_per_worker`` (default 1) CPUs and its GPU share; (0, 0) when neither
+    flag is given (the plan then fits the folds to the cluster it finds)."""
+    if cfg.concurrent_folds is None and not cfg.gpus_per_fold:
+        return 0.0, 0.0
+    folds = min(cfg.concurrent_folds or n_folds, n_folds)
+    cpus = folds * cfg.workers_per_fold * (cfg.cpus_per_worker or 1.0)
+    return float(cpus), float(folds * (cfg.gpus_per_fold or 0.0))
+
+
 def cluster_has_gpu() -> bool:
     """Whether the Ray cluster has a GPU."""
     return _cluster().get("GPU", 0) > 0

@@ -38,10 +38,11 @@ from ser_ray.corpus.protocol import (
     resolve_protocol,
     speakers_of,
 )
-from ser_ray.distributed import console
+from ser_ray.distributed import cluster, console
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
-from ser_ray.distributed.resources import FoldPlan, plan_folds
+from ser_ray.distributed.published import published_corpus, published_model
+from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
 from ser_ray.distributed.train_edge import CHECKPOINT_PATH_KEY
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
@@ -218,6 +219,14 @@ class KFoldConfig:
             "help": "task-adaptive pre-training: before fine-tuning, continue each fold's "
             "self-supervised pre-training for N epochs on its training actors' audio (cached); "
             "0 = off"
+        },
+    )
+    cluster_wait_s: float = dataclasses.field(
+        default=600.0,
+        metadata={
+            "help": "on a joined cluster, how long to wait for the CPUs/GPUs that "
+            "--concurrent-folds and --gpus-per-fold ask for (an autoscaler adds nodes) before "
+            "giving up"
         },
     )
     stall_timeout_s: float = dataclasses.field(
@@ -620,9 +629,8 @@ def _encoder_for_every_node(model: str, cfg: KFoldConfig, out: str) -> str:
     """``model`` resolved (``demo``: the demo encoder's folder, built here on first use) and,
     on a cluster that spans nodes, published to the run location for every node."""
     from ser_ray.distributed.demo_encoder import resolve_model
-    from ser_ray.distributed.shared_models import shared_model
 
-    return shared_model(resolve_model(model, cfg.smoke_test), out)
+    return published_model(resolve_model(model, cfg.smoke_test), out)
 
 
 def _with_ssl_features(
@@ -693,6 +701,13 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     write the summary."""
     out = storage.absolute(cfg.out)
     storage.make_dirs(out)
+    try:
+        return _run_study(cfg, out)
+    finally:
+        cluster.release_requested_resources()
+
+
+def _run_study(cfg: KFoldConfig, out: str) -> dict[str, Any]:
     ray_storage = _storage_path(cfg, out)
     provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
     warn_study_fields_in_params(cfg)
@@ -702,8 +717,9 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
             family = variant.family if variant.is_ssl else None  # an SVM takes any family's
             check_model_reachable(_encoder_of(cfg, variant), family)
     features = _feature_config(variants)
-    source = cfg.source or str(demo_source(cfg.smoke_test))
+    source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
+    _check_every_node_reaches(out, source, inputs)  # before anything is written
     protocol = _resolved_protocol(cfg, inputs, out)
     _check_speaker_norm(variants, inputs.corpus, protocol)
     cross = _cross_corpus_settings(cfg, features)
@@ -714,6 +730,7 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     }
     plan = None
     if train_cfgs:
+        _wait_for_asked_resources(cfg, len(protocol.folds))
         plan = plan_folds(cfg, len(protocol.folds))
         print(plan.line(), flush=True)
     _save_run_config(out, cfg, variants, train_cfgs, provenance, ray_storage, plan)
@@ -721,6 +738,27 @@ def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
     results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, ray_storage)
     tested = evaluate_cross_corpus(test_corpora, cross, protocol, variants, out)
     return _write_summary(cfg, protocol, out, variants, df, results, provenance, tested)
+
+
+def _check_every_node_reaches(out: str, source: str, inputs: CorpusInputs) -> None:
+    """On a cluster of several nodes: the run location readable and writable, and the corpus
+    and its first clip readable, from every node (checked by a task on each), or one line
+    naming the nodes that cannot and the fix
+    (:class:`ser_ray.distributed.cluster.RunLocationError`)."""
+    readable = {"the corpus": source}
+    if len(inputs.corpus.frame):
+        readable["its first clip"] = str(inputs.corpus.frame["path"].iloc[0])
+    cluster.check_reachable(writable={"--out": out}, readable=readable)
+
+
+def _wait_for_asked_resources(cfg: KFoldConfig, n_folds: int) -> None:
+    """When ``--concurrent-folds``/``--gpus-per-fold`` ask for more than a joined cluster has
+    now, ask its autoscaler and wait up to ``--cluster-wait-s`` for the nodes (a local
+    instance cannot grow: the plan refuses at once)."""
+    cpus, gpus = asked_resources(cfg, n_folds)
+    if (cpus or gpus) and cluster.joined_existing_cluster():
+        reason = f"{cfg.concurrent_folds or n_folds} folds at once"
+        cluster.wait_for_resources(cpus, gpus, timeout_s=cfg.cluster_wait_s, reason=reason)
 
 
 def _cross_corpus_settings(cfg: KFoldConfig, features: FeatureConfig) -> CrossCorpusSettings:

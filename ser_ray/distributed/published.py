@@ -1,12 +1,14 @@
-"""Models every node can load: a driver-side folder published to the run location.
+"""Folders every node can read: driver-side models and the demo corpus, published to the run
+location.
 
 A fold trial, a feature-cache actor or a TAPT task loads its encoder by a name
-(``load_model``): a hub id, ``demo-random``, or a folder. A folder on the driver's own disk (the
-demo encoder in ``~/.cache/ser_ray``, a ``--model`` folder, a hub model the driver downloaded)
-exists on the driver's machine only; on a cluster that spans nodes the driver publishes it once
-into the run location, under ``OUT/models/<name>-<content key>``, and every node reads that
-copy (:func:`ser_ray.common.storage.node_local` keeps one per node). The content key makes a
-published copy immutable: a changed model is another folder.
+(``load_model``): a hub id, ``demo-random``, or a folder; featurizing tasks read the clips of
+the corpus. A folder on the driver's own disk (the demo encoder and the demo corpus in
+``~/.cache/ser_ray``, a ``--model`` folder, a hub model the driver downloaded) exists on the
+driver's machine only; on a cluster that spans nodes the driver publishes it once into the run
+location, under ``OUT/<kind>/<name>-<content key>``, and every node reads that copy (a model
+through :func:`ser_ray.common.storage.node_local`, one copy per node). The content key makes a
+published copy immutable: a changed folder is another copy.
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from ser_ray.models.ssl import RANDOM_DEMO_MODEL
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = "models"  # in the run location
 DONE_FILE = "_PUBLISHED"  # written last: the copy is complete
 
 
-def shared_model(model: str, run_location: str) -> str:
+def published_model(model: str, run_location: str) -> str:
     """Where every node of this cluster loads ``model`` from: as given on a single machine,
     for a URI, and for ``demo-random`` (built by each loader); on a cluster that spans nodes a
     local folder (or a hub id, downloaded here first) is published to the run location."""
@@ -34,18 +35,24 @@ def shared_model(model: str, run_location: str) -> str:
     folder = Path(model) if Path(model).is_dir() else _downloaded(model)
     if folder is None:
         return model
-    return publish(folder, run_location)
+    return publish(folder, run_location, "models")
 
 
-def publish(folder: Path, run_location: str) -> str:
-    """Copy the local model ``folder`` to ``run_location/models/<name>-<content key>`` unless
-    a complete copy is there; returns that location."""
-    target = storage.join(run_location, MODELS_DIR, f"{folder.name}-{content_key(folder)}")
+def published_corpus(folder: Path, run_location: str) -> str:
+    """Where every node reads the local corpus ``folder`` (the demo corpus) from: the folder
+    itself on one machine, else its copy in ``OUT/corpora``."""
+    return publish(folder, run_location, "corpora") if cluster.spans_nodes() else str(folder)
+
+
+def publish(folder: Path, run_location: str, kind: str) -> str:
+    """Copy the local ``folder`` to ``run_location/<kind>/<name>-<content key>`` unless a
+    complete copy is there; returns that location."""
+    target = storage.join(run_location, kind, f"{folder.name}-{content_key(folder)}")
     if storage.exists(storage.join(target, DONE_FILE)):
         return target
     storage.upload(folder, target)
     storage.write_text(storage.join(target, DONE_FILE), str(folder))
-    log.info("model %s published for every node: %s", folder, target)
+    log.info("%s published for every node: %s", folder, target)
     return target
 
 
