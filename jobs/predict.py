@@ -17,8 +17,11 @@ Examples:
   python jobs/predict.py --svm-models runs/kfold/svm_models/svm+spknorm/fold_*.joblib \
       --one-speaker --out runs/predict_spk me_1.wav me_2.wav me_3.wav
   python jobs/predict.py --smoke-test --out runs/predict_smoke
+  python jobs/predict.py --svm-models 's3://bucket/kfold/svm_models/svm/fold_*.joblib' \
+      --out s3://bucket/predict a.wav b.wav
 Writes OUT/predictions.csv (path, pred_label, n_models, prob_<emotion>...; rows sum to 1),
-OUT/rejected.csv (path, reason) and OUT/config.json.
+OUT/rejected.csv (path, reason) and OUT/config.json. Models and OUT may be URIs (s3://, gs://):
+a quoted URI's wildcards are matched against what the bucket holds.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from pathlib import Path
 import pandas as pd
 
 from ser_ray import cli
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.distributed import console
 from ser_ray.features.speaker_norm import SpeakerNormError
-from ser_ray.predict import predict_files, predict_files_svm
+from ser_ray.predict import expand_locations, predict_files, predict_files_svm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CUDA, run in float32 instead of autocast (bf16 where supported, else fp16)",
     )
     parser.add_argument(
-        "--out", default="runs/predict", help="output folder of this run (default: %(default)s)"
+        "--out",
+        default="runs/predict",
+        help="output folder or URI of this run (default: %(default)s)",
     )
     parser.add_argument(
         "--smoke-test",
@@ -78,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _smoke_inputs(out: Path) -> tuple[list[str], list[str]]:
-    """An untrained demo-size model and two demo clips (48 kHz WAV)."""
+    """An untrained demo-size model and two demo clips (48 kHz WAV), in the local folder
+    ``out``."""
     from ser_ray.corpus.demo_corpus import write_demo_corpus
     from ser_ray.corpus.ravdess import class_names
     from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model, save_model
@@ -107,12 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
     console.quiet_transformers()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models, audio = list(args.models), list(args.audio)
-    if args.smoke_test:
-        models, audio = _smoke_inputs(out)
-    if bool(models) == bool(args.svm_models) or not audio:
+    storage.make_dirs(args.out)
+    if args.smoke_test:  # its model and clips in OUT (a URI's: made here, uploaded at the end)
+        with storage.staged(args.out) as folder:
+            models, audio = _smoke_inputs(folder)
+            return _predict(args, models, list(args.svm_models), audio)
+    try:
+        models, svm_models = expand_locations(args.models), expand_locations(args.svm_models)
+    except FileNotFoundError as err:
+        build_parser().error(str(err))
+    return _predict(args, models, svm_models, list(args.audio))
+
+
+def _predict(
+    args: argparse.Namespace, models: list[str], svm_models: list[str], audio: list[str]
+) -> int:
+    """Predict ``audio`` with the fold models (one kind), write OUT's files, report."""
+    if bool(models) == bool(svm_models) or not audio:
         build_parser().error(
             "give --models or --svm-models (one kind) and at least one audio file (or --smoke-test)"
         )
@@ -122,19 +139,19 @@ def main(argv: list[str] | None = None) -> int:
                 models, audio, args.batch_size, args.device, args.amp, _speakers(args, audio)
             )
         else:
-            predictions, rejected = predict_files_svm(
-                args.svm_models, audio, _speakers(args, audio)
-            )
-            models = list(args.svm_models)
+            predictions, rejected = predict_files_svm(svm_models, audio, _speakers(args, audio))
+            models = svm_models
     except SpeakerNormError as err:
         build_parser().error(str(err))
-    predictions.to_csv(out / "predictions.csv", index=False)
-    rejected.to_csv(out / "rejected.csv", index=False)
-    config_file.save_config(out, {**vars(args), "models": models, "audio": audio})
+    predictions_csv = storage.join(args.out, "predictions.csv")
+    rejected_csv = storage.join(args.out, "rejected.csv")
+    storage.write_text(predictions_csv, predictions.to_csv(index=False))
+    storage.write_text(rejected_csv, rejected.to_csv(index=False))
+    config_file.save_config(args.out, {**vars(args), "models": models, "audio": audio})
     print(predictions.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(
         f"\n{len(predictions)} clips predicted by {len(models)} model(s), {len(rejected)} "
-        f"rejected\n  predictions: {out / 'predictions.csv'}\n  rejected:    {out / 'rejected.csv'}"
+        f"rejected\n  predictions: {predictions_csv}\n  rejected:    {rejected_csv}"
     )
     return 0
 

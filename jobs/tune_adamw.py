@@ -18,7 +18,7 @@ training actors) and writes per-fold params: the file for jobs/kfold.py --params
 Writes to --out: best.json ({"params", "val_uar", "fold", "search"}; nested:
 {"per_fold": {"1": {"params", "val_uar", "search"}, ...}}), trials_fold<k>.csv, config.json,
 tune/ (Tune results with TensorBoard event files), feature_cache/ and prepared/ (unless
---features is given).
+--features is given). --out may be a URI (s3://, gs://) that every node of the cluster reaches.
 
 Examples:
   python jobs/tune_adamw.py --smoke-test --out /tmp/ta
@@ -34,10 +34,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 from ser_ray import cli
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
@@ -119,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     cfg.train.model = resolve_model(args.model, args.smoke_test)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    storage.make_dirs(out)
     features_dir, protocol = prepare.features_for_job(
         args.features,
         args.data_dir,
@@ -163,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"top trials:\n{format_trials(trials)}")
     if args.nested:
         print(f"\nnote: {result.best['note']}")
-        use = f"python jobs/kfold.py --params {out / 'best.json'}"
+        use = f"python jobs/kfold.py --params {storage.join(out, 'best.json')}"
     else:
         print(f"\nnote: {result.best['search']['note']}")
         use = "one fold's settings: jobs/kfold.py --params refuses them for all folds; use --nested"
     print(
-        f"\n  best:   {out / 'best.json'}  ({use})"
-        f"\n  config: {config_json}\n  tune:   {out / 'tune'}"
+        f"\n  best:   {storage.join(out, 'best.json')}  ({use})"
+        f"\n  config: {config_json}\n  tune:   {storage.join(out, 'tune')}"
     )
     return 0
 

@@ -7,7 +7,8 @@ refit on the training actors and scored once on the test fold.
 Writes to --out: svm_folds.json (per fold + mean ± std), predictions_svm.csv (out-of-fold,
 one row per clip, class probabilities), config.json, svm_models/fold_<k>.joblib (each fold's
 model, for jobs/predict.py --svm-models), tune/ (Tune results, one experiment per fold, for the
-dashboard / TensorBoard) and prepared/ (features, unless --features is given).
+dashboard / TensorBoard) and prepared/ (features, unless --features is given). --out may be
+a URI (s3://, gs://) that every node of the cluster reaches.
 
 Examples:
   python jobs/tune_svm.py                                  # embedded demo corpus, grid search
@@ -24,10 +25,9 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from ser_ray import cli
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    storage.make_dirs(out)
     features_dir, protocol = prepare.features_for_job(
         args.features,
         args.data_dir,
@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             variant=variant,
         ),
         protocol,
-        storage_path=out / "tune",
-        models_dir=out / "svm_models",
+        storage_path=storage.join(out, "tune"),
+        models_dir=storage.join(out, "svm_models"),
     )
 
     mean, std = fold_mean_std(result.folds)
-    folds_json = out / "svm_folds.json"
-    folds_json.write_text(
+    folds_json = storage.join(out, "svm_folds.json")
+    storage.write_text(
+        folds_json,
         json.dumps(
             config_file.to_jsonable(
                 {
@@ -131,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
             ),
             indent=2,
-        )
+        ),
     )
-    predictions_csv = out / "predictions_svm.csv"
-    result.predictions.to_csv(predictions_csv, index=False)
+    predictions_csv = storage.join(out, "predictions_svm.csv")
+    storage.write_text(predictions_csv, result.predictions.to_csv(index=False))
     config_json = config_file.save_config(
         out,
         {
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table({"folds": result.folds, "mean": mean, "std": std}, search_columns))
     print(
         f"\n  folds:       {folds_json}\n  predictions: {predictions_csv}\n  config:      "
-        f"{config_json}\n  tune runs:   {out / 'tune'}"
+        f"{config_json}\n  tune runs:   {storage.join(out, 'tune')}"
     )
     return 0
 

@@ -12,21 +12,25 @@ Clips are batched by :func:`ser_ray.models.ssl.inference_batches` under the rule
 loop evaluates with (:func:`ser_ray.models.ssl.pads_exactly`): padded batches only where padding
 changes nothing, else clips of one length together (wav2vec2-base style models: clip by
 clip). The device is CUDA when present (with AMP, bf16 where supported), else CPU.
+
+Fold models are read from where the run put them: a local folder or a URI (``s3://…``,
+:mod:`ser_ray.common.storage`); a URI's ``*``, ``?`` and ``[…]``, which no shell expands, are
+matched here (:func:`expand_locations`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
-from ser_ray.common import predictions
+from ser_ray.common import predictions, storage
 from ser_ray.models.ssl import load_model, model_probabilities
 
 log = logging.getLogger(__name__)
@@ -37,15 +41,51 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def expand_locations(patterns: Sequence[str | os.PathLike]) -> list[str]:
+    """``patterns`` with each URI holding ``*``, ``?`` or ``[…]`` replaced by the locations it
+    matches, in name order (``s3://b/run/svm_models/svm/fold_*.joblib``): the shell expands a
+    local path's, never a URI's. Other patterns stay as given. Raises ``FileNotFoundError``
+    when a URI pattern matches nothing, as a model that is not there would."""
+    found = []
+    for pattern in map(str, patterns):
+        if not storage.is_uri(pattern) or not any(c in pattern for c in "*?["):
+            found.append(pattern)
+            continue
+        matches = _matching(pattern)
+        if not matches:
+            raise FileNotFoundError(f"{pattern}: nothing matches")
+        found += matches
+    return found
+
+
+def _matching(pattern: str) -> list[str]:
+    """The locations a URI pattern matches, one level of names listed per wildcard part."""
+    scheme, rest = pattern.split("://", 1)
+    bucket, *parts = rest.split("/")
+    locations = [f"{scheme}://{bucket}"]
+    for part in filter(None, parts):
+        if any(c in part for c in "*?["):
+            locations = [
+                storage.join(location, name)
+                for location in locations
+                for name in storage.list_names(location)
+                if fnmatch.fnmatchcase(name, part)
+            ]
+        else:
+            locations = [storage.join(location, part) for location in locations]
+    return [location for location in locations if storage.exists(location)]
+
+
 def load_fold_models(
     model_dirs: Sequence[str | os.PathLike], device: str | torch.device = "cpu"
 ) -> tuple[list[tuple[PreTrainedModel, object]], list[str]]:
-    """The models (eval mode) and their shared class names; all must have the same classes."""
+    """The models (eval mode) and their shared class names; all must have the same classes.
+    A folder may be a URI (``load_model`` copies it to this node first)."""
     if not model_dirs:
         raise ValueError("no model folders given")
     models, class_names = [], None
     for folder in model_dirs:
-        if not (Path(folder) / "config.json").exists():
+        if not storage.exists(storage.join(folder, "config.json")):
             raise FileNotFoundError(f"{folder}: not a saved model (no config.json)")
         model, fe = load_model(folder)
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -104,8 +144,9 @@ def predict_files_svm(
     audio_files: Sequence[str],
     speakers: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(predictions, rejected) of saved SVM fold models; ``speakers`` maps each audio path
-    to its speaker (needed, for every clip, by speaker-normalised models)."""
+    """(predictions, rejected) of saved SVM fold models (files, local or URIs); ``speakers``
+    maps each audio path to its speaker (needed, for every clip, by speaker-normalised
+    models)."""
     from ser_ray.models import svm_model
 
     if not model_files:

@@ -187,7 +187,9 @@ def test_in_process_runner_writes_what_ray_writes(prepared_bad, tmp_path):
     assert local.runner == "in-process" and result.runner == "ray"
     assert json.loads((tmp_path / "config.json").read_text())["runner"] == "in-process"
     tables = [
-        pa.concat_tables(pq.read_table(f) for f in sorted(Path(r.features_dir).glob("part-*.parquet")))
+        pa.concat_tables(
+            pq.read_table(f) for f in sorted(Path(r.features_dir).glob("part-*.parquet"))
+        )
         for r in (local, result)
     ]
     assert tables[0].num_rows == len(EXPECTED_OK)
@@ -303,7 +305,9 @@ def test_egemaps_are_added_later_without_redoing_the_rest(prepared_bad, tmp_path
 
     again = prepare_features(corpus, later, without, must_not_start_ray, runner)
     assert again.reused
-    assert {f.name: pq.read_table(f) for f in Path(again.features_dir).glob("part-*.parquet")} == after
+    assert {
+        f.name: pq.read_table(f) for f in Path(again.features_dir).glob("part-*.parquet")
+    } == after
 
 
 def test_demo_features_load_as_hf_dataset(demo_features):

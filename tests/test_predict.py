@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +133,79 @@ def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features,
     done = subprocess.run([*job, "--one-speaker", files[0]], cwd=ROOT, text=True,
                           capture_output=True)  # fmt: skip
     assert done.returncode == 2 and "has a single clip" in done.stderr
+
+
+def _svm_fold_models(n_features: int) -> list:
+    """Two fold models of random weights (mfcc features), one per fold: what a run saves."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ser_ray.models import svm_model
+
+    folds = []
+    for fold in (1, 2):
+        rng = np.random.default_rng(fold)
+        X, y = rng.standard_normal((5 * len(CLASSES), n_features)), np.arange(40) % len(CLASSES)
+        model = LogisticRegression(max_iter=200).fit(X, y)
+        folds.append(svm_model.FoldModel(model, "svm", "mfcc", False, CLASSES, fold, {}))
+    return folds
+
+
+def test_svm_fold_models_from_an_s3_run_location(audio_files, tmp_path, s3_location):
+    """SVM fold models saved to an ``s3://`` run location are the bytes a local run saves;
+    predict reads them there (a quoted wildcard matched in the bucket), in-process and as
+    ``jobs/predict.py --out s3://…``, with the probabilities of the local copies."""
+    from ser_ray.common import storage
+    from ser_ray.features.audio import load_audio
+    from ser_ray.models import svm_model
+    from ser_ray.predict import expand_locations, predict_files_svm
+
+    n_features = len(svm_model.svm_feature_columns(load_audio(audio_files[0]))["mfcc_stats"])
+    local, remote = [], []
+    for fold_model in _svm_fold_models(n_features):
+        name = f"fold_{fold_model.fold}.joblib"
+        local.append(svm_model.save_fold_model(tmp_path / "svm_models" / "svm" / name, fold_model))
+        remote.append(
+            svm_model.save_fold_model(
+                storage.join(s3_location, "svm_models", "svm", name), fold_model
+            )
+        )
+    assert [storage.read_bytes(r) for r in remote] == [Path(p).read_bytes() for p in local]
+    back = svm_model.load_fold_model(remote[1])
+    assert (back.fold, back.class_names, back.variant) == (2, CLASSES, "svm")
+
+    pattern = f"{s3_location}/svm_models/svm/fold_*.joblib"
+    assert expand_locations([pattern, local[0]]) == [*remote, local[0]]
+    with pytest.raises(FileNotFoundError, match="nothing matches"):
+        expand_locations([f"{s3_location}/svm_models/svm/fold_*.pkl"])
+    expected, _ = predict_files_svm(local, audio_files)
+    got, rejected = predict_files_svm(remote, audio_files)
+    pd.testing.assert_frame_equal(got, expected)
+    assert rejected["path"].tolist() == [audio_files[2]]
+
+    out = storage.join(s3_location, "predict")
+    job = [sys.executable, "jobs/predict.py", "--svm-models", pattern, "--out", out]
+    done = subprocess.run([*job, *audio_files], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = pd.read_csv(io.StringIO(storage.read_text(storage.join(out, "predictions.csv"))))
+    columns = [f"prob_{c}" for c in CLASSES]
+    np.testing.assert_allclose(frame[columns], expected[columns], atol=1e-6)
+    assert json.loads(storage.read_text(storage.join(out, "config.json")))["models"] == remote
+    assert storage.exists(storage.join(out, "rejected.csv"))
+
+
+def test_ssl_fold_models_from_an_s3_run_location(
+    fold_models, audio_files, s3_location, tmp_path, monkeypatch
+):
+    """Fine-tuned fold model folders in an ``s3://`` run location (``fold_*/model``, matched
+    in the bucket) predict as their local copies."""
+    from ser_ray.common import storage
+    from ser_ray.predict import expand_locations
+
+    monkeypatch.setenv("SER_RAY_CACHE", str(tmp_path / "cache"))  # this node's copies
+    for folder in fold_models:
+        storage.upload(folder, storage.join(s3_location, "wav2vec2", folder.parent.name, "model"))
+    remote = expand_locations([f"{s3_location}/wav2vec2/fold_*/model"])
+    assert len(remote) == 2
+    expected, _ = predict_files(fold_models, audio_files[:2])
+    got, _ = predict_files(remote, audio_files[:2])
+    pd.testing.assert_frame_equal(got, expected)

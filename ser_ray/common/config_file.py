@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+from ser_ray.common import storage
 
 
 def to_jsonable(value: Any) -> Any:
@@ -20,9 +23,10 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def save_config(out_dir: str | Path, config: dict[str, Any], name: str = "config.json") -> Path:
-    """Write the resolved configuration of a run next to its results."""
-    path = Path(out_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(config), indent=2, sort_keys=True))
-    return path
+def save_config(
+    out_dir: str | os.PathLike, config: dict[str, Any], name: str = "config.json"
+) -> str:
+    """Write the resolved configuration of a run next to its results, in the run location
+    (a local folder or a URI: :mod:`ser_ray.common.storage`); returns the file's location."""
+    text = json.dumps(to_jsonable(config), indent=2, sort_keys=True)
+    return storage.write_text(storage.join(out_dir, name), text)

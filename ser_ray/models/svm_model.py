@@ -12,15 +12,17 @@ feature count.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
 import pandas as pd
 
+from ser_ray.common import storage
 from ser_ray.features import audio
 from ser_ray.features.featurize import FeatureConfig
 from ser_ray.models import svm
@@ -40,15 +42,17 @@ class FoldModel:
     encoder: str | None = None  # svm+ssl: the frozen encoder (folder or hub id) of its features
 
 
-def save_fold_model(path: str | Path, fold_model: FoldModel) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(dataclasses.asdict(fold_model), path)
-    return path
+def save_fold_model(location: str | os.PathLike, fold_model: FoldModel) -> str:
+    """Write ``fold_model`` to the file ``location``, local or a URI (the run location, which
+    predict and the cross-corpus test read from any node); returns ``location``."""
+    buffer = io.BytesIO()
+    joblib.dump(dataclasses.asdict(fold_model), buffer)
+    return storage.write_bytes(location, buffer.getvalue())
 
 
-def load_fold_model(path: str | Path) -> FoldModel:
-    return FoldModel(**joblib.load(path))
+def load_fold_model(location: str | os.PathLike) -> FoldModel:
+    """The fold model saved at ``location`` (local or a URI) by :func:`save_fold_model`."""
+    return FoldModel(**joblib.load(io.BytesIO(storage.read_bytes(location))))
 
 
 def svm_feature_columns(y: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ser_ray.common import predictions
+from ser_ray.common import predictions, storage
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.protocol import Protocol, parse_label_map
@@ -94,14 +95,14 @@ def evaluate_cross_corpus(
     settings: CrossCorpusSettings,
     protocol: Protocol,
     variants: Sequence[Variant],
-    out: Path,
+    out: str | os.PathLike,
 ) -> list[dict[str, Any]]:
-    """Test the fold models in ``out`` (``svm_models/<variant>/``, ``<SSL variant>/fold_<k>/``) on
-    each test corpus; one result per corpus (for the summary) and
-    ``out/cross_corpus/<name>/predictions.csv``."""
+    """Test the fold models in the run location ``out`` (a local folder or a URI;
+    ``svm_models/<variant>/``, ``<SSL variant>/fold_<k>/``) on each test corpus; one result per
+    corpus (for the summary) and ``out/cross_corpus/<name>/predictions.csv``."""
     results = []
     for corpus in corpora:
-        folder = out / "cross_corpus" / corpus.name
+        folder = storage.join(out, "cross_corpus", corpus.name)
         clips, left_out = _test_clips(corpus, folder, settings, protocol, variants)
         shared = [c for c in protocol.classes if c in set(clips["class"])]
         per_fold: dict[str, list[dict[str, Any]]] = {}
@@ -113,7 +114,8 @@ def evaluate_cross_corpus(
                 metrics, frame = _scored(probs, clips, protocol.classes, shared)
                 per_fold.setdefault(variant.name, []).append({"fold": k, **metrics})
                 frames.append(frame.assign(fold=k, model=variant.name))
-        pd.concat(frames, ignore_index=True).to_csv(folder / "predictions.csv", index=False)
+        table = pd.concat(frames, ignore_index=True).to_csv(index=False)
+        storage.write_text(storage.join(folder, "predictions.csv"), table)
         results.append(_result(corpus, clips, shared, left_out, per_fold, variants))
         log.info("cross-corpus %s: %d clips, classes %s", corpus.name, len(clips), shared)
     return results
@@ -140,7 +142,7 @@ def _named(sources: Sequence[str]) -> list[tuple[str, str]]:
 
 def _test_clips(
     corpus: HeldOutCorpus,
-    folder: Path,
+    folder: str,
     settings: CrossCorpusSettings,
     protocol: Protocol,
     variants: Sequence[Variant],
@@ -148,7 +150,7 @@ def _test_clips(
     """The test corpus's features (prepared into ``folder/prepared``) of the clips whose class
     the study has, a ``class`` column added; and the clips left out per label."""
     prepared = prepare_features(
-        corpus.source, folder / "prepared", settings.features, inputs=corpus.inputs
+        corpus.source, storage.join(folder, "prepared"), settings.features, inputs=corpus.inputs
     )
     columns = ["path", "actor", "speaker", "emotion", *_columns(variants)]
     clips = load_features(prepared.features_dir, columns)
@@ -166,12 +168,12 @@ def _columns(variants: Sequence[Variant]) -> list[str]:
     return sorted(columns)
 
 
-def _svm_model_file(out: Path, variant: Variant, fold: int) -> Path:
-    return out / "svm_models" / variant.name / f"fold_{fold}.joblib"
+def _svm_model_file(out: str | os.PathLike, variant: Variant, fold: int) -> str:
+    return storage.join(out, "svm_models", variant.name, f"fold_{fold}.joblib")
 
 
 def _with_encoder_features(
-    variant: Variant, clips: pd.DataFrame, out: Path, fold: int
+    variant: Variant, clips: pd.DataFrame, out: str | os.PathLike, fold: int
 ) -> pd.DataFrame:
     """The clips with the pooled layers ``svm+ssl`` takes (all its fold models name the one
     encoder of the study; ``fold``'s says which); unchanged for other variants."""
@@ -181,14 +183,18 @@ def _with_encoder_features(
     return svm_model.with_encoder_features(clips, list(clips["waveform"]), [model])
 
 
-def _fold_probabilities(variant: Variant, fold: int, clips: pd.DataFrame, out: Path) -> np.ndarray:
+def _fold_probabilities(
+    variant: Variant, fold: int, clips: pd.DataFrame, out: str | os.PathLike
+) -> np.ndarray:
     """Fold ``fold``'s model of ``variant`` on the clips: probabilities over the study's
-    classes (speaker-normalised SVMs normalise each test speaker over its own clips)."""
+    classes (speaker-normalised SVMs normalise each test speaker over its own clips). Models
+    are read from the run location ``out``, local or a URI (``load_model`` copies a URI's
+    model folder to this node first)."""
     if not variant.is_ssl:
         model = svm_model.load_fold_model(_svm_model_file(out, variant, fold))
         speakers = dict(zip(clips["path"], clips["actor"], strict=True))
         return svm_model.predict_svm([model], clips, speakers)
-    model, fe = load_model(out / variant.name / f"fold_{fold}" / BEST_MODEL_DIR)
+    model, fe = load_model(storage.join(out, variant.name, f"fold_{fold}", BEST_MODEL_DIR))
     speakers = clips["speaker"].tolist()  # a +probe+spknorm model normalises over each's clips
     return model_probabilities(model.eval(), fe, list(clips["waveform"]), speakers=speakers)
 

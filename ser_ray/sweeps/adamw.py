@@ -26,16 +26,17 @@ Ray touch-points: ``tune.with_parameters`` / ``tune.with_resources`` and ``Tuner
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ser_ray.common import config_file
+from ser_ray.common import config_file, storage
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console, ingest
 from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
@@ -388,7 +389,7 @@ def tune_fold(
     cfg: SweepConfig,
     protocol: Protocol,
     *,
-    storage_path: str | Path,
+    storage_path: str | os.PathLike,
     name: str,
 ) -> dict[str, Any]:
     """Search AdamW settings on the training side of outer fold ``fold``.
@@ -440,7 +441,8 @@ def tune_fold(
         "n_stopped_early": int(trials["stopped_early"].sum()),
         "search_s": round(search_s, 2),
         "fixed": {k: v for k, v in setup["train_config"].items() if k not in SEARCHED_FIELDS},
-        "experiment_path": str(grid.experiment_path),
+        # Tune's path is inside the storage's filesystem (bucket/…): its scheme put back
+        "experiment_path": storage.uri_prefix(storage_path) + str(grid.experiment_path),
         "note": HOLDOUT_NOTE.format(
             fold=fold, fit=fit_actors, val=val_actors, test=list(test_actors)
         ),
@@ -467,7 +469,7 @@ def run_trials(
     resources: dict[str, float],
     max_concurrent: int,
     *,
-    storage_path: str | Path,
+    storage_path: str | os.PathLike,
     name: str,
 ) -> tuple[Any, float]:
     """Run the search (RAY: ``Tuner.fit``): ``cfg.num_samples`` trials of
@@ -487,7 +489,7 @@ def run_trials(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage.absolute(storage_path),
             verbose=console.search_verbosity(),
         ),
     )
@@ -538,9 +540,9 @@ class SweepResult:
 
 
 def run_sweep(
-    features_dir: str | Path,
+    features_dir: str | os.PathLike,
     cfg: SweepConfig,
-    out: str | Path,
+    out: str | os.PathLike,
     protocol: Protocol,
     *,
     fold: int = 1,
@@ -553,12 +555,11 @@ def run_sweep(
 
     Also writes ``out/trials_fold<k>.csv`` and the Tune experiments ``out/tune/adamw_fold<k>``
     (TensorBoard event files per trial). The feature cache goes to ``out/feature_cache``.
-    Needs a running Ray instance.
+    ``out`` is a location, a local folder or a URI (:mod:`ser_ray.common.storage`), that the
+    trials on every node reach. Needs a running Ray instance.
     """
-    import json
-
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute(out)
+    storage.make_dirs(out)
     n_folds = len(protocol.folds)
     if nested:
         fold_numbers = sorted(int(k) for k in (outer_folds or range(1, n_folds + 1)))
@@ -567,14 +568,17 @@ def run_sweep(
     if not fold_numbers or not set(fold_numbers) <= set(range(1, n_folds + 1)):
         raise ValueError(f"folds {fold_numbers} do not exist; choose from 1..{n_folds}")
     # built (or reused) once, before any trial, as the study does
-    source = build_fold_inputs(features_dir, cfg.base_train_config(), out / "feature_cache")
+    source = build_fold_inputs(
+        features_dir, cfg.base_train_config(), storage.join(out, "feature_cache")
+    )
     found, trials = {}, {}
     for k in fold_numbers:
         found[k] = tune_fold(
-            source, k, cfg, protocol, storage_path=out / "tune", name=f"adamw_fold{k}"
+            source, k, cfg, protocol, storage_path=storage.join(out, "tune"), name=f"adamw_fold{k}"
         )
         trials[k] = found[k].pop("trials")
-        trials[k].drop(columns=["config"]).to_csv(out / f"trials_fold{k}.csv", index=False)
+        table = trials[k].drop(columns=["config"]).to_csv(index=False)
+        storage.write_text(storage.join(out, f"trials_fold{k}.csv"), table)
     if nested:
         best = {
             "per_fold": {
@@ -587,5 +591,7 @@ def run_sweep(
     else:
         (k,) = fold_numbers
         best = {**found[k], "fold": k}
-    (out / "best.json").write_text(json.dumps(config_file.to_jsonable(best), indent=2))
+    storage.write_text(
+        storage.join(out, "best.json"), json.dumps(config_file.to_jsonable(best), indent=2)
+    )
     return SweepResult(best=best, trials=trials)

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ser_ray.common import storage
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.common.predictions import predictions_frame
 from ser_ray.corpus.folds import check_no_leakage
@@ -48,7 +49,7 @@ METRIC = "inner_uar"
 class NestedSvmConfig:
     """Settings of one nested SVM cross-validation: the search, the folds, the features and
     the variant name results are filed under. Where its output goes is given apart
-    (``storage_path``, ``models_dir`` of :func:`run_nested_svm`)."""
+    (``storage_path``, ``models_dir`` of :func:`run_nested_svm`: local folders or URIs)."""
 
     search: str = dataclasses.field(
         default="grid", metadata={"help": "grid (fixed grid) or bayes (Optuna TPE)"}
@@ -193,7 +194,7 @@ def tune_fold(
     fold_map: dict[int, int],
     num_classes: int,
     seed: int,
-    storage_path: str | Path,
+    storage_path: str | os.PathLike,
     name: str,
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
@@ -231,15 +232,13 @@ def tune_fold(
         search, num_samples, seed, grid, smoke_test, max_concurrent_trials
     )
     run_config = tune.RunConfig(
-        name=name,
-        storage_path=str(Path(storage_path).resolve()),
-        verbose=console.search_verbosity(),
+        name=name, storage_path=storage.absolute(storage_path), verbose=console.search_verbosity()
     )
     tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
     )
     results, search_s = _fit(tuner)
-    return _best_of_search(list(results), search_s, name, results.experiment_path)
+    return _best_of_search(list(results), search_s, name, storage_path, results.experiment_path)
 
 
 def tune_folds_grid(
@@ -247,7 +246,7 @@ def tune_folds_grid(
     *,
     fold_map: dict[int, int],
     num_classes: int,
-    storage_path: str | Path,
+    storage_path: str | os.PathLike,
     name: str,
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
@@ -289,7 +288,7 @@ def tune_folds_grid(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=storage.absolute(storage_path),
             verbose=console.search_verbosity(),
         ),
     )
@@ -299,6 +298,7 @@ def tune_folds_grid(
             [r for r in results if int(r.config["fold"]) == k],
             search_s,
             f"{name} fold {k}",
+            storage_path,
             results.experiment_path,
         )
         for k in train_rows
@@ -351,11 +351,18 @@ def _search_space(
 
 
 def _best_of_search(
-    results: Sequence[Any], search_s: float, name: str, experiment_path: str
+    results: Sequence[Any],
+    search_s: float,
+    name: str,
+    storage_path: str | os.PathLike,
+    experiment_path: str,
 ) -> dict[str, Any]:
     """The best config of a finished search (its Tune ``Result``s; ties broken by
     :func:`ser_ray.models.svm.best_config`'s fixed rule, never by completion order) and what
-    its trials saw: the dict :func:`tune_fold` returns (``n_trials``: configs scored)."""
+    its trials saw: the dict :func:`tune_fold` returns (``n_trials``: configs scored). Tune
+    gives paths inside the storage's filesystem (``bucket/…`` for ``s3://bucket/…``); they
+    are recorded as locations, the storage's scheme put back."""
+    scheme = storage.uri_prefix(storage_path)
     rows, seen, val_splits = [], set(), set()
     for result in results:
         rows += [(params, uar) for params, uar, *_ in json.loads(result.metrics["scores"])]
@@ -379,8 +386,8 @@ def _best_of_search(
         "inner_val_actors": [
             [[int(a) for a in part.split()] for part in s.split("|")] for s in sorted(val_splits)
         ],
-        "experiment_path": experiment_path,
-        "trial_paths": sorted(str(result.path) for result in results),
+        "experiment_path": scheme + experiment_path,
+        "trial_paths": sorted(scheme + str(result.path) for result in results),
     }
 
 
@@ -402,8 +409,8 @@ def run_nested_svm(
     cfg: NestedSvmConfig,
     protocol: Protocol,
     *,
-    storage_path: str | Path,
-    models_dir: str | Path | None = None,
+    storage_path: str | os.PathLike,
+    models_dir: str | os.PathLike | None = None,
 ) -> SvmResult:
     """Nested cross-validation of the SVM over the outer folds of ``protocol``.
 
@@ -423,7 +430,9 @@ def run_nested_svm(
     it inside each outer and inner fold (no statistic crosses actors). Results, predictions
     and Tune experiments are named after ``cfg.variant`` (e.g. ``svm+spknorm``). With
     ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
-    (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``).
+    (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``). ``storage_path``
+    and ``models_dir`` are locations (a local folder or a URI, :mod:`ser_ray.common.storage`):
+    Tune and the fold models write there, from whichever node runs them.
     """
     rows, outer_folds = _read_rows(df, cfg, protocol)
     found = _search_folds(rows, outer_folds, cfg, storage_path)
@@ -478,7 +487,7 @@ def _fold_masks(rows: _Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _search_folds(
-    rows: _Rows, outer_folds: Sequence[int], cfg: NestedSvmConfig, storage_path: str | Path
+    rows: _Rows, outer_folds: Sequence[int], cfg: NestedSvmConfig, storage_path: str | os.PathLike
 ) -> dict[int, dict[str, Any]]:
     """Each outer fold's search on its training rows: the grid of every fold in one Tune run,
     the Bayesian search in one run per fold."""
@@ -504,7 +513,7 @@ def _run_outer_fold(
     rows: _Rows,
     cfg: NestedSvmConfig,
     found: dict[str, Any],
-    models_dir: str | Path | None,
+    models_dir: str | os.PathLike | None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Outer fold ``k`` after its search (``found``): refit, test once on its test actors,
     save the model; its result record and its test clips' predictions."""
@@ -523,7 +532,7 @@ def _run_outer_fold(
     proba = svm.class_probabilities(model, rows.X[test_mask], num_classes)
     if models_dir is not None:
         svm_model.save_fold_model(
-            Path(models_dir) / f"fold_{k}.joblib",
+            storage.join(models_dir, f"fold_{k}.joblib"),
             svm_model.FoldModel(
                 model, cfg.variant, cfg.feature_set, cfg.speaker_normalise, names, int(k),
                 found["params"], cfg.encoder,
@@ -578,7 +587,10 @@ def _fold_record(
 
 
 def _resolved_config(
-    cfg: NestedSvmConfig, protocol: Protocol, outer_folds: Sequence[int], storage_path: str | Path
+    cfg: NestedSvmConfig,
+    protocol: Protocol,
+    outer_folds: Sequence[int],
+    storage_path: str | os.PathLike,
 ) -> dict[str, Any]:
     """The resolved settings of the run (:attr:`SvmResult.config`)."""
     grid_points = (
@@ -607,5 +619,5 @@ def _resolved_config(
         "feature_columns": list(svm.FEATURE_SETS[cfg.feature_set]),
         "encoder": cfg.encoder,
         "normalisation": speaker_norm.DESCRIPTION if cfg.speaker_normalise else speaker_norm.NONE,
-        "storage_path": str(Path(storage_path).resolve()),
+        "storage_path": storage.absolute(storage_path),
     }
