@@ -119,3 +119,62 @@ def encoders(tmp_path_factory):
 def family(request) -> str:
     """Each SSL encoder family of :data:`FAMILIES` in turn."""
     return request.param
+
+
+@pytest.fixture
+def s3_location(monkeypatch):
+    """A fresh ``s3://`` run location on a moto server on this machine (no network, fake
+    credentials): the environment points pyarrow's S3 (and any subprocess) at it."""
+    import socket
+    import uuid
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", access_key="testing", secret_key="testing",
+        region="us-east-1", allow_bucket_creation=True,
+    ).create_dir("ser-test")  # fmt: skip
+    yield f"s3://ser-test/{uuid.uuid4().hex[:8]}"
+    server.stop()
+
+
+@pytest.fixture
+def moto_s3():
+    """A moto S3 server in its own process, with bucket ``ser-test``; ``moto_s3.env`` points
+    pyarrow (in any process, e.g. Ray nodes) at it (see ``cluster_fixtures.s3_server``)."""
+    from cluster_fixtures import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """Factory for real two-node Ray clusters (``cluster_fixtures.two_node_cluster``):
+    ``make_cluster(**kwargs)`` defaults ``private_dir`` to ``tmp_path / "private"`` and
+    ``shared_dir`` to ``tmp_path / "shared"``; every cluster it made is stopped at teardown."""
+    import contextlib
+    import pathlib
+
+    from cluster_fixtures import two_node_cluster
+
+    with contextlib.ExitStack() as stack:
+
+        def make(**kwargs):
+            kwargs.setdefault("private_dir", tmp_path / "private")
+            kwargs.setdefault("shared_dir", tmp_path / "shared")
+            pathlib.Path(kwargs["shared_dir"]).mkdir(parents=True, exist_ok=True)
+            return stack.enter_context(two_node_cluster(tmp_path, **kwargs))
+
+        yield make
