@@ -133,7 +133,11 @@ def dataclass_from_args(
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(
-        "--out", default=default_out, help="output folder of this run (default: %(default)s)"
+        "--out",
+        default=default_out,
+        help="the run location: a local folder (one machine), a folder every node of the "
+        "cluster mounts (NFS, EFS, a Kubernetes volume) or a URI (s3://bucket/run, gs://...) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--smoke-test",

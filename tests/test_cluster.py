@@ -9,6 +9,7 @@ several names, and against a node id that does not exist).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -275,3 +276,26 @@ def test_resources_that_arrive_end_the_wait(ray_local, monkeypatch):
     assert asked == [[{"CPU": 1.0}] * 8 + [{"GPU": 1.0}]]  # kept while the run goes on
     cluster.release_requested_resources()
     assert asked[-1] == []
+
+
+def test_a_model_is_published_for_every_node_only_when_the_cluster_spans_nodes(
+    tmp_path, monkeypatch
+):
+    from ser_ray.distributed import published
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    run = str(tmp_path / "run")
+    monkeypatch.setattr(cluster, "spans_nodes", lambda: False)
+    assert published.published_model(str(model), run) == str(model)
+    assert published.published_model("demo-random", run) == "demo-random"
+    monkeypatch.setattr(cluster, "spans_nodes", lambda: True)
+    copy = published.published_model(str(model), run)
+    assert copy == f"{run}/models/model-{published.content_key(model)}"
+    assert (Path(copy) / "model.safetensors").read_bytes() == b"weights"
+    assert published.published_model(str(model), run) == copy  # once
+    (model / "model.safetensors").write_bytes(b"retrained")  # another content: another copy
+    assert published.published_model(str(model), run) != copy
+    assert published.published_corpus(model, run).startswith(f"{run}/corpora/model-")

@@ -319,3 +319,23 @@ def test_an_svm_on_ssl_features_takes_wav2vec2s_encoder_or_a_plain_models_of_any
     given = KFoldConfig(train=study_train_config(model=f"{wavlm},hubert=h"))
     assert _encoder_of(given, ssl) == wavlm
     check_model_reachable(wavlm, None)  # an SVM takes an encoder of any SSL family
+
+
+def test_only_the_flags_that_ask_for_resources_make_a_joined_cluster_wait():
+    from ser_ray.distributed.resources import asked_resources
+
+    assert asked_resources(KFoldConfig(), 6) == (0.0, 0.0)  # the plan fits what it finds
+    assert asked_resources(KFoldConfig(concurrent_folds=3), 6) == (3.0, 0.0)
+    assert asked_resources(KFoldConfig(gpus_per_fold=0.5), 6) == (6.0, 3.0)
+    ddp = KFoldConfig(concurrent_folds=2, workers_per_fold=2, cpus_per_worker=4, gpus_per_fold=2)
+    assert asked_resources(ddp, 6) == (16.0, 4.0)
+
+
+def test_storage_path_is_a_deprecated_alias_and_tune_state_lives_in_the_run_location(caplog):
+    from ser_ray.study.kfold import _storage_path
+
+    assert _storage_path(KFoldConfig(), "s3://b/run") == "s3://b/run/ray"
+    assert not caplog.records
+    given = _storage_path(KFoldConfig(storage_path="s3://b/state/"), "s3://b/run")
+    assert given == "s3://b/state"
+    assert "--storage-path is deprecated" in caplog.text

@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import lfilter
 
+from ser_ray.common import storage
 from ser_ray.corpus.ravdess import CLIPS_PER_ACTOR, NUM_ACTORS, RavdessName
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,7 @@ DEMO_SIZES = {
 
 def demo_corpus_dir(size: str = "full", seed: int = 0) -> Path:
     """Where the demo corpus of a size is cached (``$SER_RAY_CACHE`` or ``~/.cache/ser_ray``)."""
-    cache = Path(os.environ.get("SER_RAY_CACHE", Path.home() / ".cache" / "ser_ray"))
-    return cache / f"demo_corpus_{size}_seed{seed}"
+    return storage.node_cache_dir() / f"demo_corpus_{size}_seed{seed}"
 
 
 def demo_source(smoke_test: bool = False) -> Path:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ser_ray.common import storage
 from ser_ray.distributed import console
 from ser_ray.distributed.resources import DEMO_ENCODER_THREADS
 from ser_ray.features.unlabeled import read_pool, write_demo_pool
@@ -70,8 +71,7 @@ def demo_encoder_dir(size: str = "full") -> Path:
     """The cache folder of the demo encoder of ``size`` (its settings' hash in the name)."""
     settings = json.dumps(_settings(size), sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("SER_RAY_CACHE", Path.home() / ".cache" / "ser_ray"))
-    return cache / f"demo_encoder_{size}_{key}"
+    return storage.node_cache_dir() / f"demo_encoder_{size}_{key}"
 
 
 def ensure_demo_encoder(size: str = "full") -> Path:
