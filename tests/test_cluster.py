@@ -299,3 +299,30 @@ def test_a_model_is_published_for_every_node_only_when_the_cluster_spans_nodes(
     (model / "model.safetensors").write_bytes(b"retrained")  # another content: another copy
     assert published.published_model(str(model), run) != copy
     assert published.published_corpus(model, run).startswith(f"{run}/corpora/model-")
+
+
+def test_a_hub_model_is_downloaded_once_by_the_driver_and_published(tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    from ser_ray.distributed import published
+
+    snapshot = tmp_path / "hub" / "snapshot"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "wavlm"}')
+    fetched = []
+    monkeypatch.setattr(cluster, "spans_nodes", lambda: True)
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo: fetched.append(repo) or str(snapshot)
+    )
+    run = str(tmp_path / "run")
+    copy = published.published_model("microsoft/wavlm-base-plus", run)
+    assert fetched == ["microsoft/wavlm-base-plus"]
+    assert copy.startswith(f"{run}/models/snapshot-")
+    assert (Path(copy) / "config.json").read_text() == '{"model_type": "wavlm"}'
+
+    def offline(repo):
+        raise OSError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert published.published_model("org/other", run) == "org/other"  # each node fetches it
+    assert "org/other: not downloaded by the driver (no connection)" in caplog.text
