@@ -114,7 +114,8 @@ def _markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per benchmark, plus ``all``."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -125,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         cli.add_common_args(p, default_out="runs/benchmark")
     everything = sub.add_parser("all", help="every benchmark with its defaults")
     cli.add_common_args(everything, default_out="runs/benchmark")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     if args.benchmark == "all":  # the GPU one only where there is a GPU
         import torch
