@@ -114,6 +114,7 @@ def _markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

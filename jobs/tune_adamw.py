@@ -101,6 +101,7 @@ def format_trials(trials, top: int = 5) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)

@@ -5,20 +5,43 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from ser_ray.common.errors import UserError
 from ser_ray.distributed import console
 from ser_ray.study.variants import Variant
 
 T = TypeVar("T")
 #: Ray Train's switch of its per-run preemption watcher (off on a local instance).
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def reports_user_errors(
+    main: Callable[[Sequence[str] | None], int],
+) -> Callable[[Sequence[str] | None], int]:
+    """A job's ``main`` whose user mistakes (:class:`ser_ray.common.errors.UserError`) end as
+    one ``error: …`` line on stderr and exit status 2, as argparse's own do; with
+    ``--verbose`` the traceback instead. Any other exception is a bug and keeps its
+    traceback."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as error:
+            if "--verbose" in (sys.argv[1:] if argv is None else argv):
+                raise
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def add_dataclass_args(

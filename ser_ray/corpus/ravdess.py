@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from ser_ray.common import storage
+from ser_ray.common.errors import UserError
 from ser_ray.corpus.clips import ClipTable, clip_frame
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def md5_of(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ser_ray.common.errors import UserError
 from ser_ray.common.storage import filesystem_of
 from ser_ray.features import mfcc
 
@@ -158,7 +159,7 @@ def mfcc_stats(
     }
 
 
-class OpenSmileUnavailable(RuntimeError):
+class OpenSmileUnavailable(UserError, RuntimeError):
     """openSMILE (the ``opensmile`` package and its native library) cannot run here."""
 
 
