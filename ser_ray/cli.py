@@ -242,13 +242,17 @@ def svm_variant_name(args: argparse.Namespace) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our log lines to stderr; how much Ray prints (see :mod:`ser_ray.distributed.console`)."""
+    """Our log lines to stderr (INFO; DEBUG with ``verbose``), other libraries' warnings only
+    (their INFO lines with ``verbose``, e.g. matplotlib's font cache); how much Ray prints
+    (see :mod:`ser_ray.distributed.console`)."""
     console.configure(verbose)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for ours in ("ser_ray", "benchmarks"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def init_ray(
