@@ -169,8 +169,9 @@ def _egemaps_smile():
         import opensmile
     except ImportError as err:
         raise OpenSmileUnavailable(
-            f"eGeMAPS needs the opensmile package ({err}); `pip install opensmile`, or prepare "
-            "MFCC features only (jobs/prepare.py --no-egemaps)"
+            f"eGeMAPS needs the opensmile package ({err}): pip install -e '.[egemaps]' (or "
+            "pip install opensmile), or run without +egemaps variants (jobs/prepare.py "
+            "--no-egemaps)"
         ) from err
     return opensmile.Smile(
         feature_set=opensmile.FeatureSet.eGeMAPSv02,
