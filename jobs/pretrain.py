@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = storage.absolute(args.out)
     cli.init_ray(args.address, args.num_cpus)
+    storage.make_dirs(out)
+    cli.check_where_files_live(out, args.data_dir)
     pool = _pool(args.data_dir, out, args.smoke_test)
     config_file.save_config(
         out, {"job": "pretrain", "data": str(pool), "pretrain": cfg, **vars(args)}

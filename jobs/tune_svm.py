@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = args.out
     storage.make_dirs(out)
+    cli.check_where_files_live(out, args.features or args.data_dir)
     features_dir, protocol = prepare.features_for_job(
         args.features,
         args.data_dir,

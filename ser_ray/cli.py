@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ser_ray.common.errors import UserError
-from ser_ray.distributed import console
+from ser_ray.distributed import cluster, console
 from ser_ray.study.variants import Variant
 
 T = TypeVar("T")
@@ -279,3 +279,11 @@ def init_ray(
             **console.ray_init_kwargs(),
         )
     console.quiet_ray_data()
+
+
+def check_where_files_live(out: str, corpus: str | None = None) -> None:
+    """On a cluster of several nodes, refuse (one line) a run location ``out`` or a
+    ``corpus`` that some node cannot see, before any work
+    (:func:`ser_ray.distributed.cluster.check_reachable`); nothing on one machine."""
+    readable = {"the corpus": corpus} if corpus else {}
+    cluster.check_reachable(writable={"--out": out}, readable=readable)
