@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake the user can fix; its message names the file or value and the fix."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """A file or folder the user named is not there, or holds nothing usable."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ser_ray.common import storage
+from ser_ray.common.errors import MissingInputError
 from ser_ray.common.storage import count_rows
 from ser_ray.corpus import sources
 from ser_ray.corpus.clips import ClipTable
@@ -103,7 +104,7 @@ def read_corpus_inputs(
         table = table.append_column("audio_bytes", blobs)
     inputs = CorpusInputs(corpus, table)
     if inputs.n_input == 0:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{source}: no audio files found; expected a RAVDESS or CREMA-D folder, a clip "
             "manifest (CSV/JSONL) or a datasets save_to_disk copy"
         )
