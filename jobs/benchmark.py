@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)

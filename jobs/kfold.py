@@ -21,7 +21,6 @@ import sys
 
 from ser_ray import cli
 from ser_ray.corpus.protocol import ProtocolSettings
-from ser_ray.distributed.cluster import ClusterTooSmallError, RunLocationError
 from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
@@ -53,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    try:
-        summary = run_kfold(cfg)
-    except (RunLocationError, ClusterTooSmallError) as error:  # where files live, cluster size
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = run_kfold(cfg)
     print(format_table(summary))
     print(
         f"\nrun folder: {cfg.out} (summary.md, summary.json, predictions.csv, plots, tensorboard)"

@@ -109,6 +109,7 @@ def _speakers(args: argparse.Namespace, audio: list[str]) -> dict[str, str] | No
     return {a: given.get(a, by_name.get(Path(a).name)) for a in audio}
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()

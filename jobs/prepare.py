@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir,
         args.out,
         config,
-        connect=lambda: cli.init_ray(args.address, args.num_cpus, args.dashboard),
+        connect=lambda: _connect(args, data_dir),
         runner=args.runner,
     )
     state = "reused (input and config unchanged)" if result.reused else f"by {result.runner}"
@@ -79,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{result.rejected_csv}\n  config:   {storage.join(result.out_dir, 'config.json')}"
     )
     return 0
+
+
+def _connect(args: argparse.Namespace, data_dir: str) -> None:
+    """Join or start Ray (only when Ray does the work), then refuse a run location or corpus
+    some node of a cluster cannot see."""
+    cli.init_ray(args.address, args.num_cpus, args.dashboard)
+    storage.make_dirs(args.out)
+    cli.check_where_files_live(args.out, data_dir)
 
 
 if __name__ == "__main__":

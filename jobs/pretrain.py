@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = storage.absolute(args.out)
     cli.init_ray(args.address, args.num_cpus)
+    storage.make_dirs(out)
+    cli.check_where_files_live(out, args.data_dir)
     pool = _pool(args.data_dir, out, args.smoke_test)
     config_file.save_config(
         out, {"job": "pretrain", "data": str(pool), "pretrain": cfg, **vars(args)}

@@ -40,6 +40,7 @@ from ser_ray.common import config_file, storage
 from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
+from ser_ray.distributed.published import published_model
 from ser_ray.models.ssl import DEMO_MODEL
 from ser_ray.sweeps.adamw import SearchSpace, SweepConfig, run_sweep, sweep_train_config
 from ser_ray.training.config import TrainConfig
@@ -101,6 +102,7 @@ def format_trials(trials, top: int = 5) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         space=SearchSpace.for_model(args.model, lr_encoder=args.lr_encoder_range),
     )
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    cfg.train.model = resolve_model(args.model, args.smoke_test)
     out = args.out
     storage.make_dirs(out)
+    cli.check_where_files_live(out, args.features or args.data_dir)
+    cfg.train.model = published_model(resolve_model(args.model, args.smoke_test), out)
     features_dir, protocol = prepare.features_for_job(
         args.features,
         args.data_dir,

@@ -78,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     out = args.out
     storage.make_dirs(out)
+    cli.check_where_files_live(out, args.features or args.data_dir)
     features_dir, protocol = prepare.features_for_job(
         args.features,
         args.data_dir,

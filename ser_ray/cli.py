@@ -5,20 +5,43 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from ser_ray.distributed import console
+from ser_ray.common.errors import UserError
+from ser_ray.distributed import cluster, console
 from ser_ray.study.variants import Variant
 
 T = TypeVar("T")
 #: Ray Train's switch of its per-run preemption watcher (off on a local instance).
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def reports_user_errors(
+    main: Callable[[Sequence[str] | None], int],
+) -> Callable[[Sequence[str] | None], int]:
+    """A job's ``main`` whose user mistakes (:class:`ser_ray.common.errors.UserError`) end as
+    one ``error: …`` line on stderr and exit status 2, as argparse's own do; with
+    ``--verbose`` the traceback instead. Any other exception is a bug and keeps its
+    traceback."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as error:
+            if "--verbose" in (sys.argv[1:] if argv is None else argv):
+                raise
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def add_dataclass_args(
@@ -219,13 +242,17 @@ def svm_variant_name(args: argparse.Namespace) -> str:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our log lines to stderr; how much Ray prints (see :mod:`ser_ray.distributed.console`)."""
+    """Our log lines to stderr (INFO; DEBUG with ``verbose``), other libraries' warnings only
+    (their INFO lines with ``verbose``, e.g. matplotlib's font cache); how much Ray prints
+    (see :mod:`ser_ray.distributed.console`)."""
     console.configure(verbose)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for ours in ("ser_ray", "benchmarks"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def init_ray(
@@ -252,3 +279,11 @@ def init_ray(
             **console.ray_init_kwargs(),
         )
     console.quiet_ray_data()
+
+
+def check_where_files_live(out: str, corpus: str | None = None) -> None:
+    """On a cluster of several nodes, refuse (one line) a run location ``out`` or a
+    ``corpus`` that some node cannot see, before any work
+    (:func:`ser_ray.distributed.cluster.check_reachable`); nothing on one machine."""
+    readable = {"the corpus": corpus} if corpus else {}
+    cluster.check_reachable(writable={"--out": out}, readable=readable)

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ser_ray.common import predictions, storage
+from ser_ray.common.errors import MissingInputError
 from ser_ray.models.ssl import load_model, model_probabilities
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def load_fold_models(
     models, class_names = [], None
     for folder in model_dirs:
         if not storage.exists(storage.join(folder, "config.json")):
-            raise FileNotFoundError(f"{folder}: not a saved model (no config.json)")
+            raise MissingInputError(f"{folder}: not a saved model (no config.json)")
         model, fe = load_model(folder)
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         if class_names is None:

@@ -8,6 +8,25 @@ import pytest
 from transformers import Data2VecAudioConfig, HubertConfig, Wav2Vec2Config, WavLMConfig
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+#: Fixtures that start Ray (a local instance, or a cluster of two nodes): their tests are
+#: marked ``ray``; these and the other expensive ones (a spoken corpus, an S3 server) ``slow``.
+RAY_FIXTURES = {"ray_local", "demo_features", "make_cluster"}
+SLOW_FIXTURES = RAY_FIXTURES | {"tts_corpus", "moto_s3", "s3_location"}
+
+
+def pytest_collection_modifyitems(items):
+    """The tiers: ``pytest -m "not slow"`` is the fast one (no Ray, no job run end to end);
+    ``e2e`` (a job run as a user runs it) and ``cluster`` (two Ray nodes) tests are slow too."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        marked = any(item.get_closest_marker(m) for m in ("e2e", "cluster"))
+        if marked or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 

@@ -93,6 +93,7 @@ def test_small_windows_hold_at_most_one_window_and_see_every_clip_once():
     assert peak[0] == 9  # one full window, never two at once
 
 
+@pytest.mark.slow
 def test_stream_and_table_train_and_score_alike():
     """1 epoch, window >= split: identical training metrics, weights and test scores."""
     train_rows, test_rows = synthetic_table(2, seed=1), synthetic_table(1, seed=2)

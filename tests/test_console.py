@@ -3,6 +3,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from ser_ray.distributed import console
 
 
@@ -70,6 +72,8 @@ print(parquet_dataset(sys.argv[1], ["path"]).take_all())
 """
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_reading_features_on_ray_prints_no_ray_data_notices(tmp_path):
     """Ray Data's one-time notices (progress bars off, execution start) only with --verbose;
     in a fresh process, as every job starts (the notices are printed once per process)."""

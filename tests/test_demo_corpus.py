@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from ser_ray.corpus import demo_corpus
@@ -31,6 +32,7 @@ def test_layout_format_and_determinism(tmp_path):
     assert again != root
 
 
+@pytest.mark.slow
 def test_a_process_pool_writes_the_same_clips_as_one_process(tmp_path, monkeypatch):
     serial = write_demo_corpus(tmp_path / "serial", n_actors=2, clips_per_actor=5, seed=3)
     pool = demo_corpus.unlabeled_pool_clips(2, 3, speech_scale=0.3)

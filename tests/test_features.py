@@ -338,6 +338,7 @@ def test_saved_hf_dataset_is_accepted_as_input(ray_local, demo_corpus, demo_feat
         )
 
 
+@pytest.mark.slow
 def test_saved_hf_dataset_with_speaker_and_label_columns(demo_corpus, tmp_path):
     """A corpus saved with datasets: speaker and emotion from its columns (a ClassLabel by
     name), not from file names."""

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # jobs run end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted(p.name for p in (ROOT / "jobs").glob("[a-z]*.py"))
 

@@ -19,6 +19,8 @@ import pandas as pd
 import psutil
 import pytest
 
+pytestmark = pytest.mark.e2e  # jobs run end to end
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
 VARIANTS = ("svm", "svm+spknorm", "wav2vec2")  # the default demo run

@@ -75,6 +75,8 @@ def test_models_with_other_classes_are_refused(fold_models, tmp_path):
         load_fold_models([fold_models[0], other])
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_job_smoke_test(tmp_path):
     done = subprocess.run(
         [sys.executable, "jobs/predict.py", "--smoke-test", "--out", str(tmp_path)],

@@ -117,6 +117,7 @@ def test_masks_and_negatives_follow_the_objective(tiny_config_file):
         mask_and_negatives(model, 2, 2_000, cfg)
 
 
+@pytest.mark.slow
 def test_pretraining_loss_falls_below_chance(tiny_config_file):
     torch.manual_seed(0)
     np.random.seed(0)
@@ -130,6 +131,7 @@ def test_pretraining_loss_falls_below_chance(tiny_config_file):
     assert all(0 < h["pretrain/codevector_perplexity"] <= 32 for h in outcome.history)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tiny_config_file, tmp_path):
     cfg = tiny_pretrain(tiny_config_file, epochs=3, grad_accum_steps=2, batch_size=2)
     clips = tone_clips(6)

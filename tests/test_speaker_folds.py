@@ -40,6 +40,7 @@ def other_speakers(all_folds, k):
 # --- speaker_kfold -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_random_corpora_give_disjoint_balanced_deterministic_folds():
     for i in range(200):
         rng = np.random.default_rng(i)

@@ -13,6 +13,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -118,6 +119,7 @@ def _run(out: Path, **settings) -> dict[int, dict]:
     return {r: json.loads((out / f"state_rank{r}.json").read_text()) for r in range(WORLD_SIZE)}
 
 
+@pytest.mark.slow
 def test_rank0_decides_best_epoch_and_early_stop(tmp_path):
     states = _run(tmp_path, epochs=4, patience=1, fake_uar=True)
     # rank 0's figures decide for both: stop after epoch 3, best epoch 2
@@ -129,6 +131,7 @@ def test_rank0_decides_best_epoch_and_early_stop(tmp_path):
         assert torch.equal(value, w1[name]), name
 
 
+@pytest.mark.slow
 def test_per_rank_rng_and_bit_exact_resume(tmp_path):
     full = _run(tmp_path / "full", epochs=3, patience=None, fake_uar=False)
     assert full[0]["epochs"] == full[1]["epochs"] == [1, 2, 3]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import soundfile as sf
 from tts_corpus import FEMALE_VARIANTS, MALE_VARIANTS, espeak_command, render
 
@@ -23,6 +24,7 @@ def test_layout_counts_and_format(tts_corpus):
     assert min(durations_s) > 1.5 and max(durations_s) < 7.0
 
 
+@pytest.mark.slow
 def test_voices_follow_actor_gender_and_emotion_changes_prosody():
     angry = RavdessName(3, 1, 5, 2, 1, 1, 3)
     sad = RavdessName(3, 1, 4, 2, 1, 1, 3)

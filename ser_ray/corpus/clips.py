@@ -20,6 +20,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from ser_ray.common.errors import UserError
+
 #: Columns of :attr:`ClipTable.frame`: the required three, then the optional ones (None where
 #: a source does not know them), then the file's size and time (-1 when unknown) that tell a
 #: prepared folder whether its input changed. A manifest's other columns follow, as text.
@@ -30,7 +32,7 @@ CLIP_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + FILE_COLUMNS
 GENDERS = ("male", "female")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus (folder or manifest) that cannot be read as clips; the message names the
     rows or files and the fix."""
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ser_ray.common.errors import UserError
+
 FOLD_SCHEMES: dict[str, list[list[int]]] = {
     "contiguous": [list(range(start, start + 4)) for start in range(1, 25, 4)],
     "emobox": [
@@ -25,7 +27,7 @@ FOLD_SCHEMES: dict[str, list[list[int]]] = {
 }
 
 
-class FoldError(ValueError):
+class FoldError(UserError, ValueError):
     """Actors that cannot form the folds, or folds that leak an actor."""
 
 

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from ser_ray.common import storage
+from ser_ray.common.errors import MissingInputError, UserError
 from ser_ray.corpus.clips import ClipTable, clip_frame
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def build_manifest(data_dir: str, speech_only: bool = True) -> Manifest:
     prefix = storage.uri_prefix(data_dir)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--data-dir {data_dir}: not a folder. Point it at the RAVDESS folder holding "
             "Actor_01 … Actor_24 (or the .wav files directly); use --download to fetch it."
         )
@@ -245,7 +246,7 @@ def md5_of(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     pass
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ser_ray.common import storage
+from ser_ray.common.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,12 @@ MAX_NAMED_NODES = 5
 MAX_PROBLEM_CHARS = 160
 
 
-class RunLocationError(ValueError):
+class RunLocationError(UserError, ValueError):
     """A user's mistake about where files live (e.g. ``--out`` on a disk only the driver
     has); the job prints it as one line, without a traceback."""
 
 
-class ClusterTooSmallError(ValueError):
+class ClusterTooSmallError(UserError, ValueError):
     """The cluster does not have (and did not get in time) the CPUs/GPUs the run asks for;
     one line saying what was asked, what is there and what to change."""
 

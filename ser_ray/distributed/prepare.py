@@ -23,12 +23,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from ser_ray.common import storage
+from ser_ray.common.errors import MissingInputError
 from ser_ray.common.storage import count_rows
 from ser_ray.corpus import sources
 from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.protocol import Protocol, ProtocolSettings, resolve_protocol
 from ser_ray.distributed import resources
+from ser_ray.distributed.published import published_corpus
 from ser_ray.features import audio
 from ser_ray.features.featurize import (
     OUTCOME_SCHEMA,
@@ -102,7 +104,7 @@ def read_corpus_inputs(
         table = table.append_column("audio_bytes", blobs)
     inputs = CorpusInputs(corpus, table)
     if inputs.n_input == 0:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{source}: no audio files found; expected a RAVDESS or CREMA-D folder, a clip "
             "manifest (CSV/JSONL) or a datasets save_to_disk copy"
         )
@@ -348,7 +350,7 @@ def features_for_job(
     """A job's features folder and the protocol of its clips: ``--features`` as given, else
     prepared (or reused) from ``--data-dir`` or the demo corpus into ``out_dir/prepared``."""
     if not features_dir:
-        source = data_dir or str(demo_source(smoke_test))
+        source = data_dir or published_corpus(demo_source(smoke_test), str(out_dir))
         features_dir = prepare_features(source, storage.join(out_dir, "prepared")).features_dir
     settings = protocol or ProtocolSettings()
     return str(features_dir), resolve_protocol(clips_of_features(features_dir), settings)

@@ -20,6 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ser_ray.common.errors import UserError
 from ser_ray.common.storage import filesystem_of
 from ser_ray.features import mfcc
 
@@ -158,7 +159,7 @@ def mfcc_stats(
     }
 
 
-class OpenSmileUnavailable(RuntimeError):
+class OpenSmileUnavailable(UserError, RuntimeError):
     """openSMILE (the ``opensmile`` package and its native library) cannot run here."""
 
 
@@ -168,8 +169,9 @@ def _egemaps_smile():
         import opensmile
     except ImportError as err:
         raise OpenSmileUnavailable(
-            f"eGeMAPS needs the opensmile package ({err}); `pip install opensmile`, or prepare "
-            "MFCC features only (jobs/prepare.py --no-egemaps)"
+            f"eGeMAPS needs the opensmile package ({err}): pip install -e '.[egemaps]' (or "
+            "pip install opensmile), or run without +egemaps variants (jobs/prepare.py "
+            "--no-egemaps)"
         ) from err
     return opensmile.Smile(
         feature_set=opensmile.FeatureSet.eGeMAPSv02,

@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ser_ray.common import storage
+from ser_ray.common.errors import MissingInputError
 from ser_ray.corpus import ravdess
 from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
 from ser_ray.features import audio
@@ -400,7 +401,7 @@ def _parquet_files(features_dir: str | Path) -> tuple[pafs.FileSystem, list[str]
     files written by :func:`featurize_batch`); ``FileNotFoundError`` naming the fix when not
     finished."""
     if not storage.exists(storage.join(features_dir, "_SUCCESS")):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{features_dir}: no finished features here; run `python jobs/prepare.py --out "
             f"{storage.parent(features_dir)}` first"
         )

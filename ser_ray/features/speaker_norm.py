@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ser_ray.common.errors import UserError
+
 #: How a run says which normalisation ran (summary.md, summary.json, config.json).
 DESCRIPTION = (
     "per-speaker z-normalisation of the features (mean/std over each actor's own clips, "
@@ -30,7 +32,7 @@ DESCRIPTION = (
 NONE = "none"
 
 
-class SpeakerNormError(ValueError):
+class SpeakerNormError(UserError, ValueError):
     """Clips that cannot be speaker-normalised (no speaker, or a speaker with one clip)."""
 
 

@@ -395,7 +395,7 @@ def record_epoch(
     if val_metrics:
         metrics["best/val_uar"] = state.best_uar
     state.history.append(metrics)
-    log.info(
+    log.debug(  # the job's progress line says it (ser_ray.distributed.console)
         "epoch %d/%d step %d: %s",
         state.epoch,
         cfg.epochs,

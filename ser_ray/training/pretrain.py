@@ -375,7 +375,7 @@ def record_epoch(
     metrics = {"epoch": epoch + 1, "step": progress["step"], **epoch_metrics}
     progress["epoch"] = epoch + 1
     progress["history"].append(metrics)
-    log.info(
+    log.debug(  # the job's progress line says it (ser_ray.distributed.console)
         "pre-training epoch %d/%d: loss %.4f, perplexity %.1f, %.1f clips/s",
         epoch + 1,
         cfg.epochs,
