@@ -28,12 +28,8 @@ from ser_ray.distributed.demo_encoder import resolve_model
 from ser_ray.distributed.feature_cache import build_feature_cache
 from ser_ray.distributed.resources import plan_folds
 from ser_ray.features.featurize import FeatureConfig
-from ser_ray.study.kfold import (
-    KFoldConfig,
-    run_ssl_folds,
-    study_train_config,
-    train_config_for,
-)
+from ser_ray.study.config import KFoldConfig, study_train_config
+from ser_ray.study.kfold import run_ssl_folds, train_config_for
 from ser_ray.study.variants import parse_variant
 
 

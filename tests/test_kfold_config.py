@@ -8,11 +8,10 @@ import pytest
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker, plan_folds
 from ser_ray.study import summary
+from ser_ray.study.config import KFoldConfig, study_train_config
 from ser_ray.study.kfold import (
-    KFoldConfig,
     check_model_reachable,
     params_provenance,
-    study_train_config,
     train_config_for,
     trained_on,
     warn_study_fields_in_params,
