@@ -29,7 +29,8 @@ from ser_ray.distributed.feature_cache import build_feature_cache
 from ser_ray.distributed.resources import plan_folds
 from ser_ray.features.featurize import FeatureConfig
 from ser_ray.study.config import KFoldConfig, study_train_config
-from ser_ray.study.kfold import run_ssl_folds, train_config_for
+from ser_ray.study.kfold import run_ssl_folds
+from ser_ray.study.params import train_config_for
 from ser_ray.study.variants import parse_variant
 
 

@@ -23,7 +23,8 @@ from ser_ray import cli
 from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed.cluster import ClusterTooSmallError, RunLocationError
 from ser_ray.study.config import KFoldConfig, study_train_config
-from ser_ray.study.kfold import params_provenance, run_kfold
+from ser_ray.study.kfold import run_kfold
+from ser_ray.study.params import params_provenance
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
 

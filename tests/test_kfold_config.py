@@ -9,13 +9,8 @@ from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker, plan_folds
 from ser_ray.study import summary
 from ser_ray.study.config import KFoldConfig, study_train_config
-from ser_ray.study.kfold import (
-    check_model_reachable,
-    params_provenance,
-    train_config_for,
-    trained_on,
-    warn_study_fields_in_params,
-)
+from ser_ray.study.kfold import check_model_reachable, trained_on
+from ser_ray.study.params import params_provenance, train_config_for, warn_study_fields_in_params
 from ser_ray.study.variants import parse_variant, parse_variants
 
 

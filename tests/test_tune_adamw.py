@@ -14,7 +14,7 @@ import pytest
 
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.study.config import KFoldConfig
-from ser_ray.study.kfold import train_config_for
+from ser_ray.study.params import train_config_for
 from ser_ray.sweeps.adamw import (
     GRACE_RULE,
     METRIC,

@@ -23,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -48,15 +47,18 @@ from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models import svm
 from ser_ray.study.config import (
     DEFAULT_MODELS,
-    PROBE_DEFAULTS,
-    STUDY_FIELDS,
     KFoldConfig,
-    study_train_config,
 )
 from ser_ray.study.cross_corpus import (
     CrossCorpusSettings,
     evaluate_cross_corpus,
     read_test_corpora,
+)
+from ser_ray.study.params import (
+    _param_folds,
+    params_provenance,
+    train_config_for,
+    warn_study_fields_in_params,
 )
 from ser_ray.study.variants import (
     Variant,
@@ -76,148 +78,6 @@ TRAINED_ON = {
     (True, True): "all training actors (--refit: retrained on fit + validation actors "
     "for the best epoch count found with the validation actors held out)",
 }
-
-
-def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
-    return json.loads(Path(cfg.params).read_text()) if cfg.params else None
-
-
-def warn_study_fields_in_params(cfg: KFoldConfig) -> list[str]:
-    """Warn (once, before anything runs) about :data:`STUDY_FIELDS` a ``--params`` file sets to
-    other values than the study's: its flags decide those (:func:`train_config_for`), so the
-    file's values are not used. Returns the fields warned about."""
-    best = _read_params(cfg)
-    if best is None:
-        return []
-    sets = (
-        [v.get("params", v) for v in best["per_fold"].values()]
-        if "per_fold" in best
-        else [best.get("params", best)]
-    )
-    study = cfg.train.to_dict()
-    ignored = sorted(
-        {k for params in sets for k, v in params.items() if k in STUDY_FIELDS and study[k] != v}
-    )
-    for name in ignored:
-        log.warning(
-            "%s sets %s, one of the study's own settings, which its flags decide (%s=%r here): "
-            "the file's value is not used; give --%s instead",
-            cfg.params, name, name, study[name], name.replace("_", "-"),
-        )  # fmt: skip
-    return ignored
-
-
-def _is_sweep_result(best: dict[str, Any]) -> bool:
-    """A one-set-for-all-folds file written by a sweep (not settings chosen by hand)."""
-    return "per_fold" not in best and bool({"fold", "search", "val_uar"} & set(best))
-
-
-def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
-    """Where the ``--params`` settings come from: file, nested or not, the actors they were
-    tuned on per outer fold, and whether some folds' test actors helped choose them.
-
-    Raises ``ValueError`` for a single-fold sweep's settings unless ``allow_leaky_params``.
-    """
-    best = _read_params(cfg)
-    if best is None:
-        return None
-    out: dict[str, Any] = {"file": str(Path(cfg.params).resolve())}
-    if "per_fold" in best:
-        tuned = {k: v.get("search", {}) for k, v in best["per_fold"].items()}
-        return {
-            **out,
-            "nested": True,
-            "leaky": False,
-            "tuned_on": {
-                k: {"fit_actors": s.get("fit_actors"), "val_actors": s.get("val_actors")}
-                for k, s in sorted(tuned.items(), key=lambda kv: int(kv[0]))
-            },
-            "note": "per outer fold: settings tuned on that fold's training actors only",
-        }
-    if not _is_sweep_result(best):
-        return {
-            **out,
-            "nested": False,
-            "leaky": False,
-            "note": "settings given by hand (no sweep result): the same for every fold",
-        }
-    search = best.get("search", {})
-    fold = best.get("fold", search.get("fold"))
-    if not cfg.allow_leaky_params:
-        raise ValueError(
-            f"{cfg.params} holds AdamW settings tuned on the training actors of outer fold "
-            f"{fold} only; used for all folds, the other folds would be scored on test actors "
-            "that helped choose them. Run `python jobs/tune_adamw.py --nested` (one search per "
-            "outer fold, each on its own training actors) and pass its best.json, or pass "
-            "--allow-leaky-params to run anyway (the summary then says so)"
-        )
-    return {
-        **out,
-        "nested": False,
-        "leaky": True,
-        "tuned_on_fold": fold,
-        "tuned_on": {
-            "fit_actors": search.get("fit_actors"),
-            "val_actors": search.get("val_actors"),
-        },
-        "note": f"LEAKY: settings tuned on outer fold {fold}'s training actors were used for "
-        f"every fold, so folds other than {fold} are scored on actors that helped choose them "
-        "(--allow-leaky-params)",
-    }
-
-
-def train_config_for(
-    cfg: KFoldConfig, fold: int | None = None, variant: Variant | None = None
-) -> TrainConfig:
-    """An SSL variant's training settings (``variant``'s encoder and mode; by default the
-    fine-tuned wav2vec2's): defaults (a probe's: :data:`PROBE_DEFAULTS` where the flags leave
-    the study's) < ``--params`` file < the study's own.
-
-    The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
-    ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
-    ``--lr-head``). A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each
-    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them. A
-    single-fold sweep's file is refused (see :func:`params_provenance`) unless
-    ``allow_leaky_params``.
-    """
-    tuned = _tuned_params(cfg, fold)
-    unknown = set(tuned) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
-    default = study_train_config()
-    own = {
-        name: value
-        for name, value in cfg.train.to_dict().items()
-        if name in STUDY_FIELDS or value != getattr(default, name)
-    }
-    probe = bool(variant and variant.probe)
-    unchanged = {
-        k: v for k, v in PROBE_DEFAULTS.items() if getattr(cfg.train, k) == getattr(default, k)
-    }
-    probe_defaults = unchanged if probe else {}
-    own.update(
-        model=cfg.model_for(variant.family if variant else "wav2vec2"),
-        probe=probe,
-        epochs=1 if cfg.smoke_test else probe_defaults.get("epochs", cfg.train.epochs),
-    )
-    return TrainConfig(**{**cfg.train.to_dict(), **probe_defaults, **tuned, **own})
-
-
-def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
-    """The TrainConfig values the ``--params`` file gives ``fold`` (``{}`` without one)."""
-    best = _read_params(cfg)
-    if best is None:
-        return {}
-    params_provenance(cfg)  # raises on leaky settings that were not allowed
-    if "per_fold" in best:
-        if fold is None or str(fold) not in best["per_fold"]:
-            raise ValueError(
-                f"{cfg.params} holds per-fold settings for folds "
-                f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
-                "--nested over every outer fold"
-            )
-        best = best["per_fold"][str(fold)]
-    return dict(best.get("params", best))
 
 
 def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
@@ -563,14 +423,6 @@ def _check_speaker_norm(
             f"speakers {single[:10]} have a single clip: speaker normalisation cannot estimate "
             "their statistics; give more clips of them, or run without +spknorm variants"
         )
-
-
-def _param_folds(cfg: KFoldConfig) -> list[int | None]:
-    """The folds a ``--params`` file gives settings for (``[None]``: the same for all)."""
-    best = _read_params(cfg)
-    if best and "per_fold" in best:
-        return sorted(int(k) for k in best["per_fold"])
-    return [None]
 
 
 def _storage_path(cfg: KFoldConfig, out: str) -> str:
