@@ -24,7 +24,7 @@ from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.distributed.cluster import ClusterTooSmallError, RunLocationError
 from ser_ray.study.config import KFoldConfig, study_train_config
 from ser_ray.study.kfold import run_kfold
-from ser_ray.study.params import params_provenance
+from ser_ray.study.params import read_params
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
 
@@ -62,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     protocol = cli.dataclass_from_args(args, ProtocolSettings)
     cfg = cli.dataclass_from_args(args, KFoldConfig, train=train, protocol=protocol)
     try:
-        params_provenance(cfg)  # refuse leaky tuned settings before starting anything
+        params = read_params(cfg)  # refuse leaky tuned settings before starting anything
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
     try:
-        summary = run_kfold(cfg)
+        summary = run_kfold(cfg, params)
     except (RunLocationError, ClusterTooSmallError) as error:  # where files live, cluster size
         print(f"error: {error}", file=sys.stderr)
         return 2

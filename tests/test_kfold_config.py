@@ -10,7 +10,12 @@ from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker,
 from ser_ray.study import summary
 from ser_ray.study.config import KFoldConfig, study_train_config
 from ser_ray.study.kfold import check_model_reachable, trained_on
-from ser_ray.study.params import params_provenance, train_config_for, warn_study_fields_in_params
+from ser_ray.study.params import (
+    params_provenance,
+    read_params,
+    train_config_for,
+    warn_study_fields_in_params,
+)
 from ser_ray.study.variants import parse_variant, parse_variants
 
 
@@ -92,13 +97,14 @@ def test_a_params_file_setting_a_study_flag_is_warned_about(tmp_path, caplog):
     best.write_text(json.dumps({"refit": True, "epochs": 8, "head_warmup_epochs": 0}))
     cfg = KFoldConfig(params=str(best), train=study_train_config())
     with caplog.at_level("WARNING"):
-        assert warn_study_fields_in_params(cfg) == ["refit"]  # epochs 8 is the study's
+        # epochs 8 is the study's
+        assert warn_study_fields_in_params(cfg, read_params(cfg)) == ["refit"]
     assert "sets refit" in caplog.text and "give --refit instead" in caplog.text
     resolved = train_config_for(cfg)
     assert resolved.refit is False and resolved.head_warmup_epochs == 0
     flagged = KFoldConfig(params=str(best), train=study_train_config(refit=True))
-    assert warn_study_fields_in_params(flagged) == []
-    assert warn_study_fields_in_params(KFoldConfig()) == []
+    assert warn_study_fields_in_params(flagged, read_params(flagged)) == []
+    assert warn_study_fields_in_params(KFoldConfig(), None) == []
 
 
 def test_nested_params_per_fold(tmp_path):

@@ -55,8 +55,8 @@ from ser_ray.study.cross_corpus import (
     read_test_corpora,
 )
 from ser_ray.study.params import (
-    _param_folds,
-    params_provenance,
+    TunedParams,
+    read_params,
     train_config_for,
     warn_study_fields_in_params,
 )
@@ -309,25 +309,28 @@ def _read_csv(location: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.read_bytes(location)))
 
 
-def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
+def run_kfold(cfg: KFoldConfig, params: TunedParams | None = None) -> dict[str, Any]:
     """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
     The steps, in order: resolve the settings, read the corpus and resolve its protocol
     (``protocol.json``), check the encoders can be loaded, plan the SSL folds' resources,
     save it all (``config.json``), prepare the features, run every variant over the folds,
-    write the summary."""
+    write the summary. ``params``: ``cfg.params`` as :func:`~ser_ray.study.params.read_params`
+    loaded it (the job loads it before Ray starts, to refuse a leaky file at once); loaded
+    here when not given."""
     out = storage.absolute(cfg.out)
     storage.make_dirs(out)
     try:
-        return _run_study(cfg, out)
+        return _run_study(cfg, out, params)
     finally:
         cluster.release_requested_resources()
 
 
-def _run_study(cfg: KFoldConfig, out: str) -> dict[str, Any]:
+def _run_study(cfg: KFoldConfig, out: str, params: TunedParams | None) -> dict[str, Any]:
     ray_storage = _storage_path(cfg, out)
-    provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
-    warn_study_fields_in_params(cfg)
+    params = params or read_params(cfg)  # refuses leaky settings before anything runs
+    provenance = params.provenance if params else None
+    warn_study_fields_in_params(cfg, params)
     variants = parse_variants(cfg.variants)
     for variant in variants:  # before minutes of features and SVMs
         if variant.uses_encoder:
@@ -337,12 +340,12 @@ def _run_study(cfg: KFoldConfig, out: str) -> dict[str, Any]:
     source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
     _check_every_node_reaches(out, source, inputs)  # before anything is written
-    protocol = _resolved_protocol(cfg, inputs, out)
+    protocol = _resolved_protocol(cfg, params, inputs, out)
     _check_speaker_norm(variants, inputs.corpus, protocol)
     cross = _cross_corpus_settings(cfg, features)
     test_corpora = read_test_corpora(cross, protocol, inputs.corpus) if cross.sources else []
     train_cfgs = {
-        v.name: {k: train_config_for(cfg, k, v) for k in protocol.fold_numbers}
+        v.name: {k: train_config_for(cfg, k, v, params) for k in protocol.fold_numbers}
         for v in _ssl_variants(variants)
     }
     plan = None
@@ -394,10 +397,13 @@ def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
     return FeatureConfig(egemaps="egemaps" in svm_parquet_columns(variants))
 
 
-def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: str) -> Protocol:
+def _resolved_protocol(
+    cfg: KFoldConfig, params: TunedParams | None, inputs: CorpusInputs, out: str
+) -> Protocol:
     """The protocol of the corpus (``--protocol`` file or resolved from the clips), saved as
     ``OUT/protocol.json``; every stage gets this one object."""
-    n_val = {train_config_for(cfg, k).n_val_actors for k in _param_folds(cfg)}
+    folds = params.folds() if params else [None]
+    n_val = {train_config_for(cfg, k, params=params).n_val_actors for k in folds}
     if len(n_val) != 1:
         raise ValueError(
             f"{cfg.params}: the folds' settings ask for different numbers of validation "

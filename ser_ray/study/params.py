@@ -1,8 +1,10 @@
 """A ``--params`` file (tuned AdamW settings, ``jobs/tune_adamw.py``'s ``best.json``) and the
 SSL training settings of every fold it leads to: defaults < the file < the study's own flags.
 
-Apart from the driver so that what a file may hold, and when it is refused (settings tuned on
-one fold's actors used for all folds), is read in one place.
+The file is read and checked once (:func:`read_params`) into a :class:`TunedParams`: where its
+settings come from (refused if settings tuned on one fold's actors would score the others), and
+its settings, per fold or for all; every fold of every variant then takes its settings from that
+object (:func:`train_config_for`), not from the file again.
 """
 
 from __future__ import annotations
@@ -20,25 +22,74 @@ from ser_ray.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
-    return json.loads(Path(cfg.params).read_text()) if cfg.params else None
+@dataclasses.dataclass(frozen=True)
+class TunedParams:
+    """A ``--params`` file, read and checked: its TrainConfig values (``per_fold`` for a nested
+    sweep's file, each outer fold's own; else ``shared`` by every fold) and their
+    ``provenance`` (saved in ``config.json`` and the summary)."""
+
+    file: str
+    provenance: dict[str, Any]
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    per_fold: dict[int, dict[str, Any]] | None = None
+
+    def folds(self) -> list[int | None]:
+        """The folds the file gives settings for (``[None]``: the same for all)."""
+        return sorted(self.per_fold) if self.per_fold is not None else [None]
+
+    def sets(self) -> list[dict[str, Any]]:
+        """Every set of settings the file holds."""
+        return list(self.per_fold.values()) if self.per_fold is not None else [self.shared]
+
+    def for_fold(self, fold: int | None) -> dict[str, Any]:
+        """The TrainConfig values the file gives ``fold``."""
+        if self.per_fold is None:
+            return dict(self.shared)
+        if fold not in self.per_fold:
+            raise ValueError(
+                f"{self.file} holds per-fold settings for folds "
+                f"{sorted(str(k) for k in self.per_fold)}, not for fold {fold}; run "
+                "jobs/tune_adamw.py --nested over every outer fold"
+            )
+        return dict(self.per_fold[fold])
 
 
-def warn_study_fields_in_params(cfg: KFoldConfig) -> list[str]:
+def read_params(cfg: KFoldConfig) -> TunedParams | None:
+    """``cfg.params`` read and checked (None without one): ``ValueError`` for a single-fold
+    sweep's settings unless ``allow_leaky_params``, or for settings TrainConfig does not have."""
+    if not cfg.params:
+        return None
+    best = json.loads(Path(cfg.params).read_text())
+    provenance = _provenance(best, cfg)  # raises on leaky settings that were not allowed
+    if "per_fold" in best:
+        per_fold = {int(k): dict(v.get("params", v)) for k, v in best["per_fold"].items()}
+        params = TunedParams(cfg.params, provenance, per_fold=per_fold)
+    else:
+        params = TunedParams(cfg.params, provenance, shared=dict(best.get("params", best)))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = {k for s in params.sets() for k in s} - known
+    if unknown:
+        raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
+    return params
+
+
+def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
+    """Where the ``--params`` settings come from: file, nested or not, the actors they were
+    tuned on per outer fold, and whether some folds' test actors helped choose them (None
+    without a file). Raises as :func:`read_params` does."""
+    params = read_params(cfg)
+    return params.provenance if params else None
+
+
+def warn_study_fields_in_params(cfg: KFoldConfig, params: TunedParams | None) -> list[str]:
     """Warn (once, before anything runs) about :data:`STUDY_FIELDS` a ``--params`` file sets to
     other values than the study's: its flags decide those (:func:`train_config_for`), so the
     file's values are not used. Returns the fields warned about."""
-    best = _read_params(cfg)
-    if best is None:
+    if params is None:
         return []
-    sets = (
-        [v.get("params", v) for v in best["per_fold"].values()]
-        if "per_fold" in best
-        else [best.get("params", best)]
-    )
     study = cfg.train.to_dict()
     ignored = sorted(
-        {k for params in sets for k, v in params.items() if k in STUDY_FIELDS and study[k] != v}
+        {k for s in params.sets() for k, v in s.items() if k in STUDY_FIELDS and study[k] != v}
     )
     for name in ignored:
         log.warning(
@@ -54,15 +105,8 @@ def _is_sweep_result(best: dict[str, Any]) -> bool:
     return "per_fold" not in best and bool({"fold", "search", "val_uar"} & set(best))
 
 
-def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
-    """Where the ``--params`` settings come from: file, nested or not, the actors they were
-    tuned on per outer fold, and whether some folds' test actors helped choose them.
-
-    Raises ``ValueError`` for a single-fold sweep's settings unless ``allow_leaky_params``.
-    """
-    best = _read_params(cfg)
-    if best is None:
-        return None
+def _provenance(best: dict[str, Any], cfg: KFoldConfig) -> dict[str, Any]:
+    """:attr:`TunedParams.provenance` of the file's contents ``best``."""
     out: dict[str, Any] = {"file": str(Path(cfg.params).resolve())}
     if "per_fold" in best:
         tuned = {k: v.get("search", {}) for k, v in best["per_fold"].items()}
@@ -109,7 +153,10 @@ def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
 
 
 def train_config_for(
-    cfg: KFoldConfig, fold: int | None = None, variant: Variant | None = None
+    cfg: KFoldConfig,
+    fold: int | None = None,
+    variant: Variant | None = None,
+    params: TunedParams | None = None,
 ) -> TrainConfig:
     """An SSL variant's training settings (``variant``'s encoder and mode; by default the
     fine-tuned wav2vec2's): defaults (a probe's: :data:`PROBE_DEFAULTS` where the flags leave
@@ -118,14 +165,12 @@ def train_config_for(
     The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
     ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
     ``--lr-head``). A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each
-    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them. A
-    single-fold sweep's file is refused (see :func:`params_provenance`) unless
-    ``allow_leaky_params``.
+    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them.
+    ``params`` is the file as :func:`read_params` loaded it (the driver loads it once);
+    without it, ``cfg.params`` is read here (one fold's settings, e.g. a benchmark's).
     """
-    tuned = _tuned_params(cfg, fold)
-    unknown = set(tuned) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
+    params = params or read_params(cfg)
+    tuned = params.for_fold(fold) if params else {}
     default = study_train_config()
     own = {
         name: value
@@ -143,28 +188,3 @@ def train_config_for(
         epochs=1 if cfg.smoke_test else probe_defaults.get("epochs", cfg.train.epochs),
     )
     return TrainConfig(**{**cfg.train.to_dict(), **probe_defaults, **tuned, **own})
-
-
-def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
-    """The TrainConfig values the ``--params`` file gives ``fold`` (``{}`` without one)."""
-    best = _read_params(cfg)
-    if best is None:
-        return {}
-    params_provenance(cfg)  # raises on leaky settings that were not allowed
-    if "per_fold" in best:
-        if fold is None or str(fold) not in best["per_fold"]:
-            raise ValueError(
-                f"{cfg.params} holds per-fold settings for folds "
-                f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
-                "--nested over every outer fold"
-            )
-        best = best["per_fold"][str(fold)]
-    return dict(best.get("params", best))
-
-
-def _param_folds(cfg: KFoldConfig) -> list[int | None]:
-    """The folds a ``--params`` file gives settings for (``[None]``: the same for all)."""
-    best = _read_params(cfg)
-    if best and "per_fold" in best:
-        return sorted(int(k) for k in best["per_fold"])
-    return [None]
