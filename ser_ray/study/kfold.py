@@ -2,19 +2,9 @@
 WavLM, ... fine-tuned or probed) on six folds concurrently -> one summary with the named
 variants side by side (:mod:`ser_ray.study.variants`).
 
-Each outer fold of an SSL variant is one Ray Tune trial. A fold of one worker (the default)
-trains in the trial's own process
-(:func:`ser_ray.distributed.fold_trainer.train_fold_in_trial`), which reserves the worker's
-CPUs and GPUs; a fold of several workers (DDP) drives a Ray Train ``TorchTrainer`` running
-:func:`ser_ray.distributed.fold_trainer.train_fold_per_worker` (Ray Train V2 + Tune interop),
-whose workers reserve their CPUs and GPUs in its own placement group. The resource plan
-(:mod:`ser_ray.distributed.resources`) says which, and how many folds run at once. Two
-layers of fault tolerance:
-
-- a fold whose process dies is restarted from its last epoch checkpoint (by Tune,
-  ``FailureConfig``, for a fold in its trial; by Ray Train for a trainer's worker);
-- a driver that dies is continued with ``resume=True`` (``Tuner.restore``): finished folds
-  are not re-run, unfinished ones resume from their checkpoints.
+Read :func:`run_kfold` top to bottom: every step is a function below it. The study's settings
+are :mod:`ser_ray.study.config`, a ``--params`` file is :mod:`ser_ray.study.params`, and each
+outer fold of an SSL variant is one Ray Tune trial (:mod:`ser_ray.distributed.ssl_folds`).
 """
 
 from __future__ import annotations
@@ -36,12 +26,11 @@ from ser_ray.corpus.protocol import (
     resolve_protocol,
     speakers_of,
 )
-from ser_ray.distributed import cluster, console
-from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
+from ser_ray.distributed import cluster
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
 from ser_ray.distributed.published import published_corpus, published_model
 from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
-from ser_ray.distributed.train_edge import CHECKPOINT_PATH_KEY
+from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models import svm
@@ -78,132 +67,6 @@ TRAINED_ON = {
     (True, True): "all training actors (--refit: retrained on fit + validation actors "
     "for the best epoch count found with the validation actors held out)",
 }
-
-
-def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
-    """One Tune trial = one outer fold (``config["fold"]``) of an SSL variant, trained in this
-    process (one worker) or by a TorchTrainer (DDP), as the resource plan says; ``train``
-    holds what every fold shares (``tune.with_parameters``)."""
-    from ser_ray.distributed.fold_trainer import build_fold_trainer, train_fold_in_trial
-    from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
-
-    fold = int(config["fold"])
-    loop_config = {
-        **train["train_configs"][str(fold)],
-        **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
-        "fold": fold,
-        "variant": train["variant"],
-        "protocol": train["protocol"],
-        "log_dir": storage.join(train["tensorboard_dir"], train["variant"], f"fold_{fold}"),
-    }
-    if train["in_trial"]:
-        device = "cuda" if train["use_gpu"] else "cpu"
-        train_fold_in_trial(loop_config, device=device, torch_threads=train["torch_threads"])
-        return
-    result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
-        lambda callbacks: build_fold_trainer(
-            loop_config,
-            num_workers=train["workers_per_fold"],
-            use_gpu=train["use_gpu"],
-            resources_per_worker=train["resources_per_worker"],
-            storage_path=train["storage_path"],
-            name=f"{train['variant']}_fold_{fold}",  # stable: a restart resumes its checkpoints
-            max_failures=train["max_failures"],
-            callbacks=callbacks,
-        )
-    )
-    if result.error is not None:
-        raise result.error
-
-
-def run_ssl_folds(
-    variant: Variant,
-    features_dir: str,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    train_cfgs: dict[int, TrainConfig],
-    out: str,
-    ray_storage: str,
-) -> list[FoldOutcome]:
-    """All folds of an SSL variant as concurrent Tune trials; each fold's outcome (metrics,
-    history, predictions, model), its final checkpoint copied to
-    ``out/<variant>/fold_<k>/``."""
-    import ray.train
-    from ray import tune
-
-    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
-    from ser_ray.distributed.train_in_tune import stall_watchdog
-
-    fold_numbers = protocol.fold_numbers
-    first = train_cfgs[fold_numbers[0]]
-    plan = plan_folds(cfg, len(fold_numbers))
-    # before the folds start: building a cache needs CPUs that running folds would hold
-    inputs = fold_inputs_per_fold(
-        features_dir,
-        train_cfgs,
-        storage.join(out, "feature_cache"),
-        speaker_norm=variant.speaker_norm,
-    )
-    train = {
-        "variant": variant.name,
-        "inputs": {str(k): v.to_config() for k, v in inputs.items()},
-        "protocol": protocol.to_dict(),
-        "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
-        "workers_per_fold": cfg.workers_per_fold,
-        "in_trial": plan.in_trial,
-        "torch_threads": plan.torch_threads,
-        "max_failures": cfg.max_failures,
-        "storage_path": ray_storage,
-        "tensorboard_dir": storage.join(out, "tensorboard"),
-        **plan.train_resources(),
-    }
-    # the param space is the fold number only: Tune's tables and saved state stay small
-    trainable = tune.with_resources(
-        tune.with_parameters(_fold_trial, train=train), plan.trial_resources()
-    )
-    experiment = storage.join(ray_storage, f"{variant.name}_folds")
-    if cfg.resume and tune.Tuner.can_restore(experiment):
-        log.info("resuming %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"fold": tune.grid_search(fold_numbers)},
-            # a finished fold's trial process takes the next fold: no new process, no imports
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=plan.concurrent_folds, reuse_actors=True
-            ),
-            run_config=tune.RunConfig(
-                name=f"{variant.name}_folds",
-                storage_path=ray_storage,
-                # a fold in its trial restarts as a Train worker would; a TorchTrainer's
-                # trial once more after the trainer's own restarts
-                failure_config=tune.FailureConfig(
-                    max_failures=cfg.max_failures if plan.in_trial else 1
-                ),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=console.tune_verbosity(),
-                callbacks=[
-                    console.fold_progress_callback(variant.name, first.epochs),
-                    stall_watchdog(variant.name, cfg.stall_timeout_s),
-                ],
-            ),
-        )
-    grid = tuner.fit()
-    outcomes = []
-    for result in sorted(grid, key=lambda r: r.config["fold"]):
-        fold = int(result.config["fold"])
-        if result.error is not None:
-            raise RuntimeError(
-                f"{variant.name} fold {fold} failed: {result.error}"
-            ) from result.error
-        # a TorchTrainer's final checkpoint is in its run folder, a trial's in Tune's
-        path = result.metrics.get(CHECKPOINT_PATH_KEY)
-        checkpoint = ray.train.Checkpoint(path) if path else result.checkpoint
-        outcomes.append(
-            fold_result_from_checkpoint(checkpoint, storage.join(out, variant.name, f"fold_{fold}"))
-        )
-    return outcomes
 
 
 def _with_encoders(
@@ -541,7 +404,10 @@ def _run_variants(
             continue
         fold_cfgs = _with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
         results.train_cfgs[variant.name] = fold_cfgs
-        outcomes = run_ssl_folds(variant, features_dir, cfg, protocol, fold_cfgs, out, ray_storage)
+        outcomes = run_ssl_folds(
+            variant.name, features_dir, cfg, protocol, fold_cfgs, out, ray_storage,
+            speaker_norm=variant.speaker_norm,
+        )  # fmt: skip
         results.histories[variant.name] = {}
         for outcome in outcomes:
             m = outcome.metrics
