@@ -28,20 +28,25 @@ from ser_ray.corpus.protocol import (
 )
 from ser_ray.distributed import cluster
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
-from ser_ray.distributed.published import published_corpus, published_model
+from ser_ray.distributed.published import published_corpus
 from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
 from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models import svm
 from ser_ray.study.config import (
-    DEFAULT_MODELS,
     KFoldConfig,
 )
 from ser_ray.study.cross_corpus import (
     CrossCorpusSettings,
     evaluate_cross_corpus,
     read_test_corpora,
+)
+from ser_ray.study.encoders import (
+    check_model_reachable,
+    encoder_for_every_node,
+    encoder_of,
+    with_encoders,
 )
 from ser_ray.study.params import (
     TunedParams,
@@ -69,50 +74,6 @@ TRAINED_ON = {
 }
 
 
-def _with_encoders(
-    train_cfgs: dict[int, TrainConfig],
-    features_dir: str,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    out: str,
-) -> dict[int, TrainConfig]:
-    """The fold configs with the encoder each fold trains: their model resolved (``demo``:
-    the pre-trained demo encoder, built on first use; on a cluster, published where every
-    node reads it) and, with ``--tapt-epochs``, each fold's own continued pre-training on its
-    training actors."""
-    from ser_ray.distributed import tapt
-
-    (model,) = {c.model for c in train_cfgs.values()}
-    base = _encoder_for_every_node(model, cfg, out)
-    models = {k: base for k in train_cfgs}
-    if cfg.tapt_epochs:
-        models = tapt.run_tapt_folds(
-            features_dir,
-            base,
-            list(train_cfgs),
-            protocol=protocol,
-            settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
-            out_dir=storage.join(out, "tapt"),
-            resources=plan_folds(cfg, len(train_cfgs)).train_resources(),
-            max_failures=cfg.max_failures,
-        )
-    return {k: dataclasses.replace(c, model=models[k]) for k, c in train_cfgs.items()}
-
-
-def _encoder_of(cfg: KFoldConfig, variant: Variant) -> str:
-    """The ``--model`` value of a variant that runs an encoder: its family's; ``svm+ssl``
-    takes wav2vec2's (a plain ``--model X``: X, of any family)."""
-    return cfg.model_for(variant.family if variant.is_ssl else "wav2vec2")
-
-
-def _encoder_for_every_node(model: str, cfg: KFoldConfig, out: str) -> str:
-    """``model`` resolved (``demo``: the demo encoder's folder, built here on first use) and,
-    on a cluster that spans nodes, published to the run location for every node."""
-    from ser_ray.distributed.demo_encoder import resolve_model
-
-    return published_model(resolve_model(model, cfg.smoke_test), out)
-
-
 def _with_ssl_features(
     df: pd.DataFrame, features_dir: str, cfg: KFoldConfig, out: str, variant: Variant
 ) -> tuple[pd.DataFrame, str]:
@@ -121,7 +82,7 @@ def _with_ssl_features(
     encoder resolved (``demo``: the demo encoder's folder)."""
     from ser_ray.distributed import feature_cache
 
-    encoder = _encoder_for_every_node(_encoder_of(cfg, variant), cfg, out)
+    encoder = encoder_for_every_node(encoder_of(cfg, variant), cfg, out)
     cache = feature_cache.build_feature_cache(
         features_dir, storage.join(out, "feature_cache"), model=encoder, probe=True
     )
@@ -198,7 +159,7 @@ def _run_study(cfg: KFoldConfig, out: str, params: TunedParams | None) -> dict[s
     for variant in variants:  # before minutes of features and SVMs
         if variant.uses_encoder:
             family = variant.family if variant.is_ssl else None  # an SVM takes any family's
-            check_model_reachable(_encoder_of(cfg, variant), family)
+            check_model_reachable(encoder_of(cfg, variant), family)
     features = _feature_config(variants)
     source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
@@ -402,7 +363,7 @@ def _run_variants(
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
             results.predictions.append(svm_predictions)
             continue
-        fold_cfgs = _with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
+        fold_cfgs = with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
         results.train_cfgs[variant.name] = fold_cfgs
         outcomes = run_ssl_folds(
             variant.name, features_dir, cfg, protocol, fold_cfgs, out, ray_storage,
@@ -459,7 +420,7 @@ def _write_summary(
             list(protocol.classes),
             summary.RunInfo(
                 models={
-                    v.name: _encoder_of(cfg, v)
+                    v.name: encoder_of(cfg, v)
                     + ("+tapt" if v.is_ssl and cfg.tapt_epochs else "")
                     + ("" if v.is_ssl else " (frozen; its pooled layers are the SVM's features)")
                     for v in variants
@@ -492,40 +453,6 @@ def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
     class)."""
     changed = any(label != target for label, target in protocol.label_map.items())
     return dict(protocol.label_map) if changed else None
-
-
-def check_model_reachable(model: str, family: str | None = "wav2vec2") -> None:
-    """Stop at once when ``--model`` names neither a demo encoder, nor a folder, nor a hub
-    id whose config can be fetched (offline, a hub id fails here, not after the features),
-    or an encoder of another family than the variant's (the demo encoders are wav2vec2;
-    ``family`` None: any SSL family)."""
-    from transformers import AutoConfig
-
-    from ser_ray.distributed.demo_encoder import RANDOM_DEMO_MODEL
-    from ser_ray.models.ssl import DEMO_MODEL
-
-    if model in (DEMO_MODEL, RANDOM_DEMO_MODEL):
-        model_type = "wav2vec2"
-    else:
-        try:
-            model_type = AutoConfig.from_pretrained(model).model_type
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"--model {model!r}: no local folder and the hub cannot give its config "
-                f"({err}). Point --model at a downloaded copy (a folder with config.json), or "
-                "use --model demo offline"
-            ) from err
-    if family is None and model_type not in DEFAULT_MODELS:
-        raise ValueError(
-            f"svm+ssl would take the pooled layers of {model!r}, a {model_type} model: name "
-            f"an encoder of one of {list(DEFAULT_MODELS)} with --model"
-        )
-    if family is not None and model_type != family:
-        raise ValueError(
-            f"the {family} variants would run {model!r}, a {model_type} encoder: name a "
-            f"{family} encoder with --model {family}=<hub id or folder>, or name the variants "
-            f"by the family that runs ({model_type}, {model_type}+probe, ...)"
-        )
 
 
 def trained_on(cfg: KFoldConfig, protocol: Protocol) -> dict[str, Any]:
