@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 from typing import Any
 
@@ -33,7 +32,6 @@ from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
 from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
-from ser_ray.models import svm
 from ser_ray.study.config import (
     KFoldConfig,
 )
@@ -44,7 +42,6 @@ from ser_ray.study.cross_corpus import (
 )
 from ser_ray.study.encoders import (
     check_model_reachable,
-    encoder_for_every_node,
     encoder_of,
     with_encoders,
 )
@@ -54,6 +51,7 @@ from ser_ray.study.params import (
     train_config_for,
     warn_study_fields_in_params,
 )
+from ser_ray.study.svm_runs import svm_results
 from ser_ray.study.variants import (
     Variant,
     parse_variants,
@@ -72,65 +70,6 @@ TRAINED_ON = {
     (True, True): "all training actors (--refit: retrained on fit + validation actors "
     "for the best epoch count found with the validation actors held out)",
 }
-
-
-def _with_ssl_features(
-    df: pd.DataFrame, features_dir: str, cfg: KFoldConfig, out: str, variant: Variant
-) -> tuple[pd.DataFrame, str]:
-    """``df`` with every clip's pooled layers under the frozen encoder of ``svm+ssl``
-    (the probes' feature cache in ``OUT/feature_cache``, built here unless there), and that
-    encoder resolved (``demo``: the demo encoder's folder)."""
-    from ser_ray.distributed import feature_cache
-
-    encoder = encoder_for_every_node(encoder_of(cfg, variant), cfg, out)
-    cache = feature_cache.build_feature_cache(
-        features_dir, storage.join(out, "feature_cache"), model=encoder, probe=True
-    )
-    values = feature_cache.cached_values(cache)
-    return df.assign(**{svm.SSL_COLUMN: [values[p] for p in df["path"]]}), encoder
-
-
-def _svm_results(
-    df: pd.DataFrame,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    out: str,
-    variant: Variant,
-    features_dir: str,
-) -> tuple[list[dict], pd.DataFrame]:
-    from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
-
-    done_json = storage.join(out, f"{variant.name}_folds.json")
-    done_csv = storage.join(out, f"predictions_{variant.name}.csv")
-    if cfg.resume and storage.exists(done_json) and storage.exists(done_csv):
-        log.info("%s folds already done in %s; reusing them", variant.name, done_json)
-        return json.loads(storage.read_text(done_json)), _read_csv(done_csv)
-    encoder = None
-    if variant.feature_set == "ssl":
-        df, encoder = _with_ssl_features(df, features_dir, cfg, out, variant)
-    result = run_nested_svm(
-        df,
-        NestedSvmConfig(
-            search=cfg.svm_search,
-            num_samples=cfg.svm_num_samples,
-            seed=cfg.train.seed,
-            smoke_test=cfg.smoke_test,
-            feature_set=variant.feature_set,
-            speaker_normalise=variant.speaker_norm,
-            variant=variant.name,
-            encoder=encoder,
-        ),
-        protocol,
-        storage_path=storage.join(out, "tune_svm"),
-        models_dir=storage.join(out, "svm_models", variant.name),
-    )
-    storage.write_text(done_json, json.dumps(config_file.to_jsonable(result.folds), indent=2))
-    storage.write_text(done_csv, result.predictions.to_csv(index=False))
-    return result.folds, result.predictions
-
-
-def _read_csv(location: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.read_bytes(location)))
 
 
 def run_kfold(cfg: KFoldConfig, params: TunedParams | None = None) -> dict[str, Any]:
@@ -316,7 +255,7 @@ def _prepared_features(
     columns = ["path", "actor", "emotion", *sorted(svm_parquet_columns(variants))]
     df = load_features(prepared.features_dir, columns)
     dropped = df["emotion"].isin(protocol.dropped_labels)
-    rejected = _read_csv(prepared.rejected_csv)
+    rejected = pd.read_csv(io.BytesIO(storage.read_bytes(prepared.rejected_csv)))
     reasons = "label " + df.loc[dropped, "emotion"] + " left out by the label map"
     extra = pd.DataFrame({"path": df.loc[dropped, "path"], "reason": reasons})
     listed = pd.concat([rejected, extra], ignore_index=True)
@@ -357,7 +296,7 @@ def _run_variants(
     )
     for variant in variants:
         if not variant.is_ssl:
-            svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant, features_dir)
+            svm_folds, svm_predictions = svm_results(df, cfg, protocol, out, variant, features_dir)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
