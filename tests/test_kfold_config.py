@@ -10,13 +10,13 @@ from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker,
 from ser_ray.study import summary
 from ser_ray.study.config import KFoldConfig, study_train_config
 from ser_ray.study.encoders import check_model_reachable
-from ser_ray.study.kfold import trained_on
 from ser_ray.study.params import (
     params_provenance,
     read_params,
     train_config_for,
     warn_study_fields_in_params,
 )
+from ser_ray.study.report import trained_on
 from ser_ray.study.variants import parse_variant, parse_variants
 
 
