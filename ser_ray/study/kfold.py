@@ -18,12 +18,7 @@ import pandas as pd
 from ser_ray.common import config_file, storage
 from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
-from ser_ray.corpus.protocol import (
-    Protocol,
-    check_protocol,
-    resolve_protocol,
-    speakers_of,
-)
+from ser_ray.corpus.protocol import Protocol, check_protocol, resolve_protocol, speakers_of
 from ser_ray.distributed import cluster
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
 from ser_ray.distributed.published import published_corpus
@@ -31,19 +26,9 @@ from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
 from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
-from ser_ray.study.config import (
-    KFoldConfig,
-)
-from ser_ray.study.cross_corpus import (
-    CrossCorpusSettings,
-    evaluate_cross_corpus,
-    read_test_corpora,
-)
-from ser_ray.study.encoders import (
-    check_model_reachable,
-    encoder_of,
-    with_encoders,
-)
+from ser_ray.study.config import KFoldConfig
+from ser_ray.study.cross_corpus import CrossCorpusSettings, evaluate_cross_corpus, read_test_corpora
+from ser_ray.study.encoders import check_model_reachable, encoder_of, with_encoders
 from ser_ray.study.params import (
     TunedParams,
     read_params,
@@ -52,11 +37,7 @@ from ser_ray.study.params import (
 )
 from ser_ray.study.report import StudyResults, write_study_summary
 from ser_ray.study.svm_runs import svm_results
-from ser_ray.study.variants import (
-    Variant,
-    parse_variants,
-    svm_parquet_columns,
-)
+from ser_ray.study.variants import Variant, parse_variants, svm_parquet_columns
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
