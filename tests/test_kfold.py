@@ -189,7 +189,7 @@ def test_job_submit_to_token_auth_cluster(submitted_run):
 def _wav2vec2_done_folds(run: Path) -> set[int]:
     """Folds whose Tune trial reported the final test metrics."""
     done = set()
-    for result in (run / "ray" / "wav2vec2_folds").glob("_fold_trial_*/result.json"):
+    for result in (run / "ray" / "wav2vec2_folds").glob("*_fold=*/result.json"):
         for line in result.read_text().splitlines():
             row = json.loads(line)
             if "test/uar" in row:
