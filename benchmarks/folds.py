@@ -27,14 +27,10 @@ from ser_ray.distributed import prepare
 from ser_ray.distributed.demo_encoder import resolve_model
 from ser_ray.distributed.feature_cache import build_feature_cache
 from ser_ray.distributed.resources import plan_folds
+from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig
-from ser_ray.study.kfold import (
-    KFoldConfig,
-    run_ssl_folds,
-    study_train_config,
-    train_config_for,
-)
-from ser_ray.study.variants import parse_variant
+from ser_ray.study.config import KFoldConfig, study_train_config
+from ser_ray.study.params import train_config_for
 
 
 def add_folds_args(parser: argparse.ArgumentParser) -> None:
@@ -70,13 +66,13 @@ def run_folds_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         with TreePeak(os.getpid(), interval_s=2.0) as peaks[mode]:
             outcomes = run_ssl_folds(
-                parse_variant("wav2vec2"),
-                Path(features_dir),
+                "wav2vec2",
+                features_dir,
                 dataclasses.replace(cfg, **changes),
                 ravdess_protocol(),
                 train_cfgs,
-                out,
-                storage=str(out / f"ray_{mode}"),
+                str(out),
+                str(out / f"ray_{mode}"),
             )
             seconds[mode] = time.perf_counter() - start
         metrics[mode] = {o.fold: o.metrics["test/uar"] for o in outcomes}

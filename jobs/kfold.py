@@ -21,7 +21,9 @@ import sys
 
 from ser_ray import cli
 from ser_ray.corpus.protocol import ProtocolSettings
-from ser_ray.study.kfold import KFoldConfig, params_provenance, run_kfold, study_train_config
+from ser_ray.study.config import KFoldConfig, study_train_config
+from ser_ray.study.kfold import run_kfold
+from ser_ray.study.params import read_params
 from ser_ray.study.summary import format_table
 from ser_ray.training.config import TrainConfig
 
@@ -59,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     train = cli.dataclass_from_args(args, TrainConfig, study_train_config())
     protocol = cli.dataclass_from_args(args, ProtocolSettings)
     cfg = cli.dataclass_from_args(args, KFoldConfig, train=train, protocol=protocol)
-    try:
-        params_provenance(cfg)  # refuse leaky tuned settings before starting anything
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    params = read_params(cfg)  # refuses leaky tuned settings before anything starts
     cli.init_ray(args.address, args.num_cpus, args.dashboard)
-    summary = run_kfold(cfg)
+    summary = run_kfold(cfg, params)
     print(format_table(summary))
     print(
         f"\nrun folder: {cfg.out} (summary.md, summary.json, predictions.csv, plots, tensorboard)"

@@ -18,7 +18,8 @@ from ser_ray.corpus.ravdess import parse_name
 from ser_ray.features.speaker_norm import SpeakerNormError
 from ser_ray.models.ssl import load_model, takes_speaker_normalised_layers
 from ser_ray.predict import predict_files, predict_files_svm
-from ser_ray.study.kfold import KFoldConfig, run_kfold, study_train_config
+from ser_ray.study.config import KFoldConfig, study_train_config
+from ser_ray.study.kfold import run_kfold
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -115,6 +115,6 @@ def test_the_layer_checks_can_fail():
     """The checks read what they should: a known upward import and a known Ray import exist
     one layer up (the study imports the sweeps; the distributed layer imports Ray)."""
     imports = _own_imports()
-    assert "ser_ray.sweeps.svm" in imports["ser_ray.study.kfold"]
+    assert "ser_ray.sweeps.svm" in imports["ser_ray.study.svm_runs"]
     ray_users = [n for n, p in _modules().items() if "ray" in _imports(p)]
     assert ray_users and all(_layer(n) not in PURE for n in ray_users)

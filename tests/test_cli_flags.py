@@ -13,7 +13,7 @@ import pytest
 from ser_ray import cli
 from ser_ray.corpus.protocol import SCHEMES, ProtocolSettings
 from ser_ray.features.featurize import FeatureConfig
-from ser_ray.study.kfold import KFoldConfig, study_train_config
+from ser_ray.study.config import KFoldConfig, study_train_config
 from ser_ray.sweeps.adamw import SweepConfig, sweep_train_config
 from ser_ray.training.config import TrainConfig
 from ser_ray.training.pretrain import PretrainConfig

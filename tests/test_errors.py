@@ -79,3 +79,20 @@ def test_verbose_shows_the_traceback(tmp_path):
     argv = ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--verbose"]
     with pytest.raises(UserError, match="not a folder"):
         job("prepare").main(argv)
+
+
+def test_a_corpus_without_model_offline_names_the_fix(capsys, tmp_path, monkeypatch, ray_local):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is out of reach here anyway
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    line = one_error_line(capsys, "kfold", ["--data-dir", str(corpus), "--out", str(tmp_path)])
+    assert "--model 'facebook/wav2vec2-base': no local folder" in line
+    assert "--model demo offline" in line
+
+
+def test_an_encoder_of_another_family_than_the_variants(capsys, tmp_path, encoders, ray_local):
+    wavlm = str(encoders["wavlm-base-plus"])
+    line = one_error_line(capsys, "kfold", ["--model", wavlm, "--out", str(tmp_path / "run")])
+    assert f"the wav2vec2 variants would run {wavlm!r}, a wavlm encoder" in line
+    assert "--model wav2vec2=" in line
+    assert not (tmp_path / "run" / "prepared").exists()  # refused before any work

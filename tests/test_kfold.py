@@ -191,7 +191,7 @@ def test_job_submit_to_token_auth_cluster(submitted_run):
 def _wav2vec2_done_folds(run: Path) -> set[int]:
     """Folds whose Tune trial reported the final test metrics."""
     done = set()
-    for result in (run / "ray" / "wav2vec2_folds").glob("_fold_trial_*/result.json"):
+    for result in (run / "ray" / "wav2vec2_folds").glob("*_fold=*/result.json"):
         for line in result.read_text().splitlines():
             row = json.loads(line)
             if "test/uar" in row:
@@ -246,7 +246,7 @@ def test_killed_driver_resumes_without_rerunning_finished_folds(submitted_run, t
 def _fit_fold_in_its_trial(features_dir: Path, fold: int, cfg, out: Path, cache_dir: Path,
                            max_failures: int = 0):  # fmt: skip
     """One fold as the study trains it by default: the study's fold trial
-    (``kfold._fold_trial``, the plan of one worker per fold: training in the trial, one CPU)
+    (``ssl_folds.fold_trial``, the plan of one worker per fold: training in the trial, one CPU)
     in a Tune run of that trial alone (``out/ray/fold``), restarted by Tune up to
     ``max_failures`` times; its outcome read back from the trial's final checkpoint."""
     from ray import tune
@@ -254,18 +254,17 @@ def _fit_fold_in_its_trial(features_dir: Path, fold: int, cfg, out: Path, cache_
     from ser_ray.corpus.protocol import ravdess_protocol
     from ser_ray.distributed.fold_inputs import build_fold_inputs
     from ser_ray.distributed.fold_trainer import fold_result_from_checkpoint
-    from ser_ray.study.kfold import _fold_trial
+    from ser_ray.distributed.ssl_folds import FoldJob, fold_trial
 
-    train = {
-        "variant": "wav2vec2",
-        "inputs": {str(fold): build_fold_inputs(features_dir, cfg, cache_dir).to_config()},
-        "protocol": ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
-        "train_configs": {str(fold): cfg.to_dict()},
-        "tensorboard_dir": str(out / "tensorboard"),
-        **{"in_trial": True, "use_gpu": False, "torch_threads": 1},
-    }
+    job = FoldJob(
+        variant="wav2vec2",
+        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
+        train_configs={fold: cfg.to_dict()},
+        inputs={fold: build_fold_inputs(features_dir, cfg, cache_dir)},
+        tensorboard_dir=str(out / "tensorboard"),
+    )  # the defaults: one worker on a CPU, in its trial, one torch thread
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_fold_trial, train=train), {"CPU": 1}),
+        tune.with_resources(tune.with_parameters(fold_trial, job=job), {"CPU": 1}),
         param_space={"fold": fold},
         run_config=tune.RunConfig(
             name="fold", storage_path=str(out / "ray"), verbose=0,

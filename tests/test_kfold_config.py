@@ -8,15 +8,15 @@ import pytest
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed.resources import FOLD_TRIAL_RESOURCES, gpus_per_worker, plan_folds
 from ser_ray.study import summary
-from ser_ray.study.kfold import (
-    KFoldConfig,
-    check_model_reachable,
+from ser_ray.study.config import KFoldConfig, study_train_config
+from ser_ray.study.encoders import check_model_reachable
+from ser_ray.study.params import (
     params_provenance,
-    study_train_config,
+    read_params,
     train_config_for,
-    trained_on,
     warn_study_fields_in_params,
 )
+from ser_ray.study.report import trained_on
 from ser_ray.study.variants import parse_variant, parse_variants
 
 
@@ -98,13 +98,14 @@ def test_a_params_file_setting_a_study_flag_is_warned_about(tmp_path, caplog):
     best.write_text(json.dumps({"refit": True, "epochs": 8, "head_warmup_epochs": 0}))
     cfg = KFoldConfig(params=str(best), train=study_train_config())
     with caplog.at_level("WARNING"):
-        assert warn_study_fields_in_params(cfg) == ["refit"]  # epochs 8 is the study's
+        # epochs 8 is the study's
+        assert warn_study_fields_in_params(cfg, read_params(cfg)) == ["refit"]
     assert "sets refit" in caplog.text and "give --refit instead" in caplog.text
     resolved = train_config_for(cfg)
     assert resolved.refit is False and resolved.head_warmup_epochs == 0
     flagged = KFoldConfig(params=str(best), train=study_train_config(refit=True))
-    assert warn_study_fields_in_params(flagged) == []
-    assert warn_study_fields_in_params(KFoldConfig()) == []
+    assert warn_study_fields_in_params(flagged, read_params(flagged)) == []
+    assert warn_study_fields_in_params(KFoldConfig(), None) == []
 
 
 def test_nested_params_per_fold(tmp_path):
@@ -303,7 +304,7 @@ def test_variant_names_of_ssl_families():
 def test_an_svm_on_ssl_features_takes_wav2vec2s_encoder_or_a_plain_models_of_any_family(
     encoders,
 ):
-    from ser_ray.study.kfold import _encoder_of
+    from ser_ray.study.encoders import encoder_of
 
     ssl, spknorm = parse_variants("svm+ssl,svm+spknorm+ssl")
     assert (ssl.feature_set, ssl.is_ssl, ssl.uses_encoder, ssl.speaker_norm) == (
@@ -313,11 +314,11 @@ def test_an_svm_on_ssl_features_takes_wav2vec2s_encoder_or_a_plain_models_of_any
     assert not parse_variant("svm+spknorm").uses_encoder
     with pytest.raises(ValueError, match=r"\+ssl takes the encoder's pooled layers alone"):
         parse_variant("svm+mfcc+ssl")
-    assert _encoder_of(KFoldConfig(), ssl) == "demo"
-    assert _encoder_of(KFoldConfig(data_dir="/d"), ssl) == "facebook/wav2vec2-base"
+    assert encoder_of(KFoldConfig(), ssl) == "demo"
+    assert encoder_of(KFoldConfig(data_dir="/d"), ssl) == "facebook/wav2vec2-base"
     wavlm = str(encoders["wavlm-base-plus"])
     given = KFoldConfig(train=study_train_config(model=f"{wavlm},hubert=h"))
-    assert _encoder_of(given, ssl) == wavlm
+    assert encoder_of(given, ssl) == wavlm
     check_model_reachable(wavlm, None)  # an SVM takes an encoder of any SSL family
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ser_ray.corpus.protocol import ravdess_protocol
-from ser_ray.study.kfold import KFoldConfig, train_config_for
+from ser_ray.study.config import KFoldConfig
+from ser_ray.study.params import train_config_for
 from ser_ray.sweeps.adamw import (
     GRACE_RULE,
     METRIC,

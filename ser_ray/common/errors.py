@@ -16,3 +16,7 @@ class UserError(Exception):
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or folder the user named is not there, or holds nothing usable."""
+
+
+class SettingsError(UserError, ValueError):
+    """A flag's value, a settings or protocol file, a variant or a model that cannot work."""

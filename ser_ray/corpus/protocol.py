@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from ser_ray.common import storage
+from ser_ray.common.errors import SettingsError
 from ser_ray.corpus import folds as ravdess_folds
 from ser_ray.corpus import ravdess, speaker_folds
 from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
@@ -56,7 +57,7 @@ def parse_label_map(text: str | None, merge_calm: bool = False) -> dict[str, str
             continue
         source, sep, target = (part.strip() for part in item.partition("="))
         if not sep or not source or not target:
-            raise ValueError(
+            raise SettingsError(
                 f"--label-map item {item.strip()!r}: write LABEL=CLASS (rename or merge) or "
                 f"LABEL={DROP} (leave the label's clips out), comma-separated"
             )
@@ -106,7 +107,7 @@ class ProtocolSettings:
 
     def __post_init__(self) -> None:
         if self.folds not in SCHEMES:
-            raise ValueError(f"folds={self.folds!r}: choose one of {', '.join(SCHEMES)}")
+            raise SettingsError(f"folds={self.folds!r}: choose one of {', '.join(SCHEMES)}")
         parse_label_map(self.label_map)  # raises on a malformed map
 
 
@@ -159,7 +160,7 @@ class Protocol:
     def class_of(self, label: str) -> str | None:
         """The class of a corpus label (None: left out by the label map)."""
         if label not in self.label_map:
-            raise ValueError(
+            raise SettingsError(
                 f"label {label!r} is not one of the protocol's labels "
                 f"{sorted(self.label_map)}; add it to --label-map"
             )
@@ -220,7 +221,7 @@ class Protocol:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Protocol:
         if data.get("version") != PROTOCOL_VERSION:
-            raise ValueError(
+            raise SettingsError(
                 f"protocol version {data.get('version')!r} is not {PROTOCOL_VERSION}; resolve "
                 "the protocol again (run without --protocol)"
             )
@@ -302,13 +303,13 @@ def _full_label_map(corpus: ClipTable, given: Mapping[str, str | None]) -> dict[
     labels = corpus.labels
     unknown = sorted(set(given) - set(labels) - {"calm"})  # merge_calm's calm may be absent
     if unknown:
-        raise ValueError(
+        raise SettingsError(
             f"--label-map names labels {unknown} that the corpus does not have; its labels "
             f"are {labels}"
         )
     mapping = {label: given.get(label, label) for label in labels}
     if len({t for t in mapping.values() if t is not None}) < 2:
-        raise ValueError(
+        raise SettingsError(
             f"the label map leaves fewer than two classes ({mapping}); a classifier needs two"
         )
     return mapping

@@ -1,7 +1,7 @@
 """What a fold's training reads: the features Parquet, or the frozen part's feature cache.
 
 One builder for every consumer: the study's folds (:func:`fold_inputs_per_fold`, called by
-:func:`ser_ray.study.kfold.run_ssl_folds`), the AdamW sweep's trials
+:func:`ser_ray.distributed.ssl_folds.run_ssl_folds`), the AdamW sweep's trials
 (:func:`ser_ray.sweeps.adamw.run_sweep`) and the tests (:func:`build_fold_inputs`). With
 ``use_feature_cache`` the cache (:mod:`ser_ray.distributed.feature_cache`) is built, or
 reused, in the driver before any training starts (its Ray Data tasks need CPUs that running

@@ -77,6 +77,8 @@ import dataclasses
 import os
 from typing import Any, Protocol
 
+from ser_ray.common.errors import SettingsError
+
 #: Tune resources of the trial that drives one fold's TorchTrainer: no CPU, its memory.
 FOLD_TRIAL_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 300 * 2**20}
 #: CPUs of the Ray task that launches one fold's TAPT TorchTrainer (none).
@@ -134,7 +136,7 @@ def gpus_per_worker(gpus_per_fold: float, workers_per_fold: int) -> float:
         return float(gpus_per_fold)
     per_worker = gpus_per_fold / workers_per_fold
     if per_worker < 1 or per_worker != int(per_worker):
-        raise ValueError(
+        raise SettingsError(
             f"--gpus-per-fold {gpus_per_fold} with --workers-per-fold {workers_per_fold}: "
             "each DDP worker needs whole GPUs of its own (fractional GPUs would put two ranks "
             f"on one device, which NCCL refuses); use --gpus-per-fold "
@@ -204,10 +206,10 @@ def plan_folds(
         share = min(1.0, n_gpus / n_folds) if workers == 1 else workers
         gpus_per_fold = float(share) if n_gpus else 0.0
     if gpus_per_fold > 0 and not n_gpus:
-        raise ValueError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
+        raise SettingsError(f"--gpus-per-fold {gpus_per_fold}: this Ray cluster has no GPU")
     gpus = gpus_per_worker(gpus_per_fold, workers)
     if gpus > n_gpus:
-        raise ValueError(
+        raise SettingsError(
             f"each worker needs {gpus:g} GPU(s) but this Ray cluster has {n_gpus:g}; lower "
             "--workers-per-fold or --gpus-per-fold"
         )
@@ -215,12 +217,12 @@ def plan_folds(
     if cpus is None:  # whole CPUs: a worker's threads never share a core with another's
         cpus = float(max(1, int(n_cpus // (n_folds * workers))))
     if cpus <= 0:
-        raise ValueError(f"--cpus-per-worker {cpus}: give a positive number of CPUs")
+        raise SettingsError(f"--cpus-per-worker {cpus}: give a positive number of CPUs")
     concurrent = cfg.concurrent_folds
     if concurrent is None:
         concurrent = max(1, int(n_cpus // (workers * cpus)))
     if concurrent < 1:
-        raise ValueError(f"--concurrent-folds {concurrent}: give at least 1")
+        raise SettingsError(f"--concurrent-folds {concurrent}: give at least 1")
     return FoldPlan(
         folds=n_folds,
         concurrent_folds=min(concurrent, n_folds),

@@ -2,730 +2,85 @@
 WavLM, ... fine-tuned or probed) on six folds concurrently -> one summary with the named
 variants side by side (:mod:`ser_ray.study.variants`).
 
-Each outer fold of an SSL variant is one Ray Tune trial. A fold of one worker (the default)
-trains in the trial's own process
-(:func:`ser_ray.distributed.fold_trainer.train_fold_in_trial`), which reserves the worker's
-CPUs and GPUs; a fold of several workers (DDP) drives a Ray Train ``TorchTrainer`` running
-:func:`ser_ray.distributed.fold_trainer.train_fold_per_worker` (Ray Train V2 + Tune interop),
-whose workers reserve their CPUs and GPUs in its own placement group. The resource plan
-(:mod:`ser_ray.distributed.resources`) says which, and how many folds run at once. Two
-layers of fault tolerance:
-
-- a fold whose process dies is restarted from its last epoch checkpoint (by Tune,
-  ``FailureConfig``, for a fold in its trial; by Ray Train for a trainer's worker);
-- a driver that dies is continued with ``resume=True`` (``Tuner.restore``): finished folds
-  are not re-run, unfinished ones resume from their checkpoints.
+Read :func:`run_kfold` top to bottom: every step is a function below it. The study's settings
+are :mod:`ser_ray.study.config`, a ``--params`` file is :mod:`ser_ray.study.params`, and each
+outer fold of an SSL variant is one Ray Tune trial (:mod:`ser_ray.distributed.ssl_folds`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ser_ray.common import config_file, storage
+from ser_ray.common.errors import SettingsError
 from ser_ray.corpus.clips import ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
-from ser_ray.corpus.protocol import (
-    Protocol,
-    ProtocolSettings,
-    check_protocol,
-    resolve_protocol,
-    speakers_of,
-)
-from ser_ray.distributed import cluster, console
-from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
+from ser_ray.corpus.protocol import Protocol, check_protocol, resolve_protocol, speakers_of
+from ser_ray.distributed import cluster
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
-from ser_ray.distributed.published import published_corpus, published_model
+from ser_ray.distributed.published import published_corpus
 from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
-from ser_ray.distributed.train_edge import CHECKPOINT_PATH_KEY
+from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
 from ser_ray.features.speaker_norm import SpeakerNormError
-from ser_ray.models import svm
-from ser_ray.study.cross_corpus import (
-    CrossCorpusSettings,
-    evaluate_cross_corpus,
-    read_test_corpora,
+from ser_ray.study.config import KFoldConfig
+from ser_ray.study.cross_corpus import CrossCorpusSettings, evaluate_cross_corpus, read_test_corpora
+from ser_ray.study.encoders import check_model_reachable, encoder_of, with_encoders
+from ser_ray.study.params import (
+    TunedParams,
+    read_params,
+    train_config_for,
+    warn_study_fields_in_params,
 )
-from ser_ray.study.variants import (
-    DEFAULT_VARIANTS,
-    Variant,
-    parse_variants,
-    svm_parquet_columns,
-)
+from ser_ray.study.report import StudyResults, write_study_summary
+from ser_ray.study.svm_runs import svm_results
+from ser_ray.study.variants import Variant, parse_variants, svm_parquet_columns
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: The encoder of each SSL family on a real corpus when --model does not name one.
-DEFAULT_MODELS = {
-    "wav2vec2": "facebook/wav2vec2-base",
-    "hubert": "facebook/hubert-base-ls960",
-    "wavlm": "microsoft/wavlm-base-plus",
-    "data2vec-audio": "facebook/data2vec-audio-base",
-}
-#: Which actors of an outer fold each variant's reported model trained on, by (SSL, refit).
-TRAINED_ON = {
-    (False, False): "all 20 training actors (settings chosen by inner CV over them, then refit "
-    "on all of them)",
-    (True, False): "the fit actors only: the validation actors (taken from the training "
-    "side) choose the best epoch and are never trained on (--refit trains on all of them)",
-    (True, True): "all training actors (--refit: retrained on fit + validation actors "
-    "for the best epoch count found with the validation actors held out)",
-}
 
-
-#: TrainConfig fields the study always sets from its own settings (``KFoldConfig.train``);
-#: a ``--params`` file cannot change them.
-STUDY_FIELDS = ("model", "epochs", "batch_size", "merge_calm", "seed", "refit")
-
-
-#: A probe's defaults where the study's flags leave them at the study's: its head alone learns,
-#: from standardised pooled layers, and needs more and larger steps than fine-tuning's
-#: (docs/ssl_recipe.md: 47.8 -> 53.6 UA on the demo corpus, in-process).
-PROBE_DEFAULTS: dict[str, Any] = {"epochs": 20, "lr_head": 3e-3, "head_dropout": 0.0}
-
-
-def study_train_config(**changes: Any) -> TrainConfig:
-    """The study's default SSL training settings: TrainConfig's, but 8 epochs and no model yet
-    (``None``: :meth:`KFoldConfig.model_for` decides), with ``changes`` on top."""
-    return TrainConfig(**{"model": None, "epochs": 8, **changes})
-
-
-@dataclasses.dataclass
-class KFoldConfig:
-    """Settings of the study (the resolved copy is saved as ``config.json``)."""
-
-    data_dir: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "the corpus: a RAVDESS or CREMA-D-named folder (local or URI), a clip "
-            "manifest (CSV/JSONL: path, speaker, emotion, ...), or a datasets save_to_disk "
-            "copy (default: the demo corpus)"
-        },
-    )
-    manifest: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "a clip manifest, CSV or JSONL: path, speaker, emotion (or label); "
-            "optional gender, session, fold, split, corpus; paths relative to the file "
-            "allowed (the same as --data-dir FILE)"
-        },
-    )
-    train: TrainConfig = dataclasses.field(
-        default_factory=study_train_config,
-        metadata={
-            "help": "SSL training settings of every fold: TrainConfig defaults < the "
-            "--params file < the study's own (STUDY_FIELDS, and any field changed from its "
-            "default, e.g. --lr)"
-        },
-    )
-    test_data_dir: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={
-            "help": "cross-corpus: comma-separated corpora (folders, as --data-dir) each fold "
-            "model of every variant is tested on, over the classes shared with the study"
-        },
-    )
-    test_manifest: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={"help": "cross-corpus: comma-separated clip manifests, as --test-data-dir"},
-    )
-    speaker_regex: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "an EmoBox data file names no speaker: this regular expression finds it "
-            "in each key (or wav path), its first group"
-        },
-    )
-    protocol: ProtocolSettings = dataclasses.field(
-        default_factory=ProtocolSettings,
-        metadata={
-            "help": "how folds, validation speakers and classes are resolved (saved as "
-            "protocol.json); --merge-calm, the validation speakers (n_val_actors) and the "
-            "seed come from the training settings"
-        },
-    )
-    variants: tuple[str, ...] = dataclasses.field(
-        default=DEFAULT_VARIANTS,
-        metadata={
-            "help": "comma-separated named variants, compared with the first: a family (svm, "
-            "wav2vec2, hubert, wavlm, data2vec-audio) then +options; svm takes +spknorm "
-            "(speaker normalisation), +egemaps, +mfcc+egemaps (feature sets; default MFCC); "
-            "an SSL family is fine-tuned, or with +probe its frozen encoder's pooled layers "
-            "feed a trained head (+probe+spknorm: normalised per speaker first)"
-        },
-    )
-    params: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "best.json of jobs/tune_adamw.py --nested (per-fold AdamW settings); a "
-            "single-fold sweep's file is refused: its settings saw the other folds' test actors"
-        },
-    )
-    allow_leaky_params: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "accept a single-fold sweep's settings for every fold anyway (summary.md "
-            "says so in bold)"
-        },
-    )
-    workers_per_fold: int = dataclasses.field(
-        default=1, metadata={"help": "Ray Train workers (DDP) per fold"}
-    )
-    concurrent_folds: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "folds trained at once (default: the resource plan's, as many as fit with "
-            "whole CPUs per worker)"
-        },
-    )
-    gpus_per_fold: float | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "GPUs per fold, fractions allowed (0.16: six folds share one GPU). "
-            "Default: the cluster's GPUs shared over the folds, 0 without GPUs"
-        },
-    )
-    cpus_per_worker: float | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "CPUs per Ray Train worker, also its torch threads (default: the resource "
-            "plan's, whole CPUs, a fair share over the folds)"
-        },
-    )
-    max_failures: int = dataclasses.field(
-        default=2,
-        metadata={
-            "help": "restarts of a fold's training process (its Tune trial, or a TorchTrainer "
-            "worker) before the fold fails"
-        },
-    )
-    svm_search: str = dataclasses.field(
-        default="grid",
-        metadata={"help": "SVM search: grid, or bayes (Optuna TPE)", "choices": ["grid", "bayes"]},
-    )
-    svm_num_samples: int = dataclasses.field(
-        default=20, metadata={"help": "Bayesian SVM trials per fold"}
-    )
-    tapt_epochs: int = dataclasses.field(
-        default=0,
-        metadata={
-            "help": "task-adaptive pre-training: before fine-tuning, continue each fold's "
-            "self-supervised pre-training for N epochs on its training actors' audio (cached); "
-            "0 = off"
-        },
-    )
-    cluster_wait_s: float = dataclasses.field(
-        default=600.0,
-        metadata={
-            "help": "on a joined cluster, how long to wait for the CPUs/GPUs that "
-            "--concurrent-folds and --gpus-per-fold ask for (an autoscaler adds nodes) before "
-            "giving up"
-        },
-    )
-    stall_timeout_s: float = dataclasses.field(
-        default=3600.0,
-        metadata={
-            "help": "an SSL fold without a new epoch result for this many seconds fails "
-            "the run, naming the fold (a stuck trial never hangs the job); 0 = never"
-        },
-    )
-    storage_path: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "deprecated: Tune/Train state, which lives in the run location (OUT/ray) "
-            "by default; give --out on a shared folder or a URI instead"
-        },
-    )
-    resume: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "continue an interrupted run in the same --out"},
-    )
-    out: str = dataclasses.field(
-        default="runs/kfold",
-        metadata={
-            "help": "the run location: a local folder (one machine), a folder every node "
-            "mounts, or a URI (s3://bucket/run, gs://...) on a cluster"
-        },
-    )
-    smoke_test: bool = dataclasses.field(
-        default=False, metadata={"help": "tiny corpus, one epoch, small SVM grid"}
-    )
-
-    def model_for(self, family: str = "wav2vec2") -> str:
-        """The encoder of the SSL ``family``: its ``family=X`` entry of ``--model``, else a
-        plain ``--model X``, else ``demo`` (wav2vec2 on the demo corpus) or
-        :data:`DEFAULT_MODELS`."""
-        given = model_entries(self.train.model)
-        if family in given:
-            return given[family]
-        if None in given:
-            return given[None]
-        if family == "wav2vec2" and self.source is None:
-            return "demo"
-        return DEFAULT_MODELS[family]
-
-    @property
-    def source(self) -> str | None:
-        """The corpus given (``--data-dir`` or ``--manifest``), None for the demo corpus."""
-        return self.manifest or self.data_dir
-
-    def protocol_settings(self, n_val_speakers: int) -> ProtocolSettings:
-        """``protocol`` with the study's own calm merge and seed, and ``n_val_speakers``."""
-        return dataclasses.replace(
-            self.protocol,
-            merge_calm=self.train.merge_calm,
-            seed=self.train.seed,
-            n_val_speakers=n_val_speakers,
-        )
-
-    def __post_init__(self) -> None:
-        self.variants = tuple(v.name for v in parse_variants(self.variants))  # raises
-        if self.svm_search not in ("grid", "bayes"):
-            raise ValueError(f"svm_search={self.svm_search!r}: choose grid or bayes")
-        if self.manifest and self.data_dir:
-            raise ValueError(
-                f"--manifest {self.manifest} and --data-dir {self.data_dir}: give one corpus"
-            )
-        if self.tapt_epochs < 0:
-            raise ValueError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
-        model_entries(self.train.model)  # raises
-
-
-def model_entries(text: str | None) -> dict[str | None, str]:
-    """``--model`` as ``{family: model}``; a plain entry (no ``family=``) under ``None``.
-
-    >>> model_entries("demo,wavlm=microsoft/wavlm-large")
-    {None: 'demo', 'wavlm': 'microsoft/wavlm-large'}
-    """
-    entries: dict[str | None, str] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        family, _, model = part.partition("=") if "=" in part else (None, "", part)
-        family = family.strip() if family is not None else None
-        if family is not None and family not in DEFAULT_MODELS:
-            raise ValueError(
-                f"--model {text!r}: {family!r} is not an SSL family; name one of "
-                f"{list(DEFAULT_MODELS)} (e.g. wavlm=microsoft/wavlm-large)"
-            )
-        if family in entries:
-            raise ValueError(f"--model {text!r} names the encoder of {family or 'all'} twice")
-        entries[family] = model.strip()
-    return entries
-
-
-def _read_params(cfg: KFoldConfig) -> dict[str, Any] | None:
-    return json.loads(Path(cfg.params).read_text()) if cfg.params else None
-
-
-def warn_study_fields_in_params(cfg: KFoldConfig) -> list[str]:
-    """Warn (once, before anything runs) about :data:`STUDY_FIELDS` a ``--params`` file sets to
-    other values than the study's: its flags decide those (:func:`train_config_for`), so the
-    file's values are not used. Returns the fields warned about."""
-    best = _read_params(cfg)
-    if best is None:
-        return []
-    sets = (
-        [v.get("params", v) for v in best["per_fold"].values()]
-        if "per_fold" in best
-        else [best.get("params", best)]
-    )
-    study = cfg.train.to_dict()
-    ignored = sorted(
-        {k for params in sets for k, v in params.items() if k in STUDY_FIELDS and study[k] != v}
-    )
-    for name in ignored:
-        log.warning(
-            "%s sets %s, one of the study's own settings, which its flags decide (%s=%r here): "
-            "the file's value is not used; give --%s instead",
-            cfg.params, name, name, study[name], name.replace("_", "-"),
-        )  # fmt: skip
-    return ignored
-
-
-def _is_sweep_result(best: dict[str, Any]) -> bool:
-    """A one-set-for-all-folds file written by a sweep (not settings chosen by hand)."""
-    return "per_fold" not in best and bool({"fold", "search", "val_uar"} & set(best))
-
-
-def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
-    """Where the ``--params`` settings come from: file, nested or not, the actors they were
-    tuned on per outer fold, and whether some folds' test actors helped choose them.
-
-    Raises ``ValueError`` for a single-fold sweep's settings unless ``allow_leaky_params``.
-    """
-    best = _read_params(cfg)
-    if best is None:
-        return None
-    out: dict[str, Any] = {"file": str(Path(cfg.params).resolve())}
-    if "per_fold" in best:
-        tuned = {k: v.get("search", {}) for k, v in best["per_fold"].items()}
-        return {
-            **out,
-            "nested": True,
-            "leaky": False,
-            "tuned_on": {
-                k: {"fit_actors": s.get("fit_actors"), "val_actors": s.get("val_actors")}
-                for k, s in sorted(tuned.items(), key=lambda kv: int(kv[0]))
-            },
-            "note": "per outer fold: settings tuned on that fold's training actors only",
-        }
-    if not _is_sweep_result(best):
-        return {
-            **out,
-            "nested": False,
-            "leaky": False,
-            "note": "settings given by hand (no sweep result): the same for every fold",
-        }
-    search = best.get("search", {})
-    fold = best.get("fold", search.get("fold"))
-    if not cfg.allow_leaky_params:
-        raise ValueError(
-            f"{cfg.params} holds AdamW settings tuned on the training actors of outer fold "
-            f"{fold} only; used for all folds, the other folds would be scored on test actors "
-            "that helped choose them. Run `python jobs/tune_adamw.py --nested` (one search per "
-            "outer fold, each on its own training actors) and pass its best.json, or pass "
-            "--allow-leaky-params to run anyway (the summary then says so)"
-        )
-    return {
-        **out,
-        "nested": False,
-        "leaky": True,
-        "tuned_on_fold": fold,
-        "tuned_on": {
-            "fit_actors": search.get("fit_actors"),
-            "val_actors": search.get("val_actors"),
-        },
-        "note": f"LEAKY: settings tuned on outer fold {fold}'s training actors were used for "
-        f"every fold, so folds other than {fold} are scored on actors that helped choose them "
-        "(--allow-leaky-params)",
-    }
-
-
-def train_config_for(
-    cfg: KFoldConfig, fold: int | None = None, variant: Variant | None = None
-) -> TrainConfig:
-    """An SSL variant's training settings (``variant``'s encoder and mode; by default the
-    fine-tuned wav2vec2's): defaults (a probe's: :data:`PROBE_DEFAULTS` where the flags leave
-    the study's) < ``--params`` file < the study's own.
-
-    The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
-    ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
-    ``--lr-head``). A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each
-    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them. A
-    single-fold sweep's file is refused (see :func:`params_provenance`) unless
-    ``allow_leaky_params``.
-    """
-    tuned = _tuned_params(cfg, fold)
-    unknown = set(tuned) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{cfg.params}: unknown training settings {sorted(unknown)}")
-    default = study_train_config()
-    own = {
-        name: value
-        for name, value in cfg.train.to_dict().items()
-        if name in STUDY_FIELDS or value != getattr(default, name)
-    }
-    probe = bool(variant and variant.probe)
-    unchanged = {
-        k: v for k, v in PROBE_DEFAULTS.items() if getattr(cfg.train, k) == getattr(default, k)
-    }
-    probe_defaults = unchanged if probe else {}
-    own.update(
-        model=cfg.model_for(variant.family if variant else "wav2vec2"),
-        probe=probe,
-        epochs=1 if cfg.smoke_test else probe_defaults.get("epochs", cfg.train.epochs),
-    )
-    return TrainConfig(**{**cfg.train.to_dict(), **probe_defaults, **tuned, **own})
-
-
-def _tuned_params(cfg: KFoldConfig, fold: int | None) -> dict[str, Any]:
-    """The TrainConfig values the ``--params`` file gives ``fold`` (``{}`` without one)."""
-    best = _read_params(cfg)
-    if best is None:
-        return {}
-    params_provenance(cfg)  # raises on leaky settings that were not allowed
-    if "per_fold" in best:
-        if fold is None or str(fold) not in best["per_fold"]:
-            raise ValueError(
-                f"{cfg.params} holds per-fold settings for folds "
-                f"{sorted(best['per_fold'])}, not for fold {fold}; run jobs/tune_adamw.py "
-                "--nested over every outer fold"
-            )
-        best = best["per_fold"][str(fold)]
-    return dict(best.get("params", best))
-
-
-def _fold_trial(config: dict[str, Any], train: dict[str, Any]) -> None:
-    """One Tune trial = one outer fold (``config["fold"]``) of an SSL variant, trained in this
-    process (one worker) or by a TorchTrainer (DDP), as the resource plan says; ``train``
-    holds what every fold shares (``tune.with_parameters``)."""
-    from ser_ray.distributed.fold_trainer import build_fold_trainer, train_fold_in_trial
-    from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
-
-    fold = int(config["fold"])
-    loop_config = {
-        **train["train_configs"][str(fold)],
-        **train["inputs"][str(fold)],  # source, input_kind, feature_cache_key
-        "fold": fold,
-        "variant": train["variant"],
-        "protocol": train["protocol"],
-        "log_dir": storage.join(train["tensorboard_dir"], train["variant"], f"fold_{fold}"),
-    }
-    if train["in_trial"]:
-        device = "cuda" if train["use_gpu"] else "cpu"
-        train_fold_in_trial(loop_config, device=device, torch_threads=train["torch_threads"])
-        return
-    result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
-        lambda callbacks: build_fold_trainer(
-            loop_config,
-            num_workers=train["workers_per_fold"],
-            use_gpu=train["use_gpu"],
-            resources_per_worker=train["resources_per_worker"],
-            storage_path=train["storage_path"],
-            name=f"{train['variant']}_fold_{fold}",  # stable: a restart resumes its checkpoints
-            max_failures=train["max_failures"],
-            callbacks=callbacks,
-        )
-    )
-    if result.error is not None:
-        raise result.error
-
-
-def run_ssl_folds(
-    variant: Variant,
-    features_dir: str,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    train_cfgs: dict[int, TrainConfig],
-    out: str,
-    ray_storage: str,
-) -> list[FoldOutcome]:
-    """All folds of an SSL variant as concurrent Tune trials; each fold's outcome (metrics,
-    history, predictions, model), its final checkpoint copied to
-    ``out/<variant>/fold_<k>/``."""
-    import ray.train
-    from ray import tune
-
-    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
-    from ser_ray.distributed.train_in_tune import stall_watchdog
-
-    fold_numbers = protocol.fold_numbers
-    first = train_cfgs[fold_numbers[0]]
-    plan = plan_folds(cfg, len(fold_numbers))
-    # before the folds start: building a cache needs CPUs that running folds would hold
-    inputs = fold_inputs_per_fold(
-        features_dir,
-        train_cfgs,
-        storage.join(out, "feature_cache"),
-        speaker_norm=variant.speaker_norm,
-    )
-    train = {
-        "variant": variant.name,
-        "inputs": {str(k): v.to_config() for k, v in inputs.items()},
-        "protocol": protocol.to_dict(),
-        "train_configs": {str(k): train_cfgs[k].to_dict() for k in fold_numbers},
-        "workers_per_fold": cfg.workers_per_fold,
-        "in_trial": plan.in_trial,
-        "torch_threads": plan.torch_threads,
-        "max_failures": cfg.max_failures,
-        "storage_path": ray_storage,
-        "tensorboard_dir": storage.join(out, "tensorboard"),
-        **plan.train_resources(),
-    }
-    # the param space is the fold number only: Tune's tables and saved state stay small
-    trainable = tune.with_resources(
-        tune.with_parameters(_fold_trial, train=train), plan.trial_resources()
-    )
-    experiment = storage.join(ray_storage, f"{variant.name}_folds")
-    if cfg.resume and tune.Tuner.can_restore(experiment):
-        log.info("resuming %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"fold": tune.grid_search(fold_numbers)},
-            # a finished fold's trial process takes the next fold: no new process, no imports
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=plan.concurrent_folds, reuse_actors=True
-            ),
-            run_config=tune.RunConfig(
-                name=f"{variant.name}_folds",
-                storage_path=ray_storage,
-                # a fold in its trial restarts as a Train worker would; a TorchTrainer's
-                # trial once more after the trainer's own restarts
-                failure_config=tune.FailureConfig(
-                    max_failures=cfg.max_failures if plan.in_trial else 1
-                ),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=console.tune_verbosity(),
-                callbacks=[
-                    console.fold_progress_callback(variant.name, first.epochs),
-                    stall_watchdog(variant.name, cfg.stall_timeout_s),
-                ],
-            ),
-        )
-    grid = tuner.fit()
-    outcomes = []
-    for result in sorted(grid, key=lambda r: r.config["fold"]):
-        fold = int(result.config["fold"])
-        if result.error is not None:
-            raise RuntimeError(
-                f"{variant.name} fold {fold} failed: {result.error}"
-            ) from result.error
-        # a TorchTrainer's final checkpoint is in its run folder, a trial's in Tune's
-        path = result.metrics.get(CHECKPOINT_PATH_KEY)
-        checkpoint = ray.train.Checkpoint(path) if path else result.checkpoint
-        outcomes.append(
-            fold_result_from_checkpoint(checkpoint, storage.join(out, variant.name, f"fold_{fold}"))
-        )
-    return outcomes
-
-
-def _with_encoders(
-    train_cfgs: dict[int, TrainConfig],
-    features_dir: str,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    out: str,
-) -> dict[int, TrainConfig]:
-    """The fold configs with the encoder each fold trains: their model resolved (``demo``:
-    the pre-trained demo encoder, built on first use; on a cluster, published where every
-    node reads it) and, with ``--tapt-epochs``, each fold's own continued pre-training on its
-    training actors."""
-    from ser_ray.distributed import tapt
-
-    (model,) = {c.model for c in train_cfgs.values()}
-    base = _encoder_for_every_node(model, cfg, out)
-    models = {k: base for k in train_cfgs}
-    if cfg.tapt_epochs:
-        models = tapt.run_tapt_folds(
-            features_dir,
-            base,
-            list(train_cfgs),
-            protocol=protocol,
-            settings=tapt.tapt_config(base, cfg.tapt_epochs, cfg.train.seed, cfg.smoke_test),
-            out_dir=storage.join(out, "tapt"),
-            resources=plan_folds(cfg, len(train_cfgs)).train_resources(),
-            max_failures=cfg.max_failures,
-        )
-    return {k: dataclasses.replace(c, model=models[k]) for k, c in train_cfgs.items()}
-
-
-def _encoder_of(cfg: KFoldConfig, variant: Variant) -> str:
-    """The ``--model`` value of a variant that runs an encoder: its family's; ``svm+ssl``
-    takes wav2vec2's (a plain ``--model X``: X, of any family)."""
-    return cfg.model_for(variant.family if variant.is_ssl else "wav2vec2")
-
-
-def _encoder_for_every_node(model: str, cfg: KFoldConfig, out: str) -> str:
-    """``model`` resolved (``demo``: the demo encoder's folder, built here on first use) and,
-    on a cluster that spans nodes, published to the run location for every node."""
-    from ser_ray.distributed.demo_encoder import resolve_model
-
-    return published_model(resolve_model(model, cfg.smoke_test), out)
-
-
-def _with_ssl_features(
-    df: pd.DataFrame, features_dir: str, cfg: KFoldConfig, out: str, variant: Variant
-) -> tuple[pd.DataFrame, str]:
-    """``df`` with every clip's pooled layers under the frozen encoder of ``svm+ssl``
-    (the probes' feature cache in ``OUT/feature_cache``, built here unless there), and that
-    encoder resolved (``demo``: the demo encoder's folder)."""
-    from ser_ray.distributed import feature_cache
-
-    encoder = _encoder_for_every_node(_encoder_of(cfg, variant), cfg, out)
-    cache = feature_cache.build_feature_cache(
-        features_dir, storage.join(out, "feature_cache"), model=encoder, probe=True
-    )
-    values = feature_cache.cached_values(cache)
-    return df.assign(**{svm.SSL_COLUMN: [values[p] for p in df["path"]]}), encoder
-
-
-def _svm_results(
-    df: pd.DataFrame,
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    out: str,
-    variant: Variant,
-    features_dir: str,
-) -> tuple[list[dict], pd.DataFrame]:
-    from ser_ray.sweeps.svm import NestedSvmConfig, run_nested_svm
-
-    done_json = storage.join(out, f"{variant.name}_folds.json")
-    done_csv = storage.join(out, f"predictions_{variant.name}.csv")
-    if cfg.resume and storage.exists(done_json) and storage.exists(done_csv):
-        log.info("%s folds already done in %s; reusing them", variant.name, done_json)
-        return json.loads(storage.read_text(done_json)), _read_csv(done_csv)
-    encoder = None
-    if variant.feature_set == "ssl":
-        df, encoder = _with_ssl_features(df, features_dir, cfg, out, variant)
-    result = run_nested_svm(
-        df,
-        NestedSvmConfig(
-            search=cfg.svm_search,
-            num_samples=cfg.svm_num_samples,
-            seed=cfg.train.seed,
-            smoke_test=cfg.smoke_test,
-            feature_set=variant.feature_set,
-            speaker_normalise=variant.speaker_norm,
-            variant=variant.name,
-            encoder=encoder,
-        ),
-        protocol,
-        storage_path=storage.join(out, "tune_svm"),
-        models_dir=storage.join(out, "svm_models", variant.name),
-    )
-    storage.write_text(done_json, json.dumps(config_file.to_jsonable(result.folds), indent=2))
-    storage.write_text(done_csv, result.predictions.to_csv(index=False))
-    return result.folds, result.predictions
-
-
-def _read_csv(location: str) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(storage.read_bytes(location)))
-
-
-def run_kfold(cfg: KFoldConfig) -> dict[str, Any]:
+def run_kfold(cfg: KFoldConfig, params: TunedParams | None = None) -> dict[str, Any]:
     """Run the study into ``cfg.out`` and return the summary (Ray must be initialised).
 
     The steps, in order: resolve the settings, read the corpus and resolve its protocol
     (``protocol.json``), check the encoders can be loaded, plan the SSL folds' resources,
     save it all (``config.json``), prepare the features, run every variant over the folds,
-    write the summary."""
+    write the summary. ``params``: ``cfg.params`` as :func:`~ser_ray.study.params.read_params`
+    loaded it (the job loads it before Ray starts, to refuse a leaky file at once); loaded
+    here when not given."""
     out = storage.absolute(cfg.out)
     storage.make_dirs(out)
     try:
-        return _run_study(cfg, out)
+        return _run_study(cfg, out, params)
     finally:
         cluster.release_requested_resources()
 
 
-def _run_study(cfg: KFoldConfig, out: str) -> dict[str, Any]:
+def _run_study(cfg: KFoldConfig, out: str, params: TunedParams | None) -> dict[str, Any]:
     ray_storage = _storage_path(cfg, out)
-    provenance = params_provenance(cfg)  # refuses leaky settings before anything runs
-    warn_study_fields_in_params(cfg)
+    params = params or read_params(cfg)  # refuses leaky settings before anything runs
+    provenance = params.provenance if params else None
+    warn_study_fields_in_params(cfg, params)
     variants = parse_variants(cfg.variants)
     for variant in variants:  # before minutes of features and SVMs
         if variant.uses_encoder:
             family = variant.family if variant.is_ssl else None  # an SVM takes any family's
-            check_model_reachable(_encoder_of(cfg, variant), family)
+            check_model_reachable(encoder_of(cfg, variant), family)
     features = _feature_config(variants)
     source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
     inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
     _check_every_node_reaches(out, source, inputs)  # before anything is written
-    protocol = _resolved_protocol(cfg, inputs, out)
+    protocol = _resolved_protocol(cfg, params, inputs, out)
     _check_speaker_norm(variants, inputs.corpus, protocol)
     cross = _cross_corpus_settings(cfg, features)
     test_corpora = read_test_corpora(cross, protocol, inputs.corpus) if cross.sources else []
     train_cfgs = {
-        v.name: {k: train_config_for(cfg, k, v) for k in protocol.fold_numbers}
+        v.name: {k: train_config_for(cfg, k, v, params) for k in protocol.fold_numbers}
         for v in _ssl_variants(variants)
     }
     plan = None
@@ -737,7 +92,7 @@ def _run_study(cfg: KFoldConfig, out: str) -> dict[str, Any]:
     features_dir, df = _prepared_features(source, out, variants, inputs, features, protocol)
     results = _run_variants(cfg, protocol, variants, df, features_dir, train_cfgs, out, ray_storage)
     tested = evaluate_cross_corpus(test_corpora, cross, protocol, variants, out)
-    return _write_summary(cfg, protocol, out, variants, df, results, provenance, tested)
+    return write_study_summary(cfg, protocol, out, variants, df, results, provenance, tested)
 
 
 def _check_every_node_reaches(out: str, source: str, inputs: CorpusInputs) -> None:
@@ -777,12 +132,15 @@ def _feature_config(variants: tuple[Variant, ...]) -> FeatureConfig:
     return FeatureConfig(egemaps="egemaps" in svm_parquet_columns(variants))
 
 
-def _resolved_protocol(cfg: KFoldConfig, inputs: CorpusInputs, out: str) -> Protocol:
+def _resolved_protocol(
+    cfg: KFoldConfig, params: TunedParams | None, inputs: CorpusInputs, out: str
+) -> Protocol:
     """The protocol of the corpus (``--protocol`` file or resolved from the clips), saved as
     ``OUT/protocol.json``; every stage gets this one object."""
-    n_val = {train_config_for(cfg, k).n_val_actors for k in _param_folds(cfg)}
+    folds = params.folds() if params else [None]
+    n_val = {train_config_for(cfg, k, params=params).n_val_actors for k in folds}
     if len(n_val) != 1:
-        raise ValueError(
+        raise SettingsError(
             f"{cfg.params}: the folds' settings ask for different numbers of validation "
             f"speakers {sorted(n_val)}; one protocol needs one number"
         )
@@ -806,14 +164,6 @@ def _check_speaker_norm(
             f"speakers {single[:10]} have a single clip: speaker normalisation cannot estimate "
             "their statistics; give more clips of them, or run without +spknorm variants"
         )
-
-
-def _param_folds(cfg: KFoldConfig) -> list[int | None]:
-    """The folds a ``--params`` file gives settings for (``[None]``: the same for all)."""
-    best = _read_params(cfg)
-    if best and "per_fold" in best:
-        return sorted(int(k) for k in best["per_fold"])
-    return [None]
 
 
 def _storage_path(cfg: KFoldConfig, out: str) -> str:
@@ -877,7 +227,7 @@ def _prepared_features(
     columns = ["path", "actor", "emotion", *sorted(svm_parquet_columns(variants))]
     df = load_features(prepared.features_dir, columns)
     dropped = df["emotion"].isin(protocol.dropped_labels)
-    rejected = _read_csv(prepared.rejected_csv)
+    rejected = pd.read_csv(io.BytesIO(storage.read_bytes(prepared.rejected_csv)))
     reasons = "label " + df.loc[dropped, "emotion"] + " left out by the label map"
     extra = pd.DataFrame({"path": df.loc[dropped, "path"], "reason": reasons})
     listed = pd.concat([rejected, extra], ignore_index=True)
@@ -885,17 +235,6 @@ def _prepared_features(
     df = df[~dropped].reset_index(drop=True)
     check_protocol(protocol, df)
     return prepared.features_dir, df
-
-
-@dataclasses.dataclass
-class _StudyResults:
-    """What the variants produced: per fold the summary row, the out-of-fold predictions, and
-    per SSL variant its per-fold histories and fold configs as trained (encoders resolved)."""
-
-    fold_rows: dict[int, dict[str, Any]]
-    predictions: list[pd.DataFrame]
-    histories: dict[str, dict[int, list[dict]]]
-    train_cfgs: dict[str, dict[int, TrainConfig]]
 
 
 def _run_variants(
@@ -907,10 +246,10 @@ def _run_variants(
     train_cfgs: dict[str, dict[int, TrainConfig]],
     out: str,
     ray_storage: str,
-) -> _StudyResults:
+) -> StudyResults:
     """Every variant over the same folds, in order: an SVM's nested CV, an SSL variant's
     folds."""
-    results = _StudyResults(
+    results = StudyResults(
         fold_rows={k: _fold_row(protocol, k, df) for k in protocol.fold_numbers},
         predictions=[],
         histories={},
@@ -918,15 +257,18 @@ def _run_variants(
     )
     for variant in variants:
         if not variant.is_ssl:
-            svm_folds, svm_predictions = _svm_results(df, cfg, protocol, out, variant, features_dir)
+            svm_folds, svm_predictions = svm_results(df, cfg, protocol, out, variant, features_dir)
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
             results.predictions.append(svm_predictions)
             continue
-        fold_cfgs = _with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
+        fold_cfgs = with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)
         results.train_cfgs[variant.name] = fold_cfgs
-        outcomes = run_ssl_folds(variant, features_dir, cfg, protocol, fold_cfgs, out, ray_storage)
+        outcomes = run_ssl_folds(
+            variant.name, features_dir, cfg, protocol, fold_cfgs, out, ray_storage,
+            speaker_norm=variant.speaker_norm,
+        )  # fmt: skip
         results.histories[variant.name] = {}
         for outcome in outcomes:
             m = outcome.metrics
@@ -950,141 +292,6 @@ def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]
     if names != [str(a) for a in actors]:
         row["test_speakers"] = names
     return row
-
-
-def _write_summary(
-    cfg: KFoldConfig,
-    protocol: Protocol,
-    out: str,
-    variants: tuple[Variant, ...],
-    df: pd.DataFrame,
-    results: _StudyResults,
-    provenance: dict[str, Any] | None,
-    cross_corpus: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """``OUT/predictions.csv`` and the summary files
-    (:func:`ser_ray.study.summary.write_summary`; on a URI written here, then uploaded)."""
-    from ser_ray.study import summary
-
-    all_predictions = pd.concat(results.predictions, ignore_index=True)
-    storage.write_text(storage.join(out, "predictions.csv"), all_predictions.to_csv(index=False))
-    histories, train_cfgs = results.histories, results.train_cfgs
-    ssl = _ssl_variants(variants)
-    with storage.staged(out) as local:
-        return summary.write_summary(
-            local,
-            list(results.fold_rows.values()),
-            all_predictions,
-            list(protocol.classes),
-            summary.RunInfo(
-                models={
-                    v.name: _encoder_of(cfg, v)
-                    + ("+tapt" if v.is_ssl and cfg.tapt_epochs else "")
-                    + ("" if v.is_ssl else " (frozen; its pooled layers are the SVM's features)")
-                    for v in variants
-                    if v.uses_encoder
-                },
-                merge_calm=cfg.train.merge_calm,
-                fold_scheme=protocol.scheme,
-                label_map=_changed_label_map(protocol),
-                config=config_file.to_jsonable(dataclasses.asdict(cfg)),
-                params_provenance=provenance,
-                trained_on=trained_on(cfg, protocol),
-                variants={v.name: v.describe() for v in variants},
-                cross_corpus=cross_corpus,
-            ),
-            histories=histories,
-            lr_schedules={  # the encoder's; a probe's stays frozen
-                v.name: encoder_lr_schedule(
-                    train_cfgs[v.name][min(histories[v.name])],
-                    histories[v.name][min(histories[v.name])],
-                )
-                for v in ssl
-                if not v.probe
-            },
-            expected_paths=df["path"].tolist(),
-        )
-
-
-def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
-    """The protocol's label map if it changes any label (None when every label is its own
-    class)."""
-    changed = any(label != target for label, target in protocol.label_map.items())
-    return dict(protocol.label_map) if changed else None
-
-
-def check_model_reachable(model: str, family: str | None = "wav2vec2") -> None:
-    """Stop at once when ``--model`` names neither a demo encoder, nor a folder, nor a hub
-    id whose config can be fetched (offline, a hub id fails here, not after the features),
-    or an encoder of another family than the variant's (the demo encoders are wav2vec2;
-    ``family`` None: any SSL family)."""
-    from transformers import AutoConfig
-
-    from ser_ray.distributed.demo_encoder import RANDOM_DEMO_MODEL
-    from ser_ray.models.ssl import DEMO_MODEL
-
-    if model in (DEMO_MODEL, RANDOM_DEMO_MODEL):
-        model_type = "wav2vec2"
-    else:
-        try:
-            model_type = AutoConfig.from_pretrained(model).model_type
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"--model {model!r}: no local folder and the hub cannot give its config "
-                f"({err}). Point --model at a downloaded copy (a folder with config.json), or "
-                "use --model demo offline"
-            ) from err
-    if family is None and model_type not in DEFAULT_MODELS:
-        raise ValueError(
-            f"svm+ssl would take the pooled layers of {model!r}, a {model_type} model: name "
-            f"an encoder of one of {list(DEFAULT_MODELS)} with --model"
-        )
-    if family is not None and model_type != family:
-        raise ValueError(
-            f"the {family} variants would run {model!r}, a {model_type} encoder: name a "
-            f"{family} encoder with --model {family}=<hub id or folder>, or name the variants "
-            f"by the family that runs ({model_type}, {model_type}+probe, ...)"
-        )
-
-
-def trained_on(cfg: KFoldConfig, protocol: Protocol) -> dict[str, Any]:
-    """Per variant: which actors of each outer fold its reported model was trained on."""
-    out: dict[str, Any] = {}
-    for variant in parse_variants(cfg.variants):
-        refit = variant.is_ssl and cfg.train.refit
-        per_fold = {}
-        for k in protocol.fold_numbers:
-            _, fit, val = protocol.split(k)
-            per_fold[str(k)] = sorted(fit + val) if not variant.is_ssl or refit else fit
-        out[variant.name] = {
-            "description": TRAINED_ON[variant.is_ssl, refit],
-            "per_fold": per_fold,
-        }
-    return out
-
-
-def encoder_lr_schedule(train_cfg: TrainConfig, history: list[dict]) -> list[tuple[int, float]]:
-    """The encoder's learning rate at every optimizer step of a full run, as the loop's
-    ``LambdaLR`` applies it (steps per epoch read from the fold's history)."""
-    from ser_ray.training.schedule import lr_multiplier
-
-    steps_per_epoch = int(history[0]["step"])
-    total = steps_per_epoch * train_cfg.epochs
-    return [
-        (
-            step,
-            train_cfg.lr_encoder
-            * lr_multiplier(
-                step,
-                total,
-                train_cfg.warmup_frac,
-                train_cfg.decay_start_frac,
-                train_cfg.final_lr_scale,
-                train_cfg.decay_shape,
-            ),
-        )
-        for step in range(total)
-    ]
 
 
 def _version() -> str:

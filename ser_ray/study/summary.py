@@ -70,7 +70,7 @@ class RunInfo:
     fold_scheme: str = "contiguous"
     #: The resolved run configuration (JSON-serializable).
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: Where tuned wav2vec2 settings came from (``kfold.params_provenance``); None: defaults.
+    #: Where tuned wav2vec2 settings came from (``TunedParams.provenance``); None: defaults.
     params_provenance: dict[str, Any] | None = None
     #: The label map when it renames, merges or drops labels (corpus label -> class or None).
     label_map: dict[str, str | None] | None = None

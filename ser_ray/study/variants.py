@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from ser_ray.common.errors import SettingsError
 from ser_ray.features import speaker_norm
 from ser_ray.models.ssl import FAMILIES as SSL_FAMILIES
 from ser_ray.models.svm import FEATURE_SETS, SSL_COLUMN
@@ -80,22 +81,22 @@ def parse_variant(name: str) -> Variant:
     """``"svm+egemaps+spknorm"`` -> :class:`Variant`; unknown families/options raise."""
     family, *options = [part.strip() for part in name.strip().split("+")]
     if family not in FAMILIES:
-        raise ValueError(f"variant {name!r}: unknown model family {family!r}; choose {FAMILIES}")
+        raise SettingsError(f"variant {name!r}: unknown model family {family!r}; choose {FAMILIES}")
     unknown = sorted(set(options) - set(OPTIONS[family]))
     if unknown:
-        raise ValueError(
+        raise SettingsError(
             f"variant {name!r}: unknown option(s) {unknown} for {family}; it takes "
             f"{list(OPTIONS[family])}"
         )
     if family != SVM:
         if "spknorm" in options and "probe" not in options:
-            raise ValueError(
+            raise SettingsError(
                 f"variant {name!r}: +spknorm of an SSL encoder normalises its frozen pooled "
                 f"layers, so it needs +probe ({family}+probe+spknorm)"
             )
         return Variant(family, speaker_norm="spknorm" in options, probe="probe" in options)
     if "ssl" in options and {"mfcc", "egemaps"} & set(options):
-        raise ValueError(
+        raise SettingsError(
             f"variant {name!r}: +ssl takes the encoder's pooled layers alone; run "
             "svm+ssl and the MFCC/eGeMAPS variants side by side"
         )
@@ -108,11 +109,11 @@ def parse_variants(text: str | tuple[str, ...] | list[str]) -> tuple[Variant, ..
     names = text.split(",") if isinstance(text, str) else list(text)
     variants = tuple(parse_variant(n) for n in names if n.strip())
     if not variants:
-        raise ValueError("no variants given; e.g. svm,svm+spknorm,wav2vec2")
+        raise SettingsError("no variants given; e.g. svm,svm+spknorm,wav2vec2")
     seen = [v.name for v in variants]
     repeated = sorted({n for n in seen if seen.count(n) > 1})
     if repeated:
-        raise ValueError(f"variants {repeated} are given twice")
+        raise SettingsError(f"variants {repeated} are given twice")
     return variants
 
 

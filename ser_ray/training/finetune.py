@@ -405,6 +405,35 @@ def record_epoch(
     return metrics, improved
 
 
+def prepare_head(
+    model: PartwiseClassifier,
+    train_clips: Clips,
+    cfg: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    *,
+    resumed: bool,
+) -> None:
+    """The head before the first epoch (a step of :func:`run_training`): its inputs
+    standardised over the training clips under the initial encoder (on a resumed run too),
+    and, on a fresh fine-tuning run, warmed up alone on the pooled training clips (a resumed
+    run has its trained head in the checkpoint; a probe trains nothing but its head)."""
+    warm_up = cfg.head_warmup_epochs > 0 and not cfg.probe and not resumed
+    kept = None
+    if cfg.standardize_head_inputs:
+        kept = standardize_head(
+            model, train_clips, batch_size=cfg.eval_batch_size, device=device,
+            world_size=world_size, keep_pooled=warm_up,
+        )  # fmt: skip
+    if warm_up:
+        if kept is None:
+            batches = pooled_batches(
+                model, train_clips, batch_size=cfg.eval_batch_size, device=device
+            )
+            kept = _concat([(p.float().cpu(), y.cpu()) for p, y in batches])
+        warm_up_head(model, *gather_ranks(*kept, world_size), cfg, device)
+
+
 @dataclasses.dataclass
 class TrainOutcome:
     state: TrainState
@@ -436,20 +465,7 @@ def run_training(
     """
     device = torch.device(device)
     model.to(device)
-    warm_up = cfg.head_warmup_epochs > 0 and not cfg.probe and resume_from is None
-    kept = None
-    if cfg.standardize_head_inputs:  # from the initial encoder, on a resumed run too
-        kept = standardize_head(
-            model, train_clips, batch_size=cfg.eval_batch_size, device=device,
-            world_size=world_size, keep_pooled=warm_up,
-        )  # fmt: skip
-    if warm_up:  # a resumed run has its trained head in the checkpoint
-        if kept is None:
-            batches = pooled_batches(
-                model, train_clips, batch_size=cfg.eval_batch_size, device=device
-            )
-            kept = _concat([(p.float().cpu(), y.cpu()) for p, y in batches])
-        warm_up_head(model, *gather_ranks(*kept, world_size), cfg, device)
+    prepare_head(model, train_clips, cfg, device, world_size, resumed=resume_from is not None)
     wrapped = wrap_model(model) if wrap_model is not None else model
     num_batches = batches_per_epoch(
         train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
