@@ -67,6 +67,9 @@ def _check_run_folder(run: Path) -> None:
         assert (run / name).stat().st_size > 0
     assert "| mean ± std |" in (run / "summary.md").read_text()
     assert list(run.glob("*.png")) and list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    # TensorBoard on the run folder: each fold's curves once, no SVM search trial as a run
+    events = [p.relative_to(run) for p in run.rglob("events.out.tfevents.*")]
+    assert events and all(p.parts[0] == "tensorboard" for p in events), events
 
 
 @pytest.fixture(scope="module")

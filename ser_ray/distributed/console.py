@@ -147,6 +147,26 @@ def remote_args_without_deprecation() -> Iterator[None]:
         yield
 
 
+def no_trial_event_files():
+    """A Tune callback standing in for Tune's automatic TensorBoard logger (Tune adds one
+    unless a run has its own), which writes every trial's results as event files under the
+    run's ``ray/`` folder: TensorBoard on the run folder would show each fold's curves twice
+    (ours are in ``tensorboard/``) and every SVM search trial as a run of its own."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    class NoTrialEventFiles(TBXLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            pass
+
+        def log_trial_result(self, iteration, trial, result) -> None:
+            pass
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            pass
+
+    return NoTrialEventFiles()
+
+
 def fold_progress_callback(label: str, epochs: int):
     """A Tune callback printing one line per fold and epoch, and one when a fold ends."""
     from ray import tune

@@ -194,6 +194,7 @@ def _tuner(
             callbacks=[
                 console.fold_progress_callback(job.variant, epochs),
                 stall_watchdog(job.variant, settings.stall_timeout_s),
+                console.no_trial_event_files(),
             ],
         ),
     )

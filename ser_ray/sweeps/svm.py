@@ -232,7 +232,10 @@ def tune_fold(
         search, num_samples, seed, grid, smoke_test, max_concurrent_trials
     )
     run_config = tune.RunConfig(
-        name=name, storage_path=storage.absolute(storage_path), verbose=console.search_verbosity()
+        name=name,
+        storage_path=storage.absolute(storage_path),
+        verbose=console.search_verbosity(),
+        callbacks=[console.no_trial_event_files()],  # a trial is no run of TensorBoard's
     )
     tuner = tune.Tuner(
         trainable, param_space=param_space, tune_config=tune_config, run_config=run_config
@@ -290,6 +293,7 @@ def tune_folds_grid(
             name=name,
             storage_path=storage.absolute(storage_path),
             verbose=console.search_verbosity(),
+            callbacks=[console.no_trial_event_files()],  # a trial is no run of TensorBoard's
         ),
     )
     results, search_s = _fit(tuner)
