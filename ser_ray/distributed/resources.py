@@ -262,10 +262,13 @@ def feature_cache_actors(use_gpu: bool) -> int:
     return max(1, min(MAX_CACHE_ACTORS, int(cluster.get("CPU", 1))))
 
 
-def feature_cache_actor(use_gpu: bool) -> dict[str, float]:
+def feature_cache_actor(use_gpu: bool) -> dict[str, Any]:
     """``map_batches`` resources of one feature-cache model actor: no CPU, or one GPU; never
-    restarted."""
-    return {"num_gpus": 1, "max_restarts": 0} if use_gpu else {"num_cpus": 0, "max_restarts": 0}
+    restarted. Spread over the nodes: an actor that reserves no CPU fits anywhere, and Ray
+    would put them all on the driver's node, leaving a cluster's other CPUs idle."""
+    if use_gpu:
+        return {"num_gpus": 1, "max_restarts": 0}
+    return {"num_cpus": 0, "max_restarts": 0, "scheduling_strategy": "SPREAD"}
 
 
 def feature_cache_write(use_gpu: bool) -> dict[str, float]:
