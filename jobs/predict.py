@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-amp",
         dest="amp",
-        action="store_false",
+        action="store_const",
+        const="off",
+        default="auto",
         help="on CUDA, run in float32 instead of autocast (bf16 where supported, else fp16)",
     )
     parser.add_argument(

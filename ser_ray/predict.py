@@ -102,7 +102,7 @@ def ensemble_probabilities(
     models: Sequence[tuple[PreTrainedModel, object]],
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
-    amp: bool = True,
+    amp: str = "auto",
     speakers: Sequence[object] | None = None,
 ) -> np.ndarray:
     """Mean of the models' softmax probabilities (clips x classes); rows sum to 1.
@@ -119,13 +119,14 @@ def predict_files(
     audio_files: Sequence[str],
     batch_size: int = 8,
     device: str | torch.device | None = None,
-    amp: bool = True,
+    amp: str = "auto",
     speakers: Mapping[str, str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(predictions, rejected) for audio files of any supported format and sample rate.
 
-    ``device``: None picks CUDA when present; ``amp`` autocasts on CUDA only; ``speakers``
-    maps each audio path to its speaker (needed, for every clip, by speaker-normalised probes).
+    ``device``: None picks CUDA when present; ``amp``: the autocast mode on CUDA (auto, bf16,
+    fp16, off); ``speakers`` maps each audio path to its speaker (needed, for every clip, by
+    speaker-normalised probes).
 
     predictions: ``path, pred_label, n_models, prob_<class>...``; rejected: ``path, reason``.
     """

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ser_ray.corpus.ravdess import class_names
+from ser_ray.models.precision import resolve_amp
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, load_model
-from ser_ray.training.engine import resolve_amp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -39,6 +39,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
 from ser_ray.distributed.fold_inputs import FoldInputs
+from ser_ray.models.precision import resolve_amp
 from ser_ray.models.ssl import SPEAKER_NORM_ATTR, PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
@@ -279,7 +280,7 @@ def score_test(
         batch_size=cfg.eval_batch_size,
         device=ctx.device,
         num_classes=len(class_names),
-        amp_dtype=eng.resolve_amp(cfg.amp, ctx.device),
+        amp_dtype=resolve_amp(cfg.amp, ctx.device),
         prefix="test",
     )
     variant = config.get("variant", MODEL_NAME)  # the predictions' model column

@@ -66,6 +66,7 @@ from transformers.utils import logging as hf_logging
 
 from ser_ray.common import storage
 from ser_ray.features.speaker_norm import SpeakerNormError, speaker_normalize
+from ser_ray.models.precision import resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,15 @@ RANDOM_DEMO_MODEL = "demo-random"
 SAMPLE_RATE_HZ = 16_000
 #: Init seed of the demo-size model: "demo-random" names one fixed random encoder.
 DEMO_ENCODER_SEED = 0
-#: Encoder families (``config.model_type``) whose ``*ForSequenceClassification`` we train.
-FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+#: Each encoder family (``config.model_type``) whose ``*ForSequenceClassification`` we train,
+#: and its hub model on a real corpus when --model does not name one.
+DEFAULT_MODELS = {
+    "wav2vec2": "facebook/wav2vec2-base",
+    "hubert": "facebook/hubert-base-ls960",
+    "wavlm": "microsoft/wavlm-base-plus",
+    "data2vec-audio": "facebook/data2vec-audio-base",
+}
+FAMILIES = tuple(DEFAULT_MODELS)
 #: Labels of a head that is never used (a frozen encoder's cached or pooled outputs): any two.
 HEAD_CLASSES = ("class_0", "class_1")
 #: Parameter names of the standard classification head.
@@ -683,13 +691,6 @@ def pad_waveforms(
     return batch, lengths
 
 
-def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
-    """The autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU or off."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 #: Config attribute of a probe whose head takes pooled layers z-normalised per speaker.
 SPEAKER_NORM_ATTR = "speaker_normalised_layers"
 
@@ -706,10 +707,11 @@ def model_probabilities(
     feature_extractor,
     waveforms: Sequence[np.ndarray],
     batch_size: int = 8,
-    amp: bool = True,
+    amp: str = "auto",
     speakers: Sequence[object] | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms).
+    """Softmax probabilities (clips x classes) of one model (16 kHz mono waveforms), with
+    autocast as ``amp`` (:func:`ser_ray.models.precision.resolve_amp`).
 
     A speaker-normalised probe (:func:`takes_speaker_normalised_layers`) needs ``speakers``
     (one per clip): its pooled layers are z-normalised over each speaker's clips first.
@@ -717,7 +719,7 @@ def model_probabilities(
     if takes_speaker_normalised_layers(model):
         return _speaker_normalised_probabilities(model, feature_extractor, waveforms, speakers)
     device = model.device
-    dtype = amp_dtype(device, amp)
+    dtype = resolve_amp(amp, device)
     exact_length = not pads_exactly(model.config, feature_extractor.return_attention_mask)
     probs = np.zeros((len(waveforms), model.config.num_labels), dtype=np.float64)
     for idx in inference_batches([len(w) for w in waveforms], batch_size, exact_length):

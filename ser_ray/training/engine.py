@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ser_ray.models.precision import resolve_amp
 from ser_ray.training.schedule import build_scheduler
 from ser_ray.training.settings import LoopSettings, ScheduleSettings
 
@@ -41,19 +42,6 @@ TRAIN_STATE_FILE = "train_state.pt"
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16/fp16 on CUDA only (``auto``: bf16 where supported)."""
-    if amp == "off" or device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            log.info("AMP %s requested but the device is %s; training in float32", amp, device)
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Self
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+from ser_ray.models.precision import AMP_MODES
 
 
 def default(group: type, name: str, value: Any, help: str | None = None) -> Any:
