@@ -1,6 +1,6 @@
 """The study's settings: :class:`KFoldConfig` (saved as ``config.json``), the SSL training
 settings it starts from (:func:`study_train_config`), and which encoder each SSL family runs
-(``--model``: :func:`model_entries`, :data:`DEFAULT_MODELS`).
+(``--model``: :func:`model_entries`, :data:`ser_ray.models.ssl.DEFAULT_MODELS`).
 
 Apart from the driver (:mod:`ser_ray.study.kfold`) so that the flags (``jobs/kfold.py``), the
 ``--params`` file (:mod:`ser_ray.study.params`) and the resource plan read one declaration
@@ -14,17 +14,9 @@ from typing import Any
 
 from ser_ray.common.errors import SettingsError
 from ser_ray.corpus.protocol import ProtocolSettings
+from ser_ray.models.ssl import DEFAULT_MODELS, FAMILIES
 from ser_ray.study.variants import DEFAULT_VARIANTS, parse_variants
 from ser_ray.training.config import TrainConfig
-
-#: The encoder of each SSL family on a real corpus when --model does not name one.
-DEFAULT_MODELS = {
-    "wav2vec2": "facebook/wav2vec2-base",
-    "hubert": "facebook/hubert-base-ls960",
-    "wavlm": "microsoft/wavlm-base-plus",
-    "data2vec-audio": "facebook/data2vec-audio-base",
-}
-
 
 #: TrainConfig fields the study always sets from its own settings (``KFoldConfig.train``);
 #: a ``--params`` file cannot change them.
@@ -256,10 +248,10 @@ def model_entries(text: str | None) -> dict[str | None, str]:
             continue
         family, _, model = part.partition("=") if "=" in part else (None, "", part)
         family = family.strip() if family is not None else None
-        if family is not None and family not in DEFAULT_MODELS:
+        if family is not None and family not in FAMILIES:
             raise SettingsError(
                 f"--model {text!r}: {family!r} is not an SSL family; name one of "
-                f"{list(DEFAULT_MODELS)} (e.g. wavlm=microsoft/wavlm-large)"
+                f"{list(FAMILIES)} (e.g. wavlm=microsoft/wavlm-large)"
             )
         if family in entries:
             raise SettingsError(f"--model {text!r} names the encoder of {family or 'all'} twice")

@@ -12,7 +12,8 @@ from ser_ray.common.errors import SettingsError
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed.published import published_model
 from ser_ray.distributed.resources import plan_folds
-from ser_ray.study.config import DEFAULT_MODELS, KFoldConfig
+from ser_ray.models.ssl import FAMILIES
+from ser_ray.study.config import KFoldConfig
 from ser_ray.study.variants import Variant
 from ser_ray.training.config import TrainConfig
 
@@ -82,10 +83,10 @@ def check_model_reachable(model: str, family: str | None = "wav2vec2") -> None:
                 f"({err}). Point --model at a downloaded copy (a folder with config.json), or "
                 "use --model demo offline"
             ) from err
-    if family is None and model_type not in DEFAULT_MODELS:
+    if family is None and model_type not in FAMILIES:
         raise SettingsError(
             f"svm+ssl would take the pooled layers of {model!r}, a {model_type} model: name "
-            f"an encoder of one of {list(DEFAULT_MODELS)} with --model"
+            f"an encoder of one of {list(FAMILIES)} with --model"
         )
     if family is not None and model_type != family:
         raise SettingsError(
