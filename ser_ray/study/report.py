@@ -18,14 +18,14 @@ from ser_ray.study.encoders import encoder_of
 from ser_ray.study.variants import Variant, parse_variants
 from ser_ray.training.config import TrainConfig
 
-#: Which actors of an outer fold each variant's reported model trained on, by (SSL, refit).
+#: Which speakers of an outer fold each variant's reported model trained on, by (SSL, refit).
 TRAINED_ON = {
-    (False, False): "all 20 training actors (settings chosen by inner CV over them, then refit "
-    "on all of them)",
-    (True, False): "the fit actors only: the validation actors (taken from the training "
+    (False, False): "every training speaker of the fold (settings chosen by inner CV over "
+    "them, then refit on all of them)",
+    (True, False): "the fit speakers only: the validation speakers (taken from the training "
     "side) choose the best epoch and are never trained on (--refit trains on all of them)",
-    (True, True): "all training actors (--refit: retrained on fit + validation actors "
-    "for the best epoch count found with the validation actors held out)",
+    (True, True): "every training speaker (--refit: retrained on fit + validation speakers "
+    "for the best epoch count found with the validation speakers held out)",
 }
 
 
@@ -102,7 +102,7 @@ def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:
 
 
 def trained_on(cfg: KFoldConfig, protocol: Protocol) -> dict[str, Any]:
-    """Per variant: which actors of each outer fold its reported model was trained on."""
+    """Per variant: which speakers of each outer fold its reported model was trained on."""
     out: dict[str, Any] = {}
     for variant in parse_variants(cfg.variants):
         refit = variant.is_ssl and cfg.train.refit
