@@ -331,7 +331,9 @@ def _cmdline(process: psutil.Process) -> str:
 
 def test_ddp_folds_each_run_a_torch_trainer(tmp_path):
     """--workers-per-fold 2: the plan gives each fold a TorchTrainer of two DDP workers (the
-    path a default run no longer takes); its final checkpoint reaches the run folder."""
+    path a default run no longer takes); its final checkpoint reaches the run folder, and the
+    two workers share each epoch's clips: half the optimizer steps of one worker's epoch, each
+    step on 8 clips per worker (the smoke run's batch size)."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "jobs/kfold.py", "--smoke-test", "--variants", "wav2vec2",
            "--workers-per-fold", "2", "--num-cpus", "2", "--out", str(run)]  # fmt: skip
@@ -342,9 +344,18 @@ def test_ddp_folds_each_run_a_torch_trainer(tmp_path):
     assert json.loads((run / "config.json").read_text())["resource_plan"]["in_trial"] is False
     summary = json.loads((run / "summary.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [1, 2, 3, 4, 5, 6]
-    assert all(0 <= f["wav2vec2"]["uar"] <= 1 for f in summary["folds"])
     predictions = pd.read_csv(run / "predictions.csv")
     assert len(predictions) == 192 and (predictions.fold == (predictions.actor - 1) // 4 + 1).all()
+    clips_of = pd.read_parquet(run / "prepared" / "features", columns=["actor"]).actor
+    clips_of = clips_of.value_counts()
+    for fold in summary["folds"]:
+        result = json.loads((run / "wav2vec2" / f"fold_{fold['fold']}" / "result.json").read_text())
+        n_fit = sum(clips_of[a] for a in result["trained_on_actors"])
+        assert n_fit == 128  # 16 fit actors of 8 clips
+        assert [h["step"] for h in result["history"]] == [n_fit // (2 * 8)]
+        mine = predictions[predictions.fold == fold["fold"]]
+        right = (mine.true_label == mine.pred_label).mean()
+        assert fold["wav2vec2"]["accuracy"] == pytest.approx(right)
     for fold in range(1, 7):  # each fold's Train run kept its checkpoints; the copy holds the model
         assert list((run / "ray" / f"wav2vec2_fold_{fold}").glob("checkpoint_*"))
         assert (run / "wav2vec2" / f"fold_{fold}" / "best_model" / "config.json").exists()
