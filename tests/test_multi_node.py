@@ -215,7 +215,11 @@ def test_a_node_lost_mid_fold_is_replaced_and_a_node_that_joins_later_is_used(
     assert _metrics(json.loads((out / "summary.json").read_text())) == reference
     # the lost node's fold finished after the kill, from its checkpoint: no fold trained its
     # first epoch twice
-    assert f"wav2vec2 fold {killed_fold}: done" in "".join(lines[before_kill:]), output[-4000:]
+    after_kill = "".join(lines[before_kill:])
+    assert f"wav2vec2 fold {killed_fold}: done" in after_kill, output[-4000:]
+    # one line for the failed attempt (not Tune's traceback)
+    assert f"wav2vec2 fold {killed_fold}: its trial failed (failure 1" in after_kill, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
     for fold in range(1, 7):
         assert output.count(f"wav2vec2 fold {fold} epoch 1/{EPOCHS}:") == 1, output[-4000:]
 

@@ -50,6 +50,10 @@ def configure(verbose: bool) -> None:
         # (so a resume never points at a deleted one), every few seconds in a smoke run; the
         # state of six trials whose only parameter is the fold number is a few kB
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune's ERROR line with the traceback of every failed trial attempt, even one it
+        # restarts (a lost node): the fold callbacks print one line instead, and a trial that
+        # fails for good raises its error at the end of the run (traceback included)
+        os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
         # the "ray" logger of every worker (Ray Train's controller and workers, Tune's trials)
         os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
         # Hugging Face's per-load/per-save progress bars, in Ray workers (read at import)...
@@ -168,7 +172,8 @@ def no_trial_event_files():
 
 
 def fold_progress_callback(label: str, epochs: int):
-    """A Tune callback printing one line per fold and epoch, and one when a fold ends."""
+    """A Tune callback printing one line per fold and epoch, one when a fold ends, and one
+    when a failed fold restarts (in place of Tune's traceback, see :func:`configure`)."""
     from ray import tune
 
     class FoldProgress(tune.Callback):
@@ -184,6 +189,14 @@ def fold_progress_callback(label: str, epochs: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             print(f"{label} fold {trial.config['fold']}: done", flush=True)
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            print(
+                f"{label} fold {trial.config['fold']}: its trial failed (failure "
+                f"{trial.num_failures}: its process or node was lost, or it raised; --verbose "
+                "shows why); restarting it from its last checkpoint",
+                flush=True,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
