@@ -497,7 +497,9 @@ def run_trials(
     grid = tuner.fit()  # RAY
     search_s = time.perf_counter() - start_s
     if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}")
+        raise RuntimeError(
+            f"{len(grid.errors)} trials failed; first: {grid.errors[0]!r}"
+        ) from grid.errors[0]
     return grid, search_s
 
 

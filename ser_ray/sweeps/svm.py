@@ -316,7 +316,9 @@ def _fit(tuner: Any) -> tuple[Any, float]:
     results = tuner.fit()
     search_s = time.perf_counter() - start_s
     if results.errors:
-        raise RuntimeError(f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}")
+        raise RuntimeError(
+            f"{len(results.errors)} SVM trials failed; first: {results.errors[0]!r}"
+        ) from results.errors[0]
     return results, search_s
 
 
