@@ -73,7 +73,7 @@ def _run_study(cfg: KFoldConfig, out: str, params: TunedParams | None) -> dict[s
             check_model_reachable(encoder_of(cfg, variant), family)
     features = _feature_config(variants)
     source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
-    inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
+    inputs = read_corpus_inputs(source, features, cfg.speaker_regex, cfg.unknown_speaker)
     _check_every_node_reaches(out, source, inputs)  # before anything is written
     protocol = _resolved_protocol(cfg, params, inputs, out)
     _check_speaker_norm(variants, inputs.corpus, protocol)
