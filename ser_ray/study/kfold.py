@@ -312,6 +312,8 @@ def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]
     names = speakers_of(protocol, actors)
     if names != [str(a) for a in actors]:
         row["test_speakers"] = names
+    if protocol.fold_names:
+        row["name"] = protocol.fold_names[fold - 1]
     return row
 
 
