@@ -398,8 +398,9 @@ def _scheme_line(summary: Mapping[str, Any]) -> str:
     n = len(summary["folds"])
     if summary["fold_scheme"] == PARTITIONS:
         return (
-            f"- fold scheme: partitions (the corpus's own: train, dev and {n} test sets; SSL "
-            f"and settings chosen on its dev split, {n} test sets; speakers in protocol.json)"
+            f"- fold scheme: partitions (the corpus's own train, dev and {n} test sets, no "
+            "k-fold: SSL epochs chosen on dev; SVM settings by a two-fold train/dev "
+            "cross-validation, then refit on train + dev; speakers in protocol.json)"
         )
     return (
         f"- fold scheme: {summary['fold_scheme']} ({n} folds, speaker-independent; every "
