@@ -257,9 +257,7 @@ class Protocol:
         folds = data["folds"]
         named = any(f["name"] != str(f["fold"]) for f in folds)
         sides = ("fit_speakers", "validation_speakers")
-        training = tuple(
-            tuple(sorted(number[s] for side in sides for s in f[side])) for f in folds
-        )
+        training = tuple(tuple(sorted(number[s] for side in sides for s in f[side])) for f in folds)
         return cls(
             scheme=data["scheme"],
             folds=tuple(tuple(sorted(number[s] for s in f["test_speakers"])) for f in folds),

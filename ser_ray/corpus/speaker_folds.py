@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ser_ray.corpus.clips import GENDERS, is_unknown_speaker
+from ser_ray.corpus.clips import GENDERS
 from ser_ray.corpus.folds import FoldError
 
 Folds = list[list[str]]

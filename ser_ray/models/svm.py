@@ -176,10 +176,10 @@ def feature_set_matrix(
     """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64.
 
     With ``speaker_normalise`` each row is z-normalised over the rows of its ``actor``
-    (:func:`ser_ray.features.speaker_norm.speaker_normalize`; an unknown speaker's clip over
-    the unknown-speaker clips of its side, :func:`~ser_ray.features.speaker_norm.
-    normalisation_groups`): reads features, ``actor``, ``path`` and, where present,
-    ``speaker`` and the side columns, never a label. An actor's statistics use only its own rows, so normalising the
+    (:func:`ser_ray.features.speaker_norm.speaker_normalize`; a clip of an unknown speaker
+    over the unknown-speaker clips of its side: ``normalisation_groups``): reads features,
+    ``actor``, ``path`` and, where present, ``speaker`` and the side columns, never a label.
+    An actor's statistics use only its own rows, so normalising the
     whole table once equals normalising inside every outer and inner fold.
     """
     if feature_set not in FEATURE_SETS:
