@@ -7,9 +7,17 @@ import pytest
 from test_speaker_folds import RAVDESS_VALIDATION
 
 from ser_ray.corpus import folds
-from ser_ray.corpus.clips import ClipTable, clip_frame
+from ser_ray.corpus.clips import (
+    ClipTable,
+    clip_frame,
+    is_unknown_speaker,
+    mark_unknown_speakers,
+    speaker_numbers,
+)
 from ser_ray.corpus.folds import FoldError
 from ser_ray.corpus.protocol import (
+    DEV_GROUP,
+    TRAIN_GROUP,
     Protocol,
     ProtocolSettings,
     parse_label_map,
@@ -175,3 +183,75 @@ def test_no_generated_protocol_puts_a_speaker_on_two_sides():
             assert not set(test) & set(fit) and not set(test) & set(val)
             assert not set(fit) & set(val) and len(val) == n_val
             assert set(test) | set(fit) | set(val) == everyone
+
+
+# --- official partitions with unknown speakers -------------------------------------------
+
+
+def partition_corpus(unknown_every: int = 20) -> ClipTable:
+    """Speakers spk-00..spk-11 in train (6), dev (2), test1 (2), test2 (2); every
+    ``unknown_every``-th clip (5%) has an unknown speaker, its split kept."""
+    split_of = ["train"] * 6 + ["dev"] * 2 + ["test1"] * 2 + ["test2"] * 2
+    rows = [
+        {
+            "path": f"/data/spk{s:02d}_{label}_{i}.wav",
+            "speaker": f"spk-{s:02d}",
+            "emotion": label,
+            "split": split_of[s],
+        }
+        for s in range(12)
+        for label in ("angry", "happy", "sad")
+        for i in range(5)
+    ]
+    for i, row in enumerate(rows):
+        if i % unknown_every == 0:
+            row["speaker"] = "Unknown" if i % 40 else ""
+    return mark_unknown_speakers(corpus(rows))
+
+
+def test_partitions_train_on_train_choose_on_dev_and_test_each_test_set():
+    table = partition_corpus()
+    unknown = table.frame[table.frame["speaker"].map(is_unknown_speaker)]
+    assert len(unknown) == len(table.frame) // 20  # 5%
+    protocol = resolve_protocol(table, ProtocolSettings(folds="predefined"))
+    assert protocol.scheme == "partitions" and protocol.fold_names == ("test1", "test2")
+    numbers = speaker_numbers(table.frame["speaker"])
+    by_split = {
+        side: sorted(numbers[s] for s in set(table.frame.loc[table.frame["split"] == side].speaker))
+        for side in ("train", "dev", "test1", "test2")
+    }
+    for k, name in enumerate(("test1", "test2"), 1):
+        test, fit, val = protocol.split(k)
+        assert test == by_split[name]  # its unknown clips too, each its own speaker
+        assert fit == by_split["train"] and val == by_split["dev"]
+    groups = protocol.fold_of_speaker()
+    assert {groups[s] for s in by_split["train"]} == {TRAIN_GROUP}
+    assert {groups[s] for s in by_split["dev"]} == {DEV_GROUP}
+    assert {groups[s] for s in by_split["test2"]} == {2}
+    again = Protocol.from_dict(protocol.to_dict())
+    assert again == protocol
+    assert [f["name"] for f in protocol.to_dict()["folds"]] == ["test1", "test2"]
+
+
+def test_a_known_speaker_in_two_splits_is_refused_in_one_line():
+    table = partition_corpus()
+    frame = table.frame
+    frame.loc[frame["path"] == "/data/spk03_sad_4.wav", "split"] = "test2"
+    with pytest.raises(FoldError) as err:
+        resolve_protocol(table, ProtocolSettings(folds="predefined"))
+    message = str(err.value)
+    assert "spk-03 (test2, train)" in message and "\n" not in message
+
+
+def test_unknown_speakers_are_never_validation_speakers_of_speaker_folds():
+    rows = [r for r in partition_corpus(unknown_every=4).frame.to_dict("records")]
+    for row in rows:
+        row["split"] = None
+    table = corpus(rows)
+    protocol = resolve_protocol(table, ProtocolSettings(num_folds=3, n_val_speakers=2))
+    names = protocol.speakers
+    unknown = [n for n, name in names.items() if is_unknown_speaker(name)]
+    assert len(unknown) == len(rows) // 4
+    assert sorted(s for f in protocol.folds for s in f) == sorted(names)
+    for val in protocol.validation:
+        assert len(val) == 2 and not set(val) & set(unknown)

@@ -143,7 +143,6 @@ def test_missing_required_column_names_the_present_ones(tmp_path):
 @pytest.mark.parametrize(
     "header, rows, expected",
     [
-        (THREE, [["a.wav", "1", "sad"], ["b.wav", "", "sad"]], "empty speaker: row 2. Fix: give"),
         (THREE, [["", "1", "sad"], ["b.wav", "1", "sad"]], "empty path: row 1."),
         (
             ["path", "speaker", "label"],
@@ -161,6 +160,17 @@ def test_bad_rows_are_named(tmp_path, header, rows, expected):
     message = manifest_error(tmp_path, header, rows)
     assert message.startswith(f"{tmp_path / 'bad.csv'}: ")
     assert expected in message
+
+
+def test_empty_and_unknown_speakers_are_one_pseudo_speaker_each(tmp_path):
+    for name in ("a.wav", "b.wav", "c.wav", "d.wav"):
+        touch(tmp_path / name)
+    rows = [["a.wav", "7", "sad"], ["b.wav", "", "sad"], ["c.wav", "UNKNOWN", "sad"]]
+    rows.append(["d.wav", "n/a", "sad"])
+    table = read_manifest(write_csv(tmp_path / "m.csv", THREE, rows))
+    assert table.frame["speaker"].tolist() == ["7", "?unknown-2", "?unknown-3", "n/a"]
+    table = read_manifest(write_csv(tmp_path / "m.csv", THREE, rows), unknown_speaker="N/A")
+    assert table.frame["speaker"].tolist() == ["7", "?unknown-2", "UNKNOWN", "?unknown-4"]
 
 
 def test_missing_file_names_row_path_and_fix(tmp_path):
@@ -188,14 +198,14 @@ def test_many_bad_rows_are_listed_ten_and_counted(tmp_path):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     touch(tmp_path / "a.wav")
-    rows = [["a.wav", "", "sad", "f"], ["nope.wav", "1", "sad", "q"]]
+    rows = [["a.wav", "1", "", "f"], ["nope.wav", "1", "sad", "q"]]
     with pytest.raises(CorpusError, match=r"bad\.csv") as err:
         read_manifest(
             write_csv(tmp_path / "bad.csv", ["path", "speaker", "emotion", "gender"], rows)
         )
     message = str(err.value)
     assert message.startswith(f"{tmp_path.resolve() / 'bad.csv'}: 2 rows with problems:\n")
-    assert "empty speaker: row 1" in message and "unknown gender: row 2 ('q')" in message
+    assert "empty emotion: row 1" in message and "unknown gender: row 2 ('q')" in message
     assert "no such file: row 2" in message
 
 

@@ -2,10 +2,19 @@ import numpy as np
 import pytest
 
 from ser_ray.corpus import folds
-from ser_ray.corpus.clips import clip_frame, speaker_numbers
+from ser_ray.corpus.clips import (
+    ClipTable,
+    clip_frame,
+    is_unknown_speaker,
+    mark_unknown_speakers,
+    speaker_numbers,
+)
 from ser_ray.corpus.folds import FoldError
 from ser_ray.corpus.speaker_folds import (
+    Partitions,
     check_disjoint,
+    names_sides,
+    partitions,
     predefined_folds,
     session_folds,
     speaker_genders,
@@ -196,12 +205,62 @@ def test_predefined_fold_errors():
     with pytest.raises(FoldError, match=r"1 of 6 clips have no fold \(first: /c/cat_1.wav\)"):
         predefined_folds(frame)
 
-    split = {"ann": "train", "ben": "test", "cat": "valid"}
-    with pytest.raises(FoldError, match=r"names training or validation sides \(train, valid\)"):
-        predefined_folds(corpus(dict.fromkeys(split, 2), split=split))
-
     with pytest.raises(FoldError, match=r"no clip has a fold or a split"):
         predefined_folds(corpus({"ann": 2, "ben": 2}))
+
+
+# --- partitions: a split column that names sides ------------------------------------------
+
+
+def test_a_split_column_naming_sides_is_read_as_partitions_and_a_fold_column_as_folds():
+    split = {"ann": "train", "ben": "Dev", "cat": "test2", "dan": "test1", "eve": "train"}
+    frame = corpus(dict.fromkeys(split, 2), split=split)
+    assert names_sides(frame)
+    got = partitions(frame)
+    assert got == Partitions(["ann", "eve"], ["ben"], ["test1", "test2"], [["dan"], ["cat"]])
+    # "val" and "validation" name the dev side too; test sets take any other name
+    for dev in ("val", "validation", "VALID"):
+        assert partitions(corpus(dict.fromkeys(split, 2), split={**split, "ben": dev})).dev == [
+            "ben"
+        ]
+    # a fold column keeps its k-fold meaning, whatever the split says
+    assert not names_sides(corpus(dict.fromkeys(split, 2), split=split, fold=split))
+    # only test-like splits: each a fold, as before
+    assert not names_sides(corpus({"a": 2, "b": 2}, split={"a": "g1", "b": "g2"}))
+
+
+def test_partition_errors_name_the_speaker_and_the_splits():
+    split = {"ann": "train", "ben": "dev", "cat": "test1"}
+    frame = corpus(dict.fromkeys(split, 2), split=split)
+    frame.loc[frame["path"] == "/c/ann_1.wav", "split"] = "test1"
+    with pytest.raises(FoldError) as err:
+        partitions(frame)
+    message = str(err.value)
+    assert "1 speakers are in more than one split: ann (test1, train)" in message
+    assert "\n" not in message
+
+    for missing, given in (("train", {"ann": "dev"}), ("dev", {"ben": "train"})):
+        with pytest.raises(FoldError, match=f"has no {missing} side"):
+            partitions(corpus(dict.fromkeys(split, 2), split={**split, **given}))
+    with pytest.raises(FoldError, match="has no test set"):
+        partitions(corpus(dict.fromkeys(split, 2), split={**split, "cat": "dev"}))
+    unlabelled = corpus(dict.fromkeys(split, 2), split=split)
+    unlabelled.loc[0, "split"] = None
+    with pytest.raises(FoldError, match="1 of 6 clips have no split"):
+        partitions(unlabelled)
+
+
+def test_unknown_speakers_are_one_speaker_each_and_never_validation_speakers():
+    frame = corpus({"a": 2, "b": 2, "unknown": 3, "": 1}, gender={"a": "male"})
+    table = mark_unknown_speakers(ClipTable(frame, [], "manifest"))
+    names = table.frame["speaker"].tolist()
+    assert names[:4] == ["a", "a", "b", "b"]
+    assert names[4:] == ["?unknown-5", "?unknown-6", "?unknown-7", "?unknown-8"]
+    assert all(is_unknown_speaker(n) for n in names[4:])
+    assert speaker_numbers(names)["?unknown-5"] == 3  # after the known speakers
+    other = mark_unknown_speakers(ClipTable(frame, [], "manifest"), unknown="b")
+    assert other.frame["speaker"].tolist()[:4] == ["a", "a", "?unknown-3", "?unknown-4"]
+    assert other.frame["speaker"].tolist()[4:7] == ["unknown"] * 3
 
 
 # --- validation_speakers and check_disjoint ----------------------------------------------

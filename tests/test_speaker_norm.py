@@ -138,3 +138,30 @@ def test_ssl_speaker_statistics_of_a_speaker_come_from_its_own_clips_only(tmp_pa
     for i in range(4):
         np.testing.assert_array_equal(again[f"/c/{i:02d}.wav"], rows[f"/c/{i:02d}.wav"])
     assert not np.allclose(again["/c/05.wav"], rows["/c/05.wav"])
+
+
+def test_unknown_speaker_clips_are_pooled_per_side_never_across_sides():
+    """An unknown speaker's clips are normalised over the unknown-speaker clips of their own
+    split (never the train side's statistics for a test clip); known speakers as before."""
+    from ser_ray.features.speaker_norm import normalisation_groups
+
+    frame = pd.DataFrame(
+        {
+            "path": [f"c{i}.wav" for i in range(7)],
+            "actor": [1, 1, 7, 8, 9, 10, 11],
+            "speaker": ["a", "a", "?unknown-3", "?unknown-4", "?unknown-5", "?unknown-6", "b"],
+            "split": ["train", "train", "train", "train", "test1", "test1", "test1"],
+            "mfcc_stats": [np.array([v], np.float32) for v in (1, 3, 10, 30, 100, 300, 5)],
+        }
+    )
+    groups = normalisation_groups(frame)
+    assert groups[:2] == [1, 1] and groups[6] == 11
+    assert groups[2] == groups[3] == "unknown speakers of split train"
+    assert groups[4] == groups[5] == "unknown speakers of split test1"
+    with pytest.raises(SpeakerNormError, match="speaker 11 has a single clip"):
+        svm.feature_set_matrix(frame, "mfcc", speaker_normalise=True)
+    both = svm.feature_set_matrix(frame.iloc[:6], "mfcc", speaker_normalise=True)
+    assert both[:, 0].tolist() == [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+    no_side = frame.iloc[:4].assign(split=None)
+    with pytest.raises(SpeakerNormError, match="c2.wav has an unknown speaker and no split"):
+        normalisation_groups(no_side)

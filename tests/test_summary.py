@@ -259,3 +259,31 @@ def test_three_variants_get_column_groups_and_differences_against_the_first(tmp_
     assert f"- svm+spknorm − svm UA: +{100 * spk_minus_svm.mean():.1f}" in md
     assert "- svm+spknorm: mfcc features, normalisation: per-actor z" in md
     assert (tmp_path / "confusion_svm+spknorm.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_partitions_rows_are_named_test_sets_with_unknown_speakers_counted(tmp_path):
+    """A corpus's own partitions: one row per test set named after it (json, md, csv), its
+    unknown-speaker clips counted, mean and std said to be over test sets."""
+    rows = []
+    for k, name in enumerate(("test1", "test2"), 1):
+        speakers = [f"spk{k}a", f"spk{k}b", f"?unknown-{k}1", f"?unknown-{k}2"]
+        rows.append(
+            {"fold": k, "name": name, "test_actors": [10 * k + i for i in range(4)],
+             "test_speakers": speakers, "n_test": 8,
+             "svm": {"accuracy": 0.5 + k / 10, "uar": 0.4 + k / 10, "macro_f1": 0.3}}
+        )  # fmt: skip
+    preds = predictions(("svm",))
+    info = summary.RunInfo(models={}, fold_scheme="partitions")
+    got = summary.write_summary(tmp_path, rows, preds, CLASSES, info)
+    assert [(f["fold"], f["name"], f["n_test"]) for f in got["folds"]] == [
+        (1, "test1", 8),
+        (2, "test2", 8),
+    ]
+    assert got["std_kind"] == summary.PARTITIONS_NOTE
+    md = (tmp_path / "summary.md").read_text()
+    assert "| test set | test speakers | n |" in md
+    assert "| test1 | spk1a,spk1b + 2 clips of unknown speakers | 8 | 50.0 |" in md
+    assert "| mean ± std over test sets |" in md and "fold scheme: partitions" in md
+    with open(tmp_path / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table[:2]] == ["test1", "test2"]

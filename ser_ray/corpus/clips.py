@@ -7,6 +7,13 @@ studies) reads that table and nothing source-specific. Speakers keep the corpus'
 (:func:`speaker_numbers`: the name itself when every name is an integer, as RAVDESS's actors
 1-24 or CREMA-D's 1001-1091, else the position in sorted order).
 
+A clip whose speaker is not known (an empty cell, or ``Unknown``: large corpora such as
+MSP-Podcast have many) is never one speaker with the other unknown clips: it becomes its own
+pseudo-speaker (:func:`mark_unknown_speakers`, named ``?unknown-<row>``), so folds, splits,
+speaker-disjointness checks and speaker-grouped cross-validation treat it as a speaker of one
+clip, and speaker normalisation pools it with the unknown clips of its side
+(:func:`ser_ray.features.speaker_norm.normalisation_groups`).
+
 >>> speaker_numbers(["12", "3", "12"])
 {'3': 3, '12': 12}
 >>> speaker_numbers(["spk_b", "spk_a"])
@@ -16,11 +23,14 @@ studies) reads that table and nothing source-specific. Speakers keep the corpus'
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 
 import pandas as pd
 
 from ser_ray.common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: Columns of :attr:`ClipTable.frame`: the required three, then the optional ones (None where
 #: a source does not know them), then the file's size and time (-1 when unknown) that tell a
@@ -30,6 +40,10 @@ OPTIONAL_COLUMNS = ("gender", "session", "fold", "split", "corpus")
 FILE_COLUMNS = ("size_bytes", "mtime_ns")
 CLIP_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + FILE_COLUMNS
 GENDERS = ("male", "female")
+#: The speaker value that means "not known" by default (any case; an empty speaker too).
+UNKNOWN_SPEAKER = "unknown"
+#: How a pseudo-speaker's name starts (``?`` keeps it apart from any corpus's own names).
+UNKNOWN_PREFIX = "?unknown-"
 
 
 class CorpusError(UserError, ValueError):
@@ -83,11 +97,54 @@ def clip_frame(rows: Iterable[dict]) -> pd.DataFrame:
 
 def speaker_numbers(speakers: Iterable[str]) -> dict[str, int]:
     """Speaker name -> number (the features' ``actor`` column): the name's integer value when
-    every name is a plain integer (RAVDESS actors 1-24, CREMA-D 1001-1091), else 1.. in sorted
-    name order. Deterministic for a given set of names."""
-    names = sorted(set(speakers))
+    every known name is a plain integer (RAVDESS actors 1-24, CREMA-D 1001-1091), else 1.. in
+    sorted name order; unknown-speaker clips' pseudo-speakers (:func:`is_unknown_speaker`)
+    after the largest, in name order, so that known speakers keep their numbers.
+    Deterministic for a given set of names.
+
+    >>> speaker_numbers(["7", "?unknown-2", "3"])
+    {'3': 3, '7': 7, '?unknown-2': 8}
+    """
+    everyone = sorted(set(speakers))
+    names = [name for name in everyone if not is_unknown_speaker(name)]
+    numbers = {name: k for k, name in enumerate(names, 1)}
     if names and all(name.isdigit() for name in names):
-        numbers = {name: int(name) for name in names}
-        if len(set(numbers.values())) == len(numbers):  # "01" and "1" would collide
-            return dict(sorted(numbers.items(), key=lambda kv: kv[1]))
-    return {name: k for k, name in enumerate(names, 1)}
+        as_ints = {name: int(name) for name in names}
+        if len(set(as_ints.values())) == len(as_ints):  # "01" and "1" would collide
+            numbers = dict(sorted(as_ints.items(), key=lambda kv: kv[1]))
+    first = max(numbers.values(), default=0) + 1
+    unknown = [name for name in everyone if is_unknown_speaker(name)]
+    return {**numbers, **{name: k for k, name in enumerate(unknown, first)}}
+
+
+def is_unknown_speaker(name: str) -> bool:
+    """Whether a speaker name is an unknown-speaker clip's pseudo-speaker."""
+    return str(name).startswith(UNKNOWN_PREFIX)
+
+
+def is_unknown_value(value: str, unknown: str = UNKNOWN_SPEAKER) -> bool:
+    """Whether a corpus's speaker value means "not known": empty, or ``unknown`` in any
+    case."""
+    text = str(value).strip()
+    return not text or text.lower() == unknown.strip().lower()
+
+
+def mark_unknown_speakers(table: ClipTable, unknown: str = UNKNOWN_SPEAKER) -> ClipTable:
+    """``table`` with every clip whose speaker is empty or ``unknown`` (any case) given its
+    own pseudo-speaker, ``?unknown-<row>`` (row in table order, zero-padded): never one
+    speaker together, so no fold, split or check counts them as one. Logs how many."""
+    frame = table.frame
+    mask = frame["speaker"].map(lambda s: is_unknown_value(s, unknown))
+    if not mask.any():
+        return table
+    width = len(str(len(frame)))
+    frame = frame.copy()
+    rows = frame.index[mask]
+    frame.loc[mask, "speaker"] = [f"{UNKNOWN_PREFIX}{i + 1:0{width}d}" for i in rows]
+    log.info(
+        "%d of %d clips have an unknown speaker (empty or %r): each is its own speaker",
+        int(mask.sum()),
+        len(frame),
+        unknown,
+    )
+    return dataclasses.replace(table, frame=frame)

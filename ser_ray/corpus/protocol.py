@@ -14,11 +14,17 @@ Schemes (``--folds``):
 - ``speaker-kfold``: ``--num-folds`` speaker groups balanced by gender and clip count,
   deterministic by seed;
 - ``session``: leave one session out (the manifest's ``session`` column, IEMOCAP style);
-- ``predefined``: the manifest's ``fold`` (or ``split``) column;
+- ``predefined``: the manifest's ``fold`` (or ``split``) column; a ``split`` column that names
+  sides (``train``, ``dev``, test sets under other names) gives the corpus's official
+  partitions (resolved scheme ``partitions``): each test set is a fold whose training side is
+  the train split and whose validation side is the dev split, so every stage runs over them
+  as over folds, and no k-fold is made;
 - ``auto`` (default): ``contiguous`` for a RAVDESS corpus, ``speaker-kfold`` otherwise.
 
 Speakers are numbers inside (the features' ``actor`` column, see
-:func:`ser_ray.corpus.clips.speaker_numbers`); ``protocol.json`` gives their names too.
+:func:`ser_ray.corpus.clips.speaker_numbers`); ``protocol.json`` gives their names too. A clip
+of an unknown speaker is a pseudo-speaker of its own (never a validation speaker), so the
+speaker-disjointness checks hold for every known speaker and never group unknown clips.
 """
 
 from __future__ import annotations
@@ -35,13 +41,17 @@ from ser_ray.common import storage
 from ser_ray.common.errors import SettingsError
 from ser_ray.corpus import folds as ravdess_folds
 from ser_ray.corpus import ravdess, speaker_folds
-from ser_ray.corpus.clips import ClipTable, clip_frame, speaker_numbers
+from ser_ray.corpus.clips import ClipTable, clip_frame, is_unknown_speaker, speaker_numbers
 from ser_ray.corpus.folds import FoldError
 
 SCHEMES = ("auto", "contiguous", "emobox", "speaker-kfold", "session", "predefined")
 RAVDESS_SCHEMES = tuple(ravdess_folds.FOLD_SCHEMES)
 DROP = "-"  # a label map's target that drops the label's clips
 PROTOCOL_VERSION = 1
+#: The resolved scheme of a corpus's own partitions (``--folds predefined``, split sides).
+PARTITIONS = "partitions"
+#: :meth:`Protocol.fold_of_speaker`'s group of the given training and dev sides' speakers.
+TRAIN_GROUP, DEV_GROUP = 0, -1
 
 
 def parse_label_map(text: str | None, merge_calm: bool = False) -> dict[str, str | None]:
@@ -116,8 +126,10 @@ class Protocol:
     """Folds (test speakers), each fold's validation speakers, and the classes, of one study.
 
     ``folds[k - 1]`` are fold k's test speakers (numbers); its training speakers are all the
-    others; ``validation[k - 1]`` are taken from those. ``label_map`` sends every label of the
-    corpus to its class (None: its clips are left out); ``classes`` are in index order.
+    others, or ``training[k - 1]`` when given (official partitions: every test set trains on
+    the train and dev splits); ``validation[k - 1]`` are taken from those. ``label_map`` sends
+    every label of the corpus to its class (None: its clips are left out); ``classes`` are in
+    index order.
     """
 
     scheme: str
@@ -126,21 +138,37 @@ class Protocol:
     classes: tuple[str, ...]
     label_map: Mapping[str, str | None]
     speakers: Mapping[int, str]  # number -> the corpus's name
-    fold_names: tuple[str, ...] = ()  # session or predefined fold names; () for numbered ones
+    fold_names: tuple[str, ...] = ()  # session, predefined fold or test set names; () if none
+    training: tuple[tuple[int, ...], ...] = ()  # given training sides (partitions); () if none
 
     # -- folds ------------------------------------------------------------------------------
     @property
     def fold_numbers(self) -> list[int]:
         return list(range(1, len(self.folds) + 1))
 
+    @property
+    def given_sides(self) -> bool:
+        """Whether the training and validation sides are given (official partitions), not
+        the other folds."""
+        return bool(self.training)
+
     def fold_of_speaker(self) -> dict[int, int]:
-        """Speaker number -> fold number (1-based)."""
-        return {s: k for k, test in enumerate(self.folds, 1) for s in test}
+        """Speaker number -> fold number (1-based): the group the SVM's inner
+        cross-validation leaves out in turn. With given sides, the training side's speakers
+        are group :data:`TRAIN_GROUP` and the dev side's :data:`DEV_GROUP`, so that inner
+        cross-validation fits on train and scores on dev (and the other way round)."""
+        groups = {s: k for k, test in enumerate(self.folds, 1) for s in test}
+        for k in range(len(self.training)):
+            dev = set(self.validation[k])
+            groups.update({s: DEV_GROUP if s in dev else TRAIN_GROUP for s in self.training[k]})
+        return groups
 
     def test_and_train(self, fold: int) -> tuple[list[int], list[int]]:
         """(test speakers, training speakers) of one fold."""
         self._check_fold(fold)
         test = list(self.folds[fold - 1])
+        if self.training:
+            return test, sorted(self.training[fold - 1])
         train = sorted(s for k, group in enumerate(self.folds, 1) if k != fold for s in group)
         return test, train
 
@@ -228,6 +256,8 @@ class Protocol:
         number = {name: int(n) for n, name in data["speakers"].items()}
         folds = data["folds"]
         named = any(f["name"] != str(f["fold"]) for f in folds)
+        sides = ("fit_speakers", "validation_speakers")
+        training = tuple(tuple(sorted(number[s] for side in sides for s in f[side])) for f in folds)
         return cls(
             scheme=data["scheme"],
             folds=tuple(tuple(sorted(number[s] for s in f["test_speakers"])) for f in folds),
@@ -238,6 +268,7 @@ class Protocol:
             label_map=dict(data["label_map"]),
             speakers={n: name for name, n in number.items()},
             fold_names=tuple(f["name"] for f in folds) if named else (),
+            training=training if data["scheme"] == PARTITIONS else (),
         )
 
     def save(self, path: str | Path) -> None:
@@ -263,26 +294,64 @@ def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:
     kept = frame[frame["emotion"].map(label_map).notna()]
     numbers = speaker_numbers(frame["speaker"])
     scheme = _scheme(settings.folds, corpus.kind)
-    names, test_sets = _test_sets(scheme, kept, settings, numbers)
-    folds = tuple(tuple(sorted(numbers[s] for s in test)) for test in test_sets)
-    genders = speaker_folds.speaker_genders(kept)
-    validation = []
-    for k in range(len(test_sets)):
-        train = [s for j, other in enumerate(test_sets) if j != k for s in other]
-        val = speaker_folds.validation_speakers(train, genders, numbers, settings.n_val_speakers)
-        validation.append(tuple(sorted(numbers[s] for s in val)))
-    classes = _classes(corpus, label_map)
+    if scheme == "predefined" and speaker_folds.names_sides(kept):
+        sides = _partition_sides(kept, numbers)
+    else:
+        sides = _fold_sides(scheme, kept, settings, numbers)
     protocol = Protocol(
-        scheme=scheme,
-        folds=folds,
-        validation=tuple(validation),
-        classes=classes,
+        classes=_classes(corpus, label_map),
         label_map=label_map,
         speakers={n: s for s, n in numbers.items() if s in set(kept["speaker"])},
-        fold_names=tuple(names),
+        **sides,
     )
     check_protocol(protocol, kept.assign(actor=kept["speaker"].map(numbers)))
     return protocol
+
+
+def _numbered(numbers: Mapping[str, int], speakers: Iterable[str]) -> tuple[int, ...]:
+    return tuple(sorted(numbers[s] for s in speakers))
+
+
+def _fold_sides(
+    scheme: str, kept: pd.DataFrame, settings: ProtocolSettings, numbers: Mapping[str, int]
+) -> dict[str, Any]:
+    """The :class:`Protocol` fields of folds under ``scheme``: test speakers of each, and
+    validation speakers taken from its training (other folds') known speakers."""
+    names, test_sets = _test_sets(scheme, kept, settings, numbers)
+    genders = speaker_folds.speaker_genders(kept)
+    validation = []
+    for k in range(len(test_sets)):
+        train = [
+            s
+            for j, other in enumerate(test_sets)
+            if j != k
+            for s in other
+            if not is_unknown_speaker(s)  # a clip of an unknown speaker is no validation speaker
+        ]
+        val = speaker_folds.validation_speakers(train, genders, numbers, settings.n_val_speakers)
+        validation.append(_numbered(numbers, val))
+    return {
+        "scheme": scheme,
+        "folds": tuple(_numbered(numbers, test) for test in test_sets),
+        "validation": tuple(validation),
+        "fold_names": tuple(names),
+    }
+
+
+def _partition_sides(kept: pd.DataFrame, numbers: Mapping[str, int]) -> dict[str, Any]:
+    """The :class:`Protocol` fields of the corpus's own partitions: one fold per test set,
+    each trained on the train and dev splits, its validation side the dev split."""
+    given = speaker_folds.partitions(kept)
+    dev = _numbered(numbers, given.dev)
+    training = _numbered(numbers, given.train + given.dev)
+    n = len(given.tests)
+    return {
+        "scheme": PARTITIONS,
+        "folds": tuple(_numbered(numbers, test) for test in given.tests),
+        "validation": (dev,) * n,
+        "fold_names": tuple(given.test_names),
+        "training": (training,) * n,
+    }
 
 
 def _classes(corpus: ClipTable, label_map: Mapping[str, str | None]) -> tuple[str, ...]:
@@ -337,12 +406,9 @@ def check_protocol(protocol: Protocol, clips: pd.DataFrame) -> None:
     ``emotion``; clips of dropped labels already left out): every speaker in one fold, no
     speaker on two sides, each fold's training side holding every class, every fold with
     test clips."""
-    speaker_folds.check_disjoint(
-        [[str(s) for s in f] for f in protocol.folds],
-        [[str(s) for s in v] for v in protocol.validation],
-    )
+    _check_sides(protocol)
     have = set(clips["actor"].astype(int))
-    placed = {s for f in protocol.folds for s in f}
+    placed = {s for f in (*protocol.folds, *protocol.training) for s in f}
     names = protocol.speakers
     if have - placed:
         raise FoldError(
@@ -361,6 +427,26 @@ def check_protocol(protocol: Protocol, clips: pd.DataFrame) -> None:
             raise FoldError(
                 f"fold {k}: its training speakers have no clips of class(es) {missing}; merge "
                 "or drop them with --label-map, or choose other folds"
+            )
+
+
+def _check_sides(protocol: Protocol) -> None:
+    """No speaker in two folds, and each fold's validation speakers among its training
+    speakers; with given sides also no test speaker on a training side."""
+    folds = [[str(s) for s in f] for f in protocol.folds]
+    validation = [[str(s) for s in v] for v in protocol.validation]
+    if not protocol.given_sides:
+        speaker_folds.check_disjoint(folds, validation)
+        return
+    speaker_folds.check_disjoint(folds)
+    for k in protocol.fold_numbers:
+        test, train = protocol.test_and_train(k)
+        ravdess_folds.check_no_leakage(train, test)
+        outside = sorted(set(protocol.validation[k - 1]) - set(train))
+        if outside:
+            raise FoldError(
+                f"test set {k}'s validation speakers {speakers_of(protocol, outside)} are not "
+                "on its training side"
             )
 
 

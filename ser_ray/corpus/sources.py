@@ -37,7 +37,15 @@ from collections.abc import Callable, Iterable
 import pyarrow.fs as pafs
 
 from ser_ray.common import storage
-from ser_ray.corpus.clips import GENDERS, OPTIONAL_COLUMNS, ClipTable, CorpusError, clip_frame
+from ser_ray.corpus.clips import (
+    GENDERS,
+    OPTIONAL_COLUMNS,
+    UNKNOWN_SPEAKER,
+    ClipTable,
+    CorpusError,
+    clip_frame,
+    mark_unknown_speakers,
+)
 from ser_ray.corpus.ravdess import AUDIO_EXTENSIONS, read_folder
 
 log = logging.getLogger(__name__)
@@ -246,16 +254,20 @@ def _gender(value: object) -> str | None:
 
 
 def _checked_clips(
-    problems: _RowProblems, rows: list[tuple[int, dict]], folder: str, hint: str = ""
+    problems: _RowProblems,
+    rows: list[tuple[int, dict]],
+    folder: str,
+    hint: str = "",
+    required: tuple[str, ...] = ("path", "speaker", "emotion"),
 ) -> list[dict]:
     """The rows (each with ``path``, ``speaker``, ``emotion`` as text) with their paths read
     against ``folder`` and their file size and time, noting in ``problems`` the rows with an
-    empty required field, a path that is not a file (local paths; ``hint`` added to the fix)
-    or a path seen before."""
+    empty ``required`` field, a path that is not a file (local paths; ``hint`` added to the
+    fix) or a path seen before."""
     clips = []
     first_row: dict[str, int] = {}
     for number, row in rows:
-        empty = [column for column in ("path", "speaker", "emotion") if not row[column]]
+        empty = [column for column in required if not row[column]]
         for column in empty:
             problems.add(f"empty {column}", number, None, f"give every row a {column}")
         if not row["path"]:
@@ -326,16 +338,17 @@ def _scan_audio(data_dir: str) -> tuple[list[_AudioFile], list[tuple[str, str]]]
 # --- clip manifests ---------------------------------------------------------------------------
 
 
-def read_manifest(path: str | os.PathLike) -> ClipTable:
+def read_manifest(path: str | os.PathLike, unknown_speaker: str = UNKNOWN_SPEAKER) -> ClipTable:
     """A CSV (``.csv``) or JSON-lines (``.jsonl``, ``.json``) clip manifest as a clip table.
 
     Columns: ``path``, ``speaker``, ``emotion`` (``label`` is read as ``emotion`` when there
     is no ``emotion`` column), optionally ``gender`` (m/f/male/female, any case; empty: not
     known), ``session``, ``fold``, ``split``, ``corpus``; any other column is kept, as text.
     Known column names are matched in any case. Relative paths are read against the
-    manifest's folder. Raises :class:`CorpusError` for an unknown file type, an empty
-    manifest, a missing column, and rows with an empty path, speaker or emotion, a missing
-    or repeated file or an unknown gender.
+    manifest's folder. A clip whose speaker is empty or ``unknown_speaker`` (any case) gets
+    its own pseudo-speaker (:func:`ser_ray.corpus.clips.mark_unknown_speakers`). Raises
+    :class:`CorpusError` for an unknown file type, an empty manifest, a missing column, and
+    rows with an empty path or emotion, a missing or repeated file or an unknown gender.
     """
     source = str(path)
     records, columns = _read_records(path)
@@ -344,10 +357,11 @@ def read_manifest(path: str | os.PathLike) -> ClipTable:
     renames = _manifest_columns(source, columns)
     problems = _RowProblems(source)
     rows = [(number, _manifest_row(problems, number, raw, renames)) for number, raw in records]
-    clips = _checked_clips(problems, rows, _folder_of(path))
+    clips = _checked_clips(problems, rows, _folder_of(path), required=("path", "emotion"))
     problems.raise_if_any()
     log.info("manifest %s: %d clips", source, len(clips))
-    return ClipTable(frame=clip_frame(clips), skipped=[], kind="manifest")
+    table = ClipTable(frame=clip_frame(clips), skipped=[], kind="manifest")
+    return mark_unknown_speakers(table, unknown_speaker)
 
 
 def _manifest_columns(source: str, columns: list[str]) -> dict[str, str]:
@@ -612,16 +626,21 @@ def _speaker_finder(
 
 
 def read_corpus(
-    source: str, *, speech_only: bool = True, speaker_regex: str | None = None
+    source: str,
+    *,
+    speech_only: bool = True,
+    speaker_regex: str | None = None,
+    unknown_speaker: str = UNKNOWN_SPEAKER,
 ) -> ClipTable:
     """The clip table of any corpus a user points at: a manifest file (CSV or JSON lines;
     an EmoBox data file when its objects have ``wav`` and ``emo``, speakers by
-    ``speaker_regex``), a folder of CREMA-D-named clips, else a RAVDESS-layout folder
-    (``speech_only``: audio-only speech names only)."""
+    ``speaker_regex``; a manifest's speaker ``unknown_speaker`` or empty: not known), a folder
+    of CREMA-D-named clips, else a RAVDESS-layout folder (``speech_only``: audio-only speech
+    names only)."""
     if source.lower().endswith(MANIFEST_EXTENSIONS):
         if _is_emobox(source):
             return read_emobox_jsonl(source, speaker_regex=speaker_regex)
-        return read_manifest(source)
+        return read_manifest(source, unknown_speaker)
     if looks_like_cremad(source):
         return read_cremad_folder(source)
     return read_folder(source, speech_only=speech_only)

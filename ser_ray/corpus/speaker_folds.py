@@ -8,6 +8,8 @@ on the speakers of all the others.
 - :func:`speaker_kfold`: k folds balanced by gender and clip count, from a seed.
 - :func:`session_folds`: leave-one-session-out (IEMOCAP style), from the ``session`` column.
 - :func:`predefined_folds`: the manifest's own folds, from the ``fold`` (else ``split``) column.
+- :func:`partitions`: a ``split`` column that names sides (``train``, ``dev``, test sets under
+  any other names, as MSP-Podcast's ``test1``/``test2``): official partitions, no k-fold.
 
 :func:`validation_speakers` picks a fold's validation speakers from its training speakers
 (the rule the study has always used for RAVDESS, odd actors male) and
@@ -23,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter, defaultdict
 from itertools import chain, zip_longest
@@ -38,8 +41,12 @@ Folds = list[list[str]]
 
 #: Gender groups :func:`speaker_kfold` balances, in the order it fills them.
 GENDER_GROUPS: tuple[str | None, ...] = (*GENDERS, None)
+#: ``split`` values (any case) that name the training side of given partitions.
+TRAIN_SPLITS = frozenset({"train", "training"})
+#: ``split`` values (any case) that name the validation (dev) side of given partitions.
+DEV_SPLITS = frozenset({"dev", "val", "valid", "validation"})
 #: ``split`` values that name a training or validation side, not a group to test on.
-NOT_TEST_SPLITS = frozenset({"train", "training", "dev", "val", "valid", "validation"})
+NOT_TEST_SPLITS = TRAIN_SPLITS | DEV_SPLITS
 #: How many offending speakers or clips an error message lists.
 SHOWN = 5
 
@@ -123,15 +130,13 @@ def predefined_folds(frame: pd.DataFrame) -> tuple[list[str], Folds]:
     """The manifest's own folds: (fold names in natural order, the speakers of each).
 
     Read from the ``fold`` column, or, when no clip has a fold, from the ``split`` column,
-    each distinct value being one fold of test speakers (a split that names a training or
-    validation side, as ``train``/``test``, is not a set of folds). Every clip needs a value
-    and every speaker must be in one fold only.
+    each distinct value being one fold of test speakers (a split column that names sides,
+    :func:`names_sides`, is read by :func:`partitions` instead). Every clip needs a value and
+    every speaker must be in one fold only.
     """
     fix = "or use speaker k-fold folds (--num-folds) instead"
     column = _fold_column(frame, fix)
     values = frame[column].map(_text)
-    if column == "split":
-        _check_test_like(values, fix)
     _check_labelled(frame, values, column, f"give every clip a {column}, {fix}")
     names, folds = _group_speakers(frame, values, column, fix)
     _check_at_least_two(names, column, fix)
@@ -145,13 +150,62 @@ def _fold_column(frame: pd.DataFrame, fix: str) -> str:
     raise FoldError(f"no clip has a fold or a split; give the manifest a fold column, {fix}")
 
 
-def _check_test_like(splits: pd.Series, fix: str) -> None:
-    sides = sorted({s for s in splits.dropna() if s.lower() in NOT_TEST_SPLITS})
-    if sides:
+# --- official partitions: train, dev and test sets given ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitions:
+    """A corpus's own partitions: the speakers of its training side, of its dev side (the
+    validation side: epochs and settings are chosen on it), and of each test set by name."""
+
+    train: list[str]
+    dev: list[str]
+    test_names: list[str]
+    tests: Folds
+
+
+def names_sides(frame: pd.DataFrame) -> bool:
+    """Whether the manifest's partitions are sides (``train``, ``dev``, test sets), not folds:
+    no clip has a ``fold`` and some ``split`` names a training or validation side."""
+    if frame["fold"].map(_text).notna().any():
+        return False
+    splits = frame["split"].map(_text).dropna()
+    return any(s.lower() in NOT_TEST_SPLITS for s in splits)
+
+
+def partitions(frame: pd.DataFrame) -> Partitions:
+    """The sides the ``split`` column names: ``train``/``training``, ``dev``/``val``/``valid``/
+    ``validation`` (any case), and every other value a test set of its own (natural order).
+
+    Every clip needs a split; a known speaker in two splits is refused (one line naming the
+    speaker and the splits); an unknown-speaker clip is its own pseudo-speaker
+    (:func:`ser_ray.corpus.clips.mark_unknown_speakers`), so it never is.
+    """
+    fix = "or give the manifest a fold column for k-fold folds"
+    values = frame["split"].map(_text)
+    _check_labelled(frame, values, "split", f"give every clip a split, {fix}")
+    names, groups = _group_speakers(frame, values, "split", fix)
+    train = [s for n, g in zip(names, groups, strict=True) if n.lower() in TRAIN_SPLITS for s in g]
+    dev = [s for n, g in zip(names, groups, strict=True) if n.lower() in DEV_SPLITS for s in g]
+    tests = [(n, g) for n, g in zip(names, groups, strict=True) if n.lower() not in NOT_TEST_SPLITS]
+    given = ", ".join(names)
+    for side, speakers, words in (("train", train, TRAIN_SPLITS), ("dev", dev, DEV_SPLITS)):
+        if not speakers:
+            raise FoldError(
+                f"the split column ({given}) has no {side} side; name it "
+                f"{' or '.join(sorted(words))}, {fix}"
+            )
+    if not tests:
         raise FoldError(
-            f"the split column names training or validation sides ({', '.join(sides)}), not "
-            f"folds of test speakers; put each clip's fold in a fold column, {fix}"
+            f"the split column ({given}) has no test set: give test clips a split of their own "
+            f"(e.g. test1, test2), {fix}"
         )
+    return Partitions(
+        sorted(train, key=natural_key),
+        sorted(dev, key=natural_key),
+        [n for n, _ in tests],
+        [g for _, g in tests],
+    )
 
 
 def _check_labelled(frame: pd.DataFrame, values: pd.Series, what: str, fix: str) -> None:

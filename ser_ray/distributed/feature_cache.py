@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -235,11 +236,15 @@ def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
     return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
 
 
-def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
+def speaker_normalised_cache(
+    cache: FeatureCache, group_of: Mapping[str, object] | None = None
+) -> FeatureCache:
     """``cache`` (pooled layers) with every clip's values z-normalised over its speaker's
     clips (:func:`ser_ray.features.speaker_norm.speaker_normalize`: each speaker's own
     statistics, from audio, never labels), beside it in ``<its folder>-spknorm/``; reused
-    when there. It keeps the cache's key: the same frozen encoder made it.
+    when there. It keeps the cache's key: the same frozen encoder made it. ``group_of``:
+    each clip's normalisation group by path
+    (:func:`ser_ray.features.speaker_norm.normalisation_groups`; None: its actor).
 
     One table in the driver's memory (clips x layers x hidden floats, 0.4 GB for 10,000
     clips of a base-size encoder)."""
@@ -253,7 +258,9 @@ def speaker_normalised_cache(cache: FeatureCache) -> FeatureCache:
     table = storage.actor_rows(cache.path, None)[0].to_table()
     values = np.stack(list_column(table, "features"))
     paths = table.column("path").to_pylist()
-    normalised = speaker_normalize(values, table.column("actor").to_pylist(), paths)
+    actors = table.column("actor").to_pylist()
+    groups = [group_of[p] for p in paths] if group_of is not None else actors
+    normalised = speaker_normalize(values, groups, paths)
     flat = pa.array(normalised.astype(np.float32).reshape(-1), pa.float32())
     offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[1], dtype=np.int32))
     column = table.schema.get_field_index("features")

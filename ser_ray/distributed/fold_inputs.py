@@ -18,6 +18,8 @@ from typing import Any
 
 from ser_ray.common import storage
 from ser_ray.distributed import feature_cache
+from ser_ray.features.featurize import load_features
+from ser_ray.features.speaker_norm import SIDE_COLUMNS, normalisation_groups
 from ser_ray.models.ssl import PartwiseClassifier
 from ser_ray.training.config import TrainConfig
 
@@ -80,8 +82,16 @@ def build_fold_inputs(
         features_dir, cache_root, train_config=train_config, use_gpu=use_gpu
     )
     if speaker_norm:
-        cache = feature_cache.speaker_normalised_cache(cache)
+        cache = feature_cache.speaker_normalised_cache(cache, _normalisation_groups(features_dir))
     return FoldInputs(str(cache.path), cache.kind, cache.key, speaker_norm)
+
+
+def _normalisation_groups(features_dir: str | os.PathLike) -> dict[str, object]:
+    """Each clip's speaker-normalisation group by path (its speaker; an unknown speaker's
+    clip: the unknown-speaker clips of its side), read from the features' own columns."""
+    columns = ["path", "actor", "speaker", *SIDE_COLUMNS]
+    frame = load_features(features_dir, columns)
+    return dict(zip(frame["path"], normalisation_groups(frame), strict=True))
 
 
 def fold_inputs_per_fold(

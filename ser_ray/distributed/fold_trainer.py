@@ -216,9 +216,10 @@ def fold_splits(
     protocol: Protocol, fold: int, cfg: TrainConfig
 ) -> tuple[list[int], list[int], list[int]]:
     """(test, fit, validation) speakers of ``fold`` under ``protocol``, checked against the
-    validation speakers ``cfg`` asks for."""
+    validation speakers ``cfg`` asks for (a corpus's own partitions give their dev side,
+    whatever its size)."""
     test, fit, val = protocol.split(int(fold))
-    if len(val) != cfg.n_val_actors:
+    if len(val) != cfg.n_val_actors and not protocol.given_sides:
         raise ValueError(
             f"fold {fold}: the protocol holds {len(val)} validation speakers, the "
             f"training settings ask for n_val_actors={cfg.n_val_actors}; resolve the protocol "

@@ -26,7 +26,7 @@ from ser_ray.common import storage
 from ser_ray.common.errors import MissingInputError
 from ser_ray.common.storage import count_rows
 from ser_ray.corpus import sources
-from ser_ray.corpus.clips import ClipTable
+from ser_ray.corpus.clips import UNKNOWN_SPEAKER, ClipTable
 from ser_ray.corpus.demo_corpus import demo_source
 from ser_ray.corpus.protocol import Protocol, ProtocolSettings, resolve_protocol
 from ser_ray.distributed import resources
@@ -87,16 +87,23 @@ class CorpusInputs:
 
 
 def read_corpus_inputs(
-    source: str, config: FeatureConfig = DEFAULT_FEATURES, speaker_regex: str | None = None
+    source: str,
+    config: FeatureConfig = DEFAULT_FEATURES,
+    speaker_regex: str | None = None,
+    unknown_speaker: str = UNKNOWN_SPEAKER,
 ) -> CorpusInputs:
     """The clips of ``source`` (:func:`ser_ray.corpus.sources.read_corpus`, ``speaker_regex``
-    for an EmoBox file; or a ``save_to_disk`` copy). Raises when there is no audio file at
+    for an EmoBox file, ``unknown_speaker`` the speaker value of a manifest's clips whose
+    speaker is not known; or a ``save_to_disk`` copy). Raises when there is no audio file at
     all."""
     if "://" not in source and is_hf_dataset(Path(source)):
         corpus, blobs = hf_inputs(Path(source))
     else:
         corpus = sources.read_corpus(
-            source, speech_only=config.speech_only, speaker_regex=speaker_regex
+            source,
+            speech_only=config.speech_only,
+            speaker_regex=speaker_regex,
+            unknown_speaker=unknown_speaker,
         )
         blobs = None
     table = input_table(corpus)

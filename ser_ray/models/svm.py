@@ -39,7 +39,7 @@ from sklearn.svm import SVC
 
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.corpus.protocol import Protocol
-from ser_ray.features.speaker_norm import speaker_normalize
+from ser_ray.features.speaker_norm import normalisation_groups, speaker_normalize
 
 log = logging.getLogger(__name__)
 
@@ -176,15 +176,17 @@ def feature_set_matrix(
     """The columns of ``feature_set`` (see :data:`FEATURE_SETS`) side by side, float64.
 
     With ``speaker_normalise`` each row is z-normalised over the rows of its ``actor``
-    (:func:`ser_ray.features.speaker_norm.speaker_normalize`): reads features, ``actor`` and
-    ``path`` only, never a label. An actor's statistics use only its own rows, so normalising the
+    (:func:`ser_ray.features.speaker_norm.speaker_normalize`; a clip of an unknown speaker
+    over the unknown-speaker clips of its side: ``normalisation_groups``): reads features,
+    ``actor``, ``path`` and, where present, ``speaker`` and the side columns, never a label.
+    An actor's statistics use only its own rows, so normalising the
     whole table once equals normalising inside every outer and inner fold.
     """
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {feature_set!r}; choose one of {list(FEATURE_SETS)}")
     X = np.hstack([feature_matrix(df, column) for column in FEATURE_SETS[feature_set]])
     if speaker_normalise:
-        X = speaker_normalize(X, df["actor"].tolist(), df["path"].tolist())
+        X = speaker_normalize(X, normalisation_groups(df), df["path"].tolist())
     return X
 
 

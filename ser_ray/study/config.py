@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from ser_ray.common.errors import SettingsError
+from ser_ray.corpus.clips import UNKNOWN_SPEAKER
 from ser_ray.corpus.protocol import ProtocolSettings
 from ser_ray.models.ssl import DEFAULT_MODELS, FAMILIES
 from ser_ray.study.variants import DEFAULT_VARIANTS, parse_variants
@@ -79,6 +80,14 @@ class KFoldConfig:
         metadata={
             "help": "an EmoBox data file names no speaker: this regular expression finds it "
             "in each key (or wav path), its first group"
+        },
+    )
+    unknown_speaker: str = dataclasses.field(
+        default=UNKNOWN_SPEAKER,
+        metadata={
+            "help": "the manifest speaker value that means 'not known' (any case; an empty "
+            "speaker too): each such clip is its own speaker, never grouped with the others, "
+            "and out of the speaker-disjointness checks (docs/corpora.md)"
         },
     )
     protocol: ProtocolSettings = dataclasses.field(

@@ -17,16 +17,22 @@ import pandas as pd
 
 from ser_ray.common import config_file, storage
 from ser_ray.common.errors import SettingsError
-from ser_ray.corpus.clips import ClipTable
+from ser_ray.corpus.clips import ClipTable, is_unknown_speaker
 from ser_ray.corpus.demo_corpus import demo_source
-from ser_ray.corpus.protocol import Protocol, check_protocol, resolve_protocol, speakers_of
+from ser_ray.corpus.protocol import (
+    PARTITIONS,
+    Protocol,
+    check_protocol,
+    resolve_protocol,
+    speakers_of,
+)
 from ser_ray.distributed import cluster
 from ser_ray.distributed.prepare import CorpusInputs, prepare_features, read_corpus_inputs
 from ser_ray.distributed.published import published_corpus
 from ser_ray.distributed.resources import FoldPlan, asked_resources, plan_folds
 from ser_ray.distributed.ssl_folds import run_ssl_folds
 from ser_ray.features.featurize import FeatureConfig, load_features
-from ser_ray.features.speaker_norm import SpeakerNormError
+from ser_ray.features.speaker_norm import SIDE_COLUMNS, SpeakerNormError, normalisation_groups
 from ser_ray.study.config import KFoldConfig
 from ser_ray.study.cross_corpus import CrossCorpusSettings, evaluate_cross_corpus, read_test_corpora
 from ser_ray.study.encoders import check_model_reachable, encoder_of, with_encoders
@@ -42,6 +48,10 @@ from ser_ray.study.variants import Variant, parse_variants, svm_parquet_columns
 from ser_ray.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+#: Schemes whose folds follow the manifest's split, fold or session values, the sides that
+#: speaker normalisation pools unknown-speaker clips by.
+SIDE_SCHEMES = (PARTITIONS, "predefined", "session")
 
 
 def run_kfold(cfg: KFoldConfig, params: TunedParams | None = None) -> dict[str, Any]:
@@ -73,7 +83,7 @@ def _run_study(cfg: KFoldConfig, out: str, params: TunedParams | None) -> dict[s
             check_model_reachable(encoder_of(cfg, variant), family)
     features = _feature_config(variants)
     source = cfg.source or published_corpus(demo_source(cfg.smoke_test), out)
-    inputs = read_corpus_inputs(source, features, cfg.speaker_regex)
+    inputs = read_corpus_inputs(source, features, cfg.speaker_regex, cfg.unknown_speaker)
     _check_every_node_reaches(out, source, inputs)  # before anything is written
     protocol = _resolved_protocol(cfg, params, inputs, out)
     _check_speaker_norm(variants, inputs.corpus, protocol)
@@ -152,13 +162,23 @@ def _resolved_protocol(
 def _check_speaker_norm(
     variants: tuple[Variant, ...], corpus: ClipTable, protocol: Protocol
 ) -> None:
-    """Speaker-normalised variants need two clips of every speaker at least: refused here,
-    before any work, naming the speakers (a single clip has no spread to scale by)."""
+    """Speaker-normalised variants need two clips of every speaker at least, and of the
+    unknown-speaker clips of every side (pooled: :func:`ser_ray.features.speaker_norm.
+    normalisation_groups`), sides the protocol's folds follow: refused here, before any
+    work, naming the speakers (a single clip has no spread to scale by)."""
     if not any(v.speaker_norm for v in variants):
         return
     kept = corpus.frame[corpus.frame["emotion"].isin(protocol.kept_labels)]
-    counts = kept["speaker"].value_counts()
-    single = sorted(counts[counts < 2].index)
+    unknown = int(kept["speaker"].map(is_unknown_speaker).sum())
+    if unknown and protocol.scheme not in SIDE_SCHEMES:
+        raise SpeakerNormError(
+            f"{unknown} clips have an unknown speaker: speaker-normalised variants pool them "
+            f"by their split, fold or session, which {protocol.scheme} folds do not follow; "
+            "use --folds predefined or session, or run without +spknorm variants"
+        )
+    groups = pd.Series(normalisation_groups(kept.assign(actor=kept["speaker"])))
+    counts = groups.value_counts()
+    single = sorted(map(str, counts[counts < 2].index))
     if single:
         raise SpeakerNormError(
             f"speakers {single[:10]} have a single clip: speaker normalisation cannot estimate "
@@ -224,7 +244,8 @@ def _prepared_features(
     files and the clips the label map drops. Returns the features folder and the columns the
     SVM variants need of the clips that take part, checked against the protocol."""
     prepared = prepare_features(source, storage.join(out, "prepared"), features, inputs=inputs)
-    columns = ["path", "actor", "emotion", *sorted(svm_parquet_columns(variants))]
+    norm = ["speaker", *SIDE_COLUMNS] if any(v.speaker_norm for v in variants) else []
+    columns = ["path", "actor", "emotion", *norm, *sorted(svm_parquet_columns(variants))]
     df = load_features(prepared.features_dir, columns)
     dropped = df["emotion"].isin(protocol.dropped_labels)
     rejected = pd.read_csv(io.BytesIO(storage.read_bytes(prepared.rejected_csv)))
@@ -291,6 +312,8 @@ def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]
     names = speakers_of(protocol, actors)
     if names != [str(a) for a in actors]:
         row["test_speakers"] = names
+    if protocol.fold_names:
+        row["name"] = protocol.fold_names[fold - 1]
     return row
 
 

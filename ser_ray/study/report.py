@@ -90,8 +90,15 @@ def write_study_summary(
                 for v in ssl
                 if not v.probe
             },
-            expected_paths=df["path"].tolist(),
+            expected_paths=tested_paths(protocol, df),
         )
+
+
+def tested_paths(protocol: Protocol, df: pd.DataFrame) -> list[str]:
+    """The clips some fold tests: every clip under k-fold folds, the test sets' clips only
+    with a corpus's own partitions (its train and dev clips are never predicted)."""
+    tested = {s for fold in protocol.folds for s in fold}
+    return df.loc[df["actor"].isin(tested), "path"].tolist()
 
 
 def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:

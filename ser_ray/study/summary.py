@@ -43,6 +43,8 @@ import numpy as np
 import pandas as pd
 
 from ser_ray.common import metrics
+from ser_ray.corpus.clips import is_unknown_speaker
+from ser_ray.corpus.protocol import PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,14 @@ METRICS: tuple[str, ...] = ("uar", "accuracy", "macro_f1")
 MODEL_TITLES = {"svm": "SVM"}
 METRIC_TITLES = {"uar": "UA", "accuracy": "acc", "macro_f1": "F1"}
 STD_NOTE = "std is the sample standard deviation over folds (ddof=1)"
+#: What mean and std are with a corpus's own partitions (resolved scheme ``partitions``).
+PARTITIONS_NOTE = (
+    "each row is one of the corpus's own test sets, the figure to report; mean and std "
+    "(ddof=1) over the test sets only summarise them (test sets of different sizes and "
+    "makeup, not a sample of folds)"
+)
+#: A fold row's test speakers are listed in summary.md up to this many; counted beyond.
+LISTED_SPEAKERS = 12
 
 
 class CoverageError(ValueError):
@@ -269,6 +279,8 @@ def build_summary(
         }
         if "test_speakers" in r:  # names, where they are not the numbers themselves
             row["test_speakers"] = [str(s) for s in r["test_speakers"]]
+        if "name" in r:  # a session, predefined fold or test set name
+            row["name"] = str(r["name"])
         for model in present:
             if r.get(model):
                 row[model] = {k: r[model][k] for k in (*METRICS, "best_epoch") if k in r[model]}
@@ -281,7 +293,7 @@ def build_summary(
         "fold_scheme": info.fold_scheme,
         **({"label_map": info.label_map} if info.label_map else {}),
         "classes": list(class_names),
-        "std_kind": STD_NOTE,
+        "std_kind": PARTITIONS_NOTE if info.fold_scheme == PARTITIONS else STD_NOTE,
         "folds": folds,
         "mean": mean,
         "std": std,
@@ -351,7 +363,9 @@ def format_table(
     present = list(summary["mean"])
     epochs_of = [m for m in present if "best_epoch" in summary["mean"][m]]
     named = any("test_speakers" in f for f in summary["folds"])
-    header = ["fold", "test speakers" if named else "test actors", "n"]
+    partitions = summary.get("fold_scheme") == PARTITIONS
+    header = ["test set" if partitions else "fold", "test speakers" if named else "test actors"]
+    header.append("n")
     for m in present:
         header += [f"{_title(m)} {METRIC_TITLES[k]} %" for k in METRICS]
     header += [
@@ -360,8 +374,7 @@ def format_table(
     header += list(fold_columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for f in summary["folds"]:
-        speakers = f.get("test_speakers", f["test_actors"])
-        cells = [str(f["fold"]), ",".join(map(str, speakers)), str(f["n_test"])]
+        cells = [str(f.get("name", f["fold"])), _speakers_cell(f), str(f["n_test"])]
         for m in present:
             cells += [_pct(f[m][k]) if m in f else "–" for k in METRICS]
         for m in epochs_of:
@@ -370,7 +383,7 @@ def format_table(
         cells += [cell(f) for cell in fold_columns.values()]
         lines.append("| " + " | ".join(cells) + " |")
     n_total = sum(f["n_test"] for f in summary["folds"])
-    cells = ["mean ± std", "", str(n_total)]
+    cells = ["mean ± std over test sets" if partitions else "mean ± std", "", str(n_total)]
     for m in present:
         cells += [_pm(summary["mean"][m].get(k), summary["std"][m].get(k)) for k in METRICS]
     for m in epochs_of:
@@ -379,6 +392,30 @@ def format_table(
     cells += ["" for _ in fold_columns]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _scheme_line(summary: Mapping[str, Any]) -> str:
+    n = len(summary["folds"])
+    if summary["fold_scheme"] == PARTITIONS:
+        return (
+            f"- fold scheme: partitions (the corpus's own train, dev and {n} test sets, no "
+            "k-fold: SSL epochs chosen on dev; SVM settings by a two-fold train/dev "
+            "cross-validation, then refit on train + dev; speakers in protocol.json)"
+        )
+    return (
+        f"- fold scheme: {summary['fold_scheme']} ({n} folds, speaker-independent; every "
+        "fold's speakers in protocol.json)"
+    )
+
+
+def _speakers_cell(fold: Mapping[str, Any]) -> str:
+    """A fold row's test speakers: their names (counted beyond :data:`LISTED_SPEAKERS`), and
+    how many of its clips have an unknown speaker."""
+    speakers = [str(s) for s in fold.get("test_speakers", fold["test_actors"])]
+    known = [s for s in speakers if not is_unknown_speaker(s)]
+    cell = ",".join(known) if len(known) <= LISTED_SPEAKERS else f"{len(known)} speakers"
+    unknown = len(speakers) - len(known)
+    return cell + (f" + {unknown} clips of unknown speakers" if unknown else "")
 
 
 def _label_map_lines(label_map: Mapping[str, str | None] | None) -> list[str]:
@@ -437,10 +474,9 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
     lines += [
         f"- calm merged into neutral: {'yes' if summary['merge_calm'] else 'no'} "
         f"({len(classes)} classes: {', '.join(classes)})",
-        f"- fold scheme: {summary['fold_scheme']} ({len(summary['folds'])} folds, "
-        "speaker-independent; every fold's speakers in protocol.json)",
+        _scheme_line(summary),
         *_label_map_lines(summary.get("label_map")),
-        f"- figures in percent; {STD_NOTE}",
+        f"- figures in percent; {summary.get('std_kind', STD_NOTE)}",
         *(_provenance_lines(summary.get("params_provenance")) if _trains_ssl(summary) else []),
         *(
             f"- {MODEL_TITLES.get(m, m)} trained on: {t['description']}"
@@ -510,7 +546,8 @@ def _signed_pct(x: float) -> str:
 
 def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     present = list(summary["mean"])
-    cols = ["fold", "test_actors", "n_test"]
+    names = any("name" in f for f in summary["folds"])
+    cols = ["fold", *(["name"] if names else []), "test_actors", "n_test"]
     for m in present:
         cols += [f"{m}_{k}" for k in METRICS]
         if "best_epoch" in summary["mean"][m]:
@@ -526,6 +563,7 @@ def _csv_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[dict[str, Any
             "fold": f["fold"],
             "test_actors": " ".join(map(str, f.get("test_speakers", f["test_actors"]))),
             "n_test": f["n_test"],
+            **({"name": f.get("name", "")} if names else {}),
         }
         for m in present:
             for k in (*METRICS, "best_epoch"):
