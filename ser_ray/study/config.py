@@ -178,8 +178,9 @@ class KFoldConfig:
     stall_timeout_s: float = dataclasses.field(
         default=3600.0,
         metadata={
-            "help": "an SSL fold without a new epoch result for this many seconds fails "
-            "the run, naming the fold (a stuck trial never hangs the job); 0 = never"
+            "help": "an SSL fold without a new epoch result or progress line (inside a long "
+            "epoch, every --progress-every-s) for this many seconds fails the run, naming the "
+            "fold (a stuck trial never hangs the job); 0 = never"
         },
     )
     storage_path: str | None = dataclasses.field(
