@@ -240,6 +240,14 @@ class KFoldConfig:
             raise SettingsError(
                 f"--manifest {self.manifest} and --data-dir {self.data_dir}: give one corpus"
             )
+        if self.train.class_weight != "auto" and self.svm_search == "bayes":
+            svms = [v.name for v in parse_variants(self.variants) if not v.is_ssl]
+            if svms:
+                raise SettingsError(
+                    f"--class-weight {self.train.class_weight} fixes the SVMs' class weighting "
+                    f"in the grid search; the bayes search of {svms} chooses it itself: use "
+                    "--svm-search grid, or leave --class-weight at auto"
+                )
         if self.tapt_epochs < 0:
             raise SettingsError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
         model_entries(self.train.model)  # raises
