@@ -92,6 +92,11 @@ def test_the_driver_prints_each_new_line_of_a_running_fold(monkeypatch, capsys):
         "wav2vec2 fold 2 validation after epoch 1/8: clip 32/64 (50%)",
     ]
     assert seen == [running, running]
+    forgotten = []
+    monkeypatch.setattr(console, "forget_progress", forgotten.append)
+    callback.on_trial_complete(0, [running, done], done)  # printed nothing: nothing to forget
+    callback.on_trial_complete(0, [running, done], running)
+    assert forgotten == [console.progress_key("a")]
 
 
 def test_a_progress_line_keeps_the_stall_watchdog_quiet():

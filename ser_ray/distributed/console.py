@@ -253,12 +253,17 @@ def fold_progress_callback(
                 flush=True,
             )
 
+        def ended(self, trial) -> None:
+            """A fold that printed progress lines: its last one leaves the store."""
+            if self.shown.pop(trial.trial_id, None) is not None:
+                forget_progress(progress_key(trial.trial_id))
+
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            forget_progress(progress_key(trial.trial_id))
+            self.ended(trial)
             print(f"{label} fold {trial.config['fold']}: done", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            forget_progress(progress_key(trial.trial_id))
+            self.ended(trial)
             print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
 
     return FoldProgress()
