@@ -60,10 +60,10 @@ def test_the_loop_hands_train_and_validation_lines_when_the_interval_is_tiny(cli
     model, fe = build_model(cfg, list(LABELS))
     run_training(cfg, model, fe, clips, clips, on_progress=lines.append)
     train = [m for m in map(TRAIN_LINE.match, lines) if m]
-    assert [int(m.group(1)) for m in train] == [1, 2, 3, 4]
-    assert all(m.group(2) for m in train[:3]) and train[3].group(2) is None  # no ETA at the end
+    assert [int(m.group(1)) for m in train] == [1, 2, 3]  # step 4/4: the epoch's line says it
+    assert all(m.group(2) for m in train)  # each with its ETA
     val = [m for m in map(VAL_LINE.match, lines) if m]
-    assert val and int(val[-1].group(1)) == 16
+    assert val and 0 < int(val[-1].group(1)) < 16
     assert len(lines) == len(train) + len(val)
     assert TrainConfig().progress_every_s == 60  # the default: a short epoch prints none
 

@@ -36,7 +36,8 @@ class EpochProgress:
 
     ``what`` starts each line (``epoch 3/8`` or ``validation after epoch 3``), ``unit`` names
     the units counted (``step``, ``batch``). ``emit`` is None or ``every_s <= 0``: off.
-    The loss shown is the running mean over the clips of the pass so far."""
+    The loss shown is the running mean over the clips of the pass so far. The pass's last
+    unit gets no line: the epoch's own line follows at once."""
 
     def __init__(
         self,
@@ -64,7 +65,7 @@ class EpochProgress:
         if loss_sum is not None:
             self.loss_sum += loss_sum
         now = self.clock()
-        if now - self.last < self.every_s:
+        if now - self.last < self.every_s or self.done >= self.total:
             return
         self.last = now
         self.emit(self.line(self.done, now - self.start, with_loss=loss_sum is not None))
