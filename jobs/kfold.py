@@ -37,6 +37,8 @@ TRAIN_FLAGS = (
     "merge_calm",
     "refit",
     "seed",
+    "class_weight",
+    "progress_every_s",
 )
 
 

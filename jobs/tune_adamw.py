@@ -48,7 +48,7 @@ from ser_ray.training.config import TrainConfig
 SMOKE_NUM_SAMPLES = 4  # --smoke-test: at most this many trials per fold
 SMOKE_EPOCHS = 2  # --smoke-test: at most this many epochs per trial
 #: The TrainConfig fields a sweep takes as flags (the searched ones are drawn per trial).
-TRAIN_FLAGS = ("model", "epochs", "batch_size", "merge_calm", "seed")
+TRAIN_FLAGS = ("model", "epochs", "batch_size", "merge_calm", "seed", "class_weight")
 
 
 def build_parser() -> argparse.ArgumentParser:

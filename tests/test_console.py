@@ -10,7 +10,7 @@ from ser_ray.distributed import console
 
 def test_one_line_per_fold_and_epoch(capsys):
     callback = console.fold_progress_callback("wav2vec2", epochs=4)
-    trial = SimpleNamespace(config={"fold": 3})
+    trial = SimpleNamespace(trial_id="t3", config={"fold": 3})
     report = {"epoch": 2, "step": 40, "train/loss": 1.23456, "val/uar": 0.5, "train/lr": 1e-4}
     callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=report)
     callback.on_trial_result(

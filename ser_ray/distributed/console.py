@@ -6,7 +6,8 @@ Ray Train's per-report lines, its controllers' and helper actors' warnings). Unl
 before Ray starts, and Ray workers' output stays in their log files in Ray's session folder
 (``/tmp/ray/session_latest/logs``) instead of being copied to the console. What the user
 needs from the workers comes back to the driver: each fold's epoch metrics (one line per
-fold and epoch), and any error, raised with its traceback.
+fold and epoch), its progress lines inside a long epoch (:func:`publish_progress`), and any
+error, raised with its traceback.
 
 Every console setting of the project is made here: environment variables and logger
 levels (:func:`configure`, :func:`quiet_ray_data`), Ray's and Ray Train's console
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -171,12 +173,81 @@ def no_trial_event_files():
     return NoTrialEventFiles()
 
 
-def fold_progress_callback(label: str, epochs: int):
-    """A Tune callback printing one line per fold and epoch, one when a fold ends, and one
-    when a failed fold restarts (in place of Tune's traceback, see :func:`configure`)."""
+#: The loop config key naming where a fold's worker publishes its progress lines.
+PROGRESS_KEY = "progress_key"
+PROGRESS_NAMESPACE = "ser_ray_progress"  # of Ray's key-value store
+PROGRESS_POLL_S = 1.0  # how often the driver looks for new progress lines
+
+
+def progress_key(trial_id: str) -> str:
+    """Where the fold of Tune trial ``trial_id`` publishes its progress lines."""
+    return f"fold/{trial_id}"
+
+
+def publish_progress(key: str, line: str) -> None:
+    """Make ``line`` the latest progress line of the fold at ``key``, for the driver's
+    :func:`fold_progress_callback` to print (RAY).
+
+    How a line inside an epoch reaches the console: the workers' output is not copied to the
+    driver without ``--verbose`` (:func:`ray_init_kwargs`), and a ``tune.report`` per line
+    would add result rows to every trial (and on several workers, a report every rank must
+    join). Ray's key-value store in its control store (GCS) holds the latest line of each
+    fold instead: a put from whichever node the fold runs on, no process or actor of its
+    own; lines come at most every ``progress_every_s`` (a minute), and the driver looks
+    every :data:`PROGRESS_POLL_S`, so none is missed. ``ray.experimental.internal_kv`` is
+    the store's Python face (Ray's own libraries use it; its names start with ``_``)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, line, overwrite=True, namespace=PROGRESS_NAMESPACE)
+
+
+def latest_progress(key: str) -> str | None:
+    """The latest line published at ``key``, or None (RAY)."""
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(key, namespace=PROGRESS_NAMESPACE)
+    return value.decode() if value is not None else None
+
+
+def forget_progress(key: str) -> None:
+    """Remove the line at ``key`` (a fold that ended; RAY)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(key, namespace=PROGRESS_NAMESPACE)
+
+
+def fold_progress_callback(
+    label: str,
+    epochs: int,
+    on_line: Callable[[Any], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+):
+    """A Tune callback printing one line per fold and epoch, one when a fold ends, one when a
+    failed fold restarts (in place of Tune's traceback, see :func:`configure`), and the
+    progress lines its running folds publish inside long epochs (:func:`publish_progress`),
+    each also handed to ``on_line(trial)`` (the stall watchdog: a fold that prints is not
+    stuck)."""
     from ray import tune
 
     class FoldProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.polled = -math.inf
+            self.shown: dict[str, str] = {}  # trial id -> its last line printed
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            if clock() - self.polled < PROGRESS_POLL_S:
+                return
+            self.polled = clock()
+            for trial in trials:
+                if trial.status != "RUNNING":
+                    continue
+                line = latest_progress(progress_key(trial.trial_id))
+                if line is not None and line != self.shown.get(trial.trial_id):
+                    self.shown[trial.trial_id] = line
+                    print(f"{label} fold {trial.config['fold']} {line}", flush=True)
+                    if on_line is not None:
+                        on_line(trial)
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("final") or "epoch" not in result:
                 return
@@ -187,7 +258,13 @@ def fold_progress_callback(label: str, epochs: int):
                 flush=True,
             )
 
+        def ended(self, trial) -> None:
+            """A fold that printed progress lines: its last one leaves the store."""
+            if self.shown.pop(trial.trial_id, None) is not None:
+                forget_progress(progress_key(trial.trial_id))
+
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.ended(trial)
             print(f"{label} fold {trial.config['fold']}: done", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -199,6 +276,7 @@ def fold_progress_callback(label: str, epochs: int):
             )
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.ended(trial)
             print(f"{label} fold {trial.config['fold']}: FAILED (see the error below)", flush=True)
 
     return FoldProgress()

@@ -38,6 +38,7 @@ from ser_ray.common import storage
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
+from ser_ray.distributed.console import PROGRESS_KEY
 from ser_ray.distributed.fold_inputs import FoldInputs
 from ser_ray.models.precision import resolve_amp
 from ser_ray.models.ssl import SPEAKER_NORM_ATTR, PartwiseClassifier, save_model
@@ -47,6 +48,7 @@ from ser_ray.training.clip_data import (
     MODEL_NAME,
     Clips,
     ClipTable,
+    count_classes,
     count_split,
     predictions_frame,
     table_from_arrow,
@@ -64,7 +66,7 @@ RESULT_FILE = "result.json"
 def train_fold_per_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker function of a fold's ``TorchTrainer``: :func:`train_fold` on this
     worker (RAY)."""
-    train_fold(config, edge.WorkerSession())
+    train_fold(config, edge.WorkerSession(config.get(PROGRESS_KEY)))
 
 
 def train_fold_in_trial(config: dict[str, Any], *, device: str, torch_threads: int) -> None:
@@ -75,7 +77,7 @@ def train_fold_in_trial(config: dict[str, Any], *, device: str, torch_threads: i
     from ser_ray.distributed.train_in_tune import TrialSession
 
     config, datasets = fold_data(config)
-    train_fold(config, TrialSession(datasets, device, torch_threads))
+    train_fold(config, TrialSession(datasets, device, torch_threads, config.get(PROGRESS_KEY)))
 
 
 def train_fold(config: dict[str, Any], session) -> None:
@@ -92,11 +94,12 @@ def train_fold(config: dict[str, Any], session) -> None:
     ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
     ``feature_cache_key`` (with a cache: checked against the model), ``speaker_norm`` (the
     cache's pooled layers are z-normalised per speaker: said in the saved model), ``log_dir``
-    (TensorBoard folder or None). Reports ``train/*``, ``val/*`` each epoch with a
-    checkpoint, then ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with
-    the final checkpoint (``best_model/`` and ``predictions.csv``). Resumes from the
-    session's latest checkpoint; a run that had ended reports its final result again
-    (:func:`ended_fold_report`).
+    (TensorBoard folder or None), ``class_counts`` (``train``/``val`` clips per class,
+    :func:`fold_data`), ``progress_key`` (progress lines inside long epochs, or None).
+    Reports ``train/*``, ``val/*`` each epoch with a checkpoint, then ``test/accuracy``,
+    ``test/uar``, ``test/macro_f1``, ``best_epoch`` with the final checkpoint (``best_model/``
+    and ``predictions.csv``). Resumes from the session's latest checkpoint; a run that had
+    ended reports its final result again (:func:`ended_fold_report`).
     """
     cfg = TrainConfig.from_dict(config)
     ctx = session.context
@@ -115,9 +118,11 @@ def train_fold(config: dict[str, Any], session) -> None:
     shards = {name: session.dataset(name) for name, n in config["split_clips"].items() if n}
     clips = open_fold_clips(config, shards, cfg, protocol, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
+    counts = config.get("class_counts", {})
     outcome = train_with_resume(
         cfg, model, fe, clips, session, wrap,
         log_dir=config.get("log_dir") if ctx.rank == 0 else None,
+        class_counts=counts.get("train"),
     )  # fmt: skip
     final: dict[str, Any] = {
         "epoch": outcome.state.epoch,
@@ -129,8 +134,9 @@ def train_fold(config: dict[str, Any], session) -> None:
     if cfg.refit and "val" in clips:
         model, _ = refit(
             cfg, outcome.state.best_epoch, clips["train"], clips["val"], class_names,
-            device=ctx.device,
-            rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
+            device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, wrap_model=wrap,
+            class_counts=refit_class_counts(counts),
+            on_progress=lambda line: session.progress(f"refit {line}"),
         )  # fmt: skip
         final["refit_epochs"] = outcome.state.best_epoch
         trained_on = fit_actors + val_actors
@@ -154,6 +160,15 @@ def train_fold(config: dict[str, Any], session) -> None:
         result=result, rank=ctx.rank, speaker_norm=inputs.speaker_norm,
     )  # fmt: skip
     session.report(final, write)  # RAY
+
+
+def refit_class_counts(counts: Mapping[str, Sequence[int]]) -> list[int] | None:
+    """Clips per class of a refit's training side (fit + validation clips), or None when the
+    fold's counts were not given (the loop then counts them)."""
+    if "train" not in counts:
+        return None
+    val = counts.get("val") or [0] * len(counts["train"])
+    return [int(a) + int(b) for a, b in zip(counts["train"], val, strict=True)]
 
 
 def ended_fold_report(checkpoint) -> dict[str, Any] | None:
@@ -236,11 +251,13 @@ def train_with_resume(
     session,
     wrap,
     log_dir: str | None,
+    class_counts: Sequence[int] | None = None,
 ) -> TrainOutcome:
     """:func:`run_training` in ``session``'s process, reporting every epoch with a checkpoint
     and resuming from the session's latest one (after a failure or a restart). TensorBoard
     events go to ``log_dir`` in the run location (on a URI: written on this node, uploaded
-    when the fold ends)."""
+    when the fold ends). Progress lines inside an epoch go to ``session.progress``;
+    ``class_counts`` (training clips per class) set the loss's class weights."""
     ctx = session.context
     checkpoint = session.latest_checkpoint()  # RAY
     with contextlib.ExitStack() as stack:
@@ -263,6 +280,8 @@ def train_with_resume(
             resume_from=resume_dir,
             on_epoch_end=session.report,  # RAY
             log_dir=log_dir,
+            class_counts=class_counts,
+            on_progress=session.progress,  # RAY: to the driver's console
         )
 
 
@@ -322,7 +341,8 @@ def kept_labels(protocol: Protocol) -> list[str] | None:
 
 
 def fold_data(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``config`` with ``split_clips`` (clips per split, counted before any row is read), and
+    """``config`` with ``split_clips`` (clips per split, counted before any row is read) and
+    ``class_counts`` (fit and validation clips per class: the loss's class weights), and
     the fold's train/val/test clips of ``config["source"]`` as Ray datasets by split
     (:mod:`ser_ray.distributed.ingest`)."""
     protocol = Protocol.from_dict(config["protocol"])
@@ -335,7 +355,12 @@ def fold_data(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     datasets = ray_ingest.fold_datasets(  # RAY
         source, split_actors, config.get("input_kind", "waveform"), labels
     )
-    return {**config, "split_clips": count_splits(source, split_actors, labels)}, datasets
+    counts = {
+        name: count_classes(source, split_actors[name], protocol.label_index())
+        for name in ("train", "val")
+    }
+    split_clips = count_splits(source, split_actors, labels)
+    return {**config, "split_clips": split_clips, "class_counts": counts}, datasets
 
 
 def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):

@@ -96,11 +96,14 @@ class FoldJob:
 def fold_trial(config: dict[str, Any], job: FoldJob) -> None:
     """One Tune trial = one outer fold (``config["fold"]``) of ``job``'s variant, trained in
     this process (one worker) or by a TorchTrainer (DDP), as the resource plan says."""
+    from ray import tune
+
     from ser_ray.distributed.fold_trainer import build_fold_trainer, train_fold_in_trial
     from ser_ray.distributed.train_in_tune import fit_reporting_to_tune
 
     fold = int(config["fold"])
-    loop_config = job.loop_config(fold)
+    trial_id = tune.get_context().get_trial_id()  # RAY: where its progress lines go
+    loop_config = {**job.loop_config(fold), console.PROGRESS_KEY: console.progress_key(trial_id)}
     if job.in_trial:
         device = "cuda" if job.use_gpu else "cpu"
         train_fold_in_trial(loop_config, device=device, torch_threads=job.torch_threads)
@@ -172,6 +175,7 @@ def _tuner(
         tune.with_parameters(fold_trial, job=job), plan.trial_resources()
     )
     name = f"{job.variant}_folds"
+    watchdog = stall_watchdog(job.variant, settings.stall_timeout_s)
     experiment = storage.join(job.storage_path, name)
     if settings.resume and tune.Tuner.can_restore(experiment):
         log.info("resuming %s", experiment)
@@ -191,9 +195,9 @@ def _tuner(
             ),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=console.tune_verbosity(),
-            callbacks=[
-                console.fold_progress_callback(job.variant, epochs),
-                stall_watchdog(job.variant, settings.stall_timeout_s),
+            callbacks=[  # progress first: its lines tell the watchdog a fold is alive
+                console.fold_progress_callback(job.variant, epochs, watchdog.saw_progress),
+                watchdog,
                 console.no_trial_event_files(),
             ],
         ),

@@ -12,6 +12,7 @@ training function asks of its process; a fold that trains in its Tune trial inst
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import threading
@@ -29,6 +30,8 @@ class WorkerContext:
     world_size: int
     device: Any  # torch.device
 
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # a report's checkpoint, as Ray's callback names it
 REPORT_POLL_S = 0.5  # how often fit_with_reports looks at the reports and at fit()
@@ -55,11 +58,16 @@ def worker_context(torch_threads: int | None = None) -> WorkerContext:
 class WorkerSession:
     """What a fold's training function asks of the process it runs in, here a Ray Train
     worker (RAY): its :class:`WorkerContext`, the checkpoint to resume from, reports (metrics
-    and a checkpoint that ``write`` fills; every rank writes its own files) and the trainer's
-    datasets by name."""
+    and a checkpoint that ``write`` fills; every rank writes its own files), the trainer's
+    datasets by name, and progress lines for the driver's console (published at
+    ``progress_key``, when given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress_key: str | None = None) -> None:
         self.context = worker_context()
+        self.progress_key = progress_key
+
+    def progress(self, line: str) -> None:
+        publish_line(self.progress_key, line)
 
     def latest_checkpoint(self):
         return latest_checkpoint()
@@ -71,6 +79,16 @@ class WorkerSession:
         from ser_ray.distributed.ingest import worker_shard
 
         return worker_shard(name)
+
+
+def publish_line(key: str | None, line: str) -> None:
+    """A progress line inside an epoch: in this worker's log, and at ``key`` for the driver
+    to print (:func:`ser_ray.distributed.console.publish_progress`; RAY)."""
+    from ser_ray.distributed import console
+
+    log.debug("progress: %s", line)  # the driver prints it (with --verbose, twice otherwise)
+    if key is not None:
+        console.publish_progress(key, line)
 
 
 def wrap_ddp(model: nn.Module, world_size: int, find_unused_parameters: bool = True) -> nn.Module:

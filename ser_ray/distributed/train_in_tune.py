@@ -65,14 +65,25 @@ class TrialSession:
     trial (RAY): rank 0 of one, on ``device`` with ``torch_threads`` threads; the trial's
     checkpoint to resume from (``tune.get_checkpoint``); reports to Tune with a checkpoint
     that ``write`` fills; ``datasets`` read as a one-worker ``TorchTrainer``'s worker reads
-    them (:func:`ser_ray.distributed.ingest.local_shards`: same rows, same order)."""
+    them (:func:`ser_ray.distributed.ingest.local_shards`: same rows, same order); progress
+    lines published at ``progress_key`` for the driver's console."""
 
-    def __init__(self, datasets: dict[str, Any], device: str, torch_threads: int) -> None:
+    def __init__(
+        self,
+        datasets: dict[str, Any],
+        device: str,
+        torch_threads: int,
+        progress_key: str | None = None,
+    ) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         self.context = edge.WorkerContext(rank=0, world_size=1, device=torch.device(device))
         self._shards = ingest.local_shards(datasets)
+        self.progress_key = progress_key
+
+    def progress(self, line: str) -> None:
+        edge.publish_line(self.progress_key, line)
 
     def latest_checkpoint(self):
         from ray import tune
@@ -109,7 +120,9 @@ def checked_report(report: dict[str, Any]) -> dict[str, Any]:
 def stall_watchdog(label: str, timeout_s: float, clock: Callable[[], float] = time.monotonic):
     """A Tune callback that fails the run when a started trial has had no result for
     ``timeout_s`` seconds: ``FoldStalledError`` naming ``label``'s fold (``config["fold"]``)
-    and the result it waited for. ``timeout_s <= 0`` turns it off."""
+    and the result it waited for. ``timeout_s <= 0`` turns it off. Its ``saw_progress(trial)``
+    counts a progress line inside an epoch as a sign of life (an epoch of an hour, with a
+    line every minute, is not a stall)."""
     from ray import tune
 
     class StallWatchdog(tune.Callback):
@@ -123,6 +136,11 @@ def stall_watchdog(label: str, timeout_s: float, clock: Callable[[], float] = ti
             epoch = result.get("epoch")
             what = f"the result after epoch {epoch}" if epoch is not None else "its next result"
             self.waiting[trial.trial_id] = (clock(), trial.config.get("fold"), what)
+
+        def saw_progress(self, trial) -> None:
+            if trial.trial_id in self.waiting:
+                _, fold, what = self.waiting[trial.trial_id]
+                self.waiting[trial.trial_id] = (clock(), fold, what)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.waiting.pop(trial.trial_id, None)

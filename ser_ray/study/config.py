@@ -179,8 +179,9 @@ class KFoldConfig:
     stall_timeout_s: float = dataclasses.field(
         default=3600.0,
         metadata={
-            "help": "an SSL fold without a new epoch result for this many seconds fails "
-            "the run, naming the fold (a stuck trial never hangs the job); 0 = never"
+            "help": "an SSL fold without a new epoch result or progress line (inside a long "
+            "epoch, every --progress-every-s) for this many seconds fails the run, naming the "
+            "fold (a stuck trial never hangs the job); 0 = never"
         },
     )
     storage_path: str | None = dataclasses.field(
@@ -240,6 +241,14 @@ class KFoldConfig:
             raise SettingsError(
                 f"--manifest {self.manifest} and --data-dir {self.data_dir}: give one corpus"
             )
+        if self.train.class_weight != "auto" and self.svm_search == "bayes":
+            svms = [v.name for v in parse_variants(self.variants) if not v.is_ssl]
+            if svms:
+                raise SettingsError(
+                    f"--class-weight {self.train.class_weight} fixes the SVMs' class weighting "
+                    f"in the grid search; the bayes search of {svms} chooses it itself: use "
+                    "--svm-search grid, or leave --class-weight at auto"
+                )
         if self.tapt_epochs < 0:
             raise SettingsError(f"tapt_epochs must be >= 0, got {self.tapt_epochs}")
         model_entries(self.train.model)  # raises

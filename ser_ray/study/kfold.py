@@ -306,9 +306,15 @@ def _run_variants(
 
 def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]:
     """A fold's summary row before any variant ran: its test speakers (numbers; names too
-    where they are not the numbers themselves) and clips."""
+    where they are not the numbers themselves) and clips, and the clips per class of its
+    training side (every other speaker: what the SVMs train on, and the SSL folds' fit and
+    validation speakers), which show how imbalanced the training classes are."""
     actors = list(protocol.folds[fold - 1])
     row = {"fold": fold, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
+    train_classes = df.loc[~df["actor"].isin(actors), "emotion"].map(protocol.label_index())
+    row["train_class_counts"] = {
+        name: int((train_classes == i).sum()) for i, name in enumerate(protocol.classes)
+    }
     names = speakers_of(protocol, actors)
     if names != [str(a) for a in actors]:
         row["test_speakers"] = names

@@ -6,7 +6,8 @@ Inputs are what the k-fold job gathers:
   ``{"fold": 1, "test_actors": [1, 2, 3, 4], "n_test": 240,
   "svm": {"accuracy": .., "uar": .., "macro_f1": ..},
   "svm+spknorm": {"accuracy": .., "uar": .., "macro_f1": ..},
-  "wav2vec2": {"accuracy": .., "uar": .., "macro_f1": .., "best_epoch": 3}}``;
+  "wav2vec2": {"accuracy": .., "uar": .., "macro_f1": .., "best_epoch": 3}}``, optionally
+  ``"train_class_counts": {"neutral": 64, ...}`` (the training side's clips per class);
   any number of named variants (:mod:`ser_ray.study.variants`), in the order they were given (the
   first is the one the others are compared with); a variant that did not run is simply
   absent (or ``None``).
@@ -281,6 +282,8 @@ def build_summary(
             row["test_speakers"] = [str(s) for s in r["test_speakers"]]
         if "name" in r:  # a session, predefined fold or test set name
             row["name"] = str(r["name"])
+        if "train_class_counts" in r:  # the training side's clips per class
+            row["train_class_counts"] = {k: int(n) for k, n in r["train_class_counts"].items()}
         for model in present:
             if r.get(model):
                 row[model] = {k: r[model][k] for k in (*METRICS, "best_epoch") if k in r[model]}

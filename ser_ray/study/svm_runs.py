@@ -37,6 +37,16 @@ def _with_ssl_features(
     return df.assign(**{svm.SSL_COLUMN: [values[p] for p in df["path"]]}), encoder
 
 
+def class_weighted_grid(class_weight: str, smoke_test: bool) -> list[dict] | None:
+    """The SVM grid for ``--class-weight``: None (the fixed grid, which searches the SVC's
+    ``class_weight`` None and ``balanced`` by inner-CV UA, as it always did) for ``auto``;
+    for ``none`` or ``balanced`` its points of that class weight only (half the grid)."""
+    if class_weight == "auto":
+        return None
+    wanted = None if class_weight == "none" else class_weight
+    return [p for p in svm.svm_grid(smoke_test) if p["class_weight"] == wanted]
+
+
 def svm_results(
     df: pd.DataFrame,
     cfg: KFoldConfig,
@@ -62,6 +72,7 @@ def svm_results(
         df,
         NestedSvmConfig(
             search=cfg.svm_search,
+            grid=class_weighted_grid(cfg.train.class_weight, cfg.smoke_test),
             num_samples=cfg.svm_num_samples,
             seed=cfg.train.seed,
             smoke_test=cfg.smoke_test,

@@ -47,7 +47,7 @@ from ser_ray.distributed.resources import (
     trial_torch_threads,
 )
 from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
-from ser_ray.training.clip_data import ClipTable
+from ser_ray.training.clip_data import ClipTable, count_classes
 from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig
 
@@ -294,6 +294,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
     (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
     ``folds``, ``split_actors`` and ``split_clips`` (``train``: the fit actors, ``val``),
+    ``class_counts`` (fit clips per class: the loss's class weights),
     ``threads``, ``device``. The clips stream in as a study fold's do
     (:func:`trial_clips`). Reports every epoch's ``run_training`` metrics plus, for
     auditing, the actors it trained on (``fit_actors``) and validated on (``val_actors``),
@@ -326,7 +327,10 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         }
         tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
 
-    run_training(cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report)
+    run_training(
+        cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report,
+        class_counts=setup["class_counts"],
+    )  # fmt: skip
 
 
 def trial_clips(
@@ -376,6 +380,7 @@ def trial_setup(
         **source.to_config(),  # source, input_kind, feature_cache_key
         "split_actors": split_actors,
         "split_clips": count_splits(source.source, split_actors, kept_labels(protocol)),
+        "class_counts": count_classes(source.source, fit_actors, protocol.label_index()),
         "fold": int(fold),
         "protocol": protocol.to_dict(),
         "threads": trial_torch_threads(cfg.cpus_per_trial),

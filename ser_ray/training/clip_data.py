@@ -110,6 +110,22 @@ def count_split(
     return storage.count_rows(source_dir, actors, labels)
 
 
+def count_classes(
+    source_dir: str | os.PathLike, actors: Sequence[int], label_index: Mapping[str, int]
+) -> list[int]:
+    """Rows of ``actors`` per class index (``label_index``: corpus label -> class; labels it
+    does not name are not counted) in a features or feature-cache folder, read from the
+    ``emotion`` column alone: the counts that set a fold's class weights before any worker
+    reads a clip."""
+    counts = [0] * (max(label_index.values(), default=-1) + 1)
+    if not actors:
+        return counts
+    table = read_split(source_dir, actors, columns=["emotion"], labels=list(label_index))
+    for label in table.column("emotion").to_pylist():
+        counts[label_index[label]] += 1
+    return counts
+
+
 def table_from_arrow(
     table: pa.Table,
     kind: str,

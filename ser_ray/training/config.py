@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, PartwiseClassifier, load_model
+from ser_ray.training.class_weights import AUTO_BALANCE_RATIO, CLASS_WEIGHT_MODES
 from ser_ray.training.settings import LoopSettings
 
 #: The encoder configs' dropout probabilities (every supported family names them so).
@@ -145,6 +146,26 @@ class TrainConfig(LoopSettings):
             "(as the SVM refits on all training actors)"
         },
     )
+    class_weight: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "class-weighted cross-entropy for imbalanced corpora (fine-tuning, probes "
+            "and the head warm-up; the SVMs' class_weight too): balanced (each class weighted "
+            "n / (classes x its training clips)), none, or auto: balanced when the largest "
+            f"training class has more than {AUTO_BALANCE_RATIO:g}x the clips of the smallest "
+            "(RAVDESS, 2x, stays unweighted; an SVM then searches both, as its grid always "
+            "did). Measured in docs/results.md",
+            "choices": list(CLASS_WEIGHT_MODES),
+        },
+    )
+    progress_every_s: float = dataclasses.field(
+        default=60.0,
+        metadata={
+            "help": "inside a long epoch, a progress line (step k/N, clips/s, running loss, "
+            "ETA; validation likewise) at most every N seconds, the first after N seconds: "
+            "an epoch shorter than that prints none; 0 = never"
+        },
+    )
     # runtime (amp, seed: RuntimeSettings)
 
     def __post_init__(self) -> None:
@@ -153,6 +174,10 @@ class TrainConfig(LoopSettings):
             raise ValueError("grad_clip_norm must be > 0 (or None to turn clipping off)")
         if self.use_feature_cache and not self.freeze_feature_encoder:
             raise ValueError("the feature cache needs a frozen CNN (freeze_feature_encoder=True)")
+        if self.class_weight not in CLASS_WEIGHT_MODES:
+            raise ValueError(
+                f"class_weight must be one of {CLASS_WEIGHT_MODES}, got {self.class_weight!r}"
+            )
         if self.head_warmup_epochs < 0 or self.head_warmup_lr <= 0:
             raise ValueError(
                 f"head_warmup_epochs must be >= 0 and head_warmup_lr > 0, got "

@@ -36,6 +36,7 @@ from ser_ray.common.metrics import classification_metrics
 from ser_ray.models.ssl import PartwiseClassifier, inference_batches
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import TrainState, load_checkpoint, write_checkpoint
+from ser_ray.training.class_weights import class_weights, resolve_class_weight
 from ser_ray.training.clip_data import (
     Clips,
     ClipTable,
@@ -46,6 +47,7 @@ from ser_ray.training.clip_data import (
 )
 from ser_ray.training.clip_stream import chain_streams
 from ser_ray.training.config import TrainConfig, build_model
+from ser_ray.training.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +91,28 @@ def epoch_batches(
 
 
 def _micro_batch_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, device, group_clips: int
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    device,
+    group_clips: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clips' share of their group's mean loss, and their summed loss (for logging)."""
+    """The clips' share of their group's mean loss, and their summed loss (for logging).
+
+    With class ``weights`` (:mod:`ser_ray.training.class_weights`, mean 1 over the training
+    clips) each clip's cross-entropy is scaled by its class's weight; the group's loss is
+    still divided by its clip count, so the loss keeps its scale and a group's gradient does
+    not depend on how its clips fell into micro-batches."""
     clips = len(batch["labels"])
-    loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).loss
-    return loss * (clips / group_clips), {"loss_sum": loss.item() * clips}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if weights is None:
+        loss = model(**inputs).loss
+        return loss * (clips / group_clips), {"loss_sum": loss.item() * clips}
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits.float()
+    loss_sum = nn.functional.cross_entropy(logits, labels, weight=weights, reduction="sum")
+    return loss_sum / group_clips, {"loss_sum": loss_sum.item()}
 
 
 def train_one_epoch(
@@ -105,13 +123,16 @@ def train_one_epoch(
     epoch: int,
     step: int,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    weights: torch.Tensor | None = None,
+    progress: EpochProgress | None = None,
 ) -> tuple[int, dict[str, float]]:
     """One pass over ``batches`` (collated, e.g. by :func:`epoch_batches`); returns (steps
     done so far, {train/loss, ...}).
 
     Gradient accumulation over ``cfg.grad_accum_steps`` micro-batches (the loss is the mean
-    over the clips of the group), the transformer frozen while
-    ``step < cfg.freeze_encoder_steps``.
+    over the clips of the group, class-weighted with ``weights``), the transformer frozen
+    while ``step < cfg.freeze_encoder_steps``; ``progress`` is told after every step (its
+    lines count this epoch's steps).
     """
     engine.wrapped.train()
     accum = cfg.grad_accum_steps
@@ -123,7 +144,9 @@ def train_one_epoch(
         lrs = current_lrs(engine.optimizer)  # the LRs this step uses
         logs = engine.step(
             group,
-            functools.partial(_micro_batch_loss, device=engine.device, group_clips=group_clips),
+            functools.partial(
+                _micro_batch_loss, device=engine.device, group_clips=group_clips, weights=weights
+            ),
             where=f"at epoch {epoch + 1}, step {step + 1}",
         )
         group_loss = sum(values["loss_sum"] for values in logs)
@@ -132,6 +155,8 @@ def train_one_epoch(
         total_clips += group_clips
         if on_step is not None:
             on_step(step, {"train/loss": group_loss / group_clips, **lrs})
+        if progress is not None:
+            progress.update(clips=group_clips, loss_sum=group_loss)
     seconds = time.perf_counter() - t0
     return step, {
         "train/loss": total_loss / max(total_clips, 1),
@@ -151,10 +176,11 @@ def evaluate(
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
     prefix: str = "val",
+    progress: EpochProgress | None = None,
 ) -> tuple[dict[str, float], np.ndarray, ClipTable]:
     """({prefix}/loss, /accuracy, /uar, /macro_f1), softmax probabilities (N, classes) and the
     scored clips (paths, actors, labels; no inputs) in path order, row by row with the
-    probabilities.
+    probabilities. ``progress`` (counting clips) is told after every batch.
 
     Window by window, clips are batched as :func:`ser_ray.models.ssl.inference_batches` says, so
     each clip gets the probabilities the standard class (and ``pipeline()``) gives it alone."""
@@ -170,10 +196,13 @@ def evaluate(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = core(**{k: v for k, v in inputs.items() if k != "labels"}).logits
             logits = logits.float()
-            total_loss += nn.functional.cross_entropy(
+            batch_loss = nn.functional.cross_entropy(
                 logits, inputs["labels"], reduction="sum"
             ).item()
+            total_loss += batch_loss
             probs[indices] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+            if progress is not None:
+                progress.update(units=len(indices), clips=len(indices), loss_sum=batch_loss)
         scored.append(table.without_inputs())
         window_probs.append(probs)
         del table  # before the next window is read
@@ -276,12 +305,14 @@ def warm_up_head(
     labels: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Linear probing before fine-tuning (LP-FT): train the head alone (layer weights,
     projector, classifier; no dropout) for ``cfg.head_warmup_epochs`` epochs on the training
     clips' pooled layer states under the initial encoder, with AdamW at
     ``cfg.head_warmup_lr`` on the loop's schedule; batches of ``cfg.batch_size`` clips drawn
-    by a generator of its own (the fine-tuning's batches and seeds stay as they are).
+    by a generator of its own (the fine-tuning's batches and seeds stay as they are); the
+    loss class-weighted as the fine-tuning's (``weights``).
 
     A fine-tuning that starts from a random head first spends the encoder's updates
     correcting the head's errors; starting from a trained head it keeps what the frozen
@@ -310,7 +341,9 @@ def warm_up_head(
             batch = {"pooled_layers": pooled[idx], "labels": labels[idx]}
             logs = engine.step(
                 [batch],
-                functools.partial(_micro_batch_loss, device=device, group_clips=len(idx)),
+                functools.partial(
+                    _micro_batch_loss, device=device, group_clips=len(idx), weights=weights
+                ),
                 where="in the head warm-up",
             )
             total += logs[0]["loss_sum"]
@@ -346,12 +379,18 @@ def validate_epoch(
     *,
     epoch: int,
     world_size: int = 1,
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], float]:
     """The epoch's validation metrics (none without validation clips) and the score the best
     epoch is chosen on: validation UA, else the epoch (the last epoch wins); rank 0's score on
-    every rank, so that every rank takes the same decision."""
+    every rank, so that every rank takes the same decision. A long validation hands progress
+    lines to ``on_progress`` (every ``cfg.progress_every_s``)."""
     val_metrics: dict[str, float] = {}
     if val_clips is not None and len(val_clips):
+        progress = EpochProgress(
+            f"validation after epoch {epoch + 1}/{cfg.epochs}", len(val_clips), on_progress,
+            every_s=cfg.progress_every_s, unit="clip",
+        )  # fmt: skip
         val_metrics, _, _ = evaluate(
             model,
             val_clips,
@@ -359,6 +398,7 @@ def validate_epoch(
             device=engine.device,
             num_classes=model.config.num_labels,
             amp_dtype=engine.amp_dtype,
+            progress=progress,
         )
     uar = val_metrics.get("val/uar", float(epoch))  # no validation: the last epoch wins
     return val_metrics, rank0_value(uar, world_size, engine.device)
@@ -413,6 +453,7 @@ def prepare_head(
     world_size: int,
     *,
     resumed: bool,
+    weights: torch.Tensor | None = None,
 ) -> None:
     """The head before the first epoch (a step of :func:`run_training`): its inputs
     standardised over the training clips under the initial encoder (on a resumed run too),
@@ -431,7 +472,7 @@ def prepare_head(
                 model, train_clips, batch_size=cfg.eval_batch_size, device=device
             )
             kept = _concat([(p.float().cpu(), y.cpu()) for p, y in batches])
-        warm_up_head(model, *gather_ranks(*kept, world_size), cfg, device)
+        warm_up_head(model, *gather_ranks(*kept, world_size), cfg, device, weights)
 
 
 @dataclasses.dataclass
@@ -440,6 +481,64 @@ class TrainOutcome:
     best_weights: dict[str, torch.Tensor] | None
     #: writes the final training state (a restart from it skips straight to the end)
     write_checkpoint: Callable[[Path], Path]
+
+
+def train_class_counts(clips: Clips, num_classes: int) -> list[int]:
+    """Clips per class index of ``clips`` (a stream is read once for it, window by window)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for table in clips.windows():
+        counts += np.bincount(table.labels, minlength=num_classes)
+    return [int(c) for c in counts]
+
+
+def loss_weights(
+    cfg: TrainConfig,
+    train_clips: Clips,
+    class_counts: Sequence[int] | None,
+    num_classes: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The loss's class weights that ``cfg.class_weight`` gives for the training clips per
+    class (``class_counts``, else counted from ``train_clips``), or None (unweighted)."""
+    if cfg.class_weight == "none":
+        return None
+    counts = list(class_counts) if class_counts is not None else None
+    if counts is None:
+        counts = train_class_counts(train_clips, num_classes)
+    weights = class_weights(cfg.class_weight, counts)
+    log.info(
+        "class_weight=%s: %s loss (training clips per class %s)", cfg.class_weight,
+        resolve_class_weight(cfg.class_weight, counts), counts,
+    )  # fmt: skip
+    if weights is None:
+        return None
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _weights_copy(model: PartwiseClassifier) -> dict[str, torch.Tensor]:
+    """The model's weights as they are now, on the CPU (the best epoch's, kept)."""
+    return {k: v.detach().cpu().clone() for k, v in model.model.state_dict().items()}
+
+
+def _training_engine(
+    cfg: TrainConfig,
+    model: PartwiseClassifier,
+    wrapped: nn.Module,
+    train_clips: Clips,
+    device: torch.device,
+    world_size: int,
+) -> tuple[eng.Engine, int]:
+    """The run's engine (AdamW, its schedule over every epoch's steps) and the optimizer
+    steps of one epoch."""
+    num_batches = batches_per_epoch(
+        train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
+    )
+    steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps)
+    engine = eng.build_engine(
+        model, build_optimizer(model, cfg), cfg, total_steps=steps * cfg.epochs, device=device,
+        wrapped=wrapped,
+    )  # fmt: skip
+    return engine, steps
 
 
 def run_training(
@@ -456,33 +555,33 @@ def run_training(
     resume_from: str | os.PathLike | None = None,
     on_epoch_end: Callable[[dict[str, float], Callable[[Path], Path]], None] | None = None,
     log_dir: str | os.PathLike | None = None,
+    class_counts: Sequence[int] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> TrainOutcome:
     """Train for ``cfg.epochs`` (or until early stopping); leave the best weights in ``model``.
 
     ``on_epoch_end(metrics, write_checkpoint)`` runs after every epoch on every rank;
     ``write_checkpoint(dir)`` saves the full training state there. With ``resume_from`` (a
     checkpoint folder) training continues exactly where that checkpoint left off.
-    """
+    ``class_counts`` (training clips per class, all ranks'; else counted from this rank's
+    ``train_clips``) set the loss's class weights (:func:`loss_weights`); ``on_progress``
+    takes rank 0's progress lines inside an epoch."""
     device = torch.device(device)
     model.to(device)
-    prepare_head(model, train_clips, cfg, device, world_size, resumed=resume_from is not None)
+    weights = loss_weights(cfg, train_clips, class_counts, model.config.num_labels, device)
+    resumed = resume_from is not None
+    prepare_head(model, train_clips, cfg, device, world_size, resumed=resumed, weights=weights)
     wrapped = wrap_model(model) if wrap_model is not None else model
-    num_batches = batches_per_epoch(
-        train_clips, cfg.batch_size, world_size=world_size, group_factor=cfg.length_group_factor
-    )
-    total_steps = eng.steps_per_epoch(num_batches, cfg.grad_accum_steps) * cfg.epochs
-    engine = eng.build_engine(
-        model, build_optimizer(model, cfg), cfg, total_steps=total_steps, device=device,
-        wrapped=wrapped,
-    )  # fmt: skip
+    engine, steps = _training_engine(cfg, model, wrapped, train_clips, device, world_size)
     state, best_weights = TrainState(), None
-    if resume_from is not None:
+    if resumed:
         state, best_weights = load_checkpoint(resume_from, model=model, engine=engine, rank=rank)
         log.info(
             "resumed at epoch %d, step %d (best epoch %d)", state.epoch, state.step,
             state.best_epoch,
         )  # fmt: skip
     scalars = eng.ScalarLog(log_dir, rank, resume_step=state.step)
+    emit = on_progress if rank == 0 else None
 
     def checkpoint_writer(state: TrainState, best_weights) -> Callable[[Path], Path]:
         return functools.partial(
@@ -501,15 +600,18 @@ def run_training(
                 epoch=epoch,
                 step=state.step,
                 on_step=lambda step, values: scalars.add(values, step),
+                weights=weights,
+                progress=EpochProgress(
+                    f"epoch {epoch + 1}/{cfg.epochs}", steps, emit, every_s=cfg.progress_every_s
+                ),
             )
             val_metrics, uar = validate_epoch(
-                model, val_clips, cfg, engine, epoch=epoch, world_size=world_size
-            )
+                model, val_clips, cfg, engine, epoch=epoch, world_size=world_size,
+                on_progress=emit,
+            )  # fmt: skip
             metrics, improved = record_epoch(state, epoch, uar, cfg, train_metrics, val_metrics)
             if improved:
-                best_weights = {
-                    k: v.detach().cpu().clone() for k, v in model.model.state_dict().items()
-                }
+                best_weights = _weights_copy(model)
             scalars.add({**val_metrics, "train/epoch_loss": metrics["train/loss"]}, state.step)
             scalars.flush()
             if on_epoch_end is not None:
@@ -532,10 +634,13 @@ def refit(
     rank: int = 0,
     world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    class_counts: Sequence[int] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[PartwiseClassifier, Clips]:
     """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
     epoch count found with the validation actors held out), its schedule spread over them,
-    a new head for ``class_names``.
+    a new head for ``class_names``; ``class_counts`` (fit and validation clips per class) and
+    ``on_progress`` as :func:`run_training` takes them.
 
     Returns the model (last-epoch weights: there is nothing left to select on) and the clips
     it trained on. No checkpoints: a restart repeats the refit, seeded, to the same weights.
@@ -549,7 +654,7 @@ def refit(
         clips = chain_streams(fit_clips, val_clips)
     run_training(
         refit_cfg, model, fe, clips, None, device=device, rank=rank, world_size=world_size,
-        wrap_model=wrap_model,
+        wrap_model=wrap_model, class_counts=class_counts, on_progress=on_progress,
     )  # fmt: skip
     log.info("refit on %d clips for %d epochs", len(clips), refit_cfg.epochs)
     return model, clips
