@@ -8,21 +8,27 @@ import pytest
 from ser_ray.distributed import console
 
 
-def test_one_line_per_fold_and_epoch(capsys):
-    callback = console.fold_progress_callback("wav2vec2", epochs=4)
+def test_a_fold_prints_its_first_epoch_then_a_line_at_most_every_30_s_and_its_end(capsys):
+    now = [0.0]
+    callback = console.fold_progress_callback("wav2vec2", epochs=4, clock=lambda: now[0])
     trial = SimpleNamespace(trial_id="t3", config={"fold": 3})
-    report = {"epoch": 2, "step": 40, "train/loss": 1.23456, "val/uar": 0.5, "train/lr": 1e-4}
-    callback.on_trial_result(iteration=1, trials=[trial], trial=trial, result=report)
+    for epoch, at_s in ((1, 5.0), (2, 20.0), (3, 36.0), (4, 50.0)):
+        now[0] = at_s
+        report = {"epoch": epoch, "step": 40 * epoch, "train/loss": 1.23456 / epoch,
+                  "val/uar": 0.5 + epoch / 100, "train/lr": 1e-4, "best_epoch": min(epoch, 3),
+                  "best/val_uar": 0.5 + min(epoch, 3) / 100}  # fmt: skip
+        callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial, result=report)
     callback.on_trial_result(
         iteration=2,
         trials=[trial],
         trial=trial,
-        result={"epoch": 2, "final": True, "test/uar": 0.4},
+        result={"epoch": 4, "final": True, "test/uar": 0.4},
     )
     callback.on_trial_complete(iteration=2, trials=[trial], trial=trial)
     assert capsys.readouterr().out.splitlines() == [
-        "wav2vec2 fold 3 epoch 2/4: train/loss 1.235, val/uar 0.5",
-        "wav2vec2 fold 3: done",
+        "wav2vec2 fold 3 epoch 1/4: train/loss 1.235, val/uar 0.51",  # its first
+        "wav2vec2 fold 3 epoch 3/4: train/loss 0.4115, val/uar 0.53",  # 31 s later
+        "wav2vec2 fold 3: done after epoch 4/4, best val/uar 0.53 (epoch 3)",
     ]
 
 

@@ -221,18 +221,22 @@ def fold_progress_callback(
     epochs: int,
     on_line: Callable[[Any], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    every_s: float = 30.0,
 ):
-    """A Tune callback printing one line per fold and epoch, one when a fold ends, one when a
-    failed fold restarts (in place of Tune's traceback, see :func:`configure`), and the
-    progress lines its running folds publish inside long epochs (:func:`publish_progress`),
-    each also handed to ``on_line(trial)`` (the stall watchdog: a fold that prints is not
-    stuck)."""
+    """A Tune callback printing a fold's first epoch, then at most one epoch line every
+    ``every_s`` seconds, and one line when it ends (with its best epoch); one when a failed
+    fold restarts (in place of Tune's traceback, see :func:`configure`); and the progress
+    lines its running folds publish inside long epochs (:func:`publish_progress`), each also
+    handed to ``on_line(trial)`` (the stall watchdog: a fold that prints is not stuck).
+    Six folds of a few seconds an epoch print a few lines each, not one per epoch."""
     from ray import tune
 
     class FoldProgress(tune.Callback):
         def __init__(self) -> None:
             self.polled = -math.inf
             self.shown: dict[str, str] = {}  # trial id -> its last line printed
+            self.epoch_printed_at: dict[str, float] = {}  # trial id -> when
+            self.last_epoch: dict[str, dict] = {}  # trial id -> its latest epoch's result
 
         def on_step_begin(self, iteration, trials, **info) -> None:
             if clock() - self.polled < PROGRESS_POLL_S:
@@ -251,6 +255,11 @@ def fold_progress_callback(
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if result.get("final") or "epoch" not in result:
                 return
+            self.last_epoch[trial.trial_id] = result
+            printed_at = self.epoch_printed_at.get(trial.trial_id)
+            if printed_at is not None and clock() - printed_at < every_s:
+                return
+            self.epoch_printed_at[trial.trial_id] = clock()
             shown = {k: result[k] for k in ("train/loss", "val/uar") if k in result}
             print(
                 f"{label} fold {trial.config['fold']} epoch {result['epoch']}/{epochs}: "
@@ -265,7 +274,11 @@ def fold_progress_callback(
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self.ended(trial)
-            print(f"{label} fold {trial.config['fold']}: done", flush=True)
+            last = self.last_epoch.pop(trial.trial_id, {})
+            outcome = f" after epoch {last['epoch']}/{epochs}" if "epoch" in last else ""
+            if "best_epoch" in last and "best/val_uar" in last:
+                outcome += f", best val/uar {last['best/val_uar']:.4g} (epoch {last['best_epoch']})"
+            print(f"{label} fold {trial.config['fold']}: done{outcome}", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
             print(
