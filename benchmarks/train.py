@@ -29,7 +29,7 @@ from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.distributed import console, prepare
 from ser_ray.features import featurize
 from ser_ray.models.ssl import frozen_encoder_outputs
-from ser_ray.training.clip_data import ClipTable, table_from_arrow
+from ser_ray.training.clip_data import ClipArrays, table_from_arrow
 from ser_ray.training.config import TrainConfig, build_model
 from ser_ray.training.finetune import run_training
 
@@ -55,7 +55,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per loop (best kept)")
 
 
-def _training_clips(args: argparse.Namespace, fe) -> ClipTable:
+def _training_clips(args: argparse.Namespace, fe) -> ClipArrays:
     features_dir = args.features
     if features_dir is None:
         cli.init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
@@ -69,7 +69,7 @@ def _training_clips(args: argparse.Namespace, fe) -> ClipTable:
     return table_from_arrow(table, "waveform", ravdess_protocol().label_index(), fe)
 
 
-def _time_ours(cfg: TrainConfig, table: ClipTable, repeats: int) -> float:
+def _time_ours(cfg: TrainConfig, table: ClipArrays, repeats: int) -> float:
     """Best clips/s of our loop over ``cfg.epochs`` epochs (plus one warm-up epoch)."""
     best = 0.0
     for _ in range(repeats):
@@ -86,7 +86,7 @@ def _time_ours(cfg: TrainConfig, table: ClipTable, repeats: int) -> float:
 
 
 class _ClipDataset(torch.utils.data.Dataset):
-    def __init__(self, table: ClipTable):
+    def __init__(self, table: ClipArrays):
         self.table = table
 
     def __len__(self) -> int:
@@ -104,7 +104,7 @@ def _pad_collator(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_values": values, "labels": labels}
 
 
-def _time_hf_trainer(cfg: TrainConfig, table: ClipTable, repeats: int, out: Path) -> float:
+def _time_hf_trainer(cfg: TrainConfig, table: ClipArrays, repeats: int, out: Path) -> float:
     """Best clips/s of ``transformers.Trainer`` on the same model, batch size and clips."""
     from transformers import Trainer, TrainingArguments
 

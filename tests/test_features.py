@@ -103,7 +103,7 @@ def test_every_input_is_accounted_for(prepared_bad):
     assert result.n_ok + result.n_rejected == result.n_input
     config = json.loads((Path(result.out_dir) / "config.json").read_text())
     assert config["counts"] == {"input": 13, "ok": 7, "rejected": 6}
-    assert config["actors"] == [1, 2] and config["input_kind"] == "ravdess"
+    assert config["actors"] == [1, 2] and config["source"] == "ravdess"
 
 
 def test_feature_rows_hold_16k_audio_and_librosa_mfcc(prepared_bad):

@@ -44,7 +44,7 @@ def test_prepare_smoke_test(tmp_path):
     assert "192 input files: 192 with features, 0 rejected" in done.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["counts"] == {"input": 192, "ok": 192, "rejected": 0}
-    assert config["actors"] == list(range(1, 25)) and config["input_kind"] == "ravdess"
+    assert config["actors"] == list(range(1, 25)) and config["source"] == "ravdess"
     with open(out / "rejected.csv") as f:
         assert next(csv.reader(f)) == ["path", "reason"]
     # each Ray task writes its own file, named after its first clip: 192 clips on 2 CPUs are

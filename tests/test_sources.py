@@ -81,7 +81,7 @@ def test_csv_manifest_reads_paths_against_its_folder(corpus):
     root, wavs, rows = corpus
     table = read_manifest(write_csv(root / "manifest.csv", HEADER, rows))
     frame = table.frame
-    assert table.kind == "manifest" and table.skipped == [] and len(frame) == 3
+    assert table.source == "manifest" and table.skipped == [] and len(frame) == 3
     assert list(frame.columns) == [*CLIP_COLUMNS, "notes"]
     assert list(frame["path"]) == [str(w) for w in wavs]
     assert list(frame["speaker"]) == ["spk1", "spk2", "spk1"]
@@ -263,7 +263,7 @@ def test_cremad_folder(cremad):
     root, demographics = cremad
     table = read_cremad_folder(str(root), demographics=str(demographics))
     frame = table.frame
-    assert table.kind == "cremad" and table.label_order is None
+    assert table.source == "cremad" and table.label_order is None
     assert len(frame) == 18
     assert list(frame["path"]) == sorted(frame["path"]) and frame["path"].is_unique
     assert list(frame.columns) == [*CLIP_COLUMNS, "sentence", "level"]
@@ -358,7 +358,7 @@ def test_emobox_with_speaker_regex(emobox):
     root, jsonl = emobox
     table = read_emobox_jsonl(jsonl, speaker_regex=r"^cafe-(\d+)-", audio_root=str(root))
     frame = table.frame
-    assert table.kind == "emobox" and len(frame) == 3
+    assert table.source == "emobox" and len(frame) == 3
     assert list(frame["speaker"]) == ["08", "10", "10"]
     assert list(frame["emotion"]) == ["p", "j", "n"]
     assert list(frame["key"]) == ["cafe-08-P-2-1", "cafe-10-J-1-2", "cafe-10-N-1-1"]
@@ -430,19 +430,19 @@ def test_emobox_missing_audio(emobox):
 def test_read_corpus_picks_the_reader_from_what_it_is_given(corpus, cremad, emobox, tmp_path):
     root, _, rows = corpus
     manifest = write_csv(root / "clips.csv", HEADER, rows)
-    assert read_corpus(str(manifest)).kind == "manifest"
+    assert read_corpus(str(manifest)).source == "manifest"
     cremad_root, _ = cremad
-    assert read_corpus(str(cremad_root)).kind == "cremad"
+    assert read_corpus(str(cremad_root)).source == "cremad"
     checkout, jsonl = emobox
     jsonl = write_jsonl(checkout / "cafe.jsonl", json_lines(jsonl))  # wav paths relative to it
     found = read_corpus(str(jsonl), speaker_regex=r"^cafe-(\d+)-")
-    assert found.kind == "emobox" and values(found.frame["speaker"]) == ["08", "10", "10"]
+    assert found.source == "emobox" and values(found.frame["speaker"]) == ["08", "10", "10"]
     with pytest.raises(CorpusError, match="EmoBox files name no speaker"):
         read_corpus(str(jsonl))
     ravdess = tmp_path / "ravdess" / "Actor_12"
     touch(ravdess / "03-01-05-02-01-01-12.wav")
     table = read_corpus(str(ravdess.parent))
-    assert table.kind == "ravdess" and values(table.frame["speaker"]) == ["12"]
+    assert table.source == "ravdess" and values(table.frame["speaker"]) == ["12"]
     assert values(table.frame["gender"]) == ["female"] and table.label_order[0] == "neutral"
 
 

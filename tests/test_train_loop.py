@@ -17,7 +17,7 @@ from ser_ray.corpus import ravdess
 from ser_ray.corpus.protocol import ravdess_protocol
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, demo_feature_extractor
 from ser_ray.training.clip_data import (
-    ClipTable,
+    ClipArrays,
     collate,
     length_grouped_batches,
     predictions_frame,
@@ -97,7 +97,7 @@ def tiny_config(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def clips() -> ClipTable:
+def clips() -> ClipArrays:
     return table_from_arrow(synthetic_table(2), "waveform", LABELS, demo_feature_extractor())
 
 
@@ -205,7 +205,7 @@ def test_clipping_off_by_default_and_on_when_set(clips, monkeypatch):
 
 def test_gradient_accumulation_matches_a_big_batch():
     rng = np.random.default_rng(0)
-    pooled = ClipTable(
+    pooled = ClipArrays(
         "pooled",
         [f"p{i}" for i in range(8)],
         np.ones(8, np.int64),
@@ -258,7 +258,7 @@ def test_tiny_model_overfits_a_small_batch():
 
 
 def test_nan_loss_names_epoch_and_step(clips):
-    bad = ClipTable(
+    bad = ClipArrays(
         clips.kind,
         clips.paths,
         clips.actors,
@@ -490,7 +490,7 @@ def test_the_head_input_is_standardised_with_the_training_clips_statistics(clips
 CLASSES_4 = ["neutral", "happy", "sad", "angry"]
 
 
-def pooled_clips(per_class: int, seed: int) -> tuple[ClipTable, np.ndarray]:
+def pooled_clips(per_class: int, seed: int) -> tuple[ClipArrays, np.ndarray]:
     """Pooled layer states (3 layers x 64) as a frozen encoder gives them: one large offset
     per feature, and a class signal small next to it (spread ~0.05 around offsets ~0.3),
     the same in every layer; plus the (clips x 192) matrix of the same values."""
@@ -501,7 +501,7 @@ def pooled_clips(per_class: int, seed: int) -> tuple[ClipTable, np.ndarray]:
     labels = np.repeat(np.arange(4), per_class)
     noise = rng.standard_normal((len(labels), 3, 64))
     x = (offsets + 0.05 * (0.15 * class_means[labels] + noise)).astype(np.float32)
-    table = ClipTable(
+    table = ClipArrays(
         "pooled", [f"/c/{seed}/{i:04d}.wav" for i in range(len(labels))],
         np.arange(len(labels)) % 8 + 1, [CLASSES_4[c] for c in labels], labels, list(x),
     )  # fmt: skip

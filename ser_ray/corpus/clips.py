@@ -65,7 +65,7 @@ class ClipTable:
 
     frame: pd.DataFrame
     skipped: list[tuple[str, str]]  # (path or row, reason)
-    kind: str  # "ravdess", "manifest", "cremad", "emobox", ...
+    source: str  # the kind of source read: "ravdess", "manifest", "cremad", "emobox", ...
     label_order: tuple[str, ...] | None = None
 
     @property

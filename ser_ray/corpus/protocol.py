@@ -293,7 +293,7 @@ def resolve_protocol(corpus: ClipTable, settings: ProtocolSettings) -> Protocol:
     label_map = _full_label_map(corpus, parse_label_map(settings.label_map, settings.merge_calm))
     kept = frame[frame["emotion"].map(label_map).notna()]
     numbers = speaker_numbers(frame["speaker"])
-    scheme = _scheme(settings.folds, corpus.kind)
+    scheme = _scheme(settings.folds, corpus.source)
     if scheme == "predefined" and speaker_folds.names_sides(kept):
         sides = _partition_sides(kept, numbers)
     else:
@@ -361,9 +361,9 @@ def _classes(corpus: ClipTable, label_map: Mapping[str, str | None]) -> tuple[st
     return tuple(dict.fromkeys(targets)) if corpus.label_order else tuple(sorted(set(targets)))
 
 
-def _scheme(folds: str, kind: str) -> str:
+def _scheme(folds: str, source: str) -> str:
     if folds == "auto":
-        return "contiguous" if kind == "ravdess" else "speaker-kfold"
+        return "contiguous" if source == "ravdess" else "speaker-kfold"
     return folds
 
 

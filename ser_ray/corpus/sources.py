@@ -360,7 +360,7 @@ def read_manifest(path: str | os.PathLike, unknown_speaker: str = UNKNOWN_SPEAKE
     clips = _checked_clips(problems, rows, _folder_of(path), required=("path", "emotion"))
     problems.raise_if_any()
     log.info("manifest %s: %d clips", source, len(clips))
-    table = ClipTable(frame=clip_frame(clips), skipped=[], kind="manifest")
+    table = ClipTable(frame=clip_frame(clips), skipped=[], source="manifest")
     return mark_unknown_speakers(table, unknown_speaker)
 
 
@@ -484,7 +484,7 @@ def read_cremad_folder(data_dir: str, demographics: str | None = None) -> ClipTa
     _warn_unknown_speakers(demographics, genders, {row["speaker"] for row in rows})
     rows.sort(key=lambda row: row["path"])
     log.info("CREMA-D folder %s: %d clips, %d skipped", data_dir, len(rows), len(skipped))
-    return ClipTable(frame=clip_frame(rows), skipped=skipped, kind="cremad", label_order=None)
+    return ClipTable(frame=clip_frame(rows), skipped=skipped, source="cremad", label_order=None)
 
 
 def _cremad_genders(demographics: str) -> dict[str, str | None]:
@@ -563,7 +563,7 @@ def read_emobox_jsonl(
         clips = _checked_clips(problems, rows, _folder_of(path), hint)
     problems.raise_if_any()
     log.info("EmoBox file %s: %d clips", source, len(clips))
-    return ClipTable(frame=clip_frame(clips), skipped=[], kind="emobox")
+    return ClipTable(frame=clip_frame(clips), skipped=[], source="emobox")
 
 
 def _no_speaker(

@@ -46,8 +46,8 @@ from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
 from ser_ray.training.clip_data import (
     MODEL_NAME,
+    ClipArrays,
     Clips,
-    ClipTable,
     count_classes,
     count_split,
     predictions_frame,
@@ -193,7 +193,7 @@ def open_fold_clips(
     cfg: TrainConfig,
     protocol: Protocol,
     feature_extractor,
-) -> dict[str, ClipStream[ClipTable]]:
+) -> dict[str, ClipStream[ClipArrays]]:
     """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
     from its Ray Data iterator in ``shards`` (:func:`ser_ray.distributed.ingest.shard_stream`)
     ``cfg.window_clips`` at a time; a split without clips is left out.

@@ -172,7 +172,7 @@ def prepare_features(
     record = {
         "job": "prepare",
         "data_dir": source,
-        "input_kind": inputs.corpus.kind,
+        "source": inputs.corpus.source,
         "label_order": inputs.corpus.label_order,
         "runner": runner,
         "features": dataclasses.asdict(config),

@@ -338,7 +338,7 @@ def hf_inputs(path: Path) -> tuple[ClipTable, pa.Array | None]:
         except ravdess.RavdessNameError as err:
             skipped.append((name, str(err).split(": ", 1)[-1]))
     table = ravdess.clip_table(clips, skipped)
-    table.kind = "datasets.save_to_disk"
+    table.source = "datasets.save_to_disk"
     return table, None if blobs is None else blobs.take(pa.array(keep, pa.int64()))
 
 
@@ -391,7 +391,7 @@ def clips_of_features(features_dir: str | Path) -> ClipTable:
     return ClipTable(
         clip_frame(frame.to_dict("records")),
         [],
-        record.get("input_kind", "ravdess"),
+        record.get("source", record.get("input_kind", "ravdess")),  # the key before 2026-12
         tuple(order) if order else None,
     )
 

@@ -47,7 +47,7 @@ from ser_ray.distributed.resources import (
     trial_torch_threads,
 )
 from ser_ray.models.ssl import DEMO_MODEL, RANDOM_DEMO_MODEL
-from ser_ray.training.clip_data import ClipTable, count_classes
+from ser_ray.training.clip_data import ClipArrays, count_classes
 from ser_ray.training.clip_stream import ClipStream
 from ser_ray.training.config import TrainConfig
 
@@ -335,7 +335,7 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
 def trial_clips(
     setup: dict[str, Any], cfg: TrainConfig, protocol: Protocol, feature_extractor
-) -> dict[str, ClipStream[ClipTable]]:
+) -> dict[str, ClipStream[ClipArrays]]:
     """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
     workers stream theirs: the same Ray datasets
     (:func:`ser_ray.distributed.ingest.fold_datasets`), read in the order a Train worker
@@ -352,7 +352,7 @@ def trial_clips(
     return clips
 
 
-def _recording_actors(stream: ClipStream[ClipTable], seen: set[int]) -> ClipStream[ClipTable]:
+def _recording_actors(stream: ClipStream[ClipArrays], seen: set[int]) -> ClipStream[ClipArrays]:
     """``stream``, adding the actors of every window it hands out to ``seen``."""
 
     def to_clips(rows):

@@ -1,10 +1,10 @@
 """Clips in a worker's memory and how they are batched (no Ray).
 
-Read top to bottom: :class:`ClipTable` (a window of clips, sorted by path; a whole split in
+Read top to bottom: :class:`ClipArrays` (a window of clips, sorted by path; a whole split in
 memory is one window, a :class:`ser_ray.training.clip_stream.ClipStream` streams them),
 :class:`Clips` (what the loops pass over window by window), :func:`read_split` and
 :func:`count_split` (one split's rows, or their number, from a features or feature-cache
-Parquet folder), :func:`table_from_arrow` (rows as a :class:`ClipTable`),
+Parquet folder), :func:`table_from_arrow` (rows as a :class:`ClipArrays`),
 :func:`merge_tables`, :func:`length_grouped_batches` (shuffled batches of similar lengths,
 one share per DDP rank), :func:`collate` (dynamic padding into model keyword arguments),
 :func:`collated_batches`, :func:`window_batches` and :func:`batches_per_epoch` (an epoch's
@@ -37,11 +37,13 @@ MODEL_NAME = "wav2vec2"  # the model column of predictions.csv when no variant n
 
 
 @dataclasses.dataclass
-class ClipTable:
-    """Clips held in a worker's memory, sorted by path (a deterministic order).
+class ClipArrays:
+    """Clips held in a worker's memory as arrays, sorted by path (a deterministic order);
+    the corpus's own table of clips (paths, speakers, labels) is
+    :class:`ser_ray.corpus.clips.ClipTable`.
 
     ``inputs[i]`` is a prepared waveform (S,), CNN features (T, C) or pooled layer states
-    (K, H), by ``kind``.
+    (K, H), by ``kind`` (a fold's ``input_kind``).
     """
 
     kind: str
@@ -62,11 +64,11 @@ class ClipTable:
     def window_clips(self) -> int:
         return max(1, len(self))
 
-    def windows(self) -> Iterator[ClipTable]:
+    def windows(self) -> Iterator[ClipArrays]:
         """All clips as one window (the in-memory case of :class:`Clips`)."""
         yield self
 
-    def without_inputs(self) -> ClipTable:
+    def without_inputs(self) -> ClipArrays:
         """Paths, actors and labels only (what predictions.csv needs)."""
         return dataclasses.replace(self, inputs=[])
 
@@ -75,7 +77,7 @@ WindowT = TypeVar("WindowT", covariant=True)
 
 
 class Clips(Protocol[WindowT]):
-    """Clips a loop passes over window by window: a :class:`ClipTable` (one window) or a
+    """Clips a loop passes over window by window: a :class:`ClipArrays` (one window) or a
     :class:`ser_ray.training.clip_stream.ClipStream` (bounded windows read from Ray Data); a window
     has ``lengths`` (pre-training's windows are
     :class:`ser_ray.features.unlabeled.UnlabeledClips`)."""
@@ -131,7 +133,7 @@ def table_from_arrow(
     kind: str,
     label_index: Mapping[str, int],
     feature_extractor=None,
-) -> ClipTable:
+) -> ClipArrays:
     """Clips from a features table (``waveform`` column) or a feature cache (``features``),
     labelled by ``label_index`` (corpus label -> class index:
     :meth:`ser_ray.corpus.protocol.Protocol.label_index`).
@@ -141,7 +143,7 @@ def table_from_arrow(
     if kind not in INPUT_KINDS:
         raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
     if table.num_rows == 0:
-        return ClipTable(kind, [], np.zeros(0, np.int64), [], np.zeros(0, np.int64), [])
+        return ClipArrays(kind, [], np.zeros(0, np.int64), [], np.zeros(0, np.int64), [])
     order = np.argsort(np.array(table.column("path").to_pylist(), dtype=object), kind="stable")
     table = table.take(pa.array(order))
     paths = table.column("path").to_pylist()
@@ -161,7 +163,7 @@ def table_from_arrow(
     if unknown:
         raise ValueError(f"labels {unknown} have no class; known: {sorted(label_index)}")
     labels = np.array([label_index[e] for e in emotions], dtype=np.int64)
-    return ClipTable(
+    return ClipArrays(
         kind=kind,
         paths=paths,
         actors=table.column("actor").to_numpy().astype(np.int64),
@@ -171,8 +173,8 @@ def table_from_arrow(
     )
 
 
-def merge_tables(*tables: ClipTable) -> ClipTable:
-    """The clips of all tables (same kind), sorted by path like every :class:`ClipTable`."""
+def merge_tables(*tables: ClipArrays) -> ClipArrays:
+    """The clips of all tables (same kind), sorted by path like every :class:`ClipArrays`."""
     kinds = sorted({t.kind for t in tables})
     if len(kinds) != 1:
         raise ValueError(f"cannot merge clips of kinds {kinds}")
@@ -180,7 +182,7 @@ def merge_tables(*tables: ClipTable) -> ClipTable:
     order = np.argsort(np.array(paths, dtype=object), kind="stable")
     emotions = [e for t in tables for e in t.emotions]
     inputs = [x for t in tables for x in t.inputs]
-    return ClipTable(
+    return ClipArrays(
         kind=kinds[0],
         paths=[paths[i] for i in order],
         actors=np.concatenate([t.actors for t in tables])[order],
@@ -225,7 +227,7 @@ def length_grouped_batches(
 
 
 def collate(
-    table: ClipTable, indices: Sequence[int], device: torch.device | str = "cpu", padding_value=0.0
+    table: ClipArrays, indices: Sequence[int], device: torch.device | str = "cpu", padding_value=0.0
 ) -> dict[str, torch.Tensor]:
     """Model keyword arguments for the clips ``indices`` (dynamic padding to the longest)."""
     items = [table.inputs[i] for i in indices]
@@ -243,7 +245,7 @@ def collate(
 
 
 def collated_batches(
-    clips: Clips[ClipTable],
+    clips: Clips[ClipArrays],
     batch_size: int,
     *,
     seed: int,
@@ -312,7 +314,7 @@ def batches_per_epoch(
 
 
 def predictions_frame(
-    table: ClipTable,
+    table: ClipArrays,
     probs: np.ndarray,
     class_names: Sequence[str],
     fold: int | None,

@@ -3,14 +3,14 @@
 A :class:`ClipStream` re-reads its split on every pass (an epoch, an evaluation) from a source
 of Arrow tables in a fixed order (in training: a Ray Data shard, see
 :mod:`ser_ray.distributed.ingest`) and hands out the clips one *window* at a time: the next
-``window_clips`` rows, turned into a :class:`~ser_ray.training.clip_data.ClipTable` (sorted by path)
-by ``to_clips`` (pre-training: :class:`~ser_ray.features.unlabeled.UnlabeledClips`). Only the window
-being used is kept: the stream drops its rows before it hands a window out, and
+``window_clips`` rows, turned into a :class:`~ser_ray.training.clip_data.ClipArrays` (sorted by
+path) by ``to_clips`` (pre-training: :class:`~ser_ray.features.unlabeled.UnlabeledClips`).
+Only the window being used is kept: the stream drops its rows before it hands a window out, and
 :func:`ser_ray.training.clip_data.window_batches` drops a window before it asks for the next, so a
 worker holds at most ``window_clips`` clips plus the one source table being cut.
 
 With ``window_clips`` at least the split's size there is one window holding every clip in
-path order, which is exactly the in-memory :class:`~ser_ray.training.clip_data.ClipTable`: same
+path order, which is exactly the in-memory :class:`~ser_ray.training.clip_data.ClipArrays`: same
 batches, same order, same metrics.
 """
 

@@ -38,8 +38,8 @@ from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import TrainState, load_checkpoint, write_checkpoint
 from ser_ray.training.class_weights import class_weights, resolve_class_weight
 from ser_ray.training.clip_data import (
+    ClipArrays,
     Clips,
-    ClipTable,
     batches_per_epoch,
     collate,
     collated_batches,
@@ -177,7 +177,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     prefix: str = "val",
     progress: EpochProgress | None = None,
-) -> tuple[dict[str, float], np.ndarray, ClipTable]:
+) -> tuple[dict[str, float], np.ndarray, ClipArrays]:
     """({prefix}/loss, /accuracy, /uar, /macro_f1), softmax probabilities (N, classes) and the
     scored clips (paths, actors, labels; no inputs) in path order, row by row with the
     probabilities. ``progress`` (counting clips) is told after every batch.
@@ -187,7 +187,7 @@ def evaluate(
     core = eng.unwrap(model)
     was_training = core.training
     core.eval()
-    scored: list[ClipTable] = []
+    scored: list[ClipArrays] = []
     window_probs: list[np.ndarray] = []
     total_loss = 0.0
     for table in clips.windows():
@@ -221,7 +221,7 @@ def evaluate(
 
 
 def _inference_inputs(
-    core: PartwiseClassifier, table: ClipTable, batch_size: int, device: torch.device
+    core: PartwiseClassifier, table: ClipArrays, batch_size: int, device: torch.device
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """A window's clips in inference batches (indices into the window, collated inputs),
     padded only where padding changes nothing (the rule of jobs/predict.py)."""
@@ -648,7 +648,7 @@ def refit(
     refit_cfg = dataclasses.replace(cfg, epochs=max(1, epochs), early_stopping_patience=None)
     eng.seed_everything(cfg.seed, rank)
     model, fe = build_model(refit_cfg, class_names)
-    if isinstance(fit_clips, ClipTable):
+    if isinstance(fit_clips, ClipArrays):
         clips = merge_tables(fit_clips, val_clips)
     else:
         clips = chain_streams(fit_clips, val_clips)
