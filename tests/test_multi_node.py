@@ -200,8 +200,7 @@ def test_a_node_lost_mid_fold_is_replaced_and_a_node_that_joins_later_is_used(
     reader.start()
     try:
         _start_worker_when_asked(driver, lines, cluster)
-        killed_fold = _kill_worker_mid_fold(driver, lines, cluster)
-        before_kill = len(lines)
+        killed_fold, before_kill = _kill_worker_mid_fold(driver, lines, cluster)
         _release(head_cpu)
         driver.wait(timeout=600)
         reader.join(timeout=30)
@@ -279,16 +278,18 @@ def _start_worker_when_asked(driver, lines: list[str], cluster) -> None:
             return
 
 
-def _kill_worker_mid_fold(driver, lines: list[str], cluster) -> int:
+def _kill_worker_mid_fold(driver, lines: list[str], cluster) -> tuple[int, int]:
     """Kill the worker node while a fold trial (``ray::ImplicitFunc``) runs there, once that
     fold has reported its first epoch (its checkpoint is in the run location) and before it
-    ends; the fold's number (from the trial's working folder, ``…fold=<k>_…``)."""
+    ends; the fold's number (from the trial's working folder, ``…fold=<k>_…``) and how many
+    lines the job had printed before the kill."""
     for _ in _polling(driver, lines, timeout_s=600):
         fold = _fold_trial_on(cluster, "w1")
         text = "".join(lines)
         if fold and f"fold {fold} epoch 1/" in text and f"fold {fold}: done" not in text:
+            before_kill = len(lines)
             cluster.kill_worker()
-            return fold
+            return fold, before_kill
 
 
 def _polling(driver, lines: list[str], timeout_s: float, every_s: float = 0.1):
