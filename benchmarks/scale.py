@@ -77,7 +77,8 @@ def _corpora(args: argparse.Namespace) -> list[tuple[int, str]]:
     corpora = []
     for n in sizes:
         folder = work / (f"clips{n}_per{per_speaker}" + ("_short" if smoke else ""))
-        manifest = write_scale_corpus(folder, n // per_speaker, per_speaker, 0.5 if smoke else 1)
+        scale = 0.5 if smoke else 1.0
+        manifest = write_scale_corpus(folder, n // per_speaker, per_speaker, scale)
         corpora.append((n // per_speaker * per_speaker, str(manifest)))
     return corpora
 

@@ -56,7 +56,7 @@ def write_scale_corpus(
     ``root``; returns its ``manifest.csv``. Clips are synthesised on every core."""
     root = Path(root)
     manifest = root / "manifest.csv"
-    stamp = f"speakers={n_speakers} clips={clips_per_speaker} scale={speech_scale} sr=16000"
+    stamp = f"speakers={n_speakers} clips={clips_per_speaker} scale={float(speech_scale)} sr=16000"
     marker = root / ".scale_corpus"
     if marker.exists() and marker.read_text() == stamp and manifest.exists():
         return manifest
