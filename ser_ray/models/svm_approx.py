@@ -171,7 +171,7 @@ def halving_search(
     """
     n_classes = len(np.unique(y))
     rounds = 1 + math.floor(math.log(max(len(configs), 1), HALVING_FACTOR))
-    floor = MIN_CLIPS_PER_CLASS * n_classes * HALVING_FACTOR
+    floor = MIN_CLIPS_PER_CLASS * n_classes
     min_resources = min(len(y), max(len(y) // HALVING_FACTOR ** (rounds - 1), floor))
     search = HalvingGridSearchCV(
         ApproxKernelClassifier(n_components=n_components, random_state=seed),
