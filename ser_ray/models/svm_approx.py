@@ -42,13 +42,14 @@ from threadpoolctl import threadpool_limits
 
 #: ``--svm-solver``: by size (``auto``), always the kernel SVC, always the approximation.
 SOLVERS = ("auto", "exact", "approx")
-#: Training clips of an outer fold above which ``auto`` takes the approximation. Measured on
-#: 2 cores (docs/benchmarks.md, "scale"): up to ~4k training clips the exact grid of a fold
-#: takes under a minute and gives today's figures; from there its n^1.8 growth costs more than
-#: the approximation's search, and RAVDESS-size corpora (1,200 training clips) stay exact.
+#: Training clips of an outer fold above which ``auto`` takes the approximation
+#: (docs/benchmarks.md, "scale"): RAVDESS-size corpora (1,200 training clips) stay exact, with
+#: today's figures; up to ~4k training clips the exact grid of a variant still finishes in about
+#: three minutes on 2 quiet cores; beyond, its n^1.8 growth outruns the approximation, already
+#: about 4x cheaper at 4,800 training clips.
 APPROX_MIN_CLIPS = 4_000
-#: Nystroem components: enough for UA within a point or two of the exact RBF SVC on MFCC
-#: statistics, few enough that a fit of 20k clips takes about a second on one core.
+#: Nystroem components: a fit of 19,200 clips takes about a second on one core (1,000: about
+#: 3 s). Its UA against the exact SVC on the same large corpus is not measured yet.
 N_COMPONENTS = 500
 #: Successive halving: each round keeps the best third of the configs on three times the clips.
 HALVING_FACTOR = 3
