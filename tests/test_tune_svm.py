@@ -209,3 +209,30 @@ def test_job_reference_with_speaker_norm_on_both_feature_sets(demo_features, tmp
     assert config["grid"] == [svm.svm_params(svm.REFERENCE_PARAMS)]
     printed = capsys.readouterr().out
     assert f"{variant}: mfcc+egemaps features, normalisation: per-speaker" in printed
+
+
+def test_above_the_threshold_the_approx_solver_prunes_and_predicts_probabilities(
+    grid_run, demo_df, tmp_path
+):
+    """The threshold reaches the run: the demo's 320 training clips per fold exceed 100, so
+    ``auto`` takes the kernel approximation, its grid searched by successive halving in one
+    trial per fold; the predictions keep the contract (probabilities summing to 1)."""
+    assert {f["svm_solver"] for f in grid_run.folds} == {"exact"}  # default threshold: exact
+    run = run_nested_svm(
+        demo_df,
+        NestedSvmConfig(smoke_test=True, outer_folds=[2, 5], approx_min_clips=100,
+                        approx_components=100),
+        RAVDESS,
+        storage_path=tmp_path / "approx",
+    )  # fmt: skip
+    assert run.config["solver"] == "approx" and "Nystroem" in run.config["solver_description"]
+    grid = svm.svm_grid(smoke_test=True)
+    for f in run.folds:
+        inner = f["svm_inner"]
+        assert f["svm_solver"] == "approx"
+        assert len(inner["trial_paths"]) == 1  # the fold's whole grid in one trial
+        assert inner["n_pruned"] > 0 and inner["n_trials"] + inner["n_pruned"] == len(grid)
+        assert f["svm_params"] in grid
+    probs = run.predictions[PROB_COLUMNS].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert summary.fold_mean_std(run.folds)[0]["svm"]["uar"] >= 2 / 8  # two times chance

@@ -40,6 +40,7 @@ from sklearn.svm import SVC
 from ser_ray.common.metrics import classification_metrics
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.features.speaker_norm import normalisation_groups, speaker_normalize
+from ser_ray.models.svm_approx import N_COMPONENTS, ApproxKernelClassifier
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,23 @@ def make_svm_pipeline(
     return Pipeline([("scale", StandardScaler()), ("svc", svc)])
 
 
+def make_model(
+    params: Mapping[str, Any], solver: str = "exact", n_components: int = N_COMPONENTS
+) -> Pipeline | ApproxKernelClassifier:
+    """The unfitted classifier of one config: the SVC pipeline (``exact``), or the kernel
+    approximation with a linear classifier (``approx``, :mod:`ser_ray.models.svm_approx`)."""
+    if solver == "exact":
+        return make_svm_pipeline(**svm_params(params))
+    if solver == "approx":
+        return ApproxKernelClassifier(**svm_params(params), n_components=n_components)
+    raise ValueError(f"unknown SVM solver {solver!r}; choose exact or approx")
+
+
 def make_calibrated_svm(
-    params: Mapping[str, Any], cv: Sequence[tuple[np.ndarray, np.ndarray]] | int = 5
+    params: Mapping[str, Any],
+    cv: Sequence[tuple[np.ndarray, np.ndarray]] | int = 5,
+    solver: str = "exact",
+    n_components: int = N_COMPONENTS,
 ) -> CalibratedClassifierCV:
     """The SVM pipeline with sigmoid (Platt) calibration for class probabilities.
 
@@ -116,10 +132,11 @@ def make_calibrated_svm(
     :func:`inner_splits`) so the calibration never sees a speaker's own clips.
     Its ``predict`` is the argmax of ``predict_proba`` (not the rule the inner CV scores;
     :func:`fit_predict` reports ``SVC.predict``); rows of ``predict_proba`` sum to 1.
-    Deterministic: nothing in it draws random numbers.
+    Deterministic: nothing in it draws random numbers (the approximation's landmarks are
+    seeded). ``solver`` and ``n_components``: :func:`make_model`.
     """
     return CalibratedClassifierCV(
-        make_svm_pipeline(**svm_params(params)), method="sigmoid", cv=cv, ensemble=False
+        make_model(params, solver, n_components), method="sigmoid", cv=cv, ensemble=False
     )
 
 
@@ -223,11 +240,14 @@ def inner_cv_score(
     y: np.ndarray,
     splits: Sequence[tuple[np.ndarray, np.ndarray]],
     num_classes: int,
+    solver: str = "exact",
+    n_components: int = N_COMPONENTS,
 ) -> dict[str, float]:
-    """Mean (and std) over the inner splits of UA, accuracy and macro-F1 of one config."""
+    """Mean (and std) over the inner splits of UA, accuracy and macro-F1 of one config
+    (``solver``, ``n_components``: :func:`make_model`)."""
     per_split = []
     for train_idx, val_idx in splits:
-        model = make_svm_pipeline(**svm_params(params)).fit(X[train_idx], y[train_idx])
+        model = make_model(params, solver, n_components).fit(X[train_idx], y[train_idx])
         per_split.append(classification_metrics(y[val_idx], model.predict(X[val_idx]), num_classes))
     scores = {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
     scores["uar_std"] = float(np.std([m["uar"] for m in per_split]))
@@ -261,15 +281,20 @@ def fit_calibrated_svm(
     y_train: np.ndarray,
     actors_train: Sequence[int],
     fold_map: Mapping[int, int],
+    solver: str = "exact",
+    n_components: int = N_COMPONENTS,
 ) -> CalibratedClassifierCV:
-    """The chosen config fit on all training rows, calibrated on the inner speaker folds."""
-    model = make_calibrated_svm(params, cv=inner_splits(actors_train, fold_map))
+    """The chosen config fit on all training rows, calibrated on the inner speaker folds
+    (``solver``, ``n_components``: :func:`make_model`)."""
+    splits = inner_splits(actors_train, fold_map)
+    model = make_calibrated_svm(params, cv=splits, solver=solver, n_components=n_components)
     return model.fit(X_train, y_train)
 
 
 def predict_labels(model: CalibratedClassifierCV, X: np.ndarray) -> np.ndarray:
     """The SVC's own decision (``SVC.predict`` of the pipeline fit on all training rows, the
-    rule :func:`inner_cv_score` selects by), not the argmax of the calibrated probabilities."""
+    rule :func:`inner_cv_score` selects by; the approximation's ``predict`` likewise), not the
+    argmax of the calibrated probabilities."""
     svc = model.calibrated_classifiers_[0].estimator  # ensemble=False: fit on all rows
     return svc.predict(X).astype(np.int64)
 

@@ -15,6 +15,7 @@ from typing import Any
 from ser_ray.common.errors import SettingsError
 from ser_ray.corpus.clips import UNKNOWN_SPEAKER
 from ser_ray.corpus.protocol import ProtocolSettings
+from ser_ray.models import svm_approx
 from ser_ray.models.ssl import DEFAULT_MODELS, FAMILIES
 from ser_ray.study.variants import DEFAULT_VARIANTS, parse_variants
 from ser_ray.training.config import TrainConfig
@@ -160,6 +161,23 @@ class KFoldConfig:
     svm_num_samples: int = dataclasses.field(
         default=20, metadata={"help": "Bayesian SVM trials per fold"}
     )
+    svm_solver: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "SVM solver: exact (kernel SVC, cost ~n^1.8), approx (Nystroem kernel "
+            "approximation + ridge classifier, successive-halving grid, cost ~n), or auto: "
+            "approx when an outer fold trains on more than --svm-approx-min-clips clips",
+            "choices": list(svm_approx.SOLVERS),
+        },
+    )
+    svm_approx_min_clips: int = dataclasses.field(
+        default=svm_approx.APPROX_MIN_CLIPS,
+        metadata={"help": "--svm-solver auto: training clips per fold above which approx runs"},
+    )
+    svm_approx_components: int = dataclasses.field(
+        default=svm_approx.N_COMPONENTS,
+        metadata={"help": "Nystroem components of the approx SVM solver"},
+    )
     tapt_epochs: int = dataclasses.field(
         default=0,
         metadata={
@@ -237,6 +255,15 @@ class KFoldConfig:
         self.variants = tuple(v.name for v in parse_variants(self.variants))  # raises
         if self.svm_search not in ("grid", "bayes"):
             raise SettingsError(f"svm_search={self.svm_search!r}: choose grid or bayes")
+        if self.svm_solver not in svm_approx.SOLVERS:
+            raise SettingsError(
+                f"svm_solver={self.svm_solver!r}: choose one of {', '.join(svm_approx.SOLVERS)}"
+            )
+        if self.svm_approx_min_clips < 0 or self.svm_approx_components < 1:
+            raise SettingsError(
+                f"--svm-approx-min-clips {self.svm_approx_min_clips} must be >= 0 and "
+                f"--svm-approx-components {self.svm_approx_components} >= 1"
+            )
         if self.manifest and self.data_dir:
             raise SettingsError(
                 f"--manifest {self.manifest} and --data-dir {self.data_dir}: give one corpus"

@@ -282,6 +282,8 @@ def _run_variants(
             for row in svm_folds:
                 keys = (variant.name, f"{variant.name}_params", f"{variant.name}_search_s")
                 results.fold_rows[row["fold"]].update({key: row.get(key) for key in keys})
+                if f"{variant.name}_solver" in row:  # absent from folds saved before solvers
+                    results.svm_solvers[variant.name] = row[f"{variant.name}_solver"]
             results.predictions.append(svm_predictions)
             continue
         fold_cfgs = with_encoders(train_cfgs[variant.name], features_dir, cfg, protocol, out)

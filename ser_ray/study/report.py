@@ -13,6 +13,7 @@ import pandas as pd
 
 from ser_ray.common import config_file, storage
 from ser_ray.corpus.protocol import Protocol
+from ser_ray.models.svm_approx import describe
 from ser_ray.study.config import KFoldConfig
 from ser_ray.study.encoders import encoder_of
 from ser_ray.study.variants import Variant, parse_variants
@@ -38,6 +39,8 @@ class StudyResults:
     predictions: list[pd.DataFrame]
     histories: dict[str, dict[int, list[dict]]]
     train_cfgs: dict[str, dict[int, TrainConfig]]
+    #: Per SVM variant, the solver its folds ran (``exact``/``approx``, chosen by size).
+    svm_solvers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def write_study_summary(
@@ -78,7 +81,7 @@ def write_study_summary(
                 config=config_file.to_jsonable(dataclasses.asdict(cfg)),
                 params_provenance=provenance,
                 trained_on=trained_on(cfg, protocol),
-                variants={v.name: v.describe() for v in variants},
+                variants={v.name: {**v.describe(), **_solver(cfg, results, v)} for v in variants},
                 cross_corpus=cross_corpus,
             ),
             histories=histories,
@@ -99,6 +102,15 @@ def tested_paths(protocol: Protocol, df: pd.DataFrame) -> list[str]:
     with a corpus's own partitions (its train and dev clips are never predicted)."""
     tested = {s for fold in protocol.folds for s in fold}
     return df.loc[df["actor"].isin(tested), "path"].tolist()
+
+
+def _solver(cfg: KFoldConfig, results: StudyResults, variant: Variant) -> dict[str, str]:
+    """An SVM variant's solver and what it is (for the summary); nothing for other variants
+    or folds saved by a run that did not record it."""
+    solver = results.svm_solvers.get(variant.name)
+    if solver is None:
+        return {}
+    return {"solver": solver, "solver_description": describe(solver, cfg.svm_approx_components)}
 
 
 def _changed_label_map(protocol: Protocol) -> dict[str, str | None] | None:

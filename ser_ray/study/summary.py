@@ -470,9 +470,10 @@ def format_markdown(summary: Mapping[str, Any], plots: Sequence[str] = ()) -> st
         if "mode" in about:
             lines.append(f"- {variant}: {about['mode']}; normalisation: {about['normalisation']}")
         elif "normalisation" in about:
+            solver = f"; solver: {about['solver_description']}" if "solver" in about else ""
             lines.append(
                 f"- {variant}: {about['features']} features, normalisation: "
-                f"{about['normalisation']}"
+                f"{about['normalisation']}{solver}"
             )
     lines += [
         f"- calm merged into neutral: {'yes' if summary['merge_calm'] else 'no'} "

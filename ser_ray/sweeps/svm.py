@@ -37,7 +37,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console
 from ser_ray.distributed.resources import SVM_TRIAL_RESOURCES, svm_concurrent_trials
 from ser_ray.features import speaker_norm
-from ser_ray.models import svm, svm_model
+from ser_ray.models import svm, svm_approx, svm_model
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,18 @@ class NestedSvmConfig:
         default=None,
         metadata={"help": "feature set ssl: the frozen encoder whose pooled layers df holds"},
     )
+    solver: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "auto (by training clips), exact (kernel SVC) or approx (Nystroem + "
+                  "linear classifier, successive halving); models.svm_approx"},
+    )  # fmt: skip
+    approx_min_clips: int = dataclasses.field(
+        default=svm_approx.APPROX_MIN_CLIPS,
+        metadata={"help": "auto: the approximation when an outer fold trains on more clips"},
+    )
+    approx_components: int = dataclasses.field(
+        default=svm_approx.N_COMPONENTS, metadata={"help": "Nystroem components of approx"}
+    )
 
 
 @dataclasses.dataclass
@@ -112,29 +124,42 @@ def svm_trial(
     actors: np.ndarray,
     fold_map: dict[int, int],
     num_classes: int,
+    solver: str = "exact",
+    n_components: int = svm_approx.N_COMPONENTS,
 ) -> None:
     """Tune trainable: each config of ``config["svm"]`` (one config, or a batch of the grid)
     scored by inner actor-grouped CV on the training rows.
 
+    With ``solver="approx"`` a batch of several configs is searched by successive halving
+    (:func:`ser_ray.models.svm_approx.halving_search`): only the last round's survivors are
+    scored on every clip, and reported (accuracy and macro-F1 null: halving scores UA only).
+
     Reports the batch's best inner UA (``inner_uar``), every config's scores (``scores``, a
-    JSON list of ``[config, uar, uar_std, accuracy, macro_f1]``) and, for auditing, the actors
-    it received (``actors_seen``) and the actors of each inner validation split
-    (``inner_val_actors``), as strings.
+    JSON list of ``[config, uar, uar_std, accuracy, macro_f1]``), configs pruned early
+    (``n_pruned``) and, for auditing, the actors it received (``actors_seen``) and the actors
+    of each inner validation split (``inner_val_actors``), as strings.
     """
     from ray import tune
 
     batch = config.get("svm", config)
     batch = batch if isinstance(batch, list) else [batch]
     splits = svm.inner_splits(actors, fold_map)
-    scores = []
-    for params in batch:
-        s = svm.inner_cv_score(params, X, y, splits, num_classes)
-        scores.append([params, s["uar"], s["uar_std"], s["accuracy"], s["macro_f1"]])
+    scores, n_pruned = [], 0
+    if solver == "approx" and len(batch) > 1:
+        survivors, n_pruned = svm_approx.halving_search(
+            batch, X, y, splits, _uar_scorer(num_classes), n_components
+        )
+        scores = [[svm.svm_params(p), uar, std, None, None] for p, uar, std in survivors]
+    else:
+        for params in batch:
+            s = svm.inner_cv_score(params, X, y, splits, num_classes, solver, n_components)
+            scores.append([params, s["uar"], s["uar_std"], s["accuracy"], s["macro_f1"]])
     val_actors = [sorted(set(actors[val].tolist())) for _, val in splits]
     tune.report(
         {
             METRIC: max(row[1] for row in scores),
             "scores": json.dumps(scores),
+            "n_pruned": int(n_pruned),
             "n_rows": int(len(y)),
             "actors_seen": " ".join(map(str, sorted(set(actors.tolist())))),
             "inner_val_actors": "|".join(" ".join(map(str, a)) for a in val_actors),
@@ -142,11 +167,23 @@ def svm_trial(
     )
 
 
+def _uar_scorer(num_classes: int) -> Any:
+    """UA as a scikit-learn scorer (the inner CV's metric), every class counted."""
+    from sklearn.metrics import make_scorer
+
+    def uar(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        return classification_metrics(y_true, y_pred, num_classes)["uar"]
+
+    return make_scorer(uar)
+
+
 def svm_fold_trial(
     config: dict[str, Any],
     fold_rows: dict[int, Any],
     fold_map: dict[int, int],
     num_classes: int,
+    solver: str = "exact",
+    n_components: int = svm_approx.N_COMPONENTS,
 ) -> None:
     """Tune trainable of :func:`tune_folds_grid`: :func:`svm_trial` on the training rows of
     outer fold ``config["fold"]``, fetched here from the object store (``fold_rows``: one
@@ -154,7 +191,7 @@ def svm_fold_trial(
     import ray
 
     X, y, actors = ray.get(fold_rows[int(config["fold"])])
-    svm_trial(config, X, y, actors, fold_map, num_classes)
+    svm_trial(config, X, y, actors, fold_map, num_classes, solver, n_components)
 
 
 def grid_batches(grid_points: Sequence[dict[str, Any]], n_batches: int) -> list[list[dict]]:
@@ -199,13 +236,16 @@ def tune_fold(
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
     max_concurrent_trials: int | None = None,
+    solver: str = "exact",
+    n_components: int = svm_approx.N_COMPONENTS,
 ) -> dict[str, Any]:
     """Search SVM configs on one outer fold's training rows with Ray Tune.
 
-    Returns ``{"params", "inner_uar", "search_s", "n_trials", "actors_seen",
+    Returns ``{"params", "inner_uar", "search_s", "n_trials", "n_pruned", "actors_seen",
     "inner_val_actors", "experiment_path"}``. ``num_samples`` is the trial budget of
     ``bayes``; ``grid`` runs every point of ``grid`` once (default
-    :func:`ser_ray.models.svm.svm_grid`).
+    :func:`ser_ray.models.svm.svm_grid`); with ``solver="approx"`` the grid is one trial's
+    successive halving.
     """
     import ray
     from ray import tune
@@ -225,11 +265,14 @@ def tune_fold(
             actors=np.asarray(actors),
             fold_map=fold_map,
             num_classes=num_classes,
+            solver=solver,
+            n_components=n_components,
         ),
         SVM_TRIAL_RESOURCES,
     )
+    grid_batches_n = 1 if solver == "approx" else max_concurrent_trials  # halving: one trial
     param_space, tune_config = _search_space(
-        search, num_samples, seed, grid, smoke_test, max_concurrent_trials
+        search, num_samples, seed, grid, smoke_test, max_concurrent_trials, grid_batches_n
     )
     run_config = tune.RunConfig(
         name=name,
@@ -254,11 +297,15 @@ def tune_folds_grid(
     smoke_test: bool = False,
     grid: Sequence[dict[str, Any]] | None = None,
     max_concurrent_trials: int | None = None,
+    solver: str = "exact",
+    n_components: int = svm_approx.N_COMPONENTS,
 ) -> dict[int, dict[str, Any]]:
     """The grid search of every outer fold in one Tune run: ``train_rows`` maps each outer
     fold to its training rows ``(X, y, actors)``; a trial scores one batch of the grid on one
-    fold's rows. Returns, per fold, what :func:`tune_fold` returns for it (``search_s``: the
-    whole run's wall time, every fold's search together; ``trial_paths``: the fold's trials)."""
+    fold's rows (``solver="approx"``: the whole grid by successive halving, one trial per
+    fold, so the folds spread over the trial slots). Returns, per fold, what
+    :func:`tune_fold` returns for it (``search_s``: the whole run's wall time, every fold's
+    search together; ``trial_paths``: the fold's trials)."""
     import ray
     from ray import tune
 
@@ -274,14 +321,17 @@ def tune_folds_grid(
             fold_rows={k: ray.put(rows) for k, rows in train_rows.items()},
             fold_map=fold_map,
             num_classes=num_classes,
+            solver=solver,
+            n_components=n_components,
         ),
         SVM_TRIAL_RESOURCES,
     )
+    n_batches = 1 if solver == "approx" else max_concurrent_trials
     tuner = tune.Tuner(
         trainable,
         param_space={
             "fold": tune.grid_search([int(k) for k in train_rows]),
-            "svm": tune.grid_search(grid_batches(points, max_concurrent_trials)),
+            "svm": tune.grid_search(grid_batches(points, n_batches)),
         },
         tune_config=tune.TuneConfig(
             metric=METRIC,
@@ -329,9 +379,11 @@ def _search_space(
     grid: Sequence[dict[str, Any]] | None,
     smoke_test: bool,
     max_concurrent_trials: int,
+    n_grid_batches: int,
 ) -> tuple[dict[str, Any], Any]:
-    """Tune's ``param_space`` and ``TuneConfig`` of ``search``: every grid point once, or
-    ``num_samples`` Optuna TPE trials asked in batches of ``max_concurrent_trials``."""
+    """Tune's ``param_space`` and ``TuneConfig`` of ``search``: every grid point once, in
+    ``n_grid_batches`` trials, or ``num_samples`` Optuna TPE trials asked in batches of
+    ``max_concurrent_trials``."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -339,7 +391,7 @@ def _search_space(
     if search == "grid":
         grid_points = list(grid) if grid is not None else svm.svm_grid(smoke_test)
         points = [svm.svm_params(c) for c in grid_points]
-        param_space = {"svm": tune.grid_search(grid_batches(points, max_concurrent_trials))}
+        param_space = {"svm": tune.grid_search(grid_batches(points, n_grid_batches))}
         tune_config = tune.TuneConfig(
             metric=METRIC,
             mode="max",
@@ -369,9 +421,10 @@ def _best_of_search(
     gives paths inside the storage's filesystem (``bucket/…`` for ``s3://bucket/…``); they
     are recorded as locations, the storage's scheme put back."""
     scheme = storage.uri_prefix(storage_path)
-    rows, seen, val_splits = [], set(), set()
+    rows, seen, val_splits, n_pruned = [], set(), set(), 0
     for result in results:
         rows += [(params, uar) for params, uar, *_ in json.loads(result.metrics["scores"])]
+        n_pruned += int(result.metrics.get("n_pruned", 0))
         seen.update(int(a) for a in result.metrics["actors_seen"].split())
         val_splits.add(result.metrics["inner_val_actors"])
     params, inner_uar = svm.best_config(rows)
@@ -388,6 +441,7 @@ def _best_of_search(
         "inner_uar": inner_uar,
         "search_s": search_s,
         "n_trials": len(rows),
+        "n_pruned": n_pruned,
         "actors_seen": sorted(seen),
         "inner_val_actors": [
             [[int(a) for a in part.split()] for part in s.split("|")] for s in sorted(val_splits)
@@ -408,6 +462,7 @@ class _Rows:
     class_names: list[str]
     fold_map: dict[int, int]  # speaker -> outer fold
     protocol: Protocol
+    solver: str  # exact or approx (models.svm_approx.choose_solver)
 
 
 def run_nested_svm(
@@ -439,6 +494,11 @@ def run_nested_svm(
     (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``). ``storage_path``
     and ``models_dir`` are locations (a local folder or a URI, :mod:`ser_ray.common.storage`):
     Tune and the fold models write there, from whichever node runs them.
+
+    ``cfg.solver`` picks the solver of every fold: ``auto`` takes the kernel approximation
+    (:mod:`ser_ray.models.svm_approx`) when the largest outer fold trains on more than
+    ``cfg.approx_min_clips`` clips, the exact SVC otherwise (one solver for all folds, so
+    their results compare); every fold record and the config name it.
     """
     rows, outer_folds = _read_rows(df, cfg, protocol)
     found = _search_folds(rows, outer_folds, cfg, storage_path)
@@ -450,7 +510,7 @@ def run_nested_svm(
     return SvmResult(
         folds=fold_results,
         predictions=pd.concat(prediction_parts, ignore_index=True),
-        config=_resolved_config(cfg, protocol, outer_folds, storage_path),
+        config=_resolved_config(cfg, protocol, outer_folds, storage_path, rows.solver),
     )
 
 
@@ -475,8 +535,18 @@ def _read_rows(
         class_names=list(protocol.classes),
         fold_map=fold_map,
         protocol=protocol,
+        solver="exact",
     )
-    return rows, outer_folds
+    n_train = max(int(_fold_masks(rows, k)[1].sum()) for k in outer_folds)
+    solver = svm_approx.choose_solver(cfg.solver, n_train, cfg.approx_min_clips)
+    log.info(
+        "%s: %s solver (up to %d training clips per fold; auto takes approx above %d)",
+        cfg.variant,
+        solver,
+        n_train,
+        cfg.approx_min_clips,
+    )
+    return dataclasses.replace(rows, solver=solver), outer_folds
 
 
 def _fold_masks(rows: _Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -504,7 +574,8 @@ def _search_folds(
     variant = cfg.variant.replace("+", "_")
     common = {"fold_map": rows.fold_map, "num_classes": len(rows.class_names),
               "storage_path": storage_path, "smoke_test": cfg.smoke_test, "grid": cfg.grid,
-              "max_concurrent_trials": cfg.max_concurrent_trials}  # fmt: skip
+              "max_concurrent_trials": cfg.max_concurrent_trials, "solver": rows.solver,
+              "n_components": cfg.approx_components}  # fmt: skip
     if cfg.search == "grid":
         return tune_folds_grid(train_rows, name=f"{variant}_grid", **common)
     return {
@@ -532,8 +603,9 @@ def _run_outer_fold(
         raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
 
     model = svm.fit_calibrated_svm(
-        found["params"], X_train, y_train, actors[train_mask], rows.fold_map
-    )
+        found["params"], X_train, y_train, actors[train_mask], rows.fold_map,
+        rows.solver, cfg.approx_components,
+    )  # fmt: skip
     pred = svm.predict_labels(model, rows.X[test_mask])
     proba = svm.class_probabilities(model, rows.X[test_mask], num_classes)
     if models_dir is not None:
@@ -556,6 +628,7 @@ def _run_outer_fold(
         found["n_trials"],
     )
     record = _fold_record(k, test_actors, int(test_mask.sum()), metrics, found, cfg.variant)
+    record[f"{cfg.variant}_solver"] = rows.solver
     columns = {
         **rows.table.loc[test_mask, ["path", "actor", "fold"]].to_dict("series"),
         "true_label": [names[i] for i in rows.y[test_mask]],
@@ -584,6 +657,7 @@ def _fold_record(
         f"{variant}_inner": {
             "best_inner_uar": float(found["inner_uar"]),
             "n_trials": int(found["n_trials"]),
+            "n_pruned": int(found.get("n_pruned", 0)),
             "actors_seen": found["actors_seen"],
             "inner_val_actors": found["inner_val_actors"],
             "experiment_path": str(found["experiment_path"]),
@@ -597,6 +671,7 @@ def _resolved_config(
     protocol: Protocol,
     outer_folds: Sequence[int],
     storage_path: str | os.PathLike,
+    solver: str,
 ) -> dict[str, Any]:
     """The resolved settings of the run (:attr:`SvmResult.config`)."""
     grid_points = (
@@ -616,6 +691,10 @@ def _resolved_config(
         "seed": cfg.seed,
         "folds": [int(k) for k in outer_folds],
         "smoke_test": cfg.smoke_test,
+        "solver_setting": cfg.solver,
+        "approx_min_clips": cfg.approx_min_clips,
+        "solver": solver,
+        "solver_description": svm_approx.describe(solver, cfg.approx_components),
         "inner_cv": "leave one remaining outer fold out (speakers of the other folds), metric UA",
         "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
         "(pred_label, metrics) alike",

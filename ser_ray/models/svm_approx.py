@@ -1,0 +1,200 @@
+"""The SVM baseline's large-corpus solver: a kernel approximation and a linear classifier, whose
+cost grows linearly in clips (no Ray).
+
+The exact kernel SVC (libsvm, :mod:`ser_ray.models.svm`) costs about n^1.7-1.9 in training clips
+(docs/benchmarks.md, "scale"): 23k clips take about an hour for one variant on 2 cores, and
+MSP-Podcast's 113k training clips days. Beyond a threshold of training clips
+(:func:`choose_solver`) the baseline runs :class:`ApproxKernelClassifier` instead: the same
+StandardScaler, then a Nystroem map of the same kernel (RBF or polynomial, same gamma; a
+linear kernel needs none) onto ``n_components`` features, then a ridge classifier (a
+least-squares linear SVM, solved in closed form: O(n m^2) for m components, no iterations to
+converge, deterministic). Its grid search prunes hopeless configs early
+(:func:`halving_search`: successive halving on growing subsets of the training clips, scored
+on the same speaker-grouped inner folds), instead of fitting every config on every inner fold.
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> X = np.concatenate([rng.normal(0, 1, (40, 4)), rng.normal(3, 1, (40, 4))])
+>>> y = np.repeat([0, 1], 40)
+>>> model = ApproxKernelClassifier(C=1.0, n_components=50).fit(X, y)
+>>> float((model.predict(X) == y).mean()) > 0.9
+True
+>>> choose_solver("auto", n_train_clips=1_200, approx_min_clips=4_000)
+'exact'
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.experimental import enable_halving_search_cv  # noqa: F401 - makes the class importable
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import RidgeClassifier
+from sklearn.model_selection import HalvingGridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+#: ``--svm-solver``: by size (``auto``), always the kernel SVC, always the approximation.
+SOLVERS = ("auto", "exact", "approx")
+#: Training clips of an outer fold above which ``auto`` takes the approximation
+#: (docs/benchmarks.md, "scale"): RAVDESS-size corpora (1,200 training clips) stay exact, with
+#: today's figures; up to ~4k training clips the exact grid of a variant still finishes in about
+#: three minutes on 2 quiet cores; beyond, its n^1.8 growth outruns the approximation, already
+#: about 4x cheaper at 4,800 training clips.
+APPROX_MIN_CLIPS = 4_000
+#: Nystroem components: a fit of 19,200 clips takes about a second on one core (1,000: about
+#: 3 s). Its UA against the exact SVC on the same large corpus is not measured yet.
+N_COMPONENTS = 500
+#: Successive halving: each round keeps the best third of the configs on three times the clips.
+HALVING_FACTOR = 3
+#: The first round's clips at least (per class) so that every inner fold sees every class.
+MIN_CLIPS_PER_CLASS = 10
+#: What the summary says of each solver.
+DESCRIPTIONS = {
+    "exact": "exact kernel SVC (libsvm), every config on every inner fold",
+    "approx": "Nystroem kernel approximation ({n_components} components) + ridge classifier "
+    "(least-squares linear SVM), successive halving over the grid (factor {factor}) on the "
+    "inner speaker folds; probabilities calibrated on held-out speakers",
+}
+
+
+def choose_solver(solver: str, n_train_clips: int, approx_min_clips: int = APPROX_MIN_CLIPS) -> str:
+    """``exact`` or ``approx``: ``solver`` itself unless ``auto``, which takes the approximation
+    only when an outer fold trains on more than ``approx_min_clips`` clips (so RAVDESS-size
+    corpora keep the exact SVC and today's results).
+
+    >>> choose_solver("auto", 19_200, 4_000), choose_solver("exact", 19_200, 4_000)
+    ('approx', 'exact')
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown SVM solver {solver!r}; choose one of {SOLVERS}")
+    if solver != "auto":
+        return solver
+    return "approx" if n_train_clips > approx_min_clips else "exact"
+
+
+def describe(solver: str, n_components: int = N_COMPONENTS) -> str:
+    """One line saying what ``solver`` (``exact``/``approx``) ran."""
+    return DESCRIPTIONS[solver].format(n_components=n_components, factor=HALVING_FACTOR)
+
+
+class ApproxKernelClassifier(ClassifierMixin, BaseEstimator):
+    """StandardScaler -> Nystroem(kernel, gamma) -> RidgeClassifier(alpha = 1 / (2 C)).
+
+    Takes the SVC's hyperparameters (``kernel``, ``C``, ``gamma`` with ``"scale"`` meaning
+    1 / (n_features * X.var()) of the standardised features, as in ``SVC``, ``degree``,
+    ``class_weight``) so one grid serves both solvers. ``alpha = 1 / (2 C)`` puts the ridge
+    penalty where the SVM's is (C times the loss plus half the squared norm). Deterministic:
+    the Nystroem landmarks are drawn with ``random_state``. Its matrix products run on one
+    BLAS thread: on 2 shared cores, threaded BLAS on matrices this size made a fit of 4,800
+    clips take 6 s instead of 0.3 s; the parallelism is the Tune trials'.
+    """
+
+    def __init__(
+        self,
+        kernel: str = "rbf",
+        C: float = 1.0,  # noqa: N803 - scikit-learn's name
+        gamma: str | float = "scale",
+        degree: int = 3,
+        class_weight: str | None = None,
+        n_components: int = N_COMPONENTS,
+        random_state: int = 0,
+    ) -> None:
+        self.kernel = kernel
+        self.C = C
+        self.gamma = gamma
+        self.degree = degree
+        self.class_weight = class_weight
+        self.n_components = n_components
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ApproxKernelClassifier:
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.pipeline_ = self._pipeline(X).fit(X, y)
+        self.classes_ = self.pipeline_.classes_
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _pipeline(self, X: np.ndarray) -> Pipeline:
+        """The unfitted steps, gamma ``"scale"`` resolved on ``X``'s standardised values."""
+        scale = StandardScaler().fit(X)
+        steps: list[tuple[str, Any]] = [("scale", scale)]
+        if self.kernel != "linear":
+            gamma = self.gamma
+            if gamma == "scale":
+                variance = float(scale.transform(X).var())
+                gamma = 1.0 / (X.shape[1] * variance) if variance > 0 else 1.0
+            nystroem = Nystroem(
+                kernel=self.kernel,
+                gamma=float(gamma),
+                degree=int(self.degree),
+                coef0=0.0,  # SVC's default for the polynomial kernel
+                n_components=min(int(self.n_components), len(X)),
+                random_state=self.random_state,
+            )
+            steps.append(("nystroem", nystroem))
+        ridge = RidgeClassifier(alpha=1.0 / (2.0 * float(self.C)), class_weight=self.class_weight)
+        return Pipeline([*steps, ("ridge", ridge)])
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.pipeline_.decision_function(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.pipeline_.predict(X)
+
+
+def halving_search(
+    configs: Sequence[Mapping[str, Any]],
+    X: np.ndarray,
+    y: np.ndarray,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    scorer: Callable[..., float],
+    n_components: int = N_COMPONENTS,
+    seed: int = 0,
+) -> tuple[list[tuple[dict[str, Any], float, float]], int]:
+    """Successive halving over ``configs`` (SVC hyperparameters) with
+    :class:`ApproxKernelClassifier` on the inner ``splits`` (speaker-grouped; each round
+    subsamples clips inside every split, so no speaker crosses sides). Returns the last round's
+    ``(config, mean score, std score)`` (the survivors, scored on the most clips) and the
+    number of configs pruned before it.
+
+    The first round's clips: the grid's all-clips budget divided down (``min_resources``
+    "exhaust": the last round uses every training clip), but at least
+    :data:`MIN_CLIPS_PER_CLASS` per class.
+    """
+    n_classes = len(np.unique(y))
+    rounds = 1 + math.floor(math.log(max(len(configs), 1), HALVING_FACTOR))
+    floor = MIN_CLIPS_PER_CLASS * n_classes
+    min_resources = min(len(y), max(len(y) // HALVING_FACTOR ** (rounds - 1), floor))
+    search = HalvingGridSearchCV(
+        ApproxKernelClassifier(n_components=n_components, random_state=seed),
+        [{k: [v] for k, v in c.items()} for c in configs],
+        factor=HALVING_FACTOR,
+        resource="n_samples",
+        min_resources=min_resources,
+        cv=list(splits),
+        scoring=scorer,
+        refit=False,
+        error_score="raise",
+        random_state=seed,
+        n_jobs=1,  # a Tune trial's one CPU
+    )
+    with warnings.catch_warnings():  # a round of few clips may miss a class in a split
+        warnings.simplefilter("ignore", UserWarning)
+        search.fit(X, y)
+    results = search.cv_results_
+    last = results["iter"] == results["iter"].max()
+    rows = [
+        (dict(results["params"][i]), float(results["mean_test_score"][i]),
+         float(results["std_test_score"][i]))
+        for i in np.flatnonzero(last)
+    ]  # fmt: skip
+    return rows, len(configs) - len(rows)
