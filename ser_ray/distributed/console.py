@@ -1,12 +1,13 @@
-"""What a job prints: stage lines, one line per fold and epoch, warnings, the final table.
+"""What a job prints: stage lines, a few lines per fold (its first epoch, at most one every
+30 s, its end), warnings, the final table.
 
 Ray, Ray Data and Tune print a lot by default (Tune's trial tables, Ray Data's progress,
 Ray Train's per-report lines, its controllers' and helper actors' warnings). Unless
 ``--verbose`` is given, :func:`configure` turns the driver's share of that down to warnings
 before Ray starts, and Ray workers' output stays in their log files in Ray's session folder
 (``/tmp/ray/session_latest/logs``) instead of being copied to the console. What the user
-needs from the workers comes back to the driver: each fold's epoch metrics (one line per
-fold and epoch), its progress lines inside a long epoch (:func:`publish_progress`), and any
+needs from the workers comes back to the driver: each fold's epoch metrics (as Tune results),
+its progress lines inside a long epoch (:func:`publish_progress`), and any
 error, raised with its traceback.
 
 Every console setting of the project is made here: environment variables and logger
