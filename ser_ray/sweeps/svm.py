@@ -194,6 +194,12 @@ def svm_fold_trial(
     svm_trial(config, X, y, actors, fold_map, num_classes, solver, n_components)
 
 
+def grid_trials(solver: str, max_concurrent_trials: int) -> int:
+    """Trials one grid search is dealt into: one per trial slot for the exact SVC; one for
+    the approximation, whose successive halving needs the whole grid in one trial."""
+    return 1 if solver == "approx" else max_concurrent_trials
+
+
 def grid_batches(grid_points: Sequence[dict[str, Any]], n_batches: int) -> list[list[dict]]:
     """The grid dealt round-robin into at most ``n_batches`` trials (one per trial slot):
     a trial then carries seconds of work instead of Tune's per-trial overhead for ~0.5 s, and
@@ -270,7 +276,7 @@ def tune_fold(
         ),
         SVM_TRIAL_RESOURCES,
     )
-    grid_batches_n = 1 if solver == "approx" else max_concurrent_trials  # halving: one trial
+    grid_batches_n = grid_trials(solver, max_concurrent_trials)
     param_space, tune_config = _search_space(
         search, num_samples, seed, grid, smoke_test, max_concurrent_trials, grid_batches_n
     )
@@ -326,7 +332,7 @@ def tune_folds_grid(
         ),
         SVM_TRIAL_RESOURCES,
     )
-    n_batches = 1 if solver == "approx" else max_concurrent_trials
+    n_batches = grid_trials(solver, max_concurrent_trials)
     tuner = tune.Tuner(
         trainable,
         param_space={
