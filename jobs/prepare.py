@@ -18,6 +18,11 @@ from ser_ray.common import storage
 from ser_ray.corpus import demo_corpus, ravdess
 from ser_ray.distributed import prepare
 from ser_ray.features import featurize
+from ser_ray.study.config import KFoldConfig
+
+#: How the corpus is read, as the study reads it (a manifest's unknown-speaker value, an
+#: EmoBox file's speaker pattern), so features prepared here are those the study would make.
+CORPUS_FLAGS = ("speaker_regex", "unknown_speaker")
 
 #: The FeatureConfig fields the job takes as flags (--no-egemaps, --all-modalities: see their
 #: metadata).
@@ -44,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--download-dir", default="data", help="default: %(default)s")
     cli.add_dataclass_args(parser, featurize.FeatureConfig, only=FEATURE_FLAGS)
+    cli.add_dataclass_args(parser, KFoldConfig, only=CORPUS_FLAGS)
     parser.add_argument(
         "--runner",
         choices=prepare.RUNNERS,
@@ -66,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = str(ravdess.download(args.download_dir))
     if data_dir is None:
         data_dir = str(demo_corpus.demo_source(smoke_test=args.smoke_test))
+    inputs = prepare.read_corpus_inputs(data_dir, config, args.speaker_regex, args.unknown_speaker)
     result = prepare.prepare_features(
         data_dir,
         args.out,
         config,
         connect=lambda: _connect(args, data_dir),
         runner=args.runner,
+        inputs=inputs,
     )
     state = "reused (input and config unchanged)" if result.reused else f"by {result.runner}"
     print(

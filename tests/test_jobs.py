@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.e2e  # jobs run end to end
@@ -54,6 +55,26 @@ def test_prepare_smoke_test(tmp_path):
     again = run_job("jobs/prepare.py", "--smoke-test", "--out", str(out), "--num-cpus", "2",
                     env=env)  # fmt: skip
     assert again.returncode == 0 and "(reused" in again.stdout
+
+
+def test_prepare_reads_a_manifest_as_the_study_does(demo_corpus, tmp_path):
+    """--unknown-speaker on prepare.py: the clips of speaker "n/a" are each their own
+    pseudo-speaker in the features, as kfold.py would read the same manifest."""
+    wavs = sorted(demo_corpus.glob("Actor_0[12]/*.wav"))[:6]
+    manifest = tmp_path / "clips.csv"
+    speakers = ["a1", "a1", "N/A", "", "a2", "n/a"]
+    manifest.write_text("path,speaker,emotion\n" + "".join(
+        f"{wav},{speaker},angry\n" for wav, speaker in zip(wavs, speakers, strict=True)
+    ))  # fmt: skip
+    out = tmp_path / "run"
+    done = run_job("jobs/prepare.py", "--data-dir", str(manifest), "--no-egemaps",
+                   "--unknown-speaker", "n/a", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "6 input files: 6 with features, 0 rejected" in done.stdout
+    features = pd.read_parquet(out / "features").set_index("path").loc[[str(w) for w in wavs]]
+    known, unknown = features["speaker"].iloc[[0, 1, 4]], features["speaker"].iloc[[2, 3, 5]]
+    assert list(known) == ["a1", "a1", "a2"]
+    assert unknown.str.startswith("?unknown-").all() and unknown.nunique() == 3
 
 
 def test_kfold_refuses_single_fold_tuned_settings(tmp_path):
