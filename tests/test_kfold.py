@@ -261,8 +261,8 @@ def _fit_fold_in_its_trial(features_dir: Path, fold: int, cfg, out: Path, cache_
 
     job = FoldJob(
         variant="wav2vec2",
-        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
-        train_configs={fold: cfg.to_dict()},
+        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_actors),
+        train_configs={fold: cfg},
         inputs={fold: build_fold_inputs(features_dir, cfg, cache_dir)},
         tensorboard_dir=str(out / "tensorboard"),
     )  # the defaults: one worker on a CPU, in its trial, one torch thread

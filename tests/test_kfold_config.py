@@ -248,7 +248,7 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     import dataclasses
 
     from ser_ray.distributed import feature_cache
-    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
+    from ser_ray.distributed.fold_inputs import FoldInputs, fold_inputs_per_fold
     from ser_ray.training.config import TrainConfig
 
     built = []
@@ -272,12 +272,40 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     shared = fold_inputs_per_fold(tmp_path / "features", dict.fromkeys((1, 2, 3), base), tmp_path)
     assert built == ["demo"] and len({v.source for v in shared.values()}) == 1
     uncached = dataclasses.replace(base, use_feature_cache=False)
-    assert fold_inputs_per_fold(tmp_path / "features", {1: uncached}, tmp_path)[1].to_config() == {
-        "source": str(tmp_path / "features"),
-        "input_kind": "waveform",
-        "feature_cache_key": None,
-        "speaker_norm": False,
-    }
+    assert fold_inputs_per_fold(tmp_path / "features", {1: uncached}, tmp_path)[1] == FoldInputs(
+        source=str(tmp_path / "features"), input_kind="waveform", feature_cache_key=None
+    )
+
+
+def test_a_fold_job_hands_each_fold_one_typed_work_that_survives_pickling():
+    """What a fold trial hands its training (FoldWork): the fold's own settings and inputs,
+    the protocol object, its TensorBoard folder; pickled as Ray sends it, it comes back equal;
+    its clips must be counted (fold_data) before a worker opens them."""
+    import pickle
+
+    from ser_ray.distributed.fold_inputs import FoldInputs
+    from ser_ray.distributed.fold_trainer import open_fold_clips
+    from ser_ray.distributed.ssl_folds import FoldJob
+    from ser_ray.training.config import TrainConfig
+
+    protocol = ravdess_protocol(n_val_speakers=2)
+    cfgs = {k: TrainConfig(seed=k, n_val_actors=2) for k in (1, 2)}
+    inputs = {k: FoldInputs(f"/features/{k}", "waveform", None) for k in (1, 2)}
+    job = FoldJob(
+        variant="wavlm+probe",
+        protocol=protocol,
+        train_configs=cfgs,
+        inputs=inputs,
+        tensorboard_dir="/run/tensorboard",
+    )
+    work = job.work(2, progress_key="fold/t2")
+    assert (work.train, work.inputs, work.fold) == (cfgs[2], inputs[2], 2)
+    assert work.protocol.split(2) == protocol.split(2)
+    assert work.log_dir == "/run/tensorboard/wavlm+probe/fold_2"
+    assert (work.variant, work.progress_key) == ("wavlm+probe", "fold/t2")
+    assert pickle.loads(pickle.dumps(work)) == work
+    with pytest.raises(ValueError, match="fold 2: its clips were not counted"):
+        open_fold_clips(work, {}, None)
 
 
 def test_variant_names_of_ssl_families():

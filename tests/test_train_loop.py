@@ -389,17 +389,17 @@ def fit_fold_as_the_study_does(
     from ser_ray.distributed import train_edge
     from ser_ray.distributed.fold_inputs import build_fold_inputs
     from ser_ray.distributed.fold_trainer import build_fold_trainer, fold_result_from_checkpoint
+    from ser_ray.distributed.fold_work import FoldWork
 
-    inputs = build_fold_inputs(features_dir, cfg, cache_dir)
-    config = {
-        **cfg.to_dict(),
-        **inputs.to_config(),
-        "fold": fold,
-        "protocol": ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
-        "log_dir": str(out / "tensorboard" / f"fold_{fold}"),
-    }
+    work = FoldWork(
+        train=cfg,
+        inputs=build_fold_inputs(features_dir, cfg, cache_dir),
+        fold=fold,
+        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_actors),
+        log_dir=str(out / "tensorboard" / f"fold_{fold}"),
+    )
     trainer = build_fold_trainer(
-        config, storage_path=out / "ray", name=f"fold_{fold}", **trainer_kwargs
+        work, storage_path=out / "ray", name=f"fold_{fold}", **trainer_kwargs
     )
     checkpoint = train_edge.fit(trainer, f"fold {fold}")
     return fold_result_from_checkpoint(checkpoint, out / f"fold_{fold}")

@@ -220,6 +220,7 @@ def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features,
     datasets (build_fold_trainer) with the same settings, windows smaller than the splits."""
     from ser_ray.distributed.fold_inputs import build_fold_inputs
     from ser_ray.distributed.fold_trainer import build_fold_trainer, open_fold_clips
+    from ser_ray.distributed.fold_work import WORK_KEY, FoldWork
     from ser_ray.models.ssl import demo_feature_extractor
     from ser_ray.sweeps.adamw import trial_clips, trial_setup
     from ser_ray.training.clip_data import window_batches
@@ -227,22 +228,17 @@ def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features,
     cfg = SWEEP
     train_cfg = dataclasses.replace(cfg.base_train_config(), window_clips=48, seed=3)
     inputs = build_fold_inputs(demo_features / "features", train_cfg, tmp_path / "cache")
-    setup = {**trial_setup(inputs, FOLD, cfg, RAVDESS), "train_config": train_cfg.to_dict()}
+    setup = trial_setup(inputs, FOLD, cfg, RAVDESS).with_train(train_cfg)
     fe = demo_feature_extractor()
-    trial = trial_clips(setup, train_cfg, RAVDESS, fe)
+    trial = trial_clips(setup, fe)
 
     trainer = build_fold_trainer(
-        {
-            **train_cfg.to_dict(),
-            **inputs.to_config(),
-            "fold": FOLD,
-            "protocol": RAVDESS.to_dict(),
-        }
+        FoldWork(train=train_cfg, inputs=inputs, fold=FOLD, protocol=RAVDESS)
     )
     shards = trainer.data_config.configure(
         trainer.datasets, world_size=1, worker_handles=None, worker_node_ids=None
     )[0]  # what its one worker's get_dataset_shard returns
-    worker = open_fold_clips(trainer.train_loop_config, shards, train_cfg, RAVDESS, fe)
+    worker = open_fold_clips(trainer.train_loop_config[WORK_KEY], shards, fe)
 
     def paths(table, indices):
         return [table.paths[i] for i in indices]

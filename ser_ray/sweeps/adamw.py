@@ -41,6 +41,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console, ingest
 from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
 from ser_ray.distributed.fold_trainer import count_splits, kept_labels, open_fold_clips
+from ser_ray.distributed.fold_work import FoldWork
 from ser_ray.distributed.resources import (
     adamw_concurrent_trials,
     adamw_trial_resources,
@@ -288,17 +289,35 @@ def _actor_string(actors) -> str:
     return " ".join(str(int(a)) for a in sorted(set(int(a) for a in actors)))
 
 
-def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """Tune trainable: train one sampled AdamW config on the fit actors, score on val actors.
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of the search on one outer fold shares (``tune.with_parameters``);
+    a trial's sampled values stay in Tune's own config, where the searcher reads them."""
 
-    ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
-    (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
-    ``folds``, ``split_actors`` and ``split_clips`` (``train``: the fit actors, ``val``),
-    ``class_counts`` (fit clips per class: the loss's class weights),
-    ``threads``, ``device``. The clips stream in as a study fold's do
-    (:func:`trial_clips`). Reports every epoch's ``run_training`` metrics plus, for
-    auditing, the actors it trained on (``fit_actors``) and validated on (``val_actors``),
-    read from the rows it received.
+    #: The fold's work with the sweep's fixed training settings (searched fields at their
+    #: defaults), its fit (``train``) and ``val`` clips counted, ``class_counts["train"]``
+    #: the fit clips per class (the loss's class weights).
+    work: FoldWork
+    #: The fit (``train``) and ``val`` actors; the fold's test actors are not even named.
+    split_actors: dict[str, list[int]]
+    #: Torch threads of a trial.
+    threads: int
+    #: Where a trial trains: ``cuda`` or ``cpu``.
+    device: str
+
+    def with_train(self, train: TrainConfig) -> TrialSetup:
+        """This setup with ``train`` as the work's training settings (a trial's own)."""
+        return dataclasses.replace(self, work=dataclasses.replace(self.work, train=train))
+
+
+def adamw_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune trainable: train one sampled AdamW config (``config``, Tune's) on the fit
+    actors, score on val actors.
+
+    The trial's settings are ``setup``'s fixed ones with the sampled values on top. The clips
+    stream in as a study fold's do (:func:`trial_clips`). Reports every epoch's
+    ``run_training`` metrics plus, for auditing, the actors it trained on (``fit_actors``)
+    and validated on (``val_actors``), read from the rows it received.
     """
     import torch
     from ray import tune
@@ -307,19 +326,20 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from ser_ray.training.engine import seed_everything
     from ser_ray.training.finetune import run_training
 
-    torch.set_num_threads(int(setup["threads"]))
-    cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
-    protocol = Protocol.from_dict(setup["protocol"])
+    torch.set_num_threads(setup.threads)
+    cfg = TrainConfig.from_dict({**setup.work.train.to_dict(), **params_from_config(config)})
+    setup = setup.with_train(cfg)
+    work = setup.work
     seed_everything(cfg.seed)
-    model, fe = build_model(cfg, list(protocol.classes))
-    FoldInputs.from_config(setup).check(model, fe)
-    clips = trial_clips(setup, cfg, protocol, fe)
+    model, fe = build_model(cfg, list(work.protocol.classes))
+    work.inputs.check(model, fe)
+    clips = trial_clips(setup, fe)
     seen: dict[str, set[int]] = {"train": set(), "val": set()}
     train, val = (_recording_actors(clips[name], seen[name]) for name in ("train", "val"))
 
     def report(metrics: dict[str, float], _write_checkpoint) -> None:
         audit = {  # the first report comes after a whole pass over both splits
-            "fold": int(setup["fold"]),
+            "fold": work.fold,
             "fit_actors": _actor_string(seen["train"]),
             "val_actors": _actor_string(seen["val"]),
             "n_train": len(train),
@@ -328,14 +348,12 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
 
     run_training(
-        cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report,
-        class_counts=setup["class_counts"],
+        cfg, model, fe, train, val, device=setup.device, on_epoch_end=report,
+        class_counts=work.class_counts["train"],
     )  # fmt: skip
 
 
-def trial_clips(
-    setup: dict[str, Any], cfg: TrainConfig, protocol: Protocol, feature_extractor
-) -> dict[str, ClipStream[ClipArrays]]:
+def trial_clips(setup: TrialSetup, feature_extractor) -> dict[str, ClipStream[ClipArrays]]:
     """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
     workers stream theirs: the same Ray datasets
     (:func:`ser_ray.distributed.ingest.fold_datasets`), read in the order a Train worker
@@ -343,12 +361,16 @@ def trial_clips(
     :func:`ser_ray.distributed.fold_trainer.open_fold_clips`; so for the same seed, the same
     batches."""
     # the test actors of the fold are not even named here: only fit and validation actors
+    work = setup.work
     datasets = ingest.fold_datasets(
-        setup["source"], setup["split_actors"], setup["input_kind"], kept_labels(protocol)
+        work.inputs.source,
+        setup.split_actors,
+        work.inputs.input_kind,
+        kept_labels(work.protocol),
     )
-    clips = open_fold_clips(setup, ingest.local_shards(datasets), cfg, protocol, feature_extractor)
+    clips = open_fold_clips(work, ingest.local_shards(datasets), feature_extractor)
     if "val" not in clips:
-        raise ValueError(f"fold {setup['fold']}: no validation clips in {setup['source']}")
+        raise ValueError(f"fold {work.fold}: no validation clips in {work.inputs.source}")
     return clips
 
 
@@ -363,29 +385,29 @@ def _recording_actors(stream: ClipStream[ClipArrays], seen: set[int]) -> ClipStr
     return dataclasses.replace(stream, to_clips=to_clips)
 
 
-def trial_setup(
-    source: FoldInputs, fold: int, cfg: SweepConfig, protocol: Protocol
-) -> dict[str, Any]:
+def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig, protocol: Protocol) -> TrialSetup:
     """What every trial of the search on outer fold ``fold`` shares (:func:`adamw_trial`'s
     ``setup``): the base TrainConfig, the inputs, the protocol, the fit (``train``) and
     ``val`` actors and their clip counts, threads and device. The fold's test actors are left
     out."""
-    base = cfg.base_train_config()
     _, fit_actors, val_actors = protocol.split(fold)
     if not val_actors:
         raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
     split_actors = {"train": fit_actors, "val": val_actors}
-    return {
-        "train_config": base.to_dict(),
-        **source.to_config(),  # source, input_kind, feature_cache_key
-        "split_actors": split_actors,
-        "split_clips": count_splits(source.source, split_actors, kept_labels(protocol)),
-        "class_counts": count_classes(source.source, fit_actors, protocol.label_index()),
-        "fold": int(fold),
-        "protocol": protocol.to_dict(),
-        "threads": trial_torch_threads(cfg.cpus_per_trial),
-        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
-    }
+    work = FoldWork(
+        train=cfg.base_train_config(),
+        inputs=source,
+        fold=int(fold),
+        protocol=protocol,
+        split_clips=count_splits(source.source, split_actors, kept_labels(protocol)),
+        class_counts={"train": count_classes(source.source, fit_actors, protocol.label_index())},
+    )
+    return TrialSetup(
+        work=work,
+        split_actors=split_actors,
+        threads=trial_torch_threads(cfg.cpus_per_trial),
+        device="cuda" if cfg.gpus_per_trial > 0 else "cpu",
+    )
 
 
 def tune_fold(
@@ -445,7 +467,7 @@ def tune_fold(
         "n_trials": len(trials),
         "n_stopped_early": int(trials["stopped_early"].sum()),
         "search_s": round(search_s, 2),
-        "fixed": {k: v for k, v in setup["train_config"].items() if k not in SEARCHED_FIELDS},
+        "fixed": {k: v for k, v in base.to_dict().items() if k not in SEARCHED_FIELDS},
         # Tune's path is inside the storage's filesystem (bucket/…): its scheme put back
         "experiment_path": storage.uri_prefix(storage_path) + str(grid.experiment_path),
         "note": HOLDOUT_NOTE.format(
@@ -469,7 +491,7 @@ def trial_resources(cfg: SweepConfig) -> tuple[dict[str, float], int]:
 
 
 def run_trials(
-    setup: dict[str, Any],
+    setup: TrialSetup,
     cfg: SweepConfig,
     resources: dict[str, float],
     max_concurrent: int,
