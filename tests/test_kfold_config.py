@@ -91,6 +91,21 @@ def test_flags_override_params_file(tmp_path):
     assert train_config_for(KFoldConfig(smoke_test=True)).epochs == 1
 
 
+def test_settings_saved_under_the_old_name_n_val_actors_are_read_as_n_val_speakers(tmp_path):
+    """``n_val_actors`` became ``n_val_speakers``: a config or ``--params`` file written before
+    the rename still sets it; where both names are given, the new one wins."""
+    from ser_ray.training.config import TrainConfig
+
+    assert TrainConfig.from_dict({"n_val_actors": 2}).n_val_speakers == 2
+    both = {"n_val_actors": 2, "n_val_speakers": 3}
+    assert TrainConfig.from_dict(both).n_val_speakers == 3
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"params": {"lr_encoder": 3e-5, "n_val_actors": 2}}))
+    cfg = KFoldConfig(params=str(best), train=study_train_config())
+    assert read_params(cfg).shared == {"lr_encoder": 3e-5, "n_val_speakers": 2}
+    assert train_config_for(cfg).n_val_speakers == 2
+
+
 def test_a_params_file_setting_a_study_flag_is_warned_about(tmp_path, caplog):
     """``refit``, ``epochs``, ... are the study's own (its flags decide them): a file that sets
     them otherwise is not silently overruled."""
@@ -199,7 +214,7 @@ def test_single_fold_sweep_params_are_refused(tmp_path):
     assert f"- **SSL training settings from {best.resolve()}: LEAKY" in markdown
 
 
-def test_nested_params_provenance_names_the_actors_per_fold(tmp_path):
+def test_nested_params_provenance_names_the_speakers_per_fold(tmp_path):
     best = tmp_path / "best.json"
     per_fold = {
         str(k): {"params": {}, "val_uar": 0.3,
@@ -289,7 +304,7 @@ def test_a_fold_job_hands_each_fold_one_typed_work_that_survives_pickling():
     from ser_ray.training.config import TrainConfig
 
     protocol = ravdess_protocol(n_val_speakers=2)
-    cfgs = {k: TrainConfig(seed=k, n_val_actors=2) for k in (1, 2)}
+    cfgs = {k: TrainConfig(seed=k, n_val_speakers=2) for k in (1, 2)}
     inputs = {k: FoldInputs(f"/features/{k}", "waveform", None) for k in (1, 2)}
     job = FoldJob(
         variant="wavlm+probe",

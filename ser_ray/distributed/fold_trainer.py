@@ -6,7 +6,7 @@ handed. Read top to bottom: the two ways in — :func:`train_fold_per_worker` (t
 function of a fold's ``TorchTrainer``, DDP) and :func:`train_fold_in_trial` (a fold of one
 worker, in its Tune trial's own process) — then :func:`train_fold`, what both run, in named
 steps: check the feature cache, open the fold's clip streams, train with resume, refit and
-score the test actors, write the fold's result. Then :func:`fold_data` (the fold's splits
+score the test speakers, write the fold's result. Then :func:`fold_data` (the fold's splits
 as Ray datasets, :mod:`ser_ray.distributed.ingest`), :func:`build_fold_trainer` (the
 ``TorchTrainer`` of a fold) and :func:`fold_result_from_checkpoint` (the fold's outcome from
 its final checkpoint). Ray touch-points are marked ``# RAY`` and go through the session
@@ -14,7 +14,7 @@ its final checkpoint). Ray touch-points are marked ``# RAY`` and go through the 
 :class:`ser_ray.distributed.train_in_tune.TrialSession`); the loop itself
 (:mod:`ser_ray.training.finetune`) is Ray-free.
 
-Validation actors come from the training side of the outer fold
+Validation speakers come from the training side of the outer fold
 (:meth:`ser_ray.corpus.protocol.Protocol.split`); the test fold is only scored once, with the
 best-epoch weights, at the end.
 """
@@ -120,8 +120,8 @@ def train_fold(work: FoldWork, session) -> None:
         "best_epoch": outcome.state.best_epoch,
         "final": True,  # not "done": Tune ends a trial at a result with done=True
     }
-    _, fit_actors, val_actors = fold_splits(protocol, work.fold, cfg)
-    trained_on = fit_actors
+    _, fit_speakers, val_speakers = fold_splits(protocol, work.fold, cfg)
+    trained_on = fit_speakers
     if cfg.refit and "val" in clips:
         model, _ = refit(
             cfg, outcome.state.best_epoch, clips["train"], clips["val"], class_names,
@@ -130,7 +130,7 @@ def train_fold(work: FoldWork, session) -> None:
             on_progress=lambda line: session.progress(f"refit {line}"),
         )  # fmt: skip
         final["refit_epochs"] = outcome.state.best_epoch
-        trained_on = fit_actors + val_actors
+        trained_on = fit_speakers + val_speakers
     if outcome.state.best_uar > -math.inf and "val" in clips:
         final["best/val_uar"] = outcome.state.best_uar
     frame = None
@@ -181,7 +181,7 @@ def ended_fold_report(checkpoint) -> dict[str, Any] | None:
 def open_fold_clips(
     work: FoldWork, shards: Mapping[str, Any], feature_extractor
 ) -> dict[str, ClipStream[ClipArrays]]:
-    """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
+    """The fold's clips by split (``train``: fit speakers, ``val``, ``test``), each streamed
     from its Ray Data iterator in ``shards`` (:func:`ser_ray.distributed.ingest.shard_stream`)
     ``work.train.window_clips`` at a time; a split without clips is left out.
 
@@ -207,11 +207,11 @@ def open_fold_clips(
 
 
 def count_splits(
-    source: str, split_actors: Mapping[str, Sequence[int]], labels: Sequence[str] | None = None
+    source: str, split_speakers: Mapping[str, Sequence[int]], labels: Sequence[str] | None = None
 ) -> dict[str, int]:
     """Clips per split of ``source`` (of ``labels`` only, unless None), counted before any
     worker reads them (a stream's size sets the number of steps of an epoch)."""
-    return {name: count_split(source, a, labels) if a else 0 for name, a in split_actors.items()}
+    return {name: count_split(source, a, labels) if a else 0 for name, a in split_speakers.items()}
 
 
 def fold_splits(
@@ -221,10 +221,10 @@ def fold_splits(
     validation speakers ``cfg`` asks for (a corpus's own partitions give their dev side,
     whatever its size)."""
     test, fit, val = protocol.split(int(fold))
-    if len(val) != cfg.n_val_actors and not protocol.given_sides:
+    if len(val) != cfg.n_val_speakers and not protocol.given_sides:
         raise ValueError(
             f"fold {fold}: the protocol holds {len(val)} validation speakers, the "
-            f"training settings ask for n_val_actors={cfg.n_val_actors}; resolve the protocol "
+            f"training settings ask for n_val_speakers={cfg.n_val_speakers}; resolve the protocol "
             "with the same number"
         )
     return test, fit, val
@@ -279,7 +279,7 @@ def score_test(
     class_names: list[str],
     ctx: edge.WorkerContext,
 ) -> tuple[dict[str, float], pd.DataFrame]:
-    """``test/*`` metrics and the per-clip predictions of the test actors (their ``model``
+    """``test/*`` metrics and the per-clip predictions of the test speakers (their ``model``
     column: the work's variant)."""
     cfg = work.train
     metrics, probs, scored = evaluate(
@@ -333,18 +333,18 @@ def fold_data(work: FoldWork) -> tuple[FoldWork, dict[str, Any]]:
     the fold's train/val/test clips of its inputs as Ray datasets by split
     (:mod:`ser_ray.distributed.ingest`)."""
     protocol = work.protocol
-    test_actors, fit_actors, val_actors = fold_splits(protocol, work.fold, work.train)
-    split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
+    test_speakers, fit_speakers, val_speakers = fold_splits(protocol, work.fold, work.train)
+    split_speakers = {"train": fit_speakers, "val": val_speakers, "test": test_speakers}
     source = work.inputs.source
     labels = kept_labels(protocol)
     datasets = ray_ingest.fold_datasets(  # RAY
-        source, split_actors, work.inputs.input_kind, labels
+        source, split_speakers, work.inputs.input_kind, labels
     )
     counts = {
-        name: count_classes(source, split_actors[name], protocol.label_index())
+        name: count_classes(source, split_speakers[name], protocol.label_index())
         for name in ("train", "val")
     }
-    split_clips = count_splits(source, split_actors, labels)
+    split_clips = count_splits(source, split_speakers, labels)
     return dataclasses.replace(work, split_clips=split_clips, class_counts=counts), datasets
 
 
@@ -369,7 +369,7 @@ class FoldOutcome:
     fold: int
     metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
     history: list[dict[str, float]]  # one row per epoch: train/*, val/*
-    predictions: pd.DataFrame  # the test actors' clips, predictions.csv format
+    predictions: pd.DataFrame  # the test speakers' clips, predictions.csv format
     model_dir: str  # the tested weights (best epoch, or refit), an HF checkpoint's location
 
 
