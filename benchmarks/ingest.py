@@ -8,7 +8,7 @@
 Each runs in a one-worker ``TorchTrainer`` over one epoch of training batches (collated, no
 model, so the figure is the data's), on a features Parquet repeated ``--copies`` times (the
 same clips under other paths: a corpus that many times larger). The same for pre-training
-(figures prefixed ``pretrain_``): a TAPT worker's pool (the fold's training actors) read
+(figures prefixed ``pretrain_``): a TAPT worker's pool (the fold's training speakers) read
 whole (``read_pool``, as pre-training did before streaming) or streamed, one epoch of
 :func:`ser_ray.training.pretrain.epoch_batches`. Figures: the worker's peak private memory (RSS less
 shared pages) and peak RSS above their values when the function started, sampled every
@@ -177,27 +177,28 @@ def _pretrain_batches(config: dict[str, Any], fe) -> Iterator[Any]:
 
 
 def _training_inputs(training: str, source: str, fold: int) -> dict[str, Any]:
-    """What a worker of ``training`` reads (actors, columns, clip count) and the trainer's
+    """What a worker of ``training`` reads (speakers, columns, clip count) and the trainer's
     dataset of it (RAY), on fold ``fold``'s training side."""
     from ser_ray.distributed.ingest import parquet_dataset, split_columns
     from ser_ray.distributed.pretrain_trainer import POOL_DATASET
-    from ser_ray.distributed.tapt import tapt_actors
+    from ser_ray.distributed.tapt import tapt_speakers
     from ser_ray.features.unlabeled import POOL_COLUMNS
     from ser_ray.training.clip_data import count_split
 
     if training == "pretrain":
-        actors, columns, name = tapt_actors(fold, ravdess_protocol()), POOL_COLUMNS, POOL_DATASET
+        speakers = tapt_speakers(fold, ravdess_protocol())
+        columns, name = POOL_COLUMNS, POOL_DATASET
     else:
-        actors, columns, name = (
+        speakers, columns, name = (
             ravdess_protocol().split(fold)[1],
             split_columns("waveform"),
             "train",
         )
     return {
-        "actors": actors,
+        "actors": speakers,
         "columns": columns,
-        "num_clips": count_split(source, actors),
-        "datasets": {name: parquet_dataset(source, columns, actors)},
+        "num_clips": count_split(source, speakers),
+        "datasets": {name: parquet_dataset(source, columns, speakers)},
     }
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the Ray Tune grid sweep against scikit-learn's GridSearchCV on every core.
 
-Same grid, same inner splits (leave one remaining outer fold out = actor-grouped, 5 x 4
-actors), same score (UA) on the training actors of one outer fold. Prints the wall time of
+Same grid, same inner splits (leave one remaining outer fold out = speaker-grouped, 5 x 4
+speakers), same score (UA) on the training speakers of one outer fold. Prints the wall time of
 each, their ratio, and the best inner score each found (they must be equal). Then the test
 UA of the tuned config against the untuned reference (StandardScaler + SVC(C=10)) on the
 same features and the same outer fold: the tuned one must not be worse.
@@ -44,7 +44,7 @@ def add_svm_args(parser: argparse.ArgumentParser) -> None:
         "--fold",
         type=int,
         default=1,
-        help="outer fold whose training actors are searched (default: %(default)s)",
+        help="outer fold whose training speakers are searched (default: %(default)s)",
     )
     parser.add_argument("--folds", choices=["contiguous", "emobox"], default="contiguous")
     parser.add_argument("--merge-calm", action="store_true", help="7 classes: calm -> neutral")
@@ -90,23 +90,23 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         features_dir = prepare.prepare_demo(out / "prepared", smoke_test=smoke_test, config=config)
     columns = ["path", "actor", "emotion", *svm.FEATURE_SETS[args.svm_features]]
     df = featurize.load_features(features_dir, columns=columns)
-    test_actors, train_actors = protocol.test_and_train(args.fold)
+    test_speakers, train_speakers = protocol.test_and_train(args.fold)
     X_all = svm.feature_set_matrix(df, args.svm_features, args.speaker_norm)
     y_all = svm.label_vector(df, protocol)
-    train_mask = df["actor"].isin(train_actors).to_numpy()
-    test_mask = df["actor"].isin(test_actors).to_numpy()
+    train_mask = df["actor"].isin(train_speakers).to_numpy()
+    test_mask = df["actor"].isin(test_speakers).to_numpy()
     train = df[train_mask].reset_index(drop=True)
     X, y = X_all[train_mask], y_all[train_mask]
-    actors = train["actor"].to_numpy()
+    speakers = train["actor"].to_numpy()
     grid = svm.svm_grid(smoke_test)
-    splits = svm.inner_splits(actors, fold_map)
+    splits = svm.inner_splits(speakers, fold_map)
 
     # Twice: the first Tuner on a fresh cluster also starts the trial workers (cold).
     tune_runs_s = []
     for run in ("cold", "warm"):
         start_s = time.perf_counter()
         found = tune_fold(
-            X, y, actors,
+            X, y, speakers,
             search="grid", num_samples=1, fold_map=fold_map, num_classes=num_classes, seed=0,
             storage_path=out / "tune", name=f"bench_svm_grid_fold{args.fold}_{run}", grid=grid,
             max_concurrent_trials=getattr(args, "max_concurrent_trials", None),
@@ -132,7 +132,7 @@ def run_svm_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sklearn_score = float(search.cv_results_["mean_test_score"][best])
 
     def test_uar(params: dict[str, Any]) -> float:
-        labels, _ = svm.fit_predict(params, X, y, actors, X_all[test_mask], num_classes, fold_map)
+        labels, _ = svm.fit_predict(params, X, y, speakers, X_all[test_mask], num_classes, fold_map)
         return classification_metrics(y_all[test_mask], labels, num_classes)["uar"]
 
     tuned_test_uar, reference_test_uar = test_uar(found["params"]), test_uar(svm.REFERENCE_PARAMS)
@@ -166,7 +166,7 @@ def format_svm_benchmark(r: dict[str, Any]) -> str:
     """The figures side by side."""
     return "\n".join(
         [
-            f"SVM grid search, fold {r['fold']} ({r['scheme']}) training actors: "
+            f"SVM grid search, fold {r['fold']} ({r['scheme']}) training speakers: "
             f"{r['n_train_clips']} clips, {r['n_configs']} configs x {r['n_inner_splits']} "
             f"inner splits, {r['cluster_cpus']} CPUs",
             "| search | wall s | best inner UA | best config |",

@@ -1,7 +1,7 @@
 """Benchmark: our training loop against Hugging Face ``Trainer``, and with vs without the
 frozen-CNN feature cache.
 
-Same model (same init), same batch size, same clips (the training actors of one outer fold,
+Same model (same init), same batch size, same clips (the training speakers of one outer fold,
 waveforms already normalised the same way), same AdamW, no gradient clipping, no
 evaluation; both group batches by length. Figures are training clips per second over
 whole epochs (after one warm-up epoch each), measured in one process one after the other.
@@ -61,9 +61,9 @@ def _training_clips(args: argparse.Namespace, fe) -> ClipArrays:
         cli.init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
         out = Path(args.out or "runs/benchmark") / "prepared"
         features_dir = prepare.prepare_demo(out, smoke_test=args.smoke_test)
-    _, fit_actors, _ = ravdess_protocol().split(args.fold)
+    _, fit_speakers, _ = ravdess_protocol().split(args.fold)
     frame = featurize.load_features(features_dir, ["path", "actor", "emotion", "waveform"])
-    frame = frame[frame["actor"].isin(fit_actors)].sort_values("path")
+    frame = frame[frame["actor"].isin(fit_speakers)].sort_values("path")
     frame = frame.iloc[np.random.default_rng(0).permutation(len(frame))[: args.clips]]
     table = pa.Table.from_pandas(frame, preserve_index=False)
     return table_from_arrow(table, "waveform", ravdess_protocol().label_index(), fe)

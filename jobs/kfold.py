@@ -1,4 +1,4 @@
-"""The main job: features -> SVM variants' nested CV -> wav2vec2 on six folds concurrently ->
+"""The main job: features -> SVM variants' nested CV -> wav2vec2 on the folds concurrently ->
 one table with the variants side by side (paired per-fold differences against the first).
 
 Examples:

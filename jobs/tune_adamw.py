@@ -5,15 +5,15 @@ beta2, the warm-up fraction, the decay-start fraction and gradient clipping (off
 a log-uniform norm). Encoder LR range: 1e-5..1e-3 for the tiny random 'demo' model;
 1e-5..1e-4 (the published wav2vec2 fine-tuning range) for real models (--lr-encoder-range).
 
-Objective: validation UA (val/uar, max) on four validation actors taken from the TRAINING
-side of an outer fold; the fold's test actors are never read. ASHA stops weak trials, but
+Objective: validation UA (val/uar, max) on the validation speakers taken from the TRAINING
+side of an outer fold; the fold's test speakers are never read. ASHA stops weak trials, but
 not before a third of the epochs nor before the longest searched warm-up is over.
 Each trial trains with our loop (ser_ray.training.finetune) on the feature cache, built once.
 
 Default: tune on the training side of ONE outer fold (--fold, default 1). Only that fold's
-test score is untouched by the search, so jobs/kfold.py refuses such a file for all six folds
+test score is untouched by the search, so jobs/kfold.py refuses such a file for all the folds
 (unless --allow-leaky-params). --nested runs one search per outer fold (each on its own
-training actors) and writes per-fold params: the file for jobs/kfold.py --params.
+training speakers) and writes per-fold params: the file for jobs/kfold.py --params.
 
 Writes to --out: best.json ({"params", "val_uar", "fold", "search"}; nested:
 {"per_fold": {"1": {"params", "val_uar", "search"}, ...}}), trials_fold<k>.csv, config.json,
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fold",
         type=int,
         default=1,
-        help="outer fold whose training actors are tuned on (default: %(default)s); only "
+        help="outer fold whose training speakers are tuned on (default: %(default)s); only "
         "this fold's test score stays untouched by the search",
     )
     p.add_argument(
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir,
         args.out,
         args.smoke_test,
-        cli.dataclass_from_args(args, ProtocolSettings, n_val_speakers=train.n_val_actors),
+        cli.dataclass_from_args(args, ProtocolSettings, n_val_speakers=train.n_val_speakers),
     )
     config_json = config_file.save_config(
         out,
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nfold {k}: best val UA {found['val_uar']:.4f} ({search['n_trials']} trials, "
             f"{search['n_stopped_early']} stopped early by ASHA, {search['search_s']:.0f} s; "
-            f"validation actors {search['val_actors']}, test actors {search['test_actors']} "
+            f"validation speakers {search['val_actors']}, test speakers {search['test_actors']} "
             "never seen)"
         )
         scheduler = search["scheduler"]

@@ -1,8 +1,8 @@
 """MFCC + SVM baseline with nested cross-validation on Ray Tune (grid or Bayesian search).
 
-For each outer fold (four test actors), Ray Tune searches SVC hyperparameters on the other
-20 actors only, scored by inner actor-grouped cross-validation (UA); the best config is
-refit on the training actors and scored once on the test fold.
+For each outer fold (its test speakers), Ray Tune searches SVC hyperparameters on the other
+folds' speakers only, scored by inner speaker-grouped cross-validation (UA); the best config is
+refit on the training speakers and scored once on the test fold.
 
 Writes to --out: svm_folds.json (per fold + mean ± std), predictions_svm.csv (out-of-fold,
 one row per clip, class probabilities), config.json, svm_models/fold_<k>.joblib (each fold's

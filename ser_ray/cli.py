@@ -231,8 +231,8 @@ def add_svm_feature_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speaker-norm",
         action="store_true",
-        help="z-normalise each clip's features over its own actor's clips (unlabelled; "
-        "transductive for the test actors, as in Pepino et al. 2021)",
+        help="z-normalise each clip's features over its own speaker's clips (unlabelled; "
+        "transductive for the test speakers, as in Pepino et al. 2021)",
     )
 
 

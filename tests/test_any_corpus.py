@@ -70,7 +70,7 @@ def test_a_csv_manifest_of_espeak_speech_with_its_own_labels(tts_corpus, tmp_pat
         manifest=str(manifest),
         variants=("svm", "svm+spknorm"),
         protocol=ProtocolSettings(num_folds=5, label_map="calm=-"),
-        train=study_train_config(n_val_actors=2),
+        train=study_train_config(n_val_speakers=2),
         smoke_test=True,
         out=str(run),
     )
@@ -106,14 +106,14 @@ def test_a_csv_manifest_of_espeak_speech_with_its_own_labels(tts_corpus, tmp_pat
     assert "label map: calm -> left out" in (run / "summary.md").read_text()
 
 
-def _cremad_corpus(demo_corpus: Path, out: Path, actors: range) -> Path:
+def _cremad_corpus(demo_corpus: Path, out: Path, speakers: range) -> Path:
     """Some of the demo corpus's actors renamed CREMA-D style (actor a -> speaker 1000 + a,
     6 emotions), plus a file whose name does not parse."""
     out.mkdir(parents=True)
     counts: dict[tuple[int, str], int] = {}
     for wav in sorted(demo_corpus.glob("Actor_*/*.wav")):
         name = parse_name(wav.name)
-        if name.actor not in actors or name.emotion not in CREMAD_CODES:
+        if name.actor not in speakers or name.emotion not in CREMAD_CODES:
             continue
         n = counts[name.actor, name.emotion] = counts.get((name.actor, name.emotion), -1) + 1
         new = f"{1000 + name.actor}_{SENTENCES[n]}_{CREMAD_CODES[name.emotion]}_XX.wav"
@@ -123,13 +123,13 @@ def _cremad_corpus(demo_corpus: Path, out: Path, actors: range) -> Path:
 
 
 def test_a_cremad_named_folder(demo_corpus, tmp_path):
-    corpus = _cremad_corpus(demo_corpus, tmp_path / "cremad", actors=range(1, 9))
+    corpus = _cremad_corpus(demo_corpus, tmp_path / "cremad", speakers=range(1, 9))
     run = tmp_path / "run"
     cfg = KFoldConfig(
         data_dir=str(corpus),
         variants=("svm",),
         protocol=ProtocolSettings(num_folds=4, n_val_speakers=1),
-        train=study_train_config(n_val_actors=1),
+        train=study_train_config(n_val_speakers=1),
         smoke_test=True,
         out=str(run),
     )
@@ -159,7 +159,7 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
     for wav in demo_corpus.glob("Actor_0[1-8]/*.wav"):
         (study / wav.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(wav, study / wav.parent.name / wav.name)
-    test = _cremad_corpus(demo_corpus, tmp_path / "cremad", actors=range(9, 17))
+    test = _cremad_corpus(demo_corpus, tmp_path / "cremad", speakers=range(9, 17))
     run = tmp_path / "run"
     cfg = KFoldConfig(
         data_dir=str(study),
@@ -168,7 +168,7 @@ def test_cross_corpus_ravdess_layout_to_cremad(demo_corpus, tmp_path):
         protocol=ProtocolSettings(
             folds="speaker-kfold", num_folds=4, label_map="calm=-,fearful=-,disgust=-,surprised=-"
         ),
-        train=study_train_config(model="demo-random", n_val_actors=1, batch_size=8),
+        train=study_train_config(model="demo-random", n_val_speakers=1, batch_size=8),
         smoke_test=True,
         out=str(run),
     )
@@ -253,7 +253,7 @@ def test_a_single_clip_speaker_stops_speaker_normalised_variants_before_any_work
         manifest=str(manifest),
         variants=("svm", "svm+spknorm"),
         protocol=ProtocolSettings(num_folds=3),
-        train=study_train_config(n_val_actors=1),
+        train=study_train_config(n_val_speakers=1),
         out=str(tmp_path / "run"),
     )
 

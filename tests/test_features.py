@@ -25,8 +25,8 @@ from ser_ray.features.featurize import (
 SR = 48_000
 
 
-def _clip(emotion: int = 5, actor: int = 1, rep: int = 1) -> np.ndarray:
-    return synthesize(speech_clip(emotion, 1, 1, rep, actor), speech_scale=0.4)
+def _clip(emotion: int = 5, speaker: int = 1, rep: int = 1) -> np.ndarray:
+    return synthesize(speech_clip(emotion, 1, 1, rep, speaker), speech_scale=0.4)
 
 
 def _write(path: Path, y: np.ndarray, sr: int = SR, **kw) -> Path:
@@ -37,7 +37,7 @@ def _write(path: Path, y: np.ndarray, sr: int = SR, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def bad_corpus(tmp_path_factory) -> Path:
-    """Every kind of bad input next to a few good clips; actors 3..24 are missing."""
+    """Every kind of bad input next to a few good clips; speakers 3..24 are missing."""
     root = tmp_path_factory.mktemp("bad_corpus")
     a1, a2 = root / "Actor_01", root / "Actor_02"
     good = _write(a1 / "03-01-05-01-01-01-01.wav", _clip())

@@ -36,7 +36,7 @@ def test_missing_actors_are_named():
 
 
 def test_leakage_is_caught():
-    with pytest.raises(FoldError, match=r"actors \[4\] are in both"):
+    with pytest.raises(FoldError, match=r"speakers \[4\] are in both"):
         folds.check_no_leakage([1, 2, 4], [4, 5])
 
 

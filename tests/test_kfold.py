@@ -39,7 +39,7 @@ def _check_run_folder(run: Path) -> None:
         for model in VARIANTS:
             assert set(fold[model]) >= {"accuracy", "uar", "macro_f1"}
             assert 0 <= fold[model]["uar"] <= 1
-    # "it ran" is not "it works": the SVM (nested CV on 20 actors x 8 clips) must learn
+    # "it ran" is not "it works": the SVM (nested CV on 20 speakers x 8 clips) must learn
     chance = 1 / len(summary["classes"])
     assert summary["mean"]["svm"]["uar"] > 2 * chance
     assert min(fold["svm"]["uar"] for fold in summary["folds"]) > chance
@@ -55,7 +55,7 @@ def _check_run_folder(run: Path) -> None:
     assert summary["variants"]["svm"]["normalisation"] == "none"
     probs = predictions.filter(like="prob_")
     assert probs.shape[1] == 8 and ((probs.sum(axis=1) - 1).abs() < 1e-6).all()
-    # out-of-fold: a clip's fold is the fold whose test actors hold its actor
+    # out-of-fold: a clip's fold is the fold whose test speakers hold its speaker
     assert (predictions.fold == (predictions.actor - 1) // 4 + 1).all()
     for name in ("summary.md", "summary.csv", "config.json", "rejected.csv"):
         assert (run / name).stat().st_size > 0
@@ -243,8 +243,8 @@ def _fit_fold_in_its_trial(features_dir: Path, fold: int, cfg, out: Path, cache_
 
     job = FoldJob(
         variant="wav2vec2",
-        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
-        train_configs={fold: cfg.to_dict()},
+        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_speakers),
+        train_configs={fold: cfg},
         inputs={fold: build_fold_inputs(features_dir, cfg, cache_dir)},
         tensorboard_dir=str(out / "tensorboard"),
     )  # the defaults: one worker on a CPU, in its trial, one torch thread

@@ -91,6 +91,21 @@ def test_flags_override_params_file(tmp_path):
     assert train_config_for(KFoldConfig(smoke_test=True)).epochs == 1
 
 
+def test_settings_saved_under_the_old_name_n_val_actors_are_read_as_n_val_speakers(tmp_path):
+    """``n_val_actors`` became ``n_val_speakers``: a config or ``--params`` file written before
+    the rename still sets it; where both names are given, the new one wins."""
+    from ser_ray.training.config import TrainConfig
+
+    assert TrainConfig.from_dict({"n_val_actors": 2}).n_val_speakers == 2
+    both = {"n_val_actors": 2, "n_val_speakers": 3}
+    assert TrainConfig.from_dict(both).n_val_speakers == 3
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"params": {"lr_encoder": 3e-5, "n_val_actors": 2}}))
+    cfg = KFoldConfig(params=str(best), train=study_train_config())
+    assert read_params(cfg).shared == {"lr_encoder": 3e-5, "n_val_speakers": 2}
+    assert train_config_for(cfg).n_val_speakers == 2
+
+
 def test_a_params_file_setting_a_study_flag_is_warned_about(tmp_path, caplog):
     """``refit``, ``epochs``, ... are the study's own (its flags decide them): a file that sets
     them otherwise is not silently overruled."""
@@ -199,7 +214,7 @@ def test_single_fold_sweep_params_are_refused(tmp_path):
     assert f"- **SSL training settings from {best.resolve()}: LEAKY" in markdown
 
 
-def test_nested_params_provenance_names_the_actors_per_fold(tmp_path):
+def test_nested_params_provenance_names_the_speakers_per_fold(tmp_path):
     best = tmp_path / "best.json"
     per_fold = {
         str(k): {"params": {}, "val_uar": 0.3,
@@ -248,7 +263,7 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     import dataclasses
 
     from ser_ray.distributed import feature_cache
-    from ser_ray.distributed.fold_inputs import fold_inputs_per_fold
+    from ser_ray.distributed.fold_inputs import FoldInputs, fold_inputs_per_fold
     from ser_ray.training.config import TrainConfig
 
     built = []
@@ -272,12 +287,40 @@ def test_folds_with_their_own_encoder_get_their_own_feature_cache(tmp_path, monk
     shared = fold_inputs_per_fold(tmp_path / "features", dict.fromkeys((1, 2, 3), base), tmp_path)
     assert built == ["demo"] and len({v.source for v in shared.values()}) == 1
     uncached = dataclasses.replace(base, use_feature_cache=False)
-    assert fold_inputs_per_fold(tmp_path / "features", {1: uncached}, tmp_path)[1].to_config() == {
-        "source": str(tmp_path / "features"),
-        "input_kind": "waveform",
-        "feature_cache_key": None,
-        "speaker_norm": False,
-    }
+    assert fold_inputs_per_fold(tmp_path / "features", {1: uncached}, tmp_path)[1] == FoldInputs(
+        source=str(tmp_path / "features"), input_kind="waveform", feature_cache_key=None
+    )
+
+
+def test_a_fold_job_hands_each_fold_one_typed_work_that_survives_pickling():
+    """What a fold trial hands its training (FoldWork): the fold's own settings and inputs,
+    the protocol object, its TensorBoard folder; pickled as Ray sends it, it comes back equal;
+    its clips must be counted (fold_data) before a worker opens them."""
+    import pickle
+
+    from ser_ray.distributed.fold_inputs import FoldInputs
+    from ser_ray.distributed.fold_trainer import open_fold_clips
+    from ser_ray.distributed.ssl_folds import FoldJob
+    from ser_ray.training.config import TrainConfig
+
+    protocol = ravdess_protocol(n_val_speakers=2)
+    cfgs = {k: TrainConfig(seed=k, n_val_speakers=2) for k in (1, 2)}
+    inputs = {k: FoldInputs(f"/features/{k}", "waveform", None) for k in (1, 2)}
+    job = FoldJob(
+        variant="wavlm+probe",
+        protocol=protocol,
+        train_configs=cfgs,
+        inputs=inputs,
+        tensorboard_dir="/run/tensorboard",
+    )
+    work = job.work(2, progress_key="fold/t2")
+    assert (work.train, work.inputs, work.fold) == (cfgs[2], inputs[2], 2)
+    assert work.protocol.split(2) == protocol.split(2)
+    assert work.log_dir == "/run/tensorboard/wavlm+probe/fold_2"
+    assert (work.variant, work.progress_key) == ("wavlm+probe", "fold/t2")
+    assert pickle.loads(pickle.dumps(work)) == work
+    with pytest.raises(ValueError, match="fold 2: its clips were not counted"):
+        open_fold_clips(work, {}, None)
 
 
 def test_variant_names_of_ssl_families():

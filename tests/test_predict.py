@@ -93,8 +93,8 @@ def test_predict_job_smoke_test(tmp_path):
 
 
 def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features, tmp_path):
-    """A saved svm+spknorm fold model on one actor's files (--one-speaker) gives the same
-    probabilities as on that actor's prepared features; single clips and unknown speakers
+    """A saved svm+spknorm fold model on one speaker's files (--one-speaker) gives the same
+    probabilities as on that speaker's prepared features; single clips and unknown speakers
     are refused."""
     from ser_ray.features import featurize
     from ser_ray.models import svm, svm_model
@@ -117,9 +117,9 @@ def test_speaker_normalised_svm_predicts_new_files_as_in_training(demo_features,
             model, "svm+mfcc+egemaps+spknorm", "mfcc+egemaps", True, CLASSES, fold=1, params={}
         ),
     )
-    actor1 = (df["actor"] == 1).to_numpy()
-    expected = svm.class_probabilities(model, X[actor1], len(CLASSES))
-    files = df["path"][actor1].tolist()
+    speaker1 = (df["actor"] == 1).to_numpy()
+    expected = svm.class_probabilities(model, X[speaker1], len(CLASSES))
+    files = df["path"][speaker1].tolist()
     out = tmp_path / "pred"
     job = [sys.executable, "jobs/predict.py", "--svm-models", str(saved), "--out", str(out)]
     subprocess.run([*job, "--one-speaker", *files], cwd=ROOT, check=True, capture_output=True)

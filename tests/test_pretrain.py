@@ -249,7 +249,7 @@ def test_pretrained_checkpoint_loads_into_the_classifier(tiny_config_file, tmp_p
         assert torch.equal(tensor, saved[name]), name
 
 
-def test_pools_from_an_audio_folder_and_by_actor(tmp_path, demo_features):
+def test_pools_from_an_audio_folder_and_by_speaker(tmp_path, demo_features):
     import soundfile as sf
 
     folder = tmp_path / "any_names"
@@ -262,39 +262,39 @@ def test_pools_from_an_audio_folder_and_by_actor(tmp_path, demo_features):
     assert [p.split("/")[-1] for p in clips.paths] == ["a.wav", "b.flac"]
     assert list(clips.lengths) == [16_000, 16_000]  # resampled to 16 kHz
     assert "broken.wav" in (pool / "rejected.csv").read_text()
-    chosen = read_pool(demo_features / "features", actors=[3, 7])
+    chosen = read_pool(demo_features / "features", speakers=[3, 7])
     assert len(chosen) == 2 * 16
     assert {int(p.split("-")[-1][:2]) for p in chosen.paths} == {3, 7}
     with pytest.raises(ValueError, match="no 'actor' column"):
-        read_pool(pool, actors=[1])
+        read_pool(pool, speakers=[1])
 
 
-def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
+def test_tapt_on_ray_train_reads_only_the_folds_training_speakers(
     ray_local, demo_features, tiny_config_file, tmp_path
 ):
     from ser_ray.corpus.protocol import ravdess_protocol
     from ser_ray.distributed.pretrain_trainer import fit_pretraining
-    from ser_ray.distributed.tapt import tapt_actors, tapt_key
+    from ser_ray.distributed.tapt import tapt_key, tapt_speakers
 
     features = demo_features / "features"
     protocol = ravdess_protocol()
-    for fold in range(1, 7):  # the actors TAPT may read never include a test actor
-        test_actors, _ = protocol.test_and_train(fold)
-        assert sorted(tapt_actors(fold, protocol) + test_actors) == list(range(1, 25))
-    actors = tapt_actors(2, protocol)
+    for fold in range(1, 7):  # the speakers TAPT may read never include a test speaker
+        test_speakers, _ = protocol.test_and_train(fold)
+        assert sorted(tapt_speakers(fold, protocol) + test_speakers) == list(range(1, 25))
+    speakers = tapt_speakers(2, protocol)
     cfg = tiny_pretrain(tiny_config_file, epochs=1, batch_size=16, freeze_feature_encoder=True)
     reports = []
     model_dir = fit_pretraining(
-        features, tmp_path / "tapt", cfg, actors=actors, on_report=reports.append
+        features, tmp_path / "tapt", cfg, speakers=speakers, on_report=reports.append
     )
     # every report reached this process as it came: the epoch's, then the closing one
     assert [r.get("epoch") for r in reports] == [1, None] and reports[-1]["final"]
     assert reports[0]["pretrain/loss"] > 0 and "checkpoint_path" in reports[0]
     read = (tmp_path / "tapt" / "clips.csv").read_text().split()
-    read_actors = {int(Path(p).stem.split("-")[-1]) for p in read}
-    assert read_actors == set(actors) and not read_actors & {5, 6, 7, 8}
-    assert len(read) == 20 * 16  # every training actor's clip, once
-    assert read == pool_paths(features, actors)
+    read_speakers = {int(Path(p).stem.split("-")[-1]) for p in read}
+    assert read_speakers == set(speakers) and not read_speakers & {5, 6, 7, 8}
+    assert len(read) == 20 * 16  # every training speaker's clip, once
+    assert read == pool_paths(features, speakers)
     history = json.loads((tmp_path / "tapt" / "result.json").read_text())["history"]
     assert len(history) == 1 and history[0]["pretrain/loss"] > 0
     assert list((tmp_path / "tapt" / "tensorboard").glob("events.out.tfevents.*"))
@@ -306,7 +306,7 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
         seed_everything(cfg.seed)
         in_memory, fe = build_pretraining_model(cfg)
         seed_everything(cfg.seed)  # rank 0
-        outcome = run_pretraining(cfg, in_memory, fe, read_pool(features, actors))
+        outcome = run_pretraining(cfg, in_memory, fe, read_pool(features, speakers))
     finally:
         torch.set_num_threads(threads)
     assert _curve(history) == _curve(outcome.history)
@@ -317,10 +317,10 @@ def test_tapt_on_ray_train_reads_only_the_folds_training_actors(
     for name, tensor in start.wav2vec2.feature_extractor.state_dict().items():
         assert torch.equal(cnn[name], tensor), name
     # the cache key changes with the speakers read and the settings, not with anything else
-    key = tapt_key(str(model_dir), actors, features, cfg)
-    assert key == tapt_key(str(model_dir), list(reversed(actors)), features, cfg)
-    assert key != tapt_key(str(model_dir), tapt_actors(3, protocol), features, cfg)
-    assert key != tapt_key(str(model_dir), actors, features, PretrainConfig())
+    key = tapt_key(str(model_dir), speakers, features, cfg)
+    assert key == tapt_key(str(model_dir), list(reversed(speakers)), features, cfg)
+    assert key != tapt_key(str(model_dir), tapt_speakers(3, protocol), features, cfg)
+    assert key != tapt_key(str(model_dir), speakers, features, PretrainConfig())
 
 
 def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
@@ -336,7 +336,7 @@ def test_demo_pool_has_other_voices_and_sentences_and_no_labels(tmp_path):
         unlabeled_pool_clips(1, 1, seed=0)
     pool = write_demo_pool(tmp_path / "pool", n_speakers=2, clips_per_speaker=2)
     table = pq.read_table(pool)
-    assert table.column_names == ["path", "waveform"]  # no emotion, no actor
+    assert table.column_names == ["path", "waveform"]  # no emotion, no speaker
     assert table.num_rows == 4 and len(set(table.column("path").to_pylist())) == 4
     assert resolve_model(RANDOM_DEMO_MODEL) == RANDOM_DEMO_MODEL  # load_model's random init
     assert resolve_model("facebook/wav2vec2-base") == "facebook/wav2vec2-base"

@@ -1,4 +1,4 @@
-"""Speaker normalisation: per-actor statistics from that actor's own clips, never labels."""
+"""Speaker normalisation: per-speaker statistics from that speaker's own clips, never labels."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from ser_ray.models import svm
 
 
 def _table(seed: int = 0) -> pd.DataFrame:
-    """3 actors x 5 clips of 6 features, each actor with its own offset and scale."""
+    """3 speakers x 5 clips of 6 features, each speaker with its own offset and scale."""
     rng = np.random.default_rng(seed)
     rows = []
-    for actor in (1, 2, 3):
+    for speaker in (1, 2, 3):
         for clip in range(5):
-            values = actor * 10 + actor * rng.normal(size=6)
+            values = speaker * 10 + speaker * rng.normal(size=6)
             rows.append(
                 {
-                    "path": f"Actor_{actor:02d}/clip{clip}.wav",
-                    "actor": actor,
+                    "path": f"Actor_{speaker:02d}/clip{clip}.wav",
+                    "actor": speaker,
                     "emotion": ["neutral", "angry"][clip % 2],
                     "mfcc_stats": values[:4].astype(np.float32),
                     "egemaps": values[4:].astype(np.float32),
@@ -31,12 +31,12 @@ def _table(seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_each_actor_is_centred_and_scaled_on_its_own_clips():
+def test_each_speaker_is_centred_and_scaled_on_its_own_clips():
     df = _table()
     X = svm.feature_set_matrix(df, "mfcc+egemaps", speaker_normalise=True)
     assert X.shape == (15, 6)
-    for actor in (1, 2, 3):
-        block = X[df["actor"] == actor]
+    for speaker in (1, 2, 3):
+        block = X[df["actor"] == speaker]
         np.testing.assert_allclose(block.mean(axis=0), 0, atol=1e-9)
         np.testing.assert_allclose(block.std(axis=0), 1, atol=1e-6)
     raw = svm.feature_set_matrix(df, "mfcc+egemaps")
@@ -45,16 +45,16 @@ def test_each_actor_is_centred_and_scaled_on_its_own_clips():
     np.testing.assert_allclose(X[rows], expected)
 
 
-def test_an_actor_is_unchanged_when_another_actors_audio_changes():
+def test_a_speaker_is_unchanged_when_another_speakers_audio_changes():
     df = _table()
     before = svm.feature_set_matrix(df, "mfcc", speaker_normalise=True)
     other = (df["actor"] == 3).to_numpy()
-    changed = df.assign(  # actor 3's features change non-linearly (z-scores change too)
+    changed = df.assign(  # speaker 3's features change non-linearly (z-scores change too)
         mfcc_stats=[v**3 if o else v for v, o in zip(df["mfcc_stats"], other, strict=True)]
     )
     after = svm.feature_set_matrix(changed, "mfcc", speaker_normalise=True)
-    for actor in (1, 2):
-        rows = (df["actor"] == actor).to_numpy()
+    for speaker in (1, 2):
+        rows = (df["actor"] == speaker).to_numpy()
         np.testing.assert_array_equal(after[rows], before[rows])
     assert not np.allclose(after[other], before[other])
 
@@ -84,7 +84,7 @@ def test_single_clips_and_missing_speakers_are_refused():
         speaker_normalize(X, ["a", "a"])
 
 
-def _pooled_cache(root, values: np.ndarray, actors: list[int]):
+def _pooled_cache(root, values: np.ndarray, speakers: list[int]):
     """A finished pooled-layers feature cache (2 layers x 3) of ``values`` in ``root``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -96,26 +96,26 @@ def _pooled_cache(root, values: np.ndarray, actors: list[int]):
     flat = pa.array(values.astype(np.float32).reshape(-1))
     offsets = pa.array(np.arange(0, len(flat) + 1, 6, dtype=np.int32))
     table = pa.table({
-        "path": [f"/c/{i:02d}.wav" for i in range(len(actors))],
-        "actor": pa.array(actors, pa.int32()),
-        "emotion": ["happy"] * len(actors),
-        "num_samples": pa.array([16000] * len(actors), pa.int64()),
-        "feature_rows": pa.array([2] * len(actors), pa.int32()),
-        "feature_dim": pa.array([3] * len(actors), pa.int32()),
+        "path": [f"/c/{i:02d}.wav" for i in range(len(speakers))],
+        "actor": pa.array(speakers, pa.int32()),
+        "emotion": ["happy"] * len(speakers),
+        "num_samples": pa.array([16000] * len(speakers), pa.int64()),
+        "feature_rows": pa.array([2] * len(speakers), pa.int32()),
+        "feature_dim": pa.array([3] * len(speakers), pa.int32()),
         "features": pa.ListArray.from_arrays(offsets, flat),
     })  # fmt: skip
     pq.write_table(table, data / "part-0.parquet")
     (root / "pooled-k" / INFO_FILE).write_text('{"key": "pooled-k", "kind": "pooled"}')
-    return FeatureCache(data, "pooled", "pooled-k", len(actors))
+    return FeatureCache(data, "pooled", "pooled-k", len(speakers))
 
 
-def _normalised_rows(tmp_path, values, actors) -> dict[str, np.ndarray]:
+def _normalised_rows(tmp_path, values, speakers) -> dict[str, np.ndarray]:
     import pyarrow.dataset as pds
 
     from ser_ray.common.storage import list_column
     from ser_ray.distributed.feature_cache import speaker_normalised_cache
 
-    cache = speaker_normalised_cache(_pooled_cache(tmp_path, values, actors))
+    cache = speaker_normalised_cache(_pooled_cache(tmp_path, values, speakers))
     assert cache.key == "pooled-k" and Path(cache.path).parent.name == "pooled-k-spknorm"
     table = pds.dataset(str(cache.path)).to_table()
     return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
@@ -125,16 +125,16 @@ def test_ssl_speaker_statistics_of_a_speaker_come_from_its_own_clips_only(tmp_pa
     """The speaker-normalised pooled layers of a probe: each speaker's rows z-normalised
     over that speaker's own clips; another speaker's clips change nothing of them."""
     rng = np.random.default_rng(0)
-    actors = [1] * 4 + [2] * 5 + [3] * 3
+    speakers = [1] * 4 + [2] * 5 + [3] * 3
     values = rng.normal(0.3, 0.05, (12, 6))
-    rows = _normalised_rows(tmp_path / "a", values, actors)
+    rows = _normalised_rows(tmp_path / "a", values, speakers)
     own = values[:4]
     expected = (own - own.mean(axis=0)) / own.std(axis=0)
     for i in range(4):
         np.testing.assert_allclose(rows[f"/c/{i:02d}.wav"], expected[i], rtol=1e-5, atol=1e-5)
     changed = values.copy()
     changed[4:] = rng.normal(5.0, 2.0, (8, 6))  # speakers 2 and 3 sound very different
-    again = _normalised_rows(tmp_path / "b", changed, actors)
+    again = _normalised_rows(tmp_path / "b", changed, speakers)
     for i in range(4):
         np.testing.assert_array_equal(again[f"/c/{i:02d}.wav"], rows[f"/c/{i:02d}.wav"])
     assert not np.allclose(again["/c/05.wav"], rows["/c/05.wav"])

@@ -21,21 +21,21 @@ FOLD_MAP = RAVDESS.fold_of_speaker()
 
 
 def synthetic_features(n_per_emotion: int = 2, seed: int = 0, noise: float = 1.5) -> pd.DataFrame:
-    """24 actors x 8 emotions x ``n_per_emotion`` clips; one cluster per emotion plus an
-    actor offset, in 80 dimensions (like 40 MFCC means + 40 stds)."""
+    """24 speakers x 8 emotions x ``n_per_emotion`` clips; one cluster per emotion plus a
+    speaker offset, in 80 dimensions (like 40 MFCC means + 40 stds)."""
     rng = np.random.default_rng(seed)
     centers = rng.normal(0.0, 1.0, (8, 80))
     rows = []
-    for actor in range(1, 25):
+    for speaker in range(1, 25):
         offset = rng.normal(0.0, 0.5, 80)
         for code, emotion in EMOTIONS.items():
             for rep in range(n_per_emotion):
                 x = centers[code - 1] + offset + rng.normal(0.0, noise, 80)
-                name = f"03-01-{code:02d}-01-01-{rep + 1:02d}-{actor:02d}.wav"
+                name = f"03-01-{code:02d}-01-01-{rep + 1:02d}-{speaker:02d}.wav"
                 rows.append(
                     {
-                        "path": f"/demo/Actor_{actor:02d}/{name}",
-                        "actor": actor,
+                        "path": f"/demo/Actor_{speaker:02d}/{name}",
+                        "actor": speaker,
                         "emotion": emotion,
                         "mfcc_stats": x.astype(np.float32).tolist(),
                     }
@@ -67,24 +67,24 @@ def test_metrics_known_arrays():
 
 @pytest.mark.parametrize("scheme", ["contiguous", "emobox"])
 @pytest.mark.parametrize("fold", range(1, 7))
-def test_inner_splits_never_hold_test_actors(scheme, fold):
-    test_actors, train_actors = ravdess_protocol(scheme).test_and_train(fold)
-    actors = np.repeat(train_actors, 3)
-    splits = svm.inner_splits(actors, ravdess_protocol(scheme).fold_of_speaker())
+def test_inner_splits_never_hold_test_speakers(scheme, fold):
+    test_speakers, train_speakers = ravdess_protocol(scheme).test_and_train(fold)
+    speakers = np.repeat(train_speakers, 3)
+    splits = svm.inner_splits(speakers, ravdess_protocol(scheme).fold_of_speaker())
     assert len(splits) == 5
     val_seen = []
     for train_idx, val_idx in splits:
-        train_a, val_a = set(actors[train_idx]), set(actors[val_idx])
+        train_a, val_a = set(speakers[train_idx]), set(speakers[val_idx])
         assert not train_a & val_a
-        assert not (train_a | val_a) & set(test_actors)
+        assert not (train_a | val_a) & set(test_speakers)
         assert len(val_a) == 4 and len(train_a) == 16
         # each inner validation fold is one of the remaining outer folds
         assert len({ravdess_protocol(scheme).fold_of_speaker()[a] for a in val_a}) == 1
         val_seen.extend(val_idx.tolist())
-    assert sorted(val_seen) == list(range(len(actors)))  # a partition of the training rows
+    assert sorted(val_seen) == list(range(len(speakers)))  # a partition of the training rows
 
 
-def test_inner_splits_reject_unknown_actors():
+def test_inner_splits_reject_unknown_speakers():
     fold_map = ravdess_protocol().fold_of_speaker()
     with pytest.raises(ValueError, match=r"speakers \[99\] are in no fold"):
         svm.inner_splits([1, 2, 99], fold_map)
@@ -129,20 +129,20 @@ def test_best_config_breaks_ties_deterministically():
 
 def test_inner_score_equals_grid_search_cv():
     df = synthetic_features(noise=3.0)
-    test_actors, train_actors = RAVDESS.test_and_train(1)
-    train = df[df.actor.isin(train_actors)].reset_index(drop=True)
-    X, y, actors = (
+    test_speakers, train_speakers = RAVDESS.test_and_train(1)
+    train = df[df.actor.isin(train_speakers)].reset_index(drop=True)
+    X, y, speakers = (
         svm.feature_matrix(train),
         svm.label_vector(train, RAVDESS),
         train.actor.to_numpy(),
     )
-    splits = svm.inner_splits(actors, FOLD_MAP)
+    splits = svm.inner_splits(speakers, FOLD_MAP)
     configs = [
         {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None},
         {"kernel": "linear", "C": 0.01, "class_weight": "balanced"},
     ]
     ours = [svm.inner_cv_score(c, X, y, splits, 8)["uar"] for c in configs]
-    groups = np.array([FOLD_MAP[a] for a in actors])
+    groups = np.array([FOLD_MAP[a] for a in speakers])
     search = GridSearchCV(
         svm.make_svm_pipeline(),
         [{f"svc__{k}": [v] for k, v in c.items()} for c in configs],
@@ -157,8 +157,8 @@ def test_inner_score_equals_grid_search_cv():
 
 def test_calibrated_probabilities_sum_to_one_and_repeat():
     df = synthetic_features(noise=3.0)
-    test_actors, train_actors = RAVDESS.test_and_train(2)
-    train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
+    test_speakers, train_speakers = RAVDESS.test_and_train(2)
+    train, test = df[df.actor.isin(train_speakers)], df[df.actor.isin(test_speakers)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": "balanced"}
     args = (svm.feature_matrix(train), svm.label_vector(train, RAVDESS), train.actor.to_numpy())
     labels, proba = svm.fit_predict(params, *args, svm.feature_matrix(test), 8, FOLD_MAP)
@@ -169,15 +169,15 @@ def test_calibrated_probabilities_sum_to_one_and_repeat():
     np.testing.assert_array_equal(proba, again[1])
     np.testing.assert_array_equal(labels, again[0])
     ua = classification_metrics(svm.label_vector(test, RAVDESS), labels, 8)["uar"]
-    assert ua > 0.5  # noisy but separable clusters, unseen actors
+    assert ua > 0.5  # noisy but separable clusters, unseen speakers
 
 
 def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
     """Selection (inner CV) scores SVC.predict; the reported labels must be SVC.predict too,
     not the argmax of the calibrated probabilities (they differ on overlapping classes)."""
     df = synthetic_features(noise=6.0)
-    test_actors, train_actors = RAVDESS.test_and_train(3)
-    train, test = df[df.actor.isin(train_actors)], df[df.actor.isin(test_actors)]
+    test_speakers, train_speakers = RAVDESS.test_and_train(3)
+    train, test = df[df.actor.isin(train_speakers)], df[df.actor.isin(test_speakers)]
     params = {"kernel": "rbf", "C": 1.0, "gamma": "scale", "class_weight": None}
     X, y = svm.feature_matrix(train), svm.label_vector(train, RAVDESS)
     X_test = svm.feature_matrix(test)
@@ -189,8 +189,8 @@ def test_reported_labels_follow_the_rule_the_inner_cv_selected_on():
 
 def test_probabilities_with_merged_calm_have_seven_columns():
     df = synthetic_features(n_per_emotion=1)
-    _, train_actors = RAVDESS.test_and_train(1)
-    train = df[df.actor.isin(train_actors)]
+    _, train_speakers = RAVDESS.test_and_train(1)
+    train = df[df.actor.isin(train_speakers)]
     y = svm.label_vector(train, ravdess_protocol(merge_calm=True))
     assert set(y.tolist()) == set(range(7)) and len(class_names(True)) == 7
     _, proba = svm.fit_predict(

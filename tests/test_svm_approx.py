@@ -64,8 +64,8 @@ def test_an_unknown_solver_is_refused_as_a_setting():
 
 def test_approx_probabilities_sum_to_one_and_beat_chance_on_unseen_speakers():
     X, y, speakers = separable(noise=2.5)
-    test_actors, _ = RAVDESS.test_and_train(3)
-    test = np.isin(speakers, test_actors)
+    test_speakers, _ = RAVDESS.test_and_train(3)
+    test = np.isin(speakers, test_speakers)
     model = svm.fit_calibrated_svm(
         RBF, X[~test], y[~test], speakers[~test], FOLD_MAP, solver="approx", n_components=100
     )
@@ -102,8 +102,8 @@ def test_gamma_scale_means_what_it_means_for_the_svc():
 
 def test_halving_prunes_configs_and_keeps_a_good_one():
     X, y, speakers = separable(n_per_class=6, noise=2.0)
-    _, train_actors = RAVDESS.test_and_train(1)
-    train = np.isin(speakers, train_actors)
+    _, train_speakers = RAVDESS.test_and_train(1)
+    train = np.isin(speakers, train_speakers)
     splits = svm.inner_splits(speakers[train], FOLD_MAP)
     grid = svm.svm_grid(smoke_test=True)  # 6 configs
     survivors, n_pruned = svm_approx.halving_search(

@@ -56,12 +56,12 @@ def synthetic_table(clips_per_class: int = 1, seconds: float = 1.0, seed: int = 
             n = int(16_000 * seconds * rng.uniform(0.8, 1.2))
             t = np.arange(n) / 16_000
             wave = np.sin(2 * np.pi * (150 + 60 * k) * t) + 0.3 * rng.standard_normal(n)
-            actor = 1 + (j % 24)
-            name = f"03-01-{k + 1:02d}-01-01-{j % 2 + 1:02d}-{actor:02d}.wav"
+            speaker = 1 + (j % 24)
+            name = f"03-01-{k + 1:02d}-01-01-{j % 2 + 1:02d}-{speaker:02d}.wav"
             rows.append(
                 {
-                    "path": f"/x/Actor_{actor:02d}/{name}",
-                    "actor": actor,
+                    "path": f"/x/Actor_{speaker:02d}/{name}",
+                    "actor": speaker,
                     "emotion": emotion,
                     "waveform": wave.astype(np.float32),
                 }
@@ -261,7 +261,7 @@ def test_nan_loss_names_epoch_and_step(clips):
     bad = ClipArrays(
         clips.kind,
         clips.paths,
-        clips.actors,
+        clips.speakers,
         clips.emotions,
         clips.labels,
         [x.copy() for x in clips.inputs],
@@ -389,17 +389,17 @@ def fit_fold_as_the_study_does(
     from ser_ray.distributed import train_edge
     from ser_ray.distributed.fold_inputs import build_fold_inputs
     from ser_ray.distributed.fold_trainer import build_fold_trainer, fold_result_from_checkpoint
+    from ser_ray.distributed.fold_work import FoldWork
 
-    inputs = build_fold_inputs(features_dir, cfg, cache_dir)
-    config = {
-        **cfg.to_dict(),
-        **inputs.to_config(),
-        "fold": fold,
-        "protocol": ravdess_protocol(n_val_speakers=cfg.n_val_actors).to_dict(),
-        "log_dir": str(out / "tensorboard" / f"fold_{fold}"),
-    }
+    work = FoldWork(
+        train=cfg,
+        inputs=build_fold_inputs(features_dir, cfg, cache_dir),
+        fold=fold,
+        protocol=ravdess_protocol(n_val_speakers=cfg.n_val_speakers),
+        log_dir=str(out / "tensorboard" / f"fold_{fold}"),
+    )
     trainer = build_fold_trainer(
-        config, storage_path=out / "ray", name=f"fold_{fold}", **trainer_kwargs
+        work, storage_path=out / "ray", name=f"fold_{fold}", **trainer_kwargs
     )
     checkpoint = train_edge.fit(trainer, f"fold {fold}")
     return fold_result_from_checkpoint(checkpoint, out / f"fold_{fold}")
@@ -407,15 +407,15 @@ def fit_fold_as_the_study_does(
 
 def test_fit_fold_on_demo_features_with_ray(demo_features, tmp_path):
     """One fold through TorchTrainer (1 worker) with the feature cache, then a restart."""
-    cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_actors=4)
+    cfg = tiny_config(epochs=2, batch_size=8, use_feature_cache=True, n_val_speakers=4)
     run = tmp_path / "run"
     result = fit_fold_as_the_study_does(demo_features / "features", 2, cfg, run, tmp_path / "cache")
-    test_actors, _, val_actors = ravdess_protocol().split(2)
+    test_speakers, _, val_speakers = ravdess_protocol().split(2)
     assert result.fold == 2
-    assert test_actors == [5, 6, 7, 8] and len(val_actors) == 4
+    assert test_speakers == [5, 6, 7, 8] and len(val_speakers) == 4
     preds = result.predictions
     assert len(preds) == 4 * 16 and set(preds["actor"]) == {5, 6, 7, 8}
-    assert not set(preds["actor"]) & set(val_actors)
+    assert not set(preds["actor"]) & set(val_speakers)
     np.testing.assert_allclose(preds.filter(like="prob_").sum(axis=1), 1.0, atol=1e-6)
     for key in ("test/accuracy", "test/uar", "test/macro_f1", "best_epoch", "best/val_uar"):
         assert key in result.metrics
@@ -613,11 +613,11 @@ def test_refit_trains_a_fresh_model_on_fit_and_validation_clips():
     fe = demo_feature_extractor()
     fit = table_from_arrow(synthetic_table(1, seed=1), "waveform", LABELS, fe)
     val = table_from_arrow(synthetic_table(1, seed=2), "waveform", LABELS, fe)
-    val.actors[:] = 24  # validation actors of their own
+    val.speakers[:] = 24  # validation speakers of their own
     cfg = tiny_config(epochs=5, refit=True, early_stopping_patience=2)
     model, table = refit(cfg, 2, fit, val, CLASSES)
     assert len(table) == len(fit) + len(val) and table.paths == sorted(table.paths)
-    assert set(table.actors.tolist()) == set(fit.actors.tolist()) | {24}
+    assert set(table.speakers.tolist()) == set(fit.speakers.tolist()) | {24}
     assert sorted(zip(table.paths, table.labels.tolist(), strict=True)) == sorted(
         zip(fit.paths + val.paths, [*fit.labels.tolist(), *val.labels.tolist()], strict=True)
     )

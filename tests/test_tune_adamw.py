@@ -50,20 +50,20 @@ def _reports(out: Path) -> list[list[dict]]:
 
 def test_the_search_never_sees_the_test_fold(sweep):
     out, _ = sweep
-    test_actors, train_actors = RAVDESS.test_and_train(FOLD)
-    _, fit_actors, val_actors = RAVDESS.split(FOLD)
-    assert test_actors == [5, 6, 7, 8]
+    test_speakers, train_speakers = RAVDESS.test_and_train(FOLD)
+    _, fit_speakers, val_speakers = RAVDESS.split(FOLD)
+    assert test_speakers == [5, 6, 7, 8]
     trials = _reports(out)
     assert len(trials) == SWEEP.num_samples
     for reports in trials:
         assert 1 <= len(reports) <= SWEEP.train.epochs
-        for r in reports:  # the actors of the rows the trial actually received
+        for r in reports:  # the speakers of the rows the trial actually received
             fit = [int(a) for a in r["fit_actors"].split()]
             val = [int(a) for a in r["val_actors"].split()]
-            assert fit == fit_actors and val == val_actors
-            assert sorted(fit + val) == train_actors
-            assert not set(fit + val) & set(test_actors)
-            assert (r["n_train"], r["n_val"]) == (16 * 16, 4 * 16)  # 16 demo clips per actor
+            assert fit == fit_speakers and val == val_speakers
+            assert sorted(fit + val) == train_speakers
+            assert not set(fit + val) & set(test_speakers)
+            assert (r["n_train"], r["n_val"]) == (16 * 16, 4 * 16)  # 16 demo clips per speaker
             assert 0.0 <= r[METRIC] <= 1.0
 
 
@@ -193,7 +193,7 @@ def test_search_space_defaults_follow_the_model():
     assert TrainConfig.from_dict(off).betas == (0.9, 0.98)
 
 
-def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_features, tmp_path):
+def test_nested_sweeps_each_fold_on_its_own_training_speakers(ray_local, demo_features, tmp_path):
     outer = [3, 6]
     cfg = SweepConfig(num_samples=2, train=sweep_train_config(epochs=1, seed=0))
     result = run_sweep(
@@ -203,14 +203,14 @@ def test_nested_sweeps_each_fold_on_its_own_training_actors(ray_local, demo_feat
     assert set(best) == {"per_fold", "note"} and list(best["per_fold"]) == ["3", "6"]
     for k in outer:
         found = best["per_fold"][str(k)]
-        test_actors, train_actors = RAVDESS.test_and_train(k)
-        assert found["search"]["test_actors"] == test_actors
+        test_speakers, train_speakers = RAVDESS.test_and_train(k)
+        assert found["search"]["test_actors"] == test_speakers
         assert SearchSpace().contains(found["params"]) and 0.0 <= found["val_uar"] <= 1.0
         trials = result.trials[k]
         assert len(trials) == 2
         for fit, val in zip(trials["fit_actors"], trials["val_actors"], strict=True):
             seen = [int(a) for a in f"{fit} {val}".split()]
-            assert sorted(seen) == train_actors and not set(seen) & set(test_actors)
+            assert sorted(seen) == train_speakers and not set(seen) & set(test_speakers)
         assert len(list((tmp_path / "tune" / f"adamw_fold{k}").glob("*/result.json"))) == 2
 
 
@@ -220,6 +220,7 @@ def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features,
     datasets (build_fold_trainer) with the same settings, windows smaller than the splits."""
     from ser_ray.distributed.fold_inputs import build_fold_inputs
     from ser_ray.distributed.fold_trainer import build_fold_trainer, open_fold_clips
+    from ser_ray.distributed.fold_work import WORK_KEY, FoldWork
     from ser_ray.models.ssl import demo_feature_extractor
     from ser_ray.sweeps.adamw import trial_clips, trial_setup
     from ser_ray.training.clip_data import window_batches
@@ -227,29 +228,24 @@ def test_a_trial_streams_the_batches_of_the_study_fold(ray_local, demo_features,
     cfg = SWEEP
     train_cfg = dataclasses.replace(cfg.base_train_config(), window_clips=48, seed=3)
     inputs = build_fold_inputs(demo_features / "features", train_cfg, tmp_path / "cache")
-    setup = {**trial_setup(inputs, FOLD, cfg, RAVDESS), "train_config": train_cfg.to_dict()}
+    setup = trial_setup(inputs, FOLD, cfg, RAVDESS).with_train(train_cfg)
     fe = demo_feature_extractor()
-    trial = trial_clips(setup, train_cfg, RAVDESS, fe)
+    trial = trial_clips(setup, fe)
 
     trainer = build_fold_trainer(
-        {
-            **train_cfg.to_dict(),
-            **inputs.to_config(),
-            "fold": FOLD,
-            "protocol": RAVDESS.to_dict(),
-        }
+        FoldWork(train=train_cfg, inputs=inputs, fold=FOLD, protocol=RAVDESS)
     )
     shards = trainer.data_config.configure(
         trainer.datasets, world_size=1, worker_handles=None, worker_node_ids=None
     )[0]  # what its one worker's get_dataset_shard returns
-    worker = open_fold_clips(trainer.train_loop_config, shards, train_cfg, RAVDESS, fe)
+    worker = open_fold_clips(trainer.train_loop_config[WORK_KEY], shards, fe)
 
     def paths(table, indices):
         return [table.paths[i] for i in indices]
 
-    _, fit_actors, val_actors = RAVDESS.split(FOLD)
-    for split, actors in (("train", fit_actors), ("val", val_actors)):
-        assert len(trial[split]) == len(worker[split]) == 16 * len(actors)
+    _, fit_speakers, val_speakers = RAVDESS.split(FOLD)
+    for split, speakers in (("train", fit_speakers), ("val", val_speakers)):
+        assert len(trial[split]) == len(worker[split]) == 16 * len(speakers)
         for epoch in (0, 1):
             kw = dict(seed=train_cfg.seed, epoch=epoch)
             got = list(window_batches(trial[split], paths, train_cfg.batch_size, **kw))

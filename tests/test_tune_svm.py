@@ -51,21 +51,21 @@ def grid_run(demo_df, tmp_path_factory):
     )
 
 
-def test_test_actors_never_reach_the_search(grid_run):
+def test_test_speakers_never_reach_the_search(grid_run):
     assert [f["fold"] for f in grid_run.folds] == [1, 2, 3, 4, 5, 6]
     # the grid of every fold in one Tune run (its start and trial processes paid once)
     assert len({f["svm_inner"]["experiment_path"] for f in grid_run.folds}) == 1
     for f in grid_run.folds:
-        test_actors, train_actors = RAVDESS.test_and_train(f["fold"])
-        assert f["test_actors"] == test_actors
+        test_speakers, train_speakers = RAVDESS.test_and_train(f["fold"])
+        assert f["test_actors"] == test_speakers
         inner = f["svm_inner"]
-        # what the trials reported they received: the training actors, nothing else
-        assert inner["actors_seen"] == train_actors
+        # what the trials reported they received: the training speakers, nothing else
+        assert inner["actors_seen"] == train_speakers
         assert inner["n_trials"] == len(TINY_GRID)
         (val_folds,) = inner["inner_val_actors"]  # every trial used the same inner splits
         assert len(val_folds) == 5
-        assert sorted(a for v in val_folds for a in v) == train_actors
-        assert not {a for v in val_folds for a in v} & set(test_actors)
+        assert sorted(a for v in val_folds for a in v) == train_speakers
+        assert not {a for v in val_folds for a in v} & set(test_speakers)
         # and the same from the Tune results on disk (one result.json per trial): the fold's
         # trials, in the one Tune run that searched every fold's grid
         results = [Path(trial) / "result.json" for trial in inner["trial_paths"]]
@@ -75,8 +75,8 @@ def test_test_actors_never_reach_the_search(grid_run):
             assert json.loads((path.parent / "params.json").read_text())["fold"] == f["fold"]
             reported = json.loads(path.read_text().splitlines()[-1])
             seen = {int(a) for a in reported["actors_seen"].split()}
-            assert seen == set(train_actors) and not seen & set(test_actors)
-            assert reported["n_rows"] == 20 * 16  # 20 actors x 16 demo clips
+            assert seen == set(train_speakers) and not seen & set(test_speakers)
+            assert reported["n_rows"] == 20 * 16  # 20 speakers x 16 demo clips
 
 
 def test_out_of_fold_predictions(grid_run, demo_df):

@@ -10,7 +10,7 @@ One place turns a location into a pyarrow filesystem and a path inside it
 :func:`read_text`, :func:`write_bytes`, …), moves whole folders between a node's own disk and
 a location (:func:`upload`, :func:`download`, :func:`staged`, :func:`node_local`), lists a
 Parquet folder's files (:func:`parquet_files`), opens it as a pyarrow dataset with the filter
-that keeps some speakers' rows (:func:`actor_rows`, :func:`count_rows`), and reads
+that keeps some speakers' rows (:func:`speaker_rows`, :func:`count_rows`), and reads
 list<float32> columns as numpy arrays (:func:`list_column`). No code below the driver builds a
 ``Path`` of a run location: a URI would become a local folder named ``s3:``.
 """
@@ -247,15 +247,15 @@ def parquet_files(folder: str | os.PathLike) -> tuple[pafs.FileSystem, list[str]
     return filesystem, files
 
 
-def actor_rows(
+def speaker_rows(
     folder: str | os.PathLike,
-    actors: Sequence[int] | None,
+    speakers: Sequence[int] | None,
     *,
     labels: Sequence[str] | None = None,
     exclude_invalid_files: bool = False,
 ) -> tuple[pads.Dataset, pads.Expression | None]:
     """(pyarrow dataset of a Parquet folder, local or URI; the filter that keeps the rows of
-    ``actors`` and of ``labels`` (the ``emotion`` column), each None for all, or None for all
+    ``speakers`` and of ``labels`` (the ``emotion`` column), each None for all, or None for all
     rows). ``exclude_invalid_files`` skips files that are not Parquet (e.g. a pool's
     ``rejected.csv``), at the cost of opening every file."""
     import pyarrow.dataset as pads
@@ -265,8 +265,8 @@ def actor_rows(
         path, format="parquet", filesystem=filesystem, exclude_invalid_files=exclude_invalid_files
     )
     keep = None
-    if actors is not None:
-        keep = pads.field("actor").isin([int(a) for a in actors])
+    if speakers is not None:
+        keep = pads.field("actor").isin([int(a) for a in speakers])
     if labels is not None:
         of_labels = pads.field("emotion").isin([str(label) for label in labels])
         keep = of_labels if keep is None else keep & of_labels
@@ -275,12 +275,12 @@ def actor_rows(
 
 def count_rows(
     folder: str | os.PathLike,
-    actors: Sequence[int] | None = None,
+    speakers: Sequence[int] | None = None,
     labels: Sequence[str] | None = None,
 ) -> int:
-    """How many rows (of ``actors`` and ``labels``; all when None) a Parquet folder holds
+    """How many rows (of ``speakers`` and ``labels``; all when None) a Parquet folder holds
     (from the files' metadata, or those columns only)."""
-    dataset, keep = actor_rows(folder, actors, labels=labels)
+    dataset, keep = speaker_rows(folder, speakers, labels=labels)
     return dataset.count_rows(filter=keep)
 
 

@@ -28,7 +28,7 @@ FOLD_SCHEMES: dict[str, list[list[int]]] = {
 
 
 class FoldError(UserError, ValueError):
-    """Actors that cannot form the folds, or folds that leak an actor."""
+    """Speakers that cannot form the folds, or folds that leak a speaker."""
 
 
 def fold_sets(folds: str = "contiguous") -> list[list[int]]:
@@ -55,8 +55,8 @@ def check_actors(actors: Iterable[int], folds: str = "contiguous") -> None:
         )
 
 
-def check_no_leakage(train_actors: Iterable[int], test_actors: Iterable[int]) -> None:
-    """Raise :class:`FoldError` if an actor is on both sides of a split."""
-    shared = sorted(set(train_actors) & set(test_actors))
+def check_no_leakage(train_speakers: Iterable[int], test_speakers: Iterable[int]) -> None:
+    """Raise :class:`FoldError` if a speaker is on both sides of a split."""
+    shared = sorted(set(train_speakers) & set(test_speakers))
     if shared:
-        raise FoldError(f"actors {shared} are in both the training and the test side")
+        raise FoldError(f"speakers {shared} are in both the training and the test side")

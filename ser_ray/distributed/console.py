@@ -174,8 +174,6 @@ def no_trial_event_files():
     return NoTrialEventFiles()
 
 
-#: The loop config key naming where a fold's worker publishes its progress lines.
-PROGRESS_KEY = "progress_key"
 PROGRESS_NAMESPACE = "ser_ray_progress"  # of Ray's key-value store
 PROGRESS_POLL_S = 1.0  # how often the driver looks for new progress lines
 

@@ -231,7 +231,7 @@ def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
     for a ``pooled`` cache the SVM's ``ssl`` features (:data:`ser_ray.models.svm.SSL_COLUMN`).
     """
 
-    dataset, _ = storage.actor_rows(cache.path, None)
+    dataset, _ = storage.speaker_rows(cache.path, None)
     table = dataset.to_table(columns=["path", "features"])
     return dict(zip(table.column("path").to_pylist(), list_column(table, "features"), strict=True))
 
@@ -244,7 +244,7 @@ def speaker_normalised_cache(
     statistics, from audio, never labels), beside it in ``<its folder>-spknorm/``; reused
     when there. It keeps the cache's key: the same frozen encoder made it. ``group_of``:
     each clip's normalisation group by path
-    (:func:`ser_ray.features.speaker_norm.normalisation_groups`; None: its actor).
+    (:func:`ser_ray.features.speaker_norm.normalisation_groups`; None: its speaker).
 
     One table in the driver's memory (clips x layers x hidden floats, 0.4 GB for 10,000
     clips of a base-size encoder)."""
@@ -255,11 +255,11 @@ def speaker_normalised_cache(
     final = storage.join(root, name)
     if storage.exists(storage.join(final, INFO_FILE)):
         return _open(final)
-    table = storage.actor_rows(cache.path, None)[0].to_table()
+    table = storage.speaker_rows(cache.path, None)[0].to_table()
     values = np.stack(list_column(table, "features"))
     paths = table.column("path").to_pylist()
-    actors = table.column("actor").to_pylist()
-    groups = [group_of[p] for p in paths] if group_of is not None else actors
+    speakers = table.column("actor").to_pylist()
+    groups = [group_of[p] for p in paths] if group_of is not None else speakers
     normalised = speaker_normalize(values, groups, paths)
     flat = pa.array(normalised.astype(np.float32).reshape(-1), pa.float32())
     offsets = pa.array(np.arange(0, len(flat) + 1, values.shape[1], dtype=np.int32))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from ser_ray.common import storage
 from ser_ray.distributed import feature_cache
@@ -35,20 +34,6 @@ class FoldInputs:
     input_kind: str
     feature_cache_key: str | None
     speaker_norm: bool = False
-
-    def to_config(self) -> dict[str, Any]:
-        """The fields as the keys of a per-worker (or per-trial) config."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FoldInputs:
-        """The inputs named in a per-worker (or per-trial) config (:meth:`to_config`)."""
-        return cls(
-            str(config["source"]),
-            config.get("input_kind", "waveform"),
-            config.get("feature_cache_key"),
-            bool(config.get("speaker_norm", False)),
-        )
 
     def check(self, model: PartwiseClassifier, feature_extractor) -> None:
         """Raise ``ValueError`` unless a cache was made by this model's frozen part (raw

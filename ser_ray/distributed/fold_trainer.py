@@ -1,19 +1,20 @@
 """The Ray edge of fine-tuning: one outer fold, trained in its Tune trial or by a
 ``TorchTrainer``.
 
-Read top to bottom: the two ways in — :func:`train_fold_per_worker` (the per-worker function
-of a fold's ``TorchTrainer``, DDP) and :func:`train_fold_in_trial` (a fold of one worker, in
-its Tune trial's own process) — then :func:`train_fold`, what both run, in named steps: check
-the feature cache, open the fold's clip streams, train with resume, refit and score the test
-actors, write the fold's result. Then :func:`fold_data` (the fold's splits as Ray datasets,
-:mod:`ser_ray.distributed.ingest`), :func:`build_fold_trainer` (the ``TorchTrainer`` of a
-fold) and :func:`fold_result_from_checkpoint` (the fold's outcome from its final
-checkpoint). Ray touch-points are marked ``# RAY`` and go through the session
+Both take one :class:`~ser_ray.distributed.fold_work.FoldWork`, what a fold's training is
+handed. Read top to bottom: the two ways in — :func:`train_fold_per_worker` (the per-worker
+function of a fold's ``TorchTrainer``, DDP) and :func:`train_fold_in_trial` (a fold of one
+worker, in its Tune trial's own process) — then :func:`train_fold`, what both run, in named
+steps: check the feature cache, open the fold's clip streams, train with resume, refit and
+score the test speakers, write the fold's result. Then :func:`fold_data` (the fold's splits
+as Ray datasets, :mod:`ser_ray.distributed.ingest`), :func:`build_fold_trainer` (the
+``TorchTrainer`` of a fold) and :func:`fold_result_from_checkpoint` (the fold's outcome from
+its final checkpoint). Ray touch-points are marked ``# RAY`` and go through the session
 (:class:`ser_ray.distributed.train_edge.WorkerSession` or
 :class:`ser_ray.distributed.train_in_tune.TrialSession`); the loop itself
 (:mod:`ser_ray.training.finetune`) is Ray-free.
 
-Validation actors come from the training side of the outer fold
+Validation speakers come from the training side of the outer fold
 (:meth:`ser_ray.corpus.protocol.Protocol.split`); the test fold is only scored once, with the
 best-epoch weights, at the end.
 """
@@ -38,14 +39,12 @@ from ser_ray.common import storage
 from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import ingest as ray_ingest
 from ser_ray.distributed import train_edge as edge
-from ser_ray.distributed.console import PROGRESS_KEY
-from ser_ray.distributed.fold_inputs import FoldInputs
+from ser_ray.distributed.fold_work import WORK_KEY, FoldWork
 from ser_ray.models.precision import resolve_amp
 from ser_ray.models.ssl import SPEAKER_NORM_ATTR, PartwiseClassifier, save_model
 from ser_ray.training import engine as eng
 from ser_ray.training.checkpoints import BEST_MODEL_DIR
 from ser_ray.training.clip_data import (
-    MODEL_NAME,
     ClipArrays,
     Clips,
     count_classes,
@@ -63,65 +62,57 @@ PREDICTIONS_FILE = "predictions.csv"
 RESULT_FILE = "result.json"
 
 
-def train_fold_per_worker(config: dict[str, Any]) -> None:
+def train_fold_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train per-worker function of a fold's ``TorchTrainer``: :func:`train_fold` on this
-    worker (RAY)."""
-    train_fold(config, edge.WorkerSession(config.get(PROGRESS_KEY)))
+    worker (RAY). Ray Train hands a dict: the fold's :class:`FoldWork` is unwrapped here, the
+    one place that knows its key."""
+    work: FoldWork = loop_config[WORK_KEY]
+    train_fold(work, edge.WorkerSession(work.progress_key))
 
 
-def train_fold_in_trial(config: dict[str, Any], *, device: str, torch_threads: int) -> None:
+def train_fold_in_trial(work: FoldWork, *, device: str, torch_threads: int) -> None:
     """One fold trained in this Tune trial's process (RAY; a fold of one worker, no
-    ``TorchTrainer``): :func:`train_fold` on the fold's splits of ``config["source"]`` as Ray
-    datasets (the ones :func:`build_fold_trainer` would give its trainer), on ``device`` with
+    ``TorchTrainer``): :func:`train_fold` on the fold's splits of its inputs as Ray datasets
+    (the ones :func:`build_fold_trainer` would give its trainer), on ``device`` with
     ``torch_threads`` threads, reporting to Tune."""
     from ser_ray.distributed.train_in_tune import TrialSession
 
-    config, datasets = fold_data(config)
-    train_fold(config, TrialSession(datasets, device, torch_threads, config.get(PROGRESS_KEY)))
+    work, datasets = fold_data(work)
+    train_fold(work, TrialSession(datasets, device, torch_threads, work.progress_key))
 
 
-def train_fold(config: dict[str, Any], session) -> None:
+def train_fold(work: FoldWork, session) -> None:
     """One fold in the process ``session`` describes (a Train worker's
     :class:`~ser_ray.distributed.train_edge.WorkerSession` or a Tune trial's
     :class:`~ser_ray.distributed.train_in_tune.TrialSession`): train on ``train``, select on
     ``val``, score ``test``.
 
-    ``config``: every :class:`TrainConfig` field (missing ones take their defaults) plus
-    ``source`` (features or feature-cache Parquet folder, local or URI), ``split_clips``
-    (clips per split, counted by :func:`build_fold_trainer`; each split streams in from the
-    trainer's dataset of that name), ``fold`` (int), ``protocol`` (the study's
-    :class:`~ser_ray.corpus.protocol.Protocol` as a dict: splits and classes),
-    ``input_kind`` ("waveform" | "cnn" | "pooled"; the source's kind),
-    ``feature_cache_key`` (with a cache: checked against the model), ``speaker_norm`` (the
-    cache's pooled layers are z-normalised per speaker: said in the saved model), ``log_dir``
-    (TensorBoard folder or None), ``class_counts`` (``train``/``val`` clips per class,
-    :func:`fold_data`), ``progress_key`` (progress lines inside long epochs, or None).
-    Reports ``train/*``, ``val/*`` each epoch with a checkpoint, then ``test/accuracy``,
-    ``test/uar``, ``test/macro_f1``, ``best_epoch`` with the final checkpoint (``best_model/``
-    and ``predictions.csv``). Resumes from the session's latest checkpoint; a run that had
-    ended reports its final result again (:func:`ended_fold_report`).
+    ``work``: counted by :func:`fold_data` (each split streams in from the session's dataset
+    of that name). Reports ``train/*``, ``val/*`` each epoch with a checkpoint, then
+    ``test/accuracy``, ``test/uar``, ``test/macro_f1``, ``best_epoch`` with the final
+    checkpoint (``best_model/`` and ``predictions.csv``). Resumes from the session's latest
+    checkpoint; a run that had ended reports its final result again
+    (:func:`ended_fold_report`).
     """
-    cfg = TrainConfig.from_dict(config)
+    cfg = work.train
     ctx = session.context
     ended = ended_fold_report(session.latest_checkpoint())  # RAY
     if ended is not None:
-        log.info("fold %s had ended: its final checkpoint is reported again", config.get("fold"))
+        log.info("fold %s had ended: its final checkpoint is reported again", work.fold)
         session.report(ended)  # RAY
         return
-    kind = config.get("input_kind", "waveform")
-    protocol = Protocol.from_dict(config["protocol"])
+    protocol = work.protocol
     class_names = list(protocol.classes)
     eng.seed_everything(cfg.seed, ctx.rank)
     model, fe = build_model(cfg, class_names)
-    inputs = FoldInputs.from_config(config)
-    inputs.check(model, fe)
-    shards = {name: session.dataset(name) for name, n in config["split_clips"].items() if n}
-    clips = open_fold_clips(config, shards, cfg, protocol, fe)
+    work.inputs.check(model, fe)
+    shards = {name: session.dataset(name) for name, n in work.counted_splits().items() if n}
+    clips = open_fold_clips(work, shards, fe)
     wrap = functools.partial(edge.wrap_ddp, world_size=ctx.world_size)  # RAY: DDP
-    counts = config.get("class_counts", {})
+    counts = work.class_counts
     outcome = train_with_resume(
         cfg, model, fe, clips, session, wrap,
-        log_dir=config.get("log_dir") if ctx.rank == 0 else None,
+        log_dir=work.log_dir if ctx.rank == 0 else None,
         class_counts=counts.get("train"),
     )  # fmt: skip
     final: dict[str, Any] = {
@@ -129,8 +120,8 @@ def train_fold(config: dict[str, Any], session) -> None:
         "best_epoch": outcome.state.best_epoch,
         "final": True,  # not "done": Tune ends a trial at a result with done=True
     }
-    _, fit_actors, val_actors = fold_splits(protocol, config["fold"], cfg)
-    trained_on = fit_actors
+    _, fit_speakers, val_speakers = fold_splits(protocol, work.fold, cfg)
+    trained_on = fit_speakers
     if cfg.refit and "val" in clips:
         model, _ = refit(
             cfg, outcome.state.best_epoch, clips["train"], clips["val"], class_names,
@@ -139,25 +130,25 @@ def train_fold(config: dict[str, Any], session) -> None:
             on_progress=lambda line: session.progress(f"refit {line}"),
         )  # fmt: skip
         final["refit_epochs"] = outcome.state.best_epoch
-        trained_on = fit_actors + val_actors
+        trained_on = fit_speakers + val_speakers
     if outcome.state.best_uar > -math.inf and "val" in clips:
         final["best/val_uar"] = outcome.state.best_uar
     frame = None
     if "test" in clips:
-        test_metrics, frame = score_test(cfg, model, clips["test"], class_names, config, ctx)
+        test_metrics, frame = score_test(work, model, clips["test"], class_names, ctx)
         final.update(test_metrics)
     result = {
         "metrics": final,
         "history": outcome.state.history,
         "train_config": cfg.to_dict(),
-        "fold": config.get("fold"),
+        "fold": work.fold,
         "trained_on_actors": sorted(int(a) for a in trained_on),
-        "input_kind": kind,
+        "input_kind": work.inputs.input_kind,
         "class_names": class_names,
     }
     write = functools.partial(
         write_fold_result, outcome=outcome, model=model, feature_extractor=fe, frame=frame,
-        result=result, rank=ctx.rank, speaker_norm=inputs.speaker_norm,
+        result=result, rank=ctx.rank, speaker_norm=work.inputs.speaker_norm,
     )  # fmt: skip
     session.report(final, write)  # RAY
 
@@ -188,43 +179,39 @@ def ended_fold_report(checkpoint) -> dict[str, Any] | None:
 
 
 def open_fold_clips(
-    config: Mapping[str, Any],
-    shards: Mapping[str, Any],
-    cfg: TrainConfig,
-    protocol: Protocol,
-    feature_extractor,
+    work: FoldWork, shards: Mapping[str, Any], feature_extractor
 ) -> dict[str, ClipStream[ClipArrays]]:
-    """The fold's clips by split (``train``: fit actors, ``val``, ``test``), each streamed
+    """The fold's clips by split (``train``: fit speakers, ``val``, ``test``), each streamed
     from its Ray Data iterator in ``shards`` (:func:`ser_ray.distributed.ingest.shard_stream`)
-    ``cfg.window_clips`` at a time; a split without clips is left out.
+    ``work.train.window_clips`` at a time; a split without clips is left out.
 
     What a study fold's worker (its ``get_dataset_shard`` iterators) and an AdamW trial
     (:func:`ser_ray.distributed.ingest.local_shards`) both train on, so that for the same seed
-    their batches are the same. ``config``: ``split_clips`` (clips per split,
-    :func:`count_splits`), ``input_kind``, ``fold`` and ``source`` (for the error message).
+    their batches are the same. ``work``'s clips per split are counted (:func:`count_splits`).
     """
     to_clips = functools.partial(
         table_from_arrow,
-        kind=config.get("input_kind", "waveform"),
-        label_index=protocol.label_index(),
+        kind=work.inputs.input_kind,
+        label_index=work.protocol.label_index(),
         feature_extractor=feature_extractor,
     )
+    window = work.train.window_clips
     clips = {
-        name: ray_ingest.shard_stream(shards[name], n, to_clips, cfg.window_clips)  # RAY
-        for name, n in config["split_clips"].items()
+        name: ray_ingest.shard_stream(shards[name], n, to_clips, window)  # RAY
+        for name, n in work.counted_splits().items()
         if n
     }
     if "train" not in clips:
-        raise ValueError(f"fold {config.get('fold')}: no training clips in {config['source']}")
+        raise ValueError(f"fold {work.fold}: no training clips in {work.inputs.source}")
     return clips
 
 
 def count_splits(
-    source: str, split_actors: Mapping[str, Sequence[int]], labels: Sequence[str] | None = None
+    source: str, split_speakers: Mapping[str, Sequence[int]], labels: Sequence[str] | None = None
 ) -> dict[str, int]:
     """Clips per split of ``source`` (of ``labels`` only, unless None), counted before any
     worker reads them (a stream's size sets the number of steps of an epoch)."""
-    return {name: count_split(source, a, labels) if a else 0 for name, a in split_actors.items()}
+    return {name: count_split(source, a, labels) if a else 0 for name, a in split_speakers.items()}
 
 
 def fold_splits(
@@ -234,10 +221,10 @@ def fold_splits(
     validation speakers ``cfg`` asks for (a corpus's own partitions give their dev side,
     whatever its size)."""
     test, fit, val = protocol.split(int(fold))
-    if len(val) != cfg.n_val_actors and not protocol.given_sides:
+    if len(val) != cfg.n_val_speakers and not protocol.given_sides:
         raise ValueError(
             f"fold {fold}: the protocol holds {len(val)} validation speakers, the "
-            f"training settings ask for n_val_actors={cfg.n_val_actors}; resolve the protocol "
+            f"training settings ask for n_val_speakers={cfg.n_val_speakers}; resolve the protocol "
             "with the same number"
         )
     return test, fit, val
@@ -286,14 +273,15 @@ def train_with_resume(
 
 
 def score_test(
-    cfg: TrainConfig,
+    work: FoldWork,
     model: nn.Module,
     test: Clips,
     class_names: list[str],
-    config: dict[str, Any],
     ctx: edge.WorkerContext,
 ) -> tuple[dict[str, float], pd.DataFrame]:
-    """``test/*`` metrics and the per-clip predictions of the test actors."""
+    """``test/*`` metrics and the per-clip predictions of the test speakers (their ``model``
+    column: the work's variant)."""
+    cfg = work.train
     metrics, probs, scored = evaluate(
         model,
         test,
@@ -303,8 +291,7 @@ def score_test(
         amp_dtype=resolve_amp(cfg.amp, ctx.device),
         prefix="test",
     )
-    variant = config.get("variant", MODEL_NAME)  # the predictions' model column
-    return metrics, predictions_frame(scored, probs, class_names, config.get("fold"), variant)
+    return metrics, predictions_frame(scored, probs, class_names, work.fold, work.variant)
 
 
 def write_fold_result(
@@ -340,37 +327,35 @@ def kept_labels(protocol: Protocol) -> list[str] | None:
     return protocol.kept_labels if protocol.dropped_labels else None
 
 
-def fold_data(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``config`` with ``split_clips`` (clips per split, counted before any row is read) and
+def fold_data(work: FoldWork) -> tuple[FoldWork, dict[str, Any]]:
+    """``work`` with ``split_clips`` (clips per split, counted before any row is read) and
     ``class_counts`` (fit and validation clips per class: the loss's class weights), and
-    the fold's train/val/test clips of ``config["source"]`` as Ray datasets by split
+    the fold's train/val/test clips of its inputs as Ray datasets by split
     (:mod:`ser_ray.distributed.ingest`)."""
-    protocol = Protocol.from_dict(config["protocol"])
-    test_actors, fit_actors, val_actors = fold_splits(
-        protocol, config["fold"], TrainConfig.from_dict(config)
-    )
-    split_actors = {"train": fit_actors, "val": val_actors, "test": test_actors}
-    source = config["source"]
+    protocol = work.protocol
+    test_speakers, fit_speakers, val_speakers = fold_splits(protocol, work.fold, work.train)
+    split_speakers = {"train": fit_speakers, "val": val_speakers, "test": test_speakers}
+    source = work.inputs.source
     labels = kept_labels(protocol)
     datasets = ray_ingest.fold_datasets(  # RAY
-        source, split_actors, config.get("input_kind", "waveform"), labels
+        source, split_speakers, work.inputs.input_kind, labels
     )
     counts = {
-        name: count_classes(source, split_actors[name], protocol.label_index())
+        name: count_classes(source, split_speakers[name], protocol.label_index())
         for name in ("train", "val")
     }
-    split_clips = count_splits(source, split_actors, labels)
-    return {**config, "split_clips": split_clips, "class_counts": counts}, datasets
+    split_clips = count_splits(source, split_speakers, labels)
+    return dataclasses.replace(work, split_clips=split_clips, class_counts=counts), datasets
 
 
-def build_fold_trainer(config: dict[str, Any], **trainer_kwargs: Any):
+def build_fold_trainer(work: FoldWork, **trainer_kwargs: Any):
     """The ``TorchTrainer`` of one fold (:func:`train_fold_per_worker` per worker), fed the
     fold's datasets (:func:`fold_data`); ``trainer_kwargs`` go to
     :func:`ser_ray.distributed.train_edge.build_torch_trainer`."""
-    config, datasets = fold_data(config)
+    work, datasets = fold_data(work)
     return edge.build_torch_trainer(
         train_fold_per_worker,
-        config,
+        {WORK_KEY: work},  # Ray Train's loop config is a dict
         datasets=datasets,
         dataset_config=ray_ingest.data_config(),
         **trainer_kwargs,
@@ -384,7 +369,7 @@ class FoldOutcome:
     fold: int
     metrics: dict[str, float]  # test/accuracy, test/uar, test/macro_f1, best_epoch, ...
     history: list[dict[str, float]]  # one row per epoch: train/*, val/*
-    predictions: pd.DataFrame  # the test actors' clips, predictions.csv format
+    predictions: pd.DataFrame  # the test speakers' clips, predictions.csv format
     model_dir: str  # the tested weights (best epoch, or refit), an HF checkpoint's location
 
 

@@ -3,7 +3,7 @@
 Driver side (where a fold's ``TorchTrainer`` is built,
 :func:`ser_ray.distributed.fold_trainer.build_fold_trainer`): :func:`fold_datasets` makes one Ray
 dataset per split (``train``, ``val``, ``test``) with :func:`parquet_dataset`: the features or
-feature-cache folder's rows of the split's actors, only the columns the worker needs
+feature-cache folder's rows of the split's speakers, only the columns the worker needs
 (pre-training's pool is one such dataset,
 :func:`ser_ray.distributed.pretrain_trainer.fit_pretraining`);
 :func:`data_config` says how they reach the workers. Worker side: :func:`worker_stream` wraps
@@ -69,17 +69,17 @@ def split_columns(kind: str) -> list[str]:
 
 def fold_datasets(
     source: str | os.PathLike,
-    split_actors: dict[str, Sequence[int]],
+    split_speakers: dict[str, Sequence[int]],
     kind: str,
     labels: Sequence[str] | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """One Ray dataset per split with actors (RAY): the split's rows (of ``labels`` only,
+    """One Ray dataset per split with speakers (RAY): the split's rows (of ``labels`` only,
     unless None), the needed columns; held when the source is small (:func:`source_dataset`)."""
     hold = parquet_bytes(source) <= HOLD_MAX_BYTES
     return {
-        name: source_dataset(source, split_columns(kind), actors, labels, hold=hold)
-        for name, actors in split_actors.items()
-        if actors
+        name: source_dataset(source, split_columns(kind), speakers, labels, hold=hold)
+        for name, speakers in split_speakers.items()
+        if speakers
     }
 
 
@@ -96,12 +96,12 @@ def parquet_bytes(source: str | os.PathLike) -> int:
 def source_dataset(
     source: str | os.PathLike,
     columns: Sequence[str],
-    actors: Sequence[int] | None = None,
+    speakers: Sequence[int] | None = None,
     labels: Sequence[str] | None = None,
     *,
     hold: bool | None = None,
 ) -> ray.data.Dataset:
-    """The rows of ``actors`` and ``labels`` (all when None) of a Parquet folder, ``columns``
+    """The rows of ``speakers`` and ``labels`` (all when None) of a Parquet folder, ``columns``
     only, as a Ray dataset (RAY). ``hold`` (default: the source has at most
     :data:`HOLD_MAX_BYTES`): read here, now, and held in the object store as one block
     (``ray.data.from_blocks``), so every pass iterates the held rows and no read task starts;
@@ -109,18 +109,19 @@ def source_dataset(
     either way (files in name order, rows in file order)."""
     if hold is None:
         hold = parquet_bytes(source) <= HOLD_MAX_BYTES
-    actors = None if actors is None else [int(a) for a in actors]
+    speakers = None if speakers is None else [int(a) for a in speakers]
     labels = None if labels is None else [str(label) for label in labels]
     if not hold:
-        return parquet_dataset(source, columns, actors, labels)
+        return parquet_dataset(source, columns, speakers, labels)
     import ray.data
 
     filesystem, files = parquet_files(source)
     if not files:
         raise FileNotFoundError(f"{source}: no Parquet files")
-    tables = list(_read_files(pa.table({"file": files}), filesystem, list(columns), actors, labels))
+    listing = pa.table({"file": files})
+    tables = list(_read_files(listing, filesystem, list(columns), speakers, labels))
     if not tables:  # nothing to hold: the lazy dataset reads the same (no) rows
-        return parquet_dataset(source, columns, actors, labels)
+        return parquet_dataset(source, columns, speakers, labels)
     # one block, its metadata taken here: from_arrow would start a task (in a new Ray worker
     # process) for each block's metadata
     return ray.data.from_blocks([pa.concat_tables(tables)])
@@ -129,16 +130,16 @@ def source_dataset(
 def parquet_dataset(
     source: str | os.PathLike,
     columns: Sequence[str],
-    actors: Sequence[int] | None = None,
+    speakers: Sequence[int] | None = None,
     labels: Sequence[str] | None = None,
 ) -> ray.data.Dataset:
-    """The rows of ``actors`` and ``labels`` (all when None) of a Parquet folder (local or
+    """The rows of ``speakers`` and ``labels`` (all when None) of a Parquet folder (local or
     URI), only ``columns``, as a Ray dataset that starts even when every CPU is held (RAY;
     fine-tuning's splits, pre-training's pool, the feature cache's input; see the module
     doc).
 
     The files are listed here, in the driver, in name order; each is read by a map task that
-    reserves no CPU, one task at a time, with the actor filter and the columns pushed into
+    reserves no CPU, one task at a time, with the speaker filter and the columns pushed into
     the read. No progress bars or start-of-execution lines (six folds x epochs x splits of
     them otherwise)."""
     import ray.data
@@ -153,7 +154,7 @@ def parquet_dataset(
         fn_kwargs={
             "filesystem": filesystem,
             "columns": list(columns),
-            "actors": None if actors is None else [int(a) for a in actors],
+            "speakers": None if speakers is None else [int(a) for a in speakers],
             "labels": None if labels is None else [str(label) for label in labels],
         },
         batch_size=1,
@@ -167,18 +168,18 @@ def _read_files(
     batch: pa.Table,
     filesystem,
     columns: list[str],
-    actors: list[int] | None,
+    speakers: list[int] | None,
     labels: list[str] | None = None,
 ) -> Iterator[pa.Table]:
-    """The rows of ``actors`` and ``labels`` in the files of ``batch``, ``columns`` only, a
+    """The rows of ``speakers`` and ``labels`` in the files of ``batch``, ``columns`` only, a
     few rows at a time (a task holds one Parquet row group, not a whole file)."""
-    read = sorted({*columns, *(["actor"] if actors else []), *(["emotion"] if labels else [])})
+    read = sorted({*columns, *(["actor"] if speakers else []), *(["emotion"] if labels else [])})
     for name in batch.column("file").to_pylist():
         parquet = pq.ParquetFile(name, filesystem=filesystem)
         for rows in parquet.iter_batches(batch_size=ROWS_PER_READ, columns=read):
             table = pa.Table.from_batches([rows])
-            if actors is not None:
-                table = table.filter(pc.is_in(table.column("actor"), pa.array(actors)))
+            if speakers is not None:
+                table = table.filter(pc.is_in(table.column("actor"), pa.array(speakers)))
             if labels is not None:
                 table = table.filter(pc.is_in(table.column("emotion"), pa.array(labels)))
             if table.num_rows:

@@ -253,12 +253,12 @@ def _write_outputs(
     config_json: str,
 ) -> float:
     """Publish a checked run (its Parquet files already in ``features_dir``):
-    ``rejected.csv``, ``config.json`` (``record`` with the actors found and the seconds since
+    ``rejected.csv``, ``config.json`` (``record`` with the speakers found and the seconds since
     ``start``) and, last, the ``_SUCCESS`` mark a re-run looks for. Returns the seconds."""
-    actors = set(ok.column("actor").to_pylist())
+    speakers = set(ok.column("actor").to_pylist())
     write_rejected(rejected_csv, rejected)
     seconds = time.perf_counter() - start
-    record = {**record, "actors": sorted(actors), "seconds": round(seconds, 2)}
+    record = {**record, "actors": sorted(speakers), "seconds": round(seconds, 2)}
     _publish_record(record, config_json, features_dir)
     return seconds
 

@@ -77,7 +77,7 @@ def fit_pretraining(
     out_dir: str | os.PathLike,
     cfg: PretrainConfig,
     *,
-    actors: list[int] | None = None,
+    speakers: list[int] | None = None,
     num_workers: int = 1,
     use_gpu: bool = False,
     resources_per_worker: dict[str, float] | None = None,
@@ -87,7 +87,7 @@ def fit_pretraining(
     torch_threads: int | None = None,
     on_report: Callable[[dict[str, Any]], None] | None = None,
 ) -> str:
-    """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``actors``, only their clips)
+    """Pre-train on a pool (:mod:`ser_ray.features.unlabeled`; with ``speakers``, only their clips)
     with a ``TorchTrainer`` whose workers stream the pool from a Ray dataset; returns the
     location ``out_dir/model`` (the HF checkpoint; ``out_dir`` local or a URI). ``out_dir``
     also gets ``result.json`` (history,
@@ -97,13 +97,13 @@ def fit_pretraining(
     (:func:`ser_ray.distributed.train_edge.fit_with_reports`), e.g. to print progress."""
     out = storage.absolute(out_dir)
     source = storage.absolute(source)
-    paths = pool_paths(source, actors)  # the pool's size sets the steps of an epoch
+    paths = pool_paths(source, speakers)  # the pool's size sets the steps of an epoch
     if not paths:
-        chosen = "all actors" if actors is None else f"actors {list(actors)}"
+        chosen = "all speakers" if speakers is None else f"speakers {list(speakers)}"
         raise ValueError(f"{source}: no clips to pre-train on ({chosen})")
     # RAY. Read here and held for every epoch when small (the demo pool: 40 epochs), so no
     # read task, and no new Ray worker process, starts for it.
-    pool = {POOL_DATASET: ray_ingest.source_dataset(source, POOL_COLUMNS, actors)}
+    pool = {POOL_DATASET: ray_ingest.source_dataset(source, POOL_COLUMNS, speakers)}
     config = {
         **cfg.to_dict(),
         "num_clips": len(paths),

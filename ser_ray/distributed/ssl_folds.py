@@ -14,9 +14,10 @@ of fault tolerance:
   are not re-run, unfinished ones resume from their checkpoints.
 
 What a trial is given is one :class:`FoldJob`; Tune's param space is the fold number alone,
-so its tables and saved state stay small. The study's settings come in as
-:class:`SslFoldSettings` (a protocol the study's ``KFoldConfig`` satisfies): this layer does
-not import the study.
+so its tables and saved state stay small. From it the trial makes its fold's
+:class:`~ser_ray.distributed.fold_work.FoldWork`, what the fold's training is handed. The
+study's settings come in as :class:`SslFoldSettings` (a protocol the study's
+``KFoldConfig`` satisfies): this layer does not import the study.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console
 from ser_ray.distributed.fold_inputs import FoldInputs, fold_inputs_per_fold
 from ser_ray.distributed.fold_trainer import FoldOutcome, fold_result_from_checkpoint
+from ser_ray.distributed.fold_work import FoldWork
 from ser_ray.distributed.resources import FoldPlan, FoldSettings, plan_folds
 from ser_ray.distributed.train_edge import CHECKPOINT_PATH_KEY
 from ser_ray.training.config import TrainConfig
@@ -57,10 +59,10 @@ class FoldJob:
 
     #: The variant's name: TensorBoard folder, the TorchTrainer's run name, console lines.
     variant: str
-    #: The resolved protocol (``Protocol.to_dict``, as in ``protocol.json``).
-    protocol: dict[str, Any]
-    #: Per fold number: its ``TrainConfig.to_dict()`` (encoder resolved, TAPT's per fold).
-    train_configs: dict[int, dict[str, Any]]
+    #: The resolved protocol (what ``protocol.json`` holds).
+    protocol: Protocol
+    #: Per fold number: its training settings (encoder resolved, TAPT's per fold).
+    train_configs: dict[int, TrainConfig]
     #: Per fold number: what it reads, features or a feature cache.
     inputs: dict[int, FoldInputs]
     #: TensorBoard's root; a fold logs under ``<variant>/fold_<k>``.
@@ -80,17 +82,18 @@ class FoldJob:
     #: What each TorchTrainer worker reserves.
     resources_per_worker: dict[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 1.0})
 
-    def loop_config(self, fold: int) -> dict[str, Any]:
-        """The per-worker config of ``fold``: its training settings, inputs (source,
-        input_kind, feature_cache_key, speaker_norm), protocol and TensorBoard folder."""
-        return {
-            **self.train_configs[fold],
-            **self.inputs[fold].to_config(),
-            "fold": fold,
-            "variant": self.variant,
-            "protocol": self.protocol,
-            "log_dir": storage.join(self.tensorboard_dir, self.variant, f"fold_{fold}"),
-        }
+    def work(self, fold: int, progress_key: str | None = None) -> FoldWork:
+        """What ``fold``'s training is handed: its training settings, inputs, the protocol,
+        its TensorBoard folder and where its progress lines go."""
+        return FoldWork(
+            train=self.train_configs[fold],
+            inputs=self.inputs[fold],
+            fold=fold,
+            protocol=self.protocol,
+            variant=self.variant,
+            log_dir=storage.join(self.tensorboard_dir, self.variant, f"fold_{fold}"),
+            progress_key=progress_key,
+        )
 
 
 def fold_trial(config: dict[str, Any], job: FoldJob) -> None:
@@ -103,14 +106,14 @@ def fold_trial(config: dict[str, Any], job: FoldJob) -> None:
 
     fold = int(config["fold"])
     trial_id = tune.get_context().get_trial_id()  # RAY: where its progress lines go
-    loop_config = {**job.loop_config(fold), console.PROGRESS_KEY: console.progress_key(trial_id)}
+    work = job.work(fold, console.progress_key(trial_id))
     if job.in_trial:
         device = "cuda" if job.use_gpu else "cpu"
-        train_fold_in_trial(loop_config, device=device, torch_threads=job.torch_threads)
+        train_fold_in_trial(work, device=device, torch_threads=job.torch_threads)
         return
     result = fit_reporting_to_tune(  # RAY: Train reports -> this Tune trial
         lambda callbacks: build_fold_trainer(
-            loop_config,
+            work,
             num_workers=job.workers_per_fold,
             use_gpu=job.use_gpu,
             resources_per_worker=job.resources_per_worker,
@@ -146,8 +149,8 @@ def run_ssl_folds(
     )
     job = FoldJob(
         variant=variant,
-        protocol=protocol.to_dict(),
-        train_configs={k: train_cfgs[k].to_dict() for k in fold_numbers},
+        protocol=protocol,
+        train_configs={k: train_cfgs[k] for k in fold_numbers},
         inputs={k: inputs[k] for k in fold_numbers},
         tensorboard_dir=storage.join(out, "tensorboard"),
         workers_per_fold=settings.workers_per_fold,

@@ -1,7 +1,7 @@
 """Task-adaptive pre-training (TAPT, Chen & Rudnicky 2023), per outer fold.
 
 Before fine-tuning fold k, the encoder continues its self-supervised pre-training on the
-audio of fold k's *training* actors only (never a test actor's clip; labels are never read),
+audio of fold k's *training* speakers only (never a test speaker's clip; labels are never read),
 all folds at once, each a ``TorchTrainer`` of :mod:`ser_ray.training.pretrain` launched from a Ray
 task. The CNN is trained too (see :func:`tapt_config`), so each fold's fine-tuning reads its
 own frozen-CNN feature cache (:func:`ser_ray.distributed.fold_inputs.fold_inputs_per_fold`).
@@ -63,14 +63,14 @@ def _is_folder(path: str | os.PathLike) -> bool:
     return storage.is_uri(path) or Path(path).is_dir()
 
 
-def tapt_key(base_model: str, actors: list[int], features_dir, cfg: PretrainConfig) -> str:
+def tapt_key(base_model: str, speakers: list[int], features_dir, cfg: PretrainConfig) -> str:
     """What a fold's TAPT encoder depends on: the base model, the speakers it reads, the
     features and the settings."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
     text = json.dumps(
         {
             "model": _fingerprint(base_model),
-            "actors": sorted(int(a) for a in actors),
+            "actors": sorted(int(a) for a in speakers),
             "features": _fingerprint(features_dir),
             "settings": settings,
         },
@@ -79,11 +79,11 @@ def tapt_key(base_model: str, actors: list[int], features_dir, cfg: PretrainConf
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tapt_actors(fold: int, protocol: Protocol) -> list[int]:
+def tapt_speakers(fold: int, protocol: Protocol) -> list[int]:
     """The speakers whose audio TAPT for ``fold`` may read: the fold's training side."""
-    test_actors, train_actors = protocol.test_and_train(fold)
-    check_no_leakage(train_actors, test_actors)
-    return train_actors
+    test_speakers, train_speakers = protocol.test_and_train(fold)
+    check_no_leakage(train_speakers, test_speakers)
+    return train_speakers
 
 
 def run_tapt_folds(
@@ -104,14 +104,14 @@ def run_tapt_folds(
     models: dict[int, str] = {}
     to_train: dict[int, tuple[str, list[int]]] = {}
     for fold in fold_numbers:
-        actors = tapt_actors(fold, protocol)
-        key = tapt_key(base_model, actors, features_dir, settings)
+        speakers = tapt_speakers(fold, protocol)
+        key = tapt_key(base_model, speakers, features_dir, settings)
         fold_dir = storage.join(storage.absolute(out_dir), f"fold_{fold}", key)
         if storage.exists(storage.join(fold_dir, "model", "model.safetensors")):
             log.info("TAPT fold %d: cached in %s", fold, fold_dir)
             models[fold] = storage.join(fold_dir, "model")
         else:
-            to_train[fold] = (fold_dir, actors)
+            to_train[fold] = (fold_dir, speakers)
     if not to_train:
         return models
     progress = Queue(actor_options={"num_cpus": 0})  # the folds' epoch reports, to print
@@ -122,13 +122,13 @@ def run_tapt_folds(
             features_dir,
             fold_dir,
             settings,
-            actors=actors,
+            speakers=speakers,
             use_gpu=resources["use_gpu"],
             resources_per_worker=resources["resources_per_worker"],
             max_failures=max_failures,
             on_report=functools.partial(_put_tagged, progress, fold),
         )
-        for fold, (fold_dir, actors) in to_train.items()
+        for fold, (fold_dir, speakers) in to_train.items()
     }
     log.info("TAPT: folds %s pre-training concurrently", sorted(pending))
     fold_of = {ref: fold for fold, ref in pending.items()}

@@ -3,7 +3,7 @@
 Every feature of a clip is centred and scaled by the mean and standard deviation of that
 feature over the clips of the same speaker (in RAVDESS, the same actor). The statistics come
 from audio features only, never from labels, and a speaker's statistics only from that
-speaker's clips, so a test actor is normalised with test-actor clips alone. It is
+speaker's clips, so a test speaker is normalised with test-speaker clips alone. It is
 *transductive* for test speakers (it uses their unlabelled clips), as in Pepino et al. 2021.
 A speaker with a single clip has no spread to scale by: that is refused, not guessed.
 
@@ -36,8 +36,8 @@ from ser_ray.corpus.clips import is_unknown_speaker
 
 #: How a run says which normalisation ran (summary.md, summary.json, config.json).
 DESCRIPTION = (
-    "per-speaker z-normalisation of the features (mean/std over each actor's own clips, "
-    "unlabelled; transductive for test actors)"
+    "per-speaker z-normalisation of the features (mean/std over each speaker's own clips, "
+    "unlabelled; transductive for test speakers)"
 )
 NONE = "none"
 #: The columns whose values make a side: unknown-speaker clips are pooled within one.

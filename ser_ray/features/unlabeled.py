@@ -10,8 +10,8 @@ A *pool* is a Parquet folder with one row per clip: ``path`` and ``waveform`` (f
 - :func:`write_demo_pool`: the package's synthetic unlabeled pool (other voices and
   sentences than the demo corpus, see :func:`ser_ray.corpus.demo_corpus.unlabeled_pool_clips`).
 
-:func:`read_pool` loads a pool into memory (only the given actors' rows, when asked: TAPT for
-a fold reads the fold's training actors and nothing else); Ray Train workers stream it instead
+:func:`read_pool` loads a pool into memory (only the given speakers' rows, when asked: TAPT for
+a fold reads the fold's training speakers and nothing else); Ray Train workers stream it instead
 (:func:`ser_ray.distributed.pretrain_trainer.fit_pretraining`), window by window, as
 :class:`UnlabeledClips` made by :func:`clips_from_arrow`, after the driver took the clip list with
 :func:`pool_paths`.
@@ -131,28 +131,28 @@ def write_demo_pool(
     return _write_pool(out, names, waveforms)
 
 
-def _pool_rows(source: str | os.PathLike, actors: Sequence[int] | None):
+def _pool_rows(source: str | os.PathLike, speakers: Sequence[int] | None):
     """(pyarrow dataset of a pool or features folder, local or URI; the filter that keeps
-    ``actors``' rows, or None for all)."""
-    dataset, keep = storage.actor_rows(source, actors, exclude_invalid_files=True)
+    ``speakers``' rows, or None for all)."""
+    dataset, keep = storage.speaker_rows(source, speakers, exclude_invalid_files=True)
     names = set(dataset.schema.names)
     if not set(POOL_COLUMNS) <= names:
         raise ValueError(f"{source}: a pool needs 'path' and 'waveform' columns, has {names}")
-    if actors is not None and "actor" not in names:
-        raise ValueError(f"{source}: no 'actor' column, so clips cannot be chosen by actor")
+    if speakers is not None and "actor" not in names:
+        raise ValueError(f"{source}: no 'actor' column, so clips cannot be chosen by speaker")
     return dataset, keep
 
 
-def read_pool(source: str | os.PathLike, actors: Sequence[int] | None = None) -> UnlabeledClips:
-    """The clips of a pool or features folder (local or URI), in memory; with ``actors``,
-    only those actors' rows (the folder must then have an ``actor`` column)."""
-    dataset, keep = _pool_rows(source, actors)
+def read_pool(source: str | os.PathLike, speakers: Sequence[int] | None = None) -> UnlabeledClips:
+    """The clips of a pool or features folder (local or URI), in memory; with ``speakers``,
+    only those speakers' rows (the folder must then have an ``actor`` column)."""
+    dataset, keep = _pool_rows(source, speakers)
     return clips_from_arrow(dataset.to_table(columns=POOL_COLUMNS, filter=keep))
 
 
-def pool_paths(source: str | os.PathLike, actors: Sequence[int] | None = None) -> list[str]:
+def pool_paths(source: str | os.PathLike, speakers: Sequence[int] | None = None) -> list[str]:
     """The paths of the clips :func:`read_pool` would read, sorted (only ``path`` is read)."""
-    dataset, keep = _pool_rows(source, actors)
+    dataset, keep = _pool_rows(source, speakers)
     return sorted(dataset.to_table(columns=["path"], filter=keep).column("path").to_pylist())
 
 

@@ -4,11 +4,11 @@ The model is a :class:`~sklearn.pipeline.Pipeline` of a ``StandardScaler`` and a
 a feature set of the features table (:data:`FEATURE_SETS`: MFCC statistics, eGeMAPS, both,
 or a frozen SSL encoder's pooled layers), optionally speaker-normalised first
 (:func:`feature_set_matrix`). Hyperparameters are chosen by the UA (unweighted average
-recall) of an inner, actor-grouped cross-validation on the training actors only: the inner
-folds are the outer folds of the same scheme that remain once the test fold is set aside
-(five folds of four actors). The chosen model is refit on
-all the training actors and wrapped in a sigmoid calibration, whose own splits are the same
-inner actor folds, so that every prediction comes with class probabilities that sum to 1.
+recall) of an inner, speaker-grouped cross-validation on the training speakers only: the
+inner folds are the outer folds of the same scheme that remain once the test fold is set
+aside. The chosen model is refit on all the training speakers and wrapped in a sigmoid
+calibration, whose own splits are the same inner speaker folds, so that every prediction
+comes with class probabilities that sum to 1.
 The reported label is the SVC's own decision (``SVC.predict``), the rule the inner CV scored:
 selection and reporting use one decision rule.
 
@@ -128,7 +128,7 @@ def make_calibrated_svm(
     """The SVM pipeline with sigmoid (Platt) calibration for class probabilities.
 
     ``ensemble=False``: one SVM fit on all rows predicts; the ``cv`` splits only fit the
-    sigmoid on out-of-split decision values. Pass actor-grouped splits (e.g.
+    sigmoid on out-of-split decision values. Pass speaker-grouped splits (e.g.
     :func:`inner_splits`) so the calibration never sees a speaker's own clips.
     Its ``predict`` is the argmax of ``predict_proba`` (not the rule the inner CV scores;
     :func:`fit_predict` reports ``SVC.predict``); rows of ``predict_proba`` sum to 1.
@@ -196,7 +196,7 @@ def feature_set_matrix(
     (:func:`ser_ray.features.speaker_norm.speaker_normalize`; a clip of an unknown speaker
     over the unknown-speaker clips of its side: ``normalisation_groups``): reads features,
     ``actor``, ``path`` and, where present, ``speaker`` and the side columns, never a label.
-    An actor's statistics use only its own rows, so normalising the
+    A speaker's statistics use only its own rows, so normalising the
     whole table once equals normalising inside every outer and inner fold.
     """
     if feature_set not in FEATURE_SETS:
@@ -213,23 +213,23 @@ def label_vector(df: pd.DataFrame, protocol: Protocol) -> np.ndarray:
 
 
 def inner_splits(
-    actors: Iterable[int], fold_map: Mapping[int, int]
+    speakers: Iterable[int], fold_map: Mapping[int, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Speaker-grouped inner splits of the training rows: leave one remaining outer fold out.
 
-    ``actors`` is the speaker of each training row (the test fold's must be absent),
+    ``speakers`` is the speaker of each training row (the test fold's must be absent),
     ``fold_map`` each speaker's outer fold (:meth:`Protocol.fold_of_speaker`). Returns
     ``(train_idx, val_idx)`` row indices, one split per fold present, in fold order.
     """
-    actors = np.asarray(list(actors), dtype=np.int64)
-    unknown = sorted(set(actors.tolist()) - set(fold_map))
+    speakers = np.asarray(list(speakers), dtype=np.int64)
+    unknown = sorted(set(speakers.tolist()) - set(fold_map))
     if unknown:
         raise ValueError(f"speakers {unknown} are in no fold of the protocol")
-    groups = np.array([fold_map[a] for a in actors.tolist()], dtype=np.int64)
+    groups = np.array([fold_map[a] for a in speakers.tolist()], dtype=np.int64)
     present = sorted(set(groups.tolist()))
     if len(present) < 2:
         raise ValueError(
-            f"inner cross-validation needs actors of two folds at least, got {present}"
+            f"inner cross-validation needs speakers of two folds at least, got {present}"
         )
     return [(np.flatnonzero(groups != k), np.flatnonzero(groups == k)) for k in present]
 
@@ -258,7 +258,7 @@ def fit_predict(
     params: Mapping[str, Any],
     X_train: np.ndarray,
     y_train: np.ndarray,
-    actors_train: Sequence[int],
+    speakers_train: Sequence[int],
     X_test: np.ndarray,
     num_classes: int,
     fold_map: Mapping[int, int],
@@ -271,7 +271,7 @@ def fit_predict(
     (rows sum to 1; a class absent from the training rows gets 0) come from the sigmoid
     calibration around that same fitted SVC, and their argmax may differ on a few clips.
     """
-    model = fit_calibrated_svm(params, X_train, y_train, actors_train, fold_map)
+    model = fit_calibrated_svm(params, X_train, y_train, speakers_train, fold_map)
     return predict_labels(model, X_test), class_probabilities(model, X_test, num_classes)
 
 
@@ -279,14 +279,14 @@ def fit_calibrated_svm(
     params: Mapping[str, Any],
     X_train: np.ndarray,
     y_train: np.ndarray,
-    actors_train: Sequence[int],
+    speakers_train: Sequence[int],
     fold_map: Mapping[int, int],
     solver: str = "exact",
     n_components: int = N_COMPONENTS,
 ) -> CalibratedClassifierCV:
     """The chosen config fit on all training rows, calibrated on the inner speaker folds
     (``solver``, ``n_components``: :func:`make_model`)."""
-    splits = inner_splits(actors_train, fold_map)
+    splits = inner_splits(speakers_train, fold_map)
     model = make_calibrated_svm(params, cv=splits, solver=solver, n_components=n_components)
     return model.fit(X_train, y_train)
 

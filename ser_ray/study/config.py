@@ -95,7 +95,7 @@ class KFoldConfig:
         default_factory=ProtocolSettings,
         metadata={
             "help": "how folds, validation speakers and classes are resolved (saved as "
-            "protocol.json); --merge-calm, the validation speakers (n_val_actors) and the "
+            "protocol.json); --merge-calm, the validation speakers (n_val_speakers) and the "
             "seed come from the training settings"
         },
     )
@@ -113,7 +113,7 @@ class KFoldConfig:
         default=None,
         metadata={
             "help": "best.json of jobs/tune_adamw.py --nested (per-fold AdamW settings); a "
-            "single-fold sweep's file is refused: its settings saw the other folds' test actors"
+            "single-fold sweep's file is refused: its settings saw the other folds' test speakers"
         },
     )
     allow_leaky_params: bool = dataclasses.field(
@@ -182,7 +182,7 @@ class KFoldConfig:
         default=0,
         metadata={
             "help": "task-adaptive pre-training: before fine-tuning, continue each fold's "
-            "self-supervised pre-training for N epochs on its training actors' audio (cached); "
+            "self-supervised pre-training for N epochs on its training speakers' audio (cached); "
             "0 = off"
         },
     )

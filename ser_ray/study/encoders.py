@@ -28,7 +28,7 @@ def with_encoders(
     """The fold configs with the encoder each fold trains: their model resolved (``demo``:
     the pre-trained demo encoder, built on first use; on a cluster, published where every
     node reads it) and, with ``--tapt-epochs``, each fold's own continued pre-training on its
-    training actors."""
+    training speakers."""
     from ser_ray.distributed import tapt
 
     (model,) = {c.model for c in train_cfgs.values()}

@@ -1,5 +1,5 @@
 """The main study: features -> SVM variants' nested CV -> each SSL variant (wav2vec2,
-WavLM, ... fine-tuned or probed) on six folds concurrently -> one summary with the named
+WavLM, ... fine-tuned or probed) on the folds concurrently -> one summary with the named
 variants side by side (:mod:`ser_ray.study.variants`).
 
 Read :func:`run_kfold` top to bottom: every step is a function below it. The study's settings
@@ -148,7 +148,7 @@ def _resolved_protocol(
     """The protocol of the corpus (``--protocol`` file or resolved from the clips), saved as
     ``OUT/protocol.json``; every stage gets this one object."""
     folds = params.folds() if params else [None]
-    n_val = {train_config_for(cfg, k, params=params).n_val_actors for k in folds}
+    n_val = {train_config_for(cfg, k, params=params).n_val_speakers for k in folds}
     if len(n_val) != 1:
         raise SettingsError(
             f"{cfg.params}: the folds' settings ask for different numbers of validation "
@@ -311,14 +311,14 @@ def _fold_row(protocol: Protocol, fold: int, df: pd.DataFrame) -> dict[str, Any]
     where they are not the numbers themselves) and clips, and the clips per class of its
     training side (every other speaker: what the SVMs train on, and the SSL folds' fit and
     validation speakers), which show how imbalanced the training classes are."""
-    actors = list(protocol.folds[fold - 1])
-    row = {"fold": fold, "test_actors": actors, "n_test": int(df["actor"].isin(actors).sum())}
-    train_classes = df.loc[~df["actor"].isin(actors), "emotion"].map(protocol.label_index())
+    speakers = list(protocol.folds[fold - 1])
+    row = {"fold": fold, "test_actors": speakers, "n_test": int(df["actor"].isin(speakers).sum())}
+    train_classes = df.loc[~df["actor"].isin(speakers), "emotion"].map(protocol.label_index())
     row["train_class_counts"] = {
         name: int((train_classes == i).sum()) for i, name in enumerate(protocol.classes)
     }
-    names = speakers_of(protocol, actors)
-    if names != [str(a) for a in actors]:
+    names = speakers_of(protocol, speakers)
+    if names != [str(a) for a in speakers]:
         row["test_speakers"] = names
     if protocol.fold_names:
         row["name"] = protocol.fold_names[fold - 1]

@@ -2,7 +2,7 @@
 SSL training settings of every fold it leads to: defaults < the file < the study's own flags.
 
 The file is read and checked once (:func:`read_params`) into a :class:`TunedParams`: where its
-settings come from (refused if settings tuned on one fold's actors would score the others), and
+settings come from (refused if settings tuned on one fold's speakers would score the others), and
 its settings, per fold or for all; every fold of every variant then takes its settings from that
 object (:func:`train_config_for`), not from the file again.
 """
@@ -62,11 +62,12 @@ def read_params(cfg: KFoldConfig) -> TunedParams | None:
         return None
     best = json.loads(Path(cfg.params).read_text())
     provenance = _provenance(best, cfg)  # raises on leaky settings that were not allowed
+    current = TrainConfig.current_names  # a file written before a field's rename
     if "per_fold" in best:
-        per_fold = {int(k): dict(v.get("params", v)) for k, v in best["per_fold"].items()}
+        per_fold = {int(k): current(v.get("params", v)) for k, v in best["per_fold"].items()}
         params = TunedParams(cfg.params, provenance, per_fold=per_fold)
     else:
-        params = TunedParams(cfg.params, provenance, shared=dict(best.get("params", best)))
+        params = TunedParams(cfg.params, provenance, shared=current(best.get("params", best)))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = {k for s in params.sets() for k in s} - known
     if unknown:
@@ -75,8 +76,8 @@ def read_params(cfg: KFoldConfig) -> TunedParams | None:
 
 
 def params_provenance(cfg: KFoldConfig) -> dict[str, Any] | None:
-    """Where the ``--params`` settings come from: file, nested or not, the actors they were
-    tuned on per outer fold, and whether some folds' test actors helped choose them (None
+    """Where the ``--params`` settings come from: file, nested or not, the speakers they were
+    tuned on per outer fold, and whether some folds' test speakers helped choose them (None
     without a file). Raises as :func:`read_params` does."""
     params = read_params(cfg)
     return params.provenance if params else None
@@ -119,7 +120,7 @@ def _provenance(best: dict[str, Any], cfg: KFoldConfig) -> dict[str, Any]:
                 k: {"fit_actors": s.get("fit_actors"), "val_actors": s.get("val_actors")}
                 for k, s in sorted(tuned.items(), key=lambda kv: int(kv[0]))
             },
-            "note": "per outer fold: settings tuned on that fold's training actors only",
+            "note": "per outer fold: settings tuned on that fold's training speakers only",
         }
     if not _is_sweep_result(best):
         return {
@@ -132,10 +133,10 @@ def _provenance(best: dict[str, Any], cfg: KFoldConfig) -> dict[str, Any]:
     fold = best.get("fold", search.get("fold"))
     if not cfg.allow_leaky_params:
         raise SettingsError(
-            f"{cfg.params} holds AdamW settings tuned on the training actors of outer fold "
-            f"{fold} only; used for all folds, the other folds would be scored on test actors "
+            f"{cfg.params} holds AdamW settings tuned on the training speakers of outer fold "
+            f"{fold} only; used for all folds, the other folds would be scored on test speakers "
             "that helped choose them. Run `python jobs/tune_adamw.py --nested` (one search per "
-            "outer fold, each on its own training actors) and pass its best.json, or pass "
+            "outer fold, each on its own training speakers) and pass its best.json, or pass "
             "--allow-leaky-params to run anyway (the summary then says so)"
         )
     return {
@@ -147,8 +148,8 @@ def _provenance(best: dict[str, Any], cfg: KFoldConfig) -> dict[str, Any]:
             "fit_actors": search.get("fit_actors"),
             "val_actors": search.get("val_actors"),
         },
-        "note": f"LEAKY: settings tuned on outer fold {fold}'s training actors were used for "
-        f"every fold, so folds other than {fold} are scored on actors that helped choose them "
+        "note": f"LEAKY: settings tuned on outer fold {fold}'s training speakers were used for "
+        f"every fold, so folds other than {fold} are scored on speakers that helped choose them "
         "(--allow-leaky-params)",
     }
 
@@ -166,7 +167,7 @@ def train_config_for(
     The study's own are :data:`STUDY_FIELDS` of ``cfg.train`` (``--model``, ``--epochs``,
     ...) and every other field of ``cfg.train`` changed from its default (``--lr``,
     ``--lr-head``). A nested sweep's file (``{"per_fold": {"k": {"params": …}}}``) gives each
-    outer fold the settings tuned on that fold's own training actors; ``fold`` picks them.
+    outer fold the settings tuned on that fold's own training speakers; ``fold`` picks them.
     ``params`` is the file as :func:`read_params` loaded it (the driver loads it once);
     without it, ``cfg.params`` is read here (one fold's settings, e.g. a benchmark's).
     """

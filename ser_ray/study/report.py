@@ -1,5 +1,5 @@
 """What the study's summary is made of and told: the variants' results
-(:class:`StudyResults`), which actors each variant's models trained on, the encoder's learning
+(:class:`StudyResults`), which speakers each variant's models trained on, the encoder's learning
 rate schedule, and the run's facts (models, label map, settings' provenance), handed to
 :func:`ser_ray.study.summary.write_summary`.
 """

@@ -85,7 +85,7 @@ class RunInfo:
     params_provenance: dict[str, Any] | None = None
     #: The label map when it renames, merges or drops labels (corpus label -> class or None).
     label_map: dict[str, str | None] | None = None
-    #: Per model: ``{"description", "per_fold": {fold: actors}}`` it was trained on.
+    #: Per model: ``{"description", "per_fold": {fold: speakers}}`` it was trained on.
     trained_on: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: What each variant is (features, which normalisation ran): ``Variant.describe()``.
     variants: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -357,7 +357,7 @@ def format_table(
 ) -> str:
     """The per-fold Markdown table with a final ``mean ± std`` row (percent, one decimal).
 
-    Columns: fold, test actors, n, then UA / accuracy / macro-F1 per model that ran, the
+    Columns: fold, test speakers, n, then UA / accuracy / macro-F1 per model that ran, the
     best epoch of each SSL variant when known, and last ``fold_columns``: a title and the cell
     of each fold's result (empty in the mean row), e.g. the SVM's search time and chosen
     parameters.
@@ -684,7 +684,7 @@ def plot_fold_bars(summary: Mapping[str, Any], path: str | Path, metric: str = "
             100 * summary["mean"][m][metric], ls="--", lw=1, color=bars.patches[0].get_facecolor()
         )
     ax.set_xticks(x, [str(f) for f in folds])
-    ax.set_xlabel("fold (test actors held out)")
+    ax.set_xlabel("fold (test speakers held out)")
     ax.set_ylabel(f"{METRIC_TITLES.get(metric, metric)} (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{METRIC_TITLES.get(metric, metric)} per fold (dashed: mean)")

@@ -4,11 +4,12 @@ What is searched (:class:`SearchSpace`): the encoder and head peak learning rate
 decay, AdamW's beta2, the warm-up and decay-start fractions of the schedule, and gradient
 clipping (off, or on at a searched norm). Everything else is a fixed :class:`TrainConfig`.
 
-What is scored: validation UA (``val/uar``) on validation actors taken from the *training
-side* of one outer fold (:meth:`ser_ray.corpus.protocol.Protocol.split`); the fold's test actors are
-never read. ASHA (``ASHAScheduler`` on ``val/uar`` per epoch) stops weak trials early; the
-searcher learns from ``best/val_uar`` (the best epoch's val UA, the epoch whose weights the
-loop keeps) and the best trial is the one with the highest val UA at any epoch.
+What is scored: validation UA (``val/uar``) on validation speakers taken from the
+*training side* of one outer fold (:meth:`ser_ray.corpus.protocol.Protocol.split`); the
+fold's test speakers are never read. ASHA (``ASHAScheduler`` on ``val/uar`` per epoch)
+stops weak trials early; the searcher learns from ``best/val_uar`` (the best epoch's val UA,
+the epoch whose weights the loop keeps) and the best trial is the one with the highest val
+UA at any epoch.
 
 Each trial is a plain Tune function trainable (:func:`adamw_trial`) that trains in its own
 process with :func:`ser_ray.training.finetune.run_training` and calls ``tune.report`` once per
@@ -41,6 +42,7 @@ from ser_ray.corpus.protocol import Protocol
 from ser_ray.distributed import console, ingest
 from ser_ray.distributed.fold_inputs import FoldInputs, build_fold_inputs
 from ser_ray.distributed.fold_trainer import count_splits, kept_labels, open_fold_clips
+from ser_ray.distributed.fold_work import FoldWork
 from ser_ray.distributed.resources import (
     adamw_concurrent_trials,
     adamw_trial_resources,
@@ -74,10 +76,10 @@ GRACE_RULE = (
     "ends (grace_period = max(ceil(epochs / 3), ceil(max warmup_frac * epochs)))"
 )
 HOLDOUT_NOTE = (
-    "tuned on the training actors of outer fold {fold} only (fit actors {fit}, validation "
-    "actors {val}); only fold {fold}'s test score (actors {test}) is untouched by this search. "
-    "Running all folds with these params leaks the other folds' test actors into the choice "
-    "(they were training/validation actors here); use --nested for an unbiased estimate."
+    "tuned on the training speakers of outer fold {fold} only (fit speakers {fit}, validation "
+    "speakers {val}); only fold {fold}'s test score (speakers {test}) is untouched by this search. "
+    "Running all folds with these params leaks the other folds' test speakers into the choice "
+    "(they were training/validation speakers here); use --nested for an unbiased estimate."
 )
 
 
@@ -284,21 +286,39 @@ def scheduler_info(cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-def _actor_string(actors) -> str:
-    return " ".join(str(int(a)) for a in sorted(set(int(a) for a in actors)))
+def _speaker_string(speakers) -> str:
+    return " ".join(str(int(a)) for a in sorted(set(int(a) for a in speakers)))
 
 
-def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """Tune trainable: train one sampled AdamW config on the fit actors, score on val actors.
+@dataclasses.dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of the search on one outer fold shares (``tune.with_parameters``);
+    a trial's sampled values stay in Tune's own config, where the searcher reads them."""
 
-    ``setup`` (fixed for the sweep): ``train_config`` (base TrainConfig dict), ``source``
-    (feature-cache or features folder), ``input_kind``, ``feature_cache_key``, ``fold``,
-    ``folds``, ``split_actors`` and ``split_clips`` (``train``: the fit actors, ``val``),
-    ``class_counts`` (fit clips per class: the loss's class weights),
-    ``threads``, ``device``. The clips stream in as a study fold's do
-    (:func:`trial_clips`). Reports every epoch's ``run_training`` metrics plus, for
-    auditing, the actors it trained on (``fit_actors``) and validated on (``val_actors``),
-    read from the rows it received.
+    #: The fold's work with the sweep's fixed training settings (searched fields at their
+    #: defaults), its fit (``train``) and ``val`` clips counted, ``class_counts["train"]``
+    #: the fit clips per class (the loss's class weights).
+    work: FoldWork
+    #: The fit (``train``) and ``val`` speakers; the fold's test speakers are not even named.
+    split_speakers: dict[str, list[int]]
+    #: Torch threads of a trial.
+    threads: int
+    #: Where a trial trains: ``cuda`` or ``cpu``.
+    device: str
+
+    def with_train(self, train: TrainConfig) -> TrialSetup:
+        """This setup with ``train`` as the work's training settings (a trial's own)."""
+        return dataclasses.replace(self, work=dataclasses.replace(self.work, train=train))
+
+
+def adamw_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune trainable: train one sampled AdamW config (``config``, Tune's) on the fit
+    speakers, score on val speakers.
+
+    The trial's settings are ``setup``'s fixed ones with the sampled values on top. The clips
+    stream in as a study fold's do (:func:`trial_clips`). Reports every epoch's
+    ``run_training`` metrics plus, for auditing, the speakers it trained on (``fit_actors``)
+    and validated on (``val_actors``), read from the rows it received.
     """
     import torch
     from ray import tune
@@ -307,85 +327,88 @@ def adamw_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from ser_ray.training.engine import seed_everything
     from ser_ray.training.finetune import run_training
 
-    torch.set_num_threads(int(setup["threads"]))
-    cfg = TrainConfig.from_dict({**setup["train_config"], **params_from_config(config)})
-    protocol = Protocol.from_dict(setup["protocol"])
+    torch.set_num_threads(setup.threads)
+    cfg = TrainConfig.from_dict({**setup.work.train.to_dict(), **params_from_config(config)})
+    setup = setup.with_train(cfg)
+    work = setup.work
     seed_everything(cfg.seed)
-    model, fe = build_model(cfg, list(protocol.classes))
-    FoldInputs.from_config(setup).check(model, fe)
-    clips = trial_clips(setup, cfg, protocol, fe)
+    model, fe = build_model(cfg, list(work.protocol.classes))
+    work.inputs.check(model, fe)
+    clips = trial_clips(setup, fe)
     seen: dict[str, set[int]] = {"train": set(), "val": set()}
-    train, val = (_recording_actors(clips[name], seen[name]) for name in ("train", "val"))
+    train, val = (_recording_speakers(clips[name], seen[name]) for name in ("train", "val"))
 
     def report(metrics: dict[str, float], _write_checkpoint) -> None:
         audit = {  # the first report comes after a whole pass over both splits
-            "fold": int(setup["fold"]),
-            "fit_actors": _actor_string(seen["train"]),
-            "val_actors": _actor_string(seen["val"]),
+            "fold": work.fold,
+            "fit_actors": _speaker_string(seen["train"]),
+            "val_actors": _speaker_string(seen["val"]),
             "n_train": len(train),
             "n_val": len(val),
         }
         tune.report({**metrics, **audit})  # RAY: ASHA may stop the trial here
 
     run_training(
-        cfg, model, fe, train, val, device=setup["device"], on_epoch_end=report,
-        class_counts=setup["class_counts"],
+        cfg, model, fe, train, val, device=setup.device, on_epoch_end=report,
+        class_counts=work.class_counts["train"],
     )  # fmt: skip
 
 
-def trial_clips(
-    setup: dict[str, Any], cfg: TrainConfig, protocol: Protocol, feature_extractor
-) -> dict[str, ClipStream[ClipArrays]]:
-    """A trial's ``train`` (fit actors) and ``val`` clips, streamed exactly as a study fold's
+def trial_clips(setup: TrialSetup, feature_extractor) -> dict[str, ClipStream[ClipArrays]]:
+    """A trial's ``train`` (fit speakers) and ``val`` clips, streamed exactly as a study fold's
     workers stream theirs: the same Ray datasets
     (:func:`ser_ray.distributed.ingest.fold_datasets`), read in the order a Train worker
     reads them (:func:`ser_ray.distributed.ingest.local_shards`), windowed and converted by
     :func:`ser_ray.distributed.fold_trainer.open_fold_clips`; so for the same seed, the same
     batches."""
-    # the test actors of the fold are not even named here: only fit and validation actors
+    # the test speakers of the fold are not even named here: only fit and validation speakers
+    work = setup.work
     datasets = ingest.fold_datasets(
-        setup["source"], setup["split_actors"], setup["input_kind"], kept_labels(protocol)
+        work.inputs.source,
+        setup.split_speakers,
+        work.inputs.input_kind,
+        kept_labels(work.protocol),
     )
-    clips = open_fold_clips(setup, ingest.local_shards(datasets), cfg, protocol, feature_extractor)
+    clips = open_fold_clips(work, ingest.local_shards(datasets), feature_extractor)
     if "val" not in clips:
-        raise ValueError(f"fold {setup['fold']}: no validation clips in {setup['source']}")
+        raise ValueError(f"fold {work.fold}: no validation clips in {work.inputs.source}")
     return clips
 
 
-def _recording_actors(stream: ClipStream[ClipArrays], seen: set[int]) -> ClipStream[ClipArrays]:
-    """``stream``, adding the actors of every window it hands out to ``seen``."""
+def _recording_speakers(stream: ClipStream[ClipArrays], seen: set[int]) -> ClipStream[ClipArrays]:
+    """``stream``, adding the speakers of every window it hands out to ``seen``."""
 
     def to_clips(rows):
         table = stream.to_clips(rows)
-        seen.update(int(a) for a in table.actors)
+        seen.update(int(a) for a in table.speakers)
         return table
 
     return dataclasses.replace(stream, to_clips=to_clips)
 
 
-def trial_setup(
-    source: FoldInputs, fold: int, cfg: SweepConfig, protocol: Protocol
-) -> dict[str, Any]:
+def trial_setup(source: FoldInputs, fold: int, cfg: SweepConfig, protocol: Protocol) -> TrialSetup:
     """What every trial of the search on outer fold ``fold`` shares (:func:`adamw_trial`'s
     ``setup``): the base TrainConfig, the inputs, the protocol, the fit (``train``) and
-    ``val`` actors and their clip counts, threads and device. The fold's test actors are left
+    ``val`` speakers and their clip counts, threads and device. The fold's test speakers are left
     out."""
-    base = cfg.base_train_config()
-    _, fit_actors, val_actors = protocol.split(fold)
-    if not val_actors:
-        raise ValueError("the sweep needs validation actors (n_val_actors > 0)")
-    split_actors = {"train": fit_actors, "val": val_actors}
-    return {
-        "train_config": base.to_dict(),
-        **source.to_config(),  # source, input_kind, feature_cache_key
-        "split_actors": split_actors,
-        "split_clips": count_splits(source.source, split_actors, kept_labels(protocol)),
-        "class_counts": count_classes(source.source, fit_actors, protocol.label_index()),
-        "fold": int(fold),
-        "protocol": protocol.to_dict(),
-        "threads": trial_torch_threads(cfg.cpus_per_trial),
-        "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
-    }
+    _, fit_speakers, val_speakers = protocol.split(fold)
+    if not val_speakers:
+        raise ValueError("the sweep needs validation speakers (n_val_speakers > 0)")
+    split_speakers = {"train": fit_speakers, "val": val_speakers}
+    work = FoldWork(
+        train=cfg.base_train_config(),
+        inputs=source,
+        fold=int(fold),
+        protocol=protocol,
+        split_clips=count_splits(source.source, split_speakers, kept_labels(protocol)),
+        class_counts={"train": count_classes(source.source, fit_speakers, protocol.label_index())},
+    )
+    return TrialSetup(
+        work=work,
+        split_speakers=split_speakers,
+        threads=trial_torch_threads(cfg.cpus_per_trial),
+        device="cuda" if cfg.gpus_per_trial > 0 else "cpu",
+    )
 
 
 def tune_fold(
@@ -400,7 +423,7 @@ def tune_fold(
     """Search AdamW settings on the training side of outer fold ``fold``.
 
     Returns ``{"params", "val_uar", "trials" (DataFrame, best first), "search" (what was
-    searched, how, on which actors, where the results are)}``.
+    searched, how, on which speakers, where the results are)}``.
     """
     import ray
 
@@ -413,11 +436,11 @@ def tune_fold(
     )
     base = cfg.base_train_config()
     trials = trial_table(grid, base.epochs)
-    test_actors, fit_actors, val_actors = protocol.split(fold)
+    test_speakers, fit_speakers, val_speakers = protocol.split(fold)
     seen = {int(a) for s in [*trials["fit_actors"], *trials["val_actors"]] for a in s.split()}
-    leaked = sorted(seen & set(test_actors))
+    leaked = sorted(seen & set(test_speakers))
     if leaked:  # cannot happen by construction; a guard for future edits
-        raise RuntimeError(f"fold {fold}: test actors {leaked} reached the search")
+        raise RuntimeError(f"fold {fold}: test speakers {leaked} reached the search")
     best = trials.iloc[0]
     params = params_from_config(best["config"])
     log.info(
@@ -432,10 +455,10 @@ def tune_fold(
     search = {
         "fold": int(fold),
         "scheme": protocol.scheme,
-        "test_actors": [int(a) for a in test_actors],
-        "fit_actors": [int(a) for a in fit_actors],
-        "val_actors": [int(a) for a in val_actors],
-        "objective": f"{METRIC} (max) on the validation actors; searcher told {SEARCH_METRIC}",
+        "test_actors": [int(a) for a in test_speakers],
+        "fit_actors": [int(a) for a in fit_speakers],
+        "val_actors": [int(a) for a in val_speakers],
+        "objective": f"{METRIC} (max) on the validation speakers; searcher told {SEARCH_METRIC}",
         "searcher": {"type": "OptunaSearch", "sampler": "TPESampler", "seed": base.seed},
         "scheduler": scheduler_info(cfg),
         "space": cfg.space.describe(),
@@ -445,11 +468,11 @@ def tune_fold(
         "n_trials": len(trials),
         "n_stopped_early": int(trials["stopped_early"].sum()),
         "search_s": round(search_s, 2),
-        "fixed": {k: v for k, v in setup["train_config"].items() if k not in SEARCHED_FIELDS},
+        "fixed": {k: v for k, v in base.to_dict().items() if k not in SEARCHED_FIELDS},
         # Tune's path is inside the storage's filesystem (bucket/…): its scheme put back
         "experiment_path": storage.uri_prefix(storage_path) + str(grid.experiment_path),
         "note": HOLDOUT_NOTE.format(
-            fold=fold, fit=fit_actors, val=val_actors, test=list(test_actors)
+            fold=fold, fit=fit_speakers, val=val_speakers, test=list(test_speakers)
         ),
     }
     return {
@@ -469,7 +492,7 @@ def trial_resources(cfg: SweepConfig) -> tuple[dict[str, float], int]:
 
 
 def run_trials(
-    setup: dict[str, Any],
+    setup: TrialSetup,
     cfg: SweepConfig,
     resources: dict[str, float],
     max_concurrent: int,
@@ -510,7 +533,7 @@ def run_trials(
 
 def trial_table(grid: Any, epochs: int) -> pd.DataFrame:
     """One row per trial, best first (highest val UA at any epoch, then trial id): scores,
-    epochs run, whether ASHA stopped it, the actors it saw, its TrainConfig values and its
+    epochs run, whether ASHA stopped it, the speakers it saw, its TrainConfig values and its
     sampled ``config``."""
     rows = []
     for result in grid:
@@ -592,7 +615,7 @@ def run_sweep(
                 str(k): {"params": f["params"], "val_uar": f["val_uar"], "search": f["search"]}
                 for k, f in found.items()
             },
-            "note": "per outer fold: params tuned on that fold's training actors only; "
+            "note": "per outer fold: params tuned on that fold's training speakers only; "
             "each fold's test score is untouched by its own search",
         }
     else:

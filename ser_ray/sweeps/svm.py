@@ -1,9 +1,9 @@
 """Nested cross-validation of the MFCC + SVM baseline on Ray Tune (the Ray edge of svm.py).
 
-For each outer fold k, the training actors (the other five folds) go — and only they go —
-to a Tune search. Each trial scores configs by the inner actor-grouped cross-validation
-of :func:`ser_ray.models.svm.inner_cv_score` (UA, mean over the five remaining folds). The best
-config is refit on all training actors and scores fold k once. The trials run in parallel,
+For each outer fold k, the training speakers (the other folds) go — and only they go — to
+a Tune search. Each trial scores configs by the inner speaker-grouped cross-validation of
+:func:`ser_ray.models.svm.inner_cv_score` (UA, mean over the remaining folds). The best
+config is refit on all training speakers and scores fold k once. The trials run in parallel,
 one CPU each.
 
 Ray touch-points: the ``Tuner`` of :func:`tune_folds_grid` (the grid search: one Tune run
@@ -74,7 +74,7 @@ class NestedSvmConfig:
         default="mfcc", metadata={"help": "feature columns (models.svm.FEATURE_SETS)"}
     )
     speaker_normalise: bool = dataclasses.field(
-        default=False, metadata={"help": "z-normalise each clip's features over its actor"}
+        default=False, metadata={"help": "z-normalise each clip's features over its speaker"}
     )
     variant: str = dataclasses.field(
         default="svm", metadata={"help": "name of results, predictions and Tune experiments"}
@@ -105,7 +105,7 @@ class SvmResult:
     ``svm`` ({"accuracy", "uar", "macro_f1"} on the test fold), ``svm_params`` (chosen
     config), ``svm_search_s`` (wall time of the Tune run that searched it: with the grid, one
     run searched every fold), ``svm_inner`` (best inner UA, number of configs scored, the
-    actors every trial received, the inner validation folds, the Tune run's folder and the
+    speakers every trial received, the inner validation folds, the Tune run's folder and the
     fold's trials' folders).
     ``predictions``: one row per clip of the tested folds.
     ``config``: the resolved settings of the run. Mean and std over folds:
@@ -121,14 +121,14 @@ def svm_trial(
     config: dict[str, Any],
     X: np.ndarray,
     y: np.ndarray,
-    actors: np.ndarray,
+    speakers: np.ndarray,
     fold_map: dict[int, int],
     num_classes: int,
     solver: str = "exact",
     n_components: int = svm_approx.N_COMPONENTS,
 ) -> None:
     """Tune trainable: each config of ``config["svm"]`` (one config, or a batch of the grid)
-    scored by inner actor-grouped CV on the training rows.
+    scored by inner speaker-grouped CV on the training rows.
 
     With ``solver="approx"`` a batch of several configs is searched by successive halving
     (:func:`ser_ray.models.svm_approx.halving_search`): only the last round's survivors are
@@ -136,14 +136,14 @@ def svm_trial(
 
     Reports the batch's best inner UA (``inner_uar``), every config's scores (``scores``, a
     JSON list of ``[config, uar, uar_std, accuracy, macro_f1]``), configs pruned early
-    (``n_pruned``) and, for auditing, the actors it received (``actors_seen``) and the actors
+    (``n_pruned``) and, for auditing, the speakers it received (``actors_seen``) and the speakers
     of each inner validation split (``inner_val_actors``), as strings.
     """
     from ray import tune
 
     batch = config.get("svm", config)
     batch = batch if isinstance(batch, list) else [batch]
-    splits = svm.inner_splits(actors, fold_map)
+    splits = svm.inner_splits(speakers, fold_map)
     scores, n_pruned = [], 0
     if solver == "approx" and len(batch) > 1:
         survivors, n_pruned = svm_approx.halving_search(
@@ -154,15 +154,15 @@ def svm_trial(
         for params in batch:
             s = svm.inner_cv_score(params, X, y, splits, num_classes, solver, n_components)
             scores.append([params, s["uar"], s["uar_std"], s["accuracy"], s["macro_f1"]])
-    val_actors = [sorted(set(actors[val].tolist())) for _, val in splits]
+    val_speakers = [sorted(set(speakers[val].tolist())) for _, val in splits]
     tune.report(
         {
             METRIC: max(row[1] for row in scores),
             "scores": json.dumps(scores),
             "n_pruned": int(n_pruned),
             "n_rows": int(len(y)),
-            "actors_seen": " ".join(map(str, sorted(set(actors.tolist())))),
-            "inner_val_actors": "|".join(" ".join(map(str, a)) for a in val_actors),
+            "actors_seen": " ".join(map(str, sorted(set(speakers.tolist())))),
+            "inner_val_actors": "|".join(" ".join(map(str, a)) for a in val_speakers),
         }
     )
 
@@ -187,11 +187,11 @@ def svm_fold_trial(
 ) -> None:
     """Tune trainable of :func:`tune_folds_grid`: :func:`svm_trial` on the training rows of
     outer fold ``config["fold"]``, fetched here from the object store (``fold_rows``: one
-    reference per fold to its ``(X, y, actors)``; no other fold's rows are fetched)."""
+    reference per fold to its ``(X, y, speakers)``; no other fold's rows are fetched)."""
     import ray
 
-    X, y, actors = ray.get(fold_rows[int(config["fold"])])
-    svm_trial(config, X, y, actors, fold_map, num_classes, solver, n_components)
+    X, y, speakers = ray.get(fold_rows[int(config["fold"])])
+    svm_trial(config, X, y, speakers, fold_map, num_classes, solver, n_components)
 
 
 def grid_trials(solver: str, max_concurrent_trials: int) -> int:
@@ -230,7 +230,7 @@ def _optuna_space(trial: Any) -> None:
 def tune_fold(
     X: np.ndarray,
     y: np.ndarray,
-    actors: np.ndarray,
+    speakers: np.ndarray,
     *,
     search: str,
     num_samples: int,
@@ -268,7 +268,7 @@ def tune_fold(
             svm_trial,
             X=X,
             y=y,
-            actors=np.asarray(actors),
+            speakers=np.asarray(speakers),
             fold_map=fold_map,
             num_classes=num_classes,
             solver=solver,
@@ -307,7 +307,7 @@ def tune_folds_grid(
     n_components: int = svm_approx.N_COMPONENTS,
 ) -> dict[int, dict[str, Any]]:
     """The grid search of every outer fold in one Tune run: ``train_rows`` maps each outer
-    fold to its training rows ``(X, y, actors)``; a trial scores one batch of the grid on one
+    fold to its training rows ``(X, y, speakers)``; a trial scores one batch of the grid on one
     fold's rows (``solver="approx"``: the whole grid by successive halving, one trial per
     fold, so the folds spread over the trial slots). Returns, per fold, what
     :func:`tune_fold` returns for it (``search_s``: the whole run's wall time, every fold's
@@ -464,7 +464,7 @@ class _Rows:
     table: pd.DataFrame  # path, actor (int), fold (of the protocol), features...
     X: np.ndarray  # the feature set's columns side by side (speaker-normalised if asked)
     y: np.ndarray  # class indices
-    actors: np.ndarray
+    speakers: np.ndarray
     class_names: list[str]
     fold_map: dict[int, int]  # speaker -> outer fold
     protocol: Protocol
@@ -491,10 +491,10 @@ def run_nested_svm(
     running Ray instance (``ray.init``).
 
     ``cfg.feature_set`` picks the columns (:data:`ser_ray.models.svm.FEATURE_SETS`). With
-    ``cfg.speaker_normalise`` every clip's features are z-normalised over its own actor's clips
-    (:mod:`ser_ray.features.speaker_norm`) before the pipeline's StandardScaler; since an actor's
-    statistics use only that actor's clips, doing it once for all rows is the same as doing
-    it inside each outer and inner fold (no statistic crosses actors). Results, predictions
+    ``cfg.speaker_normalise`` every clip's features are z-normalised over its own speaker's clips
+    (:mod:`ser_ray.features.speaker_norm`) before the pipeline's StandardScaler; since a speaker's
+    statistics use only that speaker's clips, doing it once for all rows is the same as doing
+    it inside each outer and inner fold (no statistic crosses speakers). Results, predictions
     and Tune experiments are named after ``cfg.variant`` (e.g. ``svm+spknorm``). With
     ``models_dir`` each fold's fitted model is saved there as ``fold_<k>.joblib``
     (:mod:`ser_ray.models.svm_model`, for ``jobs/predict.py --svm-models``). ``storage_path``
@@ -537,7 +537,7 @@ def _read_rows(
         table=df,
         X=svm.feature_set_matrix(df, cfg.feature_set, cfg.speaker_normalise),
         y=svm.label_vector(df, protocol),
-        actors=df["actor"].to_numpy(),
+        speakers=df["actor"].to_numpy(),
         class_names=list(protocol.classes),
         fold_map=fold_map,
         protocol=protocol,
@@ -556,15 +556,15 @@ def _read_rows(
 
 
 def _fold_masks(rows: _Rows, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(test rows, training rows) of outer fold ``k``, checked: no actor on both sides, some
+    """(test rows, training rows) of outer fold ``k``, checked: no speaker on both sides, some
     test clips."""
-    actors = rows.actors
-    test_actors, train_actors = rows.protocol.test_and_train(k)
-    test_mask = np.isin(actors, test_actors)
-    train_mask = np.isin(actors, train_actors)
-    check_no_leakage(actors[train_mask].tolist(), actors[test_mask].tolist())
+    speakers = rows.speakers
+    test_speakers, train_speakers = rows.protocol.test_and_train(k)
+    test_mask = np.isin(speakers, test_speakers)
+    train_mask = np.isin(speakers, train_speakers)
+    check_no_leakage(speakers[train_mask].tolist(), speakers[test_mask].tolist())
     if not test_mask.any():
-        raise ValueError(f"fold {k} (actors {test_actors}) has no clips")
+        raise ValueError(f"fold {k} (speakers {test_speakers}) has no clips")
     return test_mask, train_mask
 
 
@@ -576,7 +576,7 @@ def _search_folds(
     train_rows = {}
     for k in outer_folds:
         _, train_mask = _fold_masks(rows, k)
-        train_rows[int(k)] = (rows.X[train_mask], rows.y[train_mask], rows.actors[train_mask])
+        train_rows[int(k)] = (rows.X[train_mask], rows.y[train_mask], rows.speakers[train_mask])
     variant = cfg.variant.replace("+", "_")
     common = {"fold_map": rows.fold_map, "num_classes": len(rows.class_names),
               "storage_path": storage_path, "smoke_test": cfg.smoke_test, "grid": cfg.grid,
@@ -598,18 +598,18 @@ def _run_outer_fold(
     found: dict[str, Any],
     models_dir: str | os.PathLike | None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Outer fold ``k`` after its search (``found``): refit, test once on its test actors,
+    """Outer fold ``k`` after its search (``found``): refit, test once on its test speakers,
     save the model; its result record and its test clips' predictions."""
-    names, num_classes, actors = rows.class_names, len(rows.class_names), rows.actors
-    test_actors, _ = rows.protocol.test_and_train(k)
+    names, num_classes, speakers = rows.class_names, len(rows.class_names), rows.speakers
+    test_speakers, _ = rows.protocol.test_and_train(k)
     test_mask, train_mask = _fold_masks(rows, k)
     X_train, y_train = rows.X[train_mask], rows.y[train_mask]
-    leaked = sorted(set(found["actors_seen"]) & set(test_actors))
+    leaked = sorted(set(found["actors_seen"]) & set(test_speakers))
     if leaked:  # cannot happen by construction; a guard for future edits
-        raise RuntimeError(f"fold {k}: test actors {leaked} reached the search")
+        raise RuntimeError(f"fold {k}: test speakers {leaked} reached the search")
 
     model = svm.fit_calibrated_svm(
-        found["params"], X_train, y_train, actors[train_mask], rows.fold_map,
+        found["params"], X_train, y_train, speakers[train_mask], rows.fold_map,
         rows.solver, cfg.approx_components,
     )  # fmt: skip
     pred = svm.predict_labels(model, rows.X[test_mask])
@@ -633,7 +633,7 @@ def _run_outer_fold(
         found["inner_uar"],
         found["n_trials"],
     )
-    record = _fold_record(k, test_actors, int(test_mask.sum()), metrics, found, cfg.variant)
+    record = _fold_record(k, test_speakers, int(test_mask.sum()), metrics, found, cfg.variant)
     record[f"{cfg.variant}_solver"] = rows.solver
     columns = {
         **rows.table.loc[test_mask, ["path", "actor", "fold"]].to_dict("series"),
@@ -646,7 +646,7 @@ def _run_outer_fold(
 
 def _fold_record(
     k: int,
-    test_actors: Sequence[int],
+    test_speakers: Sequence[int],
     n_test: int,
     metrics: dict[str, float],
     found: dict[str, Any],
@@ -655,7 +655,7 @@ def _fold_record(
     """One outer fold's entry of :attr:`SvmResult.folds`."""
     return {
         "fold": int(k),
-        "test_actors": [int(a) for a in test_actors],
+        "test_actors": [int(a) for a in test_speakers],
         "n_test": n_test,
         variant: metrics,
         f"{variant}_params": found["params"],
@@ -704,7 +704,7 @@ def _resolved_config(
         "inner_cv": "leave one remaining outer fold out (speakers of the other folds), metric UA",
         "decision_rule": "SVC.predict, in the inner CV (selection) and on the test fold "
         "(pred_label, metrics) alike",
-        "probabilities": "sigmoid calibration on the inner actor folds (ensemble=False) around "
+        "probabilities": "sigmoid calibration on the inner speaker folds (ensemble=False) around "
         "the same SVC; their argmax may differ from pred_label on a few clips",
         "feature_set": cfg.feature_set,
         "feature_columns": list(svm.FEATURE_SETS[cfg.feature_set]),

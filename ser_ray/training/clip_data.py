@@ -48,7 +48,7 @@ class ClipArrays:
 
     kind: str
     paths: list[str]
-    actors: np.ndarray
+    speakers: np.ndarray
     emotions: list[str]
     labels: np.ndarray
     inputs: list[np.ndarray]
@@ -69,7 +69,7 @@ class ClipArrays:
         yield self
 
     def without_inputs(self) -> ClipArrays:
-        """Paths, actors and labels only (what predictions.csv needs)."""
+        """Paths, speakers and labels only (what predictions.csv needs)."""
         return dataclasses.replace(self, inputs=[])
 
 
@@ -92,37 +92,37 @@ class Clips(Protocol[WindowT]):
 
 def read_split(
     source_dir: str | os.PathLike,
-    actors: Sequence[int],
+    speakers: Sequence[int],
     columns: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
 ) -> pa.Table:
-    """The rows of ``actors`` (and of ``labels``, unless None) from a features or
+    """The rows of ``speakers`` (and of ``labels``, unless None) from a features or
     feature-cache Parquet folder, in memory (predicate pushdown on ``actor``): the reference
     the benchmarks and tests compare the streamed splits with (training streams,
     :mod:`ser_ray.distributed.ingest`)."""
-    dataset, keep = storage.actor_rows(source_dir, actors, labels=labels)
+    dataset, keep = storage.speaker_rows(source_dir, speakers, labels=labels)
     return dataset.to_table(columns=list(columns) if columns else None, filter=keep)
 
 
 def count_split(
-    source_dir: str | os.PathLike, actors: Sequence[int], labels: Sequence[str] | None = None
+    source_dir: str | os.PathLike, speakers: Sequence[int], labels: Sequence[str] | None = None
 ) -> int:
-    """How many rows of ``actors`` (and ``labels``, unless None) a features or feature-cache
+    """How many rows of ``speakers`` (and ``labels``, unless None) a features or feature-cache
     folder holds (those columns only are read)."""
-    return storage.count_rows(source_dir, actors, labels)
+    return storage.count_rows(source_dir, speakers, labels)
 
 
 def count_classes(
-    source_dir: str | os.PathLike, actors: Sequence[int], label_index: Mapping[str, int]
+    source_dir: str | os.PathLike, speakers: Sequence[int], label_index: Mapping[str, int]
 ) -> list[int]:
-    """Rows of ``actors`` per class index (``label_index``: corpus label -> class; labels it
+    """Rows of ``speakers`` per class index (``label_index``: corpus label -> class; labels it
     does not name are not counted) in a features or feature-cache folder, read from the
     ``emotion`` column alone: the counts that set a fold's class weights before any worker
     reads a clip."""
     counts = [0] * (max(label_index.values(), default=-1) + 1)
-    if not actors:
+    if not speakers:
         return counts
-    table = read_split(source_dir, actors, columns=["emotion"], labels=list(label_index))
+    table = read_split(source_dir, speakers, columns=["emotion"], labels=list(label_index))
     for label in table.column("emotion").to_pylist():
         counts[label_index[label]] += 1
     return counts
@@ -166,7 +166,7 @@ def table_from_arrow(
     return ClipArrays(
         kind=kind,
         paths=paths,
-        actors=table.column("actor").to_numpy().astype(np.int64),
+        speakers=table.column("actor").to_numpy().astype(np.int64),
         emotions=emotions,
         labels=labels,
         inputs=inputs,
@@ -185,7 +185,7 @@ def merge_tables(*tables: ClipArrays) -> ClipArrays:
     return ClipArrays(
         kind=kinds[0],
         paths=[paths[i] for i in order],
-        actors=np.concatenate([t.actors for t in tables])[order],
+        speakers=np.concatenate([t.speakers for t in tables])[order],
         emotions=[emotions[i] for i in order],
         labels=np.concatenate([t.labels for t in tables])[order],
         inputs=[inputs[i] for i in order] if inputs else [],
@@ -328,7 +328,7 @@ def predictions_frame(
     probs = probs / probs.sum(axis=1, keepdims=True)
     columns = {
         "path": table.paths,
-        "actor": table.actors.astype(int),
+        "actor": table.speakers.astype(int),
         "fold": fold,
         "true_label": [names[i] for i in table.labels],
         "pred_label": predictions.argmax_labels(probs, names),

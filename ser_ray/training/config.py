@@ -10,8 +10,8 @@ feature cache (:mod:`ser_ray.distributed.feature_cache`), the Ray edge
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from ser_ray.models.ssl import RANDOM_DEMO_MODEL, PartwiseClassifier, load_model
 from ser_ray.training.class_weights import AUTO_BALANCE_RATIO, CLASS_WEIGHT_MODES
@@ -33,6 +33,9 @@ class TrainConfig(LoopSettings):
     The optimizer, schedule, batch and runtime fields shared with pre-training come from
     :class:`ser_ray.training.settings.LoopSettings`; the fields are flat (``to_dict()``).
     """
+
+    #: ``n_val_actors`` was RAVDESS's word for what every corpus calls speakers.
+    RENAMED: ClassVar[Mapping[str, str]] = {"n_val_actors": "n_val_speakers"}
 
     # model
     model: str | None = dataclasses.field(
@@ -132,8 +135,8 @@ class TrainConfig(LoopSettings):
     merge_calm: bool = dataclasses.field(
         default=False, metadata={"help": "7 classes: calm merged into neutral (8 otherwise)"}
     )
-    n_val_actors: int = dataclasses.field(
-        default=4, metadata={"help": "validation actors taken from the training side; 0 = none"}
+    n_val_speakers: int = dataclasses.field(
+        default=4, metadata={"help": "validation speakers taken from the training side; 0 = none"}
     )
     use_feature_cache: bool = dataclasses.field(
         default=True, metadata={"help": "reuse the frozen CNN's (probe: all layers') outputs"}
@@ -141,9 +144,9 @@ class TrainConfig(LoopSettings):
     refit: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "after choosing the best epoch on the validation actors, retrain from "
-            "scratch on fit + validation actors for that many epochs and test that model "
-            "(as the SVM refits on all training actors)"
+            "help": "after choosing the best epoch on the validation speakers, retrain from "
+            "scratch on fit + validation speakers for that many epochs and test that model "
+            "(as the SVM refits on all training speakers)"
         },
     )
     class_weight: str = dataclasses.field(

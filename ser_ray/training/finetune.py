@@ -179,7 +179,7 @@ def evaluate(
     progress: EpochProgress | None = None,
 ) -> tuple[dict[str, float], np.ndarray, ClipArrays]:
     """({prefix}/loss, /accuracy, /uar, /macro_f1), softmax probabilities (N, classes) and the
-    scored clips (paths, actors, labels; no inputs) in path order, row by row with the
+    scored clips (paths, speakers, labels; no inputs) in path order, row by row with the
     probabilities. ``progress`` (counting clips) is told after every batch.
 
     Window by window, clips are batched as :func:`ser_ray.models.ssl.inference_batches` says, so
@@ -638,7 +638,7 @@ def refit(
     on_progress: Callable[[str], None] | None = None,
 ) -> tuple[PartwiseClassifier, Clips]:
     """A fresh model trained on the fit and validation clips for ``epochs`` epochs (the best
-    epoch count found with the validation actors held out), its schedule spread over them,
+    epoch count found with the validation speakers held out), its schedule spread over them,
     a new head for ``class_names``; ``class_counts`` (fit and validation clips per class) and
     ``on_progress`` as :func:`run_training` takes them.
 

@@ -16,7 +16,8 @@ the field with :func:`default`, which keeps the group's help unless given anothe
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Self
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
 
 from ser_ray.models.precision import AMP_MODES
 
@@ -102,6 +103,10 @@ class LoopSettings(RuntimeSettings, BatchSettings, ScheduleSettings, OptimizerSe
     """What the settings of both loops share (``TrainConfig``, ``PretrainConfig``): the
     groups above, plain-dict round trips (JSON, Tune) and the checks common to both."""
 
+    #: Old names of renamed fields -> their names now: what a saved ``config.json`` or a
+    #: ``--params`` file written before the rename holds is read as the new field.
+    RENAMED: ClassVar[Mapping[str, str]] = {}
+
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # lists arrive from JSON / Tune
         if self.amp not in AMP_MODES:
@@ -110,10 +115,18 @@ class LoopSettings(RuntimeSettings, BatchSettings, ScheduleSettings, OptimizerSe
             raise ValueError("grad_accum_steps, batch_size, epochs and window_clips must be >= 1")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Self:
-        """Build from a dict, ignoring keys that are not settings (fold, input_kind, ...)."""
+    def current_names(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with every old field name (:attr:`RENAMED`) read as its new one; where
+        both are given, the new name's value wins."""
+        old = {cls.RENAMED[k]: v for k, v in values.items() if k in cls.RENAMED}
+        return {**old, **{k: v for k, v in values.items() if k not in cls.RENAMED}}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """Build from a dict (old field names read as the new ones), ignoring keys that are
+        not settings."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return cls(**{k: v for k, v in cls.current_names(values).items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         """Every field by its plain name (the shape of ``config.json`` and Tune configs)."""
