@@ -85,10 +85,12 @@ def write_imbalanced_manifest(
     clips: pd.DataFrame, out_csv: Path, largest: int, ratio: float, seed: int = 0
 ) -> dict[str, int]:
     """A manifest (path, speaker, emotion) of ``clips`` with :func:`class_targets` clips
-    per class, each class's clips taken round-robin over its speakers in a seeded order (so
-    the smallest class is spread over as many speakers as it has clips); returns the clips
-    per class. A class with fewer clips than its target is refused: the ratio would not
-    be the one asked for."""
+    per class, each class's clips taken round-robin over its speakers in a seeded order, drawn
+    anew per class: a class with fewer clips than speakers lands on as many speakers as it has
+    clips, and on other speakers than the next class (in speaker-number order every small
+    class would sit on the first speakers, and the validation speakers, the last numbers of a
+    fold's training side, would hold none of them); returns the clips per class. A class
+    with fewer clips than its target is refused: the ratio would not be the one asked for."""
     rng = np.random.default_rng(seed)
     kept = []
     for emotion, target in class_targets(largest, ratio).items():
@@ -99,9 +101,13 @@ def write_imbalanced_manifest(
                 f"{target} that --largest {largest} --ratio {ratio:g} need; lower --largest"
             )
         shuffled = clips_of.sample(frac=1.0, random_state=rng)
-        shuffled = shuffled.assign(turn=shuffled.groupby("speaker").cumcount())
-        kept.append(shuffled.sort_values(["turn", "speaker"], kind="stable").head(target))
-    manifest = pd.concat(kept).drop(columns="turn").sort_values("path")
+        speakers = rng.permutation(sorted(shuffled["speaker"].unique()))
+        shuffled = shuffled.assign(
+            turn=shuffled.groupby("speaker").cumcount(),
+            rank=shuffled["speaker"].map({s: k for k, s in enumerate(speakers)}),
+        )
+        kept.append(shuffled.sort_values(["turn", "rank"], kind="stable").head(target))
+    manifest = pd.concat(kept).drop(columns=["turn", "rank"]).sort_values("path")
     manifest.to_csv(out_csv, index=False)
     return {e: int(n) for e, n in manifest["emotion"].value_counts().items()}
 

@@ -55,6 +55,18 @@ def test_the_imbalanced_manifest_keeps_the_targets_round_robin_over_speakers(tmp
     for emotion in ("surprised", "angry"):
         of = written[written["emotion"] == emotion]
         assert of["speaker"].nunique() == min(len(of), 4)
+    # speakers drawn anew per class: the small classes together cover every speaker, where
+    # taking speakers in number order would put them all on the first ones
+    rows = [
+        {"path": f"{e}_{n}.wav", "speaker": f"spk{n:02d}", "emotion": e}
+        for e in ORDER
+        for n in range(12)
+    ]
+    wide = tmp_path / "wide.csv"
+    targets = write_imbalanced_manifest(pd.DataFrame(rows), wide, largest=12, ratio=4)
+    small = pd.read_csv(wide).pipe(lambda m: m[m["emotion"].map(targets) < 12])
+    assert small["speaker"].nunique() == 12
+    assert max(targets.values()) == 12 and sorted(targets.values())[-2] == 10
     again = tmp_path / "again.csv"
     write_imbalanced_manifest(_base_clips(), again, largest=8, ratio=4)
     assert again.read_text() == out.read_text()  # seeded
