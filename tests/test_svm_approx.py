@@ -179,3 +179,16 @@ def test_the_summary_names_the_solver_of_each_svm_variant():
         text
     )
     assert "(500 components)" in text
+
+
+def test_classes_are_told_apart_pairwise_as_by_the_svc():
+    """Three classes in a row on one axis: no single line cuts the middle one from both of the
+    others (one classifier per class, one-vs-rest, misses it), but a line between each pair
+    does, as SVC's one-vs-one rule finds; the approximation decides by the same pairs."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(c, 0.3, (60, 1)) for c in (-3.0, 0.0, 3.0)])
+    y = np.repeat([0, 1, 2], 60)
+    model = svm_approx.ApproxKernelClassifier(kernel="linear", C=10.0).fit(X, y)
+    recall = [(model.predict(X[y == k]) == k).mean() for k in range(3)]
+    assert min(recall) > 0.95, recall
+    assert model.decision_function(X).shape == (180, 3)
