@@ -192,3 +192,28 @@ def test_classes_are_told_apart_pairwise_as_by_the_svc():
     recall = [(model.predict(X[y == k]) == k).mean() for k in range(3)]
     assert min(recall) > 0.95, recall
     assert model.decision_function(X).shape == (180, 3)
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_pairwise_ridge_equals_scikit_learns_one_vs_one_ridge(class_weight, n_classes):
+    """The per-class Gram matrices give each pair the same ridge fit as scikit-learn's
+    one-vs-one wrapper fitting that pair's clips (uneven classes, so weights matter)."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.multiclass import OneVsOneClassifier
+
+    rng = np.random.default_rng(1)
+    sizes = [40, 25, 60, 10, 33][:n_classes]
+    X = np.concatenate([rng.normal(k * 0.7, 1.0, (n, 12)) for k, n in enumerate(sizes)])
+    y = np.repeat(np.array(["a", "b", "c", "d", "e"][:n_classes]), sizes)
+    ours = svm_approx.PairwiseRidgeClassifier(alpha=0.3, class_weight=class_weight).fit(X, y)
+    theirs = OneVsOneClassifier(RidgeClassifier(alpha=0.3, class_weight=class_weight)).fit(X, y)
+    for k, estimator in enumerate(theirs.estimators_):
+        np.testing.assert_allclose(ours.coef_[k], estimator.coef_.ravel(), atol=1e-8)
+        np.testing.assert_allclose(ours.intercept_[k], estimator.intercept_, atol=1e-8)
+    test = rng.normal(1.0, 1.5, (50, 12))
+    if n_classes > 2:
+        np.testing.assert_allclose(
+            ours.decision_function(test), theirs.decision_function(test), atol=1e-8
+        )
+    np.testing.assert_array_equal(ours.predict(test), theirs.predict(test))

@@ -36,9 +36,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.experimental import enable_halving_search_cv  # noqa: F401 - makes the class importable
 from sklearn.kernel_approximation import Nystroem
-from sklearn.linear_model import RidgeClassifier
 from sklearn.model_selection import HalvingGridSearchCV
-from sklearn.multiclass import OneVsOneClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -88,8 +86,8 @@ def describe(solver: str, n_components: int = N_COMPONENTS) -> str:
 
 
 class ApproxKernelClassifier(ClassifierMixin, BaseEstimator):
-    """StandardScaler -> Nystroem(kernel, gamma) -> one RidgeClassifier(alpha = 1 / (2 C)) per
-    pair of classes, whose votes decide (``OneVsOneClassifier``, SVC's multi-class rule).
+    """StandardScaler -> Nystroem(kernel, gamma) -> :class:`PairwiseRidgeClassifier` (one
+    ridge classifier of ``alpha = 1 / (2 C)`` per pair of classes, SVC's multi-class rule).
 
     Takes the SVC's hyperparameters (``kernel``, ``C``, ``gamma`` with ``"scale"`` meaning
     1 / (n_features * X.var()) of the standardised features, as in ``SVC``, ``degree``,
@@ -143,8 +141,10 @@ class ApproxKernelClassifier(ClassifierMixin, BaseEstimator):
                 random_state=self.random_state,
             )
             steps.append(("nystroem", nystroem))
-        ridge = RidgeClassifier(alpha=1.0 / (2.0 * float(self.C)), class_weight=self.class_weight)
-        return Pipeline([*steps, ("ridge", OneVsOneClassifier(ridge))])
+        ridge = PairwiseRidgeClassifier(
+            alpha=1.0 / (2.0 * float(self.C)), class_weight=self.class_weight
+        )
+        return Pipeline([*steps, ("ridge", ridge)])
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         with threadpool_limits(limits=1, user_api="blas"):
@@ -153,6 +153,77 @@ class ApproxKernelClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         with threadpool_limits(limits=1, user_api="blas"):
             return self.pipeline_.predict(X)
+
+
+class PairwiseRidgeClassifier(ClassifierMixin, BaseEstimator):
+    """One ridge classifier per pair of classes, deciding by their votes: what
+    ``OneVsOneClassifier(RidgeClassifier(alpha, class_weight=...))`` computes (the same
+    coefficients, decision values and labels; ``"balanced"`` weights each pair's two classes
+    by that pair's counts), at the cost of one-vs-rest.
+
+    Each pair's weighted least-squares problem (targets -1 for the lower class, +1 for the
+    higher; an unpenalised intercept) needs only its two classes' clip counts, feature sums and
+    Gram matrices ``Z_c^T Z_c``, so those are computed once per class (O(n m^2) in all) and
+    every pair costs an m x m solve; scikit-learn's one-vs-one fits each pair on its clips,
+    about (K - 1) times the work for K classes (2.7x the one-vs-rest fit on 19,200 clips of
+    8 classes, m = 500).
+    """
+
+    def __init__(self, alpha: float = 1.0, class_weight: str | None = None) -> None:
+        self.alpha = alpha
+        self.class_weight = class_weight
+
+    def fit(self, Z: np.ndarray, y: np.ndarray) -> PairwiseRidgeClassifier:
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight={self.class_weight!r}: None or 'balanced'")
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        Z = np.asarray(Z, dtype=np.float64)
+        n = np.bincount(codes, minlength=len(self.classes_)).astype(np.float64)
+        sums = np.stack([Z[codes == c].sum(axis=0) for c in range(len(self.classes_))])
+        grams = [Z[codes == c].T @ Z[codes == c] for c in range(len(self.classes_))]
+        self.pairs_ = [
+            (i, j) for i in range(len(self.classes_)) for j in range(i + 1, len(self.classes_))
+        ]
+        coef, intercept = [], []
+        for i, j in self.pairs_:
+            w_i, w_j = (
+                ((n[i] + n[j]) / (2 * n[i]), (n[i] + n[j]) / (2 * n[j]))
+                if self.class_weight == "balanced"
+                else (1.0, 1.0)
+            )
+            total = w_i * n[i] + w_j * n[j]
+            mean = (w_i * sums[i] + w_j * sums[j]) / total
+            target_mean = (w_j * n[j] - w_i * n[i]) / total
+            gram = w_i * grams[i] + w_j * grams[j] - total * np.outer(mean, mean)
+            cross = w_j * sums[j] - w_i * sums[i] - total * target_mean * mean
+            beta = np.linalg.solve(gram + self.alpha * np.eye(len(mean)), cross)
+            coef.append(beta)
+            intercept.append(target_mean - mean @ beta)
+        self.coef_, self.intercept_ = np.array(coef), np.array(intercept)
+        self.n_features_in_ = Z.shape[1]
+        return self
+
+    def decision_function(self, Z: np.ndarray) -> np.ndarray:
+        """Votes plus confidences squashed below one vote (scikit-learn's one-vs-one rule);
+        two classes: the one pair's decision value (positive: the second class)."""
+        scores = np.asarray(Z, dtype=np.float64) @ self.coef_.T + self.intercept_
+        if len(self.classes_) == 2:
+            return scores[:, 0]
+        votes = np.zeros((len(scores), len(self.classes_)))
+        confidence = np.zeros_like(votes)
+        for k, (i, j) in enumerate(self.pairs_):
+            higher = scores[:, k] > 0
+            votes[:, j] += higher
+            votes[:, i] += ~higher
+            confidence[:, i] -= scores[:, k]
+            confidence[:, j] += scores[:, k]
+        return votes + confidence / (3 * (np.abs(confidence) + 1))
+
+    def predict(self, Z: np.ndarray) -> np.ndarray:
+        decision = self.decision_function(Z)
+        if decision.ndim == 1:
+            return self.classes_[(decision > 0).astype(int)]
+        return self.classes_[decision.argmax(axis=1)]
 
 
 def halving_search(
