@@ -179,8 +179,9 @@ class PairwiseRidgeClassifier(ClassifierMixin, BaseEstimator):
         self.classes_, codes = np.unique(y, return_inverse=True)
         Z = np.asarray(Z, dtype=np.float64)
         n = np.bincount(codes, minlength=len(self.classes_)).astype(np.float64)
-        sums = np.stack([Z[codes == c].sum(axis=0) for c in range(len(self.classes_))])
-        grams = [Z[codes == c].T @ Z[codes == c] for c in range(len(self.classes_))]
+        blocks = [Z[codes == c] for c in range(len(self.classes_))]  # one copy per class
+        sums = np.stack([block.sum(axis=0) for block in blocks])
+        grams = [block.T @ block for block in blocks]
         self.pairs_ = [
             (i, j) for i in range(len(self.classes_)) for j in range(i + 1, len(self.classes_))
         ]
