@@ -692,6 +692,7 @@ def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_featu
         demo_features / "features",
         tmp_path / "cache",
         train_config=tiny_config(use_feature_cache=True),
+        num_actors=2,  # on Ray Data, as a corpus above the in-process size
     )
     try:
         cache = building.result(timeout=300)  # before the fix: waits for ever
@@ -707,8 +708,9 @@ def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_featu
 
 def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_features, tmp_path):
     """The cache runs one actor per CPU; its files, read in the order the folds read them,
-    hold the same rows in the same order, bit for bit, as a cache built by one actor (the
-    folds' batches follow that order, and every actor computes on one thread)."""
+    hold the same rows in the same order, bit for bit, as a cache built by one actor, and as
+    one built without Ray by a small corpus's driver (the folds' batches follow that order,
+    and every actor, and the driver meanwhile, computes on one thread)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -716,7 +718,7 @@ def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_featur
     from ser_ray.distributed.feature_cache import build_feature_cache
     from ser_ray.features.featurize import load_features
 
-    def read(actors: int) -> pa.Table:
+    def read(actors: int | None) -> pa.Table:
         cache = build_feature_cache(
             demo_features / "features",
             tmp_path / f"cache_{actors}",
@@ -727,9 +729,10 @@ def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_featur
         filesystem, files = parquet_files(cache.path)
         return pa.concat_tables(pq.read_table(f, filesystem=filesystem) for f in files)
 
-    one, two = read(1), read(2)
+    one, two, driver = read(1), read(2), read(None)
     assert one.num_rows == len(load_features(demo_features / "features")) > 0
-    assert one.equals(two)
+    assert one.equals(two) and one.equals(driver)
+    assert not list((tmp_path / "cache_None").glob("*/model"))  # the staged model is gone
 
 
 def test_a_feature_cache_is_never_reused_for_other_clips(demo_features, tmp_path):

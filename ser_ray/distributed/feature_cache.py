@@ -12,6 +12,10 @@ every epoch, fold and trial is waste. :func:`build_feature_cache` runs a Ray Dat
 Per-clip computation is the reference: wav2vec2-base's CNN normalises over time (group
 norm), so zero padding would change its output.
 
+A corpus of at most :data:`IN_PROCESS_MAX_CLIPS` clips on a cluster without GPUs is
+computed in the calling process by the same callable, one batch after the other: the actors'
+start-up (a process, its imports, the model) costs more than the clips do.
+
 The cache lives in ``<cache_root>/<key>-<clips>/`` where ``key`` hashes the frozen weights,
 the normalisation and the kind, and ``clips`` the clips it was computed from
 (:func:`clips_digest`), so neither a different model nor another corpus prepared into the same
@@ -56,6 +60,10 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
 DATA_DIR = "data"
+# Up to this many clips the cache is computed in the calling process: two actors' start-up
+# costs ~11 s on a 2-core machine, 192 clips through the demo encoder's CNN ~1.3 s (and a
+# base-size CNN's ~0.1 s a clip puts the break-even near here).
+IN_PROCESS_MAX_CLIPS = 256
 
 
 def cache_kind(probe: bool) -> str:
@@ -170,13 +178,10 @@ def build_feature_cache(
 
     The model comes from ``train_config`` (``model``, ``probe``), or from ``model``/``probe``.
     By default on the cluster's GPUs when it has some, else on its CPUs, with
-    :func:`ser_ray.distributed.resources.feature_cache_actors` actors; the rows come out in
-    the features' order whatever the number of actors.
+    :func:`ser_ray.distributed.resources.feature_cache_actors` actors, or here for at most
+    :data:`IN_PROCESS_MAX_CLIPS` clips without GPUs and without ``num_actors``; the rows
+    come out in the features' order whatever the number of actors.
     """
-    import ray.data
-
-    from ser_ray.distributed.ingest import parquet_dataset
-
     cfg = train_config or TrainConfig()
     if model is not None or probe is not None:
         cfg = dataclasses.replace(
@@ -199,24 +204,14 @@ def build_feature_cache(
         save_model(net.model, fe, local)
     if use_gpu is None:
         use_gpu = resources.cluster_has_gpu()
-    if num_actors is None:
-        num_actors = resources.feature_cache_actors(use_gpu)
-    # RAY. The reads, the model's actors and the writes reserve no CPU, so the build runs even
-    # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
-    ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
-    ds.context.execution_options.preserve_order = True  # the files' rows in the input's order
-    with console.remote_args_without_deprecation():
-        ds = ds.map_batches(
-            ClipFeatureUDF,
-            fn_constructor_kwargs={"model_dir": str(model_dir), "kind": kind, "use_gpu": use_gpu},
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            **resources.feature_cache_actor(use_gpu),
-        )
-    ds.write_parquet(
-        storage.join(work, DATA_DIR), ray_remote_args=resources.feature_cache_write(use_gpu)
-    )
+    data_dir = storage.join(work, DATA_DIR)
+    if not use_gpu and num_actors is None and count_rows(features_dir) <= IN_PROCESS_MAX_CLIPS:
+        _build_in_process(features_dir, str(model_dir), kind, data_dir, batch_size)
+    else:
+        if num_actors is None:
+            num_actors = resources.feature_cache_actors(use_gpu)
+        _build_on_ray(features_dir, str(model_dir), kind, data_dir, batch_size, num_actors,
+                      use_gpu)  # fmt: skip
     num_clips = count_rows(storage.join(work, DATA_DIR))
     storage.delete(model_dir)
     info = {"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}
@@ -224,6 +219,52 @@ def build_feature_cache(
     storage.replace_dir(work, final)
     log.info("feature cache %s: %d clips (%s)", final, num_clips, kind)
     return _open(final)
+
+
+def _build_on_ray(features_dir, model_dir: str, kind: str, data_dir: str, batch_size: int,
+                  num_actors: int, use_gpu: bool) -> None:  # fmt: skip
+    """The cache's Parquet files, computed by ``num_actors`` actors of Ray Data."""
+    import ray.data
+
+    from ser_ray.distributed.ingest import parquet_dataset
+
+    # RAY. The reads, the model's actors and the writes reserve no CPU, so the build runs even
+    # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
+    ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
+    ds.context.execution_options.preserve_order = True  # the files' rows in the input's order
+    with console.remote_args_without_deprecation():
+        ds = ds.map_batches(
+            ClipFeatureUDF,
+            fn_constructor_kwargs={"model_dir": model_dir, "kind": kind, "use_gpu": use_gpu},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            **resources.feature_cache_actor(use_gpu),
+        )
+    ds.write_parquet(data_dir, ray_remote_args=resources.feature_cache_write(use_gpu))
+
+
+def _build_in_process(features_dir, model_dir: str, kind: str, data_dir: str,
+                      batch_size: int) -> None:  # fmt: skip
+    """The cache's Parquet file, computed here by the actors' callable, batch after batch,
+    on as many torch threads as an actor has (so the same values)."""
+    threads = torch.get_num_threads()
+    try:
+        compute = ClipFeatureUDF(model_dir, kind)
+        filesystem, files = parquet_files(features_dir)
+        columns = ["path", "actor", "emotion", "waveform"]
+        table = pa.concat_tables(
+            pq.read_table(name, columns=columns, filesystem=filesystem) for name in files
+        )
+        parts = [
+            compute(table.slice(start, batch_size))
+            for start in range(0, table.num_rows, batch_size)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    storage.make_dirs(data_dir)
+    filesystem, part = storage.filesystem_of(storage.join(data_dir, "part-0.parquet"))
+    pq.write_table(pa.concat_tables(parts), part, filesystem=filesystem)
 
 
 def cached_values(cache: FeatureCache) -> dict[str, np.ndarray]:
