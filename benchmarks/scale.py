@@ -83,10 +83,13 @@ def _corpora(args: argparse.Namespace) -> list[tuple[int, str]]:
     return corpora
 
 
-def _featurize(manifest: str, out: Path) -> dict[str, float]:
-    """``jobs/prepare.py --no-egemaps`` on ``manifest`` from scratch: seconds, peak GB."""
+def _featurize(manifest: str, out: Path, smoke: bool) -> dict[str, float]:
+    """``jobs/prepare.py --no-egemaps`` on ``manifest`` from scratch: seconds, peak GB. The
+    smoke test's tiny corpora are featurized without Ray (its start-up would be the figure)."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, PREPARE, "--data-dir", manifest, "--no-egemaps", "--out", str(out)]
+    if smoke:
+        command += ["--runner", "in-process"]
     seconds, _, pss = run_tree(command)
     return {"seconds": seconds, "peak_gb": pss / 1e9}
 
@@ -133,10 +136,11 @@ def run_scale_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from ser_ray import cli
 
     out = Path(getattr(args, "out", None) or "runs/benchmark") / "scale"
+    smoke = bool(getattr(args, "smoke_test", False))
     corpora = _corpora(args)
     rows = []
     for n, manifest in corpora:
-        featurizing = _featurize(manifest, out / f"prepared_{n}")
+        featurizing = _featurize(manifest, out / f"prepared_{n}", smoke)
         rows.append({"clips": n, "manifest": manifest, "featurize": featurizing})
     cli.init_ray(getattr(args, "address", None), getattr(args, "num_cpus", None))
     for row in rows:
