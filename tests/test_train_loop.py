@@ -706,7 +706,9 @@ def test_feature_cache_and_fold_datasets_read_while_every_cpu_is_held(demo_featu
     assert min(rows.column("feature_rows").to_pylist()) > 0
 
 
-def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_features, tmp_path):
+def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(
+    demo_features, tmp_path, monkeypatch
+):
     """The cache runs one actor per CPU; its files, read in the order the folds read them,
     hold the same rows in the same order, bit for bit, as a cache built by one actor, and as
     one built without Ray by a small corpus's driver (the folds' batches follow that order,
@@ -715,11 +717,13 @@ def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_featur
     import pyarrow.parquet as pq
 
     from ser_ray.common.storage import parquet_files
-    from ser_ray.distributed.feature_cache import build_feature_cache
+    from ser_ray.distributed import feature_cache
     from ser_ray.features.featurize import load_features
 
-    def read(actors: int | None) -> pa.Table:
-        cache = build_feature_cache(
+    n_clips = len(load_features(demo_features / "features"))
+
+    def read(actors: int | None) -> tuple[pa.Table, list[str]]:
+        cache = feature_cache.build_feature_cache(
             demo_features / "features",
             tmp_path / f"cache_{actors}",
             train_config=tiny_config(use_feature_cache=True),
@@ -727,10 +731,14 @@ def test_the_feature_cache_is_the_same_whatever_the_number_of_actors(demo_featur
             batch_size=4,  # 12 batches: both actors get work
         )
         filesystem, files = parquet_files(cache.path)
-        return pa.concat_tables(pq.read_table(f, filesystem=filesystem) for f in files)
+        table = pa.concat_tables(pq.read_table(f, filesystem=filesystem) for f in files)
+        return table, [Path(f).name for f in files]
 
-    one, two, driver = read(1), read(2), read(None)
-    assert one.num_rows == len(load_features(demo_features / "features")) > 0
+    (one, _), (two, _) = read(1), read(2)
+    monkeypatch.setattr(feature_cache, "IN_PROCESS_MAX_CLIPS", n_clips)  # a small corpus
+    driver, driver_files = read(None)
+    assert driver_files == ["part-0.parquet"]  # written here, not by Ray Data's writers
+    assert one.num_rows == n_clips > 0
     assert one.equals(two) and one.equals(driver)
     assert not list((tmp_path / "cache_None").glob("*/model"))  # the staged model is gone
 
