@@ -82,3 +82,48 @@ def test_emotion_and_gender_shape_the_voice():
     strong = demo_corpus.clip_prosody(speech_clip(5, 2, 1, 1, 2), female)
     normal = demo_corpus.clip_prosody(speech_clip(5, 1, 1, 1, 2), female)
     assert strong.energy_db > normal.energy_db > 0
+
+
+#: Writes a small demo corpus into argv[1], slowly when argv[2] == "slow" (it says when it
+#: has started writing), and prints whether this process wrote it.
+WRITER = """
+import logging, sys, time
+from ser_ray.corpus import demo_corpus
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+if sys.argv[2] == "slow":
+    write_clip = demo_corpus._write_clip
+    def slow(spec, **kwargs):
+        print("writing", flush=True)
+        time.sleep(0.2)
+        write_clip(spec, **kwargs)
+    demo_corpus._write_clip = slow
+demo_corpus.write_demo_corpus(sys.argv[1], n_actors=2, clips_per_actor=6, seed=3)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_writer_waits_for_the_first_and_writes_nothing(tmp_path):
+    """Two jobs started at once on a cold cache write the same demo corpus: the second waits
+    for the first (a lock beside the corpus), then finds it complete and writes nothing, so
+    it never reads a clip the other is rewriting."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "corpus"
+    first = subprocess.Popen([sys.executable, "-c", WRITER, str(root), "slow"],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert first.stdout.readline().strip() == "writing"  # it holds the lock
+    second = subprocess.run([sys.executable, "-c", WRITER, str(root), "plain"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    rest = first.communicate(timeout=120)[0]
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    assert "demo corpus: 12 clips" in rest  # the first wrote it
+    assert second.stdout.splitlines() == ["returned"]  # the second only read the marker
+    assert "returned" not in rest.split("demo corpus:")[0]  # the first ended its writes first
+    alone = write_demo_corpus(tmp_path / "alone", n_actors=2, clips_per_actor=6, seed=3)
+    clips = sorted(p.relative_to(root) for p in root.rglob("*.wav"))
+    assert len(clips) == 12
+    for clip in clips:
+        assert (root / clip).read_bytes() == (alone / clip).read_bytes()

@@ -18,6 +18,7 @@ list<float32> columns as numpy arrays (:func:`list_column`). No code below the d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -200,6 +201,21 @@ def staged(location: str | os.PathLike) -> Iterator[Path]:
 def node_cache_dir() -> Path:
     """This node's own cache folder (``$SER_RAY_CACHE``, default ``~/.cache/ser_ray``)."""
     return Path(os.environ.get("SER_RAY_CACHE", Path.home() / ".cache" / "ser_ray"))
+
+
+@contextlib.contextmanager
+def node_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on the local file ``path`` (made if missing), held for the block:
+    processes of this node that build the same cached folder (two jobs started at once on a
+    cold cache) take turns, and the second finds the first one's result."""
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def node_local(location: str | os.PathLike) -> str:

@@ -219,12 +219,15 @@ def write_demo_corpus(
     marker = root / ".demo_corpus"
     if marker.exists() and marker.read_text() == stamp:
         return root
-    specs = clip_specs(n_actors, clips_per_actor)
-    for actor in sorted({spec.actor for spec in specs}):
-        (root / f"Actor_{actor:02d}").mkdir(parents=True, exist_ok=True)
-    write = functools.partial(_write_clip, root=root, seed=seed, speech_scale=speech_scale)
-    map_on_cores(write, specs)
-    marker.write_text(stamp)
+    with storage.node_lock(root / ".demo_corpus.lock"):  # a second writer waits, then reads
+        if marker.exists() and marker.read_text() == stamp:
+            return root
+        specs = clip_specs(n_actors, clips_per_actor)
+        for actor in sorted({spec.actor for spec in specs}):
+            (root / f"Actor_{actor:02d}").mkdir(parents=True, exist_ok=True)
+        write = functools.partial(_write_clip, root=root, seed=seed, speech_scale=speech_scale)
+        map_on_cores(write, specs)
+        marker.write_text(stamp)
     log.info("demo corpus: %d clips of %d actors in %s", len(specs), n_actors, root)
     return root
 

@@ -80,6 +80,15 @@ def ensure_demo_encoder(size: str = "full") -> Path:
     model_dir = root / "model"
     if (model_dir / "model.safetensors").exists():
         return model_dir
+    with storage.node_lock(root.parent / f".{root.name}.lock"):  # a second builder waits
+        if not (model_dir / "model.safetensors").exists():
+            _build(size, root)
+    return model_dir
+
+
+def _build(size: str, root: Path) -> None:
+    """Pre-train the demo encoder of ``size`` into ``root`` (``model/`` appears complete)."""
+    model_dir = root / "model"
     settings = _settings(size)
     log.info(
         "--model demo: pre-training the demo encoder once (%s pool, %d epochs; 2 to 5 "
@@ -103,7 +112,6 @@ def ensure_demo_encoder(size: str = "full") -> Path:
     os.replace(root / ".model.tmp", model_dir)  # complete or absent
     shutil.rmtree(root / "build", ignore_errors=True)
     log.info("demo encoder ready in %.0f s: %s", time.perf_counter() - t0, model_dir)
-    return model_dir
 
 
 def pretrain_here(
