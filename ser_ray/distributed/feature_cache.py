@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "cache_info.json"
 DATA_DIR = "data"
+#: What the cache reads of the features, on Ray or in process.
+INPUT_COLUMNS = ["path", "actor", "emotion", "waveform"]
 # Up to this many clips the cache is computed in the calling process: two actors' start-up
 # costs ~11 s on a 2-core machine, 192 clips through the demo encoder's CNN ~1.3 s (and a
 # base-size CNN's ~0.1 s a clip puts the break-even near here).
@@ -212,7 +214,7 @@ def build_feature_cache(
             num_actors = resources.feature_cache_actors(use_gpu)
         _build_on_ray(features_dir, str(model_dir), kind, data_dir, batch_size, num_actors,
                       use_gpu)  # fmt: skip
-    num_clips = count_rows(storage.join(work, DATA_DIR))
+    num_clips = count_rows(data_dir)
     storage.delete(model_dir)
     info = {"key": key, "kind": kind, "model": cfg.model, "num_clips": num_clips}
     storage.write_text(storage.join(work, INFO_FILE), json.dumps(info, indent=2))
@@ -230,7 +232,7 @@ def _build_on_ray(features_dir, model_dir: str, kind: str, data_dir: str, batch_
 
     # RAY. The reads, the model's actors and the writes reserve no CPU, so the build runs even
     # while a failed trainer's placement groups hold CPUs (ser_ray.distributed.resources).
-    ds = parquet_dataset(features_dir, ["path", "actor", "emotion", "waveform"])
+    ds = parquet_dataset(features_dir, INPUT_COLUMNS)
     ds.context.execution_options.preserve_order = True  # the files' rows in the input's order
     with console.remote_args_without_deprecation():
         ds = ds.map_batches(
@@ -252,9 +254,8 @@ def _build_in_process(features_dir, model_dir: str, kind: str, data_dir: str,
     try:
         compute = ClipFeatureUDF(model_dir, kind)
         filesystem, files = parquet_files(features_dir)
-        columns = ["path", "actor", "emotion", "waveform"]
         table = pa.concat_tables(
-            pq.read_table(name, columns=columns, filesystem=filesystem) for name in files
+            pq.read_table(name, columns=INPUT_COLUMNS, filesystem=filesystem) for name in files
         )
         parts = [
             compute(table.slice(start, batch_size))
